@@ -1,0 +1,596 @@
+//! The deterministic mailbox state machine.
+//!
+//! `Engine::apply` takes committed Raft entries of one shard, in log order,
+//! and applies them in ONE RocksDB WriteBatch together with the shard's new
+//! applied index. That makes apply idempotent with respect to the log: an
+//! entry at or below the stored applied index is skipped, so replaying the
+//! log after a crash (or a duplicate delivery by the node) changes nothing.
+//!
+//! Determinism: the outcome of an entry depends only on the entry and the
+//! shard's state. Time comes from the command (`Command.time_ms`, made
+//! monotonic per shard), never from this replica's clock, and every limit
+//! check is a pure function of the command.
+//!
+//! Within one batch, later entries must see the effects of earlier ones
+//! (two appends to one mailbox in one batch). [`Txn`] is a small overlay of
+//! pending writes over the database that point reads and range scans consult
+//! first; it becomes the WriteBatch at the end.
+
+use crate::codec;
+use crate::engine::{lock, Durability, Engine};
+use crate::error::{EngineError, OpError};
+use crate::keys::{self, CF_DATA};
+use crate::records::{
+    decode_cursor, encode_cursor, encode_expiry_marker, DedupEntry, MailboxMeta, MessageView, ShardMeta, StoredMessage,
+};
+use pigeonhole_proto::internal::v1 as cmd;
+use prost::Message as _;
+use raft::eraftpb::ConfState;
+use rocksdb::{ColumnFamily, ReadOptions, WriteBatch};
+use std::collections::BTreeMap;
+
+/// One committed Raft entry handed to [`Engine::apply`].
+#[derive(Debug, Clone)]
+pub struct ApplyEntry<'a> {
+    /// The entry's Raft index.
+    pub index: u64,
+    /// The entry's Raft term.
+    pub term: u64,
+    /// What the entry carries.
+    pub kind: EntryKind<'a>,
+}
+
+/// The payload of a committed entry, as far as the state machine cares.
+#[derive(Debug, Clone)]
+pub enum EntryKind<'a> {
+    /// No command (e.g. the empty entry a new leader appends).
+    Empty,
+    /// An encoded `pigeonhole.internal.v1.Command`.
+    Command(&'a [u8]),
+    /// A configuration change; the node computed the resulting ConfState
+    /// with raft-rs and the engine records it with the applied index, so that
+    /// a snapshot carries the configuration of exactly its index.
+    ConfChange(ConfState),
+}
+
+/// What applying one entry produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntryOutcome {
+    /// At or below the applied index: skipped, nothing changed.
+    AlreadyApplied,
+    /// An empty entry or a configuration change: only the index moved.
+    Applied,
+    /// The entry's bytes are not a valid command; nothing but the index moved.
+    Rejected(OpError),
+    /// A command: one result per op, in op order.
+    Command {
+        /// The shard time the command ran at (ms since the Unix epoch).
+        time_ms: u64,
+        /// Per-op results.
+        results: Vec<Result<OpOutput, OpError>>,
+    },
+}
+
+/// The successful result of one op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpOutput {
+    /// Append: the seq (the original one if `duplicate`).
+    Appended {
+        /// The message's seq.
+        seq: u64,
+        /// The key was seen before; nothing was written.
+        duplicate: bool,
+        /// The message's commit time.
+        time_ms: u64,
+    },
+    /// Ack: the cursor after the op.
+    Acked {
+        /// The device's cursor.
+        cursor: u64,
+        /// Whether it moved.
+        advanced: bool,
+    },
+    /// Trim: the new low watermark.
+    Trimmed {
+        /// Lowest stored seq after the trim.
+        low_watermark: u64,
+        /// Messages removed by this op.
+        removed: u64,
+    },
+    /// Delete: whether this op made the tombstone.
+    Deleted {
+        /// False if the message already was a tombstone.
+        deleted: bool,
+    },
+    /// ExpireDedup: entries removed.
+    DedupExpired {
+        /// Dedup entries removed.
+        removed: u64,
+    },
+}
+
+impl Engine {
+    /// Applies committed entries of `shard`, in order, atomically with the
+    /// shard's applied index. Entries at or below the applied index are
+    /// skipped; the first one above it must be `applied + 1`.
+    ///
+    /// An [`EngineError`] means nothing was written and the replica must stop
+    /// (it is never a property of the entry: rejected commands are results).
+    pub fn apply(
+        &self,
+        shard: u64,
+        entries: &[ApplyEntry<'_>],
+        durability: Durability,
+    ) -> Result<Vec<EntryOutcome>, EngineError> {
+        let handles = self.shard(shard)?;
+        let _apply = lock(&handles.apply);
+        let mut meta = self.ready_shard_meta(shard)?;
+        let mut txn = Txn::new(self)?;
+        let mut outcomes = Vec::with_capacity(entries.len());
+        let start_index = meta.applied_index;
+        for e in entries {
+            if e.index <= meta.applied_index {
+                outcomes.push(EntryOutcome::AlreadyApplied);
+                continue;
+            }
+            if e.index != meta.applied_index + 1 {
+                return Err(EngineError::ApplyOutOfOrder {
+                    shard,
+                    applied: meta.applied_index,
+                    index: e.index,
+                });
+            }
+            let outcome = match &e.kind {
+                EntryKind::Empty => EntryOutcome::Applied,
+                EntryKind::ConfChange(cs) => {
+                    meta.conf_state = cs.clone();
+                    EntryOutcome::Applied
+                }
+                EntryKind::Command(bytes) => self.apply_command(&mut txn, shard, &mut meta, bytes)?,
+            };
+            meta.applied_index = e.index;
+            meta.applied_term = e.term;
+            outcomes.push(outcome);
+        }
+        if meta.applied_index != start_index {
+            let mk = keys::shard_meta(shard);
+            txn.put(mk, &meta.encode()?);
+            self.write(txn.into_batch(), durability)?;
+        }
+        Ok(outcomes)
+    }
+
+    fn apply_command(
+        &self,
+        txn: &mut Txn<'_>,
+        shard: u64,
+        meta: &mut ShardMeta,
+        bytes: &[u8],
+    ) -> Result<EntryOutcome, EngineError> {
+        let limits = &self.options().limits;
+        let command = match cmd::Command::decode(bytes) {
+            Ok(c) => c,
+            Err(e) => return Ok(EntryOutcome::Rejected(OpError::MalformedCommand(e.to_string()))),
+        };
+        if command.ops.is_empty() || command.ops.len() > limits.ops_per_command_max {
+            return Ok(EntryOutcome::Rejected(OpError::MalformedCommand(format!(
+                "a command carries 1 to {} ops, got {}",
+                limits.ops_per_command_max,
+                command.ops.len()
+            ))));
+        }
+        // The shard clock never goes backwards, even if leaders' clocks do.
+        meta.time_ms = meta.time_ms.max(command.time_ms);
+        let mut sm = StateMachine {
+            engine: self,
+            txn,
+            shard,
+            now_ms: meta.time_ms,
+        };
+        let mut results = Vec::with_capacity(command.ops.len());
+        for op in &command.ops {
+            results.push(sm.apply_op(op)?);
+        }
+        Ok(EntryOutcome::Command {
+            time_ms: meta.time_ms,
+            results,
+        })
+    }
+}
+
+type OpResult = Result<Result<OpOutput, OpError>, EngineError>;
+
+struct StateMachine<'a, 't> {
+    engine: &'a Engine,
+    txn: &'a mut Txn<'t>,
+    shard: u64,
+    now_ms: u64,
+}
+
+/// Returns early with the op's (deterministic) rejection.
+macro_rules! reject_on {
+    ($e:expr) => {
+        if let Err(op_err) = $e {
+            return Ok(Err(op_err));
+        }
+    };
+}
+
+impl StateMachine<'_, '_> {
+    fn apply_op(&mut self, op: &cmd::Op) -> OpResult {
+        use cmd::op::Op;
+        match &op.op {
+            Some(Op::Append(a)) => self.append(a),
+            Some(Op::Ack(a)) => self.ack(a),
+            Some(Op::Trim(t)) => self.trim(t),
+            Some(Op::Delete(d)) => self.delete(d),
+            Some(Op::ExpireDedup(x)) => self.expire_dedup(x),
+            None => Ok(Err(OpError::MalformedCommand("op with no operation set".into()))),
+        }
+    }
+
+    fn mailbox(&self, ns: &str, uid: &[u8]) -> Result<(Vec<u8>, MailboxMeta), EngineError> {
+        let mb = keys::mailbox(ns, uid);
+        let key = keys::mailbox_meta(self.shard, &mb);
+        let meta = match self.txn.get(&key)? {
+            Some(b) => MailboxMeta::decode(&key, &b)?,
+            None => MailboxMeta::default(),
+        };
+        Ok((mb, meta))
+    }
+
+    fn put_mailbox(&mut self, mb: &[u8], meta: &MailboxMeta) {
+        self.txn.put(keys::mailbox_meta(self.shard, mb), &meta.encode());
+    }
+
+    fn dedup(&self, key: &[u8]) -> Result<Option<DedupEntry>, EngineError> {
+        self.txn.get(key)?.map(|b| DedupEntry::decode(key, &b)).transpose()
+    }
+
+    fn append(&mut self, a: &cmd::AppendOp) -> OpResult {
+        let limits = &self.engine.options().limits;
+        reject_on!(limits.check_mailbox(&a.namespace, &a.user_id));
+        reject_on!(limits.check_idempotency_key(&a.idempotency_key));
+        reject_on!(limits.check_payload(&a.payload));
+        let (mb, mut meta) = self.mailbox(&a.namespace, &a.user_id)?;
+        let dk = keys::dedup(self.shard, &mb, &a.idempotency_key);
+        let payload_crc = crc32fast::hash(&a.payload);
+        // Dedup comes before the precondition: a retried conditional append
+        // that already committed must get its seq back, not a mismatch.
+        if let Some(d) = self.dedup(&dk)? {
+            if d.live_at(self.now_ms) {
+                if d.payload_crc != payload_crc {
+                    return Ok(Err(OpError::IdempotencyKeyReused { seq: d.seq }));
+                }
+                return Ok(Ok(OpOutput::Appended {
+                    seq: d.seq,
+                    duplicate: true,
+                    time_ms: d.time_ms,
+                }));
+            }
+            // Expired but not yet collected: forget it now.
+            self.txn
+                .delete(keys::dedup_expiry(self.shard, d.expires_ms, &mb, &a.idempotency_key));
+        }
+        if let Some(expected) = a.expected_last_seq {
+            if expected != meta.last_seq {
+                return Ok(Err(OpError::ExpectedLastSeqMismatch {
+                    expected,
+                    actual: meta.last_seq,
+                }));
+            }
+        }
+        let Some(seq) = meta.last_seq.checked_add(1).filter(|s| *s < u64::MAX) else {
+            return Ok(Err(OpError::InvalidArgument {
+                field: "mailbox",
+                reason: "mailbox has used every sequence number".into(),
+            }));
+        };
+        let msg = StoredMessage {
+            time_ms: self.now_ms,
+            idempotency_key: a.idempotency_key.clone(),
+            payload: a.payload.clone(),
+            deleted: false,
+        };
+        self.txn.put(keys::message(self.shard, &mb, seq), &msg.encode());
+        let entry = DedupEntry {
+            seq,
+            time_ms: self.now_ms,
+            payload_crc,
+            expires_ms: 0,
+        };
+        self.txn.put(dk, &entry.encode());
+        meta.last_seq = seq;
+        meta.payload_bytes += len_u64(&a.payload);
+        self.put_mailbox(&mb, &meta);
+        Ok(Ok(OpOutput::Appended {
+            seq,
+            duplicate: false,
+            time_ms: self.now_ms,
+        }))
+    }
+
+    fn ack(&mut self, a: &cmd::AckOp) -> OpResult {
+        let limits = &self.engine.options().limits;
+        reject_on!(limits.check_mailbox(&a.namespace, &a.user_id));
+        reject_on!(limits.check_device_id(&a.device_id));
+        let (mb, mut meta) = self.mailbox(&a.namespace, &a.user_id)?;
+        if a.seq > meta.last_seq {
+            return Ok(Err(OpError::AckBeyondLastSeq {
+                seq: a.seq,
+                last_seq: meta.last_seq,
+            }));
+        }
+        let ck = keys::cursor(self.shard, &mb, &a.device_id);
+        match self.txn.get(&ck)? {
+            Some(b) => {
+                let cur = decode_cursor(&ck, &b)?;
+                if a.seq <= cur {
+                    return Ok(Ok(OpOutput::Acked {
+                        cursor: cur,
+                        advanced: false,
+                    }));
+                }
+            }
+            None => {
+                if meta.cursor_count >= limits.cursors_per_mailbox_max {
+                    return Ok(Err(OpError::TooManyCursors {
+                        limit: limits.cursors_per_mailbox_max,
+                    }));
+                }
+                meta.cursor_count += 1;
+                self.put_mailbox(&mb, &meta);
+            }
+        }
+        self.txn.put(ck, &encode_cursor(a.seq));
+        Ok(Ok(OpOutput::Acked {
+            cursor: a.seq,
+            advanced: a.seq > 0,
+        }))
+    }
+
+    /// Starts the dedup window of a message that stops being stored.
+    fn start_dedup_window(&mut self, mb: &[u8], seq: u64, idem: &[u8]) -> Result<(), EngineError> {
+        let dk = keys::dedup(self.shard, mb, idem);
+        if let Some(mut d) = self.dedup(&dk)? {
+            // The key may since have been reused for a newer message (after an
+            // earlier window ended); only the entry for this seq is ours.
+            if d.seq == seq && d.expires_ms == 0 {
+                d.expires_ms = self.now_ms.saturating_add(self.engine.options().dedup_window_ms).max(1);
+                self.txn.put(
+                    keys::dedup_expiry(self.shard, d.expires_ms, mb, idem),
+                    &encode_expiry_marker(),
+                );
+                self.txn.put(dk, &d.encode());
+            }
+        }
+        Ok(())
+    }
+
+    fn trim(&mut self, t: &cmd::TrimOp) -> OpResult {
+        reject_on!(self.engine.options().limits.check_mailbox(&t.namespace, &t.user_id));
+        let (mb, mut meta) = self.mailbox(&t.namespace, &t.user_id)?;
+        if t.up_to_seq > meta.last_seq {
+            return Ok(Err(OpError::TrimBeyondLastSeq {
+                up_to_seq: t.up_to_seq,
+                last_seq: meta.last_seq,
+            }));
+        }
+        if t.up_to_seq < meta.low_watermark {
+            return Ok(Ok(OpOutput::Trimmed {
+                low_watermark: meta.low_watermark,
+                removed: 0,
+            }));
+        }
+        let start = keys::message(self.shard, &mb, meta.low_watermark);
+        let end = keys::message(self.shard, &mb, t.up_to_seq + 1);
+        // (key, seq, live idempotency key, payload bytes)
+        let mut doomed: Vec<(Vec<u8>, u64, Option<Vec<u8>>, u64)> = Vec::new();
+        self.txn.scan(&start, &end, |k, body| {
+            let v = MessageView::decode(k, body)?;
+            let seq =
+                keys::message_seq(k).ok_or_else(|| EngineError::corruption(CF_DATA, k, "message key without seq"))?;
+            let idem = (!v.deleted).then(|| v.idempotency_key.to_vec());
+            doomed.push((k.to_vec(), seq, idem, len_u64(v.payload)));
+            Ok(())
+        })?;
+        let expected = t.up_to_seq - meta.low_watermark + 1;
+        if len_u64(&doomed) != expected {
+            return Err(EngineError::corruption(
+                CF_DATA,
+                &start,
+                format!(
+                    "mailbox should store {expected} messages in the trimmed range, found {}",
+                    doomed.len()
+                ),
+            ));
+        }
+        for (key, seq, idem, bytes) in doomed {
+            if let Some(idem) = idem {
+                self.start_dedup_window(&mb, seq, &idem)?;
+                meta.payload_bytes = meta.payload_bytes.saturating_sub(bytes);
+            }
+            self.txn.delete(key);
+        }
+        meta.low_watermark = t.up_to_seq + 1;
+        self.put_mailbox(&mb, &meta);
+        Ok(Ok(OpOutput::Trimmed {
+            low_watermark: meta.low_watermark,
+            removed: expected,
+        }))
+    }
+
+    fn delete(&mut self, d: &cmd::DeleteOp) -> OpResult {
+        reject_on!(self.engine.options().limits.check_mailbox(&d.namespace, &d.user_id));
+        let (mb, mut meta) = self.mailbox(&d.namespace, &d.user_id)?;
+        if d.seq < meta.low_watermark || d.seq > meta.last_seq {
+            return Ok(Err(OpError::SeqNotFound {
+                seq: d.seq,
+                low_watermark: meta.low_watermark,
+                last_seq: meta.last_seq,
+            }));
+        }
+        let key = keys::message(self.shard, &mb, d.seq);
+        let body = self.txn.get(&key)?.ok_or_else(|| {
+            EngineError::corruption(CF_DATA, &key, "message inside [low_watermark, last_seq] is missing")
+        })?;
+        let v = MessageView::decode(&key, &body)?;
+        if v.deleted {
+            return Ok(Ok(OpOutput::Deleted { deleted: false }));
+        }
+        let idem = v.idempotency_key.to_vec();
+        meta.payload_bytes = meta.payload_bytes.saturating_sub(len_u64(v.payload));
+        let tomb = StoredMessage {
+            time_ms: v.time_ms,
+            idempotency_key: idem.clone(),
+            payload: Vec::new(),
+            deleted: true,
+        };
+        self.txn.put(key, &tomb.encode());
+        self.start_dedup_window(&mb, d.seq, &idem)?;
+        self.put_mailbox(&mb, &meta);
+        Ok(Ok(OpOutput::Deleted { deleted: true }))
+    }
+
+    fn expire_dedup(&mut self, x: &cmd::ExpireDedupOp) -> OpResult {
+        let limit = self.engine.options().limits.expire_dedup_entries_max;
+        if x.max_entries == 0 || x.max_entries > limit {
+            return Ok(Err(OpError::InvalidArgument {
+                field: "expire_dedup.max_entries",
+                reason: format!("must be 1 to {limit}, got {}", x.max_entries),
+            }));
+        }
+        let start = keys::dedup_expiry_bound(self.shard, 0);
+        let end = keys::dedup_expiry_bound(self.shard, self.now_ms.saturating_add(1));
+        let mut found: Vec<Vec<u8>> = Vec::new();
+        let max = usize::try_from(x.max_entries).unwrap_or(usize::MAX);
+        self.txn.scan_limited(&start, &end, max, |k, body| {
+            crate::records::check_expiry_marker(k, body)?;
+            found.push(k.to_vec());
+            Ok(())
+        })?;
+        let mut removed = 0;
+        for k in found {
+            let (expires, mb, idem) = keys::parse_dedup_expiry(&k)
+                .ok_or_else(|| EngineError::corruption(CF_DATA, &k, "malformed dedup expiry key"))?;
+            let dk = keys::dedup(self.shard, mb, idem);
+            // The dedup entry may have been replaced by a newer append after an
+            // earlier expiry; only remove it if this index entry is its own.
+            if self.dedup(&dk)?.is_some_and(|d| d.expires_ms == expires) {
+                self.txn.delete(dk);
+                removed += 1;
+            }
+            self.txn.delete(k);
+        }
+        Ok(Ok(OpOutput::DedupExpired { removed }))
+    }
+}
+
+fn len_u64<T>(s: &[T]) -> u64 {
+    u64::try_from(s.len()).unwrap_or(u64::MAX)
+}
+
+/// Pending writes of one apply batch over the database.
+struct Txn<'e> {
+    engine: &'e Engine,
+    cf: &'e ColumnFamily,
+    /// key -> sealed value, or None for a delete.
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'e> Txn<'e> {
+    fn new(engine: &'e Engine) -> Result<Self, EngineError> {
+        Ok(Txn {
+            engine,
+            cf: engine.cf(CF_DATA)?,
+            writes: BTreeMap::new(),
+        })
+    }
+
+    /// The checked body at `key`, pending writes first.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        match self.writes.get(key) {
+            Some(Some(v)) => Ok(Some(codec::open(CF_DATA, key, v)?.to_vec())),
+            Some(None) => Ok(None),
+            None => self.engine.get_body(CF_DATA, key),
+        }
+    }
+
+    fn put(&mut self, key: Vec<u8>, body: &[u8]) {
+        let v = codec::seal(&key, body);
+        self.writes.insert(key, Some(v));
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        self.scan_limited(start, end, usize::MAX, f)
+    }
+
+    /// Calls `f(key, body)` for at most `max` live keys in `[start, end)`, in
+    /// key order, merging pending writes over the database.
+    fn scan_limited(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        max: usize,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mut it = self.engine.db().raw_iterator_cf_opt(self.cf, ro);
+        it.seek(start);
+        let mut pending = self
+            .writes
+            .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
+            .peekable();
+        let mut seen = 0;
+        while seen < max {
+            let db_key = it.key();
+            let next_pending = pending.peek().map(|(k, _)| k.as_slice());
+            let take_pending = match (db_key, next_pending) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some(d), Some(p)) => p <= d,
+            };
+            if take_pending {
+                let Some((k, v)) = pending.next() else { break };
+                if db_key == Some(k.as_slice()) {
+                    it.next(); // the pending write shadows the stored value
+                }
+                if let Some(v) = v {
+                    f(k, codec::open(CF_DATA, k, v)?)?;
+                    seen += 1;
+                }
+            } else {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                f(k, codec::open(CF_DATA, k, v)?)?;
+                seen += 1;
+                it.next();
+            }
+        }
+        it.status()?;
+        Ok(())
+    }
+
+    fn into_batch(self) -> WriteBatch {
+        let mut wb = WriteBatch::default();
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => wb.put_cf(self.cf, k, v),
+                None => wb.delete_cf(self.cf, k),
+            }
+        }
+        wb
+    }
+}

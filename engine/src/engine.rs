@@ -1,0 +1,280 @@
+//! The engine handle: one RocksDB per node, shared by every shard replica on
+//! the node, with three column families (see [`crate::keys`]). One database
+//! rather than one per shard is what makes group commit possible: the Raft
+//! writes of many shards go into one WriteBatch and one WAL fsync.
+
+use crate::codec;
+use crate::error::EngineError;
+use crate::keys::{self, CF_DATA, CF_META, CF_RAFT};
+use crate::limits::Limits;
+use crate::raftlog::LogCache;
+use crate::records::{ShardMeta, ShardState};
+use rocksdb::{BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+/// The on-disk format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Whether a write waits for fsync of the RocksDB WAL.
+///
+/// `NoFsync` is NOT durable on its own: a machine crash may lose the write.
+/// It is safe only where something else already is durable, e.g. applying
+/// entries whose Raft log was fsync'd (they are replayed after a crash), and
+/// for benchmarks that say so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync (fdatasync) the WAL before returning.
+    Fsync,
+    /// Return once the write is in the WAL buffer and memtable.
+    NoFsync,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Limits enforced on every op.
+    pub limits: Limits,
+    /// How long an idempotency key keeps deduplicating after its message was
+    /// trimmed or deleted, in shard time. Default 7 days.
+    pub dedup_window_ms: u64,
+    /// RocksDB block cache, bytes.
+    pub block_cache_bytes: usize,
+    /// RocksDB write buffer (memtable) per column family, bytes.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            limits: Limits::default(),
+            dedup_window_ms: 7 * 24 * 3600 * 1000,
+            block_cache_bytes: 256 << 20,
+            write_buffer_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Per-shard in-memory handles.
+#[derive(Debug, Default)]
+pub(crate) struct ShardHandles {
+    /// Serialises apply and snapshot ingest of one shard: the state machine is
+    /// single-writer per shard, and the engine enforces it rather than trusting
+    /// every caller.
+    pub apply: Mutex<()>,
+    /// The shard's Raft log bounds and hard state, loaded on first use.
+    pub log: RwLock<Option<LogCache>>,
+    /// A snapshot ingest of this shard is under way.
+    pub ingesting: std::sync::atomic::AtomicBool,
+}
+
+pub(crate) struct Inner {
+    pub db: DB,
+    pub options: EngineOptions,
+    shards: Mutex<HashMap<u64, Arc<ShardHandles>>>,
+}
+
+/// A node's storage engine. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("path", &self.inner.db.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Opens (creating if needed) the engine at `path`.
+    pub fn open(path: impl AsRef<Path>, options: EngineOptions) -> Result<Engine, EngineError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        // Fewer, larger WAL syncs are what group commit is for; RocksDB's own
+        // background syncing of SSTs is spread out to avoid stalls.
+        db_opts.set_bytes_per_sync(1 << 20);
+
+        let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes)?;
+        let cf = |name: &str| {
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            // Point lookups of absent keys (a new idempotency key, a missing
+            // mailbox) are the common case on the write path.
+            table.set_bloom_filter(10.0, false);
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
+            o.set_write_buffer_size(options.write_buffer_bytes);
+            ColumnFamilyDescriptor::new(name, o)
+        };
+        let db = DB::open_cf_descriptors(&db_opts, path, [cf(CF_META), cf(CF_RAFT), cf(CF_DATA)])?;
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                db,
+                options,
+                shards: Mutex::new(HashMap::new()),
+            }),
+        };
+        engine.check_format_version()?;
+        Ok(engine)
+    }
+
+    fn check_format_version(&self) -> Result<(), EngineError> {
+        let cf = self.cf(CF_META)?;
+        let key = keys::FORMAT_VERSION_KEY;
+        match self.inner.db.get_cf(cf, key)? {
+            Some(v) => {
+                let body = codec::open(CF_META, key, &v)?;
+                let found = u32::from_be_bytes(
+                    body.try_into()
+                        .map_err(|_| EngineError::corruption(CF_META, key, "format version is not 4 bytes"))?,
+                );
+                if found != FORMAT_VERSION {
+                    return Err(EngineError::InvalidCall(format!(
+                        "data was written in format {found}; this build reads format {FORMAT_VERSION}"
+                    )));
+                }
+            }
+            None => {
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                self.inner
+                    .db
+                    .put_cf_opt(cf, key, codec::seal(key, &FORMAT_VERSION.to_be_bytes()), &wo)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The options the engine was opened with.
+    pub fn options(&self) -> &EngineOptions {
+        &self.inner.options
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.inner.db
+    }
+
+    pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily, EngineError> {
+        self.inner
+            .db
+            .cf_handle(name)
+            .ok_or_else(|| EngineError::InvalidCall(format!("column family {name} is missing")))
+    }
+
+    pub(crate) fn shard(&self, shard: u64) -> Result<Arc<ShardHandles>, EngineError> {
+        if shard == u64::MAX {
+            return Err(EngineError::InvalidCall("shard id u64::MAX is reserved".into()));
+        }
+        let mut map = lock(&self.inner.shards);
+        Ok(map.entry(shard).or_default().clone())
+    }
+
+    pub(crate) fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), EngineError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(durability == Durability::Fsync);
+        self.inner.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Reads and checks the framed value at `key` in `cf`.
+    pub(crate) fn get_body(&self, cf_name: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        let cf = self.cf(cf_name)?;
+        match self.inner.db.get_pinned_cf(cf, key)? {
+            Some(v) => Ok(Some(codec::open(cf_name, key, &v)?.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    /// The shard's apply state, or None if the shard was never created here.
+    pub fn shard_meta(&self, shard: u64) -> Result<Option<ShardMeta>, EngineError> {
+        let key = keys::shard_meta(shard);
+        self.get_body(CF_DATA, &key)?
+            .map(|b| ShardMeta::decode(&key, &b))
+            .transpose()
+    }
+
+    /// The shard's apply state, failing unless it exists and is complete.
+    pub(crate) fn ready_shard_meta(&self, shard: u64) -> Result<ShardMeta, EngineError> {
+        let meta = self.shard_meta(shard)?.ok_or(EngineError::NoSuchShard(shard))?;
+        if meta.state != ShardState::Ready {
+            return Err(EngineError::ShardIncomplete(shard));
+        }
+        Ok(meta)
+    }
+
+    /// Creates a shard replica that starts at `index`/`term` with `conf_state`
+    /// (raft-rs's "initial configuration"): apply state and an empty log
+    /// truncated at `index`. Fails if the shard already exists here.
+    pub fn bootstrap_shard(
+        &self,
+        shard: u64,
+        conf_state: raft::eraftpb::ConfState,
+        index: u64,
+        term: u64,
+    ) -> Result<(), EngineError> {
+        let handles = self.shard(shard)?;
+        let _apply = lock(&handles.apply);
+        if self.shard_meta(shard)?.is_some() {
+            return Err(EngineError::InvalidCall(format!("shard {shard} already exists")));
+        }
+        let meta = ShardMeta {
+            state: ShardState::Ready,
+            applied_index: index,
+            applied_term: term,
+            time_ms: 0,
+            conf_state,
+        };
+        let mut rb = crate::raftlog::RaftBatch::default();
+        rb.put_shard_meta(self, shard, &meta)?;
+        rb.reset_log(self, shard, index, term)?;
+        let store = self.raft_log(shard)?;
+        let mut hs = store.hard_state()?;
+        hs.term = hs.term.max(term);
+        hs.commit = hs.commit.max(index);
+        rb.set_hard_state(&store, &hs)?;
+        self.write_raft(rb, Durability::Fsync)
+    }
+
+    /// Ids of every shard with state on this node, ascending.
+    pub fn shard_ids(&self) -> Result<Vec<u64>, EngineError> {
+        let cf = self.cf(CF_DATA)?;
+        let mut out = Vec::new();
+        let mut it = self.inner.db.raw_iterator_cf(cf);
+        it.seek_to_first();
+        while let Some(key) = it.key() {
+            let shard = u64::from_be_bytes(
+                key.get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| EngineError::corruption(CF_DATA, key, "key shorter than a shard id"))?,
+            );
+            out.push(shard);
+            match shard.checked_add(1) {
+                Some(next) => it.seek(next.to_be_bytes()),
+                None => break,
+            }
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// Flushes memtables to SST files (for tests and clean shutdown; the WAL
+    /// already makes every fsync'd write durable).
+    pub fn flush(&self) -> Result<(), EngineError> {
+        for name in [CF_META, CF_RAFT, CF_DATA] {
+            self.inner.db.flush_cf(self.cf(name)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Locks a mutex, recovering from poisoning: the guarded data is `()` or a
+/// cache that is rebuilt from disk, so a panicked holder leaves nothing torn.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,236 @@
+//! Key encoding. Byte-by-byte layout is in docs/storage-format.md; this file
+//! and that document change together.
+//!
+//! Every key starts with the shard id (u64, big-endian), so that one shard's
+//! state is one contiguous range in each column family: a snapshot is a range
+//! scan and an ingest a range delete. Integers are big-endian so that byte
+//! order is numeric order (a mailbox's messages scan in seq order). A mailbox
+//! id is length-prefixed (`ns_len:u8 ns uid_len:u16 uid`), which makes it
+//! self-delimiting: no mailbox's encoding is a prefix of another's, so a
+//! per-mailbox prefix scan never sees a neighbour.
+
+/// Column family with node-level metadata (format version).
+pub const CF_META: &str = "default";
+/// Column family with the Raft logs of all shards on the node.
+pub const CF_RAFT: &str = "raft";
+/// Column family with the state machines of all shards on the node.
+pub const CF_DATA: &str = "data";
+
+/// Data CF tags (the byte after the shard id).
+pub(crate) mod tag {
+    pub const SHARD_META: u8 = 0x00;
+    pub const MAILBOX: u8 = 0x01;
+    pub const MESSAGE: u8 = 0x02;
+    pub const DEDUP: u8 = 0x03;
+    pub const CURSOR: u8 = 0x04;
+    pub const DEDUP_EXPIRY: u8 = 0x05;
+    /// Raft CF: one log entry.
+    pub const RAFT_ENTRY: u8 = 0x01;
+    /// Raft CF: the hard state.
+    pub const RAFT_HARD_STATE: u8 = 0x02;
+    /// Raft CF: the truncated (compacted) index and term.
+    pub const RAFT_LOG_STATE: u8 = 0x04;
+}
+
+/// Node meta CF: the on-disk format version.
+pub(crate) const FORMAT_VERSION_KEY: &[u8] = b"pigeonhole/format_version";
+
+/// The encoded mailbox id: `ns_len:u8 ns uid_len:u16be uid`.
+/// Lengths are validated by [`crate::Limits`] before a key is built; the
+/// debug assertions document the invariant the casts rely on.
+pub(crate) fn mailbox(ns: &str, uid: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + ns.len() + uid.len());
+    push_mailbox(&mut k, ns, uid);
+    k
+}
+
+fn push_mailbox(k: &mut Vec<u8>, ns: &str, uid: &[u8]) {
+    debug_assert!(ns.len() <= usize::from(u8::MAX));
+    debug_assert!(uid.len() <= usize::from(u16::MAX));
+    k.push(u8::try_from(ns.len()).unwrap_or(u8::MAX));
+    k.extend_from_slice(ns.as_bytes());
+    k.extend_from_slice(&u16::try_from(uid.len()).unwrap_or(u16::MAX).to_be_bytes());
+    k.extend_from_slice(uid);
+}
+
+/// Splits an encoded mailbox id off the front of `b`, returning it and the rest.
+pub(crate) fn split_mailbox(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let ns_len = usize::from(*b.first()?);
+    let uid_len_at = 1 + ns_len;
+    let len_bytes: [u8; 2] = b.get(uid_len_at..uid_len_at + 2)?.try_into().ok()?;
+    let end = uid_len_at + 2 + usize::from(u16::from_be_bytes(len_bytes));
+    if end > b.len() {
+        return None;
+    }
+    Some(b.split_at(end))
+}
+
+fn shard_tag(shard: u64, tag: u8, extra: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + extra);
+    k.extend_from_slice(&shard.to_be_bytes());
+    k.push(tag);
+    k
+}
+
+/// `shard | 0x00`
+pub(crate) fn shard_meta(shard: u64) -> Vec<u8> {
+    shard_tag(shard, tag::SHARD_META, 0)
+}
+
+/// `shard | 0x01 | mb`
+pub(crate) fn mailbox_meta(shard: u64, mb: &[u8]) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::MAILBOX, mb.len());
+    k.extend_from_slice(mb);
+    k
+}
+
+/// `shard | 0x02 | mb | seq:u64be`
+pub(crate) fn message(shard: u64, mb: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::MESSAGE, mb.len() + 8);
+    k.extend_from_slice(mb);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Reads the seq at the end of a message key.
+pub(crate) fn message_seq(key: &[u8]) -> Option<u64> {
+    let at = key.len().checked_sub(8)?;
+    Some(u64::from_be_bytes(key.get(at..)?.try_into().ok()?))
+}
+
+/// `shard | 0x03 | mb | idempotency_key`
+pub(crate) fn dedup(shard: u64, mb: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::DEDUP, mb.len() + key.len());
+    k.extend_from_slice(mb);
+    k.extend_from_slice(key);
+    k
+}
+
+/// `shard | 0x04 | mb | device_id`
+pub(crate) fn cursor(shard: u64, mb: &[u8], device: &[u8]) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::CURSOR, mb.len() + device.len());
+    k.extend_from_slice(mb);
+    k.extend_from_slice(device);
+    k
+}
+
+/// `shard | 0x04 | mb`: the prefix of all cursors of a mailbox.
+pub(crate) fn cursor_prefix(shard: u64, mb: &[u8]) -> Vec<u8> {
+    cursor(shard, mb, &[])
+}
+
+/// `shard | 0x05 | expires_ms:u64be | mb | idempotency_key`
+pub(crate) fn dedup_expiry(shard: u64, expires_ms: u64, mb: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::DEDUP_EXPIRY, 8 + mb.len() + key.len());
+    k.extend_from_slice(&expires_ms.to_be_bytes());
+    k.extend_from_slice(mb);
+    k.extend_from_slice(key);
+    k
+}
+
+/// `shard | 0x05 | expires_ms:u64be`: the first expiry key at `expires_ms`.
+pub(crate) fn dedup_expiry_bound(shard: u64, expires_ms: u64) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::DEDUP_EXPIRY, 8);
+    k.extend_from_slice(&expires_ms.to_be_bytes());
+    k
+}
+
+/// Splits an expiry index key into (expires_ms, mailbox, idempotency key).
+pub(crate) fn parse_dedup_expiry(key: &[u8]) -> Option<(u64, &[u8], &[u8])> {
+    let rest = key.get(9..)?;
+    let expires = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let (mb, idem) = split_mailbox(rest.get(8..)?)?;
+    Some((expires, mb, idem))
+}
+
+/// `[shard, shard + 1)`: every key of one shard in one column family.
+/// Shard ids must be below `u64::MAX` so that the end bound exists.
+pub(crate) fn shard_range(shard: u64) -> Option<(Vec<u8>, Vec<u8>)> {
+    let end = shard.checked_add(1)?;
+    Some((shard.to_be_bytes().to_vec(), end.to_be_bytes().to_vec()))
+}
+
+/// Raft CF: `shard | 0x01 | index:u64be`
+pub(crate) fn raft_entry(shard: u64, index: u64) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::RAFT_ENTRY, 8);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Raft CF: `shard | 0x02`
+pub(crate) fn raft_hard_state(shard: u64) -> Vec<u8> {
+    shard_tag(shard, tag::RAFT_HARD_STATE, 0)
+}
+
+/// Raft CF: `shard | 0x04`
+pub(crate) fn raft_log_state(shard: u64) -> Vec<u8> {
+    shard_tag(shard, tag::RAFT_LOG_STATE, 0)
+}
+
+/// The exclusive end of a prefix range: the prefix with its last byte
+/// incremented (carrying). None if the prefix is all 0xff.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mailbox_encoding_is_self_delimiting() {
+        let a = mailbox("ns", b"ab");
+        let b = mailbox("ns", b"abc");
+        assert!(!b.starts_with(&a));
+        assert_eq!(
+            split_mailbox(&[a.as_slice(), b"rest"].concat()),
+            Some((a.as_slice(), &b"rest"[..]))
+        );
+        assert_eq!(split_mailbox(&a[..a.len() - 1]), None);
+    }
+
+    #[test]
+    fn message_keys_sort_by_seq() {
+        let mb = mailbox("ns", b"u");
+        let k1 = message(7, &mb, 9);
+        let k2 = message(7, &mb, 256);
+        assert!(k1 < k2);
+        assert_eq!(message_seq(&k2), Some(256));
+    }
+
+    #[test]
+    fn shard_ranges_are_contiguous_and_disjoint() {
+        let (s, e) = shard_range(5).unwrap();
+        for k in [
+            shard_meta(5),
+            message(5, &mailbox("z", &[0xff; 256]), u64::MAX),
+            dedup_expiry(5, u64::MAX, &[], &[]),
+        ] {
+            assert!(k >= s && k < e);
+        }
+        assert!(shard_meta(6) >= e);
+        assert!(shard_range(u64::MAX).is_none());
+    }
+
+    #[test]
+    fn expiry_keys_roundtrip() {
+        let mb = mailbox("ns", b"user");
+        let k = dedup_expiry(3, 1234, &mb, b"key-1");
+        assert_eq!(parse_dedup_expiry(&k), Some((1234, mb.as_slice(), &b"key-1"[..])));
+        assert!(dedup_expiry_bound(3, 1234) <= k && k < dedup_expiry_bound(3, 1235));
+    }
+
+    #[test]
+    fn prefix_end_carries() {
+        assert_eq!(prefix_end(&[1, 2]), Some(vec![1, 3]));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff]), None);
+    }
+}

@@ -1,0 +1,49 @@
+//! # pigeonhole-engine
+//!
+//! The storage engine every shard replica runs: the deterministic mailbox
+//! state machine and the Raft log store, both in ONE RocksDB per node that
+//! holds many shards. It does no networking; the cluster crate drives it.
+//!
+//! Why this shape:
+//! - **One database per node, not per shard**, so the node can persist the
+//!   Raft Ready of many shards in one WriteBatch with one fsync (group
+//!   commit, [`RaftBatch`] + [`Engine::write_raft`]).
+//! - **Each shard is one contiguous key range** (the shard id prefixes every
+//!   key), so a snapshot is a range scan ([`Engine::export_snapshot`]) and an
+//!   ingest a range replace ([`Engine::ingest_snapshot`]).
+//! - **Apply is deterministic and idempotent** ([`Engine::apply`]): the
+//!   applied index is written in the same WriteBatch as the effects, and time
+//!   comes from the command, never from the replica's clock.
+//! - **Every value is checksummed** (crc32 over key and body) and checked on
+//!   read; corruption is a typed [`EngineError::Corruption`] naming the key.
+//!
+//! Module map: [`keys`] (key layout), `codec` (value framing), `records`
+//! (record types), `apply` (the state machine), `read` (Sync and cursors),
+//! `raftlog` (raft-rs `Storage`), `snapshot` (export and ingest). The format
+//! is documented byte by byte in docs/storage-format.md.
+
+mod apply;
+mod codec;
+mod engine;
+mod error;
+pub mod keys;
+mod limits;
+mod raftlog;
+mod read;
+mod records;
+mod snapshot;
+
+pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
+pub use engine::{Durability, Engine, EngineOptions, FORMAT_VERSION};
+pub use error::{EngineError, HexKey, OpError, ReadError};
+pub use limits::Limits;
+pub use raftlog::{conf_state_with_voters, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC};
+pub use read::{Cursors, MailboxInfo, ReadMessage, SyncPage, SyncQuery};
+pub use records::{ShardMeta, ShardState};
+pub use snapshot::{SnapshotChunk, SnapshotIngest, SnapshotSummary, CHUNK_BYTES_MAX};
+
+/// The Raft command types (`pigeonhole.internal.v1`), re-exported so callers
+/// build commands without naming the proto crate.
+pub use pigeonhole_proto::internal::v1 as command;
+/// raft-rs, as the engine links it.
+pub use raft;

@@ -1,0 +1,163 @@
+//! Every limit the engine enforces, in one place, with the validation that
+//! names the offending field. The defaults are the ones documented in
+//! `proto/pigeonhole/v1/mailbox.proto`; a later release makes the size limits
+//! configurable per namespace, which is why they live in a value and not in
+//! constants sprinkled over the code.
+
+use crate::error::OpError;
+
+/// Size and count limits. Units are last in every name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Namespace length, bytes of `[a-z0-9._-]`.
+    pub namespace_bytes_max: usize,
+    /// User id length, bytes.
+    pub user_id_bytes_max: usize,
+    /// Idempotency key length, bytes (the minimum is 1).
+    pub idempotency_key_bytes_max: usize,
+    /// Payload length, bytes.
+    pub payload_bytes_max: usize,
+    /// Device id length, bytes (the minimum is 1).
+    pub device_id_bytes_max: usize,
+    /// Device cursors per mailbox.
+    pub cursors_per_mailbox_max: u32,
+    /// Ops in one Raft command.
+    pub ops_per_command_max: usize,
+    /// Dedup entries one ExpireDedup op may remove.
+    pub expire_dedup_entries_max: u32,
+    /// Messages one Sync page may return, and the default when 0 is asked.
+    pub sync_messages_max: u32,
+    /// Default messages per Sync page.
+    pub sync_messages_default: u32,
+    /// Payload bytes one Sync page may return.
+    pub sync_bytes_max: u32,
+    /// Default payload bytes per Sync page.
+    pub sync_bytes_default: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            namespace_bytes_max: 64,
+            user_id_bytes_max: 256,
+            idempotency_key_bytes_max: 128,
+            payload_bytes_max: 1 << 20,
+            device_id_bytes_max: 128,
+            cursors_per_mailbox_max: 1024,
+            ops_per_command_max: 4096,
+            expire_dedup_entries_max: 10_000,
+            sync_messages_max: 1000,
+            sync_messages_default: 100,
+            sync_bytes_max: 4 << 20,
+            sync_bytes_default: 1 << 20,
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: String) -> OpError {
+    OpError::InvalidArgument { field, reason }
+}
+
+impl Limits {
+    /// A namespace is 1..=64 bytes of `[a-z0-9._-]`.
+    pub fn check_namespace(&self, ns: &str) -> Result<(), OpError> {
+        const FIELD: &str = "mailbox.namespace";
+        if ns.is_empty() || ns.len() > self.namespace_bytes_max {
+            return Err(invalid(
+                FIELD,
+                format!("must be 1 to {} bytes, got {}", self.namespace_bytes_max, ns.len()),
+            ));
+        }
+        if let Some(c) = ns
+            .bytes()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')))
+        {
+            return Err(invalid(FIELD, format!("must match [a-z0-9._-]+, found byte 0x{c:02x}")));
+        }
+        Ok(())
+    }
+
+    /// A user id is 1..=256 opaque bytes.
+    pub fn check_user_id(&self, uid: &[u8]) -> Result<(), OpError> {
+        check_len("mailbox.user_id", uid.len(), 1, self.user_id_bytes_max)
+    }
+
+    /// Both halves of a mailbox id.
+    pub fn check_mailbox(&self, ns: &str, uid: &[u8]) -> Result<(), OpError> {
+        self.check_namespace(ns)?;
+        self.check_user_id(uid)
+    }
+
+    /// An idempotency key is 1..=128 bytes.
+    pub fn check_idempotency_key(&self, key: &[u8]) -> Result<(), OpError> {
+        check_len("idempotency_key", key.len(), 1, self.idempotency_key_bytes_max)
+    }
+
+    /// A payload is 0..=1 MiB.
+    pub fn check_payload(&self, payload: &[u8]) -> Result<(), OpError> {
+        check_len("payload", payload.len(), 0, self.payload_bytes_max)
+    }
+
+    /// A device id is 1..=128 bytes.
+    pub fn check_device_id(&self, device: &[u8]) -> Result<(), OpError> {
+        check_len("device_id", device.len(), 1, self.device_id_bytes_max)
+    }
+}
+
+fn check_len(field: &'static str, len: usize, min: usize, max: usize) -> Result<(), OpError> {
+    if len < min || len > max {
+        return Err(invalid(field, format!("must be {min} to {max} bytes, got {len}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_rules() {
+        let l = Limits::default();
+        assert!(l.check_namespace("messenger").is_ok());
+        assert!(l.check_namespace("a.b_c-9").is_ok());
+        assert!(l.check_namespace(&"a".repeat(64)).is_ok());
+        for bad in ["", "Messenger", "what sapp", "ns/1", "é"] {
+            let err = l.check_namespace(bad).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    OpError::InvalidArgument {
+                        field: "mailbox.namespace",
+                        ..
+                    }
+                ),
+                "{bad:?}: {err}"
+            );
+        }
+        let err = l.check_namespace(&"a".repeat(65)).unwrap_err();
+        assert!(err.to_string().contains("1 to 64 bytes"), "{err}");
+    }
+
+    #[test]
+    fn byte_length_limits_name_field_and_limit() {
+        let l = Limits::default();
+        assert!(l.check_user_id(&[0u8; 256]).is_ok());
+        assert!(l.check_user_id(&[]).is_err());
+        let e = l.check_user_id(&[0u8; 257]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid argument mailbox.user_id: must be 1 to 256 bytes, got 257"
+        );
+        assert!(l.check_idempotency_key(&[1]).is_ok());
+        assert!(l.check_idempotency_key(&[0u8; 128]).is_ok());
+        assert!(l.check_idempotency_key(&[]).is_err());
+        assert!(l.check_idempotency_key(&[0u8; 129]).is_err());
+        assert!(l.check_payload(&[]).is_ok());
+        assert!(l.check_payload(&vec![0u8; 1 << 20]).is_ok());
+        let e = l.check_payload(&vec![0u8; (1 << 20) + 1]).unwrap_err();
+        assert!(matches!(e, OpError::InvalidArgument { field: "payload", .. }));
+        assert!(l.check_device_id(&[]).is_err());
+        assert!(l.check_device_id(&[0u8; 129]).is_err());
+        assert!(l.check_device_id(&[0u8; 128]).is_ok());
+    }
+}

@@ -1,0 +1,500 @@
+//! The Raft log store: raft-rs's [`raft::Storage`] for every shard on the
+//! node, in the `raft` column family of the node's one RocksDB.
+//!
+//! Reading goes through [`RaftLogStore`], which the shard's `RawNode` owns.
+//! Writing goes through [`RaftBatch`]: the node loop collects the Ready of
+//! MANY shards (entries, hard state, snapshot, compaction) into one batch and
+//! commits it with [`Engine::write_raft`]: ONE RocksDB WriteBatch and ONE WAL
+//! fsync for all of them. That group commit is where replication throughput
+//! comes from.
+//!
+//! Contract (as raft-rs's `storage.rs` states its own):
+//! - one writer per shard log at a time (the node loop);
+//! - the in-memory bounds (first/last index, hard state) change only after
+//!   the batch that changes them is durable, so a `RawNode` never sees state
+//!   that a crash could take back;
+//! - the conf state is the *applied* one, kept with the state machine (see
+//!   `ShardMeta`), so a snapshot always carries the configuration of its
+//!   index;
+//! - nothing here panics on a bad call: raft-rs gets a `StorageError`, the
+//!   node gets an [`EngineError`].
+
+use crate::codec;
+use crate::engine::{Durability, Engine, ShardHandles};
+use crate::error::EngineError;
+use crate::keys::{self, CF_DATA, CF_RAFT};
+use crate::records::{LogState, ShardMeta, ShardState};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use rocksdb::{ReadOptions, WriteBatch};
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
+
+/// Prefix of the `data` of every Snapshot that [`RaftLogStore::snapshot`]
+/// returns. The state itself is not in the message: the node streams it with
+/// [`Engine::export_snapshot`] and the receiver checks the shard id here.
+pub const SNAPSHOT_DATA_MAGIC: &[u8; 8] = b"PHSNAP01";
+
+/// The in-memory view of one shard's log.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct LogCache {
+    pub hard_state: HardState,
+    pub log: LogState,
+    pub last_index: u64,
+    pub last_term: u64,
+}
+
+impl LogCache {
+    fn first_index(&self) -> u64 {
+        self.log.truncated_index + 1
+    }
+}
+
+/// raft-rs storage for one shard. Clones share the shard's cache.
+#[derive(Clone)]
+pub struct RaftLogStore {
+    engine: Engine,
+    shard: u64,
+    handles: Arc<ShardHandles>,
+}
+
+impl std::fmt::Debug for RaftLogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftLogStore")
+            .field("shard", &self.shard)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(e: EngineError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+impl Engine {
+    /// The Raft log store of `shard` (which need not exist yet: an empty
+    /// shard log reads as raft-rs's "uninitialised" storage).
+    pub fn raft_log(&self, shard: u64) -> Result<RaftLogStore, EngineError> {
+        let store = RaftLogStore {
+            engine: self.clone(),
+            shard,
+            handles: self.shard(shard)?,
+        };
+        store.cache()?;
+        Ok(store)
+    }
+
+    /// Commits a batch of Raft writes: one WriteBatch, one fsync with
+    /// [`Durability::Fsync`]. Only after it is durable do the stores see it.
+    pub fn write_raft(&self, batch: RaftBatch, durability: Durability) -> Result<(), EngineError> {
+        let RaftBatch { wb, pending } = batch;
+        self.write(wb, durability)?;
+        for (handles, cache) in pending.into_values() {
+            *handles.log.write().unwrap_or_else(PoisonError::into_inner) = Some(cache);
+        }
+        Ok(())
+    }
+
+    fn load_log_cache(&self, shard: u64) -> Result<LogCache, EngineError> {
+        let hk = keys::raft_hard_state(shard);
+        let hard_state = match self.get_body(CF_RAFT, &hk)? {
+            Some(b) => {
+                HardState::parse_from_bytes(&b).map_err(|e| EngineError::corruption(CF_RAFT, &hk, e.to_string()))?
+            }
+            None => HardState::default(),
+        };
+        let lk = keys::raft_log_state(shard);
+        let log = match self.get_body(CF_RAFT, &lk)? {
+            Some(b) => LogState::decode(&lk, &b)?,
+            None => LogState::default(),
+        };
+        // The last entry is the highest key under `shard | 0x01`.
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(keys::raft_entry(shard, 0));
+        let mut it = self.db().raw_iterator_cf_opt(self.cf(CF_RAFT)?, ro);
+        it.seek_for_prev(keys::raft_entry(shard, u64::MAX));
+        let (mut last_index, mut last_term) = (log.truncated_index, log.truncated_term);
+        if let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let e = decode_entry(k, v)?;
+            if e.index > log.truncated_index {
+                last_index = e.index;
+                last_term = e.term;
+            }
+        }
+        it.status()?;
+        Ok(LogCache {
+            hard_state,
+            log,
+            last_index,
+            last_term,
+        })
+    }
+
+    fn read_entry(&self, shard: u64, index: u64) -> Result<Entry, EngineError> {
+        let k = keys::raft_entry(shard, index);
+        let v = self.db().get_pinned_cf(self.cf(CF_RAFT)?, &k)?.ok_or_else(|| {
+            EngineError::corruption(
+                CF_RAFT,
+                &k,
+                format!("log entry {index} is missing inside the log's bounds"),
+            )
+        })?;
+        decode_entry(&k, &v)
+    }
+}
+
+fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, EngineError> {
+    let body = codec::open(CF_RAFT, key, value)?;
+    Entry::parse_from_bytes(body)
+        .map_err(|e| EngineError::corruption(CF_RAFT, key, format!("entry does not decode: {e}")))
+}
+
+impl RaftLogStore {
+    /// The shard this store belongs to.
+    pub fn shard(&self) -> u64 {
+        self.shard
+    }
+
+    pub(crate) fn cache(&self) -> Result<LogCache, EngineError> {
+        if let Some(c) = self.handles.log.read().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            return Ok(c.clone());
+        }
+        let mut w = self.handles.log.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = w.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self.engine.load_log_cache(self.shard)?;
+        *w = Some(c.clone());
+        Ok(c)
+    }
+
+    /// The durable hard state.
+    pub fn hard_state(&self) -> Result<HardState, EngineError> {
+        Ok(self.cache()?.hard_state)
+    }
+
+    fn applied_meta(&self) -> Result<Option<ShardMeta>, EngineError> {
+        self.engine.shard_meta(self.shard)
+    }
+
+    fn entries_inner(&self, low: u64, high: u64, max_size: Option<u64>) -> raft::Result<Vec<Entry>> {
+        let c = self.cache().map_err(store_err)?;
+        if low < c.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > c.last_index + 1 {
+            // raft-rs's contract says "panics"; a store must not take the node
+            // down, so this is an error instead.
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let mut out = Vec::new();
+        if low >= high {
+            return Ok(out);
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::raft_entry(self.shard, high));
+        let cf = self.engine.cf(CF_RAFT).map_err(store_err)?;
+        let mut it = self.engine.db().raw_iterator_cf_opt(cf, ro);
+        it.seek(keys::raft_entry(self.shard, low));
+        let mut size: u64 = 0;
+        let mut expect = low;
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let e = decode_entry(k, v).map_err(store_err)?;
+            if e.index != expect {
+                return Err(store_err(EngineError::corruption(
+                    CF_RAFT,
+                    k,
+                    format!("expected entry {expect}, found {}", e.index),
+                )));
+            }
+            size += u64::try_from(v.len().saturating_sub(4)).unwrap_or(u64::MAX);
+            if !out.is_empty() && max_size.is_some_and(|m| size > m) {
+                break;
+            }
+            out.push(e);
+            expect += 1;
+            it.next();
+        }
+        it.status().map_err(|e| store_err(e.into()))?;
+        if out.is_empty() || (expect < high && max_size.is_none()) {
+            let k = keys::raft_entry(self.shard, expect);
+            return Err(store_err(EngineError::corruption(
+                CF_RAFT,
+                &k,
+                format!("log entry {expect} is missing inside the log's bounds"),
+            )));
+        }
+        Ok(out)
+    }
+}
+
+impl raft::Storage for RaftLogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let c = self.cache().map_err(store_err)?;
+        let conf_state = self
+            .applied_meta()
+            .map_err(store_err)?
+            .map(|m| m.conf_state)
+            .unwrap_or_default();
+        Ok(RaftState::new(c.hard_state, conf_state))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into().filter(|m| *m != raft::NO_LIMIT);
+        self.entries_inner(low, high, max_size)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let c = self.cache().map_err(store_err)?;
+        if idx == c.log.truncated_index {
+            return Ok(c.log.truncated_term);
+        }
+        if idx < c.first_index() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > c.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if idx == c.last_index {
+            return Ok(c.last_term);
+        }
+        Ok(self.engine.read_entry(self.shard, idx).map_err(store_err)?.term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.cache().map_err(store_err)?.first_index())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.cache().map_err(store_err)?.last_index)
+    }
+
+    /// The snapshot is the shard's applied state. Its metadata is returned
+    /// here; its contents are streamed by the node with
+    /// [`Engine::export_snapshot`].
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let meta = match self.applied_meta().map_err(store_err)? {
+            Some(m) if m.state == ShardState::Ready && m.applied_index >= request_index => m,
+            _ => return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
+        };
+        let mut snap = Snapshot::default();
+        let md = snap.mut_metadata();
+        md.index = meta.applied_index;
+        md.term = meta.applied_term;
+        md.set_conf_state(meta.conf_state);
+        let mut data = SNAPSHOT_DATA_MAGIC.to_vec();
+        data.extend_from_slice(&self.shard.to_be_bytes());
+        snap.data = data.into();
+        Ok(snap)
+    }
+}
+
+/// Raft writes of many shards, committed together by [`Engine::write_raft`].
+#[derive(Default)]
+pub struct RaftBatch {
+    pub(crate) wb: WriteBatch,
+    /// Each touched shard's log as it will be once the batch is durable.
+    pending: HashMap<u64, (Arc<ShardHandles>, LogCache)>,
+}
+
+impl std::fmt::Debug for RaftBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftBatch")
+            .field("shards", &self.pending.len())
+            .field("bytes", &self.wb.size_in_bytes())
+            .finish()
+    }
+}
+
+impl RaftBatch {
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.wb.is_empty()
+    }
+
+    /// Bytes of the WriteBatch so far.
+    pub fn size_bytes(&self) -> usize {
+        self.wb.size_in_bytes()
+    }
+
+    fn pending(&mut self, store: &RaftLogStore) -> Result<&mut LogCache, EngineError> {
+        if !self.pending.contains_key(&store.shard) {
+            let c = store.cache()?;
+            self.pending.insert(store.shard, (store.handles.clone(), c));
+        }
+        self.pending
+            .get_mut(&store.shard)
+            .map(|(_, c)| c)
+            .ok_or_else(|| EngineError::InvalidCall("pending log state vanished".into()))
+    }
+
+    /// Appends `entries` (consecutive indexes) to the shard's log, replacing
+    /// any conflicting suffix, as raft-rs's `Ready::entries` requires.
+    pub fn append(&mut self, store: &RaftLogStore, entries: &[Entry]) -> Result<(), EngineError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        let shard = store.shard;
+        let cf = store.engine.cf(CF_RAFT)?;
+        let mut bodies = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            if Some(e.index) != first.index.checked_add(u64::try_from(i).unwrap_or(u64::MAX)) {
+                return Err(EngineError::InvalidCall(format!(
+                    "shard {shard}: entries to append are not consecutive at {}",
+                    e.index
+                )));
+            }
+            let body = e
+                .write_to_bytes()
+                .map_err(|err| EngineError::InvalidCall(format!("entry does not encode: {err}")))?;
+            bodies.push(body);
+        }
+        let c = self.pending(store)?.clone();
+        if first.index <= c.log.truncated_index {
+            return Err(EngineError::InvalidCall(format!(
+                "shard {shard}: append at {} overwrites the compacted log (truncated at {})",
+                first.index, c.log.truncated_index
+            )));
+        }
+        if first.index > c.last_index + 1 {
+            return Err(EngineError::InvalidCall(format!(
+                "shard {shard}: append at {} leaves a gap after {}",
+                first.index, c.last_index
+            )));
+        }
+        for (e, body) in entries.iter().zip(bodies) {
+            let k = keys::raft_entry(shard, e.index);
+            let v = codec::seal(&k, &body);
+            self.wb.put_cf(cf, k, v);
+        }
+        if c.last_index > last.index {
+            self.wb.delete_range_cf(
+                cf,
+                keys::raft_entry(shard, last.index + 1),
+                keys::raft_entry(shard, c.last_index + 1),
+            );
+        }
+        let c = self.pending(store)?;
+        c.last_index = last.index;
+        c.last_term = last.term;
+        Ok(())
+    }
+
+    /// Persists the shard's hard state.
+    pub fn set_hard_state(&mut self, store: &RaftLogStore, hs: &HardState) -> Result<(), EngineError> {
+        let cf = store.engine.cf(CF_RAFT)?;
+        let body = hs
+            .write_to_bytes()
+            .map_err(|e| EngineError::InvalidCall(format!("hard state does not encode: {e}")))?;
+        let k = keys::raft_hard_state(store.shard);
+        self.wb.put_cf(cf, &k, codec::seal(&k, &body));
+        self.pending(store)?.hard_state = hs.clone();
+        Ok(())
+    }
+
+    /// Makes the log start after a snapshot: every entry goes, the log is
+    /// truncated at the snapshot's index and term, and the hard state's commit
+    /// moves up to it. The snapshot's *state* must already have been ingested
+    /// with [`Engine::ingest_snapshot`].
+    pub fn apply_snapshot(&mut self, store: &RaftLogStore, md: &SnapshotMetadata) -> Result<(), EngineError> {
+        let c = self.pending(store)?.clone();
+        if md.index < c.first_index() {
+            return Err(EngineError::SnapshotOutOfDate {
+                shard: store.shard,
+                index: md.index,
+                first_index: c.first_index(),
+            });
+        }
+        let mut hs = c.hard_state.clone();
+        hs.term = hs.term.max(md.term);
+        hs.commit = hs.commit.max(md.index);
+        self.reset_log(&store.engine, store.shard, md.index, md.term)?;
+        self.set_hard_state(store, &hs)
+    }
+
+    /// Discards entries before `compact_index` (raft-rs's `compact`). The
+    /// entry at `compact_index - 1` must be applied: the log is the only copy
+    /// of unapplied entries.
+    pub fn compact(&mut self, store: &RaftLogStore, compact_index: u64) -> Result<(), EngineError> {
+        let shard = store.shard;
+        let c = self.pending(store)?.clone();
+        if compact_index <= c.first_index() {
+            return Ok(());
+        }
+        if compact_index > c.last_index + 1 {
+            return Err(EngineError::InvalidCall(format!(
+                "shard {shard}: compact to {compact_index} is beyond last index {}",
+                c.last_index
+            )));
+        }
+        let applied = store.engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
+        if compact_index - 1 > applied {
+            return Err(EngineError::InvalidCall(format!(
+                "shard {shard}: compact to {compact_index} would drop unapplied entries (applied index {applied})"
+            )));
+        }
+        let term = if compact_index - 1 == c.last_index {
+            c.last_term
+        } else {
+            store.engine.read_entry(shard, compact_index - 1)?.term
+        };
+        let cf = store.engine.cf(CF_RAFT)?;
+        self.wb.delete_range_cf(
+            cf,
+            keys::raft_entry(shard, c.first_index()),
+            keys::raft_entry(shard, compact_index),
+        );
+        let log = LogState {
+            truncated_index: compact_index - 1,
+            truncated_term: term,
+        };
+        let lk = keys::raft_log_state(shard);
+        self.wb.put_cf(cf, &lk, codec::seal(&lk, &log.encode()));
+        self.pending(store)?.log = log;
+        Ok(())
+    }
+
+    /// Empties the shard's log and truncates it at `index`/`term`.
+    pub(crate) fn reset_log(&mut self, engine: &Engine, shard: u64, index: u64, term: u64) -> Result<(), EngineError> {
+        let store = RaftLogStore {
+            engine: engine.clone(),
+            shard,
+            handles: engine.shard(shard)?,
+        };
+        let cf = engine.cf(CF_RAFT)?;
+        self.wb
+            .delete_range_cf(cf, keys::raft_entry(shard, 0), keys::raft_entry(shard, u64::MAX));
+        let log = LogState {
+            truncated_index: index,
+            truncated_term: term,
+        };
+        let lk = keys::raft_log_state(shard);
+        self.wb.put_cf(cf, &lk, codec::seal(&lk, &log.encode()));
+        let c = self.pending(&store)?;
+        c.log = log;
+        c.last_index = index;
+        c.last_term = term;
+        Ok(())
+    }
+
+    /// Bootstrap writes the apply state in the same batch as the log.
+    pub(crate) fn put_shard_meta(&mut self, engine: &Engine, shard: u64, meta: &ShardMeta) -> Result<(), EngineError> {
+        let k = keys::shard_meta(shard);
+        self.wb
+            .put_cf(engine.cf(CF_DATA)?, &k, codec::seal(&k, &meta.encode()?));
+        Ok(())
+    }
+}
+
+/// The conf state a bootstrap needs: the given voters.
+pub fn conf_state_with_voters(voters: &[u64]) -> ConfState {
+    let mut cs = ConfState::default();
+    cs.voters = voters.to_vec();
+    cs
+}

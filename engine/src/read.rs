@@ -1,0 +1,268 @@
+//! Reads served straight from a replica's applied state: Sync pages, mailbox
+//! counters and device cursors. Each read runs on one RocksDB snapshot, so
+//! the counters and the messages it returns agree with each other.
+//!
+//! Whether a read is linearizable is the cluster's business (ReadIndex before
+//! calling in); the engine serves whatever this replica has applied.
+
+use crate::codec;
+use crate::engine::Engine;
+use crate::error::{EngineError, ReadError};
+use crate::keys::{self, CF_DATA};
+use crate::records::{decode_cursor, MailboxMeta, MessageView, ShardMeta, ShardState};
+use rocksdb::{ReadOptions, SnapshotWithThreadMode, DB};
+
+/// One Sync request, already routed to its shard.
+#[derive(Debug, Clone)]
+pub struct SyncQuery<'a> {
+    /// Namespace of the mailbox.
+    pub namespace: &'a str,
+    /// User id of the mailbox.
+    pub user_id: &'a [u8],
+    /// Return messages with seq > after_seq.
+    pub after_seq: u64,
+    /// At most this many messages; 0 = the default.
+    pub max_messages: u32,
+    /// At most this many payload bytes (the first message always comes); 0 = the default.
+    pub max_bytes: u32,
+}
+
+/// A message as a reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadMessage {
+    /// Its seq.
+    pub seq: u64,
+    /// Commit time, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// Its idempotency key.
+    pub idempotency_key: Vec<u8>,
+    /// Payload; empty for a tombstone.
+    pub payload: Vec<u8>,
+    /// A tombstone.
+    pub deleted: bool,
+}
+
+/// One Sync page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncPage {
+    /// Consecutive messages after the cursor.
+    pub messages: Vec<ReadMessage>,
+    /// The mailbox's highest seq.
+    pub last_seq: u64,
+    /// The lowest stored seq.
+    pub low_watermark: u64,
+    /// More messages follow the page.
+    pub has_more: bool,
+}
+
+/// A mailbox's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxInfo {
+    /// Highest seq, 0 if none.
+    pub last_seq: u64,
+    /// Lowest stored seq.
+    pub low_watermark: u64,
+    /// Device cursors.
+    pub cursor_count: u32,
+    /// Payload bytes of the stored, non-deleted messages.
+    pub payload_bytes: u64,
+}
+
+/// A mailbox's device cursors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursors {
+    /// (device id, acked seq), ordered by device id bytes.
+    pub cursors: Vec<(Vec<u8>, u64)>,
+    /// Highest seq; unread = last_seq - cursor.
+    pub last_seq: u64,
+    /// Lowest stored seq.
+    pub low_watermark: u64,
+}
+
+type Snap<'a> = SnapshotWithThreadMode<'a, DB>;
+
+impl Engine {
+    fn read_snapshot(&self, shard: u64) -> Result<Snap<'_>, EngineError> {
+        let snap = self.db().snapshot();
+        let key = keys::shard_meta(shard);
+        let body = snap_get(self, &snap, &key)?.ok_or(EngineError::NoSuchShard(shard))?;
+        if ShardMeta::decode(&key, &body)?.state != ShardState::Ready {
+            return Err(EngineError::ShardIncomplete(shard));
+        }
+        Ok(snap)
+    }
+
+    fn mailbox_meta_at(&self, snap: &Snap<'_>, shard: u64, mb: &[u8]) -> Result<MailboxMeta, EngineError> {
+        let key = keys::mailbox_meta(shard, mb);
+        match snap_get(self, snap, &key)? {
+            Some(b) => MailboxMeta::decode(&key, &b),
+            None => Ok(MailboxMeta::default()),
+        }
+    }
+
+    /// Reads the page of messages after `q.after_seq`.
+    pub fn sync(&self, shard: u64, q: &SyncQuery<'_>) -> Result<SyncPage, ReadError> {
+        let limits = &self.options().limits;
+        limits.check_mailbox(q.namespace, q.user_id)?;
+        let max_messages = pick_limit(
+            "max_messages",
+            q.max_messages,
+            limits.sync_messages_default,
+            limits.sync_messages_max,
+        )?;
+        let max_bytes = pick_limit(
+            "max_bytes",
+            q.max_bytes,
+            limits.sync_bytes_default,
+            limits.sync_bytes_max,
+        )?;
+        let snap = self.read_snapshot(shard)?;
+        let mb = keys::mailbox(q.namespace, q.user_id);
+        let meta = self.mailbox_meta_at(&snap, shard, &mb)?;
+        if q.after_seq > meta.last_seq {
+            return Err(ReadError::CursorAhead {
+                after_seq: q.after_seq,
+                last_seq: meta.last_seq,
+            });
+        }
+        if q.after_seq + 1 < meta.low_watermark {
+            return Err(ReadError::CursorTrimmed {
+                after_seq: q.after_seq,
+                low_watermark: meta.low_watermark,
+            });
+        }
+        let mut messages = Vec::new();
+        let first = q.after_seq + 1;
+        if first <= meta.last_seq {
+            let mut ro = ReadOptions::default();
+            ro.set_snapshot(&snap);
+            let end = keys::message(shard, &mb, meta.last_seq + 1);
+            ro.set_iterate_upper_bound(end);
+            let cf = self.cf(CF_DATA)?;
+            let mut it = self.db().raw_iterator_cf_opt(cf, ro);
+            it.seek(keys::message(shard, &mb, first));
+            let mut bytes: u64 = 0;
+            let mut expect = first;
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if messages.len() >= max_messages {
+                    break;
+                }
+                let body = codec::open(CF_DATA, k, v)?;
+                let view = MessageView::decode(k, body)?;
+                let size = u64::try_from(view.payload.len()).unwrap_or(u64::MAX);
+                if !messages.is_empty() && bytes + size > u64::try_from(max_bytes).unwrap_or(u64::MAX) {
+                    break;
+                }
+                let seq = keys::message_seq(k)
+                    .ok_or_else(|| EngineError::corruption(CF_DATA, k, "message key without seq"))?;
+                if seq != expect {
+                    return Err(EngineError::corruption(
+                        CF_DATA,
+                        k,
+                        format!("gap in mailbox: expected seq {expect}, found {seq}"),
+                    )
+                    .into());
+                }
+                bytes += size;
+                messages.push(ReadMessage {
+                    seq,
+                    time_ms: view.time_ms,
+                    idempotency_key: view.idempotency_key.to_vec(),
+                    payload: view.payload.to_vec(),
+                    deleted: view.deleted,
+                });
+                expect += 1;
+                it.next();
+            }
+            it.status()?;
+            if messages.is_empty() {
+                let k = keys::message(shard, &mb, first);
+                return Err(EngineError::corruption(
+                    CF_DATA,
+                    &k,
+                    format!("mailbox last_seq is {} but seq {first} is missing", meta.last_seq),
+                )
+                .into());
+            }
+        }
+        let has_more = messages.last().map_or(false, |m| m.seq < meta.last_seq);
+        Ok(SyncPage {
+            messages,
+            last_seq: meta.last_seq,
+            low_watermark: meta.low_watermark,
+            has_more,
+        })
+    }
+
+    /// A mailbox's counters (an unknown mailbox reads as empty).
+    pub fn mailbox_info(&self, shard: u64, namespace: &str, user_id: &[u8]) -> Result<MailboxInfo, ReadError> {
+        self.options().limits.check_mailbox(namespace, user_id)?;
+        let snap = self.read_snapshot(shard)?;
+        let m = self.mailbox_meta_at(&snap, shard, &keys::mailbox(namespace, user_id))?;
+        Ok(MailboxInfo {
+            last_seq: m.last_seq,
+            low_watermark: m.low_watermark,
+            cursor_count: m.cursor_count,
+            payload_bytes: m.payload_bytes,
+        })
+    }
+
+    /// A mailbox's device cursors, ordered by device id.
+    pub fn cursors(&self, shard: u64, namespace: &str, user_id: &[u8]) -> Result<Cursors, ReadError> {
+        self.options().limits.check_mailbox(namespace, user_id)?;
+        let snap = self.read_snapshot(shard)?;
+        let mb = keys::mailbox(namespace, user_id);
+        let meta = self.mailbox_meta_at(&snap, shard, &mb)?;
+        let prefix = keys::cursor_prefix(shard, &mb);
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&snap);
+        if let Some(end) = keys::prefix_end(&prefix) {
+            ro.set_iterate_upper_bound(end);
+        }
+        let mut it = self.db().raw_iterator_cf_opt(self.cf(CF_DATA)?, ro);
+        it.seek(&prefix);
+        let mut cursors = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let body = codec::open(CF_DATA, k, v)?;
+            let device = k.get(prefix.len()..).unwrap_or_default().to_vec();
+            cursors.push((device, decode_cursor(k, body)?));
+            it.next();
+        }
+        it.status()?;
+        if u32::try_from(cursors.len()).ok() != Some(meta.cursor_count) {
+            return Err(EngineError::corruption(
+                CF_DATA,
+                &keys::mailbox_meta(shard, &mb),
+                format!(
+                    "cursor_count is {} but {} cursors are stored",
+                    meta.cursor_count,
+                    cursors.len()
+                ),
+            )
+            .into());
+        }
+        Ok(Cursors {
+            cursors,
+            last_seq: meta.last_seq,
+            low_watermark: meta.low_watermark,
+        })
+    }
+}
+
+fn snap_get(engine: &Engine, snap: &Snap<'_>, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+    match snap.get_cf(engine.cf(CF_DATA)?, key)? {
+        Some(v) => Ok(Some(codec::open(CF_DATA, key, &v)?.to_vec())),
+        None => Ok(None),
+    }
+}
+
+fn pick_limit(field: &'static str, asked: u32, default: u32, max: u32) -> Result<usize, ReadError> {
+    let v = if asked == 0 { default } else { asked };
+    if v > max {
+        return Err(ReadError::InvalidArgument {
+            field,
+            reason: format!("must be at most {max}, got {v}"),
+        });
+    }
+    Ok(usize::try_from(v).unwrap_or(usize::MAX))
+}

@@ -1,0 +1,122 @@
+//! Shared helpers for the engine's integration tests: a one-shard engine in a
+//! temp dir and builders for commands.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use pigeonhole_engine::command::{op, AckOp, AppendOp, Command, DeleteOp, ExpireDedupOp, Op, TrimOp};
+use pigeonhole_engine::{
+    conf_state_with_voters, ApplyEntry, Durability, Engine, EngineOptions, EntryKind, EntryOutcome, OpError, OpOutput,
+    SyncPage, SyncQuery,
+};
+use prost::Message as _;
+use tempfile::TempDir;
+
+pub const SHARD: u64 = 7;
+
+pub struct Shard {
+    /// None only inside `reopen`.
+    db: Option<Engine>,
+    pub id: u64,
+    pub index: u64,
+    pub time_ms: u64,
+    pub dir: TempDir,
+}
+
+impl Shard {
+    pub fn new() -> Self {
+        Self::with_options(EngineOptions::default())
+    }
+
+    pub fn with_options(opts: EngineOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), opts).unwrap();
+        engine.bootstrap_shard(SHARD, conf_state_with_voters(&[1]), 0, 0).unwrap();
+        Shard { db: Some(engine), id: SHARD, index: 0, time_ms: 1_000, dir }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        self.db.as_ref().unwrap()
+    }
+
+    /// Closes and reopens the engine on the same directory.
+    pub fn reopen(&mut self, opts: EngineOptions) {
+        // Close the old handle first: RocksDB holds a lock on the directory.
+        self.db = None;
+        self.db = Some(Engine::open(self.dir.path(), opts).unwrap());
+    }
+
+    /// Applies one entry carrying `ops` at the next index and returns its results.
+    pub fn exec(&mut self, ops: Vec<Op>) -> Vec<Result<OpOutput, OpError>> {
+        self.index += 1;
+        let bytes = encode(self.time_ms, ops);
+        let out = self.engine()
+            .apply(
+                self.id,
+                &[ApplyEntry { index: self.index, term: 1, kind: EntryKind::Command(&bytes) }],
+                Durability::NoFsync,
+            )
+            .unwrap();
+        match out.into_iter().next().unwrap() {
+            EntryOutcome::Command { results, .. } => results,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+
+    pub fn one(&mut self, op: Op) -> Result<OpOutput, OpError> {
+        self.exec(vec![op]).pop().unwrap()
+    }
+
+    pub fn sync(&self, ns: &str, uid: &[u8], after: u64) -> SyncPage {
+        self.engine()
+            .sync(
+                self.id,
+                &SyncQuery { namespace: ns, user_id: uid, after_seq: after, max_messages: 0, max_bytes: 0 },
+            )
+            .unwrap()
+    }
+}
+
+pub fn encode(time_ms: u64, ops: Vec<Op>) -> Vec<u8> {
+    Command { time_ms, ops }.encode_to_vec()
+}
+
+pub fn append(ns: &str, uid: &[u8], key: &[u8], payload: &[u8]) -> Op {
+    Op {
+        op: Some(op::Op::Append(AppendOp {
+            namespace: ns.into(),
+            user_id: uid.to_vec(),
+            idempotency_key: key.to_vec(),
+            payload: payload.to_vec(),
+            expected_last_seq: None,
+        })),
+    }
+}
+
+pub fn append_if(ns: &str, uid: &[u8], key: &[u8], payload: &[u8], expected: u64) -> Op {
+    let mut o = append(ns, uid, key, payload);
+    if let Some(op::Op::Append(a)) = &mut o.op {
+        a.expected_last_seq = Some(expected);
+    }
+    o
+}
+
+pub fn ack(ns: &str, uid: &[u8], device: &[u8], seq: u64) -> Op {
+    Op {
+        op: Some(op::Op::Ack(AckOp { namespace: ns.into(), user_id: uid.to_vec(), device_id: device.to_vec(), seq })),
+    }
+}
+
+pub fn trim(ns: &str, uid: &[u8], up_to_seq: u64) -> Op {
+    Op { op: Some(op::Op::Trim(TrimOp { namespace: ns.into(), user_id: uid.to_vec(), up_to_seq })) }
+}
+
+pub fn delete(ns: &str, uid: &[u8], seq: u64) -> Op {
+    Op { op: Some(op::Op::Delete(DeleteOp { namespace: ns.into(), user_id: uid.to_vec(), seq })) }
+}
+
+pub fn expire(max_entries: u32) -> Op {
+    Op { op: Some(op::Op::ExpireDedup(ExpireDedupOp { max_entries })) }
+}
+
+pub fn appended(seq: u64, duplicate: bool) -> impl Fn(&Result<OpOutput, OpError>) -> bool {
+    move |r| matches!(r, Ok(OpOutput::Appended { seq: s, duplicate: d, .. }) if *s == seq && *d == duplicate)
+}

@@ -1,0 +1,27 @@
+//! The wire contract of Pigeonhole, generated from `proto/pigeonhole/**.proto`.
+//!
+//! - [`v1`] is the public API (`pigeonhole.v1`): the `Mailbox` service the
+//!   routing tier calls. Its `.proto` file is the source of truth; every field
+//!   documents its limits there.
+//! - [`internal::v1`] is what shard Raft logs carry (`pigeonhole.internal.v1`).
+//!   It is persisted, so it evolves like a storage format.
+//!
+//! The generated code is kept in its own crate so that the engine, the cluster
+//! and the client all depend on one copy of the contract and nothing else.
+
+/// `pigeonhole.v1`: the public Mailbox API.
+#[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
+pub mod v1 {
+    tonic::include_proto!("pigeonhole.v1");
+}
+
+/// Internal, persisted messages.
+pub mod internal {
+    /// `pigeonhole.internal.v1`: the Raft command format.
+    #[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
+    pub mod v1 {
+        tonic::include_proto!("pigeonhole.internal.v1");
+    }
+}
+
+pub use prost;
