@@ -40,7 +40,14 @@ fn duplicate_key_returns_original_seq_and_writes_nothing() {
     s.time_ms += 5_000;
     let r = s.one(append("ns", b"u", b"key", b"hello"));
     // The original time comes back too, not the retry's.
-    assert_eq!(r, Ok(OpOutput::Appended { seq: 1, duplicate: true, time_ms: 1_000 }));
+    assert_eq!(
+        r,
+        Ok(OpOutput::Appended {
+            seq: 1,
+            duplicate: true,
+            time_ms: 1_000
+        })
+    );
     // Twice in one command: the second sees the first.
     let r = s.exec(vec![append("ns", b"u", b"new", b"n"), append("ns", b"u", b"new", b"n")]);
     assert!(appended(3, false)(&r[0]));
@@ -53,7 +60,10 @@ fn duplicate_key_returns_original_seq_and_writes_nothing() {
 fn reused_key_with_another_payload_is_refused() {
     let mut s = Shard::new();
     s.one(append("ns", b"u", b"key", b"hello")).unwrap();
-    assert_eq!(s.one(append("ns", b"u", b"key", b"HELLO")), Err(OpError::IdempotencyKeyReused { seq: 1 }));
+    assert_eq!(
+        s.one(append("ns", b"u", b"key", b"HELLO")),
+        Err(OpError::IdempotencyKeyReused { seq: 1 })
+    );
     assert_eq!(s.sync("ns", b"u", 0).last_seq, 1);
 }
 
@@ -80,9 +90,15 @@ fn every_limit_is_enforced_and_named_and_writes_nothing() {
         (append(&long_ns, b"u", b"k", b"p"), "mailbox.namespace"),
         (append("Bad", b"u", b"k", b"p"), "mailbox.namespace"),
         (append("ns", b"", b"k", b"p"), "mailbox.user_id"),
-        (append("ns", &vec![1; l.user_id_bytes_max + 1], b"k", b"p"), "mailbox.user_id"),
+        (
+            append("ns", &vec![1; l.user_id_bytes_max + 1], b"k", b"p"),
+            "mailbox.user_id",
+        ),
         (append("ns", b"u", b"", b"p"), "idempotency_key"),
-        (append("ns", b"u", &vec![1; l.idempotency_key_bytes_max + 1], b"p"), "idempotency_key"),
+        (
+            append("ns", b"u", &vec![1; l.idempotency_key_bytes_max + 1], b"p"),
+            "idempotency_key",
+        ),
         (append("ns", b"u", b"k", &vec![0; l.payload_bytes_max + 1]), "payload"),
         (ack("ns", b"u", b"", 0), "device_id"),
         (ack("ns", b"u", &vec![1; l.device_id_bytes_max + 1], 0), "device_id"),
@@ -103,7 +119,12 @@ fn every_limit_is_enforced_and_named_and_writes_nothing() {
     let max_key = vec![1u8; l.idempotency_key_bytes_max];
     let max_uid = vec![2u8; l.user_id_bytes_max];
     let ns = "z".repeat(l.namespace_bytes_max);
-    assert!(appended(1, false)(&s.one(append(&ns, &max_uid, &max_key, &max_payload))));
+    assert!(appended(1, false)(&s.one(append(
+        &ns,
+        &max_uid,
+        &max_key,
+        &max_payload
+    ))));
     assert_eq!(s.sync(&ns, &max_uid, 0).messages[0].payload.len(), l.payload_bytes_max);
     assert_eq!(s.sync("ns", b"u", 0).last_seq, 0, "rejected ops wrote nothing");
 }
@@ -112,14 +133,31 @@ fn every_limit_is_enforced_and_named_and_writes_nothing() {
 fn command_limits_reject_the_whole_entry_but_move_the_index() {
     let mut s = Shard::new();
     let l = Limits::default();
-    let too_many: Vec<_> = (0..=l.ops_per_command_max).map(|i| ack("ns", b"u", format!("d{i}").as_bytes(), 0)).collect();
-    for bytes in [encode(1, vec![]), encode(1, too_many), b"\xff\xff not protobuf".to_vec()] {
+    let too_many: Vec<_> = (0..=l.ops_per_command_max)
+        .map(|i| ack("ns", b"u", format!("d{i}").as_bytes(), 0))
+        .collect();
+    for bytes in [
+        encode(1, vec![]),
+        encode(1, too_many),
+        b"\xff\xff not protobuf".to_vec(),
+    ] {
         s.index += 1;
         let out = s
             .engine()
-            .apply(s.id, &[ApplyEntry { index: s.index, term: 1, kind: EntryKind::Command(&bytes) }], Durability::NoFsync)
+            .apply(
+                s.id,
+                &[ApplyEntry {
+                    index: s.index,
+                    term: 1,
+                    kind: EntryKind::Command(&bytes),
+                }],
+                Durability::NoFsync,
+            )
             .unwrap();
-        assert!(matches!(&out[0], EntryOutcome::Rejected(OpError::MalformedCommand(_))), "{out:?}");
+        assert!(
+            matches!(&out[0], EntryOutcome::Rejected(OpError::MalformedCommand(_))),
+            "{out:?}"
+        );
     }
     assert_eq!(s.engine().shard_meta(s.id).unwrap().unwrap().applied_index, 3);
     assert_eq!(s.engine().cursors(s.id, "ns", b"u").unwrap().cursors.len(), 0);
@@ -131,7 +169,13 @@ fn sync_pages_by_count_and_bytes_and_reports_has_more() {
     for i in 1..=10u8 {
         s.one(append("ns", b"u", &[i], &vec![i; 100])).unwrap();
     }
-    let q = |after, max_messages, max_bytes| SyncQuery { namespace: "ns", user_id: b"u", after_seq: after, max_messages, max_bytes };
+    let q = |after, max_messages, max_bytes| SyncQuery {
+        namespace: "ns",
+        user_id: b"u",
+        after_seq: after,
+        max_messages,
+        max_bytes,
+    };
     let p = s.engine().sync(s.id, &q(0, 3, 0)).unwrap();
     assert_eq!(p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert!(p.has_more);
@@ -149,7 +193,10 @@ fn sync_pages_by_count_and_bytes_and_reports_has_more() {
     // An unknown mailbox is empty, not an error.
     assert_eq!(s.sync("ns", b"nobody", 0).last_seq, 0);
     let l = Limits::default();
-    for (m, b, field) in [(l.sync_messages_max + 1, 0, "max_messages"), (0, l.sync_bytes_max + 1, "max_bytes")] {
+    for (m, b, field) in [
+        (l.sync_messages_max + 1, 0, "max_messages"),
+        (0, l.sync_bytes_max + 1, "max_bytes"),
+    ] {
         match s.engine().sync(s.id, &q(0, m, b)) {
             Err(ReadError::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
             other => panic!("{other:?}"),
@@ -157,7 +204,10 @@ fn sync_pages_by_count_and_bytes_and_reports_has_more() {
     }
     assert!(matches!(
         s.engine().sync(s.id, &q(11, 0, 0)),
-        Err(ReadError::CursorAhead { after_seq: 11, last_seq: 10 })
+        Err(ReadError::CursorAhead {
+            after_seq: 11,
+            last_seq: 10
+        })
     ));
 }
 
@@ -167,11 +217,38 @@ fn ack_moves_forward_only_and_cursors_report_unread() {
     for i in 1..=5u8 {
         s.one(append("ns", b"u", &[i], b"p")).unwrap();
     }
-    assert_eq!(s.one(ack("ns", b"u", b"phone", 3)), Ok(OpOutput::Acked { cursor: 3, advanced: true }));
-    assert_eq!(s.one(ack("ns", b"u", b"phone", 2)), Ok(OpOutput::Acked { cursor: 3, advanced: false }));
-    assert_eq!(s.one(ack("ns", b"u", b"phone", 3)), Ok(OpOutput::Acked { cursor: 3, advanced: false }));
-    assert_eq!(s.one(ack("ns", b"u", b"phone", 6)), Err(OpError::AckBeyondLastSeq { seq: 6, last_seq: 5 }));
-    assert_eq!(s.one(ack("ns", b"u", b"laptop", 0)), Ok(OpOutput::Acked { cursor: 0, advanced: false }));
+    assert_eq!(
+        s.one(ack("ns", b"u", b"phone", 3)),
+        Ok(OpOutput::Acked {
+            cursor: 3,
+            advanced: true
+        })
+    );
+    assert_eq!(
+        s.one(ack("ns", b"u", b"phone", 2)),
+        Ok(OpOutput::Acked {
+            cursor: 3,
+            advanced: false
+        })
+    );
+    assert_eq!(
+        s.one(ack("ns", b"u", b"phone", 3)),
+        Ok(OpOutput::Acked {
+            cursor: 3,
+            advanced: false
+        })
+    );
+    assert_eq!(
+        s.one(ack("ns", b"u", b"phone", 6)),
+        Err(OpError::AckBeyondLastSeq { seq: 6, last_seq: 5 })
+    );
+    assert_eq!(
+        s.one(ack("ns", b"u", b"laptop", 0)),
+        Ok(OpOutput::Acked {
+            cursor: 0,
+            advanced: false
+        })
+    );
     let c = s.engine().cursors(s.id, "ns", b"u").unwrap();
     assert_eq!(c.cursors, vec![(b"laptop".to_vec(), 0), (b"phone".to_vec(), 3)]);
     assert_eq!(c.last_seq - c.cursors[1].1, 2, "unread = last_seq - cursor");
@@ -185,7 +262,10 @@ fn cursor_count_is_limited() {
     let mut s = Shard::with_options(opts);
     s.one(ack("ns", b"u", b"a", 0)).unwrap();
     s.one(ack("ns", b"u", b"b", 0)).unwrap();
-    assert_eq!(s.one(ack("ns", b"u", b"c", 0)), Err(OpError::TooManyCursors { limit: 2 }));
+    assert_eq!(
+        s.one(ack("ns", b"u", b"c", 0)),
+        Err(OpError::TooManyCursors { limit: 2 })
+    );
     // Existing devices still ack.
     s.one(append("ns", b"u", b"k", b"p")).unwrap();
     assert!(s.one(ack("ns", b"u", b"a", 1)).is_ok());
@@ -197,19 +277,55 @@ fn trim_raises_the_low_watermark_and_trimmed_cursors_are_typed_errors() {
     for i in 1..=6u8 {
         s.one(append("ns", b"u", &[i], &[i; 10])).unwrap();
     }
-    assert_eq!(s.one(trim("ns", b"u", 7)), Err(OpError::TrimBeyondLastSeq { up_to_seq: 7, last_seq: 6 }));
-    assert_eq!(s.one(trim("ns", b"u", 3)), Ok(OpOutput::Trimmed { low_watermark: 4, removed: 3 }));
-    assert_eq!(s.one(trim("ns", b"u", 2)), Ok(OpOutput::Trimmed { low_watermark: 4, removed: 0 }));
+    assert_eq!(
+        s.one(trim("ns", b"u", 7)),
+        Err(OpError::TrimBeyondLastSeq {
+            up_to_seq: 7,
+            last_seq: 6
+        })
+    );
+    assert_eq!(
+        s.one(trim("ns", b"u", 3)),
+        Ok(OpOutput::Trimmed {
+            low_watermark: 4,
+            removed: 3
+        })
+    );
+    assert_eq!(
+        s.one(trim("ns", b"u", 2)),
+        Ok(OpOutput::Trimmed {
+            low_watermark: 4,
+            removed: 0
+        })
+    );
     let p = s.sync("ns", b"u", 3);
     assert_eq!(p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4, 5, 6]);
     assert_eq!(p.low_watermark, 4);
-    match s.engine().sync(s.id, &SyncQuery { namespace: "ns", user_id: b"u", after_seq: 2, max_messages: 0, max_bytes: 0 }) {
-        Err(ReadError::CursorTrimmed { after_seq: 2, low_watermark: 4 }) => {}
+    match s.engine().sync(
+        s.id,
+        &SyncQuery {
+            namespace: "ns",
+            user_id: b"u",
+            after_seq: 2,
+            max_messages: 0,
+            max_bytes: 0,
+        },
+    ) {
+        Err(ReadError::CursorTrimmed {
+            after_seq: 2,
+            low_watermark: 4,
+        }) => {}
         other => panic!("expected CursorTrimmed, got {other:?}"),
     }
     assert_eq!(s.engine().mailbox_info(s.id, "ns", b"u").unwrap().payload_bytes, 30);
     // Trim everything; new appends continue the numbering.
-    assert_eq!(s.one(trim("ns", b"u", 6)), Ok(OpOutput::Trimmed { low_watermark: 7, removed: 3 }));
+    assert_eq!(
+        s.one(trim("ns", b"u", 6)),
+        Ok(OpOutput::Trimmed {
+            low_watermark: 7,
+            removed: 3
+        })
+    );
     assert!(appended(7, false)(&s.one(append("ns", b"u", b"new", b"p"))));
     assert_eq!(s.sync("ns", b"u", 6).messages[0].seq, 7);
 }
@@ -222,17 +338,47 @@ fn delete_leaves_a_tombstone_and_order_has_no_gaps() {
     }
     assert_eq!(s.one(delete("ns", b"u", 2)), Ok(OpOutput::Deleted { deleted: true }));
     assert_eq!(s.one(delete("ns", b"u", 2)), Ok(OpOutput::Deleted { deleted: false }));
-    assert_eq!(s.one(delete("ns", b"u", 4)), Err(OpError::SeqNotFound { seq: 4, low_watermark: 1, last_seq: 3 }));
-    assert_eq!(s.one(delete("ns", b"u", 0)), Err(OpError::SeqNotFound { seq: 0, low_watermark: 1, last_seq: 3 }));
+    assert_eq!(
+        s.one(delete("ns", b"u", 4)),
+        Err(OpError::SeqNotFound {
+            seq: 4,
+            low_watermark: 1,
+            last_seq: 3
+        })
+    );
+    assert_eq!(
+        s.one(delete("ns", b"u", 0)),
+        Err(OpError::SeqNotFound {
+            seq: 0,
+            low_watermark: 1,
+            last_seq: 3
+        })
+    );
     let p = s.sync("ns", b"u", 0);
-    assert_eq!(p.messages.iter().map(|m| (m.seq, m.deleted)).collect::<Vec<_>>(), vec![(1, false), (2, true), (3, false)]);
+    assert_eq!(
+        p.messages.iter().map(|m| (m.seq, m.deleted)).collect::<Vec<_>>(),
+        vec![(1, false), (2, true), (3, false)]
+    );
     assert!(p.messages[1].payload.is_empty());
     assert_eq!(s.engine().mailbox_info(s.id, "ns", b"u").unwrap().payload_bytes, 12);
     // The deleted message's key still deduplicates.
     assert!(appended(2, true)(&s.one(append("ns", b"u", &[2], b"secret"))));
     // Trimming past a tombstone works and counts it.
-    assert_eq!(s.one(trim("ns", b"u", 2)), Ok(OpOutput::Trimmed { low_watermark: 3, removed: 2 }));
-    assert_eq!(s.one(delete("ns", b"u", 1)), Err(OpError::SeqNotFound { seq: 1, low_watermark: 3, last_seq: 3 }));
+    assert_eq!(
+        s.one(trim("ns", b"u", 2)),
+        Ok(OpOutput::Trimmed {
+            low_watermark: 3,
+            removed: 2
+        })
+    );
+    assert_eq!(
+        s.one(delete("ns", b"u", 1)),
+        Err(OpError::SeqNotFound {
+            seq: 1,
+            low_watermark: 3,
+            last_seq: 3
+        })
+    );
 }
 
 #[test]
@@ -264,7 +410,14 @@ fn shard_time_never_goes_backwards() {
     s.one(append("ns", b"u", b"a", b"p")).unwrap();
     s.time_ms = 4_000; // a new leader with a slow clock
     let r = s.one(append("ns", b"u", b"b", b"p"));
-    assert_eq!(r, Ok(OpOutput::Appended { seq: 2, duplicate: false, time_ms: 5_000 }));
+    assert_eq!(
+        r,
+        Ok(OpOutput::Appended {
+            seq: 2,
+            duplicate: false,
+            time_ms: 5_000
+        })
+    );
     assert_eq!(s.engine().shard_meta(s.id).unwrap().unwrap().time_ms, 5_000);
 }
 
@@ -272,7 +425,11 @@ fn shard_time_never_goes_backwards() {
 fn reapplying_an_index_changes_nothing_and_gaps_are_refused() {
     let s = Shard::new();
     let bytes = encode(1_000, vec![append("ns", b"u", b"k", b"p")]);
-    let e = |index| ApplyEntry { index, term: 1, kind: EntryKind::Command(&bytes) };
+    let e = |index| ApplyEntry {
+        index,
+        term: 1,
+        kind: EntryKind::Command(&bytes),
+    };
     let out = s.engine().apply(s.id, &[e(1)], Durability::Fsync).unwrap();
     assert!(matches!(&out[0], EntryOutcome::Command { results, .. } if appended(1, false)(&results[0])));
     // The same index again (a replay after a crash) is skipped entirely.
@@ -283,12 +440,25 @@ fn reapplying_an_index_changes_nothing_and_gaps_are_refused() {
     let bytes2 = encode(1_000, vec![append("ns", b"u", b"k2", b"p")]);
     let out = s
         .engine()
-        .apply(s.id, &[e(1), ApplyEntry { index: 2, term: 1, kind: EntryKind::Command(&bytes2) }], Durability::Fsync)
+        .apply(
+            s.id,
+            &[
+                e(1),
+                ApplyEntry {
+                    index: 2,
+                    term: 1,
+                    kind: EntryKind::Command(&bytes2),
+                },
+            ],
+            Durability::Fsync,
+        )
         .unwrap();
     assert_eq!(out[0], EntryOutcome::AlreadyApplied);
     assert!(matches!(&out[1], EntryOutcome::Command { results, .. } if appended(2, false)(&results[0])));
     match s.engine().apply(s.id, &[e(4)], Durability::Fsync) {
-        Err(EngineError::ApplyOutOfOrder { applied: 2, index: 4, .. }) => {}
+        Err(EngineError::ApplyOutOfOrder {
+            applied: 2, index: 4, ..
+        }) => {}
         other => panic!("{other:?}"),
     }
     // Empty and conf-change entries move the index only.
@@ -298,8 +468,16 @@ fn reapplying_an_index_changes_nothing_and_gaps_are_refused() {
         .apply(
             s.id,
             &[
-                ApplyEntry { index: 3, term: 2, kind: EntryKind::Empty },
-                ApplyEntry { index: 4, term: 2, kind: EntryKind::ConfChange(cs.clone()) },
+                ApplyEntry {
+                    index: 3,
+                    term: 2,
+                    kind: EntryKind::Empty,
+                },
+                ApplyEntry {
+                    index: 4,
+                    term: 2,
+                    kind: EntryKind::ConfChange(cs.clone()),
+                },
             ],
             Durability::Fsync,
         )
@@ -317,22 +495,44 @@ fn state_survives_reopen() {
     }
     s.one(ack("ns", &[0], b"d", 2)).unwrap();
     s.one(trim("ns", &[1], 2)).unwrap();
-    let before: Vec<_> = (0..3u8).map(|u| s.sync("ns", &[u], if u == 1 { 2 } else { 0 })).collect();
+    let before: Vec<_> = (0..3u8)
+        .map(|u| s.sync("ns", &[u], if u == 1 { 2 } else { 0 }))
+        .collect();
     s.reopen(EngineOptions::default());
-    let after: Vec<_> = (0..3u8).map(|u| s.sync("ns", &[u], if u == 1 { 2 } else { 0 })).collect();
+    let after: Vec<_> = (0..3u8)
+        .map(|u| s.sync("ns", &[u], if u == 1 { 2 } else { 0 }))
+        .collect();
     assert_eq!(before, after);
-    assert_eq!(s.engine().cursors(s.id, "ns", &[0]).unwrap().cursors, vec![(b"d".to_vec(), 2)]);
+    assert_eq!(
+        s.engine().cursors(s.id, "ns", &[0]).unwrap().cursors,
+        vec![(b"d".to_vec(), 2)]
+    );
     assert_eq!(s.engine().shard_meta(s.id).unwrap().unwrap().applied_index, 22);
-    assert!(appended(7, true)(&s.one(append("ns", &[2], &[20], &[20; 50]))), "dedup index is on disk");
+    assert!(
+        appended(7, true)(&s.one(append("ns", &[2], &[20], &[20; 50]))),
+        "dedup index is on disk"
+    );
 }
 
 #[test]
 fn unknown_shards_are_errors_not_empty_answers() {
     let s = Shard::new();
     assert!(matches!(
-        s.engine().sync(99, &SyncQuery { namespace: "ns", user_id: b"u", after_seq: 0, max_messages: 0, max_bytes: 0 }),
+        s.engine().sync(
+            99,
+            &SyncQuery {
+                namespace: "ns",
+                user_id: b"u",
+                after_seq: 0,
+                max_messages: 0,
+                max_bytes: 0
+            }
+        ),
         Err(ReadError::Engine(EngineError::NoSuchShard(99)))
     ));
-    assert!(matches!(s.engine().apply(99, &[], Durability::NoFsync), Err(EngineError::NoSuchShard(99))));
+    assert!(matches!(
+        s.engine().apply(99, &[], Durability::NoFsync),
+        Err(EngineError::NoSuchShard(99))
+    ));
     assert_eq!(s.engine().shard_ids().unwrap(), vec![SHARD]);
 }

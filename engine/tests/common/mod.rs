@@ -1,6 +1,12 @@
 //! Shared helpers for the engine's integration tests: a one-shard engine in a
 //! temp dir and builders for commands.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use pigeonhole_engine::command::{op, AckOp, AppendOp, Command, DeleteOp, ExpireDedupOp, Op, TrimOp};
 use pigeonhole_engine::{
@@ -29,8 +35,16 @@ impl Shard {
     pub fn with_options(opts: EngineOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(dir.path(), opts).unwrap();
-        engine.bootstrap_shard(SHARD, conf_state_with_voters(&[1]), 0, 0).unwrap();
-        Shard { db: Some(engine), id: SHARD, index: 0, time_ms: 1_000, dir }
+        engine
+            .bootstrap_shard(SHARD, conf_state_with_voters(&[1]), 0, 0)
+            .unwrap();
+        Shard {
+            db: Some(engine),
+            id: SHARD,
+            index: 0,
+            time_ms: 1_000,
+            dir,
+        }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -44,14 +58,28 @@ impl Shard {
         self.db = Some(Engine::open(self.dir.path(), opts).unwrap());
     }
 
+    /// Closes the engine, runs `f` (which may open the directory itself),
+    /// then reopens the engine.
+    pub fn reopen_with<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        self.db = None;
+        let out = f();
+        self.db = Some(Engine::open(self.dir.path(), EngineOptions::default()).unwrap());
+        out
+    }
+
     /// Applies one entry carrying `ops` at the next index and returns its results.
     pub fn exec(&mut self, ops: Vec<Op>) -> Vec<Result<OpOutput, OpError>> {
         self.index += 1;
         let bytes = encode(self.time_ms, ops);
-        let out = self.engine()
+        let out = self
+            .engine()
             .apply(
                 self.id,
-                &[ApplyEntry { index: self.index, term: 1, kind: EntryKind::Command(&bytes) }],
+                &[ApplyEntry {
+                    index: self.index,
+                    term: 1,
+                    kind: EntryKind::Command(&bytes),
+                }],
                 Durability::NoFsync,
             )
             .unwrap();
@@ -69,7 +97,13 @@ impl Shard {
         self.engine()
             .sync(
                 self.id,
-                &SyncQuery { namespace: ns, user_id: uid, after_seq: after, max_messages: 0, max_bytes: 0 },
+                &SyncQuery {
+                    namespace: ns,
+                    user_id: uid,
+                    after_seq: after,
+                    max_messages: 0,
+                    max_bytes: 0,
+                },
             )
             .unwrap()
     }
@@ -101,20 +135,39 @@ pub fn append_if(ns: &str, uid: &[u8], key: &[u8], payload: &[u8], expected: u64
 
 pub fn ack(ns: &str, uid: &[u8], device: &[u8], seq: u64) -> Op {
     Op {
-        op: Some(op::Op::Ack(AckOp { namespace: ns.into(), user_id: uid.to_vec(), device_id: device.to_vec(), seq })),
+        op: Some(op::Op::Ack(AckOp {
+            namespace: ns.into(),
+            user_id: uid.to_vec(),
+            device_id: device.to_vec(),
+            seq,
+        })),
     }
 }
 
 pub fn trim(ns: &str, uid: &[u8], up_to_seq: u64) -> Op {
-    Op { op: Some(op::Op::Trim(TrimOp { namespace: ns.into(), user_id: uid.to_vec(), up_to_seq })) }
+    Op {
+        op: Some(op::Op::Trim(TrimOp {
+            namespace: ns.into(),
+            user_id: uid.to_vec(),
+            up_to_seq,
+        })),
+    }
 }
 
 pub fn delete(ns: &str, uid: &[u8], seq: u64) -> Op {
-    Op { op: Some(op::Op::Delete(DeleteOp { namespace: ns.into(), user_id: uid.to_vec(), seq })) }
+    Op {
+        op: Some(op::Op::Delete(DeleteOp {
+            namespace: ns.into(),
+            user_id: uid.to_vec(),
+            seq,
+        })),
+    }
 }
 
 pub fn expire(max_entries: u32) -> Op {
-    Op { op: Some(op::Op::ExpireDedup(ExpireDedupOp { max_entries })) }
+    Op {
+        op: Some(op::Op::ExpireDedup(ExpireDedupOp { max_entries })),
+    }
 }
 
 pub fn appended(seq: u64, duplicate: bool) -> impl Fn(&Result<OpOutput, OpError>) -> bool {

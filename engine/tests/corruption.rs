@@ -1,0 +1,131 @@
+//! A flipped byte in a stored value is reported as a checksum error that names
+//! the key; it is never returned as data.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use common::*;
+use pigeonhole_engine::keys::CF_DATA;
+use pigeonhole_engine::{EngineError, ReadError, SyncQuery};
+
+/// Flips one bit of the value of every `data` key for which `pick` is true,
+/// with the engine closed, through RocksDB directly.
+fn flip_values(s: &mut Shard, pick: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+    let path = s.dir.path().to_path_buf();
+    s.reopen_with(|| {
+        let opts = rocksdb::Options::default();
+        let db = rocksdb::DB::open_cf(&opts, &path, ["default", "raft", CF_DATA]).unwrap();
+        let cf = db.cf_handle(CF_DATA).unwrap();
+        let mut flipped = Vec::new();
+        let kvs: Vec<_> = db
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .map(|r| r.unwrap())
+            .collect();
+        for (k, v) in kvs {
+            if pick(&k) {
+                let mut v = v.to_vec();
+                let at = v.len() - 1;
+                v[at] ^= 0x10;
+                db.put_cf(cf, &k, v).unwrap();
+                flipped.push(k.to_vec());
+            }
+        }
+        flipped
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn flipped_message_byte_is_a_checksum_error_naming_the_key() {
+    let mut s = Shard::new();
+    s.one(append("ns", b"u", b"k1", b"first")).unwrap();
+    s.one(append("ns", b"u", b"k2", b"second")).unwrap();
+    // Message keys are `shard | 0x02 | mb | seq`; pick seq 2.
+    let flipped = flip_values(&mut s, |k| k.get(8) == Some(&0x02) && k.ends_with(&2u64.to_be_bytes()));
+    assert_eq!(flipped.len(), 1);
+    let q = SyncQuery {
+        namespace: "ns",
+        user_id: b"u",
+        after_seq: 0,
+        max_messages: 0,
+        max_bytes: 0,
+    };
+    match s.engine().sync(s.id, &q) {
+        Err(ReadError::Engine(EngineError::Corruption { cf, key, reason })) => {
+            assert_eq!(cf, CF_DATA);
+            assert_eq!(key.0, flipped[0]);
+            assert!(reason.contains("checksum mismatch"), "{reason}");
+            let msg = ReadError::Engine(EngineError::Corruption { cf, key, reason }).to_string();
+            assert!(msg.contains(&hex(&flipped[0])), "{msg}");
+        }
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+    // The intact message before it still reads.
+    let q1 = SyncQuery { max_messages: 1, ..q };
+    assert_eq!(s.engine().sync(s.id, &q1).unwrap().messages[0].payload, b"first");
+}
+
+#[test]
+fn flipped_mailbox_meta_fails_apply_instead_of_misnumbering() {
+    let mut s = Shard::new();
+    s.one(append("ns", b"u", b"k1", b"first")).unwrap();
+    let flipped = flip_values(&mut s, |k| k.get(8) == Some(&0x01));
+    assert_eq!(flipped.len(), 1);
+    s.index += 1;
+    let bytes = encode(1, vec![append("ns", b"u", b"k2", b"x")]);
+    let r = s.engine().apply(
+        s.id,
+        &[pigeonhole_engine::ApplyEntry {
+            index: s.index,
+            term: 1,
+            kind: pigeonhole_engine::EntryKind::Command(&bytes),
+        }],
+        pigeonhole_engine::Durability::NoFsync,
+    );
+    assert!(matches!(r, Err(EngineError::Corruption { .. })), "{r:?}");
+    // Nothing was applied.
+    assert_eq!(s.engine().shard_meta(s.id).unwrap().unwrap().applied_index, 1);
+}
+
+#[test]
+fn flipped_raft_entry_is_a_storage_error() {
+    use pigeonhole_engine::raft::{GetEntriesContext, Storage};
+    let mut s = Shard::new();
+    let store = s.engine().raft_log(s.id).unwrap();
+    let mut b = pigeonhole_engine::RaftBatch::default();
+    let entries: Vec<_> = (1..=2)
+        .map(|i| {
+            let mut e = pigeonhole_engine::raft::eraftpb::Entry::default();
+            e.index = i;
+            e.term = 1;
+            e.data = b"payload".to_vec().into();
+            e
+        })
+        .collect();
+    b.append(&store, &entries).unwrap();
+    s.engine().write_raft(b, pigeonhole_engine::Durability::Fsync).unwrap();
+    drop(store);
+    let path = s.dir.path().to_path_buf();
+    s.reopen_with(|| {
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, ["default", "raft", CF_DATA]).unwrap();
+        let cf = db.cf_handle("raft").unwrap();
+        let mut key = s_key();
+        key.extend_from_slice(&1u64.to_be_bytes());
+        let mut v = db.get_cf(cf, &key).unwrap().unwrap();
+        v[6] ^= 1;
+        db.put_cf(cf, &key, v).unwrap();
+    });
+    // Entry 1 is corrupt, entry 2 (read at open to find the last index) is not.
+    let store = s.engine().raft_log(s.id).unwrap();
+    let err = store.entries(1, 3, None, GetEntriesContext::empty(false)).unwrap_err();
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+}
+
+fn s_key() -> Vec<u8> {
+    let mut k = SHARD.to_be_bytes().to_vec();
+    k.push(0x01);
+    k
+}
