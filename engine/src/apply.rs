@@ -198,6 +198,9 @@ impl Engine {
     }
 }
 
+/// A message a trim removes: (key, seq, idempotency key if live, payload bytes).
+type Doomed = (Vec<u8>, u64, Option<Vec<u8>>, u64);
+
 type OpResult = Result<Result<OpOutput, OpError>, EngineError>;
 
 struct StateMachine<'a, 't> {
@@ -257,6 +260,7 @@ impl StateMachine<'_, '_> {
         let payload_crc = crc32fast::hash(&a.payload);
         // Dedup comes before the precondition: a retried conditional append
         // that already committed must get its seq back, not a mismatch.
+        let mut expired = None;
         if let Some(d) = self.dedup(&dk)? {
             if d.live_at(self.now_ms) {
                 if d.payload_crc != payload_crc {
@@ -268,9 +272,7 @@ impl StateMachine<'_, '_> {
                     time_ms: d.time_ms,
                 }));
             }
-            // Expired but not yet collected: forget it now.
-            self.txn
-                .delete(keys::dedup_expiry(self.shard, d.expires_ms, &mb, &a.idempotency_key));
+            expired = Some(d);
         }
         if let Some(expected) = a.expected_last_seq {
             if expected != meta.last_seq {
@@ -286,6 +288,13 @@ impl StateMachine<'_, '_> {
                 reason: "mailbox has used every sequence number".into(),
             }));
         };
+        // The op will succeed: an expired, uncollected dedup entry is replaced
+        // below, so its expiry index entry goes now (only now: a rejected op
+        // must change nothing).
+        if let Some(d) = expired {
+            self.txn
+                .delete(keys::dedup_expiry(self.shard, d.expires_ms, &mb, &a.idempotency_key));
+        }
         let msg = StoredMessage {
             time_ms: self.now_ms,
             idempotency_key: a.idempotency_key.clone(),
@@ -385,7 +394,7 @@ impl StateMachine<'_, '_> {
         let start = keys::message(self.shard, &mb, meta.low_watermark);
         let end = keys::message(self.shard, &mb, t.up_to_seq + 1);
         // (key, seq, live idempotency key, payload bytes)
-        let mut doomed: Vec<(Vec<u8>, u64, Option<Vec<u8>>, u64)> = Vec::new();
+        let mut doomed: Vec<Doomed> = Vec::new();
         self.txn.scan(&start, &end, |k, body| {
             let v = MessageView::decode(k, body)?;
             let seq =

@@ -25,7 +25,7 @@ pub struct Limits {
     pub ops_per_command_max: usize,
     /// Dedup entries one ExpireDedup op may remove.
     pub expire_dedup_entries_max: u32,
-    /// Messages one Sync page may return, and the default when 0 is asked.
+    /// Messages one Sync page may return.
     pub sync_messages_max: u32,
     /// Default messages per Sync page.
     pub sync_messages_default: u32,
@@ -59,6 +59,36 @@ fn invalid(field: &'static str, reason: String) -> OpError {
 }
 
 impl Limits {
+    /// Checks that the limits fit the storage format: lengths are stored in
+    /// u8 (namespace, idempotency key) and u16 (user id) fields, so larger
+    /// limits would silently truncate. Called by `Engine::open`.
+    pub fn validate(&self) -> Result<(), String> {
+        let fits = |name: &str, v: usize, max: usize| {
+            if v == 0 || v > max {
+                Err(format!("limit {name} = {v} must be 1 to {max} (storage format)"))
+            } else {
+                Ok(())
+            }
+        };
+        fits("namespace_bytes_max", self.namespace_bytes_max, usize::from(u8::MAX))?;
+        fits(
+            "idempotency_key_bytes_max",
+            self.idempotency_key_bytes_max,
+            usize::from(u8::MAX),
+        )?;
+        fits("user_id_bytes_max", self.user_id_bytes_max, usize::from(u16::MAX))?;
+        fits("payload_bytes_max", self.payload_bytes_max, 64 << 20)?;
+        fits("device_id_bytes_max", self.device_id_bytes_max, 4096)?;
+        fits("ops_per_command_max", self.ops_per_command_max, 1 << 20)?;
+        if self.sync_messages_default == 0 || self.sync_messages_default > self.sync_messages_max {
+            return Err("sync_messages_default must be 1 to sync_messages_max".into());
+        }
+        if self.sync_bytes_default == 0 || self.sync_bytes_default > self.sync_bytes_max {
+            return Err("sync_bytes_default must be 1 to sync_bytes_max".into());
+        }
+        Ok(())
+    }
+
     /// A namespace is 1..=64 bytes of `[a-z0-9._-]`.
     pub fn check_namespace(&self, ns: &str) -> Result<(), OpError> {
         const FIELD: &str = "mailbox.namespace";
@@ -114,6 +144,21 @@ fn check_len(field: &'static str, len: usize, min: usize, max: usize) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_must_fit_the_format() {
+        assert!(Limits::default().validate().is_ok());
+        let l = Limits {
+            idempotency_key_bytes_max: 256,
+            ..Limits::default()
+        };
+        assert!(l.validate().unwrap_err().contains("idempotency_key_bytes_max"));
+        let l = Limits {
+            user_id_bytes_max: 70_000,
+            ..Limits::default()
+        };
+        assert!(l.validate().is_err());
+    }
 
     #[test]
     fn namespace_rules() {

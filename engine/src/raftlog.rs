@@ -11,8 +11,9 @@
 //! Contract (as raft-rs's `storage.rs` states its own):
 //! - one writer per shard log at a time (the node loop);
 //! - the in-memory bounds (first/last index, hard state) change only after
-//!   the batch that changes them is durable, so a `RawNode` never sees state
-//!   that a crash could take back;
+//!   the batch that changes them is written (durable with
+//!   `Durability::Fsync`, the only mode a node may use for Raft writes), so a
+//!   `RawNode` never sees state that a crash could take back;
 //! - the conf state is the *applied* one, kept with the state machine (see
 //!   `ShardMeta`), so a snapshot always carries the configuration of its
 //!   index;
@@ -32,8 +33,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 
 /// Prefix of the `data` of every Snapshot that [`RaftLogStore::snapshot`]
-/// returns. The state itself is not in the message: the node streams it with
-/// [`Engine::export_snapshot`] and the receiver checks the shard id here.
+/// returns, followed by the shard id (u64 big-endian). The state itself is not
+/// in the message: the node streams it with [`Engine::export_snapshot`]; the
+/// receiving node is expected to check the shard id before ingesting.
 pub const SNAPSHOT_DATA_MAGIC: &[u8; 8] = b"PHSNAP01";
 
 /// The in-memory view of one shard's log.
@@ -324,14 +326,11 @@ impl RaftBatch {
     }
 
     fn pending(&mut self, store: &RaftLogStore) -> Result<&mut LogCache, EngineError> {
-        if !self.pending.contains_key(&store.shard) {
-            let c = store.cache()?;
-            self.pending.insert(store.shard, (store.handles.clone(), c));
-        }
-        self.pending
-            .get_mut(&store.shard)
-            .map(|(_, c)| c)
-            .ok_or_else(|| EngineError::InvalidCall("pending log state vanished".into()))
+        let entry = match self.pending.entry(store.shard) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert((store.handles.clone(), store.cache()?)),
+        };
+        Ok(&mut entry.1)
     }
 
     /// Appends `entries` (consecutive indexes) to the shard's log, replacing
@@ -494,7 +493,8 @@ impl RaftBatch {
 
 /// The conf state a bootstrap needs: the given voters.
 pub fn conf_state_with_voters(voters: &[u64]) -> ConfState {
-    let mut cs = ConfState::default();
-    cs.voters = voters.to_vec();
-    cs
+    ConfState {
+        voters: voters.to_vec(),
+        ..Default::default()
+    }
 }

@@ -185,7 +185,7 @@ impl Engine {
                 .into());
             }
         }
-        let has_more = messages.last().map_or(false, |m| m.seq < meta.last_seq);
+        let has_more = messages.last().is_some_and(|m| m.seq < meta.last_seq);
         Ok(SyncPage {
             messages,
             last_seq: meta.last_seq,

@@ -353,6 +353,16 @@ impl SnapshotIngest {
     /// under the apply lock so no apply is half-way through.
     fn begin(&mut self, index: u64, term: u64) -> Result<(), EngineError> {
         let _apply = lock(&self.handles.apply);
+        // Never replace newer state with older: a delayed stream must not
+        // move a replica backwards.
+        if let Some(cur) = self.engine.shard_meta(self.shard)? {
+            if cur.state == ShardState::Ready && cur.applied_index > index {
+                return Err(self.err(format!(
+                    "snapshot at index {index} is older than the shard's applied index {}",
+                    cur.applied_index
+                )));
+            }
+        }
         let (start, end) = keys::shard_range(self.shard).ok_or_else(|| self.err("reserved shard id".into()))?;
         let cf = self.engine.cf(CF_DATA)?;
         let mut wb = WriteBatch::default();

@@ -1,6 +1,15 @@
 //! A flipped byte in a stored value is reported as a checksum error that names
 //! the key; it is never returned as data.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::field_reassign_with_default,
+    clippy::useless_vec,
+    clippy::cast_possible_truncation,
+    clippy::type_complexity
+)]
 
 mod common;
 

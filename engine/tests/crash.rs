@@ -8,12 +8,23 @@
 //!
 //! The child is this same test binary, re-run with `PH_CRASH_CHILD_DIR` set
 //! and filtered to the `crash_child` test.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::field_reassign_with_default,
+    clippy::useless_vec,
+    clippy::cast_possible_truncation,
+    clippy::type_complexity
+)]
 
 mod common;
 
 use common::{append, encode};
-use pigeonhole_engine::{conf_state_with_voters, ApplyEntry, Durability, Engine, EngineOptions, EntryKind, EntryOutcome, OpOutput, SyncQuery};
+use pigeonhole_engine::{
+    conf_state_with_voters, ApplyEntry, Durability, Engine, EngineOptions, EntryKind, EntryOutcome, OpOutput, SyncQuery,
+};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -32,7 +43,9 @@ fn crash_child() {
     let Ok(dir) = std::env::var(CHILD_ENV) else { return };
     let engine = Engine::open(&dir, EngineOptions::default()).unwrap();
     if engine.shard_meta(SHARD).unwrap().is_none() {
-        engine.bootstrap_shard(SHARD, conf_state_with_voters(&[1]), 0, 0).unwrap();
+        engine
+            .bootstrap_shard(SHARD, conf_state_with_voters(&[1]), 0, 0)
+            .unwrap();
     }
     let mut index = engine.shard_meta(SHARD).unwrap().unwrap().applied_index;
     let mut rng = rand::rngs::StdRng::seed_from_u64(index);
@@ -48,11 +61,30 @@ fn crash_child() {
             })
             .collect();
         index += 1;
-        let bytes = encode(index, ops.iter().map(|(u, k)| append("ns", format!("u{u}").as_bytes(), k.as_bytes(), &[7; 64])).collect());
-        let r = engine.apply(SHARD, &[ApplyEntry { index, term: 1, kind: EntryKind::Command(&bytes) }], Durability::Fsync).unwrap();
-        let EntryOutcome::Command { results, .. } = &r[0] else { panic!() };
+        let bytes = encode(
+            index,
+            ops.iter()
+                .map(|(u, k)| append("ns", format!("u{u}").as_bytes(), k.as_bytes(), &[7; 64]))
+                .collect(),
+        );
+        let r = engine
+            .apply(
+                SHARD,
+                &[ApplyEntry {
+                    index,
+                    term: 1,
+                    kind: EntryKind::Command(&bytes),
+                }],
+                Durability::Fsync,
+            )
+            .unwrap();
+        let EntryOutcome::Command { results, .. } = &r[0] else {
+            panic!()
+        };
         for ((user, key), res) in ops.iter().zip(results) {
-            let Ok(OpOutput::Appended { seq, .. }) = res else { panic!("{res:?}") };
+            let Ok(OpOutput::Appended { seq, .. }) = res else {
+                panic!("{res:?}")
+            };
             writeln!(out, "ack u{user} {key} {seq}").unwrap();
         }
         out.flush().unwrap();
@@ -77,7 +109,11 @@ fn sigkill_loses_no_acknowledged_append() {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
-            BufReader::new(stdout).lines().map_while(Result::ok).filter(|l| l.starts_with("ack ")).collect::<Vec<_>>()
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| l.starts_with("ack "))
+                .collect::<Vec<_>>()
         });
         // Let it run for a random while, but until it acked something.
         let kill_after = Duration::from_millis(rng.gen_range(100..600));
@@ -87,7 +123,10 @@ fn sigkill_loses_no_acknowledged_append() {
         assert_eq!(kill(pid), 0);
         child.wait().unwrap();
         let lines = reader.join().unwrap();
-        assert!(!lines.is_empty() || start.elapsed() < Duration::from_secs(1), "round {round}: child acked nothing");
+        assert!(
+            !lines.is_empty() || start.elapsed() < Duration::from_secs(1),
+            "round {round}: child acked nothing"
+        );
         for l in lines {
             let parts: Vec<&str> = l.split_whitespace().collect();
             let seq: u64 = parts[3].parse().unwrap();
@@ -116,12 +155,21 @@ fn verify(dir: &std::path::Path, acked: &BTreeMap<(String, String), u64>) {
         let user = format!("u{u}");
         let mut after = 0;
         loop {
-            let q = SyncQuery { namespace: "ns", user_id: user.as_bytes(), after_seq: after, max_messages: 1000, max_bytes: 0 };
+            let q = SyncQuery {
+                namespace: "ns",
+                user_id: user.as_bytes(),
+                after_seq: after,
+                max_messages: 1000,
+                max_bytes: 0,
+            };
             let page = engine.sync(SHARD, &q).unwrap();
             for m in &page.messages {
                 assert_eq!(m.seq, after + 1, "gap in {user}");
                 after = m.seq;
-                let prev = stored.insert((user.clone(), String::from_utf8(m.idempotency_key.clone()).unwrap()), m.seq);
+                let prev = stored.insert(
+                    (user.clone(), String::from_utf8(m.idempotency_key.clone()).unwrap()),
+                    m.seq,
+                );
                 assert!(prev.is_none(), "duplicate key in {user}");
             }
             if !page.has_more {
@@ -135,7 +183,10 @@ fn verify(dir: &std::path::Path, acked: &BTreeMap<(String, String), u64>) {
     }
     // The dedup index agrees with the messages: every stored key is a duplicate.
     let meta = engine.shard_meta(SHARD).unwrap().unwrap();
-    let ops: Vec<_> = stored.keys().map(|(u, k)| append("ns", u.as_bytes(), k.as_bytes(), &[7; 64])).collect();
+    let ops: Vec<_> = stored
+        .keys()
+        .map(|(u, k)| append("ns", u.as_bytes(), k.as_bytes(), &[7; 64]))
+        .collect();
     if ops.is_empty() {
         return;
     }
@@ -143,10 +194,25 @@ fn verify(dir: &std::path::Path, acked: &BTreeMap<(String, String), u64>) {
     for chunk in ops.chunks(1000) {
         index += 1;
         let bytes = encode(index, chunk.to_vec());
-        let r = engine.apply(SHARD, &[ApplyEntry { index, term: 1, kind: EntryKind::Command(&bytes) }], Durability::Fsync).unwrap();
-        let EntryOutcome::Command { results, .. } = &r[0] else { panic!() };
+        let r = engine
+            .apply(
+                SHARD,
+                &[ApplyEntry {
+                    index,
+                    term: 1,
+                    kind: EntryKind::Command(&bytes),
+                }],
+                Durability::Fsync,
+            )
+            .unwrap();
+        let EntryOutcome::Command { results, .. } = &r[0] else {
+            panic!()
+        };
         for (op, res) in chunk.iter().zip(results) {
-            assert!(matches!(res, Ok(OpOutput::Appended { duplicate: true, .. })), "{op:?} -> {res:?}");
+            assert!(
+                matches!(res, Ok(OpOutput::Appended { duplicate: true, .. })),
+                "{op:?} -> {res:?}"
+            );
         }
     }
 }

@@ -2,7 +2,16 @@
 //! in-memory model of the mailbox semantics. Every op result and every read
 //! must be identical, including when indexes are re-applied (which must
 //! change nothing) and across a reopen of the engine.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::field_reassign_with_default,
+    clippy::useless_vec,
+    clippy::cast_possible_truncation,
+    clippy::type_complexity
+)]
 
 mod common;
 
@@ -44,7 +53,13 @@ struct Mailbox {
 
 impl Default for Mailbox {
     fn default() -> Self {
-        Mailbox { last_seq: 0, low: 1, msgs: BTreeMap::new(), cursors: BTreeMap::new(), dedup: HashMap::new() }
+        Mailbox {
+            last_seq: 0,
+            low: 1,
+            msgs: BTreeMap::new(),
+            cursors: BTreeMap::new(),
+            dedup: HashMap::new(),
+        }
     }
 }
 
@@ -75,7 +90,10 @@ impl Model {
     }
 
     fn apply(&mut self, op: &Op) -> Result<OpOutput, OpError> {
-        let invalid = |field: &'static str| OpError::InvalidArgument { field, reason: String::new() };
+        let invalid = |field: &'static str| OpError::InvalidArgument {
+            field,
+            reason: String::new(),
+        };
         let now = self.time;
         let uid_empty = match op.op.as_ref().unwrap() {
             O::Append(a) => a.user_id.is_empty(),
@@ -99,20 +117,49 @@ impl Model {
                         if d.crc != crc {
                             return Err(OpError::IdempotencyKeyReused { seq: d.seq });
                         }
-                        return Ok(OpOutput::Appended { seq: d.seq, duplicate: true, time_ms: d.time });
+                        return Ok(OpOutput::Appended {
+                            seq: d.seq,
+                            duplicate: true,
+                            time_ms: d.time,
+                        });
                     }
-                    b.dedup.remove(&a.idempotency_key);
                 }
                 if let Some(e) = a.expected_last_seq {
                     if e != b.last_seq {
-                        return Err(OpError::ExpectedLastSeqMismatch { expected: e, actual: b.last_seq });
+                        return Err(OpError::ExpectedLastSeqMismatch {
+                            expected: e,
+                            actual: b.last_seq,
+                        });
                     }
                 }
+                // Only a successful append replaces an expired dedup entry; a
+                // rejected one changes nothing (it is still there for GC).
+                b.dedup.remove(&a.idempotency_key);
                 b.last_seq += 1;
                 let seq = b.last_seq;
-                b.msgs.insert(seq, Msg { time: now, key: a.idempotency_key.clone(), payload: a.payload.clone(), deleted: false });
-                b.dedup.insert(a.idempotency_key.clone(), Dedup { seq, time: now, crc, expires: 0 });
-                Ok(OpOutput::Appended { seq, duplicate: false, time_ms: now })
+                b.msgs.insert(
+                    seq,
+                    Msg {
+                        time: now,
+                        key: a.idempotency_key.clone(),
+                        payload: a.payload.clone(),
+                        deleted: false,
+                    },
+                );
+                b.dedup.insert(
+                    a.idempotency_key.clone(),
+                    Dedup {
+                        seq,
+                        time: now,
+                        crc,
+                        expires: 0,
+                    },
+                );
+                Ok(OpOutput::Appended {
+                    seq,
+                    duplicate: false,
+                    time_ms: now,
+                })
             }
             O::Ack(a) => {
                 if a.device_id.is_empty() {
@@ -120,40 +167,66 @@ impl Model {
                 }
                 let b = self.boxes.entry((a.namespace.clone(), a.user_id.clone())).or_default();
                 if a.seq > b.last_seq {
-                    return Err(OpError::AckBeyondLastSeq { seq: a.seq, last_seq: b.last_seq });
+                    return Err(OpError::AckBeyondLastSeq {
+                        seq: a.seq,
+                        last_seq: b.last_seq,
+                    });
                 }
                 match b.cursors.get(&a.device_id) {
-                    Some(&c) if a.seq <= c => Ok(OpOutput::Acked { cursor: c, advanced: false }),
+                    Some(&c) if a.seq <= c => Ok(OpOutput::Acked {
+                        cursor: c,
+                        advanced: false,
+                    }),
                     _ => {
                         b.cursors.insert(a.device_id.clone(), a.seq);
-                        Ok(OpOutput::Acked { cursor: a.seq, advanced: a.seq > 0 })
+                        Ok(OpOutput::Acked {
+                            cursor: a.seq,
+                            advanced: a.seq > 0,
+                        })
                     }
                 }
             }
             O::Trim(t) => {
                 let b = self.boxes.entry((t.namespace.clone(), t.user_id.clone())).or_default();
                 if t.up_to_seq > b.last_seq {
-                    return Err(OpError::TrimBeyondLastSeq { up_to_seq: t.up_to_seq, last_seq: b.last_seq });
+                    return Err(OpError::TrimBeyondLastSeq {
+                        up_to_seq: t.up_to_seq,
+                        last_seq: b.last_seq,
+                    });
                 }
                 if t.up_to_seq < b.low {
-                    return Ok(OpOutput::Trimmed { low_watermark: b.low, removed: 0 });
+                    return Ok(OpOutput::Trimmed {
+                        low_watermark: b.low,
+                        removed: 0,
+                    });
                 }
                 let removed = t.up_to_seq - b.low + 1;
                 let doomed: Vec<(u64, Msg)> = b.msgs.range(..=t.up_to_seq).map(|(s, m)| (*s, m.clone())).collect();
                 b.low = t.up_to_seq + 1;
                 let low = b.low;
                 for (seq, m) in doomed {
-                    self.boxes.get_mut(&(t.namespace.clone(), t.user_id.clone())).unwrap().msgs.remove(&seq);
+                    self.boxes
+                        .get_mut(&(t.namespace.clone(), t.user_id.clone()))
+                        .unwrap()
+                        .msgs
+                        .remove(&seq);
                     if !m.deleted {
                         self.start_window(&t.namespace, &t.user_id, seq, &m.key);
                     }
                 }
-                Ok(OpOutput::Trimmed { low_watermark: low, removed })
+                Ok(OpOutput::Trimmed {
+                    low_watermark: low,
+                    removed,
+                })
             }
             O::Delete(d) => {
                 let b = self.boxes.entry((d.namespace.clone(), d.user_id.clone())).or_default();
                 if d.seq < b.low || d.seq > b.last_seq {
-                    return Err(OpError::SeqNotFound { seq: d.seq, low_watermark: b.low, last_seq: b.last_seq });
+                    return Err(OpError::SeqNotFound {
+                        seq: d.seq,
+                        low_watermark: b.low,
+                        last_seq: b.last_seq,
+                    });
                 }
                 let m = b.msgs.get_mut(&d.seq).unwrap();
                 if m.deleted {
@@ -179,7 +252,9 @@ impl Model {
                 for (_, _, k, id) in &expired {
                     self.boxes.get_mut(id).unwrap().dedup.remove(k);
                 }
-                Ok(OpOutput::DedupExpired { removed: u64::try_from(expired.len()).unwrap() })
+                Ok(OpOutput::DedupExpired {
+                    removed: u64::try_from(expired.len()).unwrap(),
+                })
             }
         }
     }
@@ -188,7 +263,10 @@ impl Model {
 /// Invalid-argument reasons are prose; compare the field only.
 fn normalize(r: Result<OpOutput, OpError>) -> Result<OpOutput, OpError> {
     match r {
-        Err(OpError::InvalidArgument { field, .. }) => Err(OpError::InvalidArgument { field, reason: String::new() }),
+        Err(OpError::InvalidArgument { field, .. }) => Err(OpError::InvalidArgument {
+            field,
+            reason: String::new(),
+        }),
         other => other,
     }
 }
@@ -196,7 +274,8 @@ fn normalize(r: Result<OpOutput, OpError>) -> Result<OpOutput, OpError> {
 fn arb_op() -> impl Strategy<Value = Op> {
     let ns = prop::sample::select(NAMESPACES.to_vec());
     // Mostly valid user ids; the empty one checks validation.
-    let uid = prop_oneof![9 => prop::sample::select(vec![b"u1".to_vec(), b"u2".to_vec(), b"u3".to_vec()]), 1 => Just(vec![])];
+    let uid =
+        prop_oneof![9 => prop::sample::select(vec![b"u1".to_vec(), b"u2".to_vec(), b"u3".to_vec()]), 1 => Just(vec![])];
     let key = prop_oneof![20 => (0u8..6).prop_map(|k| vec![b'k', k]), 1 => Just(vec![])];
     let payload = prop_oneof![4 => prop::collection::vec(0u8..3, 0..4), 1 => Just(vec![9u8; 40])];
     prop_oneof![
@@ -234,24 +313,43 @@ fn arb_step() -> impl Strategy<Value = Step> {
 fn check_reads(s: &Shard, m: &Model) {
     for ns in NAMESPACES {
         for uid in [&b"u1"[..], b"u2", b"u3"] {
-            let mb = m.boxes.get(&(ns.to_string(), uid.to_vec())).cloned().unwrap_or_default();
+            let mb = m
+                .boxes
+                .get(&(ns.to_string(), uid.to_vec()))
+                .cloned()
+                .unwrap_or_default();
             let info = s.engine().mailbox_info(s.id, ns, uid).unwrap();
-            assert_eq!((info.last_seq, info.low_watermark), (mb.last_seq, mb.low), "{ns}/{uid:?}");
+            assert_eq!(
+                (info.last_seq, info.low_watermark),
+                (mb.last_seq, mb.low),
+                "{ns}/{uid:?}"
+            );
             let live: u64 = mb.msgs.values().map(|x| u64::try_from(x.payload.len()).unwrap()).sum();
             assert_eq!(info.payload_bytes, live);
             for after in 0..=mb.last_seq + 1 {
-                let q = SyncQuery { namespace: ns, user_id: uid, after_seq: after, max_messages: 3, max_bytes: 0 };
+                let q = SyncQuery {
+                    namespace: ns,
+                    user_id: uid,
+                    after_seq: after,
+                    max_messages: 3,
+                    max_bytes: 0,
+                };
                 let got = s.engine().sync(s.id, &q);
                 if after > mb.last_seq {
                     assert!(matches!(got, Err(ReadError::CursorAhead { .. })));
                 } else if after + 1 < mb.low {
-                    assert!(matches!(got, Err(ReadError::CursorTrimmed { low_watermark, .. }) if low_watermark == mb.low));
+                    assert!(
+                        matches!(got, Err(ReadError::CursorTrimmed { low_watermark, .. }) if low_watermark == mb.low)
+                    );
                 } else {
                     let page = got.unwrap();
                     let want: Vec<_> = mb.msgs.range(after + 1..).take(3).collect();
                     assert_eq!(page.messages.len(), want.len());
                     for (g, (seq, w)) in page.messages.iter().zip(want) {
-                        assert_eq!((g.seq, g.time_ms, &g.idempotency_key, &g.payload, g.deleted), (*seq, w.time, &w.key, &w.payload, w.deleted));
+                        assert_eq!(
+                            (g.seq, g.time_ms, &g.idempotency_key, &g.payload, g.deleted),
+                            (*seq, w.time, &w.key, &w.payload, w.deleted)
+                        );
                     }
                     assert_eq!(page.has_more, after + 3 < mb.last_seq);
                 }
@@ -284,7 +382,11 @@ fn run(steps: Vec<Step>) {
                 let batch: Vec<_> = encoded
                     .iter()
                     .enumerate()
-                    .map(|(i, b)| ApplyEntry { index: first + u64::try_from(i).unwrap(), term: 1, kind: EntryKind::Command(b) })
+                    .map(|(i, b)| ApplyEntry {
+                        index: first + u64::try_from(i).unwrap(),
+                        term: 1,
+                        kind: EntryKind::Command(b),
+                    })
                     .collect();
                 let out = s.engine().apply(s.id, &batch, Durability::NoFsync).unwrap();
                 for (o, (want_time, want)) in out.into_iter().zip(expected) {
@@ -305,7 +407,11 @@ fn run(steps: Vec<Step>) {
                     continue;
                 }
                 let i = log.len() - 1 - back.min(log.len() - 1);
-                let e = ApplyEntry { index: u64::try_from(i).unwrap() + 1, term: 1, kind: EntryKind::Command(&log[i]) };
+                let e = ApplyEntry {
+                    index: u64::try_from(i).unwrap() + 1,
+                    term: 1,
+                    kind: EntryKind::Command(&log[i]),
+                };
                 let out = s.engine().apply(s.id, &[e], Durability::NoFsync).unwrap();
                 assert_eq!(out, vec![EntryOutcome::AlreadyApplied]);
             }

@@ -3,7 +3,16 @@
 //! snapshots, append with conflicts, applying a snapshot), plus what only a
 //! persistent, shared store has: reopen, group commit of many shards, and a
 //! real RawNode committing through it.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::field_reassign_with_default,
+    clippy::useless_vec,
+    clippy::cast_possible_truncation,
+    clippy::type_complexity
+)]
 
 use pigeonhole_engine::raft::eraftpb::{Entry, HardState, SnapshotMetadata};
 use pigeonhole_engine::raft::{self, GetEntriesContext, Storage, StorageError};

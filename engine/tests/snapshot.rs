@@ -1,6 +1,15 @@
 //! Shard snapshots: export on one engine, ingest on another, and the ways a
 //! stream can be wrong or cut short.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::field_reassign_with_default,
+    clippy::useless_vec,
+    clippy::cast_possible_truncation,
+    clippy::type_complexity
+)]
 
 mod common;
 
