@@ -67,21 +67,8 @@ fn crash_child() {
                 .map(|(u, k)| append("ns", format!("u{u}").as_bytes(), k.as_bytes(), &[7; 64]))
                 .collect(),
         );
-        let r = engine
-            .apply(
-                SHARD,
-                &[ApplyEntry {
-                    index,
-                    term: 1,
-                    kind: EntryKind::Command(&bytes),
-                }],
-                Durability::Fsync,
-            )
-            .unwrap();
-        let EntryOutcome::Command { results, .. } = &r[0] else {
-            panic!()
-        };
-        for ((user, key), res) in ops.iter().zip(results) {
+        let results = apply_fsync(&engine, index, &bytes);
+        for ((user, key), res) in ops.iter().zip(&results) {
             let Ok(OpOutput::Appended { seq, .. }) = res else {
                 panic!("{res:?}")
             };
@@ -194,25 +181,25 @@ fn verify(dir: &std::path::Path, acked: &BTreeMap<(String, String), u64>) {
     for chunk in ops.chunks(1000) {
         index += 1;
         let bytes = encode(index, chunk.to_vec());
-        let r = engine
-            .apply(
-                SHARD,
-                &[ApplyEntry {
-                    index,
-                    term: 1,
-                    kind: EntryKind::Command(&bytes),
-                }],
-                Durability::Fsync,
-            )
-            .unwrap();
-        let EntryOutcome::Command { results, .. } = &r[0] else {
-            panic!()
-        };
-        for (op, res) in chunk.iter().zip(results) {
+        let results = apply_fsync(&engine, index, &bytes);
+        for (op, res) in chunk.iter().zip(&results) {
             assert!(
                 matches!(res, Ok(OpOutput::Appended { duplicate: true, .. })),
                 "{op:?} -> {res:?}"
             );
         }
+    }
+}
+
+/// Applies one command entry at `index` with fsync and returns its op results.
+fn apply_fsync(engine: &Engine, index: u64, bytes: &[u8]) -> Vec<Result<OpOutput, pigeonhole_engine::OpError>> {
+    let e = ApplyEntry {
+        index,
+        term: 1,
+        kind: EntryKind::Command(bytes),
+    };
+    match engine.apply(SHARD, &[e], Durability::Fsync).unwrap().pop() {
+        Some(EntryOutcome::Command { results, .. }) => results,
+        other => panic!("unexpected outcome {other:?}"),
     }
 }
