@@ -2,7 +2,11 @@
 //! Needs `protoc` (Debian: protobuf-compiler), installed by scripts/setup.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["pigeonhole/v1/mailbox.proto", "pigeonhole/internal/v1/command.proto"];
+    let protos = [
+        "pigeonhole/v1/mailbox.proto",
+        "pigeonhole/internal/v1/command.proto",
+        "pigeonhole/internal/v1/raft.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -17,7 +17,8 @@ pub mod v1 {
 
 /// Internal, persisted messages.
 pub mod internal {
-    /// `pigeonhole.internal.v1`: the Raft command format.
+    /// `pigeonhole.internal.v1`: the Raft command format and the node-to-node
+    /// transport service.
     #[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
     pub mod v1 {
         tonic::include_proto!("pigeonhole.internal.v1");

@@ -1,0 +1,286 @@
+//! Node configuration: identity, the static initial cluster, and the Raft
+//! tuning knobs. Every limit is a named field with its unit last, and
+//! [`RaftTuning::validate`] rejects combinations that would break liveness
+//! (e.g. hibernating before an election could time out).
+
+use crate::error::ClusterError;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The static initial cluster, `1=host:port,2=host:port,...` (as etcd's
+/// `--initial-cluster`): node id → raft transport address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitialCluster {
+    /// Node id (≥ 1) → address.
+    pub nodes: BTreeMap<u64, String>,
+}
+
+/// At most this many nodes in a static initial cluster.
+pub const INITIAL_NODES_MAX: usize = 64;
+
+impl InitialCluster {
+    /// Parses `1=127.0.0.1:7071,2=...`.
+    pub fn parse(s: &str) -> Result<Self, ClusterError> {
+        let bad = |why: String| ClusterError::Config(format!("--initial-cluster {s:?}: {why}"));
+        let mut nodes = BTreeMap::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (id, addr) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not id=host:port")))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("node id {id:?} is not a positive integer")))?;
+            if id == 0 {
+                return Err(bad("node id 0 is reserved (raft uses it for 'none')".into()));
+            }
+            let addr = addr.trim();
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(bad(format!("address {addr:?} is not host:port")));
+            }
+            if nodes.insert(id, addr.to_string()).is_some() {
+                return Err(bad(format!("node id {id} appears twice")));
+            }
+        }
+        if nodes.is_empty() {
+            return Err(bad("no nodes".into()));
+        }
+        if nodes.len() > INITIAL_NODES_MAX {
+            return Err(bad(format!("{} nodes; the limit is {INITIAL_NODES_MAX}", nodes.len())));
+        }
+        Ok(InitialCluster { nodes })
+    }
+
+    /// A one-node cluster (the no-flags mode).
+    pub fn single(addr: &str) -> Self {
+        InitialCluster {
+            nodes: BTreeMap::from([(1, addr.to_string())]),
+        }
+    }
+
+    /// The ids, ascending.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+}
+
+/// Raft timing and batching. Ticks are the unit of raft-rs's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftTuning {
+    /// Length of one tick.
+    pub tick_ms: u64,
+    /// Followers start an election after this many ticks without a leader
+    /// (raft-rs randomises it into [election_ticks, 2 × election_ticks)).
+    pub election_ticks: usize,
+    /// A leader heartbeats every this many ticks.
+    pub heartbeat_ticks: usize,
+    /// A shard with nothing in flight stops ticking after this many quiet
+    /// ticks (hibernation). 0 disables hibernation.
+    pub hibernate_after_ticks: u32,
+    /// A node that has not heard from a peer for this long treats it as down
+    /// and wakes every hibernating shard, so elections can happen.
+    pub peer_down_after_ms: u64,
+    /// Node-level liveness heartbeats go to every peer this often.
+    pub node_heartbeat_ms: u64,
+    /// A proposal or read waits at most this long for a leader, a commit or
+    /// an apply, then fails with a retryable error.
+    pub request_timeout_ms: u64,
+    /// Ops packed into one Raft entry, at most (≤ the engine's limit).
+    pub ops_per_entry_max: usize,
+    /// Payload bytes packed into one Raft entry, at most (one op may exceed it).
+    pub entry_bytes_max: usize,
+    /// Compact a shard's log once it holds more entries than this.
+    pub log_entries_max: u64,
+    /// ... or more bytes than this (estimated from appended entry sizes).
+    pub log_bytes_max: u64,
+    /// Entries kept behind the applied index at compaction, so a briefly
+    /// slow follower catches up from the log and not by snapshot.
+    pub log_retain_entries: u64,
+    /// Bytes per snapshot chunk on the wire.
+    pub snapshot_chunk_bytes: usize,
+    /// Raft messages the driver takes from its inbox per loop, at most.
+    pub inbox_batch_max: usize,
+    /// Capacity of the driver's inbox (requests and raft messages).
+    pub inbox_capacity: usize,
+    /// Move leadership of a shard back to its preferred node when that node
+    /// is caught up, checked every this many ticks (0 disables).
+    pub rebalance_every_ticks: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            tick_ms: 100,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            hibernate_after_ticks: 20,
+            peer_down_after_ms: 1_000,
+            node_heartbeat_ms: 200,
+            request_timeout_ms: 5_000,
+            ops_per_entry_max: 4_096,
+            entry_bytes_max: 8 << 20,
+            log_entries_max: 20_000,
+            log_bytes_max: 64 << 20,
+            log_retain_entries: 2_000,
+            snapshot_chunk_bytes: 1 << 20,
+            inbox_batch_max: 8_192,
+            inbox_capacity: 65_536,
+            rebalance_every_ticks: 50,
+        }
+    }
+}
+
+impl RaftTuning {
+    /// Rejects settings that would break liveness or exceed engine limits.
+    pub fn validate(&self) -> Result<(), ClusterError> {
+        let bad = |s: String| Err(ClusterError::Config(s));
+        if self.tick_ms == 0 || self.heartbeat_ticks == 0 {
+            return bad("tick_ms and heartbeat_ticks must be > 0".into());
+        }
+        if self.election_ticks <= self.heartbeat_ticks {
+            return bad(format!(
+                "election_ticks ({}) must exceed heartbeat_ticks ({})",
+                self.election_ticks, self.heartbeat_ticks
+            ));
+        }
+        if self.hibernate_after_ticks != 0 && (self.hibernate_after_ticks as usize) < self.heartbeat_ticks * 2 {
+            return bad("hibernate_after_ticks must be 0 or at least 2 heartbeats".into());
+        }
+        if self.node_heartbeat_ms == 0 || self.peer_down_after_ms < self.node_heartbeat_ms * 2 {
+            return bad("peer_down_after_ms must be at least 2 node heartbeats".into());
+        }
+        if !(1..=4_096).contains(&self.ops_per_entry_max) {
+            return bad(format!(
+                "ops_per_entry_max {} is outside 1..=4096",
+                self.ops_per_entry_max
+            ));
+        }
+        if self.log_retain_entries >= self.log_entries_max {
+            return bad("log_retain_entries must be below log_entries_max".into());
+        }
+        if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > 16 << 20 {
+            return bad("snapshot_chunk_bytes must be in 1..=16 MiB".into());
+        }
+        if self.inbox_capacity == 0 || self.inbox_batch_max == 0 {
+            return bad("inbox sizes must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id (a key of `initial_cluster`).
+    pub node_id: u64,
+    /// Data directory (the engine's RocksDB, the identity file, snapshots).
+    pub data_dir: PathBuf,
+    /// The static initial cluster.
+    pub initial_cluster: InitialCluster,
+    /// Identifies the cluster on the wire; derived from the initial cluster
+    /// unless set.
+    pub cluster_id: Option<u64>,
+    /// Data shards created at bootstrap (fixed afterwards). Default 64.
+    pub shard_count: u64,
+    /// Replicas per shard: 1, 3 or 5 (capped at the node count).
+    pub replication_factor: usize,
+    /// Raft tuning.
+    pub raft: RaftTuning,
+    /// Storage engine options.
+    pub engine: pigeonhole_engine::EngineOptions,
+}
+
+/// Shards per cluster, at most (each costs a Raft group on 3 nodes).
+pub const SHARD_COUNT_MAX: u64 = 65_536;
+
+impl NodeConfig {
+    /// A config with defaults for `node_id` in `initial_cluster`.
+    pub fn new(node_id: u64, data_dir: impl Into<PathBuf>, initial_cluster: InitialCluster) -> Self {
+        NodeConfig {
+            node_id,
+            data_dir: data_dir.into(),
+            initial_cluster,
+            cluster_id: None,
+            shard_count: 64,
+            replication_factor: 3,
+            raft: RaftTuning::default(),
+            engine: pigeonhole_engine::EngineOptions::default(),
+        }
+    }
+
+    /// Checks the whole config.
+    pub fn validate(&self) -> Result<(), ClusterError> {
+        if !self.initial_cluster.nodes.contains_key(&self.node_id) {
+            return Err(ClusterError::Config(format!(
+                "node id {} is not in the initial cluster {:?}",
+                self.node_id,
+                self.initial_cluster.ids()
+            )));
+        }
+        if !(1..=SHARD_COUNT_MAX).contains(&self.shard_count) {
+            return Err(ClusterError::Config(format!(
+                "shard count {} is outside 1..={SHARD_COUNT_MAX}",
+                self.shard_count
+            )));
+        }
+        if ![1, 3, 5].contains(&self.replication_factor) {
+            return Err(ClusterError::Config(format!(
+                "replication factor {} is not 1, 3 or 5",
+                self.replication_factor
+            )));
+        }
+        self.raft.validate()
+    }
+
+    /// The cluster id: explicit, or a hash of the initial cluster, so two
+    /// clusters started with different member lists never talk to each other.
+    pub fn effective_cluster_id(&self) -> u64 {
+        self.cluster_id.unwrap_or_else(|| {
+            let mut s = String::new();
+            for (id, addr) in &self.initial_cluster.nodes {
+                s.push_str(&format!("{id}={addr};"));
+            }
+            s.push_str(&format!("shards={}", self.shard_count));
+            crate::hash::user_hash(s.as_bytes())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_initial_cluster() {
+        let c = InitialCluster::parse("1=127.0.0.1:7071, 2=h2:7071,3=[::1]:9").unwrap();
+        assert_eq!(c.ids(), vec![1, 2, 3]);
+        assert_eq!(c.nodes[&3], "[::1]:9");
+        for bad in ["", "1", "0=a:1", "1=a:1,1=b:2", "x=a:1", "1=a", "1=:80", "1=a:99999"] {
+            let e = InitialCluster::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("--initial-cluster"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn tuning_validation_catches_liveness_breaks() {
+        assert!(RaftTuning::default().validate().is_ok());
+        let t = RaftTuning {
+            election_ticks: 2,
+            ..RaftTuning::default()
+        };
+        assert!(t.validate().is_err());
+        let t = RaftTuning {
+            hibernate_after_ticks: 1,
+            ..RaftTuning::default()
+        };
+        assert!(t.validate().is_err());
+        let t = RaftTuning {
+            ops_per_entry_max: 5_000,
+            ..RaftTuning::default()
+        };
+        assert!(t.validate().is_err());
+    }
+}

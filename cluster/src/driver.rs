@@ -1,0 +1,1285 @@
+//! The node's Raft driver: ONE thread that runs every shard replica on the
+//! node (there is no thread per shard and no fsync per request).
+//!
+//! Each turn of the loop:
+//! 1. takes what arrived (client proposals and reads, raft messages,
+//!    snapshots, admin calls) from one bounded inbox;
+//! 2. ticks the shards that are awake, if a tick is due;
+//! 3. packs each shard's queued proposals into one Raft entry (many client
+//!    requests → one entry) and issues one ReadIndex per shard for the reads;
+//! 4. collects the Ready of every shard that has one. Leaders' messages go
+//!    out right away, before the fsync, so replication overlaps the local
+//!    write (raft-rs allows a leader to send before it persists);
+//! 5. persists the entries, hard states and snapshots of ALL those shards in
+//!    ONE engine WriteBatch with ONE fsync (group commit);
+//! 6. sends the messages that had to wait for that fsync (votes, append
+//!    responses), batched per destination node;
+//! 7. applies committed entries, answers the waiting proposals with their
+//!    per-op results, and releases reads whose index is applied.
+//!
+//! Proposals carry a context of (origin node, proposal id). raft-rs forwards
+//! a follower's proposal to the leader by itself; when the entry is applied,
+//! every replica computes the same deterministic result, so the origin node
+//! answers its caller from its OWN apply. Nothing crosses the network but the
+//! Raft entry.
+//!
+//! Hibernation: a shard with nothing in flight for `hibernate_after_ticks`
+//! stops ticking (so a leader stops heartbeating, and idle shards cost
+//! nothing). Any message or request wakes it. Failure detection for sleeping
+//! shards comes from one node-level heartbeat per peer: when a peer goes down
+//! or comes back, every shard wakes, so elections still happen.
+
+use crate::config::RaftTuning;
+use crate::error::ClusterError;
+use crate::placement::ShardMap;
+use crate::transport::{spool, Envelope, ShardMsg, SnapshotJob, SnapshotSpool, Transport};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use pigeonhole_engine::command as cmd;
+use pigeonhole_engine::raft::eraftpb::{
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType, SnapshotMetadata,
+};
+use pigeonhole_engine::raft::{self, RawNode, SnapshotStatus, StateRole, Storage as _};
+use pigeonhole_engine::{
+    ApplyEntry, Durability, Engine, EntryKind, EntryOutcome, OpError, OpOutput, RaftBatch, RaftLogStore, ShardState,
+    SNAPSHOT_DATA_MAGIC,
+};
+use prost::Message as _;
+use protobuf::Message as _;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
+
+/// Per-op results of one proposal.
+pub type ProposeResult = Result<Vec<Result<OpOutput, OpError>>, ClusterError>;
+
+/// Everything the driver takes from its inbox.
+pub(crate) enum Inbound {
+    Propose {
+        shard: u64,
+        ops: Vec<cmd::Op>,
+        reply: oneshot::Sender<ProposeResult>,
+        deadline: Instant,
+    },
+    Read {
+        shard: u64,
+        reply: oneshot::Sender<Result<(), ClusterError>>,
+        deadline: Instant,
+    },
+    ConfChange {
+        shard: u64,
+        cc: ConfChangeV2,
+        reply: oneshot::Sender<Result<ConfState, ClusterError>>,
+        deadline: Instant,
+    },
+    TransferLeader {
+        shard: u64,
+        to: u64,
+        reply: oneshot::Sender<Result<(), ClusterError>>,
+    },
+    Campaign {
+        shard: u64,
+        reply: oneshot::Sender<Result<(), ClusterError>>,
+    },
+    Status {
+        reply: oneshot::Sender<Vec<ShardStatus>>,
+    },
+    Raft(Envelope),
+    SnapshotReady {
+        from: u64,
+        shard: u64,
+        path: PathBuf,
+        msg: Message,
+    },
+    SnapshotReport {
+        shard: u64,
+        to: u64,
+        ok: bool,
+    },
+    Stop,
+}
+
+/// A replica's state, as [`crate::Node::status`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardStatus {
+    /// The shard.
+    pub shard: u64,
+    /// Leader / follower / candidate.
+    pub role: Role,
+    /// The leader this replica knows of (0 = none).
+    pub leader: u64,
+    /// Current term.
+    pub term: u64,
+    /// Commit index.
+    pub commit: u64,
+    /// Applied index.
+    pub applied: u64,
+    /// Last log index.
+    pub last_index: u64,
+    /// First index still in the log (compaction moves it up).
+    pub first_index: u64,
+    /// Voters of the applied configuration.
+    pub voters: Vec<u64>,
+    /// Learners of the applied configuration.
+    pub learners: Vec<u64>,
+    /// Hibernating: not ticking.
+    pub asleep: bool,
+}
+
+/// A replica's Raft role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Leads the shard.
+    Leader,
+    /// Follows a leader (or waits for one).
+    Follower,
+    /// Campaigning.
+    Candidate,
+}
+
+struct QueuedProposal {
+    ops: Vec<cmd::Op>,
+    bytes: usize,
+    reply: oneshot::Sender<ProposeResult>,
+    deadline: Instant,
+    queued_at: Instant,
+}
+
+struct ReadWaiter {
+    reply: oneshot::Sender<Result<(), ClusterError>>,
+    deadline: Instant,
+    queued_at: Instant,
+}
+
+/// A proposed entry this node waits on: callers and how many ops each owns.
+struct Pending {
+    shard: u64,
+    parts: Vec<(oneshot::Sender<ProposeResult>, usize)>,
+    deadline: Instant,
+    proposed_at: Instant,
+}
+
+struct PendingConf {
+    shard: u64,
+    reply: oneshot::Sender<Result<ConfState, ClusterError>>,
+    deadline: Instant,
+}
+
+struct Replica {
+    raw: RawNode<RaftLogStore>,
+    queued: VecDeque<QueuedProposal>,
+    reads_queued: Vec<ReadWaiter>,
+    reads_inflight: Vec<(u64, Vec<ReadWaiter>)>,
+    reads_ready: Vec<(u64, Vec<ReadWaiter>)>,
+    quiet_ticks: u32,
+    asleep: bool,
+    log_bytes: u64,
+    preferred_leader: u64,
+}
+
+/// Bytes of an entry context: origin node id, then proposal id.
+const CONTEXT_LEN: usize = 16;
+
+fn context(node: u64, id: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(CONTEXT_LEN);
+    c.extend_from_slice(&node.to_be_bytes());
+    c.extend_from_slice(&id.to_be_bytes());
+    c
+}
+
+fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
+    let (a, b) = c.split_first_chunk::<8>()?;
+    let b: [u8; 8] = b.try_into().ok()?;
+    Some((u64::from_be_bytes(*a), u64::from_be_bytes(b)))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ms_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn raft_err(e: raft::Error) -> ClusterError {
+    ClusterError::Raft(e.to_string())
+}
+
+fn op_bytes(op: &cmd::Op) -> usize {
+    op.encoded_len()
+}
+
+/// The driver's state; lives on its own thread.
+pub(crate) struct Driver {
+    node_id: u64,
+    engine: Engine,
+    tuning: RaftTuning,
+    transport: Arc<dyn Transport>,
+    rx: Receiver<Inbound>,
+    tx: Sender<Inbound>,
+    map: Arc<ShardMap>,
+    spool: Arc<SnapshotSpool>,
+    replicas: BTreeMap<u64, Replica>,
+    pending: HashMap<u64, Pending>,
+    pending_conf: HashMap<u64, PendingConf>,
+    next_id: u64,
+    dirty: BTreeSet<u64>,
+    outbox: BTreeMap<u64, Vec<ShardMsg>>,
+    peers: BTreeMap<u64, PeerLiveness>,
+    ticks: u64,
+    logger: slog::Logger,
+}
+
+struct PeerLiveness {
+    last_seen: Instant,
+    down: bool,
+}
+
+impl Driver {
+    /// Loads (or bootstraps) every replica on this node.
+    pub(crate) fn new(
+        node_id: u64,
+        engine: Engine,
+        tuning: RaftTuning,
+        transport: Arc<dyn Transport>,
+        (tx, rx): (Sender<Inbound>, Receiver<Inbound>),
+        map: Arc<ShardMap>,
+        spool: Arc<SnapshotSpool>,
+    ) -> Result<Self, ClusterError> {
+        let now = Instant::now();
+        let peers = map
+            .nodes
+            .keys()
+            .filter(|id| **id != node_id)
+            .map(|id| {
+                (
+                    *id,
+                    PeerLiveness {
+                        last_seen: now,
+                        down: false,
+                    },
+                )
+            })
+            .collect();
+        let mut d = Driver {
+            node_id,
+            engine,
+            tuning,
+            transport,
+            rx,
+            tx,
+            map,
+            spool,
+            replicas: BTreeMap::new(),
+            pending: HashMap::new(),
+            pending_conf: HashMap::new(),
+            // Ids must not repeat across restarts: an old entry in the log
+            // with our context must never answer a new caller.
+            next_id: rand::random::<u64>() >> 1,
+            dirty: BTreeSet::new(),
+            outbox: BTreeMap::new(),
+            peers,
+            ticks: 0,
+            logger: slog::Logger::root(slog::Discard, slog::o!()),
+        };
+        for shard in d.engine.shard_ids()? {
+            d.recover_shard(shard)?;
+            let Some(meta) = d.engine.shard_meta(shard)? else {
+                continue;
+            };
+            let cs = &meta.conf_state;
+            if !cs.voters.contains(&node_id) && !cs.learners.contains(&node_id) {
+                // Removed from this shard; its data stays until a later
+                // issue adds replica garbage collection.
+                continue;
+            }
+            d.add_replica(shard, meta.applied_index)?;
+        }
+        // Spread leadership from the first election on: each shard's
+        // preferred node campaigns at once (pre-vote keeps this from
+        // disturbing a healthy leader after a restart).
+        let ids: Vec<u64> = d.replicas.keys().copied().collect();
+        for shard in ids {
+            if let Some(r) = d.replicas.get_mut(&shard) {
+                let voter = r.raw.raft.prs().conf().voters().contains(node_id);
+                if r.preferred_leader == node_id && voter {
+                    r.raw.campaign().map_err(raft_err)?;
+                    d.dirty.insert(shard);
+                }
+            }
+        }
+        Ok(d)
+    }
+
+    /// Repairs what a crash can leave: a snapshot ingest cut short (re-run
+    /// from the spooled file) and an apply state ahead of the Raft log (the
+    /// ingest finished, the log reset did not).
+    fn recover_shard(&mut self, shard: u64) -> Result<(), ClusterError> {
+        let Some(meta) = self.engine.shard_meta(shard)? else {
+            return Ok(());
+        };
+        let meta = if meta.state == ShardState::Ingesting {
+            let path = self.spool.complete_path(shard).ok_or_else(|| {
+                ClusterError::Config(format!(
+                    "shard {shard} was cut off during a snapshot ingest and its spooled snapshot is missing"
+                ))
+            })?;
+            self.ingest_file(shard, &path)?;
+            self.engine.shard_meta(shard)?.ok_or(ClusterError::Stopped)?
+        } else {
+            meta
+        };
+        let store = self.engine.raft_log(shard)?;
+        let hs = store.hard_state()?;
+        let last = store.last_index().map_err(raft_err)?;
+        if meta.applied_index > last {
+            // Nothing in the log beyond the applied state: restart the log
+            // at it, exactly as installing that snapshot would.
+            let mut md = SnapshotMetadata::default();
+            md.index = meta.applied_index;
+            md.term = meta.applied_term;
+            let mut rb = RaftBatch::default();
+            rb.apply_snapshot(&store, &md)?;
+            self.engine.write_raft(rb, Durability::Fsync)?;
+        } else if meta.applied_index > hs.commit {
+            // Applied state comes only from committed entries (or a
+            // snapshot of them), so the commit index may move up to it.
+            let mut hs = hs;
+            hs.commit = meta.applied_index;
+            let mut rb = RaftBatch::default();
+            rb.set_hard_state(&store, &hs)?;
+            self.engine.write_raft(rb, Durability::Fsync)?;
+        }
+        Ok(())
+    }
+
+    fn raft_config(&self, applied: u64) -> raft::Config {
+        raft::Config {
+            id: self.node_id,
+            election_tick: self.tuning.election_ticks,
+            heartbeat_tick: self.tuning.heartbeat_ticks,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            // Bounds memory held by entries proposed but not yet committed:
+            // past it, proposals fail fast instead of piling up.
+            max_uncommitted_size: 256 << 20,
+            ..Default::default()
+        }
+    }
+
+    fn add_replica(&mut self, shard: u64, applied: u64) -> Result<(), ClusterError> {
+        let store = self.engine.raft_log(shard)?;
+        let cfg = self.raft_config(applied);
+        cfg.validate().map_err(raft_err)?;
+        let raw = RawNode::new(&cfg, store, &self.logger).map_err(raft_err)?;
+        let preferred_leader = self.map.shard(shard).map_or(0, |s| s.preferred_leader);
+        self.replicas.insert(
+            shard,
+            Replica {
+                raw,
+                queued: VecDeque::new(),
+                reads_queued: Vec::new(),
+                reads_inflight: Vec::new(),
+                reads_ready: Vec::new(),
+                quiet_ticks: 0,
+                asleep: false,
+                log_bytes: 0,
+                preferred_leader,
+            },
+        );
+        self.dirty.insert(shard);
+        Ok(())
+    }
+
+    /// Runs until `Stop` or a fatal error.
+    pub(crate) fn run_loop(&mut self) -> Result<(), ClusterError> {
+        let tick = Duration::from_millis(self.tuning.tick_ms);
+        let hb = Duration::from_millis(self.tuning.node_heartbeat_ms);
+        let mut next_tick = Instant::now() + tick;
+        let mut next_hb = Instant::now();
+        loop {
+            let now = Instant::now();
+            if now >= next_hb {
+                self.node_heartbeat();
+                next_hb = now + hb;
+            }
+            if now >= next_tick {
+                self.tick();
+                next_tick += tick;
+                if next_tick < now {
+                    next_tick = now + tick;
+                }
+            }
+            // Wait for work unless some shard already has some.
+            let busy = self
+                .dirty
+                .iter()
+                .any(|s| self.replicas.get(s).is_some_and(|r| r.raw.has_ready()))
+                || self
+                    .replicas
+                    .values()
+                    .any(|r| !r.queued.is_empty() && r.raw.raft.leader_id != 0);
+            let first = if busy {
+                self.rx.try_recv().ok()
+            } else {
+                let wait = next_tick.min(next_hb).saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(wait) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            };
+            if let Some(m) = first {
+                if !self.handle(m)? {
+                    return Ok(());
+                }
+                for _ in 1..self.tuning.inbox_batch_max {
+                    let Ok(m) = self.rx.try_recv() else { break };
+                    if !self.handle(m)? {
+                        return Ok(());
+                    }
+                }
+            }
+            self.propose_queued();
+            self.process_ready()?;
+        }
+    }
+
+    fn wake(&mut self, shard: u64, reset_quiet: bool) {
+        if let Some(r) = self.replicas.get_mut(&shard) {
+            r.asleep = false;
+            if reset_quiet {
+                r.quiet_ticks = 0;
+            }
+            self.dirty.insert(shard);
+        }
+    }
+
+    fn wake_all(&mut self) {
+        let ids: Vec<u64> = self.replicas.keys().copied().collect();
+        for s in ids {
+            self.wake(s, true);
+        }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id = self.next_id.wrapping_add(1);
+        self.next_id
+    }
+
+    /// Handles one inbox item; false means stop.
+    fn handle(&mut self, m: Inbound) -> Result<bool, ClusterError> {
+        match m {
+            Inbound::Propose {
+                shard,
+                ops,
+                reply,
+                deadline,
+            } => {
+                if ops.is_empty() {
+                    let _ = reply.send(Ok(Vec::new()));
+                    return Ok(true);
+                }
+                let bytes = ops.iter().map(op_bytes).sum();
+                match self.replicas.get_mut(&shard) {
+                    Some(r) => r.queued.push_back(QueuedProposal {
+                        ops,
+                        bytes,
+                        reply,
+                        deadline,
+                        queued_at: Instant::now(),
+                    }),
+                    None => {
+                        let _ = reply.send(Err(self.not_replica(shard)));
+                        return Ok(true);
+                    }
+                }
+                self.wake(shard, true);
+            }
+            Inbound::Read { shard, reply, deadline } => {
+                match self.replicas.get_mut(&shard) {
+                    Some(r) => r.reads_queued.push(ReadWaiter {
+                        reply,
+                        deadline,
+                        queued_at: Instant::now(),
+                    }),
+                    None => {
+                        let _ = reply.send(Err(self.not_replica(shard)));
+                        return Ok(true);
+                    }
+                }
+                self.wake(shard, true);
+            }
+            Inbound::ConfChange {
+                shard,
+                cc,
+                reply,
+                deadline,
+            } => {
+                let id = self.next_id();
+                let node_id = self.node_id;
+                let Some(r) = self.replicas.get_mut(&shard) else {
+                    let _ = reply.send(Err(self.not_replica(shard)));
+                    return Ok(true);
+                };
+                if r.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(ClusterError::NotLeader {
+                        shard,
+                        leader: r.raw.raft.leader_id,
+                    }));
+                    return Ok(true);
+                }
+                match r.raw.propose_conf_change(context(node_id, id), cc) {
+                    Ok(()) => {
+                        self.pending_conf.insert(id, PendingConf { shard, reply, deadline });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ClusterError::InvalidArgument {
+                            field: "conf_change",
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+                self.wake(shard, true);
+            }
+            Inbound::TransferLeader { shard, to, reply } => {
+                let Some(r) = self.replicas.get_mut(&shard) else {
+                    let _ = reply.send(Err(self.not_replica(shard)));
+                    return Ok(true);
+                };
+                if r.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(ClusterError::NotLeader {
+                        shard,
+                        leader: r.raw.raft.leader_id,
+                    }));
+                    return Ok(true);
+                }
+                if !r.raw.raft.prs().conf().voters().contains(to) {
+                    let _ = reply.send(Err(ClusterError::InvalidArgument {
+                        field: "to",
+                        reason: format!("node {to} is not a voter of shard {shard}"),
+                    }));
+                    return Ok(true);
+                }
+                r.raw.transfer_leader(to);
+                let _ = reply.send(Ok(()));
+                self.wake(shard, true);
+            }
+            Inbound::Campaign { shard, reply } => {
+                let Some(r) = self.replicas.get_mut(&shard) else {
+                    let _ = reply.send(Err(self.not_replica(shard)));
+                    return Ok(true);
+                };
+                let res = r.raw.campaign().map_err(raft_err);
+                let _ = reply.send(res);
+                self.wake(shard, true);
+            }
+            Inbound::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Inbound::Raft(env) => self.on_envelope(env)?,
+            Inbound::SnapshotReady { from, shard, path, msg } => self.on_snapshot(from, shard, &path, msg)?,
+            Inbound::SnapshotReport { shard, to, ok } => {
+                if let Some(r) = self.replicas.get_mut(&shard) {
+                    let status = if ok {
+                        SnapshotStatus::Finish
+                    } else {
+                        SnapshotStatus::Failure
+                    };
+                    r.raw.report_snapshot(to, status);
+                    if !ok {
+                        r.raw.report_unreachable(to);
+                    }
+                }
+                self.wake(shard, true);
+            }
+            Inbound::Stop => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn not_replica(&self, shard: u64) -> ClusterError {
+        ClusterError::NotReplica {
+            shard,
+            node: self.node_id,
+            replicas: self.map.shard(shard).map(|s| s.replicas.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn on_envelope(&mut self, env: Envelope) -> Result<(), ClusterError> {
+        if let Some(p) = self.peers.get_mut(&env.from) {
+            p.last_seen = Instant::now();
+            if p.down {
+                p.down = false;
+                // A peer came back: wake everything so leaders probe it and
+                // bring its replicas up to date.
+                self.wake_all();
+            }
+        }
+        for ShardMsg { shard, msg } in env.msgs {
+            if !self.replicas.contains_key(&shard) && !self.maybe_create(shard, &msg)? {
+                continue;
+            }
+            let quiet_msg = matches!(
+                msg.get_msg_type(),
+                MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
+            );
+            self.wake(shard, !quiet_msg);
+            if let Some(r) = self.replicas.get_mut(&shard) {
+                // Step errors are stale or foreign messages; raft-rs already
+                // ignores what it must, so they are not fatal.
+                let _ = r.raw.step(msg);
+            }
+        }
+        Ok(())
+    }
+
+    /// A leader of a shard this node has no replica of is sending to it: a
+    /// conf change added this node. Create an empty replica; the leader will
+    /// send a snapshot.
+    fn maybe_create(&mut self, shard: u64, msg: &Message) -> Result<bool, ClusterError> {
+        let from_leader = matches!(
+            msg.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        );
+        if !from_leader || self.map.shard(shard).is_none() {
+            return Ok(false);
+        }
+        if self.engine.shard_meta(shard)?.is_some() {
+            // Data of a replica removed earlier: do not resurrect it.
+            return Ok(false);
+        }
+        self.add_replica(shard, 0)?;
+        Ok(true)
+    }
+
+    /// Ingests a spooled snapshot, then steps raft-rs's MsgSnapshot. The
+    /// message is stepped only if the engine now holds state at least as new
+    /// as the snapshot, so raft-rs never moves past state the engine lacks.
+    fn on_snapshot(&mut self, from: u64, shard: u64, path: &std::path::Path, msg: Message) -> Result<(), ClusterError> {
+        let md_index = msg.get_snapshot().get_metadata().index;
+        let mut expect = SNAPSHOT_DATA_MAGIC.to_vec();
+        expect.extend_from_slice(&shard.to_be_bytes());
+        if msg.get_snapshot().data.as_ref() != expect.as_slice() || msg.get_msg_type() != MessageType::MsgSnapshot {
+            let _ = std::fs::remove_file(path);
+            return Ok(());
+        }
+        if !self.replicas.contains_key(&shard) && !self.maybe_create(shard, &msg)? {
+            let _ = std::fs::remove_file(path);
+            return Ok(());
+        }
+        let applied = self.engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
+        if applied < md_index {
+            if let Err(e) = self.ingest_file(shard, path) {
+                // A bad stream (or one older than our state) is dropped; the
+                // leader sends another if we still need it.
+                let _ = std::fs::remove_file(path);
+                let torn = self
+                    .engine
+                    .shard_meta(shard)?
+                    .is_some_and(|m| m.state == ShardState::Ingesting);
+                if torn {
+                    // The old state is gone and the new one did not arrive
+                    // whole: this replica cannot serve. Stop loudly.
+                    return Err(e);
+                }
+                return Ok(());
+            }
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+        let applied = self.engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
+        if applied >= md_index {
+            let _ = from;
+            self.wake(shard, true);
+            if let Some(r) = self.replicas.get_mut(&shard) {
+                let _ = r.raw.step(msg);
+            }
+        }
+        Ok(())
+    }
+
+    fn ingest_file(&self, shard: u64, path: &std::path::Path) -> Result<(), ClusterError> {
+        let mut ingest = self.engine.ingest_snapshot(shard)?;
+        let mut done = false;
+        let mut failure: Option<ClusterError> = None;
+        spool::read_chunks(path, |chunk| match ingest.push(&chunk) {
+            Ok(s) => {
+                done = s.is_some();
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                failure = Some(e.into());
+                Err(std::io::Error::other(msg))
+            }
+        })
+        .map_err(|e| failure.take().unwrap_or(ClusterError::Io(e)))?;
+        if !done {
+            return Err(ClusterError::Io(std::io::Error::other(
+                "spooled snapshot has no last chunk",
+            )));
+        }
+        // The shard is whole again and durable (the last push fsyncs); the
+        // file is no longer needed for recovery.
+        std::fs::remove_file(path)?;
+        Ok(())
+    }
+
+    fn node_heartbeat(&mut self) {
+        let ids: Vec<u64> = self.peers.keys().copied().collect();
+        for to in ids {
+            self.transport.send(Envelope {
+                from: self.node_id,
+                to,
+                msgs: Vec::new(),
+            });
+        }
+        let limit = Duration::from_millis(self.tuning.peer_down_after_ms);
+        let mut changed = false;
+        for p in self.peers.values_mut() {
+            if !p.down && p.last_seen.elapsed() > limit {
+                p.down = true;
+                changed = true;
+            }
+        }
+        if changed {
+            self.wake_all();
+        }
+    }
+
+    fn tick(&mut self) {
+        self.ticks += 1;
+        let hibernate = self.tuning.hibernate_after_ticks;
+        let rebalance = self.tuning.rebalance_every_ticks != 0 && self.ticks % self.tuning.rebalance_every_ticks == 0;
+        let node_id = self.node_id;
+        let now = Instant::now();
+        for (shard, r) in self.replicas.iter_mut() {
+            if r.asleep {
+                continue;
+            }
+            r.raw.tick();
+            self.dirty.insert(*shard);
+            if rebalance {
+                maybe_rebalance(node_id, r, &self.peers);
+            }
+            if hibernate != 0 && is_quiet(r) {
+                r.quiet_ticks += 1;
+                if r.quiet_ticks >= hibernate {
+                    r.asleep = true;
+                }
+            } else {
+                r.quiet_ticks = 0;
+            }
+            // Reads and proposals that waited too long.
+            expire_queued(*shard, r, now);
+        }
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                let waited_ms = ms_since(p.proposed_at);
+                for (reply, _) in p.parts {
+                    let _ = reply.send(Err(ClusterError::Timeout {
+                        shard: p.shard,
+                        what: "proposal",
+                        waited_ms,
+                    }));
+                }
+            }
+        }
+        let expired: Vec<u64> = self
+            .pending_conf
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending_conf.remove(&id) {
+                let _ = p.reply.send(Err(ClusterError::Timeout {
+                    shard: p.shard,
+                    what: "conf change",
+                    waited_ms: self.tuning.request_timeout_ms,
+                }));
+            }
+        }
+    }
+
+    /// Packs each shard's queued proposals into one entry per shard.
+    fn propose_queued(&mut self) {
+        let node_id = self.node_id;
+        let shards: Vec<u64> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| !r.queued.is_empty() && r.raw.raft.leader_id != 0)
+            .map(|(s, _)| *s)
+            .collect();
+        for shard in shards {
+            loop {
+                let id = self.next_id();
+                let Some(r) = self.replicas.get_mut(&shard) else { break };
+                if r.queued.is_empty() {
+                    break;
+                }
+                let mut ops = Vec::new();
+                let mut bytes = 0usize;
+                let mut parts = Vec::new();
+                let mut deadline = Instant::now();
+                while let Some(q) = r.queued.front() {
+                    let fits = ops.is_empty()
+                        || (ops.len() + q.ops.len() <= self.tuning.ops_per_entry_max
+                            && bytes + q.bytes <= self.tuning.entry_bytes_max);
+                    if !fits {
+                        break;
+                    }
+                    let Some(q) = r.queued.pop_front() else { break };
+                    bytes += q.bytes;
+                    deadline = deadline.max(q.deadline);
+                    parts.push((q.reply, q.ops.len(), q.ops.len()));
+                    ops.extend(q.ops);
+                }
+                let command = cmd::Command { time_ms: now_ms(), ops };
+                let data = command.encode_to_vec();
+                match r.raw.propose(context(node_id, id), data) {
+                    Ok(()) => {
+                        self.pending.insert(
+                            id,
+                            Pending {
+                                shard,
+                                parts: parts.into_iter().map(|(reply, n, _)| (reply, n)).collect(),
+                                deadline,
+                                proposed_at: Instant::now(),
+                            },
+                        );
+                        self.dirty.insert(shard);
+                    }
+                    Err(e) => {
+                        // Dropped (no leader yet, a transfer under way, or
+                        // the uncommitted-size bound): fail these callers
+                        // with a retryable error rather than hold them.
+                        for (reply, _, _) in parts {
+                            let _ = reply.send(Err(match e {
+                                raft::Error::ProposalDropped => ClusterError::Dropped { shard },
+                                ref other => ClusterError::Raft(other.to_string()),
+                            }));
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        // One ReadIndex per shard covers every read queued on it.
+        let shards: Vec<u64> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| !r.reads_queued.is_empty() && r.raw.raft.leader_id != 0)
+            .map(|(s, _)| *s)
+            .collect();
+        for shard in shards {
+            let id = self.next_id();
+            if let Some(r) = self.replicas.get_mut(&shard) {
+                let waiters = std::mem::take(&mut r.reads_queued);
+                r.raw.read_index(context(node_id, id));
+                r.reads_inflight.push((id, waiters));
+                self.dirty.insert(shard);
+            }
+        }
+    }
+
+    /// Steps 4–7 of the loop (see the module docs).
+    fn process_ready(&mut self) -> Result<(), ClusterError> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut rb = RaftBatch::default();
+        let mut readies = Vec::new();
+        let mut snapshots = Vec::new();
+        for shard in dirty {
+            let Some(r) = self.replicas.get_mut(&shard) else {
+                continue;
+            };
+            if !r.raw.has_ready() {
+                continue;
+            }
+            let mut rd = r.raw.ready();
+            let msgs = rd.take_messages();
+            route(&mut self.outbox, shard, msgs, &mut snapshots);
+            if !rd.snapshot().is_empty() {
+                rb.apply_snapshot(r.raw.store(), rd.snapshot().get_metadata())?;
+                r.log_bytes = 0;
+            }
+            if !rd.entries().is_empty() {
+                rb.append(r.raw.store(), rd.entries())?;
+                r.log_bytes += rd.entries().iter().map(|e| e.data.len() as u64).sum::<u64>();
+            }
+            if let Some(hs) = rd.hs() {
+                rb.set_hard_state(r.raw.store(), hs)?;
+            }
+            for rs in rd.take_read_states() {
+                if let Some(pos) = r
+                    .reads_inflight
+                    .iter()
+                    .position(|(id, _)| parse_context(&rs.request_ctx).map(|c| c.1) == Some(*id))
+                {
+                    let (_, w) = r.reads_inflight.swap_remove(pos);
+                    r.reads_ready.push((rs.index, w));
+                }
+            }
+            readies.push((shard, rd));
+        }
+        self.compact_logs(&mut rb)?;
+        // Leaders' appends go out now, overlapping our own fsync.
+        self.flush_outbox();
+        if !rb.is_empty() {
+            self.engine.write_raft(rb, Durability::Fsync)?;
+        }
+        for (shard, mut rd) in readies {
+            let mut committed = rd.take_committed_entries();
+            let Some(r) = self.replicas.get_mut(&shard) else {
+                continue;
+            };
+            route(&mut self.outbox, shard, rd.take_persisted_messages(), &mut snapshots);
+            let mut light = r.raw.advance(rd);
+            route(&mut self.outbox, shard, light.take_messages(), &mut snapshots);
+            committed.extend(light.take_committed_entries());
+            if !committed.is_empty() {
+                self.apply(shard, &committed)?;
+            }
+            if let Some(r) = self.replicas.get_mut(&shard) {
+                r.raw.advance_apply();
+                release_reads(r);
+                if r.raw.has_ready() {
+                    self.dirty.insert(shard);
+                }
+            }
+        }
+        self.flush_outbox();
+        for (shard, msg) in snapshots {
+            self.send_snapshot(shard, msg);
+        }
+        Ok(())
+    }
+
+    fn send_snapshot(&self, shard: u64, msg: Message) {
+        let tx = self.tx.clone();
+        let to = msg.to;
+        self.transport.send_snapshot(SnapshotJob {
+            from: self.node_id,
+            to,
+            shard,
+            msg,
+            engine: self.engine.clone(),
+            chunk_bytes: self.tuning.snapshot_chunk_bytes,
+            report: Box::new(move |ok| {
+                let _ = tx.try_send(Inbound::SnapshotReport { shard, to, ok });
+            }),
+        });
+    }
+
+    fn flush_outbox(&mut self) {
+        for (to, msgs) in std::mem::take(&mut self.outbox) {
+            self.transport.send(Envelope {
+                from: self.node_id,
+                to,
+                msgs,
+            });
+        }
+    }
+
+    /// Applies committed entries of one shard in one engine call, then
+    /// answers whoever on this node waits for them.
+    fn apply(&mut self, shard: u64, entries: &[Entry]) -> Result<(), ClusterError> {
+        let Some(r) = self.replicas.get_mut(&shard) else {
+            return Ok(());
+        };
+        let mut batch = Vec::with_capacity(entries.len());
+        let mut removed_self = false;
+        for e in entries {
+            let kind = match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => EntryKind::Empty,
+                EntryType::EntryNormal => EntryKind::Command(&e.data),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    // raft-rs must see every conf change in log order, even
+                    // ones the engine already holds (after a snapshot).
+                    let cs = if e.get_entry_type() == EntryType::EntryConfChange {
+                        let cc = ConfChange::parse_from_bytes(&e.data)
+                            .map_err(|err| ClusterError::Raft(format!("bad conf change: {err}")))?;
+                        r.raw.apply_conf_change(&cc)
+                    } else {
+                        let cc = ConfChangeV2::parse_from_bytes(&e.data)
+                            .map_err(|err| ClusterError::Raft(format!("bad conf change: {err}")))?;
+                        r.raw.apply_conf_change(&cc)
+                    };
+                    let cs = match cs {
+                        Ok(cs) => cs,
+                        // An invalid change (e.g. removing the last voter)
+                        // leaves the configuration as it was.
+                        Err(_) => r.raw.raft.prs().conf().to_conf_state(),
+                    };
+                    removed_self = !cs.voters.contains(&self.node_id) && !cs.learners.contains(&self.node_id);
+                    if let Some((node, id)) = parse_context(&e.context) {
+                        if node == self.node_id {
+                            if let Some(p) = self.pending_conf.remove(&id) {
+                                let _ = p.reply.send(Ok(cs.clone()));
+                            }
+                        }
+                    }
+                    EntryKind::ConfChange(cs)
+                }
+            };
+            batch.push(ApplyEntry {
+                index: e.index,
+                term: e.term,
+                kind,
+            });
+        }
+        // The Raft log is durable, so the apply need not be: after a crash
+        // the unsynced tail of applies is replayed from the log. The next
+        // fsync'd Raft write makes these durable too (same WAL).
+        let outcomes = self.engine.apply(shard, &batch, Durability::NoFsync)?;
+        for (e, outcome) in entries.iter().zip(outcomes) {
+            let Some((node, id)) = parse_context(&e.context) else {
+                continue;
+            };
+            if node != self.node_id {
+                continue;
+            }
+            let Some(p) = self.pending.remove(&id) else { continue };
+            answer(p, outcome);
+        }
+        if removed_self {
+            self.remove_replica(shard);
+        }
+        Ok(())
+    }
+
+    fn remove_replica(&mut self, shard: u64) {
+        if let Some(r) = self.replicas.remove(&shard) {
+            fail_all(shard, r, |shard| ClusterError::NotReplica {
+                shard,
+                node: self.node_id,
+                replicas: Vec::new(),
+            });
+        }
+    }
+
+    /// Adds compactions to `rb` for shards whose log grew past a threshold.
+    fn compact_logs(&mut self, rb: &mut RaftBatch) -> Result<(), ClusterError> {
+        for r in self.replicas.values_mut() {
+            let store = r.raw.store();
+            let first = store.first_index().map_err(raft_err)?;
+            let applied = r.raw.raft.raft_log.applied;
+            let len = applied.saturating_sub(first);
+            if len < self.tuning.log_entries_max && r.log_bytes < self.tuning.log_bytes_max {
+                continue;
+            }
+            let to = applied.saturating_sub(self.tuning.log_retain_entries);
+            if to > first {
+                rb.compact(store, to)?;
+                r.log_bytes = 0;
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Vec<ShardStatus> {
+        self.replicas
+            .iter()
+            .map(|(shard, r)| {
+                let raft = &r.raw.raft;
+                let conf = raft.prs().conf().to_conf_state();
+                ShardStatus {
+                    shard: *shard,
+                    role: match raft.state {
+                        StateRole::Leader => Role::Leader,
+                        StateRole::Follower => Role::Follower,
+                        StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
+                    },
+                    leader: raft.leader_id,
+                    term: raft.term,
+                    commit: raft.raft_log.committed,
+                    applied: raft.raft_log.applied,
+                    last_index: raft.raft_log.last_index(),
+                    first_index: r.raw.store().first_index().unwrap_or(0),
+                    voters: conf.voters,
+                    learners: conf.learners,
+                    asleep: r.asleep,
+                }
+            })
+            .collect()
+    }
+
+    /// Fails every waiter on stop.
+    pub(crate) fn shutdown(&mut self) {
+        for (shard, r) in std::mem::take(&mut self.replicas) {
+            fail_all(shard, r, |_| ClusterError::Stopped);
+        }
+        for (_, p) in self.pending.drain() {
+            for (reply, _) in p.parts {
+                let _ = reply.send(Err(ClusterError::Stopped));
+            }
+        }
+        for (_, p) in self.pending_conf.drain() {
+            let _ = p.reply.send(Err(ClusterError::Stopped));
+        }
+    }
+}
+
+/// Splits outgoing messages: snapshots take their own path, the rest are
+/// grouped per destination node.
+fn route(outbox: &mut BTreeMap<u64, Vec<ShardMsg>>, shard: u64, msgs: Vec<Message>, snaps: &mut Vec<(u64, Message)>) {
+    for msg in msgs {
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            snaps.push((shard, msg));
+        } else {
+            outbox.entry(msg.to).or_default().push(ShardMsg { shard, msg });
+        }
+    }
+}
+
+fn answer(p: Pending, outcome: EntryOutcome) {
+    match outcome {
+        EntryOutcome::Command { results, .. } => {
+            let mut it = results.into_iter();
+            for (reply, n) in p.parts {
+                let _ = reply.send(Ok(it.by_ref().take(n).collect()));
+            }
+        }
+        EntryOutcome::Rejected(e) => {
+            for (reply, n) in p.parts {
+                let _ = reply.send(Ok(vec![Err(e.clone()); n]));
+            }
+        }
+        // Applied before (via a snapshot): the results are not known here.
+        EntryOutcome::AlreadyApplied | EntryOutcome::Applied => {
+            for (reply, _) in p.parts {
+                let _ = reply.send(Err(ClusterError::Timeout {
+                    shard: p.shard,
+                    what: "proposal (applied by snapshot, result unknown)",
+                    waited_ms: ms_since(p.proposed_at),
+                }));
+            }
+        }
+    }
+}
+
+fn release_reads(r: &mut Replica) {
+    let applied = r.raw.raft.raft_log.applied;
+    let mut i = 0;
+    while i < r.reads_ready.len() {
+        if r.reads_ready.get(i).is_some_and(|(idx, _)| *idx <= applied) {
+            let (_, ws) = r.reads_ready.swap_remove(i);
+            for w in ws {
+                let _ = w.reply.send(Ok(()));
+            }
+        } else {
+            i += 1;
+        }
+    }
+}
+
+fn expire_queued(shard: u64, r: &mut Replica, now: Instant) {
+    let leader = r.raw.raft.leader_id;
+    let mut keep = VecDeque::with_capacity(r.queued.len());
+    for q in r.queued.drain(..) {
+        if q.deadline <= now {
+            let _ = q.reply.send(Err(ClusterError::NoLeader {
+                shard,
+                waited_ms: ms_since(q.queued_at),
+            }));
+        } else {
+            keep.push_back(q);
+        }
+    }
+    r.queued = keep;
+    let timeout = |w: ReadWaiter, what: &'static str| {
+        let err = if leader == 0 {
+            ClusterError::NoLeader {
+                shard,
+                waited_ms: ms_since(w.queued_at),
+            }
+        } else {
+            ClusterError::Timeout {
+                shard,
+                what,
+                waited_ms: ms_since(w.queued_at),
+            }
+        };
+        let _ = w.reply.send(Err(err));
+    };
+    let (old, new): (Vec<_>, Vec<_>) = r.reads_queued.drain(..).partition(|w| w.deadline <= now);
+    r.reads_queued = new;
+    old.into_iter().for_each(|w| timeout(w, "read index"));
+    for list in [&mut r.reads_inflight, &mut r.reads_ready] {
+        for (_, ws) in list.iter_mut() {
+            let (old, new): (Vec<_>, Vec<_>) = ws.drain(..).partition(|w| w.deadline <= now);
+            *ws = new;
+            old.into_iter().for_each(|w| timeout(w, "read index"));
+        }
+        list.retain(|(_, ws)| !ws.is_empty());
+    }
+}
+
+fn fail_all(shard: u64, mut r: Replica, err: impl Fn(u64) -> ClusterError) {
+    for q in r.queued.drain(..) {
+        let _ = q.reply.send(Err(err(shard)));
+    }
+    for w in r.reads_queued.drain(..) {
+        let _ = w.reply.send(Err(err(shard)));
+    }
+    for (_, ws) in r.reads_inflight.drain(..).chain(r.reads_ready.drain(..)) {
+        for w in ws {
+            let _ = w.reply.send(Err(err(shard)));
+        }
+    }
+}
+
+/// A shard may sleep when nothing is in flight: no queued work, the log fully
+/// committed and applied, and (for a leader) every follower caught up.
+fn is_quiet(r: &Replica) -> bool {
+    if !r.queued.is_empty() || !r.reads_queued.is_empty() || !r.reads_inflight.is_empty() || !r.reads_ready.is_empty() {
+        return false;
+    }
+    let raft = &r.raw.raft;
+    let log = &raft.raft_log;
+    if log.committed != log.last_index() || log.applied != log.committed {
+        return false;
+    }
+    match raft.state {
+        StateRole::Leader => {
+            raft.lead_transferee.is_none()
+                && !raft.has_pending_conf()
+                && raft.prs().iter().all(|(_, p)| p.matched == log.last_index())
+        }
+        StateRole::Follower => raft.leader_id != 0,
+        StateRole::Candidate | StateRole::PreCandidate => false,
+    }
+}
+
+/// Hands leadership back to the shard's preferred node once it is a caught-up
+/// voter and alive, so leaders stay spread after failovers.
+fn maybe_rebalance(node_id: u64, r: &mut Replica, peers: &BTreeMap<u64, PeerLiveness>) {
+    let raft = &r.raw.raft;
+    let pref = r.preferred_leader;
+    if raft.state != StateRole::Leader || pref == node_id || pref == 0 || raft.lead_transferee.is_some() {
+        return;
+    }
+    if !raft.prs().conf().voters().contains(pref) || peers.get(&pref).is_none_or(|p| p.down) {
+        return;
+    }
+    let caught_up = raft
+        .prs()
+        .get(pref)
+        .is_some_and(|p| p.matched == raft.raft_log.last_index());
+    if caught_up {
+        r.raw.transfer_leader(pref);
+    }
+}

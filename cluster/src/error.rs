@@ -1,0 +1,105 @@
+//! Cluster errors, split the way a caller must treat them (as openraft does):
+//! retryable ones say "try again, maybe elsewhere" and carry a hint; fatal ones
+//! mean this node cannot serve and must be looked at.
+//!
+//! Retrying a write after a retryable error is always safe for appends,
+//! because of idempotency keys: an append whose first attempt did commit
+//! returns the original seq on the retry.
+
+use pigeonhole_engine::EngineError;
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// No leader is known for the shard (an election is under way or a
+    /// quorum is unreachable) and none appeared within the wait limit.
+    #[error("shard {shard}: no leader within {waited_ms} ms")]
+    NoLeader {
+        /// The shard.
+        shard: u64,
+        /// How long the request waited.
+        waited_ms: u64,
+    },
+    /// The request reached its deadline. For a write, the outcome is unknown:
+    /// it may still commit, so retry with the same idempotency key.
+    #[error("shard {shard}: {what} timed out after {waited_ms} ms; outcome unknown, retry is safe")]
+    Timeout {
+        /// The shard.
+        shard: u64,
+        /// What timed out (proposal, read index, conf change).
+        what: &'static str,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// The proposal's log entry was replaced by another leader's: it did not
+    /// commit. Retry.
+    #[error("shard {shard}: proposal was dropped by a leader change; retry")]
+    Dropped {
+        /// The shard.
+        shard: u64,
+    },
+    /// The call needs the shard's leader and this replica is not it.
+    #[error("shard {shard}: this replica is not the leader (leader hint: {leader}, 0 = unknown)")]
+    NotLeader {
+        /// The shard.
+        shard: u64,
+        /// The leader this replica knows of, 0 if none.
+        leader: u64,
+    },
+    /// This node holds no replica of the shard.
+    #[error("shard {shard} has no replica on node {node}; replicas are on {replicas:?}")]
+    NotReplica {
+        /// The shard.
+        shard: u64,
+        /// This node.
+        node: u64,
+        /// Nodes that hold it (by the bootstrap layout).
+        replicas: Vec<u64>,
+    },
+    /// The node's inbox is full: it is overloaded. Retry with backoff.
+    #[error("node {node} is overloaded: its inbox of {capacity} requests is full")]
+    Overloaded {
+        /// This node.
+        node: u64,
+        /// The inbox capacity.
+        capacity: usize,
+    },
+    /// The request is malformed (names the field and the limit).
+    #[error("invalid argument {field}: {reason}")]
+    InvalidArgument {
+        /// The field.
+        field: &'static str,
+        /// The rule broken.
+        reason: String,
+    },
+    /// The node is shutting down or its driver stopped.
+    #[error("node is stopped")]
+    Stopped,
+    /// The storage engine failed; the replica stopped. Fatal.
+    #[error("storage engine: {0}")]
+    Engine(#[from] EngineError),
+    /// raft-rs refused a call (a bug or a misuse). Fatal.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// Node configuration is invalid. Fatal at start.
+    #[error("config: {0}")]
+    Config(String),
+    /// I/O outside the engine (identity file, snapshot spool). Fatal.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ClusterError {
+    /// Whether retrying (after a backoff, perhaps on another node) can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ClusterError::NoLeader { .. }
+                | ClusterError::Timeout { .. }
+                | ClusterError::Dropped { .. }
+                | ClusterError::NotLeader { .. }
+                | ClusterError::Overloaded { .. }
+                | ClusterError::NotReplica { .. }
+        )
+    }
+}

@@ -1,0 +1,37 @@
+//! # pigeonhole-cluster
+//!
+//! The multi-Raft node. A node hosts replicas of many shards; each shard is a
+//! raft-rs `RawNode` whose log and state machine live in the node's one
+//! storage engine. Mailboxes map to shards by a stable hash of the user id
+//! ([`hash`], [`placement`]).
+//!
+//! Why this shape (see docs/architecture.md for the full write and read paths):
+//! - **One driver thread per node** ([`driver`]) runs every replica: it
+//!   collects the Ready of all shards and persists them with one WriteBatch
+//!   and one fsync, so replication throughput comes from group commit, not
+//!   from threads. raft-rs does no I/O; the driver does all of it.
+//! - **Proposals are answered from local apply.** Apply is deterministic, so
+//!   the node that took a request answers it when it applies the entry,
+//!   whichever node led. A follower's proposal is forwarded by raft-rs itself.
+//! - **The transport is a trait** ([`transport`]): gRPC between real nodes,
+//!   an in-process router with drop/delay/partition filters in tests.
+//! - **Idle shards hibernate**; one node-level heartbeat per peer keeps
+//!   failure detection working while they sleep.
+//!
+//! Module map: [`config`] (flags and limits), [`error`], [`hash`],
+//! [`placement`] (shard map), [`driver`] (the loop), [`node`] (the handle),
+//! [`transport`] (`local`, `grpc`, snapshot spool).
+
+pub mod config;
+pub mod driver;
+pub mod error;
+pub mod hash;
+pub mod node;
+pub mod placement;
+pub mod transport;
+
+pub use config::{InitialCluster, NodeConfig, RaftTuning};
+pub use driver::{ProposeResult, Role, ShardStatus};
+pub use error::ClusterError;
+pub use node::{MembershipChange, Node};
+pub use placement::{ShardDesc, ShardMap};

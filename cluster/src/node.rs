@@ -1,0 +1,292 @@
+//! A running node: the handle the serving layer (and tests) call.
+//!
+//! [`Node::start`] opens the engine, bootstraps this node's replicas on first
+//! start (from the static initial cluster, as etcd does), and starts the
+//! driver thread. Every call goes through the driver's bounded inbox; a full
+//! inbox is a retryable `Overloaded`, never a blocked caller.
+
+use crate::config::NodeConfig;
+use crate::driver::{Driver, Inbound, ProposeResult, ShardStatus};
+use crate::error::ClusterError;
+use crate::placement::ShardMap;
+use crate::transport::{NodeInbox, SnapshotSpool, Transport};
+use crossbeam_channel::{bounded, Sender, TrySendError};
+use pigeonhole_engine::command as cmd;
+use pigeonhole_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState};
+use pigeonhole_engine::{conf_state_with_voters, Engine};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Index and term every bootstrapped replica starts at (raft-rs's initial
+/// configuration must sit at an index > 0; 5/5 as TiKV uses).
+pub const BOOTSTRAP_INDEX: u64 = 5;
+const BOOTSTRAP_TERM: u64 = 5;
+const IDENTITY_FILE: &str = "cluster-identity";
+
+/// A membership change of one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a non-voting replica on the node (it catches up by snapshot).
+    AddLearner(u64),
+    /// Make the node a voter (a learner is promoted).
+    AddVoter(u64),
+    /// Remove the node's replica.
+    Remove(u64),
+}
+
+struct NodeInner {
+    id: u64,
+    cluster_id: u64,
+    engine: Engine,
+    map: Arc<ShardMap>,
+    tx: Sender<Inbound>,
+    inbox: NodeInbox,
+    thread: Mutex<Option<JoinHandle<Result<(), ClusterError>>>>,
+    request_timeout: Duration,
+    inbox_capacity: usize,
+}
+
+/// A running node. Clones share it.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Opens (or bootstraps) the node and starts its driver.
+    pub fn start(cfg: NodeConfig, transport: Arc<dyn Transport>) -> Result<Node, ClusterError> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let cluster_id = cfg.effective_cluster_id();
+        check_identity(&cfg, cluster_id)?;
+        let engine = Engine::open(cfg.data_dir.join("db"), cfg.engine.clone())?;
+        let map = Arc::new(ShardMap::bootstrap(
+            &cfg.initial_cluster,
+            cfg.shard_count,
+            cfg.replication_factor,
+        ));
+        if engine.shard_ids()?.is_empty() {
+            for shard in map.shards_on(cfg.node_id) {
+                let desc = map.shard(shard).ok_or(ClusterError::Stopped)?;
+                engine.bootstrap_shard(
+                    shard,
+                    conf_state_with_voters(&desc.replicas),
+                    BOOTSTRAP_INDEX,
+                    BOOTSTRAP_TERM,
+                )?;
+            }
+        }
+        let spool = Arc::new(SnapshotSpool::open(cfg.data_dir.join("snap"))?);
+        let (tx, rx) = bounded(cfg.raft.inbox_capacity);
+        let inbox = NodeInbox {
+            node_id: cfg.node_id,
+            tx: tx.clone(),
+            spool: spool.clone(),
+        };
+        let mut driver = Driver::new(
+            cfg.node_id,
+            engine.clone(),
+            cfg.raft.clone(),
+            transport,
+            (tx.clone(), rx),
+            map.clone(),
+            spool,
+        )?;
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-driver-{}", cfg.node_id))
+            .spawn(move || {
+                let res = driver.run_loop();
+                driver.shutdown();
+                res
+            })?;
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                id: cfg.node_id,
+                cluster_id,
+                engine,
+                map,
+                tx,
+                inbox,
+                thread: Mutex::new(Some(thread)),
+                request_timeout: Duration::from_millis(cfg.raft.request_timeout_ms),
+                inbox_capacity: cfg.raft.inbox_capacity,
+            }),
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The cluster id frames are checked against.
+    pub fn cluster_id(&self) -> u64 {
+        self.inner.cluster_id
+    }
+
+    /// The storage engine (for reads after [`Node::read_barrier`], and for
+    /// stale reads).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The shard map.
+    pub fn shard_map(&self) -> &ShardMap {
+        &self.inner.map
+    }
+
+    /// Where transports deliver inbound traffic.
+    pub fn inbox(&self) -> NodeInbox {
+        self.inner.inbox.clone()
+    }
+
+    fn send(&self, m: Inbound) -> Result<(), ClusterError> {
+        self.inner.tx.try_send(m).map_err(|e| match e {
+            TrySendError::Full(_) => ClusterError::Overloaded {
+                node: self.inner.id,
+                capacity: self.inner.inbox_capacity,
+            },
+            TrySendError::Disconnected(_) => ClusterError::Stopped,
+        })
+    }
+
+    /// Replicates `ops` on `shard` and returns one result per op, after the
+    /// entry is committed on a majority (each fsync'd) and applied here.
+    /// Works on any replica: a follower's proposal goes to the leader.
+    pub async fn propose(&self, shard: u64, ops: Vec<cmd::Op>) -> ProposeResult {
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbound::Propose {
+            shard,
+            ops,
+            reply,
+            deadline: Instant::now() + self.inner.request_timeout,
+        })?;
+        rx.await.map_err(|_| ClusterError::Stopped)?
+    }
+
+    /// Waits until this replica has applied everything committed before the
+    /// call (ReadIndex, confirmed by a quorum): a read of the engine after it
+    /// returns is linearizable.
+    pub async fn read_barrier(&self, shard: u64) -> Result<(), ClusterError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbound::Read {
+            shard,
+            reply,
+            deadline: Instant::now() + self.inner.request_timeout,
+        })?;
+        rx.await.map_err(|_| ClusterError::Stopped)?
+    }
+
+    /// Changes the replicas of `shard` (call on its leader). Returns the new
+    /// configuration once the change is applied here.
+    pub async fn change_membership(&self, shard: u64, changes: &[MembershipChange]) -> Result<ConfState, ClusterError> {
+        let mut cc = ConfChangeV2::default();
+        for c in changes {
+            let (t, node) = match *c {
+                MembershipChange::AddLearner(n) => (ConfChangeType::AddLearnerNode, n),
+                MembershipChange::AddVoter(n) => (ConfChangeType::AddNode, n),
+                MembershipChange::Remove(n) => (ConfChangeType::RemoveNode, n),
+            };
+            let mut s = ConfChangeSingle::default();
+            s.set_change_type(t);
+            s.node_id = node;
+            cc.mut_changes().push(s);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbound::ConfChange {
+            shard,
+            cc,
+            reply,
+            deadline: Instant::now() + self.inner.request_timeout,
+        })?;
+        rx.await.map_err(|_| ClusterError::Stopped)?
+    }
+
+    /// Asks the leader of `shard` (this node) to hand leadership to `to`.
+    /// Returns once the request is made; watch [`Node::status`] for the result.
+    pub async fn transfer_leader(&self, shard: u64, to: u64) -> Result<(), ClusterError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbound::TransferLeader { shard, to, reply })?;
+        rx.await.map_err(|_| ClusterError::Stopped)?
+    }
+
+    /// Starts an election for `shard` on this node.
+    pub async fn campaign(&self, shard: u64) -> Result<(), ClusterError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbound::Campaign { shard, reply })?;
+        rx.await.map_err(|_| ClusterError::Stopped)?
+    }
+
+    /// The state of every replica on this node.
+    pub async fn status(&self) -> Result<Vec<ShardStatus>, ClusterError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbound::Status { reply })?;
+        rx.await.map_err(|_| ClusterError::Stopped)
+    }
+
+    /// Stops the driver and waits for it. Waiting callers get `Stopped`.
+    pub fn stop(&self) -> Result<(), ClusterError> {
+        let handle = self.inner.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(h) = handle {
+            // A full inbox cannot refuse Stop for long: the driver drains it.
+            let _ = self.inner.tx.send(Inbound::Stop);
+            return h
+                .join()
+                .map_err(|_| ClusterError::Raft("driver thread panicked".into()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the driver thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.inner
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+    }
+}
+
+/// The identity file pins the node id, cluster id and shard layout to the
+/// data dir, so restarting with other flags fails instead of corrupting.
+fn check_identity(cfg: &NodeConfig, cluster_id: u64) -> Result<(), ClusterError> {
+    let path = cfg.data_dir.join(IDENTITY_FILE);
+    let want = format!(
+        "node_id={}\ncluster_id={cluster_id}\nshard_count={}\nreplication_factor={}\n",
+        cfg.node_id, cfg.shard_count, cfg.replication_factor
+    );
+    match std::fs::read_to_string(&path) {
+        Ok(have) if have == want => Ok(()),
+        Ok(have) => Err(ClusterError::Config(format!(
+            "data dir {} belongs to another node or cluster:\n{have}but the flags say:\n{want}",
+            cfg.data_dir.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_durably(&path, want.as_bytes()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! The shard map: hash range → replicas → preferred leader, and the node list.
+//!
+//! At bootstrap every node computes the same map from the same flags
+//! (`--initial-cluster`, shard count, replication factor), so no node needs
+//! to ask another. Shard ids start at 1; id 0 is reserved for a metadata
+//! group. Replicas go round-robin over the sorted node ids, and the first
+//! replica of each shard is its preferred leader, which spreads leaders
+//! evenly over the nodes from the first election on.
+
+use crate::config::InitialCluster;
+use crate::hash::{equal_range, user_hash};
+use std::collections::BTreeMap;
+
+/// One shard's place in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardDesc {
+    /// Shard id (≥ 1).
+    pub id: u64,
+    /// First hash in the shard's range.
+    pub range_start: u64,
+    /// First hash after the range; `None` = the range runs to `u64::MAX`.
+    pub range_end: Option<u64>,
+    /// Nodes holding a replica at bootstrap.
+    pub replicas: Vec<u64>,
+    /// The node that should lead it when healthy.
+    pub preferred_leader: u64,
+}
+
+/// The whole map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardMap {
+    /// Shards ordered by `range_start`.
+    pub shards: Vec<ShardDesc>,
+    /// Node id → raft transport address.
+    pub nodes: BTreeMap<u64, String>,
+}
+
+impl ShardMap {
+    /// The map every node derives at bootstrap.
+    pub fn bootstrap(cluster: &InitialCluster, shard_count: u64, replication_factor: usize) -> ShardMap {
+        let ids = cluster.ids();
+        let n = ids.len().max(1);
+        let rf = replication_factor.clamp(1, n);
+        let shards = (0..shard_count)
+            .map(|i| {
+                let (range_start, range_end) = equal_range(i, shard_count);
+                let first = usize::try_from(i).unwrap_or(0) % n;
+                let replicas: Vec<u64> = (0..rf).filter_map(|k| ids.get((first + k) % n).copied()).collect();
+                ShardDesc {
+                    id: i + 1,
+                    range_start,
+                    range_end,
+                    preferred_leader: replicas.first().copied().unwrap_or(0),
+                    replicas,
+                }
+            })
+            .collect();
+        ShardMap {
+            shards,
+            nodes: cluster.nodes.clone(),
+        }
+    }
+
+    /// The shard that holds `user_id`'s mailboxes.
+    pub fn shard_for_user(&self, user_id: &[u8]) -> Option<&ShardDesc> {
+        self.shard_for_hash(user_hash(user_id))
+    }
+
+    /// The shard whose range contains `hash`.
+    pub fn shard_for_hash(&self, hash: u64) -> Option<&ShardDesc> {
+        let i = self.shards.partition_point(|s| s.range_start <= hash);
+        let s = self.shards.get(i.checked_sub(1)?)?;
+        match s.range_end {
+            Some(end) if hash >= end => None,
+            _ => Some(s),
+        }
+    }
+
+    /// The shard with id `id`.
+    pub fn shard(&self, id: u64) -> Option<&ShardDesc> {
+        self.shards.iter().find(|s| s.id == id)
+    }
+
+    /// Ids of the shards with a replica on `node`.
+    pub fn shards_on(&self, node: u64) -> Vec<u64> {
+        self.shards
+            .iter()
+            .filter(|s| s.replicas.contains(&node))
+            .map(|s| s.id)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(n: u64) -> InitialCluster {
+        InitialCluster {
+            nodes: (1..=n).map(|i| (i, format!("127.0.0.1:{}", 7000 + i))).collect(),
+        }
+    }
+
+    #[test]
+    fn every_hash_has_exactly_one_shard() {
+        let m = ShardMap::bootstrap(&cluster(3), 64, 3);
+        for h in [
+            0u64,
+            1,
+            u64::MAX / 64,
+            u64::MAX / 64 + 1,
+            u64::MAX / 2,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let s = m.shard_for_hash(h).unwrap();
+            assert!(s.range_start <= h && s.range_end.is_none_or(|e| h < e));
+        }
+        assert_eq!(m.shard_for_hash(0).unwrap().id, 1);
+        assert_eq!(m.shard_for_hash(u64::MAX).unwrap().id, 64);
+    }
+
+    #[test]
+    fn leaders_and_replicas_spread() {
+        let m = ShardMap::bootstrap(&cluster(5), 64, 3);
+        let mut leads = BTreeMap::<u64, usize>::new();
+        let mut holds = BTreeMap::<u64, usize>::new();
+        for s in &m.shards {
+            assert_eq!(s.replicas.len(), 3);
+            let mut r = s.replicas.clone();
+            r.dedup();
+            assert_eq!(r.len(), 3, "replicas on distinct nodes");
+            *leads.entry(s.preferred_leader).or_default() += 1;
+            for n in &s.replicas {
+                *holds.entry(*n).or_default() += 1;
+            }
+        }
+        assert!(leads.values().all(|c| (12..=13).contains(c)), "{leads:?}");
+        assert!(holds.values().all(|c| (38..=39).contains(c)), "{holds:?}");
+        // Replication factor is capped at the node count.
+        let one = ShardMap::bootstrap(&cluster(1), 4, 3);
+        assert!(one.shards.iter().all(|s| s.replicas == vec![1]));
+    }
+}

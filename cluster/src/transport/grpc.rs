@@ -1,0 +1,299 @@
+//! The production transport: tonic gRPC streams between nodes.
+//!
+//! - One long-lived client stream per peer carries [`RaftFrame`]s. Each peer
+//!   has its own task and its own bounded queue, so a slow or dead peer fills
+//!   only its own queue (and then loses messages, which Raft retransmits); it
+//!   never blocks the driver or the other peers.
+//! - A broken stream reconnects with exponential backoff (50 ms doubling to
+//!   2 s, with jitter, so a restarted cluster does not reconnect in lockstep).
+//! - Snapshots use a separate RPC per transfer, streaming engine chunks read
+//!   on a blocking thread, so a large snapshot never delays heartbeats.
+//! - Frames carry the cluster id; frames of another cluster are refused.
+
+use super::{Envelope, NodeInbox, ShardMsg, SnapshotJob, Transport};
+use pigeonhole_engine::raft::eraftpb::Message;
+use pigeonhole_engine::EngineError;
+use pigeonhole_proto::internal::v1::raft_transport_client::RaftTransportClient;
+use pigeonhole_proto::internal::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
+use pigeonhole_proto::internal::v1::{RaftFrame, ShardMessage, SnapshotFrame, TransportDone};
+use protobuf::Message as _;
+use rand::Rng;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Envelopes queued per peer before new ones are dropped.
+pub const PEER_QUEUE_MAX: usize = 4_096;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest frame accepted from a peer (a snapshot chunk plus framing).
+pub const FRAME_BYTES_MAX: usize = 80 << 20;
+
+/// Sends to peers over gRPC.
+#[derive(Debug)]
+pub struct GrpcTransport {
+    cluster_id: u64,
+    peers: BTreeMap<u64, (String, mpsc::Sender<Envelope>)>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl GrpcTransport {
+    /// Starts one sender task per peer on `runtime`. `peers` maps node id to
+    /// `host:port` (this node excluded).
+    pub fn new(cluster_id: u64, peers: BTreeMap<u64, String>, runtime: tokio::runtime::Handle) -> Self {
+        let mut out = BTreeMap::new();
+        for (id, addr) in peers {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+            runtime.spawn(peer_loop(cluster_id, addr.clone(), rx));
+            out.insert(id, (addr, tx));
+        }
+        GrpcTransport {
+            cluster_id,
+            peers: out,
+            runtime,
+        }
+    }
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+fn backoff(cur: Duration) -> Duration {
+    let next = (cur * 2).min(BACKOFF_MAX);
+    let jitter = rand::thread_rng().gen_range(0..=next.as_millis() as u64 / 4);
+    next + Duration::from_millis(jitter)
+}
+
+fn encode(cluster_id: u64, env: Envelope) -> RaftFrame {
+    RaftFrame {
+        cluster_id,
+        from_node: env.from,
+        to_node: env.to,
+        messages: env
+            .msgs
+            .into_iter()
+            .filter_map(|m| {
+                Some(ShardMessage {
+                    shard: m.shard,
+                    message: m.msg.write_to_bytes().ok()?,
+                })
+            })
+            .collect(),
+    }
+}
+
+async fn peer_loop(cluster_id: u64, addr: String, mut rx: mpsc::Receiver<Envelope>) {
+    let mut delay = BACKOFF_MIN;
+    loop {
+        let client = match endpoint(&addr) {
+            Ok(ep) => ep.connect().await.ok().map(RaftTransportClient::new),
+            Err(_) => None,
+        };
+        if let Some(mut client) = client {
+            let (tx, stream_rx) = mpsc::channel::<RaftFrame>(256);
+            let call = tokio::spawn(async move { client.send(ReceiverStream::new(stream_rx)).await });
+            delay = BACKOFF_MIN;
+            loop {
+                let Some(env) = rx.recv().await else { return };
+                if tx.send(encode(cluster_id, env)).await.is_err() {
+                    break; // the stream ended: reconnect
+                }
+                if call.is_finished() {
+                    break;
+                }
+            }
+            call.abort();
+        }
+        // While disconnected, drop what queues up: Raft retransmits, and old
+        // heartbeats are worthless.
+        let until = tokio::time::Instant::now() + delay;
+        while let Ok(Some(_)) = tokio::time::timeout_at(until, rx.recv()).await {}
+        if rx.is_closed() {
+            return;
+        }
+        delay = backoff(delay);
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, env: Envelope) {
+        if let Some((_, tx)) = self.peers.get(&env.to) {
+            let _ = tx.try_send(env);
+        }
+    }
+
+    fn send_snapshot(&self, job: SnapshotJob) {
+        let Some((addr, _)) = self.peers.get(&job.to) else {
+            (job.report)(false);
+            return;
+        };
+        let addr = addr.clone();
+        let cluster_id = self.cluster_id;
+        self.runtime.spawn(async move {
+            let ok = stream_snapshot(
+                cluster_id,
+                &addr,
+                job.from,
+                job.to,
+                job.shard,
+                job.msg,
+                job.engine,
+                job.chunk_bytes,
+            )
+            .await
+            .is_ok();
+            (job.report)(ok);
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_snapshot(
+    cluster_id: u64,
+    addr: &str,
+    from: u64,
+    to: u64,
+    shard: u64,
+    msg: Message,
+    engine: pigeonhole_engine::Engine,
+    chunk_bytes: usize,
+) -> Result<(), String> {
+    let mut client = RaftTransportClient::new(
+        endpoint(addr)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?,
+    )
+    .max_decoding_message_size(FRAME_BYTES_MAX)
+    .max_encoding_message_size(FRAME_BYTES_MAX);
+    let raft_message = msg.write_to_bytes().map_err(|e| e.to_string())?;
+    // A small queue: the exporter runs at most a few chunks ahead of the wire.
+    let (tx, rx) = mpsc::channel::<SnapshotFrame>(4);
+    let export = tokio::task::spawn_blocking(move || {
+        engine.export_snapshot(shard, chunk_bytes, |chunk| {
+            let last = chunk.last;
+            let frame = SnapshotFrame {
+                cluster_id,
+                from_node: from,
+                to_node: to,
+                shard,
+                chunk: chunk.encode(),
+                raft_message: if last { raft_message.clone() } else { Vec::new() },
+            };
+            tx.blocking_send(frame)
+                .map_err(|_| EngineError::InvalidCall("snapshot stream closed".into()))
+        })
+    });
+    let sent = client.snapshot(ReceiverStream::new(rx)).await;
+    let exported = export.await.map_err(|e| e.to_string())?;
+    exported.map_err(|e| e.to_string())?;
+    sent.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The receiving side: a tonic service that feeds the node's inbox.
+#[derive(Debug, Clone)]
+pub struct RaftService {
+    cluster_id: u64,
+    inbox: NodeInbox,
+}
+
+impl RaftService {
+    /// The service for a node's inbox.
+    pub fn new(cluster_id: u64, inbox: NodeInbox) -> Self {
+        RaftService { cluster_id, inbox }
+    }
+
+    /// As a tonic server, with the frame size limit set.
+    pub fn into_server(self) -> RaftTransportServer<RaftService> {
+        RaftTransportServer::new(self)
+            .max_decoding_message_size(FRAME_BYTES_MAX)
+            .max_encoding_message_size(FRAME_BYTES_MAX)
+    }
+
+    fn check(&self, cluster_id: u64, to: u64) -> Result<(), Status> {
+        if cluster_id != self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "cluster_id {cluster_id} is not this cluster ({})",
+                self.cluster_id
+            )));
+        }
+        if to != self.inbox.node_id() {
+            return Err(Status::failed_precondition(format!(
+                "frame for node {to} reached node {}",
+                self.inbox.node_id()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn send(&self, req: Request<Streaming<RaftFrame>>) -> Result<Response<TransportDone>, Status> {
+        let mut stream = req.into_inner();
+        while let Some(frame) = stream.next().await {
+            let frame = frame?;
+            self.check(frame.cluster_id, frame.to_node)?;
+            let mut msgs = Vec::with_capacity(frame.messages.len());
+            for m in frame.messages {
+                let msg = Message::parse_from_bytes(&m.message)
+                    .map_err(|e| Status::invalid_argument(format!("messages.message: not a raft message: {e}")))?;
+                msgs.push(ShardMsg { shard: m.shard, msg });
+            }
+            self.inbox.deliver(Envelope {
+                from: frame.from_node,
+                to: frame.to_node,
+                msgs,
+            });
+        }
+        Ok(Response::new(TransportDone {}))
+    }
+
+    async fn snapshot(&self, req: Request<Streaming<SnapshotFrame>>) -> Result<Response<TransportDone>, Status> {
+        let mut stream = req.into_inner();
+        let mut writer = None;
+        while let Some(frame) = stream.next().await {
+            let frame = frame?;
+            self.check(frame.cluster_id, frame.to_node)?;
+            let w = match writer.as_mut() {
+                Some(w) => w,
+                None => writer.insert(
+                    self.inbox
+                        .begin_snapshot(frame.from_node, frame.shard)
+                        .map_err(|e| Status::internal(format!("snapshot spool: {e}")))?,
+                ),
+            };
+            w.write_chunk(&frame.chunk)
+                .map_err(|e| Status::invalid_argument(format!("chunk: {e}")))?;
+            if !frame.raft_message.is_empty() {
+                let msg = Message::parse_from_bytes(&frame.raft_message)
+                    .map_err(|e| Status::invalid_argument(format!("raft_message: {e}")))?;
+                let w = writer
+                    .take()
+                    .ok_or_else(|| Status::internal("snapshot writer vanished"))?;
+                self.inbox
+                    .snapshot_ready(w, msg)
+                    .map_err(|e| Status::internal(format!("snapshot spool: {e}")))?;
+                return Ok(Response::new(TransportDone {}));
+            }
+        }
+        Err(Status::invalid_argument("snapshot stream ended before its last chunk"))
+    }
+}
+
+/// Connects to a channel lazily (for callers that want to share one).
+pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(addr)?.connect_lazy())
+}

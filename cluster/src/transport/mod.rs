@@ -1,0 +1,121 @@
+//! Node-to-node transport: how Raft messages and shard snapshots leave a node.
+//!
+//! The driver only sees the [`Transport`] trait, so the same driver runs over
+//! gRPC in production ([`grpc`]) and over an in-process router with fault
+//! filters in tests ([`local`]), as TiKV's test_raftstore does. Both obey the
+//! same rules:
+//! - `send` never blocks the driver: a full queue to a slow or dead peer drops
+//!   messages (Raft retransmits), it never stalls the other peers;
+//! - snapshots go on their own path, so a large one never delays heartbeats;
+//! - the receiving side spools a snapshot to disk ([`SnapshotSpool`]) before
+//!   the driver sees it, so a half-received snapshot never touches the engine.
+
+pub mod grpc;
+pub mod local;
+pub(crate) mod spool;
+
+pub use spool::{SnapshotSpool, SpoolWriter};
+
+use crate::driver::Inbound;
+use crossbeam_channel::{Sender, TrySendError};
+use pigeonhole_engine::raft::eraftpb::Message;
+use pigeonhole_engine::Engine;
+use std::sync::Arc;
+
+/// A Raft message of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardMsg {
+    /// The shard (Raft group).
+    pub shard: u64,
+    /// The message.
+    pub msg: Message,
+}
+
+/// Messages from one node to another. No messages = a node heartbeat.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Sender node.
+    pub from: u64,
+    /// Receiver node.
+    pub to: u64,
+    /// The messages, in send order.
+    pub msgs: Vec<ShardMsg>,
+}
+
+/// How a snapshot send ended, reported back to the sending driver.
+pub type SnapshotReport = Box<dyn FnOnce(bool) + Send>;
+
+/// A snapshot to stream: the engine state of `shard`, then `msg`.
+pub struct SnapshotJob {
+    /// Sender node.
+    pub from: u64,
+    /// Receiver node.
+    pub to: u64,
+    /// The shard.
+    pub shard: u64,
+    /// raft-rs's MsgSnapshot (its data names the shard, not the state).
+    pub msg: Message,
+    /// Where the state is read from.
+    pub engine: Engine,
+    /// Bytes per chunk.
+    pub chunk_bytes: usize,
+    /// Called once with whether the receiver got the whole stream.
+    pub report: SnapshotReport,
+}
+
+impl std::fmt::Debug for SnapshotJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotJob")
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("shard", &self.shard)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The driver's view of the network.
+pub trait Transport: Send + Sync + 'static {
+    /// Queues `env` for delivery. Never blocks; may drop.
+    fn send(&self, env: Envelope);
+    /// Streams a snapshot in the background; reports the outcome.
+    fn send_snapshot(&self, job: SnapshotJob);
+}
+
+/// What a transport's receiving side hands messages to: the node's inbox and
+/// its snapshot spool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct NodeInbox {
+    pub(crate) node_id: u64,
+    pub(crate) tx: Sender<Inbound>,
+    pub(crate) spool: Arc<SnapshotSpool>,
+}
+
+impl NodeInbox {
+    /// The node this inbox belongs to.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// Delivers raft messages. Drops them if the node is overloaded or gone:
+    /// Raft tolerates loss, and blocking here would stall the sender's stream.
+    pub fn deliver(&self, env: Envelope) -> bool {
+        match self.tx.try_send(Inbound::Raft(env)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Starts receiving a snapshot of `shard` from `from`.
+    pub fn begin_snapshot(&self, from: u64, shard: u64) -> std::io::Result<SpoolWriter> {
+        self.spool.begin(from, shard)
+    }
+
+    /// Hands a fully spooled snapshot to the driver.
+    pub fn snapshot_ready(&self, writer: SpoolWriter, msg: Message) -> std::io::Result<bool> {
+        let (from, shard, path) = writer.finish()?;
+        Ok(self
+            .tx
+            .try_send(Inbound::SnapshotReady { from, shard, path, msg })
+            .is_ok())
+    }
+}

@@ -1,0 +1,471 @@
+//! Replication behaviour of an in-process cluster: every test runs real nodes
+//! (engines in temp dirs, the real driver) over the filtering router.
+
+mod common;
+
+use common::*;
+use pigeonhole_cluster::transport::local::{DropRate, DropSnapshots, Isolate, Partition};
+use pigeonhole_cluster::{ClusterError, MembershipChange, Role};
+use std::time::Duration;
+
+#[tokio::test]
+async fn writes_replicate_and_leaders_spread() {
+    let mut tuning = fast_tuning();
+    tuning.rebalance_every_ticks = 10;
+    let c = TestCluster::new(3, 6, 3, tuning);
+    // Preferred leaders are 1,2,3,1,2,3: whoever wins the first elections,
+    // leadership settles on them, two shards per node.
+    c.eventually("leaders settle on their preferred nodes", 10, || async {
+        let mut ok = true;
+        for shard in 1..=6u64 {
+            ok &= c.leader(shard).await == 1 + (shard - 1) % 3;
+        }
+        ok
+    })
+    .await;
+
+    let user = "alice";
+    let shard = shard_of(c.node(1), user);
+    let leader = c.leader(shard).await;
+    for i in 0..10u64 {
+        let (seq, dup) = append(c.node(leader), shard, user, &format!("k{i}"), b"hello")
+            .await
+            .unwrap();
+        assert_eq!((seq, dup), (i + 1, false));
+    }
+    // Every replica holds the same log once it has caught up.
+    for id in 1..=3 {
+        c.node(id).read_barrier(shard).await.unwrap();
+        let msgs = read_all(c.node(id), shard, user);
+        assert_eq!(msgs.len(), 10, "node {id}");
+        assert!(msgs
+            .iter()
+            .enumerate()
+            .all(|(i, (s, p))| *s == i as u64 + 1 && p == b"hello"));
+    }
+}
+
+#[tokio::test]
+async fn follower_forwards_proposals_and_answers_from_its_own_apply() {
+    let c = TestCluster::new(3, 3, 3, fast_tuning());
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    let (seq, _) = append(c.node(follower), shard, "bob", "via-follower", b"x")
+        .await
+        .unwrap();
+    assert_eq!(seq, 1);
+    let (seq, dup) = append(c.node(leader), shard, "bob", "via-follower", b"x")
+        .await
+        .unwrap();
+    assert_eq!((seq, dup), (1, true), "the leader sees the follower's append");
+    // Many concurrent proposals from a follower batch into few entries.
+    let before = c.status(follower, shard).await.unwrap().last_index;
+    let futs: Vec<_> = (0..200)
+        .map(|i| {
+            let n = c.node(follower).clone();
+            tokio::spawn(async move { append(&n, shard, "bob", &format!("b{i}"), b"y").await })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for f in futs {
+        seqs.push(f.await.unwrap().unwrap().0);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (2..=201).collect::<Vec<_>>(), "gap-free, no duplicates");
+    let after = c.status(follower, shard).await.unwrap().last_index;
+    assert!(
+        after - before < 200,
+        "200 proposals took {} entries: not batched",
+        after - before
+    );
+}
+
+#[tokio::test]
+async fn leader_failover_keeps_acknowledged_writes() {
+    let mut c = TestCluster::new(3, 2, 3, fast_tuning());
+    let shard = 1;
+    let old = c.leader(shard).await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let key = format!("a{i}");
+        append(c.node(old), shard, "carol", &key, key.as_bytes()).await.unwrap();
+        acked.push(key);
+    }
+    c.stop(old);
+    let new = c.leader(shard).await;
+    assert_ne!(new, old);
+    for i in 20..40 {
+        let key = format!("a{i}");
+        append_retrying(c.node(new), shard, "carol", &key, key.as_bytes(), 10).await;
+        acked.push(key);
+    }
+    c.start(old);
+    c.eventually("old leader catches up", 10, || async {
+        c.status(old, shard).await.is_some_and(|s| s.applied >= 40)
+    })
+    .await;
+    for id in 1..=3 {
+        c.node(id).read_barrier(shard).await.unwrap();
+        let got: Vec<Vec<u8>> = read_all(c.node(id), shard, "carol")
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        let want: Vec<Vec<u8>> = acked.iter().map(|k| k.as_bytes().to_vec()).collect();
+        assert_eq!(got, want, "node {id} has every acknowledged write, in order, once");
+    }
+}
+
+#[tokio::test]
+async fn minority_cannot_commit_and_loses_no_acknowledged_write() {
+    let c = TestCluster::new(3, 1, 3, fast_tuning());
+    let shard = 1;
+    let old = c.leader(shard).await;
+    append(c.node(old), shard, "dave", "before", b"1").await.unwrap();
+    let others: Vec<u64> = (1..=3).filter(|n| *n != old).collect();
+    c.router.add_filter(Partition::new(&[old], &others));
+
+    // The isolated old leader cannot commit: its proposal fails.
+    let commit_before = c.status(old, shard).await.unwrap().commit;
+    let err = append(c.node(old), shard, "dave", "minority", b"m").await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(
+        c.status(old, shard).await.unwrap().commit,
+        commit_before,
+        "minority committed"
+    );
+
+    // The majority elects a leader and commits.
+    let new = others[0];
+    c.eventually("majority elects", 10, || async {
+        c.status(new, shard)
+            .await
+            .is_some_and(|s| s.leader != 0 && s.leader != old)
+    })
+    .await;
+    let (seq, _) = append_retrying(c.node(new), shard, "dave", "majority", b"2", 10).await;
+    assert_eq!(seq, 2, "the minority's entry never committed");
+
+    c.router.clear_filters();
+    c.eventually("old leader rejoins as follower", 10, || async {
+        c.status(old, shard)
+            .await
+            .is_some_and(|s| s.role == Role::Follower && s.applied >= s.commit && s.commit >= 7)
+    })
+    .await;
+    c.node(old).read_barrier(shard).await.unwrap();
+    let got: Vec<Vec<u8>> = read_all(c.node(old), shard, "dave")
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(got, vec![b"1".to_vec(), b"2".to_vec()]);
+}
+
+#[tokio::test]
+async fn lagging_follower_catches_up_by_snapshot() {
+    let mut tuning = fast_tuning();
+    tuning.log_entries_max = 40;
+    tuning.log_retain_entries = 5;
+    tuning.snapshot_chunk_bytes = 4096; // many chunks
+    let mut c = TestCluster::new(3, 1, 3, tuning);
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let lagger = (1..=3).find(|n| *n != leader).unwrap();
+    c.stop(lagger);
+    for i in 0..150 {
+        let key = format!("s{i}");
+        append_retrying(c.node(leader), shard, "erin", &key, &[7u8; 300], 10).await;
+    }
+    // Compaction ran: the log no longer reaches back to the lagger.
+    c.eventually("leader compacts", 10, || async {
+        c.status(leader, shard).await.is_some_and(|s| s.first_index > 50)
+    })
+    .await;
+    let snaps_before = c.router.stats().snapshots;
+    c.start(lagger);
+    c.eventually("lagger catches up", 15, || async {
+        c.status(lagger, shard).await.is_some_and(|s| s.applied >= 150)
+    })
+    .await;
+    assert!(
+        c.router.stats().snapshots > snaps_before,
+        "caught up without a snapshot"
+    );
+    let got = read_all(c.node(lagger), shard, "erin");
+    assert_eq!(got.len(), 150);
+    assert_eq!(got.last().unwrap().0, 150);
+}
+
+#[tokio::test]
+async fn snapshot_is_retried_after_it_is_lost() {
+    let mut tuning = fast_tuning();
+    tuning.log_entries_max = 20;
+    tuning.log_retain_entries = 2;
+    let mut c = TestCluster::new(3, 1, 3, tuning);
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let lagger = (1..=3).find(|n| *n != leader).unwrap();
+    c.stop(lagger);
+    for i in 0..60 {
+        append_retrying(c.node(leader), shard, "fay", &format!("k{i}"), b"v", 10).await;
+    }
+    let block = c.router.add_filter(DropSnapshots);
+    c.start(lagger);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        c.status(lagger, shard).await.unwrap().applied < 60,
+        "no snapshot should get through"
+    );
+    c.router.remove_filter(block);
+    c.eventually("lagger catches up once snapshots flow", 15, || async {
+        c.status(lagger, shard).await.is_some_and(|s| s.applied >= 60)
+    })
+    .await;
+    assert_eq!(read_all(c.node(lagger), shard, "fay").len(), 60);
+}
+
+#[tokio::test]
+async fn full_restart_keeps_state() {
+    let mut c = TestCluster::new(3, 3, 3, fast_tuning());
+    let mut expect = Vec::new();
+    for shard in 1..=3 {
+        let leader = c.leader(shard).await;
+        for i in 0..5 {
+            let user = format!("u{shard}");
+            append(c.node(leader), shard, &user, &format!("k{i}"), b"p")
+                .await
+                .unwrap();
+        }
+        expect.push(shard);
+    }
+    for id in 1..=3 {
+        c.stop(id);
+    }
+    for id in 1..=3 {
+        c.start(id);
+    }
+    for shard in expect {
+        let leader = c.leader(shard).await;
+        let user = format!("u{shard}");
+        // The old writes are there, and a retry of an old key is deduplicated.
+        let (seq, dup) = append(c.node(leader), shard, &user, "k2", b"p").await.unwrap();
+        assert_eq!((seq, dup), (3, true));
+        let (seq, dup) = append(c.node(leader), shard, &user, "k5", b"p").await.unwrap();
+        assert_eq!((seq, dup), (6, false));
+        for id in 1..=3 {
+            c.node(id).read_barrier(shard).await.unwrap();
+            assert_eq!(read_all(c.node(id), shard, &user).len(), 6, "node {id} shard {shard}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn dedup_holds_across_a_leader_change() {
+    let mut c = TestCluster::new(3, 1, 3, fast_tuning());
+    let shard = 1;
+    let old = c.leader(shard).await;
+    let (seq, dup) = append(c.node(old), shard, "gus", "once", b"payload").await.unwrap();
+    assert_eq!((seq, dup), (1, false));
+    append(c.node(old), shard, "gus", "other", b"x").await.unwrap();
+    // The first attempt committed under the old leader; it dies and the
+    // client retries on whoever leads now.
+    c.stop(old);
+    let new = c.leader(shard).await;
+    let (seq, dup) = append_retrying(c.node(new), shard, "gus", "once", b"payload", 10).await;
+    assert_eq!((seq, dup), (1, true), "the retry returns the original seq");
+    assert_eq!(read_all(c.node(new), shard, "gus").len(), 2);
+}
+
+#[tokio::test]
+async fn leader_transfer_moves_leadership() {
+    let c = TestCluster::new(3, 1, 3, fast_tuning());
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let target = (1..=3).find(|n| *n != leader).unwrap();
+    c.node(leader).transfer_leader(shard, target).await.unwrap();
+    c.eventually("transfer completes", 5, || async { c.leader(shard).await == target })
+        .await;
+    // Not the leader any more: a second transfer from the old leader is refused.
+    let err = c.node(leader).transfer_leader(shard, leader).await.unwrap_err();
+    assert!(
+        matches!(err, ClusterError::NotLeader { leader: l, .. } if l == target),
+        "{err}"
+    );
+    append(c.node(target), shard, "hal", "k", b"v").await.unwrap();
+}
+
+#[tokio::test]
+async fn membership_change_moves_a_replica_to_a_new_node() {
+    // Four nodes in the map; shard 1 starts on nodes 1, 2 and 3.
+    let mut c = TestCluster::with_members(4, 4, 1, 3, fast_tuning());
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    for i in 0..30 {
+        append(c.node(leader), shard, "ivy", &format!("k{i}"), b"v")
+            .await
+            .unwrap();
+    }
+    assert!(c.status(4, shard).await.is_none(), "node 4 starts without a replica");
+    let cs = c
+        .node(leader)
+        .change_membership(shard, &[MembershipChange::AddLearner(4)])
+        .await
+        .unwrap();
+    assert_eq!(cs.learners, vec![4]);
+    c.eventually("learner catches up", 10, || async {
+        c.status(4, shard).await.is_some_and(|s| s.applied >= 30)
+    })
+    .await;
+    let cs = c
+        .node(leader)
+        .change_membership(shard, &[MembershipChange::AddVoter(4)])
+        .await
+        .unwrap();
+    assert!(cs.voters.contains(&4) && cs.learners.is_empty());
+    // Remove a replica that is not the leader.
+    let gone = (1..=3).find(|n| *n != leader).unwrap();
+    let cs = c
+        .node(leader)
+        .change_membership(shard, &[MembershipChange::Remove(gone)])
+        .await
+        .unwrap();
+    assert!(!cs.voters.contains(&gone));
+    c.eventually("removed replica stops", 5, || async {
+        c.status(gone, shard).await.is_none()
+    })
+    .await;
+    // The new configuration commits writes, and node 4 holds them.
+    append(c.node(leader), shard, "ivy", "after", b"v").await.unwrap();
+    c.node(4).read_barrier(shard).await.unwrap();
+    assert_eq!(read_all(c.node(4), shard, "ivy").len(), 31);
+    // The removed node's proposals are refused, not silently lost.
+    let err = append(c.node(gone), shard, "ivy", "x", b"v").await.unwrap_err();
+    assert!(matches!(err, ClusterError::NotReplica { .. }), "{err}");
+    // And the membership survives a restart of the new voter.
+    c.restart(4);
+    c.eventually("restarted learner-turned-voter rejoins", 10, || async {
+        c.status(4, shard)
+            .await
+            .is_some_and(|s| s.voters.contains(&4) && s.leader != 0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reads_are_linearizable_on_followers_and_stale_reads_are_local() {
+    let c = TestCluster::new(3, 1, 3, fast_tuning());
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    for i in 0..50 {
+        append(c.node(leader), shard, "jo", &format!("k{i}"), b"v")
+            .await
+            .unwrap();
+        // ReadIndex on the follower: it must see the write just acknowledged.
+        c.node(follower).read_barrier(shard).await.unwrap();
+        assert_eq!(read_all(c.node(follower), shard, "jo").len(), i + 1);
+    }
+    // An isolated follower cannot confirm a read index: it fails, it does
+    // not return possibly stale data as linearizable.
+    c.router.add_filter(Isolate(follower));
+    let err = c.node(follower).read_barrier(shard).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    // A stale read is still served locally.
+    assert_eq!(read_all(c.node(follower), shard, "jo").len(), 50);
+}
+
+#[tokio::test]
+async fn idle_shards_hibernate_and_wake() {
+    let c = TestCluster::new(3, 8, 3, fast_tuning());
+    for shard in 1..=8 {
+        c.leader(shard).await;
+    }
+    c.eventually("all replicas hibernate", 10, || async {
+        let mut all = true;
+        for id in 1..=3 {
+            all &= c.node(id).status().await.unwrap().iter().all(|s| s.asleep);
+        }
+        all
+    })
+    .await;
+    // Asleep means silent: no raft messages between nodes for a while (only
+    // node heartbeats, which carry none).
+    let before = c.router.stats().messages;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(c.router.stats().messages, before, "hibernating shards still talk");
+    // A write wakes the shard and works.
+    let leader = c.leader(3).await;
+    append(c.node(leader), 3, "kim", "k", b"v").await.unwrap();
+}
+
+#[tokio::test]
+async fn sleeping_shards_elect_a_new_leader_when_the_leader_dies() {
+    let mut c = TestCluster::new(3, 3, 3, fast_tuning());
+    let leaders: Vec<u64> = futures_lite(&c).await;
+    c.eventually("all replicas hibernate", 10, || async {
+        let mut all = true;
+        for id in 1..=3 {
+            all &= c.node(id).status().await.unwrap().iter().all(|s| s.asleep);
+        }
+        all
+    })
+    .await;
+    let dead = leaders[0];
+    c.stop(dead);
+    // No client traffic: the node-level heartbeat alone must get shard 1 a
+    // new leader.
+    c.eventually("sleeping followers elect", 10, || async {
+        let mut ok = true;
+        for id in (1..=3).filter(|n| *n != dead) {
+            ok &= c.status(id, 1).await.is_some_and(|s| s.leader != 0 && s.leader != dead);
+        }
+        ok
+    })
+    .await;
+}
+
+async fn futures_lite(c: &TestCluster) -> Vec<u64> {
+    let mut v = Vec::new();
+    for shard in 1..=3 {
+        v.push(c.leader(shard).await);
+    }
+    v
+}
+
+#[tokio::test]
+async fn writes_get_through_a_lossy_network() {
+    let c = TestCluster::new(3, 1, 3, fast_tuning());
+    let shard = 1;
+    c.leader(shard).await;
+    c.router.add_filter(DropRate { percent: 20 });
+    for i in 0..30 {
+        let node = c.node(1 + (i % 3));
+        append_retrying(node, shard, "lee", &format!("k{i}"), b"v", 20).await;
+    }
+    c.router.clear_filters();
+    let leader = c.leader(shard).await;
+    c.node(leader).read_barrier(shard).await.unwrap();
+    let got = read_all(c.node(leader), shard, "lee");
+    assert_eq!(got.len(), 30, "each retried append exactly once");
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors() {
+    let c = TestCluster::new(1, 2, 1, fast_tuning());
+    c.leader(1).await;
+    let err = c
+        .node(1)
+        .propose(99, vec![append_op("u", "k", b"v")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClusterError::NotReplica { shard: 99, .. }), "{err}");
+    // A bad op is a per-op error from the state machine, not a failure.
+    let res = c.node(1).propose(1, vec![append_op("u", "", b"v")]).await.unwrap();
+    let e = res[0].as_ref().unwrap_err().to_string();
+    assert!(e.contains("idempotency_key"), "{e}");
+    let err = c.node(1).transfer_leader(1, 7).await.unwrap_err();
+    assert!(
+        matches!(err, ClusterError::InvalidArgument { field: "to", .. }),
+        "{err}"
+    );
+}

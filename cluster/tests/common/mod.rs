@@ -1,0 +1,211 @@
+//! In-process cluster harness: several nodes in one test process, each with a
+//! real engine in a temp dir, connected by the filtering `Router`.
+#![allow(dead_code)]
+
+use pigeonhole_cluster::transport::local::Router;
+use pigeonhole_cluster::{ClusterError, InitialCluster, Node, NodeConfig, RaftTuning, Role, ShardStatus};
+use pigeonhole_engine::command as cmd;
+use pigeonhole_engine::{OpOutput, SyncQuery};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Fast timings so elections take ~100–200 ms.
+pub fn fast_tuning() -> RaftTuning {
+    RaftTuning {
+        tick_ms: 10,
+        election_ticks: 10,
+        heartbeat_ticks: 2,
+        hibernate_after_ticks: 30,
+        peer_down_after_ms: 300,
+        node_heartbeat_ms: 50,
+        request_timeout_ms: 2_000,
+        rebalance_every_ticks: 0,
+        ..RaftTuning::default()
+    }
+}
+
+pub struct TestCluster {
+    pub router: Router,
+    pub dirs: BTreeMap<u64, tempfile::TempDir>,
+    pub nodes: BTreeMap<u64, Node>,
+    pub configs: BTreeMap<u64, NodeConfig>,
+}
+
+impl TestCluster {
+    /// `n` nodes, `shards` shards, replication `rf`.
+    pub fn new(n: u64, shards: u64, rf: usize, tuning: RaftTuning) -> Self {
+        Self::with_members(n, n, shards, rf, tuning)
+    }
+
+    /// `members` nodes in the initial cluster, of which the first `started`
+    /// run now (the rest are spare nodes in the map, started later).
+    pub fn with_members(members: u64, started: u64, shards: u64, rf: usize, tuning: RaftTuning) -> Self {
+        let ic = InitialCluster {
+            nodes: (1..=members).map(|i| (i, format!("127.0.0.1:{}", 17000 + i))).collect(),
+        };
+        let router = Router::new();
+        let mut c = TestCluster {
+            router,
+            dirs: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            configs: BTreeMap::new(),
+        };
+        for id in 1..=members {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = NodeConfig::new(id, dir.path(), ic.clone());
+            cfg.shard_count = shards;
+            cfg.replication_factor = rf;
+            cfg.raft = tuning.clone();
+            c.dirs.insert(id, dir);
+            c.configs.insert(id, cfg);
+        }
+        for id in 1..=started {
+            c.start(id);
+        }
+        c
+    }
+
+    pub fn start(&mut self, id: u64) {
+        let cfg = self.configs[&id].clone();
+        let node = Node::start(cfg, self.router.transport(id)).unwrap();
+        self.router.register(node.inbox());
+        self.nodes.insert(id, node);
+    }
+
+    /// Stops a node as a crash would look to the others: it vanishes from
+    /// the network; its disk state stays.
+    pub fn stop(&mut self, id: u64) {
+        self.router.unregister(id);
+        if let Some(n) = self.nodes.remove(&id) {
+            n.stop().unwrap();
+        }
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        self.stop(id);
+        self.start(id);
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[&id]
+    }
+
+    pub async fn status(&self, id: u64, shard: u64) -> Option<ShardStatus> {
+        self.nodes[&id]
+            .status()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.shard == shard)
+    }
+
+    /// Waits until the running replicas of `shard` agree on one leader.
+    pub async fn leader(&self, shard: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut leaders = Vec::new();
+            let mut claimed = 0;
+            for id in self.nodes.keys() {
+                if let Some(s) = self.status(*id, shard).await {
+                    leaders.push(s.leader);
+                    if s.role == Role::Leader {
+                        claimed = *id;
+                    }
+                }
+            }
+            if claimed != 0 && leaders.iter().all(|l| *l == claimed) {
+                return claimed;
+            }
+            assert!(Instant::now() < deadline, "no leader for shard {shard}: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `f` holds, or fails the test with `what`.
+    pub async fn eventually<F, Fut>(&self, what: &str, secs: u64, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !f().await {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub fn append_op(user: &str, key: &str, payload: &[u8]) -> cmd::Op {
+    cmd::Op {
+        op: Some(cmd::op::Op::Append(cmd::AppendOp {
+            namespace: "app".into(),
+            user_id: user.as_bytes().to_vec(),
+            idempotency_key: key.as_bytes().to_vec(),
+            payload: payload.to_vec(),
+            expected_last_seq: None,
+        })),
+    }
+}
+
+/// Appends one message through `node`; returns (seq, duplicate).
+pub async fn append(
+    node: &Node,
+    shard: u64,
+    user: &str,
+    key: &str,
+    payload: &[u8],
+) -> Result<(u64, bool), ClusterError> {
+    let mut res = node.propose(shard, vec![append_op(user, key, payload)]).await?;
+    match res.pop() {
+        Some(Ok(OpOutput::Appended { seq, duplicate, .. })) => Ok((seq, duplicate)),
+        other => panic!("unexpected append result {other:?}"),
+    }
+}
+
+/// Retries a retryable failure until `secs` pass.
+pub async fn append_retrying(node: &Node, shard: u64, user: &str, key: &str, payload: &[u8], secs: u64) -> (u64, bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match append(node, shard, user, key, payload).await {
+            Ok(r) => return r,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("append {key} failed: {e}"),
+        }
+    }
+}
+
+/// Every message of `user`'s mailbox on `node`'s replica, as (seq, payload).
+pub fn read_all(node: &Node, shard: u64, user: &str) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = node
+            .engine()
+            .sync(
+                shard,
+                &SyncQuery {
+                    namespace: "app",
+                    user_id: user.as_bytes(),
+                    after_seq: after,
+                    max_messages: 1000,
+                    max_bytes: 0,
+                },
+            )
+            .unwrap();
+        for m in &page.messages {
+            out.push((m.seq, m.payload.clone()));
+            after = m.seq;
+        }
+        if !page.has_more {
+            return out;
+        }
+    }
+}
+
+/// A shard a user maps to, per the cluster's placement.
+pub fn shard_of(node: &Node, user: &str) -> u64 {
+    node.shard_map().shard_for_user(user.as_bytes()).unwrap().id
+}
