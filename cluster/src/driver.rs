@@ -227,6 +227,11 @@ pub(crate) struct Driver {
     pending_conf: HashMap<u64, PendingConf>,
     next_id: u64,
     dirty: BTreeSet<u64>,
+    /// Shards with queued proposals or reads: the loop looks only at these,
+    /// never at every replica, so idle shards cost nothing per turn.
+    waiting: BTreeSet<u64>,
+    /// Shards that applied entries this turn (compaction candidates).
+    applied_now: BTreeSet<u64>,
     outbox: BTreeMap<u64, Vec<ShardMsg>>,
     peers: BTreeMap<u64, PeerLiveness>,
     ticks: u64,
@@ -280,6 +285,8 @@ impl Driver {
             // with our context must never answer a new caller.
             next_id: rand::random::<u64>() >> 1,
             dirty: BTreeSet::new(),
+            waiting: BTreeSet::new(),
+            applied_now: BTreeSet::new(),
             outbox: BTreeMap::new(),
             peers,
             ticks: 0,
@@ -338,9 +345,11 @@ impl Driver {
         if meta.applied_index > last {
             // Nothing in the log beyond the applied state: restart the log
             // at it, exactly as installing that snapshot would.
-            let mut md = SnapshotMetadata::default();
-            md.index = meta.applied_index;
-            md.term = meta.applied_term;
+            let md = SnapshotMetadata {
+                index: meta.applied_index,
+                term: meta.applied_term,
+                ..Default::default()
+            };
             let mut rb = RaftBatch::default();
             rb.apply_snapshot(&store, &md)?;
             self.engine.write_raft(rb, Durability::Fsync)?;
@@ -422,9 +431,9 @@ impl Driver {
                 .iter()
                 .any(|s| self.replicas.get(s).is_some_and(|r| r.raw.has_ready()))
                 || self
-                    .replicas
-                    .values()
-                    .any(|r| !r.queued.is_empty() && r.raw.raft.leader_id != 0);
+                    .waiting
+                    .iter()
+                    .any(|s| self.replicas.get(s).is_some_and(|r| r.raw.raft.leader_id != 0));
             let first = if busy {
                 self.rx.try_recv().ok()
             } else {
@@ -500,6 +509,7 @@ impl Driver {
                         return Ok(true);
                     }
                 }
+                self.waiting.insert(shard);
                 self.wake(shard, true);
             }
             Inbound::Read { shard, reply, deadline } => {
@@ -514,6 +524,7 @@ impl Driver {
                         return Ok(true);
                     }
                 }
+                self.waiting.insert(shard);
                 self.wake(shard, true);
             }
             Inbound::ConfChange {
@@ -818,13 +829,11 @@ impl Driver {
     /// Packs each shard's queued proposals into one entry per shard.
     fn propose_queued(&mut self) {
         let node_id = self.node_id;
-        let shards: Vec<u64> = self
-            .replicas
-            .iter()
-            .filter(|(_, r)| !r.queued.is_empty() && r.raw.raft.leader_id != 0)
-            .map(|(s, _)| *s)
-            .collect();
-        for shard in shards {
+        let shards: Vec<u64> = self.waiting.iter().copied().collect();
+        for &shard in &shards {
+            if self.replicas.get(&shard).is_none_or(|r| r.raw.raft.leader_id == 0) {
+                continue;
+            }
             loop {
                 let id = self.next_id();
                 let Some(r) = self.replicas.get_mut(&shard) else { break };
@@ -879,19 +888,20 @@ impl Driver {
             }
         }
         // One ReadIndex per shard covers every read queued on it.
-        let shards: Vec<u64> = self
-            .replicas
-            .iter()
-            .filter(|(_, r)| !r.reads_queued.is_empty() && r.raw.raft.leader_id != 0)
-            .map(|(s, _)| *s)
-            .collect();
         for shard in shards {
             let id = self.next_id();
-            if let Some(r) = self.replicas.get_mut(&shard) {
+            let Some(r) = self.replicas.get_mut(&shard) else {
+                self.waiting.remove(&shard);
+                continue;
+            };
+            if !r.reads_queued.is_empty() && r.raw.raft.leader_id != 0 {
                 let waiters = std::mem::take(&mut r.reads_queued);
                 r.raw.read_index(context(node_id, id));
                 r.reads_inflight.push((id, waiters));
                 self.dirty.insert(shard);
+            }
+            if r.queued.is_empty() && r.reads_queued.is_empty() {
+                self.waiting.remove(&shard);
             }
         }
     }
@@ -952,6 +962,7 @@ impl Driver {
             committed.extend(light.take_committed_entries());
             if !committed.is_empty() {
                 self.apply(shard, &committed)?;
+                self.applied_now.insert(shard);
             }
             if let Some(r) = self.replicas.get_mut(&shard) {
                 r.raw.advance_apply();
@@ -1073,7 +1084,10 @@ impl Driver {
 
     /// Adds compactions to `rb` for shards whose log grew past a threshold.
     fn compact_logs(&mut self, rb: &mut RaftBatch) -> Result<(), ClusterError> {
-        for r in self.replicas.values_mut() {
+        for shard in std::mem::take(&mut self.applied_now) {
+            let Some(r) = self.replicas.get_mut(&shard) else {
+                continue;
+            };
             let store = r.raw.store();
             let first = store.first_index().map_err(raft_err)?;
             let applied = r.raw.raft.raft_log.applied;

@@ -70,7 +70,7 @@ fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
 
 fn backoff(cur: Duration) -> Duration {
     let next = (cur * 2).min(BACKOFF_MAX);
-    let jitter = rand::thread_rng().gen_range(0..=next.as_millis() as u64 / 4);
+    let jitter = rand::thread_rng().gen_range(0..=u64::try_from(next.as_millis() / 4).unwrap_or(0));
     next + Duration::from_millis(jitter)
 }
 
@@ -252,11 +252,13 @@ impl RaftTransport for RaftService {
                     .map_err(|e| Status::invalid_argument(format!("messages.message: not a raft message: {e}")))?;
                 msgs.push(ShardMsg { shard: m.shard, msg });
             }
-            self.inbox.deliver(Envelope {
-                from: frame.from_node,
-                to: frame.to_node,
-                msgs,
-            });
+            self.inbox
+                .deliver(Envelope {
+                    from: frame.from_node,
+                    to: frame.to_node,
+                    msgs,
+                })
+                .map_err(|_| Status::unavailable("node stopped"))?;
         }
         Ok(Response::new(TransportDone {}))
     }

@@ -246,7 +246,9 @@ impl Router {
 
     fn deliver_now(state: &RouterState, env: Envelope) {
         let n = env.msgs.len() as u64;
-        let ok = read(&state.nodes).get(&env.to).is_some_and(|inbox| inbox.deliver(env));
+        let ok = read(&state.nodes)
+            .get(&env.to)
+            .is_some_and(|inbox| inbox.deliver(env).unwrap_or(false));
         let mut s = state.stats.lock().unwrap_or_else(PoisonError::into_inner);
         if ok {
             s.delivered += 1;

@@ -96,12 +96,15 @@ impl NodeInbox {
         self.node_id
     }
 
-    /// Delivers raft messages. Drops them if the node is overloaded or gone:
-    /// Raft tolerates loss, and blocking here would stall the sender's stream.
-    pub fn deliver(&self, env: Envelope) -> bool {
+    /// Delivers raft messages. Drops them if the node is overloaded (Raft
+    /// tolerates loss, and blocking here would stall the sender's stream).
+    /// Returns `Err(Stopped)` once the node's driver is gone, so a server can
+    /// end the stream and the peer reconnects to whatever replaced it.
+    pub fn deliver(&self, env: Envelope) -> Result<bool, crate::ClusterError> {
         match self.tx.try_send(Inbound::Raft(env)) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            Ok(()) => Ok(true),
+            Err(TrySendError::Full(_)) => Ok(false),
+            Err(TrySendError::Disconnected(_)) => Err(crate::ClusterError::Stopped),
         }
     }
 

@@ -1,6 +1,12 @@
 //! In-process cluster harness: several nodes in one test process, each with a
 //! real engine in a temp dir, connected by the filtering `Router`.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use pigeonhole_cluster::transport::local::Router;
 use pigeonhole_cluster::{ClusterError, InitialCluster, Node, NodeConfig, RaftTuning, Role, ShardStatus};
