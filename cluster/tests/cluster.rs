@@ -4,8 +4,9 @@
 mod common;
 
 use common::*;
-use pigeonhole_cluster::transport::local::{DropRate, DropSnapshots, Isolate, Partition};
+use pigeonhole_cluster::transport::local::{DropMessageTypes, DropRate, DropSnapshots, Isolate, Partition};
 use pigeonhole_cluster::{ClusterError, MembershipChange, Role};
+use pigeonhole_engine::raft::eraftpb::MessageType;
 use std::time::Duration;
 
 #[tokio::test]
@@ -365,13 +366,36 @@ async fn reads_are_linearizable_on_followers_and_stale_reads_are_local() {
         c.node(follower).read_barrier(shard).await.unwrap();
         assert_eq!(read_all(c.node(follower), shard, "jo").len(), i + 1);
     }
+    // A follower that knows the commit index but lacks the entries must
+    // wait for them: a read released early would miss the last write.
+    let block = c.router.add_filter(DropMessageTypes {
+        to: follower,
+        types: vec![MessageType::MsgAppend],
+    });
+    append(c.node(leader), shard, "jo", "while-blocked", b"v")
+        .await
+        .unwrap();
+    let read = {
+        let n = c.node(follower).clone();
+        tokio::spawn(async move {
+            n.read_barrier(shard).await.unwrap();
+            read_all(&n, shard, "jo").len()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !read.is_finished(),
+        "read returned before the follower applied the write"
+    );
+    c.router.remove_filter(block);
+    assert_eq!(read.await.unwrap(), 51);
     // An isolated follower cannot confirm a read index: it fails, it does
     // not return possibly stale data as linearizable.
     c.router.add_filter(Isolate(follower));
     let err = c.node(follower).read_barrier(shard).await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
     // A stale read is still served locally.
-    assert_eq!(read_all(c.node(follower), shard, "jo").len(), 50);
+    assert_eq!(read_all(c.node(follower), shard, "jo").len(), 51);
 }
 
 #[tokio::test]

@@ -30,6 +30,9 @@ pub enum Verdict {
 pub trait Filter: Send + Sync + std::fmt::Debug {
     /// The fate of an envelope from `from` to `to` (`snapshot`: a snapshot stream).
     fn check(&self, from: u64, to: u64, snapshot: bool) -> Verdict;
+
+    /// May remove single messages from an envelope that passed `check`.
+    fn filter_msgs(&self, _from: u64, _to: u64, _msgs: &mut Vec<super::ShardMsg>) {}
 }
 
 /// Cuts every link between the two sides (both directions).
@@ -113,6 +116,29 @@ impl Filter for DropSnapshots {
             Verdict::Drop
         } else {
             Verdict::Pass
+        }
+    }
+}
+
+/// Drops raft messages of the given types sent to one node (e.g. MsgAppend:
+/// the node still hears heartbeats and ReadIndex answers, but gets no
+/// entries, so its apply falls behind its known commit index).
+#[derive(Debug, Clone)]
+pub struct DropMessageTypes {
+    /// The receiving node.
+    pub to: u64,
+    /// The types dropped.
+    pub types: Vec<pigeonhole_engine::raft::eraftpb::MessageType>,
+}
+
+impl Filter for DropMessageTypes {
+    fn check(&self, _: u64, _: u64, _: bool) -> Verdict {
+        Verdict::Pass
+    }
+
+    fn filter_msgs(&self, _from: u64, to: u64, msgs: &mut Vec<super::ShardMsg>) {
+        if to == self.to {
+            msgs.retain(|m| !self.types.contains(&m.msg.get_msg_type()));
         }
     }
 }
@@ -258,7 +284,10 @@ impl Router {
         }
     }
 
-    fn route(&self, env: Envelope) {
+    fn route(&self, mut env: Envelope) {
+        for (_, f) in read(&self.state.filters).iter() {
+            f.filter_msgs(env.from, env.to, &mut env.msgs);
+        }
         match self.verdict(env.from, env.to, false) {
             Verdict::Pass => Router::deliver_now(&self.state, env),
             Verdict::Drop => self.count(|s| s.dropped += 1),
