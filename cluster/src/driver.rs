@@ -966,6 +966,7 @@ impl Driver {
             }
             if let Some(r) = self.replicas.get_mut(&shard) {
                 r.raw.advance_apply();
+                trim_entry_cache(r);
                 release_reads(r);
                 if r.raw.has_ready() {
                     self.dirty.insert(shard);
@@ -1183,6 +1184,19 @@ fn answer(p: Pending, outcome: EntryOutcome) {
             }
         }
     }
+}
+
+/// Cached log entries are needed until applied here and, on a leader, until
+/// every follower has them; older ones are read from disk if ever needed.
+fn trim_entry_cache(r: &mut Replica) {
+    let raft = &r.raw.raft;
+    let mut keep_from = raft.raft_log.applied + 1;
+    if raft.state == StateRole::Leader {
+        for (_, p) in raft.prs().iter() {
+            keep_from = keep_from.min(p.matched + 1);
+        }
+    }
+    r.raw.store().trim_entry_cache(keep_from);
 }
 
 fn release_reads(r: &mut Replica) {

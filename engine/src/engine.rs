@@ -67,6 +67,8 @@ pub(crate) struct ShardHandles {
     pub log: RwLock<Option<LogCache>>,
     /// A snapshot ingest of this shard is under way.
     pub ingesting: std::sync::atomic::AtomicBool,
+    /// The most recently written log entries (see `raftlog::EntryCache`).
+    pub entries: Mutex<crate::raftlog::EntryCache>,
 }
 
 pub(crate) struct Inner {

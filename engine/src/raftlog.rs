@@ -38,6 +38,92 @@ use std::sync::{Arc, PoisonError};
 /// receiving node is expected to check the shard id before ingesting.
 pub const SNAPSHOT_DATA_MAGIC: &[u8; 8] = b"PHSNAP01";
 
+/// Entries kept in memory per shard, at most (and bytes, below). The cache
+/// holds the tail of the log the node just wrote: raft-rs reads those entries
+/// back right away (to apply them once committed, to send them to followers,
+/// to check terms), and serving that from memory instead of RocksDB's memtable
+/// is what the profile asked for. The driver trims it to what is still needed
+/// with [`RaftLogStore::trim_entry_cache`], so idle shards hold nothing.
+pub const ENTRY_CACHE_ENTRIES_MAX: usize = 1024;
+/// Bytes of entry data cached per shard, at most.
+pub const ENTRY_CACHE_BYTES_MAX: usize = 4 << 20;
+
+/// Consecutive entries, the newest of the shard's durable log.
+#[derive(Debug, Default)]
+pub(crate) struct EntryCache {
+    entries: std::collections::VecDeque<Entry>,
+    bytes: usize,
+}
+
+fn entry_bytes(e: &Entry) -> usize {
+    e.data.len() + e.context.len() + 32
+}
+
+impl EntryCache {
+    fn get(&self, index: u64) -> Option<&Entry> {
+        let first = self.entries.front()?.index;
+        self.entries.get(usize::try_from(index.checked_sub(first)?).ok()?)
+    }
+
+    fn covers(&self, low: u64, high: u64) -> bool {
+        match (self.entries.front(), self.entries.back()) {
+            (Some(f), Some(b)) => low >= f.index && high <= b.index + 1,
+            _ => false,
+        }
+    }
+
+    fn apply(&mut self, op: CacheOp) {
+        match op {
+            CacheOp::Append(entries) => {
+                let Some(first) = entries.first().map(|e| e.index) else {
+                    return;
+                };
+                // Drop a conflicting suffix, and everything if not contiguous.
+                while self.entries.back().is_some_and(|b| b.index >= first) {
+                    if let Some(e) = self.entries.pop_back() {
+                        self.bytes -= entry_bytes(&e);
+                    }
+                }
+                if self.entries.back().is_some_and(|b| b.index + 1 != first) {
+                    self.clear();
+                }
+                for e in entries {
+                    self.bytes += entry_bytes(&e);
+                    self.entries.push_back(e);
+                }
+                while self.entries.len() > ENTRY_CACHE_ENTRIES_MAX || self.bytes > ENTRY_CACHE_BYTES_MAX {
+                    self.pop_front();
+                }
+            }
+            CacheOp::TrimBelow(index) => {
+                while self.entries.front().is_some_and(|f| f.index < index) {
+                    self.pop_front();
+                }
+            }
+            CacheOp::Clear => self.clear(),
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            self.bytes -= entry_bytes(&e);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+}
+
+/// A change to the entry cache that takes effect when its batch is durable.
+#[derive(Debug)]
+enum CacheOp {
+    Append(Vec<Entry>),
+    TrimBelow(u64),
+    Clear,
+}
+
 /// The in-memory view of one shard's log.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct LogCache {
@@ -91,8 +177,14 @@ impl Engine {
     pub fn write_raft(&self, batch: RaftBatch, durability: Durability) -> Result<(), EngineError> {
         let RaftBatch { wb, pending } = batch;
         self.write(wb, durability)?;
-        for (handles, cache) in pending.into_values() {
-            *handles.log.write().unwrap_or_else(PoisonError::into_inner) = Some(cache);
+        for p in pending.into_values() {
+            *p.handles.log.write().unwrap_or_else(PoisonError::into_inner) = Some(p.cache);
+            if !p.cache_ops.is_empty() {
+                let mut ec = p.handles.entries.lock().unwrap_or_else(PoisonError::into_inner);
+                for op in p.cache_ops {
+                    ec.apply(op);
+                }
+            }
         }
         Ok(())
     }
@@ -170,6 +262,17 @@ impl RaftLogStore {
         Ok(c)
     }
 
+    /// Drops cached entries below `index` (they are applied, and every
+    /// follower that still needs them can be served from disk). Only memory
+    /// changes; the log itself is untouched.
+    pub fn trim_entry_cache(&self, index: u64) {
+        self.handles
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply(CacheOp::TrimBelow(index));
+    }
+
     /// The durable hard state.
     pub fn hard_state(&self) -> Result<HardState, EngineError> {
         Ok(self.cache()?.hard_state)
@@ -192,6 +295,21 @@ impl RaftLogStore {
         let mut out = Vec::new();
         if low >= high {
             return Ok(out);
+        }
+        {
+            let ec = self.handles.entries.lock().unwrap_or_else(PoisonError::into_inner);
+            if ec.covers(low, high) {
+                let mut size = 0u64;
+                for i in low..high {
+                    let Some(e) = ec.get(i) else { break };
+                    size += u64::try_from(e.compute_size()).unwrap_or(u64::MAX);
+                    if !out.is_empty() && max_size.is_some_and(|m| size > m) {
+                        break;
+                    }
+                    out.push(e.clone());
+                }
+                return Ok(out);
+            }
         }
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(keys::raft_entry(self.shard, high));
@@ -266,6 +384,15 @@ impl raft::Storage for RaftLogStore {
         if idx == c.last_index {
             return Ok(c.last_term);
         }
+        if let Some(e) = self
+            .handles
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(idx)
+        {
+            return Ok(e.term);
+        }
         Ok(self.engine.read_entry(self.shard, idx).map_err(store_err)?.term)
     }
 
@@ -297,12 +424,21 @@ impl raft::Storage for RaftLogStore {
     }
 }
 
+/// One shard's part of a [`RaftBatch`].
+struct PendingShard {
+    handles: Arc<ShardHandles>,
+    /// The log as it will be once the batch is durable.
+    cache: LogCache,
+    /// Entry cache changes, in order.
+    cache_ops: Vec<CacheOp>,
+}
+
 /// Raft writes of many shards, committed together by [`Engine::write_raft`].
 #[derive(Default)]
 pub struct RaftBatch {
     pub(crate) wb: WriteBatch,
     /// Each touched shard's log as it will be once the batch is durable.
-    pending: HashMap<u64, (Arc<ShardHandles>, LogCache)>,
+    pending: HashMap<u64, PendingShard>,
 }
 
 impl std::fmt::Debug for RaftBatch {
@@ -325,12 +461,19 @@ impl RaftBatch {
         self.wb.size_in_bytes()
     }
 
-    fn pending(&mut self, store: &RaftLogStore) -> Result<&mut LogCache, EngineError> {
-        let entry = match self.pending.entry(store.shard) {
+    fn pending_shard(&mut self, store: &RaftLogStore) -> Result<&mut PendingShard, EngineError> {
+        Ok(match self.pending.entry(store.shard) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert((store.handles.clone(), store.cache()?)),
-        };
-        Ok(&mut entry.1)
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(PendingShard {
+                handles: store.handles.clone(),
+                cache: store.cache()?,
+                cache_ops: Vec::new(),
+            }),
+        })
+    }
+
+    fn pending(&mut self, store: &RaftLogStore) -> Result<&mut LogCache, EngineError> {
+        Ok(&mut self.pending_shard(store)?.cache)
     }
 
     /// Appends `entries` (consecutive indexes) to the shard's log, replacing
@@ -379,9 +522,10 @@ impl RaftBatch {
                 keys::raft_entry(shard, c.last_index + 1),
             );
         }
-        let c = self.pending(store)?;
-        c.last_index = last.index;
-        c.last_term = last.term;
+        let p = self.pending_shard(store)?;
+        p.cache.last_index = last.index;
+        p.cache.last_term = last.term;
+        p.cache_ops.push(CacheOp::Append(entries.to_vec()));
         Ok(())
     }
 
@@ -455,7 +599,9 @@ impl RaftBatch {
         };
         let lk = keys::raft_log_state(shard);
         self.wb.put_cf(cf, &lk, codec::seal(&lk, &log.encode()));
-        self.pending(store)?.log = log;
+        let p = self.pending_shard(store)?;
+        p.cache.log = log;
+        p.cache_ops.push(CacheOp::TrimBelow(compact_index));
         Ok(())
     }
 
@@ -475,10 +621,11 @@ impl RaftBatch {
         };
         let lk = keys::raft_log_state(shard);
         self.wb.put_cf(cf, &lk, codec::seal(&lk, &log.encode()));
-        let c = self.pending(&store)?;
-        c.log = log;
-        c.last_index = index;
-        c.last_term = term;
+        let p = self.pending_shard(&store)?;
+        p.cache.log = log;
+        p.cache.last_index = index;
+        p.cache.last_term = term;
+        p.cache_ops.push(CacheOp::Clear);
         Ok(())
     }
 
