@@ -302,7 +302,7 @@ impl RaftLogStore {
                 let mut size = 0u64;
                 for i in low..high {
                     let Some(e) = ec.get(i) else { break };
-                    size += u64::try_from(e.compute_size()).unwrap_or(u64::MAX);
+                    size += u64::from(e.compute_size());
                     if !out.is_empty() && max_size.is_some_and(|m| size > m) {
                         break;
                     }
