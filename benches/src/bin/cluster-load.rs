@@ -203,8 +203,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n = done.load(Ordering::Relaxed);
     let mut lat = latencies.lock().map_err(|_| "poisoned")?.clone();
     lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+    let pct = |permille: usize| -> f64 {
+        let i = lat.len().saturating_sub(1) * permille / 1000;
         f64::from(lat.get(i).copied().unwrap_or(0)) / 1000.0
     };
     println!(
@@ -215,9 +215,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "appends={n} errors={} throughput={:.0}/s p50={:.2}ms p99={:.2}ms p999={:.2}ms cpu_s_per_1k={:.3}",
         errors.load(Ordering::Relaxed),
         n as f64 / elapsed,
-        pct(0.5),
-        pct(0.99),
-        pct(0.999),
+        pct(500),
+        pct(990),
+        pct(999),
         if n == 0 { 0.0 } else { cpu / (n as f64 / 1000.0) }
     );
     for node in nodes.values() {
