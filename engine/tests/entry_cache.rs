@@ -56,12 +56,11 @@ proptest! {
                     let first = (last + 1).saturating_sub(back).max(6);
                     term += 1;
                     let entries: Vec<Entry> = (first..first + n)
-                        .map(|i| {
-                            let mut e = Entry::default();
-                            e.index = i;
-                            e.term = term;
-                            e.data = vec![(i % 251) as u8; data].into();
-                            e
+                        .map(|i| Entry {
+                            index: i,
+                            term,
+                            data: vec![(i % 251) as u8; data].into(),
+                            ..Default::default()
                         })
                         .collect();
                     let mut b = RaftBatch::default();
