@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "pigeonhole/v1/mailbox.proto",
         "pigeonhole/internal/v1/command.proto",
         "pigeonhole/internal/v1/raft.proto",
+        "pigeonhole/internal/v1/meta.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

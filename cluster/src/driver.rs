@@ -31,7 +31,7 @@
 
 use crate::config::RaftTuning;
 use crate::error::ClusterError;
-use crate::placement::ShardMap;
+use crate::placement::{shard_record_key, ShardMap, META_SHARD};
 use crate::transport::{spool, Envelope, ShardMsg, SnapshotJob, SnapshotSpool, Transport};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use pigeonhole_engine::command as cmd;
@@ -43,6 +43,7 @@ use pigeonhole_engine::{
     ApplyEntry, Durability, Engine, EntryKind, EntryOutcome, OpError, OpOutput, RaftBatch, RaftLogStore, ShardState,
     SNAPSHOT_DATA_MAGIC,
 };
+use pigeonhole_proto::internal::v1::ShardRecord;
 use prost::Message as _;
 use protobuf::Message as _;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -232,6 +233,11 @@ pub(crate) struct Driver {
     waiting: BTreeSet<u64>,
     /// Shards that applied entries this turn (compaction candidates).
     applied_now: BTreeSet<u64>,
+    /// Data shards this node leads whose record in the metadata group must
+    /// be (re)written: it won an election or applied a membership change.
+    map_dirty: BTreeSet<u64>,
+    /// Record writes in flight: (shard, answer).
+    map_writes: Vec<(u64, oneshot::Receiver<ProposeResult>)>,
     outbox: BTreeMap<u64, Vec<ShardMsg>>,
     peers: BTreeMap<u64, PeerLiveness>,
     ticks: u64,
@@ -287,6 +293,8 @@ impl Driver {
             dirty: BTreeSet::new(),
             waiting: BTreeSet::new(),
             applied_now: BTreeSet::new(),
+            map_dirty: BTreeSet::new(),
+            map_writes: Vec::new(),
             outbox: BTreeMap::new(),
             peers,
             ticks: 0,
@@ -387,7 +395,11 @@ impl Driver {
         let cfg = self.raft_config(applied);
         cfg.validate().map_err(raft_err)?;
         let raw = RawNode::new(&cfg, store, &self.logger).map_err(raft_err)?;
-        let preferred_leader = self.map.shard(shard).map_or(0, |s| s.preferred_leader);
+        let preferred_leader = if shard == META_SHARD {
+            self.map.nodes.keys().next().copied().unwrap_or(0)
+        } else {
+            self.map.shard(shard).map_or(0, |s| s.preferred_leader)
+        };
         self.replicas.insert(
             shard,
             Replica {
@@ -454,6 +466,9 @@ impl Driver {
                         return Ok(());
                     }
                 }
+            }
+            if !self.map_dirty.is_empty() {
+                self.write_shard_records();
             }
             self.propose_queued();
             self.process_ready()?;
@@ -659,7 +674,7 @@ impl Driver {
             msg.get_msg_type(),
             MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
         );
-        if !from_leader || self.map.shard(shard).is_none() {
+        if !from_leader || (shard != META_SHARD && self.map.shard(shard).is_none()) {
             return Ok(false);
         }
         if self.engine.shard_meta(shard)?.is_some() {
@@ -767,6 +782,9 @@ impl Driver {
 
     fn tick(&mut self) {
         self.ticks += 1;
+        if !self.map_writes.is_empty() {
+            self.check_shard_record_writes();
+        }
         let hibernate = self.tuning.hibernate_after_ticks;
         let rebalance = self.tuning.rebalance_every_ticks != 0 && self.ticks % self.tuning.rebalance_every_ticks == 0;
         let node_id = self.node_id;
@@ -824,6 +842,76 @@ impl Driver {
                 }));
             }
         }
+    }
+
+    /// Queues writes of the shard records this node owes the metadata group.
+    /// The record's version is the writer's term: a deposed leader's late
+    /// write loses to its successor's.
+    fn write_shard_records(&mut self) {
+        if !self.replicas.contains_key(&META_SHARD) {
+            return;
+        }
+        let timeout = Duration::from_millis(self.tuning.request_timeout_ms);
+        for shard in std::mem::take(&mut self.map_dirty) {
+            let Some(r) = self.replicas.get(&shard) else { continue };
+            if r.raw.raft.state != StateRole::Leader {
+                continue;
+            }
+            let Some(desc) = self.map.shard(shard) else { continue };
+            let conf = r.raw.raft.prs().conf().to_conf_state();
+            let term = r.raw.raft.term;
+            let record = ShardRecord {
+                shard,
+                range_start: desc.range_start,
+                range_end: desc.range_end,
+                voters: conf.voters,
+                learners: conf.learners,
+                leader_hint: self.node_id,
+                preferred_leader: desc.preferred_leader,
+                term,
+            };
+            let op = cmd::Op {
+                op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
+                    key: shard_record_key(shard),
+                    value: record.encode_to_vec(),
+                    version: term,
+                })),
+            };
+            let (reply, rx) = oneshot::channel();
+            if let Some(meta) = self.replicas.get_mut(&META_SHARD) {
+                meta.queued.push_back(QueuedProposal {
+                    bytes: op.encoded_len(),
+                    ops: vec![op],
+                    reply,
+                    deadline: Instant::now() + timeout,
+                    queued_at: Instant::now(),
+                });
+                self.waiting.insert(META_SHARD);
+                self.map_writes.push((shard, rx));
+            }
+        }
+        if !self.map_writes.is_empty() {
+            self.wake(META_SHARD, true);
+        }
+    }
+
+    /// Retries record writes that failed for a retryable reason (no leader
+    /// for the metadata group yet, a timeout) while this node still leads.
+    fn check_shard_record_writes(&mut self) {
+        let mut retry = Vec::new();
+        self.map_writes.retain_mut(|(shard, rx)| match rx.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => true,
+            Ok(Ok(results)) => {
+                // A StaleVersion means a newer leader wrote already: done.
+                let _ = results;
+                false
+            }
+            Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => {
+                retry.push(*shard);
+                false
+            }
+        });
+        self.map_dirty.extend(retry);
     }
 
     /// Packs each shard's queued proposals into one entry per shard.
@@ -920,6 +1008,9 @@ impl Driver {
                 continue;
             }
             let mut rd = r.raw.ready();
+            if shard != META_SHARD && rd.ss().is_some_and(|ss| ss.raft_state == StateRole::Leader) {
+                self.map_dirty.insert(shard);
+            }
             let msgs = rd.take_messages();
             route(&mut self.outbox, shard, msgs, &mut snapshots);
             if !rd.snapshot().is_empty() {
@@ -1037,6 +1128,9 @@ impl Driver {
                         Err(_) => r.raw.raft.prs().conf().to_conf_state(),
                     };
                     removed_self = !cs.voters.contains(&self.node_id) && !cs.learners.contains(&self.node_id);
+                    if shard != META_SHARD && r.raw.raft.state == StateRole::Leader {
+                        self.map_dirty.insert(shard);
+                    }
                     if let Some((node, id)) = parse_context(&e.context) {
                         if node == self.node_id {
                             if let Some(p) = self.pending_conf.remove(&id) {

@@ -8,7 +8,7 @@
 use crate::config::NodeConfig;
 use crate::driver::{Driver, Inbound, ProposeResult, ShardStatus};
 use crate::error::ClusterError;
-use crate::placement::ShardMap;
+use crate::placement::{meta_members, ShardMap, META_SHARD, SHARD_RECORD_PREFIX};
 use crate::transport::{NodeInbox, SnapshotSpool, Transport};
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use pigeonhole_engine::command as cmd;
@@ -77,6 +77,13 @@ impl Node {
             cfg.replication_factor,
         ));
         if engine.shard_ids()?.is_empty() {
+            let (voters, learners) = meta_members(&cfg.initial_cluster);
+            let meta_conf = ConfState {
+                voters,
+                learners,
+                ..Default::default()
+            };
+            engine.bootstrap_shard(META_SHARD, meta_conf, BOOTSTRAP_INDEX, BOOTSTRAP_TERM)?;
             for shard in map.shards_on(cfg.node_id) {
                 let desc = map.shard(shard).ok_or(ClusterError::Stopped)?;
                 engine.bootstrap_shard(
@@ -141,8 +148,19 @@ impl Node {
         &self.inner.engine
     }
 
-    /// The shard map.
-    pub fn shard_map(&self) -> &ShardMap {
+    /// The shard map as this node's replica of the metadata group has it:
+    /// the bootstrap layout with every replicated change laid over it
+    /// (membership, leader hints). A local, possibly slightly stale read:
+    /// leader hints are hints, and a request sent to a former leader is
+    /// forwarded or answered with a retryable error.
+    pub fn shard_map(&self) -> Result<ShardMap, ClusterError> {
+        let limit = usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX);
+        let records = self.inner.engine.system_scan(META_SHARD, SHARD_RECORD_PREFIX, limit)?;
+        Ok(self.inner.map.overlay(&records))
+    }
+
+    /// The map every node derived at bootstrap (no replicated changes).
+    pub fn bootstrap_map(&self) -> &ShardMap {
         &self.inner.map
     }
 

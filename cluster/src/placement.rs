@@ -6,10 +6,41 @@
 //! group. Replicas go round-robin over the sorted node ids, and the first
 //! replica of each shard is its preferred leader, which spreads leaders
 //! evenly over the nodes from the first election on.
+//!
+//! After bootstrap the map changes (membership changes, elections), and the
+//! changed entries live in replicated state: the metadata Raft group (shard
+//! [`META_SHARD`], a replica on every node: up to five voters, the rest
+//! learners) holds one [`ShardRecord`](pigeonhole_proto::internal::v1::ShardRecord)
+//! per shard that changed. [`ShardMap::overlay`] lays those records over the
+//! bootstrap map, so every node reads the same map from its own replica.
 
 use crate::config::InitialCluster;
 use crate::hash::{equal_range, user_hash};
+use pigeonhole_proto::internal::v1::ShardRecord;
+use prost::Message as _;
 use std::collections::BTreeMap;
+
+/// The metadata group's shard id.
+pub const META_SHARD: u64 = 0;
+/// Voters of the metadata group, at most (the other nodes are learners).
+pub const META_VOTERS_MAX: usize = 5;
+/// System key prefix of shard records in the metadata group.
+pub const SHARD_RECORD_PREFIX: &[u8] = b"shard/";
+
+/// The system key of `shard`'s record.
+pub fn shard_record_key(shard: u64) -> Vec<u8> {
+    let mut k = SHARD_RECORD_PREFIX.to_vec();
+    k.extend_from_slice(&shard.to_be_bytes());
+    k
+}
+
+/// Voters and learners of the metadata group for these nodes.
+pub fn meta_members(cluster: &InitialCluster) -> (Vec<u64>, Vec<u64>) {
+    let ids = cluster.ids();
+    let split = ids.len().min(META_VOTERS_MAX);
+    let (v, l) = ids.split_at(split);
+    (v.to_vec(), l.to_vec())
+}
 
 /// One shard's place in the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,8 +51,12 @@ pub struct ShardDesc {
     pub range_start: u64,
     /// First hash after the range; `None` = the range runs to `u64::MAX`.
     pub range_end: Option<u64>,
-    /// Nodes holding a replica at bootstrap.
+    /// Voting replicas.
     pub replicas: Vec<u64>,
+    /// Non-voting replicas (catching up before promotion).
+    pub learners: Vec<u64>,
+    /// The last known leader (0 = unknown).
+    pub leader_hint: u64,
     /// The node that should lead it when healthy.
     pub preferred_leader: u64,
 }
@@ -52,6 +87,8 @@ impl ShardMap {
                     range_end,
                     preferred_leader: replicas.first().copied().unwrap_or(0),
                     replicas,
+                    learners: Vec::new(),
+                    leader_hint: 0,
                 }
             })
             .collect();
@@ -59,6 +96,25 @@ impl ShardMap {
             shards,
             nodes: cluster.nodes.clone(),
         }
+    }
+
+    /// This map with the replicated records laid over it. Records of shards
+    /// the map does not know, or that do not decode, are skipped (a newer
+    /// node may write fields this one ignores; unknown shards come with
+    /// splits, a later issue).
+    pub fn overlay(&self, records: &[pigeonhole_engine::SystemValue]) -> ShardMap {
+        let mut out = self.clone();
+        for rec in records {
+            let Ok(r) = ShardRecord::decode(rec.value.as_slice()) else {
+                continue;
+            };
+            if let Some(s) = out.shards.iter_mut().find(|s| s.id == r.shard) {
+                s.replicas = r.voters;
+                s.learners = r.learners;
+                s.leader_hint = r.leader_hint;
+            }
+        }
+        out
     }
 
     /// The shard that holds `user_id`'s mailboxes.

@@ -286,6 +286,10 @@ async fn leader_transfer_moves_leadership() {
     c.node(leader).transfer_leader(shard, target).await.unwrap();
     c.eventually("transfer completes", 5, || async { c.leader(shard).await == target })
         .await;
+    c.eventually("every node's shard map names the new leader", 10, || async {
+        (1..=3).all(|id| c.node(id).shard_map().unwrap().shard(shard).unwrap().leader_hint == target)
+    })
+    .await;
     // Not the leader any more: a second transfer from the old leader is refused.
     let err = c.node(leader).transfer_leader(shard, leader).await.unwrap_err();
     assert!(
@@ -342,6 +346,19 @@ async fn membership_change_moves_a_replica_to_a_new_node() {
     // The removed node's proposals are refused, not silently lost.
     let err = append(c.node(gone), shard, "ivy", "x", b"v").await.unwrap_err();
     assert!(matches!(err, ClusterError::NotReplica { .. }), "{err}");
+    // Every node's copy of the metadata group converges on the new replicas.
+    let mut want: Vec<u64> = cs.voters.clone();
+    want.sort_unstable();
+    c.eventually("every node's shard map shows the new replicas", 10, || async {
+        (1..=4).all(|id| {
+            let m = c.node(id).shard_map().unwrap();
+            let s = m.shard(shard).unwrap();
+            let mut got = s.replicas.clone();
+            got.sort_unstable();
+            got == want && s.learners.is_empty() && s.leader_hint == leader
+        })
+    })
+    .await;
     // And the membership survives a restart of the new voter.
     c.restart(4);
     c.eventually("restarted learner-turned-voter rejoins", 10, || async {

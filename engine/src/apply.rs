@@ -102,6 +102,11 @@ pub enum OpOutput {
         /// False if the message already was a tombstone.
         deleted: bool,
     },
+    /// PutSystem: the value was stored at this version.
+    SystemPut {
+        /// The stored version.
+        version: u64,
+    },
     /// ExpireDedup: entries removed.
     DedupExpired {
         /// Dedup entries removed.
@@ -228,6 +233,7 @@ impl StateMachine<'_, '_> {
             Some(Op::Trim(t)) => self.trim(t),
             Some(Op::Delete(d)) => self.delete(d),
             Some(Op::ExpireDedup(x)) => self.expire_dedup(x),
+            Some(Op::PutSystem(p)) => self.put_system(p),
             None => Ok(Err(OpError::MalformedCommand("op with no operation set".into()))),
         }
     }
@@ -459,6 +465,42 @@ impl StateMachine<'_, '_> {
         self.start_dedup_window(&mb, d.seq, &idem)?;
         self.put_mailbox(&mb, &meta);
         Ok(Ok(OpOutput::Deleted { deleted: true }))
+    }
+
+    fn put_system(&mut self, p: &cmd::PutSystemOp) -> OpResult {
+        if p.key.is_empty() || p.key.len() > crate::records::SYSTEM_KEY_BYTES_MAX {
+            return Ok(Err(OpError::InvalidArgument {
+                field: "put_system.key",
+                reason: format!(
+                    "must be 1 to {} bytes, got {}",
+                    crate::records::SYSTEM_KEY_BYTES_MAX,
+                    p.key.len()
+                ),
+            }));
+        }
+        reject_on!(self.engine.options().limits.check_payload(&p.value).map_err(|_| {
+            OpError::InvalidArgument {
+                field: "put_system.value",
+                reason: format!(
+                    "must be at most {} bytes, got {}",
+                    self.engine.options().limits.payload_bytes_max,
+                    p.value.len()
+                ),
+            }
+        }));
+        let key = keys::system(self.shard, &p.key);
+        let stored = match self.txn.get(&key)? {
+            Some(b) => crate::records::decode_system(&key, &b)?.0,
+            None => 0,
+        };
+        if p.version < stored {
+            return Ok(Err(OpError::StaleVersion {
+                given: p.version,
+                stored,
+            }));
+        }
+        self.txn.put(key, &crate::records::encode_system(p.version, &p.value));
+        Ok(Ok(OpOutput::SystemPut { version: p.version }))
     }
 
     fn expire_dedup(&mut self, x: &cmd::ExpireDedupOp) -> OpResult {

@@ -158,6 +158,14 @@ pub enum OpError {
         /// Highest seq.
         last_seq: u64,
     },
+    /// A PutSystem carried an older version than the stored one.
+    #[error("system value version {given} is older than the stored version {stored}")]
+    StaleVersion {
+        /// The op's version.
+        given: u64,
+        /// The stored version.
+        stored: u64,
+    },
     /// The Raft entry's bytes are not a valid command. Every op of it fails.
     #[error("malformed command: {0}")]
     MalformedCommand(String),

@@ -24,6 +24,7 @@ pub(crate) mod tag {
     pub const DEDUP: u8 = 0x03;
     pub const CURSOR: u8 = 0x04;
     pub const DEDUP_EXPIRY: u8 = 0x05;
+    pub const SYSTEM: u8 = 0x06;
     /// Raft CF: one log entry.
     pub const RAFT_ENTRY: u8 = 0x01;
     /// Raft CF: the hard state.
@@ -75,6 +76,13 @@ fn shard_tag(shard: u64, tag: u8, extra: usize) -> Vec<u8> {
 /// `shard | 0x00`
 pub(crate) fn shard_meta(shard: u64) -> Vec<u8> {
     shard_tag(shard, tag::SHARD_META, 0)
+}
+
+/// `shard | 0x06 | key`: a system (cluster metadata) value.
+pub(crate) fn system(shard: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::SYSTEM, key.len());
+    k.extend_from_slice(key);
+    k
 }
 
 /// `shard | 0x01 | mb`

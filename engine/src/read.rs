@@ -68,6 +68,17 @@ pub struct MailboxInfo {
     pub payload_bytes: u64,
 }
 
+/// One system (cluster metadata) value, as [`Engine::system_scan`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemValue {
+    /// The key, without the shard prefix.
+    pub key: Vec<u8>,
+    /// The version it was written at.
+    pub version: u64,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
 /// A mailbox's device cursors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursors {
@@ -205,6 +216,36 @@ impl Engine {
             cursor_count: m.cursor_count,
             payload_bytes: m.payload_bytes,
         })
+    }
+
+    /// System values of `shard` whose key starts with `prefix`, in key order,
+    /// at most `limit` of them: (key without the shard prefix, version, value).
+    pub fn system_scan(&self, shard: u64, prefix: &[u8], limit: usize) -> Result<Vec<SystemValue>, EngineError> {
+        let snap = self.read_snapshot(shard)?;
+        let start = keys::system(shard, prefix);
+        let base = keys::system(shard, b"").len();
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&snap);
+        if let Some(end) = keys::prefix_end(&start) {
+            ro.set_iterate_upper_bound(end);
+        }
+        let mut it = self.db().raw_iterator_cf_opt(self.cf(CF_DATA)?, ro);
+        it.seek(&start);
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if out.len() >= limit {
+                break;
+            }
+            let (version, value) = crate::records::decode_system(k, codec::open(CF_DATA, k, v)?)?;
+            out.push(SystemValue {
+                key: k.get(base..).unwrap_or_default().to_vec(),
+                version,
+                value,
+            });
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
     }
 
     /// A mailbox's device cursors, ordered by device id.

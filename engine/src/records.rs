@@ -279,3 +279,21 @@ impl<'a> MessageView<'a> {
         })
     }
 }
+
+/// Longest system key.
+pub const SYSTEM_KEY_BYTES_MAX: usize = 256;
+const SYSTEM_VERSION: u8 = 1;
+
+/// A system value: `format:u8 version:u64 value`.
+pub(crate) fn encode_system(version: u64, value: &[u8]) -> Vec<u8> {
+    Writer::with_version(SYSTEM_VERSION, 8 + value.len())
+        .u64(version)
+        .bytes(value)
+        .0
+}
+
+pub(crate) fn decode_system(key: &[u8], body: &[u8]) -> Result<(u64, Vec<u8>), EngineError> {
+    let mut r = Reader::new(CF_DATA, key, body, SYSTEM_VERSION)?;
+    let version = r.u64()?;
+    Ok((version, r.rest().to_vec()))
+}

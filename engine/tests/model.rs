@@ -68,6 +68,8 @@ impl Default for Mailbox {
 struct Model {
     time: u64,
     boxes: BTreeMap<(String, Vec<u8>), Mailbox>,
+    /// System values: key → (version, value).
+    system: BTreeMap<Vec<u8>, (u64, Vec<u8>)>,
 }
 
 fn mb_key(ns: &str, uid: &[u8]) -> Vec<u8> {
@@ -100,7 +102,7 @@ impl Model {
             O::Ack(a) => a.user_id.is_empty(),
             O::Trim(t) => t.user_id.is_empty(),
             O::Delete(d) => d.user_id.is_empty(),
-            O::ExpireDedup(_) => false,
+            O::ExpireDedup(_) | O::PutSystem(_) => false,
         };
         if uid_empty {
             return Err(invalid("mailbox.user_id"));
@@ -238,6 +240,20 @@ impl Model {
                 self.start_window(&d.namespace, &d.user_id, d.seq, &key);
                 Ok(OpOutput::Deleted { deleted: true })
             }
+            O::PutSystem(p) => {
+                if p.key.is_empty() {
+                    return Err(invalid("put_system.key"));
+                }
+                let stored = self.system.get(&p.key).map_or(0, |v| v.0);
+                if p.version < stored {
+                    return Err(OpError::StaleVersion {
+                        given: p.version,
+                        stored,
+                    });
+                }
+                self.system.insert(p.key.clone(), (p.version, p.value.clone()));
+                Ok(OpOutput::SystemPut { version: p.version })
+            }
             O::ExpireDedup(x) => {
                 let mut expired: Vec<(u64, Vec<u8>, Vec<u8>, (String, Vec<u8>))> = Vec::new();
                 for (id, b) in &self.boxes {
@@ -289,6 +305,9 @@ fn arb_op() -> impl Strategy<Value = Op> {
         2 => (ns.clone(), uid.clone(), 0u64..8).prop_map(|(n, u, s)| trim(n, &u, s)),
         2 => (ns, uid, 0u64..8).prop_map(|(n, u, s)| delete(n, &u, s)),
         1 => (1u32..4).prop_map(expire),
+        1 => (prop::sample::select(vec![b"a".to_vec(), b"b".to_vec(), vec![]]), 0u64..4, 0u8..3).prop_map(|(k, v, x)| Op {
+            op: Some(O::PutSystem(pigeonhole_engine::command::PutSystemOp { key: k, value: vec![x], version: v })),
+        }),
     ]
 }
 
@@ -311,6 +330,15 @@ fn arb_step() -> impl Strategy<Value = Step> {
 }
 
 fn check_reads(s: &Shard, m: &Model) {
+    let sys: Vec<(Vec<u8>, u64, Vec<u8>)> = m.system.iter().map(|(k, (v, x))| (k.clone(), *v, x.clone())).collect();
+    let got: Vec<(Vec<u8>, u64, Vec<u8>)> = s
+        .engine()
+        .system_scan(s.id, b"", 100)
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.key, v.version, v.value))
+        .collect();
+    assert_eq!(got, sys);
     for ns in NAMESPACES {
         for uid in [&b"u1"[..], b"u2", b"u3"] {
             let mb = m

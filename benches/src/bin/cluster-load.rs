@@ -113,7 +113,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     while leader_of.len() < usize::try_from(args.shards)? {
         for (id, n) in &nodes {
             for s in n.status().await? {
-                if s.role == Role::Leader {
+                if s.role == Role::Leader && s.shard != 0 {
                     leader_of.insert(s.shard, *id);
                 }
             }
@@ -128,7 +128,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         m
     });
     eprintln!("leaders per node: {per_node:?}");
-    let map = nodes.get(&1).ok_or("no node 1")?.shard_map().clone();
+    let map = nodes.get(&1).ok_or("no node 1")?.shard_map()?;
     let nodes = Arc::new(nodes);
     let leader_of = Arc::new(leader_of);
     let measuring = Arc::new(AtomicBool::new(false));

@@ -213,5 +213,5 @@ pub fn read_all(node: &Node, shard: u64, user: &str) -> Vec<(u64, Vec<u8>)> {
 
 /// A shard a user maps to, per the cluster's placement.
 pub fn shard_of(node: &Node, user: &str) -> u64 {
-    node.shard_map().shard_for_user(user.as_bytes()).unwrap().id
+    node.shard_map().unwrap().shard_for_user(user.as_bytes()).unwrap().id
 }
