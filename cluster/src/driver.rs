@@ -1000,6 +1000,7 @@ impl Driver {
         let mut rb = RaftBatch::default();
         let mut readies = Vec::new();
         let mut snapshots = Vec::new();
+        let mut must_sync = false;
         for shard in dirty {
             let Some(r) = self.replicas.get_mut(&shard) else {
                 continue;
@@ -1008,6 +1009,7 @@ impl Driver {
                 continue;
             }
             let mut rd = r.raw.ready();
+            must_sync |= rd.must_sync();
             if shard != META_SHARD && rd.ss().is_some_and(|ss| ss.raft_state == StateRole::Leader) {
                 self.map_dirty.insert(shard);
             }
@@ -1040,8 +1042,19 @@ impl Driver {
         // Leaders' appends go out now, overlapping our own fsync.
         self.flush_outbox();
         if !rb.is_empty() {
-            self.engine.write_raft(rb, Durability::Fsync)?;
+            // Entries, votes, terms and snapshots must be durable before we
+            // acknowledge them. A Ready that only moves the commit index does
+            // not: a lost commit index is learned again from the leader (and
+            // recovery raises it to the applied index), so it skips the fsync
+            // that would otherwise sit between commit and apply.
+            let durability = if must_sync {
+                Durability::Fsync
+            } else {
+                Durability::NoFsync
+            };
+            self.engine.write_raft(rb, durability)?;
         }
+        let mut work = Vec::with_capacity(readies.len());
         for (shard, mut rd) in readies {
             let mut committed = rd.take_committed_entries();
             let Some(r) = self.replicas.get_mut(&shard) else {
@@ -1051,16 +1064,19 @@ impl Driver {
             let mut light = r.raw.advance(rd);
             route(&mut self.outbox, shard, light.take_messages(), &mut snapshots);
             committed.extend(light.take_committed_entries());
+            work.push((shard, committed));
+        }
+        self.apply_all(&work)?;
+        for (shard, committed) in &work {
             if !committed.is_empty() {
-                self.apply(shard, &committed)?;
-                self.applied_now.insert(shard);
+                self.applied_now.insert(*shard);
             }
-            if let Some(r) = self.replicas.get_mut(&shard) {
+            if let Some(r) = self.replicas.get_mut(shard) {
                 r.raw.advance_apply();
                 trim_entry_cache(r);
                 release_reads(r);
                 if r.raw.has_ready() {
-                    self.dirty.insert(shard);
+                    self.dirty.insert(*shard);
                 }
             }
         }
@@ -1097,71 +1113,97 @@ impl Driver {
         }
     }
 
-    /// Applies committed entries of one shard in one engine call, then
-    /// answers whoever on this node waits for them.
-    fn apply(&mut self, shard: u64, entries: &[Entry]) -> Result<(), ClusterError> {
-        let Some(r) = self.replicas.get_mut(&shard) else {
-            return Ok(());
-        };
-        let mut batch = Vec::with_capacity(entries.len());
-        let mut removed_self = false;
-        for e in entries {
-            let kind = match e.get_entry_type() {
-                EntryType::EntryNormal if e.data.is_empty() => EntryKind::Empty,
-                EntryType::EntryNormal => EntryKind::Command(&e.data),
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    // raft-rs must see every conf change in log order, even
-                    // ones the engine already holds (after a snapshot).
-                    let cs = if e.get_entry_type() == EntryType::EntryConfChange {
-                        let cc = ConfChange::parse_from_bytes(&e.data)
-                            .map_err(|err| ClusterError::Raft(format!("bad conf change: {err}")))?;
-                        r.raw.apply_conf_change(&cc)
-                    } else {
-                        let cc = ConfChangeV2::parse_from_bytes(&e.data)
-                            .map_err(|err| ClusterError::Raft(format!("bad conf change: {err}")))?;
-                        r.raw.apply_conf_change(&cc)
-                    };
-                    let cs = match cs {
-                        Ok(cs) => cs,
-                        // An invalid change (e.g. removing the last voter)
-                        // leaves the configuration as it was.
-                        Err(_) => r.raw.raft.prs().conf().to_conf_state(),
-                    };
-                    removed_self = !cs.voters.contains(&self.node_id) && !cs.learners.contains(&self.node_id);
-                    if shard != META_SHARD && r.raw.raft.state == StateRole::Leader {
-                        self.map_dirty.insert(shard);
-                    }
-                    if let Some((node, id)) = parse_context(&e.context) {
-                        if node == self.node_id {
-                            if let Some(p) = self.pending_conf.remove(&id) {
-                                let _ = p.reply.send(Ok(cs.clone()));
-                            }
-                        }
-                    }
-                    EntryKind::ConfChange(cs)
-                }
-            };
-            batch.push(ApplyEntry {
-                index: e.index,
-                term: e.term,
-                kind,
-            });
-        }
-        // The Raft log is durable, so the apply need not be: after a crash
-        // the unsynced tail of applies is replayed from the log. The next
-        // fsync'd Raft write makes these durable too (same WAL).
-        let outcomes = self.engine.apply(shard, &batch, Durability::NoFsync)?;
-        for (e, outcome) in entries.iter().zip(outcomes) {
-            let Some((node, id)) = parse_context(&e.context) else {
-                continue;
-            };
-            if node != self.node_id {
+    /// Applies what every shard committed this turn in ONE engine write,
+    /// then answers whoever on this node waits for those entries.
+    fn apply_all(&mut self, work: &[(u64, Vec<Entry>)]) -> Result<(), ClusterError> {
+        // (shard, index into `work`, entries for the engine)
+        let mut batches: Vec<(u64, usize, Vec<ApplyEntry<'_>>)> = Vec::with_capacity(work.len());
+        let mut conf_replies = Vec::new();
+        let mut removed = Vec::new();
+        for (w, (shard, entries)) in work.iter().enumerate() {
+            let shard = *shard;
+            if entries.is_empty() {
                 continue;
             }
-            let Some(p) = self.pending.remove(&id) else { continue };
-            answer(p, outcome);
+            let Some(r) = self.replicas.get_mut(&shard) else {
+                continue;
+            };
+            let mut batch = Vec::with_capacity(entries.len());
+            let mut last_conf = None;
+            for e in entries {
+                let kind = match e.get_entry_type() {
+                    EntryType::EntryNormal if e.data.is_empty() => EntryKind::Empty,
+                    EntryType::EntryNormal => EntryKind::Command(&e.data),
+                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                        // raft-rs must see every conf change in log order,
+                        // even ones the engine already holds (after a
+                        // snapshot).
+                        let cs = if e.get_entry_type() == EntryType::EntryConfChange {
+                            let cc = ConfChange::parse_from_bytes(&e.data)
+                                .map_err(|err| ClusterError::Raft(format!("bad conf change: {err}")))?;
+                            r.raw.apply_conf_change(&cc)
+                        } else {
+                            let cc = ConfChangeV2::parse_from_bytes(&e.data)
+                                .map_err(|err| ClusterError::Raft(format!("bad conf change: {err}")))?;
+                            r.raw.apply_conf_change(&cc)
+                        };
+                        // An invalid change (e.g. removing the last voter)
+                        // leaves the configuration as it was.
+                        let cs = cs.unwrap_or_else(|_| r.raw.raft.prs().conf().to_conf_state());
+                        last_conf = Some(cs.clone());
+                        if shard != META_SHARD && r.raw.raft.state == StateRole::Leader {
+                            self.map_dirty.insert(shard);
+                        }
+                        if let Some((node, id)) = parse_context(&e.context) {
+                            if node == self.node_id {
+                                conf_replies.push((id, cs.clone()));
+                            }
+                        }
+                        EntryKind::ConfChange(cs)
+                    }
+                };
+                batch.push(ApplyEntry {
+                    index: e.index,
+                    term: e.term,
+                    kind,
+                });
+            }
+            if last_conf.is_some_and(|cs| !cs.voters.contains(&self.node_id) && !cs.learners.contains(&self.node_id)) {
+                removed.push(shard);
+            }
+            batches.push((shard, w, batch));
         }
-        if removed_self {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<(u64, &[ApplyEntry<'_>])> = batches.iter().map(|(s, _, b)| (*s, b.as_slice())).collect();
+        // The Raft log is durable, so the apply need not be: after a crash
+        // the unsynced tail of applies is replayed from the log. The next
+        // fsync'd Raft write makes these durable too (same WAL, in order).
+        let outcomes = self.engine.apply_many(&refs, Durability::NoFsync)?;
+        drop(refs);
+        for ((_, w, _), outcomes) in batches.iter().zip(outcomes) {
+            let Some((_, entries)) = work.get(*w) else {
+                continue;
+            };
+            for (e, outcome) in entries.iter().zip(outcomes) {
+                let Some((node, id)) = parse_context(&e.context) else {
+                    continue;
+                };
+                if node != self.node_id {
+                    continue;
+                }
+                if let Some(p) = self.pending.remove(&id) {
+                    answer(p, outcome);
+                }
+            }
+        }
+        for (id, cs) in conf_replies {
+            if let Some(p) = self.pending_conf.remove(&id) {
+                let _ = p.reply.send(Ok(cs));
+            }
+        }
+        for shard in removed {
             self.remove_replica(shard);
         }
         Ok(())
