@@ -30,6 +30,7 @@ struct Args {
     in_flight: usize,
     seconds: u64,
     warmup_seconds: u64,
+    write_buffer_mb: Option<usize>,
     dir: std::path::PathBuf,
 }
 
@@ -42,6 +43,7 @@ fn parse_args() -> Result<Args, String> {
         in_flight: 256,
         seconds: 20,
         warmup_seconds: 3,
+        write_buffer_mb: None,
         dir: std::env::var_os("HOME")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(std::env::temp_dir)
@@ -60,10 +62,11 @@ fn parse_args() -> Result<Args, String> {
             "--seconds" => a.seconds = num(val()?)?,
             "--warmup-seconds" => a.warmup_seconds = num(val()?)?,
             "--dir" => a.dir = val()?.into(),
+            "--write-buffer-mb" => a.write_buffer_mb = Some(usize::try_from(num(val()?)?).map_err(|e| e.to_string())?),
             "--help" | "-h" => {
                 return Err(
                     "flags: --nodes --shards --mailboxes --payload-bytes --in-flight --seconds \
-                            --warmup-seconds --dir"
+                            --warmup-seconds --write-buffer-mb --dir"
                         .into(),
                 )
             }
@@ -103,6 +106,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut cfg = NodeConfig::new(id, args.dir.join(format!("n{id}")), ic.clone());
         cfg.shard_count = args.shards;
         cfg.replication_factor = 3;
+        if let Some(mb) = args.write_buffer_mb {
+            cfg.engine.write_buffer_bytes = mb << 20;
+        }
         let node = Node::start(cfg, router.transport(id))?;
         router.register(node.inbox());
         nodes.insert(id, node);
