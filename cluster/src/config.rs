@@ -211,6 +211,14 @@ impl NodeConfig {
         }
     }
 
+    /// The no-flags mode: a one-node cluster (replication factor 1) whose
+    /// raft transport would listen on `raft_addr`.
+    pub fn single_node(data_dir: impl Into<PathBuf>, raft_addr: &str) -> Self {
+        let mut c = NodeConfig::new(1, data_dir, InitialCluster::single(raft_addr));
+        c.replication_factor = 1;
+        c
+    }
+
     /// Checks the whole config.
     pub fn validate(&self) -> Result<(), ClusterError> {
         if !self.initial_cluster.nodes.contains_key(&self.node_id) {

@@ -688,7 +688,13 @@ impl Driver {
     /// Ingests a spooled snapshot, then steps raft-rs's MsgSnapshot. The
     /// message is stepped only if the engine now holds state at least as new
     /// as the snapshot, so raft-rs never moves past state the engine lacks.
-    fn on_snapshot(&mut self, from: u64, shard: u64, path: &std::path::Path, msg: Message) -> Result<(), ClusterError> {
+    fn on_snapshot(
+        &mut self,
+        _from: u64,
+        shard: u64,
+        path: &std::path::Path,
+        msg: Message,
+    ) -> Result<(), ClusterError> {
         let md_index = msg.get_snapshot().get_metadata().index;
         let mut expect = SNAPSHOT_DATA_MAGIC.to_vec();
         expect.extend_from_slice(&shard.to_be_bytes());
@@ -703,18 +709,22 @@ impl Driver {
         let applied = self.engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
         if applied < md_index {
             if let Err(e) = self.ingest_file(shard, path) {
-                // A bad stream (or one older than our state) is dropped; the
-                // leader sends another if we still need it.
-                let _ = std::fs::remove_file(path);
                 let torn = self
                     .engine
                     .shard_meta(shard)?
                     .is_some_and(|m| m.state == ShardState::Ingesting);
                 if torn {
-                    // The old state is gone and the new one did not arrive
-                    // whole: this replica cannot serve. Stop loudly.
+                    // The old state is gone and the new one is not all in:
+                    // this replica cannot serve. Stop loudly, and KEEP the
+                    // spooled file: the next start re-runs the ingest from it
+                    // (`recover_shard`), which repairs a transient failure
+                    // (an I/O error); a deterministic one keeps the node from
+                    // starting until an operator replaces the replica.
                     return Err(e);
                 }
+                // Refused before anything changed (e.g. older than our
+                // state): drop it; the leader sends another if still needed.
+                let _ = std::fs::remove_file(path);
                 return Ok(());
             }
         } else {
@@ -722,7 +732,6 @@ impl Driver {
         }
         let applied = self.engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
         if applied >= md_index {
-            let _ = from;
             self.wake(shard, true);
             if let Some(r) = self.replicas.get_mut(&shard) {
                 let _ = r.raw.step(msg);

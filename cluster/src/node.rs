@@ -49,7 +49,19 @@ struct NodeInner {
     inbox_capacity: usize,
 }
 
-/// A running node. Clones share it.
+impl Drop for NodeInner {
+    /// The last handle going away stops the driver and waits for it, so no
+    /// thread is left inside RocksDB when the engine (or the process) ends.
+    fn drop(&mut self) {
+        let handle = self.thread.get_mut().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(h) = handle {
+            let _ = self.tx.send(Inbound::Stop);
+            let _ = h.join();
+        }
+    }
+}
+
+/// A running node. Clones share it; dropping the last one stops it.
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<NodeInner>,

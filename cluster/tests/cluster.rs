@@ -510,3 +510,55 @@ async fn bad_requests_get_clear_errors() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_crash_in_the_middle_of_an_ingest_is_repaired_at_start() {
+    let mut c = TestCluster::new(3, 1, 3, fast_tuning());
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let victim = (1..=3).find(|n| *n != leader).unwrap();
+    c.stop(victim);
+    for i in 0..40 {
+        append_retrying(c.node(leader), shard, "max", &format!("k{i}"), b"v", 10).await;
+    }
+    // What a crash mid-ingest leaves on the victim: a complete spooled
+    // snapshot, and a shard whose old state is gone (marked Ingesting).
+    let dir = c.dirs[&victim].path().to_path_buf();
+    let spool = pigeonhole_cluster::transport::SnapshotSpool::open(dir.join("snap")).unwrap();
+    let mut w = spool.begin(leader, shard).unwrap();
+    let mut chunks = Vec::new();
+    c.node(leader)
+        .engine()
+        .export_snapshot(shard, 256, |ch| {
+            chunks.push(ch);
+            Ok::<(), pigeonhole_engine::EngineError>(())
+        })
+        .unwrap();
+    assert!(chunks.len() > 2, "want a multi-chunk snapshot");
+    for ch in &chunks {
+        w.write_chunk(&ch.encode()).unwrap();
+    }
+    w.finish().unwrap();
+    {
+        let engine = pigeonhole_engine::Engine::open(dir.join("db"), Default::default()).unwrap();
+        let mut ingest = engine.ingest_snapshot(shard).unwrap();
+        ingest.push(&chunks[0]).unwrap(); // begin: old state deleted, marked Ingesting
+        drop(ingest); // the "crash"
+        let meta = engine.shard_meta(shard).unwrap().unwrap();
+        assert_eq!(meta.state, pigeonhole_engine::ShardState::Ingesting);
+    }
+    c.start(victim);
+    let meta = c.node(victim).engine().shard_meta(shard).unwrap().unwrap();
+    assert_eq!(meta.state, pigeonhole_engine::ShardState::Ready, "re-ingested at start");
+    assert!(
+        !dir.join("snap").join(format!("{shard}.snap")).exists(),
+        "spool removed once durable"
+    );
+    c.eventually("victim catches up", 10, || async {
+        c.status(victim, shard).await.is_some_and(|s| s.applied >= 40 + 5)
+    })
+    .await;
+    append(c.node(leader), shard, "max", "after", b"v").await.unwrap();
+    c.node(victim).read_barrier(shard).await.unwrap();
+    assert_eq!(read_all(c.node(victim), shard, "max").len(), 41);
+}

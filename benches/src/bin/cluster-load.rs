@@ -31,6 +31,8 @@ struct Args {
     seconds: u64,
     warmup_seconds: u64,
     write_buffer_mb: Option<usize>,
+    idle_seconds: u64,
+    hibernate_after_ticks: Option<u32>,
     dir: std::path::PathBuf,
 }
 
@@ -44,6 +46,8 @@ fn parse_args() -> Result<Args, String> {
         seconds: 20,
         warmup_seconds: 3,
         write_buffer_mb: None,
+        idle_seconds: 0,
+        hibernate_after_ticks: None,
         dir: std::env::var_os("HOME")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(std::env::temp_dir)
@@ -62,11 +66,15 @@ fn parse_args() -> Result<Args, String> {
             "--seconds" => a.seconds = num(val()?)?,
             "--warmup-seconds" => a.warmup_seconds = num(val()?)?,
             "--dir" => a.dir = val()?.into(),
+            "--idle-seconds" => a.idle_seconds = num(val()?)?,
+            "--hibernate-after-ticks" => {
+                a.hibernate_after_ticks = Some(u32::try_from(num(val()?)?).map_err(|e| e.to_string())?)
+            }
             "--write-buffer-mb" => a.write_buffer_mb = Some(usize::try_from(num(val()?)?).map_err(|e| e.to_string())?),
             "--help" | "-h" => {
                 return Err(
                     "flags: --nodes --shards --mailboxes --payload-bytes --in-flight --seconds \
-                            --warmup-seconds --write-buffer-mb --dir"
+                            --warmup-seconds --write-buffer-mb --idle-seconds --hibernate-after-ticks --dir"
                         .into(),
                 )
             }
@@ -106,6 +114,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut cfg = NodeConfig::new(id, args.dir.join(format!("n{id}")), ic.clone());
         cfg.shard_count = args.shards;
         cfg.replication_factor = 3;
+        if let Some(t) = args.hibernate_after_ticks {
+            cfg.raft.hibernate_after_ticks = t;
+        }
         if let Some(mb) = args.write_buffer_mb {
             cfg.engine.write_buffer_bytes = mb << 20;
         }
@@ -134,6 +145,46 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         m
     });
     eprintln!("leaders per node: {per_node:?}");
+    if args.idle_seconds > 0 {
+        // Idle cost: wait until every replica hibernates, then measure the
+        // CPU the whole cluster burns with no traffic at all.
+        let t = Instant::now();
+        // With hibernation off nothing ever sleeps: settle for a few seconds.
+        if args.hibernate_after_ticks == Some(0) {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        while args.hibernate_after_ticks != Some(0) {
+            let mut asleep = true;
+            for n in nodes.values() {
+                asleep &= n.status().await?.iter().all(|s| s.asleep);
+            }
+            if asleep {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(120) {
+                return Err("replicas did not all hibernate within 120 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let asleep_after = t.elapsed().as_secs_f64();
+        let cpu0 = cpu_seconds();
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+        let cpu = cpu_seconds() - cpu0;
+        let wall = t0.elapsed().as_secs_f64();
+        println!(
+            "idle: nodes={} shards={} replicas={} settled_after={asleep_after:.1}s cpu={:.3}s over {wall:.1}s ({:.2}% of one core)",
+            args.nodes,
+            args.shards,
+            args.shards * 3 + args.nodes,
+            cpu,
+            100.0 * cpu / wall
+        );
+        for node in nodes.values() {
+            node.stop()?;
+        }
+        return Ok(());
+    }
     let map = nodes.get(&1).ok_or("no node 1")?.shard_map()?;
     let nodes = Arc::new(nodes);
     let leader_of = Arc::new(leader_of);

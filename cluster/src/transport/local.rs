@@ -162,6 +162,8 @@ struct RouterState {
     filters: RwLock<Vec<(u64, Arc<dyn Filter>)>>,
     next_filter: Mutex<u64>,
     stats: Mutex<RouterStats>,
+    /// Snapshot streams still running (each holds an engine open).
+    snapshots_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// The in-process network. Clone it; every clone is the same network.
@@ -243,6 +245,25 @@ impl Router {
     /// Removes every filter (heals the network).
     pub fn clear_filters(&self) {
         write(&self.state.filters).clear();
+    }
+
+    /// Waits (up to `timeout`) until no snapshot stream is running, so a
+    /// harness can be sure no thread still holds an engine. Returns whether
+    /// they all ended.
+    pub fn wait_snapshots(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self
+            .state
+            .snapshots_in_flight
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+        {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 
     /// Traffic counters so far.
@@ -339,6 +360,10 @@ impl Transport for LocalTransport {
 
     fn send_snapshot(&self, job: SnapshotJob) {
         let router = self.router.clone();
+        router
+            .state
+            .snapshots_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         // Export reads the whole shard: keep it off the driver's thread.
         std::thread::spawn(move || {
             let mut job = job;
@@ -349,6 +374,11 @@ impl Transport for LocalTransport {
             }
             let report = std::mem::replace(&mut job.report, Box::new(|_| {}));
             report(res.is_ok());
+            drop(job);
+            router
+                .state
+                .snapshots_in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         });
     }
 }

@@ -142,6 +142,20 @@ impl TestCluster {
     }
 }
 
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.stop(id);
+        }
+        // No snapshot thread may outlive the cluster with an engine open.
+        assert!(
+            self.router.wait_snapshots(Duration::from_secs(10)),
+            "snapshot streams still running"
+        );
+    }
+}
+
 pub fn append_op(user: &str, key: &str, payload: &[u8]) -> cmd::Op {
     cmd::Op {
         op: Some(cmd::op::Op::Append(cmd::AppendOp {
