@@ -421,14 +421,7 @@ async fn idle_shards_hibernate_and_wake() {
     for shard in 1..=8 {
         c.leader(shard).await;
     }
-    c.eventually("all replicas hibernate", 10, || async {
-        let mut all = true;
-        for id in 1..=3 {
-            all &= c.node(id).status().await.unwrap().iter().all(|s| s.asleep);
-        }
-        all
-    })
-    .await;
+    c.wait_all_asleep().await;
     // Asleep means silent: no raft messages between nodes for a while (only
     // node heartbeats, which carry none).
     let before = c.router.stats().messages;
@@ -442,15 +435,11 @@ async fn idle_shards_hibernate_and_wake() {
 #[tokio::test]
 async fn sleeping_shards_elect_a_new_leader_when_the_leader_dies() {
     let mut c = TestCluster::new(3, 3, 3, fast_tuning());
-    let leaders: Vec<u64> = futures_lite(&c).await;
-    c.eventually("all replicas hibernate", 10, || async {
-        let mut all = true;
-        for id in 1..=3 {
-            all &= c.node(id).status().await.unwrap().iter().all(|s| s.asleep);
-        }
-        all
-    })
-    .await;
+    let mut leaders = Vec::new();
+    for shard in 1..=3 {
+        leaders.push(c.leader(shard).await);
+    }
+    c.wait_all_asleep().await;
     let dead = leaders[0];
     c.stop(dead);
     // No client traffic: the node-level heartbeat alone must get shard 1 a
@@ -463,14 +452,6 @@ async fn sleeping_shards_elect_a_new_leader_when_the_leader_dies() {
         ok
     })
     .await;
-}
-
-async fn futures_lite(c: &TestCluster) -> Vec<u64> {
-    let mut v = Vec::new();
-    for shard in 1..=3 {
-        v.push(c.leader(shard).await);
-    }
-    v
 }
 
 #[tokio::test]

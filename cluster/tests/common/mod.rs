@@ -128,6 +128,18 @@ impl TestCluster {
         }
     }
 
+    /// Waits until every replica on every running node hibernates.
+    pub async fn wait_all_asleep(&self) {
+        self.eventually("all replicas hibernate", 10, || async {
+            let mut all = true;
+            for n in self.nodes.values() {
+                all &= n.status().await.unwrap().iter().all(|s| s.asleep);
+            }
+            all
+        })
+        .await;
+    }
+
     /// Waits until `f` holds, or fails the test with `what`.
     pub async fn eventually<F, Fut>(&self, what: &str, secs: u64, mut f: F)
     where
