@@ -158,6 +158,13 @@ impl RaftTuning {
                 self.ops_per_entry_max
             ));
         }
+        if self.entry_bytes_max < (2 << 20) || self.entry_bytes_max > 64 << 20 {
+            // At least one maximal op (1 MiB payload plus framing) must fit.
+            return bad(format!(
+                "entry_bytes_max {} is outside 2 MiB..=64 MiB",
+                self.entry_bytes_max
+            ));
+        }
         if self.log_retain_entries >= self.log_entries_max {
             return bad("log_retain_entries must be below log_entries_max".into());
         }
@@ -238,6 +245,14 @@ impl NodeConfig {
             return Err(ClusterError::Config(format!(
                 "replication factor {} is not 1, 3 or 5",
                 self.replication_factor
+            )));
+        }
+        if self.raft.ops_per_entry_max > self.engine.limits.ops_per_command_max {
+            // The engine rejects a whole entry with more ops than its limit,
+            // which would fail every request packed into it.
+            return Err(ClusterError::Config(format!(
+                "ops_per_entry_max {} exceeds the engine's ops_per_command_max {}",
+                self.raft.ops_per_entry_max, self.engine.limits.ops_per_command_max
             )));
         }
         self.raft.validate()

@@ -124,6 +124,8 @@ pub struct ShardStatus {
     pub voters: Vec<u64>,
     /// Learners of the applied configuration.
     pub learners: Vec<u64>,
+    /// In a joint configuration (a membership change is half-way).
+    pub joint: bool,
     /// Hibernating: not ticking.
     pub asleep: bool,
 }
@@ -178,6 +180,11 @@ struct Replica {
     log_bytes: u64,
     preferred_leader: u64,
 }
+
+/// Raft message bytes per envelope (frame), at most, unless one message is
+/// larger by itself. Well under the transport's 80 MiB frame limit: one
+/// entry is at most `entry_bytes_max` (8 MiB by default, 64 MiB allowed).
+pub const ENVELOPE_BYTES_MAX: usize = 16 << 20;
 
 /// Bytes of an entry context: origin node id, then proposal id.
 const CONTEXT_LEN: usize = 16;
@@ -305,8 +312,7 @@ impl Driver {
             let Some(meta) = d.engine.shard_meta(shard)? else {
                 continue;
             };
-            let cs = &meta.conf_state;
-            if !cs.voters.contains(&node_id) && !cs.learners.contains(&node_id) {
+            if !is_member(&meta.conf_state, node_id) {
                 // Removed from this shard; its data stays until a later
                 // issue adds replica garbage collection.
                 continue;
@@ -337,9 +343,11 @@ impl Driver {
             return Ok(());
         };
         let meta = if meta.state == ShardState::Ingesting {
-            let path = self.spool.complete_path(shard).ok_or_else(|| {
+            // The newest complete spooled snapshot: any complete snapshot of
+            // committed state newer than what the shard had will do.
+            let (_, path) = self.spool.complete(shard)?.into_iter().next().ok_or_else(|| {
                 ClusterError::Config(format!(
-                    "shard {shard} was cut off during a snapshot ingest and its spooled snapshot is missing"
+                    "shard {shard} was cut off during a snapshot ingest and no spooled snapshot is left"
                 ))
             })?;
             self.ingest_file(shard, &path)?;
@@ -350,26 +358,32 @@ impl Driver {
         let store = self.engine.raft_log(shard)?;
         let hs = store.hard_state()?;
         let last = store.last_index().map_err(raft_err)?;
-        if meta.applied_index > last {
-            // Nothing in the log beyond the applied state: restart the log
-            // at it, exactly as installing that snapshot would.
+        if meta.applied_index <= hs.commit {
+            return Ok(());
+        }
+        // The applied state is ahead of the durable commit index: a snapshot
+        // was ingested (or applies were written) past what the log says.
+        // Only if the local log holds the applied entry itself (same index
+        // and term) is its prefix the committed history, so the commit index
+        // may move up to it. Otherwise the log diverges there and must be
+        // restarted at the applied state, exactly as installing that
+        // snapshot would; the entries dropped were never committed (log
+        // matching), and a leader re-sends whatever follows.
+        let log_agrees = meta.applied_index <= last && store.term(meta.applied_index).ok() == Some(meta.applied_term);
+        let mut rb = RaftBatch::default();
+        if log_agrees {
+            let mut hs = hs;
+            hs.commit = meta.applied_index;
+            rb.set_hard_state(&store, &hs)?;
+        } else {
             let md = SnapshotMetadata {
                 index: meta.applied_index,
                 term: meta.applied_term,
                 ..Default::default()
             };
-            let mut rb = RaftBatch::default();
             rb.apply_snapshot(&store, &md)?;
-            self.engine.write_raft(rb, Durability::Fsync)?;
-        } else if meta.applied_index > hs.commit {
-            // Applied state comes only from committed entries (or a
-            // snapshot of them), so the commit index may move up to it.
-            let mut hs = hs;
-            hs.commit = meta.applied_index;
-            let mut rb = RaftBatch::default();
-            rb.set_hard_state(&store, &hs)?;
-            self.engine.write_raft(rb, Durability::Fsync)?;
         }
+        self.engine.write_raft(rb, Durability::Fsync)?;
         Ok(())
     }
 
@@ -649,6 +663,11 @@ impl Driver {
             }
         }
         for ShardMsg { shard, msg } in env.msgs {
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                // Snapshots arrive only through the spool, with their state;
+                // a bare MsgSnapshot would move raft-rs past the engine.
+                continue;
+            }
             if !self.replicas.contains_key(&shard) && !self.maybe_create(shard, &msg)? {
                 continue;
             }
@@ -677,9 +696,16 @@ impl Driver {
         if !from_leader || (shard != META_SHARD && self.map.shard(shard).is_none()) {
             return Ok(false);
         }
-        if self.engine.shard_meta(shard)?.is_some() {
-            // Data of a replica removed earlier: do not resurrect it.
-            return Ok(false);
+        if let Some(meta) = self.engine.shard_meta(shard)? {
+            if meta.state != ShardState::Ready || is_member(&meta.conf_state, self.node_id) {
+                return Ok(false);
+            }
+            // A replica removed earlier is being added back: resume from its
+            // data. Its log is an older prefix of the same group's history,
+            // so the leader simply catches it up (by log or snapshot).
+            self.recover_shard(shard)?;
+            self.add_replica(shard, meta.applied_index)?;
+            return Ok(true);
         }
         self.add_replica(shard, 0)?;
         Ok(true)
@@ -761,9 +787,9 @@ impl Driver {
                 "spooled snapshot has no last chunk",
             )));
         }
-        // The shard is whole again and durable (the last push fsyncs); the
-        // file is no longer needed for recovery.
-        std::fs::remove_file(path)?;
+        // The shard is whole again and durable (the last push fsyncs): no
+        // spooled file of it is needed for recovery any more.
+        self.spool.remove_all(shard)?;
         Ok(())
     }
 
@@ -1010,6 +1036,7 @@ impl Driver {
         let mut readies = Vec::new();
         let mut snapshots = Vec::new();
         let mut must_sync = false;
+        let mut late = Vec::new();
         for shard in dirty {
             let Some(r) = self.replicas.get_mut(&shard) else {
                 continue;
@@ -1019,11 +1046,20 @@ impl Driver {
             }
             let mut rd = r.raw.ready();
             must_sync |= rd.must_sync();
+            // A leader may send before its fsync, but not messages of a term
+            // or vote it has not made durable yet (a single voter becomes
+            // leader inside one Ready): those wait for the fsync.
+            let prev = r.raw.store().hard_state()?;
+            let early_ok = rd.hs().is_none_or(|hs| hs.term == prev.term && hs.vote == prev.vote);
             if shard != META_SHARD && rd.ss().is_some_and(|ss| ss.raft_state == StateRole::Leader) {
                 self.map_dirty.insert(shard);
             }
             let msgs = rd.take_messages();
-            route(&mut self.outbox, shard, msgs, &mut snapshots);
+            if early_ok {
+                route(&mut self.outbox, shard, msgs, &mut snapshots);
+            } else {
+                late.push((shard, msgs));
+            }
             if !rd.snapshot().is_empty() {
                 rb.apply_snapshot(r.raw.store(), rd.snapshot().get_metadata())?;
                 r.log_bytes = 0;
@@ -1063,6 +1099,9 @@ impl Driver {
             };
             self.engine.write_raft(rb, durability)?;
         }
+        for (shard, msgs) in late {
+            route(&mut self.outbox, shard, msgs, &mut snapshots);
+        }
         let mut work = Vec::with_capacity(readies.len());
         for (shard, mut rd) in readies {
             let mut committed = rd.take_committed_entries();
@@ -1070,7 +1109,11 @@ impl Driver {
                 continue;
             };
             route(&mut self.outbox, shard, rd.take_persisted_messages(), &mut snapshots);
-            let mut light = r.raw.advance(rd);
+            // advance_append, not advance: the entries are not applied yet.
+            // raft-rs decides whether to leave a joint configuration when
+            // `advance_apply` moves the applied index past the conf change,
+            // which must happen after apply_conf_change ran (in apply_all).
+            let mut light = r.raw.advance_append(rd);
             route(&mut self.outbox, shard, light.take_messages(), &mut snapshots);
             committed.extend(light.take_committed_entries());
             work.push((shard, committed));
@@ -1107,18 +1150,42 @@ impl Driver {
             engine: self.engine.clone(),
             chunk_bytes: self.tuning.snapshot_chunk_bytes,
             report: Box::new(move |ok| {
-                let _ = tx.try_send(Inbound::SnapshotReport { shard, to, ok });
+                // Never silently lost: a failed transfer left unreported would
+                // keep the follower in raft-rs's Snapshot state. The report
+                // comes from a transport thread, so waiting a moment for room
+                // in the inbox blocks nothing of the driver's.
+                let _ = tx.send_timeout(Inbound::SnapshotReport { shard, to, ok }, Duration::from_secs(5));
             }),
         });
     }
 
+    /// Sends what this turn queued, one envelope per destination, split so
+    /// no envelope exceeds `ENVELOPE_BYTES_MAX` (a frame over the receiver's
+    /// limit would be refused whole, heartbeats included).
     fn flush_outbox(&mut self) {
         for (to, msgs) in std::mem::take(&mut self.outbox) {
-            self.transport.send(Envelope {
-                from: self.node_id,
-                to,
-                msgs,
-            });
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            for m in msgs {
+                let size = usize::try_from(m.msg.compute_size()).unwrap_or(usize::MAX);
+                if !batch.is_empty() && bytes.saturating_add(size) > ENVELOPE_BYTES_MAX {
+                    self.transport.send(Envelope {
+                        from: self.node_id,
+                        to,
+                        msgs: std::mem::take(&mut batch),
+                    });
+                    bytes = 0;
+                }
+                bytes = bytes.saturating_add(size);
+                batch.push(m);
+            }
+            if !batch.is_empty() {
+                self.transport.send(Envelope {
+                    from: self.node_id,
+                    to,
+                    msgs: batch,
+                });
+            }
         }
     }
 
@@ -1177,7 +1244,7 @@ impl Driver {
                     kind,
                 });
             }
-            if last_conf.is_some_and(|cs| !cs.voters.contains(&self.node_id) && !cs.learners.contains(&self.node_id)) {
+            if last_conf.is_some_and(|cs| !is_member(&cs, self.node_id)) {
                 removed.push(shard);
             }
             batches.push((shard, w, batch));
@@ -1269,6 +1336,7 @@ impl Driver {
                     applied: raft.raft_log.applied,
                     last_index: raft.raft_log.last_index(),
                     first_index: r.raw.store().first_index().unwrap_or(0),
+                    joint: !conf.voters_outgoing.is_empty(),
                     voters: conf.voters,
                     learners: conf.learners,
                     asleep: r.asleep,
@@ -1291,6 +1359,16 @@ impl Driver {
             let _ = p.reply.send(Err(ClusterError::Stopped));
         }
     }
+}
+
+/// Whether `node` still has a part in `cs`. During a joint change the outgoing
+/// voters (and the learners to be) still count: removing the replica then
+/// would take a vote the old majority still needs.
+fn is_member(cs: &ConfState, node: u64) -> bool {
+    cs.voters.contains(&node)
+        || cs.learners.contains(&node)
+        || cs.voters_outgoing.contains(&node)
+        || cs.learners_next.contains(&node)
 }
 
 /// Splits outgoing messages: snapshots take their own path, the rest are
@@ -1430,6 +1508,7 @@ fn is_quiet(r: &Replica) -> bool {
         StateRole::Leader => {
             raft.lead_transferee.is_none()
                 && !raft.has_pending_conf()
+                && raft.read_only.pending_read_count() == 0
                 && raft.prs().iter().all(|(_, p)| p.matched == log.last_index())
         }
         StateRole::Follower => raft.leader_id != 0,

@@ -47,6 +47,8 @@ struct NodeInner {
     thread: Mutex<Option<JoinHandle<Result<(), ClusterError>>>>,
     request_timeout: Duration,
     inbox_capacity: usize,
+    ops_per_entry_max: usize,
+    entry_bytes_max: usize,
 }
 
 impl Drop for NodeInner {
@@ -140,6 +142,8 @@ impl Node {
                 thread: Mutex::new(Some(thread)),
                 request_timeout: Duration::from_millis(cfg.raft.request_timeout_ms),
                 inbox_capacity: cfg.raft.inbox_capacity,
+                ops_per_entry_max: cfg.raft.ops_per_entry_max,
+                entry_bytes_max: cfg.raft.entry_bytes_max,
             }),
         })
     }
@@ -195,6 +199,28 @@ impl Node {
     /// entry is committed on a majority (each fsync'd) and applied here.
     /// Works on any replica: a follower's proposal goes to the leader.
     pub async fn propose(&self, shard: u64, ops: Vec<cmd::Op>) -> ProposeResult {
+        // One request must fit one Raft entry: it is never split, so an
+        // oversized one is refused here, naming the limit.
+        if ops.len() > self.inner.ops_per_entry_max {
+            return Err(ClusterError::InvalidArgument {
+                field: "ops",
+                reason: format!(
+                    "{} ops in one request; the limit is {}",
+                    ops.len(),
+                    self.inner.ops_per_entry_max
+                ),
+            });
+        }
+        let bytes: usize = ops.iter().map(prost::Message::encoded_len).sum();
+        if bytes > self.inner.entry_bytes_max {
+            return Err(ClusterError::InvalidArgument {
+                field: "ops",
+                reason: format!(
+                    "{bytes} bytes in one request; the limit is {}",
+                    self.inner.entry_bytes_max
+                ),
+            });
+        }
         let (reply, rx) = oneshot::channel();
         self.send(Inbound::Propose {
             shard,

@@ -367,6 +367,23 @@ async fn membership_change_moves_a_replica_to_a_new_node() {
             .is_some_and(|s| s.voters.contains(&4) && s.leader != 0)
     })
     .await;
+    // The removed node can be added back: it resumes from its old data.
+    let leader = c.leader(shard).await;
+    append(c.node(leader), shard, "ivy", "before-readd", b"v")
+        .await
+        .unwrap();
+    let cs = c
+        .node(leader)
+        .change_membership(shard, &[MembershipChange::AddLearner(gone)])
+        .await
+        .unwrap();
+    assert_eq!(cs.learners, vec![gone]);
+    c.eventually("re-added node catches up", 10, || async {
+        c.status(gone, shard).await.is_some_and(|s| s.learners.contains(&gone))
+    })
+    .await;
+    c.node(gone).read_barrier(shard).await.unwrap();
+    assert_eq!(read_all(c.node(gone), shard, "ivy").len(), 32);
 }
 
 #[tokio::test]
@@ -531,10 +548,7 @@ async fn a_crash_in_the_middle_of_an_ingest_is_repaired_at_start() {
     c.start(victim);
     let meta = c.node(victim).engine().shard_meta(shard).unwrap().unwrap();
     assert_eq!(meta.state, pigeonhole_engine::ShardState::Ready, "re-ingested at start");
-    assert!(
-        !dir.join("snap").join(format!("{shard}.snap")).exists(),
-        "spool removed once durable"
-    );
+    assert!(spool.complete(shard).unwrap().is_empty(), "spool removed once durable");
     c.eventually("victim catches up", 10, || async {
         c.status(victim, shard).await.is_some_and(|s| s.applied >= 40 + 5)
     })
@@ -542,4 +556,56 @@ async fn a_crash_in_the_middle_of_an_ingest_is_repaired_at_start() {
     append(c.node(leader), shard, "max", "after", b"v").await.unwrap();
     c.node(victim).read_barrier(shard).await.unwrap();
     assert_eq!(read_all(c.node(victim), shard, "max").len(), 41);
+}
+
+#[tokio::test]
+async fn a_joint_membership_change_under_load_completes() {
+    // Replace a voter in ONE change (joint consensus) while writes flow, so
+    // the change commits in the same batch as data entries.
+    let mut tuning = fast_tuning();
+    tuning.hibernate_after_ticks = 0;
+    let c = TestCluster::with_members(4, 4, 1, 3, tuning);
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    c.node(leader)
+        .change_membership(shard, &[MembershipChange::AddLearner(4)])
+        .await
+        .unwrap();
+    c.eventually("learner catches up", 10, || async {
+        c.status(4, shard).await.is_some_and(|s| s.applied >= 6)
+    })
+    .await;
+    let out = (1..=3).find(|n| *n != leader).unwrap();
+    let writer = {
+        let n = c.node(leader).clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                let _ = append(&n, shard, "nia", &format!("k{i}"), b"v").await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cs = c
+        .node(leader)
+        .change_membership(shard, &[MembershipChange::AddVoter(4), MembershipChange::Remove(out)])
+        .await
+        .unwrap();
+    assert!(
+        !cs.voters_outgoing.is_empty(),
+        "the change enters a joint configuration"
+    );
+    writer.await.unwrap();
+    // raft-rs leaves the joint configuration by itself (auto-leave); it must
+    // get there even though the change committed among data entries.
+    c.eventually("the shard leaves the joint configuration", 10, || async {
+        c.status(leader, shard)
+            .await
+            .is_some_and(|s| !s.joint && s.voters.contains(&4) && !s.voters.contains(&out))
+    })
+    .await;
+    // And further membership changes work.
+    c.node(leader)
+        .change_membership(shard, &[MembershipChange::AddLearner(out)])
+        .await
+        .unwrap();
 }

@@ -285,9 +285,15 @@ impl RaftTransport for RaftService {
                 let w = writer
                     .take()
                     .ok_or_else(|| Status::internal("snapshot writer vanished"))?;
-                self.inbox
+                let handed = self
+                    .inbox
                     .snapshot_ready(w, msg)
                     .map_err(|e| Status::internal(format!("snapshot spool: {e}")))?;
+                if !handed {
+                    // The driver's inbox is full or gone: the sender must not
+                    // believe the snapshot arrived.
+                    return Err(Status::unavailable("receiver busy; snapshot not taken"));
+                }
                 return Ok(Response::new(TransportDone {}));
             }
         }

@@ -1,13 +1,16 @@
 //! The receiving side of a snapshot: chunks are written to a file under the
-//! node's data dir as they arrive, fsync'd, and renamed to `<shard>.snap`
-//! only when the last chunk is in. The driver ingests from that file.
+//! node's data dir as they arrive, fsync'd, and renamed to
+//! `<shard>.<stream>.snap` only when the last chunk is in. The driver ingests
+//! from that file. Every stream has its own name, so two streams for one
+//! shard (say, across a leader change) never overwrite each other's file.
 //!
 //! Why a file and not memory: a shard snapshot can be far larger than the
 //! memory we want to spend on it, and the file is also what makes ingest
 //! crash-safe. The engine marks a shard `Ingesting` while it replaces it; if
 //! the node dies then, the complete `<shard>.snap` is still on disk and the
-//! node re-ingests it at start instead of serving (or losing) a torn shard.
-//! The file is removed once the ingest is durable.
+//! node re-ingests it at start instead of serving (or losing) a torn shard;
+//! if several are there, the newest (highest index) wins. The shard's files
+//! are removed once an ingest is durable.
 //!
 //! File format: repeated `len:u32 (big-endian) chunk`, where each chunk is an
 //! engine `SnapshotChunk` encoding with its own crc32.
@@ -43,22 +46,54 @@ impl SnapshotSpool {
         })
     }
 
-    /// The complete snapshot file of `shard`, if one is waiting.
-    pub fn complete_path(&self, shard: u64) -> Option<PathBuf> {
-        let p = self.dir.join(format!("{shard}.snap"));
-        p.exists().then_some(p)
+    /// Complete snapshot files of `shard`, as (index, path), newest first.
+    /// A file whose first chunk does not decode is skipped.
+    pub fn complete(&self, shard: u64) -> std::io::Result<Vec<(u64, PathBuf)>> {
+        let prefix = format!("{shard}.");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.dir)? {
+            let p = e?.path();
+            let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if !name.starts_with(&prefix) || !name.ends_with(".snap") {
+                continue;
+            }
+            if let Some(index) = first_chunk_index(&p) {
+                out.push((index, p));
+            }
+        }
+        out.sort_by_key(|e| std::cmp::Reverse(e.0));
+        Ok(out)
+    }
+
+    /// Removes every complete snapshot file of `shard`.
+    pub fn remove_all(&self, shard: u64) -> std::io::Result<()> {
+        for (_, p) in self.complete(shard)? {
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Starts a new spool file for `shard`.
     pub fn begin(&self, from: u64, shard: u64) -> std::io::Result<SpoolWriter> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join(format!("{shard}.{from}.{n}.tmp"));
+        // Unique across restarts too: a complete file of an earlier run may
+        // still be waiting for recovery.
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let stream = format!("{from}-{stamp}-{n}");
+        let tmp = self.dir.join(format!("{shard}.{stream}.tmp"));
         let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         Ok(SpoolWriter {
             from,
             shard,
             tmp,
-            done: self.dir.join(format!("{shard}.snap")),
+            done: self.dir.join(format!("{shard}.{stream}.snap")),
             dir: self.dir.clone(),
             out: Some(BufWriter::new(file)),
             next_seq_no: 0,
@@ -131,8 +166,23 @@ impl Drop for SpoolWriter {
     }
 }
 
+/// The index of the snapshot in a spooled file (from its first chunk).
+fn first_chunk_index(path: &Path) -> Option<u64> {
+    let mut found = None;
+    let _ = read_chunks_until(path, |chunk| {
+        found = Some(chunk.index);
+        Ok(false)
+    });
+    found
+}
+
 /// Reads the chunks of a spooled snapshot back, in order.
 pub fn read_chunks(path: &Path, mut each: impl FnMut(SnapshotChunk) -> std::io::Result<()>) -> std::io::Result<()> {
+    read_chunks_until(path, |c| each(c).map(|()| true))
+}
+
+/// Like `read_chunks`, but `each` returns whether to go on.
+fn read_chunks_until(path: &Path, mut each: impl FnMut(SnapshotChunk) -> std::io::Result<bool>) -> std::io::Result<()> {
     let mut r = BufReader::new(File::open(path)?);
     let mut len = [0u8; 4];
     loop {
@@ -147,6 +197,8 @@ pub fn read_chunks(path: &Path, mut each: impl FnMut(SnapshotChunk) -> std::io::
         }
         let mut buf = vec![0u8; n];
         r.read_exact(&mut buf)?;
-        each(SnapshotChunk::decode(&buf).map_err(|e| invalid(e.to_string()))?)?;
+        if !each(SnapshotChunk::decode(&buf).map_err(|e| invalid(e.to_string()))?)? {
+            return Ok(());
+        }
     }
 }
