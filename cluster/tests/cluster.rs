@@ -609,3 +609,90 @@ async fn a_joint_membership_change_under_load_completes() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn recovery_never_commits_a_divergent_log_tail() {
+    let mut c = TestCluster::new(3, 1, 3, fast_tuning());
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    for i in 0..5 {
+        append(c.node(leader), shard, "oz", &format!("a{i}"), b"v")
+            .await
+            .unwrap();
+    }
+    let victim = (1..=3).find(|n| *n != leader).unwrap();
+    c.eventually("victim applied", 5, || async {
+        c.status(victim, shard)
+            .await
+            .is_some_and(|s| s.applied == s.commit && s.commit >= 10)
+    })
+    .await;
+    c.stop(victim);
+    // A new term on the others, and entries in it.
+    let other = (1..=3).find(|n| *n != leader && *n != victim).unwrap();
+    c.node(leader).transfer_leader(shard, other).await.unwrap();
+    c.eventually("transfer", 5, || async { c.leader(shard).await == other })
+        .await;
+    for i in 0..5 {
+        append(c.node(other), shard, "oz", &format!("b{i}"), b"v")
+            .await
+            .unwrap();
+    }
+    let mut chunks = Vec::new();
+    c.node(other)
+        .engine()
+        .export_snapshot(shard, 1 << 20, |ch| {
+            chunks.push(ch);
+            Ok::<(), pigeonhole_engine::EngineError>(())
+        })
+        .unwrap();
+    let snap_index = chunks[0].index;
+    // On the victim's disk: a tail of entries from its old term that never
+    // committed (as a deposed leader's log has), reaching past the snapshot;
+    // then a snapshot ingest that completed before a crash took the log
+    // reset with it.
+    let dir = c.dirs[&victim].path().to_path_buf();
+    {
+        use pigeonhole_engine::raft::eraftpb::Entry;
+        use pigeonhole_engine::raft::Storage as _;
+        let engine = pigeonhole_engine::Engine::open(dir.join("db"), Default::default()).unwrap();
+        let store = engine.raft_log(shard).unwrap();
+        let last = store.last_index().unwrap();
+        let old_term = store.hard_state().unwrap().term;
+        assert!(
+            last < snap_index && snap_index <= last + 20,
+            "last {last}, snapshot {snap_index}"
+        );
+        let tail: Vec<Entry> = (last + 1..=last + 20)
+            .map(|index| Entry {
+                index,
+                term: old_term,
+                ..Default::default()
+            })
+            .collect();
+        let mut rb = pigeonhole_engine::RaftBatch::default();
+        rb.append(&store, &tail).unwrap();
+        engine.write_raft(rb, pigeonhole_engine::Durability::Fsync).unwrap();
+        assert_ne!(
+            store.term(snap_index).unwrap(),
+            chunks[0].term,
+            "the tail diverges at the snapshot index"
+        );
+        let mut ingest = engine.ingest_snapshot(shard).unwrap();
+        for ch in &chunks {
+            ingest.push(ch).unwrap();
+        }
+    }
+    c.start(victim);
+    assert!(c.node(victim).is_running());
+    append(c.node(other), shard, "oz", "after", b"v").await.unwrap();
+    c.eventually("victim catches up with the real history", 10, || async {
+        c.status(victim, shard)
+            .await
+            .is_some_and(|s| s.applied >= snap_index + 1)
+    })
+    .await;
+    c.node(victim).read_barrier(shard).await.unwrap();
+    assert_eq!(read_all(c.node(victim), shard, "oz").len(), 11);
+    assert!(c.node(victim).is_running(), "the victim's driver is alive");
+}
