@@ -288,6 +288,18 @@ mod tests {
     }
 
     #[test]
+    fn config_refuses_entries_the_engine_would_reject() {
+        let mut c = NodeConfig::single_node("/tmp/x", "127.0.0.1:1");
+        assert!(c.validate().is_ok());
+        c.engine.limits.ops_per_command_max = 100;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("ops_per_entry_max 4096") && e.contains("100"), "{e}");
+        let mut c = NodeConfig::single_node("/tmp/x", "127.0.0.1:1");
+        c.raft.entry_bytes_max = 1 << 20;
+        assert!(c.validate().unwrap_err().to_string().contains("entry_bytes_max"));
+    }
+
+    #[test]
     fn tuning_validation_catches_liveness_breaks() {
         assert!(RaftTuning::default().validate().is_ok());
         let t = RaftTuning {

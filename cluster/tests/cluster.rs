@@ -507,6 +507,28 @@ async fn bad_requests_get_clear_errors() {
         matches!(err, ClusterError::InvalidArgument { field: "to", .. }),
         "{err}"
     );
+    // A request must fit one entry: too many ops, or too many bytes, is
+    // refused up front with the limit named.
+    let many: Vec<_> = (0..4_097).map(|i| append_op("u", &format!("k{i}"), b"v")).collect();
+    let err = c.node(1).propose(1, many).await.unwrap_err();
+    assert!(
+        matches!(&err, ClusterError::InvalidArgument { field: "ops", reason } if reason.contains("4096")),
+        "{err}"
+    );
+    let big: Vec<_> = (0..9)
+        .map(|i| append_op("u", &format!("b{i}"), &vec![0u8; 1 << 20]))
+        .collect();
+    let err = c.node(1).propose(1, big).await.unwrap_err();
+    assert!(
+        matches!(&err, ClusterError::InvalidArgument { field: "ops", reason } if reason.contains(&(8usize << 20).to_string())),
+        "{err}"
+    );
+    // Seven 1 MiB appends fit one entry, and commit.
+    let fits: Vec<_> = (0..7)
+        .map(|i| append_op("u", &format!("f{i}"), &vec![0u8; 1 << 20]))
+        .collect();
+    let res = c.node(1).propose(1, fits).await.unwrap();
+    assert!(res.iter().all(Result::is_ok));
 }
 
 #[tokio::test]
