@@ -575,6 +575,16 @@ impl Driver {
                     }));
                     return Ok(true);
                 }
+                let joint = !r.raw.raft.prs().conf().to_conf_state().voters_outgoing.is_empty();
+                if r.raw.raft.has_pending_conf() || joint {
+                    // raft-rs would turn the proposal into an empty entry and
+                    // the caller would only see a timeout; say why instead.
+                    let _ = reply.send(Err(ClusterError::Busy {
+                        shard,
+                        reason: "a membership change is still being applied".into(),
+                    }));
+                    return Ok(true);
+                }
                 match r.raw.propose_conf_change(context(node_id, id), cc) {
                     Ok(()) => {
                         self.pending_conf.insert(id, PendingConf { shard, reply, deadline });

@@ -46,6 +46,15 @@ pub enum ClusterError {
         /// The leader this replica knows of, 0 if none.
         leader: u64,
     },
+    /// The shard cannot take this now (e.g. another membership change is
+    /// still being applied). Retry later.
+    #[error("shard {shard} is busy: {reason}")]
+    Busy {
+        /// The shard.
+        shard: u64,
+        /// What it is busy with.
+        reason: String,
+    },
     /// This node holds no replica of the shard.
     #[error("shard {shard} has no replica on node {node}; replicas are on {replicas:?}")]
     NotReplica {
@@ -98,6 +107,7 @@ impl ClusterError {
                 | ClusterError::Timeout { .. }
                 | ClusterError::Dropped { .. }
                 | ClusterError::NotLeader { .. }
+                | ClusterError::Busy { .. }
                 | ClusterError::Overloaded { .. }
                 | ClusterError::NotReplica { .. }
         )

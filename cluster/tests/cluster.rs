@@ -625,6 +625,16 @@ async fn a_joint_membership_change_under_load_completes() {
             .is_some_and(|s| !s.joint && s.voters.contains(&4) && !s.voters.contains(&out))
     })
     .await;
+    // Two changes at once: the second is refused as busy, not timed out.
+    let n = c.node(leader);
+    let (first, second) = ([MembershipChange::AddLearner(out)], [MembershipChange::Remove(out)]);
+    let (a, b) = tokio::join!(n.change_membership(shard, &first), n.change_membership(shard, &second),);
+    assert!(a.is_ok(), "{a:?}");
+    assert!(matches!(b, Err(ClusterError::Busy { .. })), "{b:?}");
+    c.node(leader)
+        .change_membership(shard, &[MembershipChange::Remove(out)])
+        .await
+        .unwrap();
     // And further membership changes work.
     c.node(leader)
         .change_membership(shard, &[MembershipChange::AddLearner(out)])
