@@ -525,36 +525,24 @@ impl Driver {
                     return Ok(true);
                 }
                 let bytes = ops.iter().map(op_bytes).sum();
-                match self.replicas.get_mut(&shard) {
-                    Some(r) => r.queued.push_back(QueuedProposal {
+                self.enqueue(shard, reply, |r, reply| {
+                    r.queued.push_back(QueuedProposal {
                         ops,
                         bytes,
                         reply,
                         deadline,
                         queued_at: Instant::now(),
-                    }),
-                    None => {
-                        let _ = reply.send(Err(self.not_replica(shard)));
-                        return Ok(true);
-                    }
-                }
-                self.waiting.insert(shard);
-                self.wake(shard, true);
+                    });
+                });
             }
             Inbound::Read { shard, reply, deadline } => {
-                match self.replicas.get_mut(&shard) {
-                    Some(r) => r.reads_queued.push(ReadWaiter {
+                self.enqueue(shard, reply, |r, reply| {
+                    r.reads_queued.push(ReadWaiter {
                         reply,
                         deadline,
                         queued_at: Instant::now(),
-                    }),
-                    None => {
-                        let _ = reply.send(Err(self.not_replica(shard)));
-                        return Ok(true);
-                    }
-                }
-                self.waiting.insert(shard);
-                self.wake(shard, true);
+                    });
+                });
             }
             Inbound::ConfChange {
                 shard,
@@ -652,6 +640,25 @@ impl Driver {
             Inbound::Stop => return Ok(false),
         }
         Ok(true)
+    }
+
+    /// Queues a request on its shard's replica (or answers `NotReplica`),
+    /// and makes sure the loop looks at the shard.
+    fn enqueue<T>(
+        &mut self,
+        shard: u64,
+        reply: oneshot::Sender<Result<T, ClusterError>>,
+        push: impl FnOnce(&mut Replica, oneshot::Sender<Result<T, ClusterError>>),
+    ) {
+        match self.replicas.get_mut(&shard) {
+            Some(r) => push(r, reply),
+            None => {
+                let _ = reply.send(Err(self.not_replica(shard)));
+                return;
+            }
+        }
+        self.waiting.insert(shard);
+        self.wake(shard, true);
     }
 
     fn not_replica(&self, shard: u64) -> ClusterError {
