@@ -249,6 +249,9 @@ pub(crate) struct Driver {
     peers: BTreeMap<u64, PeerLiveness>,
     ticks: u64,
     logger: slog::Logger,
+    /// Bumped after every loop turn that applied something: long-polls and
+    /// subscriptions wait on it instead of polling the engine.
+    applied_tx: tokio::sync::watch::Sender<u64>,
 }
 
 struct PeerLiveness {
@@ -256,17 +259,31 @@ struct PeerLiveness {
     down: bool,
 }
 
+/// What a driver is built from (the node assembles it).
+pub(crate) struct DriverParts {
+    pub node_id: u64,
+    pub engine: Engine,
+    pub tuning: RaftTuning,
+    pub transport: Arc<dyn Transport>,
+    pub inbox: (Sender<Inbound>, Receiver<Inbound>),
+    pub map: Arc<ShardMap>,
+    pub spool: Arc<SnapshotSpool>,
+    pub applied_tx: tokio::sync::watch::Sender<u64>,
+}
+
 impl Driver {
-    /// Loads (or bootstraps) every replica on this node.
-    pub(crate) fn new(
-        node_id: u64,
-        engine: Engine,
-        tuning: RaftTuning,
-        transport: Arc<dyn Transport>,
-        (tx, rx): (Sender<Inbound>, Receiver<Inbound>),
-        map: Arc<ShardMap>,
-        spool: Arc<SnapshotSpool>,
-    ) -> Result<Self, ClusterError> {
+    /// Loads every replica on this node (repairing what a crash left).
+    pub(crate) fn new(parts: DriverParts) -> Result<Self, ClusterError> {
+        let DriverParts {
+            node_id,
+            engine,
+            tuning,
+            transport,
+            inbox: (tx, rx),
+            map,
+            spool,
+            applied_tx,
+        } = parts;
         let now = Instant::now();
         let peers = map
             .nodes
@@ -306,6 +323,7 @@ impl Driver {
             peers,
             ticks: 0,
             logger: slog::Logger::root(slog::Discard, slog::o!()),
+            applied_tx,
         };
         for shard in d.engine.shard_ids()? {
             d.recover_shard(shard)?;
@@ -1299,6 +1317,8 @@ impl Driver {
         for shard in removed {
             self.remove_replica(shard);
         }
+        // Written and answered: wake whoever waits for new data.
+        self.applied_tx.send_modify(|v| *v = v.wrapping_add(1));
         Ok(())
     }
 

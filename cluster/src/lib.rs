@@ -22,12 +22,14 @@
 //! [`placement`] (shard map), [`driver`] (the loop), [`node`] (the handle),
 //! [`transport`] (`local`, `grpc`, snapshot spool).
 
+pub mod api;
 pub mod config;
 pub mod driver;
 pub mod error;
 pub mod hash;
 pub mod node;
 pub mod placement;
+pub mod server;
 pub mod transport;
 
 pub use config::{InitialCluster, NodeConfig, RaftTuning};

@@ -6,7 +6,7 @@
 //! inbox is a retryable `Overloaded`, never a blocked caller.
 
 use crate::config::NodeConfig;
-use crate::driver::{Driver, Inbound, ProposeResult, ShardStatus};
+use crate::driver::{Driver, DriverParts, Inbound, ProposeResult, ShardStatus};
 use crate::error::ClusterError;
 use crate::placement::{meta_members, ShardMap, META_SHARD, SHARD_RECORD_PREFIX};
 use crate::transport::{NodeInbox, SnapshotSpool, Transport};
@@ -49,6 +49,7 @@ struct NodeInner {
     inbox_capacity: usize,
     ops_per_entry_max: usize,
     entry_bytes_max: usize,
+    applied_rx: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Drop for NodeInner {
@@ -110,20 +111,22 @@ impl Node {
         }
         let spool = Arc::new(SnapshotSpool::open(cfg.data_dir.join("snap"))?);
         let (tx, rx) = bounded(cfg.raft.inbox_capacity);
+        let (applied_tx, applied_rx) = tokio::sync::watch::channel(0u64);
         let inbox = NodeInbox {
             node_id: cfg.node_id,
             tx: tx.clone(),
             spool: spool.clone(),
         };
-        let mut driver = Driver::new(
-            cfg.node_id,
-            engine.clone(),
-            cfg.raft.clone(),
+        let mut driver = Driver::new(DriverParts {
+            node_id: cfg.node_id,
+            engine: engine.clone(),
+            tuning: cfg.raft.clone(),
             transport,
-            (tx.clone(), rx),
-            map.clone(),
+            inbox: (tx.clone(), rx),
+            map: map.clone(),
             spool,
-        )?;
+            applied_tx,
+        })?;
         let thread = std::thread::Builder::new()
             .name(format!("raft-driver-{}", cfg.node_id))
             .spawn(move || {
@@ -144,6 +147,7 @@ impl Node {
                 inbox_capacity: cfg.raft.inbox_capacity,
                 ops_per_entry_max: cfg.raft.ops_per_entry_max,
                 entry_bytes_max: cfg.raft.entry_bytes_max,
+                applied_rx,
             }),
         })
     }
@@ -178,6 +182,17 @@ impl Node {
     /// The map every node derived at bootstrap (no replicated changes).
     pub fn bootstrap_map(&self) -> &ShardMap {
         &self.inner.map
+    }
+
+    /// A receiver that changes after every loop turn in which this node
+    /// applied entries (of any shard): what long-polls wait on.
+    pub fn applied_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.applied_rx.clone()
+    }
+
+    /// Limits a request must fit in (ops, bytes) to be proposed whole.
+    pub fn entry_limits(&self) -> (usize, usize) {
+        (self.inner.ops_per_entry_max, self.inner.entry_bytes_max)
     }
 
     /// Where transports deliver inbound traffic.

@@ -1,0 +1,539 @@
+//! `pigeonhole.v1.Mailbox` on a node: validates each request, routes it to
+//! its shard by the placement hash, and runs it through the node (writes are
+//! Raft proposals; reads are ReadIndex barriers, or stale local reads, then
+//! engine reads).
+//!
+//! Every node serves every RPC: a write that reaches a follower is forwarded
+//! to the leader by Raft, and reads are served on any replica. Long-polls
+//! (`Sync.wait_ms`) and `Subscribe` wait on the node's apply notification
+//! rather than polling.
+
+use super::status::{cluster_error, invalid, op_error, read_error};
+use crate::Node;
+use pigeonhole_engine::command as cmd;
+use pigeonhole_engine::{OpError, OpOutput, ReadMessage, SyncQuery};
+use pigeonhole_proto::v1 as pb;
+use pigeonhole_proto::v1::mailbox_server::Mailbox;
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// API limits (units last). The defaults are the ones mailbox.proto states.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Items per AppendBatch.
+    pub batch_items_max: usize,
+    /// Longest Sync long-poll.
+    pub wait_ms_max: u32,
+    /// Mailboxes per Subscribe stream.
+    pub subscribe_mailboxes_max: usize,
+    /// Default and largest Subscribe `max_in_flight`.
+    pub subscribe_in_flight_default: u32,
+    /// Largest Subscribe `max_in_flight`.
+    pub subscribe_in_flight_max: u32,
+    /// Bytes of ops proposed together for one shard of an AppendBatch.
+    pub batch_group_bytes_max: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            batch_items_max: 1_024,
+            wait_ms_max: 60_000,
+            subscribe_mailboxes_max: 10_000,
+            subscribe_in_flight_default: 1_024,
+            subscribe_in_flight_max: 65_536,
+            batch_group_bytes_max: 4 << 20,
+        }
+    }
+}
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct MailboxService {
+    node: Node,
+    limits: ApiLimits,
+    /// Becomes true when the server starts shutting down: long-polls return
+    /// and Subscribe streams end, so a graceful shutdown never waits on them.
+    closing: tokio::sync::watch::Receiver<bool>,
+}
+
+impl MailboxService {
+    /// The service over `node`; `closing` turns true at shutdown.
+    pub fn new(node: Node, limits: ApiLimits, closing: tokio::sync::watch::Receiver<bool>) -> Self {
+        MailboxService { node, limits, closing }
+    }
+
+    /// Validates a mailbox id and finds its shard.
+    fn route(&self, mb: Option<&pb::MailboxId>) -> Result<(String, Vec<u8>, u64), Status> {
+        let mb = mb.ok_or_else(|| invalid("mailbox", "is required"))?;
+        self.node
+            .engine()
+            .options()
+            .limits
+            .check_mailbox(&mb.namespace, &mb.user_id)
+            .map_err(|e| op_error(&e))?;
+        let shard = self
+            .node
+            .bootstrap_map()
+            .shard_for_user(&mb.user_id)
+            .map(|s| s.id)
+            .ok_or_else(|| Status::internal("no shard covers this user id"))?;
+        Ok((mb.namespace.clone(), mb.user_id.clone(), shard))
+    }
+
+    /// Proposes one op and returns its result.
+    async fn one(&self, shard: u64, op: cmd::op::Op) -> Result<OpOutput, Status> {
+        let mut res = self
+            .node
+            .propose(shard, vec![cmd::Op { op: Some(op) }])
+            .await
+            .map_err(|e| cluster_error(&e))?;
+        match res.pop() {
+            Some(Ok(out)) => Ok(out),
+            Some(Err(e)) => Err(op_error(&e)),
+            None => Err(Status::internal("the state machine returned no result")),
+        }
+    }
+
+    async fn barrier(&self, shard: u64, consistency: i32) -> Result<(), Status> {
+        match pb::ReadConsistency::try_from(consistency) {
+            Ok(pb::ReadConsistency::Stale) => Ok(()),
+            Ok(pb::ReadConsistency::Unspecified | pb::ReadConsistency::Linearizable) => {
+                self.node.read_barrier(shard).await.map_err(|e| cluster_error(&e))
+            }
+            Err(_) => Err(invalid("consistency", format!("unknown value {consistency}"))),
+        }
+    }
+}
+
+fn append_op(r: pb::AppendRequest, ns: String, uid: Vec<u8>) -> cmd::op::Op {
+    cmd::op::Op::Append(cmd::AppendOp {
+        namespace: ns,
+        user_id: uid,
+        idempotency_key: r.idempotency_key,
+        payload: r.payload,
+        expected_last_seq: r.expected_last_seq,
+    })
+}
+
+fn appended(out: OpOutput) -> Result<pb::AppendResponse, Status> {
+    match out {
+        OpOutput::Appended {
+            seq,
+            duplicate,
+            time_ms,
+        } => Ok(pb::AppendResponse {
+            seq,
+            duplicate,
+            timestamp_ms: time_ms,
+        }),
+        other => Err(Status::internal(format!("append returned {other:?}"))),
+    }
+}
+
+fn message(m: ReadMessage) -> pb::Message {
+    pb::Message {
+        seq: m.seq,
+        payload: m.payload,
+        timestamp_ms: m.time_ms,
+        idempotency_key: m.idempotency_key,
+        deleted: m.deleted,
+    }
+}
+
+fn item_error(status: &Status, e: Option<&OpError>) -> pb::AppendResult {
+    let last_seq = match e {
+        Some(OpError::ExpectedLastSeqMismatch { actual, .. }) => *actual,
+        _ => 0,
+    };
+    pb::AppendResult {
+        result: Some(pb::append_result::Result::Error(pb::ItemError {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+            last_seq,
+        })),
+    }
+}
+
+type SubscribeStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Mailbox for MailboxService {
+    async fn append(&self, req: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
+        let mut r = req.into_inner();
+        let (ns, uid, shard) = self.route(r.mailbox.take().as_ref())?;
+        let out = self.one(shard, append_op(r, ns, uid)).await?;
+        Ok(Response::new(appended(out)?))
+    }
+
+    async fn append_batch(
+        &self,
+        req: Request<pb::AppendBatchRequest>,
+    ) -> Result<Response<pb::AppendBatchResponse>, Status> {
+        let items = req.into_inner().items;
+        if items.is_empty() || items.len() > self.limits.batch_items_max {
+            return Err(invalid(
+                "items",
+                format!("1 to {} items, got {}", self.limits.batch_items_max, items.len()),
+            ));
+        }
+        let mut results: Vec<Option<pb::AppendResult>> = vec![None; items.len()];
+        // Group by shard, keeping request order inside each group; each group
+        // is split so one proposal stays well inside one Raft entry.
+        let mut groups: BTreeMap<u64, Vec<Vec<(usize, cmd::Op)>>> = BTreeMap::new();
+        for (i, mut item) in items.into_iter().enumerate() {
+            match self.route(item.mailbox.take().as_ref()) {
+                Ok((ns, uid, shard)) => {
+                    let op = cmd::Op {
+                        op: Some(append_op(item, ns, uid)),
+                    };
+                    let chunks = groups.entry(shard).or_default();
+                    let fits = chunks.last().is_some_and(|c| {
+                        c.iter().map(|(_, o)| prost::Message::encoded_len(o)).sum::<usize>()
+                            + prost::Message::encoded_len(&op)
+                            <= self.limits.batch_group_bytes_max
+                    });
+                    if !fits {
+                        chunks.push(Vec::new());
+                    }
+                    if let Some(c) = chunks.last_mut() {
+                        c.push((i, op));
+                    }
+                }
+                Err(status) => {
+                    if let Some(slot) = results.get_mut(i) {
+                        *slot = Some(item_error(&status, None));
+                    }
+                }
+            }
+        }
+        // Different shards (and chunks) commit in parallel.
+        let mut set = tokio::task::JoinSet::new();
+        for (shard, chunks) in groups {
+            for chunk in chunks {
+                let node = self.node.clone();
+                set.spawn(async move {
+                    let (idx, ops): (Vec<usize>, Vec<cmd::Op>) = chunk.into_iter().unzip();
+                    (idx, node.propose(shard, ops).await)
+                });
+            }
+        }
+        while let Some(joined) = set.join_next().await {
+            let (idx, res) = joined.map_err(|e| Status::internal(format!("batch task: {e}")))?;
+            match res {
+                Ok(outs) => {
+                    for (i, out) in idx.into_iter().zip(outs) {
+                        let r = match out {
+                            Ok(o) => match appended(o) {
+                                Ok(ok) => pb::AppendResult {
+                                    result: Some(pb::append_result::Result::Ok(ok)),
+                                },
+                                Err(s) => item_error(&s, None),
+                            },
+                            Err(e) => item_error(&op_error(&e), Some(&e)),
+                        };
+                        if let Some(slot) = results.get_mut(i) {
+                            *slot = Some(r);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let s = cluster_error(&e);
+                    for i in idx {
+                        if let Some(slot) = results.get_mut(i) {
+                            *slot = Some(item_error(&s, None));
+                        }
+                    }
+                }
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.ok_or_else(|| Status::internal("a batch item got no result")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(pb::AppendBatchResponse { results }))
+    }
+
+    async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<pb::SyncResponse>, Status> {
+        let r = req.into_inner();
+        let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
+        if r.wait_ms > self.limits.wait_ms_max {
+            return Err(invalid(
+                "wait_ms",
+                format!("at most {} ms, got {}", self.limits.wait_ms_max, r.wait_ms),
+            ));
+        }
+        // Subscribe to applies BEFORE the first read, so a message applied
+        // between the read and the wait still wakes us.
+        let mut applied = self.node.applied_watch();
+        self.barrier(shard, r.consistency).await?;
+        let deadline = Instant::now() + Duration::from_millis(u64::from(r.wait_ms));
+        let q = SyncQuery {
+            namespace: &ns,
+            user_id: &uid,
+            after_seq: r.after_seq,
+            max_messages: r.max_messages,
+            max_bytes: r.max_bytes,
+        };
+        loop {
+            applied.borrow_and_update();
+            let page = self.node.engine().sync(shard, &q).map_err(|e| read_error(&e))?;
+            let now = Instant::now();
+            if !page.messages.is_empty() || now >= deadline {
+                return Ok(Response::new(pb::SyncResponse {
+                    messages: page.messages.into_iter().map(message).collect(),
+                    last_seq: page.last_seq,
+                    low_watermark: page.low_watermark,
+                    has_more: page.has_more,
+                }));
+            }
+            // A message applied here is committed: serving it after the
+            // barrier keeps the read linearizable.
+            let mut closing = self.closing.clone();
+            tokio::select! {
+                woke = tokio::time::timeout(deadline - now, applied.changed()) => {
+                    if woke.is_err() {
+                        continue; // timed out: one last read, then return
+                    }
+                }
+                _ = closing.wait_for(|c| *c) => {
+                    // Shutting down: a retryable error sends the client elsewhere.
+                    return Err(Status::unavailable("server shutting down; retry on another node"));
+                }
+            }
+        }
+    }
+
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let r = req.into_inner();
+        if r.mailboxes.is_empty() || r.mailboxes.len() > self.limits.subscribe_mailboxes_max {
+            return Err(invalid(
+                "mailboxes",
+                format!(
+                    "1 to {} mailboxes, got {}",
+                    self.limits.subscribe_mailboxes_max,
+                    r.mailboxes.len()
+                ),
+            ));
+        }
+        let in_flight = match r.max_in_flight {
+            0 => self.limits.subscribe_in_flight_default,
+            n if n > self.limits.subscribe_in_flight_max => {
+                return Err(invalid(
+                    "max_in_flight",
+                    format!("at most {}, got {n}", self.limits.subscribe_in_flight_max),
+                ))
+            }
+            n => n,
+        };
+        let mut subs = Vec::with_capacity(r.mailboxes.len());
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in r.mailboxes.into_iter().enumerate() {
+            let (ns, uid, shard) = self
+                .route(c.mailbox.as_ref())
+                .map_err(|s| invalid(&format!("mailboxes[{i}].mailbox"), s.message().to_string()))?;
+            if !seen.insert((ns.clone(), uid.clone())) {
+                return Err(invalid(&format!("mailboxes[{i}]"), "the mailbox appears twice"));
+            }
+            subs.push(Sub {
+                ns,
+                uid,
+                shard,
+                cursor: c.after_seq,
+                live: true,
+            });
+        }
+        // One ReadIndex per shard up front: the backlog reflects every write
+        // acknowledged before the call.
+        let shards: std::collections::BTreeSet<u64> = subs.iter().map(|s| s.shard).collect();
+        for shard in shards {
+            self.node.read_barrier(shard).await.map_err(|e| cluster_error(&e))?;
+        }
+        // The channel is the flow control: at most `in_flight` messages sit
+        // between this task and the client (each event carries at most one
+        // page); when the client reads slowly, the task waits on send and
+        // stops reading ahead.
+        let pages = usize::try_from((in_flight / 64).max(1)).unwrap_or(16);
+        let (tx, rx) = mpsc::channel(pages);
+        let node = self.node.clone();
+        let page_max = in_flight.min(node.engine().options().limits.sync_messages_max);
+        tokio::spawn(subscription(node, subs, page_max, tx, self.closing.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let r = req.into_inner();
+        let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
+        let op = cmd::op::Op::Ack(cmd::AckOp {
+            namespace: ns,
+            user_id: uid,
+            device_id: r.device_id,
+            seq: r.seq,
+        });
+        match self.one(shard, op).await? {
+            OpOutput::Acked { cursor, advanced } => Ok(Response::new(pb::AckResponse { cursor, advanced })),
+            other => Err(Status::internal(format!("ack returned {other:?}"))),
+        }
+    }
+
+    async fn get_cursors(
+        &self,
+        req: Request<pb::GetCursorsRequest>,
+    ) -> Result<Response<pb::GetCursorsResponse>, Status> {
+        let r = req.into_inner();
+        let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
+        self.barrier(shard, pb::ReadConsistency::Linearizable as i32).await?;
+        let c = self
+            .node
+            .engine()
+            .cursors(shard, &ns, &uid)
+            .map_err(|e| read_error(&e))?;
+        Ok(Response::new(pb::GetCursorsResponse {
+            cursors: c
+                .cursors
+                .into_iter()
+                .map(|(device_id, seq)| pb::DeviceCursor {
+                    device_id,
+                    seq,
+                    unread: c.last_seq.saturating_sub(seq),
+                })
+                .collect(),
+            last_seq: c.last_seq,
+            low_watermark: c.low_watermark,
+        }))
+    }
+
+    async fn trim(&self, req: Request<pb::TrimRequest>) -> Result<Response<pb::TrimResponse>, Status> {
+        let r = req.into_inner();
+        let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
+        let op = cmd::op::Op::Trim(cmd::TrimOp {
+            namespace: ns,
+            user_id: uid,
+            up_to_seq: r.up_to_seq,
+        });
+        match self.one(shard, op).await? {
+            OpOutput::Trimmed { low_watermark, removed } => {
+                Ok(Response::new(pb::TrimResponse { low_watermark, removed }))
+            }
+            other => Err(Status::internal(format!("trim returned {other:?}"))),
+        }
+    }
+
+    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let r = req.into_inner();
+        let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
+        let op = cmd::op::Op::Delete(cmd::DeleteOp {
+            namespace: ns,
+            user_id: uid,
+            seq: r.seq,
+        });
+        match self.one(shard, op).await? {
+            OpOutput::Deleted { deleted } => Ok(Response::new(pb::DeleteResponse { deleted })),
+            other => Err(Status::internal(format!("delete returned {other:?}"))),
+        }
+    }
+}
+
+struct Sub {
+    ns: String,
+    uid: Vec<u8>,
+    shard: u64,
+    cursor: u64,
+    /// False once its cursor fell below the low watermark (reported once).
+    live: bool,
+}
+
+/// Feeds one Subscribe stream: the backlog of every mailbox after its
+/// cursor, then new messages as they are applied, in per-mailbox seq order.
+/// Ends when the client goes away or the node stops.
+async fn subscription(
+    node: Node,
+    mut subs: Vec<Sub>,
+    page_max: u32,
+    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    let bye = || {
+        Err(Status::unavailable(
+            "server shutting down; resubscribe from the last seq received",
+        ))
+    };
+    let mut applied = node.applied_watch();
+    loop {
+        applied.borrow_and_update();
+        let mut delivered = true;
+        // Drain every mailbox to its end before waiting again.
+        while delivered {
+            delivered = false;
+            for s in subs.iter_mut().filter(|s| s.live) {
+                let q = SyncQuery {
+                    namespace: &s.ns,
+                    user_id: &s.uid,
+                    after_seq: s.cursor,
+                    max_messages: page_max,
+                    max_bytes: 0,
+                };
+                let event = match node.engine().sync(s.shard, &q) {
+                    Ok(page) if page.messages.is_empty() => continue,
+                    Ok(page) => {
+                        s.cursor = page.messages.last().map_or(s.cursor, |m| m.seq);
+                        delivered = true;
+                        pb::subscribe_response::Event::Messages(pb::MailboxMessages {
+                            mailbox: Some(pb::MailboxId {
+                                namespace: s.ns.clone(),
+                                user_id: s.uid.clone(),
+                            }),
+                            messages: page.messages.into_iter().map(message).collect(),
+                        })
+                    }
+                    Err(pigeonhole_engine::ReadError::CursorTrimmed { low_watermark, .. }) => {
+                        s.live = false;
+                        pb::subscribe_response::Event::Trimmed(pb::CursorTrimmed {
+                            mailbox: Some(pb::MailboxId {
+                                namespace: s.ns.clone(),
+                                user_id: s.uid.clone(),
+                            }),
+                            low_watermark,
+                        })
+                    }
+                    // A cursor ahead of the mailbox: nothing to send until
+                    // the mailbox catches up to it.
+                    Err(pigeonhole_engine::ReadError::CursorAhead { .. }) => continue,
+                    Err(e) => {
+                        let _ = tx.send(Err(read_error(&e))).await;
+                        return;
+                    }
+                };
+                tokio::select! {
+                    sent = tx.send(Ok(pb::SubscribeResponse { event: Some(event) })) => {
+                        if sent.is_err() {
+                            return; // the client went away
+                        }
+                    }
+                    _ = closing.wait_for(|c| *c) => {
+                        let _ = tx.try_send(bye());
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    let _ = tx.try_send(Err(Status::unavailable("node stopped")));
+                    return;
+                }
+            }
+            _ = closing.wait_for(|c| *c) => {
+                let _ = tx.try_send(bye());
+                return;
+            }
+        }
+    }
+}

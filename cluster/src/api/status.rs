@@ -1,0 +1,182 @@
+//! Errors as gRPC statuses: the code tells a client what to do, and the
+//! google.rpc details (tonic-types' rich error model) carry what it needs to
+//! do it, as `proto/pigeonhole/v1/mailbox.proto` specifies:
+//!
+//! | code | when | details |
+//! | --- | --- | --- |
+//! | INVALID_ARGUMENT | bad input | BadRequest naming the field and the limit |
+//! | FAILED_PRECONDITION | expected_last_seq mismatch, trimmed cursor, reused key | ErrorInfo: `last_seq`, `low_watermark`, `seq` |
+//! | OUT_OF_RANGE | a seq or cursor above last_seq | ErrorInfo: `last_seq` |
+//! | NOT_FOUND | delete of a seq not stored | ErrorInfo: `low_watermark`, `last_seq` |
+//! | RESOURCE_EXHAUSTED | too many device cursors | ErrorInfo: `limit` |
+//! | UNAVAILABLE | retryable: election, unreachable or busy node | ErrorInfo: `leader_hint` when known |
+//! | DEADLINE_EXCEEDED | the write's outcome is unknown; retry with the same key | — |
+//! | INTERNAL | a fatal node error | — |
+
+use crate::error::ClusterError;
+use pigeonhole_engine::{OpError, ReadError};
+use std::collections::HashMap;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The ErrorInfo domain of every Pigeonhole error.
+pub const ERROR_DOMAIN: &str = "pigeonhole.v1";
+
+fn info(code: Code, message: String, reason: &str, meta: &[(&str, u64)]) -> Status {
+    let metadata: HashMap<String, String> = meta.iter().map(|(k, v)| ((*k).to_string(), v.to_string())).collect();
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
+}
+
+/// A bad request field.
+pub fn invalid(field: &str, reason: impl Into<String>) -> Status {
+    let reason = reason.into();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid argument {field}: {reason}"),
+        ErrorDetails::with_bad_request_violation(field, reason),
+    )
+}
+
+/// The status of a per-op rejection by the state machine.
+pub fn op_error(e: &OpError) -> Status {
+    let msg = e.to_string();
+    match e {
+        OpError::InvalidArgument { field, reason } => invalid(field, reason.clone()),
+        OpError::ExpectedLastSeqMismatch { actual, .. } => info(
+            Code::FailedPrecondition,
+            msg,
+            "EXPECTED_LAST_SEQ_MISMATCH",
+            &[("last_seq", *actual)],
+        ),
+        OpError::IdempotencyKeyReused { seq } => info(
+            Code::FailedPrecondition,
+            msg,
+            "IDEMPOTENCY_KEY_REUSED",
+            &[("seq", *seq)],
+        ),
+        OpError::AckBeyondLastSeq { last_seq, .. } | OpError::TrimBeyondLastSeq { last_seq, .. } => {
+            info(Code::OutOfRange, msg, "BEYOND_LAST_SEQ", &[("last_seq", *last_seq)])
+        }
+        OpError::TooManyCursors { limit } => info(
+            Code::ResourceExhausted,
+            msg,
+            "TOO_MANY_CURSORS",
+            &[("limit", u64::from(*limit))],
+        ),
+        OpError::SeqNotFound {
+            low_watermark,
+            last_seq,
+            ..
+        } => info(
+            Code::NotFound,
+            msg,
+            "SEQ_NOT_FOUND",
+            &[("low_watermark", *low_watermark), ("last_seq", *last_seq)],
+        ),
+        OpError::StaleVersion { .. } | OpError::MalformedCommand(_) => Status::internal(msg),
+    }
+}
+
+/// The status of a failed read.
+pub fn read_error(e: &ReadError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ReadError::CursorTrimmed { low_watermark, .. } => info(
+            Code::FailedPrecondition,
+            msg,
+            "CURSOR_TRIMMED",
+            &[("low_watermark", *low_watermark)],
+        ),
+        ReadError::CursorAhead { last_seq, .. } => {
+            info(Code::OutOfRange, msg, "CURSOR_AHEAD", &[("last_seq", *last_seq)])
+        }
+        ReadError::InvalidArgument { field, reason } => invalid(field, reason.clone()),
+        ReadError::Engine(_) => Status::internal(msg),
+    }
+}
+
+/// The status of a cluster-level failure.
+pub fn cluster_error(e: &ClusterError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ClusterError::InvalidArgument { field, reason } => invalid(field, reason.clone()),
+        ClusterError::NotLeader { leader, .. } => {
+            info(Code::Unavailable, msg, "NOT_LEADER", &[("leader_hint", *leader)])
+        }
+        ClusterError::NotReplica { replicas, .. } => info(
+            Code::Unavailable,
+            msg,
+            "NOT_REPLICA",
+            &[("leader_hint", replicas.first().copied().unwrap_or(0))],
+        ),
+        ClusterError::NoLeader { .. } => info(Code::Unavailable, msg, "NO_LEADER", &[]),
+        ClusterError::Dropped { .. } => info(Code::Unavailable, msg, "DROPPED", &[]),
+        ClusterError::Overloaded { .. } => info(Code::Unavailable, msg, "OVERLOADED", &[]),
+        ClusterError::Busy { .. } => info(Code::Unavailable, msg, "BUSY", &[]),
+        ClusterError::Timeout { .. } => Status::deadline_exceeded(msg),
+        ClusterError::Stopped => Status::unavailable(msg),
+        ClusterError::Engine(_) | ClusterError::Raft(_) | ClusterError::Config(_) | ClusterError::Io(_) => {
+            Status::internal(msg)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_carry_what_the_client_needs() {
+        let s = op_error(&OpError::ExpectedLastSeqMismatch { expected: 3, actual: 7 });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        let d = s.get_error_details();
+        let ei = d.error_info().unwrap();
+        assert_eq!(ei.metadata.get("last_seq").map(String::as_str), Some("7"));
+
+        let s = read_error(&ReadError::CursorTrimmed {
+            after_seq: 1,
+            low_watermark: 10,
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(
+            s.get_error_details()
+                .error_info()
+                .unwrap()
+                .metadata
+                .get("low_watermark")
+                .map(String::as_str),
+            Some("10")
+        );
+
+        let s = invalid("mailbox.namespace", "at most 64 bytes");
+        assert_eq!(s.code(), Code::InvalidArgument);
+        let br = s.get_error_details();
+        let v = &br.bad_request().unwrap().field_violations[0];
+        assert_eq!(
+            (v.field.as_str(), v.description.as_str()),
+            ("mailbox.namespace", "at most 64 bytes")
+        );
+
+        let s = cluster_error(&ClusterError::NotLeader { shard: 1, leader: 3 });
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(
+            s.get_error_details()
+                .error_info()
+                .unwrap()
+                .metadata
+                .get("leader_hint")
+                .map(String::as_str),
+            Some("3")
+        );
+        let s = cluster_error(&ClusterError::Timeout {
+            shard: 1,
+            what: "proposal",
+            waited_ms: 5,
+        });
+        assert_eq!(s.code(), Code::DeadlineExceeded);
+    }
+}

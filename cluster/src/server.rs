@@ -1,0 +1,138 @@
+//! The `pigeonhole` server: one node, one gRPC port. The port serves the
+//! client API (`pigeonhole.v1.Mailbox`), the node-to-node Raft transport and
+//! `grpc.health.v1`, so a node has one address that is both what clients
+//! dial and what `--initial-cluster` lists.
+//!
+//! Shutdown (SIGTERM or SIGINT): the server stops accepting, lets in-flight
+//! requests finish, then stops the Raft driver and flushes the engine.
+
+use crate::api::{ApiLimits, MailboxService};
+use crate::config::{InitialCluster, NodeConfig};
+use crate::error::ClusterError;
+use crate::transport::grpc::{GrpcTransport, RaftService};
+use crate::Node;
+use pigeonhole_proto::v1::mailbox_server::MailboxServer;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Largest request a client may send (AppendBatch included).
+pub const REQUEST_BYTES_MAX: usize = 16 << 20;
+
+/// What the binary's flags become.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// This node's id.
+    pub node_id: u64,
+    /// Where data lives.
+    pub data_dir: PathBuf,
+    /// The address to bind.
+    pub listen: SocketAddr,
+    /// The static initial cluster (this node's entry is its advertised
+    /// address).
+    pub initial_cluster: InitialCluster,
+    /// Data shards (fixed at bootstrap).
+    pub shard_count: u64,
+    /// Replicas per shard.
+    pub replication_factor: usize,
+    /// API limits.
+    pub api: ApiLimits,
+}
+
+impl ServerConfig {
+    /// The no-flags mode: one node on 127.0.0.1:7070, data in
+    /// ./pigeonhole-data.
+    pub fn single_node_default() -> Self {
+        let listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7070));
+        ServerConfig {
+            node_id: 1,
+            data_dir: PathBuf::from("./pigeonhole-data"),
+            listen,
+            initial_cluster: InitialCluster::single(&listen.to_string()),
+            shard_count: 64,
+            replication_factor: 1,
+            api: ApiLimits::default(),
+        }
+    }
+}
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ClusterError> {
+    let mut node_cfg = NodeConfig::new(cfg.node_id, &cfg.data_dir, cfg.initial_cluster.clone());
+    node_cfg.shard_count = cfg.shard_count;
+    node_cfg.replication_factor = cfg.replication_factor;
+    node_cfg.validate()?;
+    let peers: BTreeMap<u64, String> = cfg
+        .initial_cluster
+        .nodes
+        .iter()
+        .filter(|(id, _)| **id != cfg.node_id)
+        .map(|(id, a)| (*id, a.clone()))
+        .collect();
+    let transport = GrpcTransport::new(
+        node_cfg.effective_cluster_id(),
+        peers,
+        tokio::runtime::Handle::current(),
+    );
+    // Bind before starting the node, so a busy port fails fast and cleanly.
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ClusterError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let node = Node::start(node_cfg, Arc::new(transport))?;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<MailboxServer<MailboxService>>().await;
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let mailbox = MailboxServer::new(MailboxService::new(node.clone(), cfg.api.clone(), closing_rx))
+        .max_decoding_message_size(REQUEST_BYTES_MAX)
+        .max_encoding_message_size(64 << 20);
+    let raft = RaftService::new(node.cluster_id(), node.inbox()).into_server();
+    println!(
+        "pigeonhole: node {} serving on {} (cluster {:?}), data in {}",
+        cfg.node_id,
+        listener
+            .local_addr()
+            .map_or_else(|_| cfg.listen.to_string(), |a| a.to_string()),
+        cfg.initial_cluster.ids(),
+        cfg.data_dir.display()
+    );
+    let served = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(mailbox)
+        .add_service(raft)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            // Long-polls and Subscribe streams end now; unary requests in
+            // flight finish normally.
+            let _ = closing_tx.send(true);
+            health.set_not_serving::<MailboxServer<MailboxService>>().await;
+        })
+        .await;
+    // In-flight requests are done; stop Raft and make everything durable.
+    let stopped = node.stop();
+    let flushed = node.engine().flush();
+    served.map_err(|e| ClusterError::Io(std::io::Error::other(e)))?;
+    stopped?;
+    flushed?;
+    println!("pigeonhole: node {} stopped cleanly", cfg.node_id);
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

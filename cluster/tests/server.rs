@@ -1,0 +1,364 @@
+//! End to end through the real `pigeonhole` binary: a single node started as
+//! a child process, driven over gRPC with the generated client. Covers every
+//! unary RPC, the Sync long-poll, Subscribe, error details, a graceful
+//! SIGTERM, and a SIGKILL followed by a restart that must lose no
+//! acknowledged append.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use pigeonhole_proto::v1 as pb;
+use pigeonhole_proto::v1::mailbox_client::MailboxClient;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    /// A failing test must not leave a server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(dir: &std::path::Path, port: u16) -> Server {
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_pigeonhole"))
+        .args(["--data-dir", dir.to_str().unwrap(), "--listen", &addr, "--shards", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Server { child, addr }
+}
+
+async fn client(s: &Server) -> MailboxClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(c) = MailboxClient::connect(format!("http://{}", s.addr)).await {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "server did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn mb(user: &str) -> Option<pb::MailboxId> {
+    Some(pb::MailboxId {
+        namespace: "chat".into(),
+        user_id: user.as_bytes().to_vec(),
+    })
+}
+
+fn append(user: &str, key: &str, payload: &[u8]) -> pb::AppendRequest {
+    pb::AppendRequest {
+        mailbox: mb(user),
+        payload: payload.to_vec(),
+        idempotency_key: key.as_bytes().to_vec(),
+        expected_last_seq: None,
+    }
+}
+
+/// Appends, retrying while the node elects a leader after a (re)start.
+async fn append_retrying(c: &mut MailboxClient<Channel>, req: pb::AppendRequest) -> pb::AppendResponse {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.append(req.clone()).await {
+            Ok(r) => return r.into_inner(),
+            Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("append failed: {s:?}"),
+        }
+    }
+}
+
+fn sync_req(user: &str, after_seq: u64, wait_ms: u32) -> pb::SyncRequest {
+    pb::SyncRequest {
+        mailbox: mb(user),
+        after_seq,
+        max_messages: 0,
+        max_bytes: 0,
+        wait_ms,
+        consistency: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_serves_the_mailbox_api() {
+    let dir = tempfile::tempdir().unwrap();
+    // The same port across restarts: the node's address is part of its
+    // cluster's identity, and a restart on another one is refused.
+    let port = free_port();
+    let mut s = start(dir.path(), port);
+    let mut c = client(&s).await;
+
+    // Append, and an idempotent retry.
+    let r = append_retrying(&mut c, append("ann", "k1", b"hello")).await;
+    assert_eq!((r.seq, r.duplicate), (1, false));
+    let r = c.append(append("ann", "k1", b"hello")).await.unwrap().into_inner();
+    assert_eq!((r.seq, r.duplicate), (1, true));
+    // expected_last_seq mismatch: FAILED_PRECONDITION carrying last_seq.
+    let mut cond = append("ann", "k2", b"x");
+    cond.expected_last_seq = Some(5);
+    let st = c.append(cond).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    let d = st.get_error_details();
+    assert_eq!(d.error_info().unwrap().metadata["last_seq"], "1");
+    // Bad input: INVALID_ARGUMENT with the field named.
+    let st = c
+        .append(pb::AppendRequest {
+            mailbox: Some(pb::MailboxId {
+                namespace: "BAD NS".into(),
+                user_id: b"u".to_vec(),
+            }),
+            ..append("x", "k", b"v")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    let d = st.get_error_details();
+    assert!(
+        d.bad_request().unwrap().field_violations[0].field.contains("namespace"),
+        "{st:?}"
+    );
+
+    // AppendBatch: one result per item, in order, across shards.
+    let items: Vec<_> = (0..20)
+        .map(|i| append(&format!("u{}", i % 5), &format!("b{i}"), b"m"))
+        .collect();
+    let mut bad = append("u0", "", b"m"); // no idempotency key
+    bad.idempotency_key.clear();
+    let mut all = items.clone();
+    all.push(bad);
+    let res = c
+        .append_batch(pb::AppendBatchRequest { items: all })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(res.len(), 21);
+    for (i, r) in res.iter().take(20).enumerate() {
+        match &r.result {
+            Some(pb::append_result::Result::Ok(ok)) => assert_eq!(ok.seq, (i / 5) as u64 + 1, "item {i}"),
+            other => panic!("item {i}: {other:?}"),
+        }
+    }
+    match &res[20].result {
+        Some(pb::append_result::Result::Error(e)) => {
+            assert_eq!(e.code, Code::InvalidArgument as i32);
+            assert!(e.message.contains("idempotency_key"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Sync from a cursor.
+    c.append(append("ann", "k2", b"world")).await.unwrap();
+    let page = c.sync(sync_req("ann", 1, 0)).await.unwrap().into_inner();
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(
+        (page.messages[0].seq, page.messages[0].payload.as_slice()),
+        (2, &b"world"[..])
+    );
+    assert_eq!(page.last_seq, 2);
+    // Cursor ahead: OUT_OF_RANGE.
+    assert_eq!(
+        c.sync(sync_req("ann", 9, 0)).await.unwrap_err().code(),
+        Code::OutOfRange
+    );
+
+    // Long-poll: returns as soon as a message arrives, well before wait_ms.
+    let mut c2 = c.clone();
+    let t = Instant::now();
+    let waiting = tokio::spawn(async move { c2.sync(sync_req("ann", 2, 10_000)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.append(append("ann", "k3", b"late")).await.unwrap();
+    let page = waiting.await.unwrap().unwrap().into_inner();
+    assert_eq!(page.messages.len(), 1);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "long-poll did not wake: {:?}",
+        t.elapsed()
+    );
+    // ... and returns empty when the wait expires.
+    let t = Instant::now();
+    let page = c.sync(sync_req("ann", 3, 300)).await.unwrap().into_inner();
+    assert!(page.messages.is_empty() && t.elapsed() >= Duration::from_millis(290));
+
+    // Subscribe: backlog, then live messages, in order.
+    let mut stream = c
+        .subscribe(pb::SubscribeRequest {
+            mailboxes: vec![pb::MailboxCursor {
+                mailbox: mb("ann"),
+                after_seq: 1,
+            }],
+            max_in_flight: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    let mut next_live = 0;
+    while seen.len() < 5 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("subscribe stalled")
+            .unwrap()
+            .unwrap();
+        match ev.event {
+            Some(pb::subscribe_response::Event::Messages(m)) => seen.extend(m.messages.iter().map(|x| x.seq)),
+            other => panic!("{other:?}"),
+        }
+        if seen.len() >= 2 && next_live < 3 {
+            c.append(append("ann", &format!("live{next_live}"), b"l"))
+                .await
+                .unwrap();
+            next_live += 1;
+        }
+    }
+    assert_eq!(seen, vec![2, 3, 4, 5, 6], "backlog then live, in order, no gaps");
+
+    // Ack, GetCursors, Trim, Delete.
+    let a = c
+        .ack(pb::AckRequest {
+            mailbox: mb("ann"),
+            device_id: b"phone".to_vec(),
+            seq: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((a.cursor, a.advanced), (2, true));
+    let cur = c
+        .get_cursors(pb::GetCursorsRequest { mailbox: mb("ann") })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cur.cursors.len(), 1);
+    assert_eq!((cur.cursors[0].seq, cur.cursors[0].unread, cur.last_seq), (2, 4, 6));
+    let d = c
+        .delete(pb::DeleteRequest {
+            mailbox: mb("ann"),
+            seq: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.deleted);
+    assert_eq!(
+        c.delete(pb::DeleteRequest {
+            mailbox: mb("ann"),
+            seq: 99
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::NotFound
+    );
+    let t = c
+        .trim(pb::TrimRequest {
+            mailbox: mb("ann"),
+            up_to_seq: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((t.low_watermark, t.removed), (3, 2));
+    let st = c.sync(sync_req("ann", 0, 0)).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "trimmed cursor");
+    assert_eq!(
+        st.get_error_details().error_info().unwrap().metadata["low_watermark"],
+        "3"
+    );
+
+    // Graceful stop: SIGTERM, exit 0; a restart keeps everything.
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "graceful shutdown exit: {status:?}");
+    drop(c);
+    let s = start(dir.path(), port);
+    let mut c = client(&s).await;
+    let r = append_retrying(&mut c, append("ann", "k3", b"late")).await;
+    assert_eq!((r.seq, r.duplicate), (3, true), "state and dedup survive a restart");
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_acknowledged_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut s = start(dir.path(), port);
+    let mut c = client(&s).await;
+    append_retrying(&mut c, append("kim", "warm", b"w")).await;
+    // Concurrent appenders; the node is killed while they run.
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0.. {
+                let key = format!("w{w}-{i}");
+                match c.append(append(&format!("user{w}"), &key, key.as_bytes())).await {
+                    Ok(r) => acked.push((w, r.into_inner().seq, key)),
+                    Err(_) => return acked,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    s.child.wait().unwrap();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert!(acked.len() > 20, "too few appends before the kill: {}", acked.len());
+    drop(c);
+    let s = start(dir.path(), port);
+    let mut c = client(&s).await;
+    // Wait for the node to lead again.
+    append_retrying(&mut c, append("kim", "after", b"a")).await;
+    for w in 0..8 {
+        let want: Vec<(u64, String)> = acked
+            .iter()
+            .filter(|(ww, _, _)| *ww == w)
+            .map(|(_, seq, key)| (*seq, key.clone()))
+            .collect();
+        let page = c
+            .sync(pb::SyncRequest {
+                max_messages: 1000,
+                ..sync_req(&format!("user{w}"), 0, 0)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Every acknowledged append is there, at its seq, with gap-free seqs.
+        for (i, m) in page.messages.iter().enumerate() {
+            assert_eq!(m.seq, i as u64 + 1, "gap in user{w}");
+        }
+        for (seq, key) in want {
+            let m = page
+                .messages
+                .get(usize::try_from(seq - 1).unwrap())
+                .expect("acknowledged append lost");
+            assert_eq!(m.idempotency_key, key.as_bytes(), "user{w} seq {seq}");
+        }
+    }
+    drop(s);
+}
