@@ -108,6 +108,10 @@ pub struct RaftTuning {
     /// Move leadership of a shard back to its preferred node when that node
     /// is caught up, checked every this many ticks (0 disables).
     pub rebalance_every_ticks: u64,
+    /// A shard's leader proposes dedup garbage collection (ExpireDedup, up to
+    /// the engine's per-op limit) every this many ticks while the shard is
+    /// awake; a hibernating shard is collected when it next wakes. 0 disables.
+    pub expire_dedup_every_ticks: u64,
 }
 
 impl Default for RaftTuning {
@@ -129,6 +133,7 @@ impl Default for RaftTuning {
             inbox_batch_max: 8_192,
             inbox_capacity: 65_536,
             rebalance_every_ticks: 50,
+            expire_dedup_every_ticks: 600,
         }
     }
 }

@@ -857,6 +857,10 @@ impl Driver {
         }
         let hibernate = self.tuning.hibernate_after_ticks;
         let rebalance = self.tuning.rebalance_every_ticks != 0 && self.ticks % self.tuning.rebalance_every_ticks == 0;
+        let collect =
+            self.tuning.expire_dedup_every_ticks != 0 && self.ticks % self.tuning.expire_dedup_every_ticks == 0;
+        let expire_max = self.engine.options().limits.expire_dedup_entries_max;
+        let timeout = Duration::from_millis(self.tuning.request_timeout_ms);
         let node_id = self.node_id;
         let now = Instant::now();
         for (shard, r) in self.replicas.iter_mut() {
@@ -867,6 +871,25 @@ impl Driver {
             self.dirty.insert(*shard);
             if rebalance {
                 maybe_rebalance(node_id, r, &self.peers);
+            }
+            if collect && *shard != META_SHARD && r.raw.raft.state == StateRole::Leader {
+                // Dedup GC goes through the log like any write, so every
+                // replica forgets the same entries at the same index. Nobody
+                // waits for the answer: the next round retries what failed.
+                let op = cmd::Op {
+                    op: Some(cmd::op::Op::ExpireDedup(cmd::ExpireDedupOp {
+                        max_entries: expire_max,
+                    })),
+                };
+                let (reply, _) = oneshot::channel();
+                r.queued.push_back(QueuedProposal {
+                    bytes: op.encoded_len(),
+                    ops: vec![op],
+                    reply,
+                    deadline: now + timeout,
+                    queued_at: now,
+                });
+                self.waiting.insert(*shard);
             }
             if hibernate != 0 && is_quiet(r) {
                 r.quiet_ticks += 1;

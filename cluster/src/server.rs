@@ -17,6 +17,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// How long a graceful shutdown waits for connections to close (peers'
+/// Raft streams and health watches never close on their own) before it
+/// stops serving anyway. Unary requests in flight finish well within it.
+pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+
 /// Largest request a client may send (AppendBatch included).
 pub const REQUEST_BYTES_MAX: usize = 16 << 20;
 
@@ -99,7 +104,8 @@ pub async fn run(
         cfg.initial_cluster.ids(),
         cfg.data_dir.display()
     );
-    let served = tonic::transport::Server::builder()
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let serve = tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(mailbox)
         .add_service(raft)
@@ -109,8 +115,20 @@ pub async fn run(
             // flight finish normally.
             let _ = closing_tx.send(true);
             health.set_not_serving::<MailboxServer<MailboxService>>().await;
-        })
-        .await;
+            let _ = stopping_tx.send(true);
+        });
+    tokio::pin!(serve);
+    let served = tokio::select! {
+        r = &mut serve => r,
+        _ = async {
+            let _ = stopping_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(std::time::Duration::from_millis(SHUTDOWN_GRACE_MS)).await;
+        } => {
+            // Connections that never close by themselves (peer streams,
+            // health watches) must not hold the node up forever.
+            Ok(())
+        }
+    };
     // In-flight requests are done; stop Raft and make everything durable.
     let stopped = node.stop();
     let flushed = node.engine().flush();

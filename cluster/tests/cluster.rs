@@ -726,3 +726,24 @@ async fn recovery_never_commits_a_divergent_log_tail() {
     assert_eq!(read_all(c.node(victim), shard, "oz").len(), 11);
     assert!(c.node(victim).is_running(), "the victim's driver is alive");
 }
+
+#[tokio::test]
+async fn leaders_collect_expired_dedup_entries_through_the_log() {
+    let mut tuning = fast_tuning();
+    tuning.hibernate_after_ticks = 0;
+    tuning.expire_dedup_every_ticks = 5;
+    let c = TestCluster::new(3, 1, 3, tuning);
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let start = c.status(leader, shard).await.unwrap().applied;
+    // No client traffic: only the leader's ExpireDedup proposals move the
+    // log, on every replica.
+    c.eventually("dedup GC entries commit and apply everywhere", 10, || async {
+        let mut ok = true;
+        for id in 1..=3 {
+            ok &= c.status(id, shard).await.is_some_and(|s| s.applied >= start + 3);
+        }
+        ok
+    })
+    .await;
+}
