@@ -65,6 +65,15 @@ impl InitialCluster {
     pub fn ids(&self) -> Vec<u64> {
         self.nodes.keys().copied().collect()
     }
+
+    /// Every node but `node`: the peers it talks to.
+    pub fn peers_of(&self, node: u64) -> BTreeMap<u64, String> {
+        self.nodes
+            .iter()
+            .filter(|(id, _)| **id != node)
+            .map(|(id, a)| (*id, a.clone()))
+            .collect()
+    }
 }
 
 /// Raft timing and batching. Ticks are the unit of raft-rs's clock.

@@ -12,7 +12,6 @@ use crate::error::ClusterError;
 use crate::transport::grpc::{GrpcTransport, RaftService};
 use crate::Node;
 use pigeonhole_proto::v1::mailbox_server::MailboxServer;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,13 +70,7 @@ pub async fn run(
     node_cfg.shard_count = cfg.shard_count;
     node_cfg.replication_factor = cfg.replication_factor;
     node_cfg.validate()?;
-    let peers: BTreeMap<u64, String> = cfg
-        .initial_cluster
-        .nodes
-        .iter()
-        .filter(|(id, _)| **id != cfg.node_id)
-        .map(|(id, a)| (*id, a.clone()))
-        .collect();
+    let peers = cfg.initial_cluster.peers_of(cfg.node_id);
     let transport = GrpcTransport::new(
         node_cfg.effective_cluster_id(),
         peers,

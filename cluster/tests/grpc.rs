@@ -20,13 +20,7 @@ struct GrpcNode {
 }
 
 async fn start(cfg: NodeConfig, listener: TcpListener) -> GrpcNode {
-    let peers: BTreeMap<u64, String> = cfg
-        .initial_cluster
-        .nodes
-        .iter()
-        .filter(|(id, _)| **id != cfg.node_id)
-        .map(|(id, a)| (*id, a.clone()))
-        .collect();
+    let peers = cfg.initial_cluster.peers_of(cfg.node_id);
     let transport = GrpcTransport::new(cfg.effective_cluster_id(), peers, tokio::runtime::Handle::current());
     let node = Node::start(cfg, std::sync::Arc::new(transport)).unwrap();
     let svc = RaftService::new(node.cluster_id(), node.inbox()).into_server();
