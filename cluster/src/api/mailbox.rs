@@ -21,6 +21,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+/// Messages per Subscribe event, at most: small enough that `max_in_flight`
+/// is several events, so a stream keeps flowing while the client reads.
+pub const SUBSCRIBE_PAGE_MAX: u32 = 256;
+
 /// API limits (units last). The defaults are the ones mailbox.proto states.
 #[derive(Debug, Clone)]
 pub struct ApiLimits {
@@ -355,14 +359,17 @@ impl Mailbox for MailboxService {
         for shard in shards {
             self.node.read_barrier(shard).await.map_err(|e| cluster_error(&e))?;
         }
-        // The channel is the flow control: at most `in_flight` messages sit
-        // between this task and the client (each event carries at most one
-        // page); when the client reads slowly, the task waits on send and
-        // stops reading ahead.
-        let pages = usize::try_from((in_flight / 64).max(1)).unwrap_or(16);
-        let (tx, rx) = mpsc::channel(pages);
+        // The channel is the flow control: pages of at most `page_max`
+        // messages, and at most `in_flight / page_max` of them queued, so no
+        // more than `in_flight` messages (plus the page in hand) sit between
+        // this task and the client. When the client reads slowly, the task
+        // waits on send and stops reading ahead.
         let node = self.node.clone();
-        let page_max = in_flight.min(node.engine().options().limits.sync_messages_max);
+        let page_max = in_flight
+            .min(node.engine().options().limits.sync_messages_max)
+            .min(SUBSCRIBE_PAGE_MAX);
+        let pages = usize::try_from((in_flight / page_max.max(1)).max(1)).unwrap_or(1);
+        let (tx, rx) = mpsc::channel(pages);
         tokio::spawn(subscription(node, subs, page_max, tx, self.closing.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

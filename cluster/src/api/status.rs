@@ -14,7 +14,7 @@
 //! | INTERNAL | a fatal node error | — |
 
 use crate::error::ClusterError;
-use pigeonhole_engine::{OpError, ReadError};
+use pigeonhole_engine::{EngineError, OpError, ReadError};
 use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -95,6 +95,10 @@ pub fn read_error(e: &ReadError) -> Status {
             info(Code::OutOfRange, msg, "CURSOR_AHEAD", &[("last_seq", *last_seq)])
         }
         ReadError::InvalidArgument { field, reason } => invalid(field, reason.clone()),
+        // Not here (no replica on this node), or being replaced by a
+        // snapshot: temporary, another replica can serve it.
+        ReadError::Engine(EngineError::NoSuchShard(_)) => info(Code::Unavailable, msg, "NOT_REPLICA", &[]),
+        ReadError::Engine(EngineError::ShardIncomplete(_)) => info(Code::Unavailable, msg, "SHARD_INCOMPLETE", &[]),
         ReadError::Engine(_) => Status::internal(msg),
     }
 }
@@ -178,5 +182,13 @@ mod tests {
             waited_ms: 5,
         });
         assert_eq!(s.code(), Code::DeadlineExceeded);
+        let s = read_error(&ReadError::Engine(EngineError::NoSuchShard(4)));
+        assert_eq!(
+            s.code(),
+            Code::Unavailable,
+            "a stale read on a node without the shard is retryable"
+        );
+        let s = read_error(&ReadError::Engine(EngineError::ShardIncomplete(4)));
+        assert_eq!(s.code(), Code::Unavailable);
     }
 }
