@@ -4,6 +4,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "pigeonhole/v1/mailbox.proto",
+        "pigeonhole/v1/admin.proto",
         "pigeonhole/internal/v1/command.proto",
         "pigeonhole/internal/v1/raft.proto",
         "pigeonhole/internal/v1/meta.proto",

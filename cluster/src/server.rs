@@ -6,11 +6,12 @@
 //! Shutdown (SIGTERM or SIGINT): the server stops accepting, lets in-flight
 //! requests finish, then stops the Raft driver and flushes the engine.
 
-use crate::api::{ApiLimits, MailboxService};
+use crate::api::{AdminService, ApiLimits, MailboxService};
 use crate::config::{InitialCluster, NodeConfig};
 use crate::error::ClusterError;
 use crate::transport::grpc::{GrpcTransport, RaftService};
 use crate::Node;
+use pigeonhole_proto::v1::admin_server::AdminServer;
 use pigeonhole_proto::v1::mailbox_server::MailboxServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -101,6 +102,7 @@ pub async fn run(
     let serve = tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(mailbox)
+        .add_service(AdminServer::new(AdminService::new(node.clone())))
         .add_service(raft)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
             shutdown.await;

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use pigeonhole_proto::v1 as pb;
+use pigeonhole_proto::v1::admin_client::AdminClient;
 use pigeonhole_proto::v1::mailbox_client::MailboxClient;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -283,6 +284,48 @@ async fn the_server_serves_the_mailbox_api() {
         st.get_error_details().error_info().unwrap().metadata["low_watermark"],
         "3"
     );
+
+    // Admin: the shard map (with leader hints from the metadata group),
+    // node status, and leader transfer's refusals.
+    let mut admin = AdminClient::connect(format!("http://{}", s.addr)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let map = loop {
+        let m = admin
+            .get_shard_map(pb::GetShardMapRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if m.shards.iter().all(|s| s.leader_hint == 1) || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(map.nodes.len(), 1);
+    assert_eq!(map.nodes[0].address, s.addr);
+    assert_eq!(map.shards.len(), 4);
+    assert!(
+        map.shards.iter().all(|s| s.replicas == vec![1] && s.leader_hint == 1),
+        "{map:?}"
+    );
+    assert_eq!(map.shards[0].range_start, 0);
+    assert!(map.shards[3].range_end.is_none());
+    let st = admin.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.node_id, 1);
+    assert_eq!(st.replicas.len(), 5, "metadata group + 4 shards");
+    assert!(st
+        .replicas
+        .iter()
+        .all(|r| r.role == pb::ReplicaRole::Leader as i32 && r.applied_index >= 5));
+    let e = admin
+        .transfer_leader(pb::TransferLeaderRequest { shard: 1, to_node: 7 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = admin
+        .transfer_leader(pb::TransferLeaderRequest { shard: 99, to_node: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "no replica of shard 99 here: {e:?}");
 
     // Graceful stop: SIGTERM, exit 0; a restart keeps everything.
     let pid = s.child.id().to_string();

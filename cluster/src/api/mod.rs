@@ -1,7 +1,11 @@
-//! The client-facing gRPC API: `pigeonhole.v1.Mailbox` ([`mailbox`]) and the
-//! mapping of every error to a status with rich details ([`status`]).
+//! The client-facing gRPC API: `pigeonhole.v1.Mailbox` ([`mailbox`]),
+//! `pigeonhole.v1.Admin` ([`admin`]: shard map, node status, leader
+//! transfer), and the mapping of every error to a status with rich details
+//! ([`status`]).
 
+pub mod admin;
 pub mod mailbox;
 pub mod status;
 
+pub use admin::AdminService;
 pub use mailbox::{ApiLimits, MailboxService};

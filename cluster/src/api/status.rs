@@ -103,6 +103,16 @@ pub fn read_error(e: &ReadError) -> Status {
     }
 }
 
+/// An admin call that must reach the shard's leader reached another node.
+pub fn not_leader_precondition(shard: u64, leader: u64) -> Status {
+    info(
+        Code::FailedPrecondition,
+        format!("shard {shard}: this node is not its leader; call the leader (hint: node {leader}, 0 = unknown)"),
+        "NOT_LEADER",
+        &[("leader_hint", leader)],
+    )
+}
+
 /// The status of a cluster-level failure.
 pub fn cluster_error(e: &ClusterError) -> Status {
     let msg = e.to_string();
