@@ -570,17 +570,13 @@ impl Driver {
             } => {
                 let id = self.next_id();
                 let node_id = self.node_id;
-                let Some(r) = self.replicas.get_mut(&shard) else {
-                    let _ = reply.send(Err(self.not_replica(shard)));
-                    return Ok(true);
+                let r = match self.led_replica(shard) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(true);
+                    }
                 };
-                if r.raw.raft.state != StateRole::Leader {
-                    let _ = reply.send(Err(ClusterError::NotLeader {
-                        shard,
-                        leader: r.raw.raft.leader_id,
-                    }));
-                    return Ok(true);
-                }
                 let joint = !r.raw.raft.prs().conf().to_conf_state().voters_outgoing.is_empty();
                 if r.raw.raft.has_pending_conf() || joint {
                     // raft-rs would turn the proposal into an empty entry and
@@ -605,17 +601,13 @@ impl Driver {
                 self.wake(shard, true);
             }
             Inbound::TransferLeader { shard, to, reply } => {
-                let Some(r) = self.replicas.get_mut(&shard) else {
-                    let _ = reply.send(Err(self.not_replica(shard)));
-                    return Ok(true);
+                let r = match self.led_replica(shard) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(true);
+                    }
                 };
-                if r.raw.raft.state != StateRole::Leader {
-                    let _ = reply.send(Err(ClusterError::NotLeader {
-                        shard,
-                        leader: r.raw.raft.leader_id,
-                    }));
-                    return Ok(true);
-                }
                 if !r.raw.raft.prs().conf().voters().contains(to) {
                     let _ = reply.send(Err(ClusterError::InvalidArgument {
                         field: "to",
@@ -677,6 +669,22 @@ impl Driver {
         }
         self.waiting.insert(shard);
         self.wake(shard, true);
+    }
+
+    /// The replica of `shard` if this node holds it and leads it; otherwise
+    /// the error that says where to go.
+    fn led_replica(&mut self, shard: u64) -> Result<&mut Replica, ClusterError> {
+        if !self.replicas.contains_key(&shard) {
+            return Err(self.not_replica(shard));
+        }
+        let r = self.replicas.get_mut(&shard).ok_or(ClusterError::Stopped)?;
+        if r.raw.raft.state != StateRole::Leader {
+            return Err(ClusterError::NotLeader {
+                shard,
+                leader: r.raw.raft.leader_id,
+            });
+        }
+        Ok(r)
     }
 
     fn not_replica(&self, shard: u64) -> ClusterError {

@@ -200,6 +200,21 @@ impl Node {
         self.inner.inbox.clone()
     }
 
+    /// Sends the request `make` builds around a reply channel, and waits
+    /// for the driver's answer.
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ClusterError>>) -> Inbound,
+    ) -> Result<T, ClusterError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply))?;
+        rx.await.map_err(|_| ClusterError::Stopped)?
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.request_timeout
+    }
+
     fn send(&self, m: Inbound) -> Result<(), ClusterError> {
         self.inner.tx.try_send(m).map_err(|e| match e {
             TrySendError::Full(_) => ClusterError::Overloaded {
@@ -236,27 +251,22 @@ impl Node {
                 ),
             });
         }
-        let (reply, rx) = oneshot::channel();
-        self.send(Inbound::Propose {
+        let deadline = self.deadline();
+        self.call(|reply| Inbound::Propose {
             shard,
             ops,
             reply,
-            deadline: Instant::now() + self.inner.request_timeout,
-        })?;
-        rx.await.map_err(|_| ClusterError::Stopped)?
+            deadline,
+        })
+        .await
     }
 
     /// Waits until this replica has applied everything committed before the
     /// call (ReadIndex, confirmed by a quorum): a read of the engine after it
     /// returns is linearizable.
     pub async fn read_barrier(&self, shard: u64) -> Result<(), ClusterError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Inbound::Read {
-            shard,
-            reply,
-            deadline: Instant::now() + self.inner.request_timeout,
-        })?;
-        rx.await.map_err(|_| ClusterError::Stopped)?
+        let deadline = self.deadline();
+        self.call(|reply| Inbound::Read { shard, reply, deadline }).await
     }
 
     /// Changes the replicas of `shard` (call on its leader). Returns the new
@@ -274,29 +284,25 @@ impl Node {
             s.node_id = node;
             cc.mut_changes().push(s);
         }
-        let (reply, rx) = oneshot::channel();
-        self.send(Inbound::ConfChange {
+        let deadline = self.deadline();
+        self.call(|reply| Inbound::ConfChange {
             shard,
             cc,
             reply,
-            deadline: Instant::now() + self.inner.request_timeout,
-        })?;
-        rx.await.map_err(|_| ClusterError::Stopped)?
+            deadline,
+        })
+        .await
     }
 
     /// Asks the leader of `shard` (this node) to hand leadership to `to`.
     /// Returns once the request is made; watch [`Node::status`] for the result.
     pub async fn transfer_leader(&self, shard: u64, to: u64) -> Result<(), ClusterError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Inbound::TransferLeader { shard, to, reply })?;
-        rx.await.map_err(|_| ClusterError::Stopped)?
+        self.call(|reply| Inbound::TransferLeader { shard, to, reply }).await
     }
 
     /// Starts an election for `shard` on this node.
     pub async fn campaign(&self, shard: u64) -> Result<(), ClusterError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Inbound::Campaign { shard, reply })?;
-        rx.await.map_err(|_| ClusterError::Stopped)?
+        self.call(|reply| Inbound::Campaign { shard, reply }).await
     }
 
     /// The state of every replica on this node.
