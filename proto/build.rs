@@ -2,19 +2,27 @@
 //! Needs `protoc` (Debian: protobuf-compiler), installed by scripts/setup.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = [
-        "pigeonhole/v1/mailbox.proto",
-        "pigeonhole/v1/admin.proto",
+    let public = ["pigeonhole/v1/mailbox.proto", "pigeonhole/v1/admin.proto"];
+    let internal = [
         "pigeonhole/internal/v1/command.proto",
         "pigeonhole/internal/v1/raft.proto",
         "pigeonhole/internal/v1/meta.proto",
     ];
-    for p in protos {
+    for p in public.iter().chain(&internal) {
         println!("cargo:rerun-if-changed={p}");
     }
+    // The public API's descriptor set feeds server reflection, so grpcurl
+    // and friends can call a node without the .proto files. The internal
+    // protocol is compiled apart and left out of it.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&protos, &["."])?;
+        .file_descriptor_set_path(out.join("pigeonhole_v1_descriptor.bin"))
+        .compile_protos(&public, &["."])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&internal, &["."])?;
     Ok(())
 }

@@ -18,7 +18,8 @@
 //! - **Idle shards hibernate**; one node-level heartbeat per peer keeps
 //!   failure detection working while they sleep.
 //!
-//! Module map: [`config`] (flags and limits), [`error`], [`hash`],
+//! Module map: [`config`] (node and Raft limits), [`settings`] (the
+//! server's flags, environment and config file), [`server`], [`api`], [`error`], [`hash`],
 //! [`placement`] (shard map), [`driver`] (the loop), [`node`] (the handle),
 //! [`transport`] (`local`, `grpc`, snapshot spool).
 
@@ -30,6 +31,7 @@ pub mod hash;
 pub mod node;
 pub mod placement;
 pub mod server;
+pub mod settings;
 pub mod transport;
 
 pub use config::{InitialCluster, NodeConfig, RaftTuning};

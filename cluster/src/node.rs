@@ -215,6 +215,13 @@ impl Node {
         Instant::now() + self.inner.request_timeout
     }
 
+    /// The earlier of the caller's deadline and the node's own request
+    /// timeout: a caller can shorten the wait, never lengthen it.
+    fn deadline_until(&self, until: Option<Instant>) -> Instant {
+        let own = self.deadline();
+        until.map_or(own, |u| u.min(own))
+    }
+
     fn send(&self, m: Inbound) -> Result<(), ClusterError> {
         self.inner.tx.try_send(m).map_err(|e| match e {
             TrySendError::Full(_) => ClusterError::Overloaded {
@@ -229,6 +236,14 @@ impl Node {
     /// entry is committed on a majority (each fsync'd) and applied here.
     /// Works on any replica: a follower's proposal goes to the leader.
     pub async fn propose(&self, shard: u64, ops: Vec<cmd::Op>) -> ProposeResult {
+        self.propose_until(shard, ops, None).await
+    }
+
+    /// [`Node::propose`] that gives up at `until` (a client's deadline), or
+    /// at the node's request timeout if that comes first. Giving up answers
+    /// `Timeout`: the entry may still commit, which is why writes carry
+    /// idempotency keys.
+    pub async fn propose_until(&self, shard: u64, ops: Vec<cmd::Op>, until: Option<Instant>) -> ProposeResult {
         // One request must fit one Raft entry: it is never split, so an
         // oversized one is refused here, naming the limit.
         if ops.len() > self.inner.ops_per_entry_max {
@@ -251,7 +266,7 @@ impl Node {
                 ),
             });
         }
-        let deadline = self.deadline();
+        let deadline = self.deadline_until(until);
         self.call(|reply| Inbound::Propose {
             shard,
             ops,
@@ -265,7 +280,13 @@ impl Node {
     /// call (ReadIndex, confirmed by a quorum): a read of the engine after it
     /// returns is linearizable.
     pub async fn read_barrier(&self, shard: u64) -> Result<(), ClusterError> {
-        let deadline = self.deadline();
+        self.read_barrier_until(shard, None).await
+    }
+
+    /// [`Node::read_barrier`] that gives up at `until` or at the node's
+    /// request timeout, whichever comes first.
+    pub async fn read_barrier_until(&self, shard: u64, until: Option<Instant>) -> Result<(), ClusterError> {
+        let deadline = self.deadline_until(until);
         self.call(|reply| Inbound::Read { shard, reply, deadline }).await
     }
 

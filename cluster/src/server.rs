@@ -1,6 +1,6 @@
 //! The `pigeonhole` server: one node, one gRPC port. The port serves the
-//! client API (`pigeonhole.v1.Mailbox`), the node-to-node Raft transport and
-//! `grpc.health.v1`, so a node has one address that is both what clients
+//! client API (`pigeonhole.v1.Mailbox` and `pigeonhole.v1.Admin`), the
+//! node-to-node Raft transport, `grpc.health.v1` and server reflection (v1), so a node has one address that is both what clients
 //! dial and what `--initial-cluster` lists.
 //!
 //! Shutdown (SIGTERM or SIGINT): the server stops accepting, lets in-flight
@@ -22,7 +22,7 @@ use std::sync::Arc;
 /// stops serving anyway. Unary requests in flight finish well within it.
 pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
 
-/// Largest request a client may send (AppendBatch included).
+/// Largest request a client may send (AppendBatch included), by default.
 pub const REQUEST_BYTES_MAX: usize = 16 << 20;
 
 /// What the binary's flags become.
@@ -43,6 +43,11 @@ pub struct ServerConfig {
     pub replication_factor: usize,
     /// API limits.
     pub api: ApiLimits,
+    /// Largest request message, in bytes.
+    pub request_bytes_max: usize,
+    /// How long the node waits for a proposal or read barrier at most
+    /// (a client's shorter deadline cuts it).
+    pub request_timeout_ms: u64,
 }
 
 impl ServerConfig {
@@ -58,6 +63,8 @@ impl ServerConfig {
             shard_count: 64,
             replication_factor: 1,
             api: ApiLimits::default(),
+            request_bytes_max: REQUEST_BYTES_MAX,
+            request_timeout_ms: crate::RaftTuning::default().request_timeout_ms,
         }
     }
 }
@@ -70,6 +77,7 @@ pub async fn run(
     let mut node_cfg = NodeConfig::new(cfg.node_id, &cfg.data_dir, cfg.initial_cluster.clone());
     node_cfg.shard_count = cfg.shard_count;
     node_cfg.replication_factor = cfg.replication_factor;
+    node_cfg.raft.request_timeout_ms = cfg.request_timeout_ms;
     node_cfg.validate()?;
     let peers = cfg.initial_cluster.peers_of(cfg.node_id);
     let transport = GrpcTransport::new(
@@ -86,9 +94,19 @@ pub async fn run(
     health.set_serving::<MailboxServer<MailboxService>>().await;
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let mailbox = MailboxServer::new(MailboxService::new(node.clone(), cfg.api.clone(), closing_rx))
-        .max_decoding_message_size(REQUEST_BYTES_MAX)
+        .max_decoding_message_size(cfg.request_bytes_max)
         .max_encoding_message_size(64 << 20);
     let raft = RaftService::new(node.cluster_id(), node.inbox()).into_server();
+    // Reflection lists the public services only: the Raft transport is for
+    // peers, and its contract is internal.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pigeonhole_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("pigeonhole.v1.Mailbox")
+        .with_service_name("pigeonhole.v1.Admin")
+        .with_service_name("grpc.health.v1.Health")
+        .build_v1()
+        .map_err(|e| ClusterError::Config(format!("reflection descriptors: {e}")))?;
     println!(
         "pigeonhole: node {} serving on {} (cluster {:?}), data in {}",
         cfg.node_id,
@@ -101,6 +119,7 @@ pub async fn run(
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let serve = tonic::transport::Server::builder()
         .add_service(health_svc)
+        .add_service(reflection)
         .add_service(mailbox)
         .add_service(AdminServer::new(AdminService::new(node.clone())))
         .add_service(raft)

@@ -1,6 +1,7 @@
 //! End to end through the real `pigeonhole` binary: a single node started as
 //! a child process, driven over gRPC with the generated client. Covers every
-//! unary RPC, the Sync long-poll, Subscribe, error details, a graceful
+//! unary RPC, the Sync long-poll, Subscribe, error details, deadlines,
+//! server reflection, a graceful
 //! SIGTERM, and a SIGKILL followed by a restart that must lose no
 //! acknowledged append.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -198,6 +199,69 @@ async fn the_server_serves_the_mailbox_api() {
     let t = Instant::now();
     let page = c.sync(sync_req("ann", 3, 300)).await.unwrap().into_inner();
     assert!(page.messages.is_empty() && t.elapsed() >= Duration::from_millis(290));
+
+    // A long-poll longer than the client's deadline ends with an empty page
+    // just before the deadline, not with an error.
+    let t = Instant::now();
+    let mut req = tonic::Request::new(sync_req("ann", 3, 10_000));
+    req.set_timeout(Duration::from_millis(400));
+    let page = c.sync(req).await.unwrap().into_inner();
+    assert!(page.messages.is_empty());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
+    // A reused idempotency key with another payload: ALREADY_EXISTS, with
+    // the original seq.
+    let st = c.append(append("ann", "k1", b"not hello")).await.unwrap_err();
+    assert_eq!(st.code(), Code::AlreadyExists, "{st:?}");
+    assert_eq!(st.get_error_details().error_info().unwrap().metadata["seq"], "1");
+
+    // Subscribe from a cursor beyond last_seq: OUT_OF_RANGE naming it.
+    let st = c
+        .subscribe(pb::SubscribeRequest {
+            mailboxes: vec![pb::MailboxCursor {
+                mailbox: mb("ann"),
+                after_seq: 99,
+            }],
+            max_in_flight: 0,
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(st.code(), Code::OutOfRange, "{st:?}");
+    assert!(st.message().contains("mailboxes[0].after_seq"), "{st:?}");
+
+    // Server reflection lists the public services (grpcurl works).
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut refl = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let ask = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut answers = refl
+        .server_reflection_info(tokio_stream::iter(vec![ask]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let services: Vec<String> = match answer.message_response {
+        Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("{other:?}"),
+    };
+    for want in ["pigeonhole.v1.Mailbox", "pigeonhole.v1.Admin", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == want), "{want} missing from {services:?}");
+    }
+    assert!(
+        !services.iter().any(|s| s.contains("internal")),
+        "the internal protocol is not advertised: {services:?}"
+    );
 
     // Subscribe: backlog, then live messages, in order.
     let mut stream = c

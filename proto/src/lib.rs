@@ -6,6 +6,8 @@
 //! - [`internal::v1`] is what shard Raft logs carry (`pigeonhole.internal.v1`).
 //!   It is persisted, so it evolves like a storage format.
 //!
+//! - [`placement`] is the placement hash, which clients route with.
+//!
 //! The generated code is kept in its own crate so that the engine, the cluster
 //! and the client all depend on one copy of the contract and nothing else.
 
@@ -13,6 +15,10 @@
 #[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
 pub mod v1 {
     tonic::include_proto!("pigeonhole.v1");
+
+    /// The encoded `FileDescriptorSet` of `pigeonhole.v1`, for server
+    /// reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("pigeonhole_v1_descriptor");
 }
 
 /// Internal, persisted messages.
@@ -26,3 +32,5 @@ pub mod internal {
 }
 
 pub use prost;
+
+pub mod placement;

@@ -8,7 +8,8 @@
 //! (`Sync.wait_ms`) and `Subscribe` wait on the node's apply notification
 //! rather than polling.
 
-use super::status::{cluster_error, invalid, op_error, read_error};
+use super::deadline;
+use super::status::{cluster_error, invalid, op_error, read_error, read_error_at};
 use crate::Node;
 use pigeonhole_engine::command as cmd;
 use pigeonhole_engine::{OpError, OpOutput, ReadMessage, SyncQuery};
@@ -89,11 +90,11 @@ impl MailboxService {
         Ok((mb.namespace.clone(), mb.user_id.clone(), shard))
     }
 
-    /// Proposes one op and returns its result.
-    async fn one(&self, shard: u64, op: cmd::op::Op) -> Result<OpOutput, Status> {
+    /// Proposes one op and returns its result; gives up at `until`.
+    async fn one(&self, shard: u64, op: cmd::op::Op, until: Option<Instant>) -> Result<OpOutput, Status> {
         let mut res = self
             .node
-            .propose(shard, vec![cmd::Op { op: Some(op) }])
+            .propose_until(shard, vec![cmd::Op { op: Some(op) }], until)
             .await
             .map_err(|e| cluster_error(&e))?;
         match res.pop() {
@@ -103,12 +104,14 @@ impl MailboxService {
         }
     }
 
-    async fn barrier(&self, shard: u64, consistency: i32) -> Result<(), Status> {
+    async fn barrier(&self, shard: u64, consistency: i32, until: Option<Instant>) -> Result<(), Status> {
         match pb::ReadConsistency::try_from(consistency) {
             Ok(pb::ReadConsistency::Stale) => Ok(()),
-            Ok(pb::ReadConsistency::Unspecified | pb::ReadConsistency::Linearizable) => {
-                self.node.read_barrier(shard).await.map_err(|e| cluster_error(&e))
-            }
+            Ok(pb::ReadConsistency::Unspecified | pb::ReadConsistency::Linearizable) => self
+                .node
+                .read_barrier_until(shard, until)
+                .await
+                .map_err(|e| cluster_error(&e)),
             Err(_) => Err(invalid("consistency", format!("unknown value {consistency}"))),
         }
     }
@@ -168,9 +171,10 @@ type SubscribeStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Subscr
 #[tonic::async_trait]
 impl Mailbox for MailboxService {
     async fn append(&self, req: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
+        let until = deadline::of(&req, Instant::now());
         let mut r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.take().as_ref())?;
-        let out = self.one(shard, append_op(r, ns, uid)).await?;
+        let out = self.one(shard, append_op(r, ns, uid), until).await?;
         Ok(Response::new(appended(out)?))
     }
 
@@ -178,6 +182,7 @@ impl Mailbox for MailboxService {
         &self,
         req: Request<pb::AppendBatchRequest>,
     ) -> Result<Response<pb::AppendBatchResponse>, Status> {
+        let until = deadline::of(&req, Instant::now());
         let items = req.into_inner().items;
         if items.is_empty() || items.len() > self.limits.batch_items_max {
             return Err(invalid(
@@ -222,7 +227,7 @@ impl Mailbox for MailboxService {
                 let node = self.node.clone();
                 set.spawn(async move {
                     let (idx, ops): (Vec<usize>, Vec<cmd::Op>) = chunk.into_iter().unzip();
-                    (idx, node.propose(shard, ops).await)
+                    (idx, node.propose_until(shard, ops, until).await)
                 });
             }
         }
@@ -263,6 +268,8 @@ impl Mailbox for MailboxService {
     }
 
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<pb::SyncResponse>, Status> {
+        let received = Instant::now();
+        let until = deadline::of(&req, received);
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
         if r.wait_ms > self.limits.wait_ms_max {
@@ -274,8 +281,11 @@ impl Mailbox for MailboxService {
         // Subscribe to applies BEFORE the first read, so a message applied
         // between the read and the wait still wakes us.
         let mut applied = self.node.applied_watch();
-        self.barrier(shard, r.consistency).await?;
-        let deadline = Instant::now() + Duration::from_millis(u64::from(r.wait_ms));
+        self.barrier(shard, r.consistency, until).await?;
+        // A long-poll ends with an empty page before the client's deadline,
+        // not with DEADLINE_EXCEEDED.
+        let wait_end = received + Duration::from_millis(u64::from(r.wait_ms));
+        let deadline = until.map_or(wait_end, |u| u.min(wait_end));
         let q = SyncQuery {
             namespace: &ns,
             user_id: &uid,
@@ -315,6 +325,7 @@ impl Mailbox for MailboxService {
     type SubscribeStream = SubscribeStream;
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let until = deadline::of(&req, Instant::now());
         let r = req.into_inner();
         if r.mailboxes.is_empty() || r.mailboxes.len() > self.limits.subscribe_mailboxes_max {
             return Err(invalid(
@@ -357,7 +368,26 @@ impl Mailbox for MailboxService {
         // acknowledged before the call.
         let shards: std::collections::BTreeSet<u64> = subs.iter().map(|s| s.shard).collect();
         for shard in shards {
-            self.node.read_barrier(shard).await.map_err(|e| cluster_error(&e))?;
+            self.node
+                .read_barrier_until(shard, until)
+                .await
+                .map_err(|e| cluster_error(&e))?;
+        }
+        // As in Sync, a cursor beyond last_seq is an error, not a wait: after
+        // the barrier this replica has every acknowledged message, so such a
+        // cursor was never handed out by this cluster.
+        for (i, s) in subs.iter().enumerate() {
+            let q = SyncQuery {
+                namespace: &s.ns,
+                user_id: &s.uid,
+                after_seq: s.cursor,
+                max_messages: 1,
+                max_bytes: 0,
+            };
+            match self.node.engine().sync(s.shard, &q) {
+                Ok(_) | Err(pigeonhole_engine::ReadError::CursorTrimmed { .. }) => {}
+                Err(e) => return Err(read_error_at(&format!("mailboxes[{i}].after_seq"), &e)),
+            }
         }
         // The channel is the flow control: pages of at most `page_max`
         // messages, and at most `in_flight / page_max` of them queued, so no
@@ -375,6 +405,7 @@ impl Mailbox for MailboxService {
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let until = deadline::of(&req, Instant::now());
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
         let op = cmd::op::Op::Ack(cmd::AckOp {
@@ -383,7 +414,7 @@ impl Mailbox for MailboxService {
             device_id: r.device_id,
             seq: r.seq,
         });
-        match self.one(shard, op).await? {
+        match self.one(shard, op, until).await? {
             OpOutput::Acked { cursor, advanced } => Ok(Response::new(pb::AckResponse { cursor, advanced })),
             other => Err(Status::internal(format!("ack returned {other:?}"))),
         }
@@ -393,9 +424,11 @@ impl Mailbox for MailboxService {
         &self,
         req: Request<pb::GetCursorsRequest>,
     ) -> Result<Response<pb::GetCursorsResponse>, Status> {
+        let until = deadline::of(&req, Instant::now());
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
-        self.barrier(shard, pb::ReadConsistency::Linearizable as i32).await?;
+        self.barrier(shard, pb::ReadConsistency::Linearizable as i32, until)
+            .await?;
         let c = self
             .node
             .engine()
@@ -417,6 +450,7 @@ impl Mailbox for MailboxService {
     }
 
     async fn trim(&self, req: Request<pb::TrimRequest>) -> Result<Response<pb::TrimResponse>, Status> {
+        let until = deadline::of(&req, Instant::now());
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
         let op = cmd::op::Op::Trim(cmd::TrimOp {
@@ -424,7 +458,7 @@ impl Mailbox for MailboxService {
             user_id: uid,
             up_to_seq: r.up_to_seq,
         });
-        match self.one(shard, op).await? {
+        match self.one(shard, op, until).await? {
             OpOutput::Trimmed { low_watermark, removed } => {
                 Ok(Response::new(pb::TrimResponse { low_watermark, removed }))
             }
@@ -433,6 +467,7 @@ impl Mailbox for MailboxService {
     }
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let until = deadline::of(&req, Instant::now());
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
         let op = cmd::op::Op::Delete(cmd::DeleteOp {
@@ -440,7 +475,7 @@ impl Mailbox for MailboxService {
             user_id: uid,
             seq: r.seq,
         });
-        match self.one(shard, op).await? {
+        match self.one(shard, op, until).await? {
             OpOutput::Deleted { deleted } => Ok(Response::new(pb::DeleteResponse { deleted })),
             other => Err(Status::internal(format!("delete returned {other:?}"))),
         }

@@ -1,9 +1,10 @@
 //! The client-facing gRPC API: `pigeonhole.v1.Mailbox` ([`mailbox`]),
 //! `pigeonhole.v1.Admin` ([`admin`]: shard map, node status, leader
 //! transfer), and the mapping of every error to a status with rich details
-//! ([`status`]).
+//! ([`status`]). Handlers honour the client's `grpc-timeout` ([`deadline`]).
 
 pub mod admin;
+pub mod deadline;
 pub mod mailbox;
 pub mod status;
 

@@ -5,7 +5,8 @@
 //! | code | when | details |
 //! | --- | --- | --- |
 //! | INVALID_ARGUMENT | bad input | BadRequest naming the field and the limit |
-//! | FAILED_PRECONDITION | expected_last_seq mismatch, trimmed cursor, reused key | ErrorInfo: `last_seq`, `low_watermark`, `seq` |
+//! | FAILED_PRECONDITION | expected_last_seq mismatch, trimmed cursor | ErrorInfo: `last_seq`, `low_watermark` |
+//! | ALREADY_EXISTS | an idempotency key reused with another payload | ErrorInfo: `seq` of the original |
 //! | OUT_OF_RANGE | a seq or cursor above last_seq | ErrorInfo: `last_seq` |
 //! | NOT_FOUND | delete of a seq not stored | ErrorInfo: `low_watermark`, `last_seq` |
 //! | RESOURCE_EXHAUSTED | too many device cursors | ErrorInfo: `limit` |
@@ -52,12 +53,10 @@ pub fn op_error(e: &OpError) -> Status {
             "EXPECTED_LAST_SEQ_MISMATCH",
             &[("last_seq", *actual)],
         ),
-        OpError::IdempotencyKeyReused { seq } => info(
-            Code::FailedPrecondition,
-            msg,
-            "IDEMPOTENCY_KEY_REUSED",
-            &[("seq", *seq)],
-        ),
+        // mailbox.proto: the key already names another message.
+        OpError::IdempotencyKeyReused { seq } => {
+            info(Code::AlreadyExists, msg, "IDEMPOTENCY_KEY_REUSED", &[("seq", *seq)])
+        }
         OpError::AckBeyondLastSeq { last_seq, .. } | OpError::TrimBeyondLastSeq { last_seq, .. } => {
             info(Code::OutOfRange, msg, "BEYOND_LAST_SEQ", &[("last_seq", *last_seq)])
         }
@@ -101,6 +100,18 @@ pub fn read_error(e: &ReadError) -> Status {
         ReadError::Engine(EngineError::ShardIncomplete(_)) => info(Code::Unavailable, msg, "SHARD_INCOMPLETE", &[]),
         ReadError::Engine(_) => Status::internal(msg),
     }
+}
+
+/// [`read_error`] for the request field `field`: the message names it.
+pub fn read_error_at(field: &str, e: &ReadError) -> Status {
+    let s = read_error(e);
+    let mut out = Status::with_details(
+        s.code(),
+        format!("{field}: {}", s.message()),
+        s.details().to_vec().into(),
+    );
+    out.metadata_mut().clone_from(s.metadata());
+    out
 }
 
 /// An admin call that must reach the shard's leader reached another node.

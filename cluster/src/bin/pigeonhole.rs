@@ -1,65 +1,95 @@
-//! The `pigeonhole` server binary. It only turns flags (or PIGEONHOLE_*
-//! environment variables) into a [`ServerConfig`] and calls
-//! [`pigeonhole_cluster::server::run`]. With no flags it runs a single node
-//! on 127.0.0.1:7070 with its data in ./pigeonhole-data.
+//! The `pigeonhole` server binary. It only turns flags, PIGEONHOLE_*
+//! environment variables and an optional TOML file (`--config`) into a
+//! [`ServerConfig`](pigeonhole_cluster::server::ServerConfig) and calls
+//! [`pigeonhole_cluster::server::run`]. With no flags it runs a single node on
+//! 127.0.0.1:7070 with its data in ./pigeonhole-data. Precedence and the file
+//! format are in [`pigeonhole_cluster::settings`].
 
 use clap::Parser;
-use pigeonhole_cluster::api::ApiLimits;
-use pigeonhole_cluster::server::{run, shutdown_signal, ServerConfig};
-use pigeonhole_cluster::InitialCluster;
+use pigeonhole_cluster::server::{run, shutdown_signal};
+use pigeonhole_cluster::settings::{LimitSettings, Settings};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// A Pigeonhole node: the replicated mailbox store.
+///
+/// Every setting can come from a flag, its PIGEONHOLE_* environment
+/// variable, or the TOML file given by --config, in that order of precedence.
 #[derive(Debug, Parser)]
 #[command(name = "pigeonhole", version)]
 struct Flags {
-    /// This node's id (a key of --initial-cluster).
-    #[arg(long, env = "PIGEONHOLE_NODE_ID", default_value_t = 1)]
-    node_id: u64,
-    /// Where the node keeps its data.
-    #[arg(long, env = "PIGEONHOLE_DATA_DIR", default_value = "./pigeonhole-data")]
-    data_dir: PathBuf,
-    /// The address to listen on (clients and peers alike).
-    #[arg(long, env = "PIGEONHOLE_LISTEN", default_value = "127.0.0.1:7070")]
-    listen: SocketAddr,
-    /// The address peers and clients reach this node at (default: --listen).
+    /// A TOML config file (keys as in docs/operations.md).
+    #[arg(long, env = "PIGEONHOLE_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's id, a key of --initial-cluster [default: 1].
+    #[arg(long, env = "PIGEONHOLE_NODE_ID")]
+    node_id: Option<u64>,
+    /// Where the node keeps its data [default: ./pigeonhole-data].
+    #[arg(long, env = "PIGEONHOLE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The address to listen on, clients and peers alike [default: 127.0.0.1:7070].
+    #[arg(long, env = "PIGEONHOLE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// The address peers and clients reach this node at [default: --listen].
     #[arg(long, env = "PIGEONHOLE_ADVERTISE")]
     advertise: Option<String>,
-    /// The static initial cluster, id=host:port,... (default: this node alone).
+    /// The static initial cluster, id=host:port,... [default: this node alone].
     #[arg(long, env = "PIGEONHOLE_INITIAL_CLUSTER")]
     initial_cluster: Option<String>,
-    /// Data shards, fixed when the cluster is first started (1 to 65,536).
-    #[arg(long, env = "PIGEONHOLE_SHARDS", default_value_t = 64)]
-    shards: u64,
-    /// Replicas per shard: 1, 3 or 5 (default: 3, or 1 for fewer than 3 nodes).
+    /// Data shards, fixed when the cluster is first started, 1 to 65,536 [default: 64].
+    #[arg(long, env = "PIGEONHOLE_SHARDS")]
+    shards: Option<u64>,
+    /// Replicas per shard: 1, 3 or 5 [default: 3, or 1 for fewer than 3 nodes].
     #[arg(long, env = "PIGEONHOLE_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
+    /// Largest request, in bytes [default: 16777216].
+    #[arg(long, env = "PIGEONHOLE_REQUEST_BYTES_MAX")]
+    request_bytes_max: Option<usize>,
+    /// Longest wait for a write or read barrier, in ms [default: 5000].
+    #[arg(long, env = "PIGEONHOLE_REQUEST_TIMEOUT_MS")]
+    request_timeout_ms: Option<u64>,
+    /// Items per AppendBatch [default: 1024].
+    #[arg(long, env = "PIGEONHOLE_BATCH_ITEMS_MAX")]
+    batch_items_max: Option<usize>,
+    /// Longest Sync long-poll, in ms [default: 60000].
+    #[arg(long, env = "PIGEONHOLE_SYNC_WAIT_MS_MAX")]
+    sync_wait_ms_max: Option<u32>,
+    /// Mailboxes per Subscribe [default: 10000].
+    #[arg(long, env = "PIGEONHOLE_SUBSCRIBE_MAILBOXES_MAX")]
+    subscribe_mailboxes_max: Option<usize>,
+    /// Largest Subscribe max_in_flight [default: 65536].
+    #[arg(long, env = "PIGEONHOLE_SUBSCRIBE_IN_FLIGHT_MAX")]
+    subscribe_in_flight_max: Option<u32>,
 }
 
-fn config(f: Flags) -> Result<ServerConfig, String> {
-    let advertise = f.advertise.unwrap_or_else(|| f.listen.to_string());
-    let initial_cluster = match f.initial_cluster {
-        Some(s) => InitialCluster::parse(&s).map_err(|e| e.to_string())?,
-        None => InitialCluster::single(&advertise),
+fn settings(f: Flags) -> Result<Settings, String> {
+    let file = match &f.config {
+        Some(path) => Settings::load(path)?,
+        None => Settings::default(),
     };
-    let nodes = initial_cluster.nodes.len();
-    let replication_factor = f.replication_factor.unwrap_or(if nodes >= 3 { 3 } else { 1 });
-    let mut cfg = ServerConfig::single_node_default();
-    cfg.node_id = f.node_id;
-    cfg.data_dir = f.data_dir;
-    cfg.listen = f.listen;
-    cfg.initial_cluster = initial_cluster;
-    cfg.shard_count = f.shards;
-    cfg.replication_factor = replication_factor;
-    cfg.api = ApiLimits::default();
-    Ok(cfg)
+    Ok(file.overlay(Settings {
+        node_id: f.node_id,
+        data_dir: f.data_dir,
+        listen: f.listen,
+        advertise: f.advertise,
+        initial_cluster: f.initial_cluster,
+        shards: f.shards,
+        replication_factor: f.replication_factor,
+        limits: LimitSettings {
+            request_bytes_max: f.request_bytes_max,
+            request_timeout_ms: f.request_timeout_ms,
+            batch_items_max: f.batch_items_max,
+            sync_wait_ms_max: f.sync_wait_ms_max,
+            subscribe_mailboxes_max: f.subscribe_mailboxes_max,
+            subscribe_in_flight_max: f.subscribe_in_flight_max,
+        },
+    }))
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cfg = match config(Flags::parse()) {
+    let cfg = match settings(Flags::parse()).and_then(Settings::into_server_config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pigeonhole: {e}");

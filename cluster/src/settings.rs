@@ -1,0 +1,273 @@
+//! The server's settings, from three sources merged with a fixed
+//! precedence: a command-line flag beats its `PIGEONHOLE_*` environment
+//! variable (clap merges those two), which beats the TOML config file
+//! (`--config`), which beats the built-in default. This is the order etcd
+//! and NATS users expect: a file for the fleet, a flag for the one-off.
+//!
+//! Every source fills the same [`Settings`] (all fields optional), so the
+//! merge is one [`Settings::overlay`] and validation happens once, in
+//! [`Settings::into_server_config`], with errors that name the setting and
+//! its allowed range. Unknown keys in the file are an error: a misspelt limit
+//! must not be silently ignored.
+//!
+//! The file format (every key optional):
+//!
+//! ```toml
+//! node_id = 1
+//! data_dir = "./pigeonhole-data"
+//! listen = "127.0.0.1:7070"
+//! advertise = "10.0.0.1:7070"
+//! initial_cluster = "1=10.0.0.1:7070,2=10.0.0.2:7070,3=10.0.0.3:7070"
+//! shards = 64
+//! replication_factor = 3
+//!
+//! [limits]
+//! request_bytes_max = 16777216
+//! request_timeout_ms = 5000
+//! batch_items_max = 1024
+//! sync_wait_ms_max = 60000
+//! subscribe_mailboxes_max = 10000
+//! subscribe_in_flight_max = 65536
+//! ```
+
+use crate::api::ApiLimits;
+use crate::config::InitialCluster;
+use crate::server::ServerConfig;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+
+/// Largest config file read, in bytes: a config is a few hundred bytes; a
+/// huge file is a mistake (wrong path), not a config.
+pub const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
+
+/// Settings from one source; `None` = not set by that source.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// This node's id (a key of `initial_cluster`).
+    pub node_id: Option<u64>,
+    /// Where the node keeps its data.
+    pub data_dir: Option<PathBuf>,
+    /// The address to bind.
+    pub listen: Option<SocketAddr>,
+    /// The address peers and clients reach this node at.
+    pub advertise: Option<String>,
+    /// `id=host:port,...`.
+    pub initial_cluster: Option<String>,
+    /// Data shards at bootstrap.
+    pub shards: Option<u64>,
+    /// Replicas per shard.
+    pub replication_factor: Option<usize>,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: LimitSettings,
+}
+
+/// The `[limits]` table.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Largest request message, in bytes.
+    pub request_bytes_max: Option<usize>,
+    /// How long a node waits for a proposal or read barrier at most.
+    pub request_timeout_ms: Option<u64>,
+    /// Items per AppendBatch.
+    pub batch_items_max: Option<usize>,
+    /// Longest Sync long-poll.
+    pub sync_wait_ms_max: Option<u32>,
+    /// Mailboxes per Subscribe.
+    pub subscribe_mailboxes_max: Option<usize>,
+    /// Largest Subscribe `max_in_flight`.
+    pub subscribe_in_flight_max: Option<u32>,
+}
+
+/// Allowed ranges, so that a setting can never take the node somewhere it
+/// was not designed or tested for.
+const REQUEST_BYTES: RangeInclusive<usize> = 4_096..=(64 << 20);
+const REQUEST_TIMEOUT_MS: RangeInclusive<u64> = 100..=60_000;
+/// At most one Raft entry's worth of ops (`RaftTuning::ops_per_entry_max`).
+const BATCH_ITEMS: RangeInclusive<usize> = 1..=4_096;
+const SYNC_WAIT_MS: RangeInclusive<u32> = 0..=600_000;
+const SUBSCRIBE_MAILBOXES: RangeInclusive<usize> = 1..=100_000;
+const SUBSCRIBE_IN_FLIGHT: RangeInclusive<u32> = 1..=(1 << 20);
+
+fn check<T: PartialOrd + std::fmt::Display>(name: &str, v: T, range: &RangeInclusive<T>) -> Result<T, String> {
+    if range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{name} = {v} is out of range: {} to {}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
+
+impl Settings {
+    /// Parses a config file's text.
+    pub fn from_toml(text: &str) -> Result<Settings, String> {
+        toml::from_str(text).map_err(|e| format!("config file: {e}"))
+    }
+
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Settings, String> {
+        let meta = std::fs::metadata(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        if meta.len() > CONFIG_FILE_BYTES_MAX {
+            return Err(format!(
+                "config file {}: {} bytes; the limit is {CONFIG_FILE_BYTES_MAX}",
+                path.display(),
+                meta.len()
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        Settings::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// `self` with every setting that `over` sets replaced by `over`'s.
+    pub fn overlay(self, over: Settings) -> Settings {
+        let l = self.limits;
+        let o = over.limits;
+        Settings {
+            node_id: over.node_id.or(self.node_id),
+            data_dir: over.data_dir.or(self.data_dir),
+            listen: over.listen.or(self.listen),
+            advertise: over.advertise.or(self.advertise),
+            initial_cluster: over.initial_cluster.or(self.initial_cluster),
+            shards: over.shards.or(self.shards),
+            replication_factor: over.replication_factor.or(self.replication_factor),
+            limits: LimitSettings {
+                request_bytes_max: o.request_bytes_max.or(l.request_bytes_max),
+                request_timeout_ms: o.request_timeout_ms.or(l.request_timeout_ms),
+                batch_items_max: o.batch_items_max.or(l.batch_items_max),
+                sync_wait_ms_max: o.sync_wait_ms_max.or(l.sync_wait_ms_max),
+                subscribe_mailboxes_max: o.subscribe_mailboxes_max.or(l.subscribe_mailboxes_max),
+                subscribe_in_flight_max: o.subscribe_in_flight_max.or(l.subscribe_in_flight_max),
+            },
+        }
+    }
+
+    /// The server configuration: defaults for what is unset, every value
+    /// checked against its range.
+    pub fn into_server_config(self) -> Result<ServerConfig, String> {
+        let mut cfg = ServerConfig::single_node_default();
+        if let Some(id) = self.node_id {
+            cfg.node_id = id;
+        }
+        if let Some(d) = self.data_dir {
+            cfg.data_dir = d;
+        }
+        if let Some(l) = self.listen {
+            cfg.listen = l;
+        }
+        let advertise = self.advertise.unwrap_or_else(|| cfg.listen.to_string());
+        cfg.initial_cluster = match self.initial_cluster {
+            Some(s) => InitialCluster::parse(&s).map_err(|e| format!("initial_cluster: {e}"))?,
+            None => InitialCluster::single(&advertise),
+        };
+        if !cfg.initial_cluster.ids().contains(&cfg.node_id) {
+            return Err(format!(
+                "node_id {} is not in initial_cluster (ids {:?})",
+                cfg.node_id,
+                cfg.initial_cluster.ids()
+            ));
+        }
+        if let Some(n) = self.shards {
+            cfg.shard_count = n;
+        }
+        let nodes = cfg.initial_cluster.nodes.len();
+        cfg.replication_factor = self.replication_factor.unwrap_or(if nodes >= 3 { 3 } else { 1 });
+        let l = self.limits;
+        let d = ApiLimits::default();
+        cfg.request_bytes_max = check(
+            "limits.request_bytes_max",
+            l.request_bytes_max.unwrap_or(cfg.request_bytes_max),
+            &REQUEST_BYTES,
+        )?;
+        cfg.request_timeout_ms = check(
+            "limits.request_timeout_ms",
+            l.request_timeout_ms.unwrap_or(cfg.request_timeout_ms),
+            &REQUEST_TIMEOUT_MS,
+        )?;
+        cfg.api = ApiLimits {
+            batch_items_max: check(
+                "limits.batch_items_max",
+                l.batch_items_max.unwrap_or(d.batch_items_max),
+                &BATCH_ITEMS,
+            )?,
+            wait_ms_max: check(
+                "limits.sync_wait_ms_max",
+                l.sync_wait_ms_max.unwrap_or(d.wait_ms_max),
+                &SYNC_WAIT_MS,
+            )?,
+            subscribe_mailboxes_max: check(
+                "limits.subscribe_mailboxes_max",
+                l.subscribe_mailboxes_max.unwrap_or(d.subscribe_mailboxes_max),
+                &SUBSCRIBE_MAILBOXES,
+            )?,
+            subscribe_in_flight_max: check(
+                "limits.subscribe_in_flight_max",
+                l.subscribe_in_flight_max.unwrap_or(d.subscribe_in_flight_max),
+                &SUBSCRIBE_IN_FLIGHT,
+            )?,
+            ..d
+        };
+        // The default in-flight window must fit under a lowered maximum.
+        cfg.api.subscribe_in_flight_default = cfg.api.subscribe_in_flight_default.min(cfg.api.subscribe_in_flight_max);
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_format_in_the_module_docs_parses() {
+        let text = "node_id = 2\ndata_dir = \"/d\"\nlisten = \"127.0.0.1:7072\"\n\
+            initial_cluster = \"1=127.0.0.1:7071,2=127.0.0.1:7072,3=127.0.0.1:7073\"\n\
+            shards = 8\nreplication_factor = 3\n[limits]\nrequest_timeout_ms = 2000\nbatch_items_max = 16\n";
+        let cfg = Settings::from_toml(text).unwrap().into_server_config().unwrap();
+        assert_eq!(cfg.node_id, 2);
+        assert_eq!(cfg.shard_count, 8);
+        assert_eq!(cfg.replication_factor, 3);
+        assert_eq!(cfg.request_timeout_ms, 2_000);
+        assert_eq!(cfg.api.batch_items_max, 16);
+        assert_eq!(cfg.api.wait_ms_max, ApiLimits::default().wait_ms_max);
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let file = Settings::from_toml("shards = 8\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        let flags = Settings {
+            shards: Some(16),
+            ..Settings::default()
+        };
+        let cfg = file.overlay(flags).into_server_config().unwrap();
+        assert_eq!(cfg.shard_count, 16, "the flag wins");
+        assert_eq!(cfg.listen.port(), 9000, "the file beats the default");
+        assert_eq!(cfg.data_dir, PathBuf::from("./pigeonhole-data"), "the default");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let e = Settings::from_toml("shard = 8\n").unwrap_err();
+        assert!(e.contains("shard"), "{e}");
+        let e = Settings::from_toml("[limits]\nrequest_timeout_ms = 5\n")
+            .unwrap()
+            .into_server_config()
+            .unwrap_err();
+        assert!(
+            e.contains("limits.request_timeout_ms") && e.contains("100 to 60000"),
+            "{e}"
+        );
+        let e = Settings {
+            node_id: Some(9),
+            ..Settings::default()
+        }
+        .into_server_config()
+        .unwrap_err();
+        assert!(e.contains("node_id 9"), "{e}");
+    }
+}
