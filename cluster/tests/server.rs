@@ -373,8 +373,24 @@ async fn the_server_serves_the_mailbox_api() {
     );
     assert_eq!(map.shards[0].range_start, 0);
     assert!(map.shards[3].range_end.is_none());
-    let st = admin.node_status(pb::NodeStatusRequest {}).await.unwrap().into_inner();
+    let st = admin
+        .node_status(pb::NodeStatusRequest { include_sizes: true })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(st.node_id, 1);
+    // "ann" holds messages: her shard's replica has a complete, non-zero size.
+    let ann_shard = map
+        .shards
+        .iter()
+        .find(|s| {
+            let h = pigeonhole_proto::placement::user_hash(b"ann");
+            pigeonhole_proto::placement::range_contains(s.range_start, s.range_end, h)
+        })
+        .unwrap()
+        .id;
+    let r = st.replicas.iter().find(|r| r.shard == ann_shard).unwrap();
+    assert!(r.size_complete && r.data_keys > 0 && r.data_bytes > 0, "{r:?}");
     assert_eq!(st.replicas.len(), 5, "metadata group + 4 shards");
     assert!(st
         .replicas

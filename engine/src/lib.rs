@@ -38,7 +38,7 @@ pub use engine::{Durability, Engine, EngineOptions, FORMAT_VERSION};
 pub use error::{EngineError, HexKey, OpError, ReadError};
 pub use limits::Limits;
 pub use raftlog::{conf_state_with_voters, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC};
-pub use read::{Cursors, MailboxInfo, ReadMessage, SyncPage, SyncQuery, SystemValue};
+pub use read::{Cursors, MailboxInfo, ReadMessage, ShardSize, SyncPage, SyncQuery, SystemValue};
 pub use records::{ShardMeta, ShardState};
 pub use snapshot::{SnapshotChunk, SnapshotIngest, SnapshotSummary, CHUNK_BYTES_MAX};
 

@@ -609,3 +609,27 @@ fn system_values_only_move_forward_in_version() {
         b"b".to_vec()
     );
 }
+
+#[test]
+fn shard_size_counts_what_appends_write_and_stops_at_its_limit() {
+    let mut s = Shard::new();
+    let empty = s.engine().shard_size(SHARD, 1_000).unwrap();
+    assert!(empty.complete);
+    let payload = vec![7u8; 1_000];
+    for i in 0..10u32 {
+        s.one(append("chat", b"u", format!("k{i}").as_bytes(), &payload))
+            .unwrap();
+    }
+    let full = s.engine().shard_size(SHARD, 1_000).unwrap();
+    assert!(full.complete);
+    // Ten 1,000-byte payloads at least (plus dedup entries and counters).
+    assert!(full.bytes >= empty.bytes + 10_000, "{empty:?} -> {full:?}");
+    assert!(
+        full.keys >= empty.keys + 20,
+        "a message and a dedup entry each: {full:?}"
+    );
+    let capped = s.engine().shard_size(SHARD, 3).unwrap();
+    assert_eq!((capped.keys, capped.complete), (3, false));
+    // Another shard's keys are not counted.
+    assert_eq!(s.engine().shard_size(SHARD + 1, 1_000).unwrap().keys, 0);
+}

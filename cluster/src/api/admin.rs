@@ -8,6 +8,10 @@ use pigeonhole_proto::v1 as pb;
 use pigeonhole_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
+/// Keys a NodeStatus size scan reads per replica at most, so that asking
+/// for sizes costs at most a few hundred milliseconds per replica.
+pub const SIZE_SCAN_KEYS_MAX: u64 = 100_000;
+
 /// The service.
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -52,14 +56,41 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn node_status(&self, _: Request<pb::NodeStatusRequest>) -> Result<Response<pb::NodeStatusResponse>, Status> {
+    async fn node_status(
+        &self,
+        req: Request<pb::NodeStatusRequest>,
+    ) -> Result<Response<pb::NodeStatusResponse>, Status> {
         let replicas = self.node.status().await.map_err(|e| cluster_error(&e))?;
+        let sizes = if req.get_ref().include_sizes {
+            // A scan of many replicas is blocking RocksDB work: off the
+            // async workers.
+            let node = self.node.clone();
+            let shards: Vec<u64> = replicas.iter().map(|s| s.shard).collect();
+            tokio::task::spawn_blocking(move || {
+                shards
+                    .into_iter()
+                    .filter_map(|id| {
+                        node.engine()
+                            .shard_size(id, SIZE_SCAN_KEYS_MAX)
+                            .ok()
+                            .map(|size| (id, size))
+                    })
+                    .collect::<std::collections::HashMap<_, _>>()
+            })
+            .await
+            .map_err(|e| Status::internal(format!("size scan: {e}")))?
+        } else {
+            std::collections::HashMap::new()
+        };
         Ok(Response::new(pb::NodeStatusResponse {
             node_id: self.node.id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             replicas: replicas
                 .into_iter()
                 .map(|s| pb::ReplicaStatus {
+                    data_keys: sizes.get(&s.shard).map_or(0, |z| z.keys),
+                    data_bytes: sizes.get(&s.shard).map_or(0, |z| z.bytes),
+                    size_complete: sizes.get(&s.shard).is_some_and(|z| z.complete),
                     shard: s.shard,
                     role: match s.role {
                         Role::Leader => pb::ReplicaRole::Leader,
