@@ -267,13 +267,13 @@ impl Node {
             });
         }
         let deadline = self.deadline_until(until);
-        self.call(|reply| Inbound::Propose {
+        let call = self.call(|reply| Inbound::Propose {
             shard,
             ops,
             reply,
             deadline,
-        })
-        .await
+        });
+        within(shard, "proposal", until, call).await
     }
 
     /// Waits until this replica has applied everything committed before the
@@ -287,7 +287,8 @@ impl Node {
     /// request timeout, whichever comes first.
     pub async fn read_barrier_until(&self, shard: u64, until: Option<Instant>) -> Result<(), ClusterError> {
         let deadline = self.deadline_until(until);
-        self.call(|reply| Inbound::Read { shard, reply, deadline }).await
+        let call = self.call(|reply| Inbound::Read { shard, reply, deadline });
+        within(shard, "read index", until, call).await
     }
 
     /// Changes the replicas of `shard` (call on its leader). Returns the new
@@ -387,4 +388,30 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Waits for `call` until `until`, to the millisecond. The driver checks its
+/// own deadlines once per loop turn (up to a tick late), which is fine for
+/// its cleanup but not for a client whose gRPC deadline is about to pass:
+/// the caller's timer must fire first so it answers DEADLINE_EXCEEDED
+/// itself. The request stays queued in the driver until its (equal)
+/// deadline there, and may still commit: writes carry idempotency keys.
+async fn within<T>(
+    shard: u64,
+    what: &'static str,
+    until: Option<Instant>,
+    call: impl std::future::Future<Output = Result<T, ClusterError>>,
+) -> Result<T, ClusterError> {
+    let Some(until) = until else {
+        return call.await;
+    };
+    let started = Instant::now();
+    match tokio::time::timeout_at(until.into(), call).await {
+        Ok(r) => r,
+        Err(_) => Err(ClusterError::Timeout {
+            shard,
+            what,
+            waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }),
+    }
 }

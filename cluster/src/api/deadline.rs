@@ -12,7 +12,7 @@ use tonic::Request;
 
 /// How long before the client's deadline a handler stops waiting, so that
 /// its own answer wins the race with tonic's timer and the network.
-pub const DEADLINE_MARGIN_MS: u64 = 10;
+pub const DEADLINE_MARGIN_MS: u64 = 20;
 
 /// The instant a handler should give up by, if the client set a deadline.
 pub fn of<T>(req: &Request<T>, received: Instant) -> Option<Instant> {

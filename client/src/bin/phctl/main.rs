@@ -1,0 +1,180 @@
+//! `phctl`: the Pigeonhole admin CLI. This file only parses flags and maps
+//! outcomes to exit codes; the commands are in `commands.rs`, the rendering
+//! (table or JSON) in `render.rs`.
+//!
+//! Exit codes, for scripts (also in docs/operations.md):
+//! - 0: done;
+//! - 1: the cluster refused the request, or the thing asked for does not
+//!   exist (a bad shard id, a trimmed mailbox under `tail`);
+//! - 2: bad usage (clap's own code for flag errors);
+//! - 3: the cluster could not be reached, or did not answer in time;
+//! - 4: `cluster status` only: the cluster answered but is degraded (a node
+//!   down, or a shard without a leader).
+
+/// `println!` that ends the process quietly when stdout is closed (e.g.
+/// `phctl ... | head`) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::render::line(&format!($($arg)*))
+    };
+}
+
+mod commands;
+mod render;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+
+/// Exit code: the cluster refused the request, or the object does not exist.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: the cluster was unreachable or did not answer in time.
+pub const EXIT_UNAVAILABLE: u8 = 3;
+/// Exit code: `cluster status` found the cluster degraded.
+pub const EXIT_DEGRADED: u8 = 4;
+
+/// Look at and steer a Pigeonhole cluster.
+#[derive(Debug, Parser)]
+#[command(name = "phctl", version)]
+struct Cli {
+    /// Any nodes of the cluster, host:port, comma-separated; one live node
+    /// is enough.
+    #[arg(
+        long,
+        env = "PIGEONHOLE_ENDPOINTS",
+        default_value = "127.0.0.1:7070",
+        value_delimiter = ',',
+        global = true
+    )]
+    endpoints: Vec<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    /// Deadline of each request to the cluster, retries included, in ms.
+    #[arg(long, default_value_t = 5_000, global = true)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable tables.
+    Table,
+    /// JSON (one document; `mailbox tail` prints one object per line).
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The cluster as a whole.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Shards (Raft groups).
+    Shard {
+        #[command(subcommand)]
+        command: ShardCommand,
+    },
+    /// One user's mailbox.
+    Mailbox {
+        #[command(subcommand)]
+        command: MailboxCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Nodes, health, version, replica and leader counts, metadata-group
+    /// term and applied index. Exits 4 when degraded.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum ShardCommand {
+    /// Every data shard: range, replicas, leader, term, applied index, size.
+    List,
+    /// One shard, replica by replica.
+    Show {
+        /// The shard id.
+        id: u64,
+    },
+    /// Hand a shard's leadership to another of its voters, and wait for it.
+    TransferLeader {
+        /// The shard id.
+        id: u64,
+        /// The node to lead next.
+        #[arg(long)]
+        to: u64,
+        /// How long to wait for the new leader, in ms (0 = do not wait).
+        #[arg(long, default_value_t = 10_000)]
+        wait_ms: u64,
+    },
+}
+
+/// Which mailbox: a namespace and a user id.
+#[derive(Debug, clap::Args)]
+pub struct MailboxArgs {
+    /// The namespace (app), e.g. messenger.
+    pub namespace: String,
+    /// The user id (UTF-8 text, or hex with --user-hex).
+    pub user: String,
+    /// The user id is hex.
+    #[arg(long)]
+    pub user_hex: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum MailboxCommand {
+    /// Last seq, low watermark, device cursors.
+    Show {
+        #[command(flatten)]
+        mailbox: MailboxArgs,
+    },
+    /// Follow new messages (Ctrl-C to stop). Resumes across node failures.
+    Tail {
+        #[command(flatten)]
+        mailbox: MailboxArgs,
+        /// Start after this seq (default: the current last seq, i.e. only
+        /// new messages).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = commands::Ctx {
+        endpoints: cli.endpoints,
+        output: cli.output,
+        timeout: std::time::Duration::from_millis(cli.timeout_ms),
+    };
+    let result = match cli.command {
+        Command::Cluster {
+            command: ClusterCommand::Status,
+        } => commands::cluster_status(&ctx).await,
+        Command::Shard { command } => match command {
+            ShardCommand::List => commands::shard_list(&ctx).await,
+            ShardCommand::Show { id } => commands::shard_show(&ctx, id).await,
+            ShardCommand::TransferLeader { id, to, wait_ms } => {
+                commands::transfer_leader(&ctx, id, to, std::time::Duration::from_millis(wait_ms)).await
+            }
+        },
+        Command::Mailbox { command } => match command {
+            MailboxCommand::Show { mailbox } => commands::mailbox_show(&ctx, &mailbox).await,
+            MailboxCommand::Tail { mailbox, from, count } => commands::mailbox_tail(&ctx, &mailbox, from, count).await,
+        },
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("phctl: {}", e.message);
+            ExitCode::from(e.exit)
+        }
+    }
+}

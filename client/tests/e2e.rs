@@ -1,0 +1,514 @@
+//! End to end: three real `pigeonhole` processes on loopback, driven by the
+//! client SDK and by `phctl` (through assert_cmd). The leader of a shard is
+//! killed with SIGKILL while writers append with retries, then:
+//!
+//! - no acknowledged append is lost, and every one kept its acknowledged seq;
+//! - nothing is duplicated (each idempotency key appears once);
+//! - seqs have no gaps;
+//! - every replica, the restarted one included, holds the same log;
+//! - a resuming Subscribe (SDK) and `phctl mailbox tail` each deliver every
+//!   message exactly once, in order, across the failover.
+//!
+//! The server binary is the workspace's `pigeonhole`, found next to
+//! `phctl` in the target dir: `cargo test --workspace` (scripts/test) builds
+//! both. Run alone, build it first: `cargo build -p pigeonhole-cluster`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use assert_cmd::Command as Cmd;
+use pigeonhole_client::{mailbox, pb, Client, ClientConfig, Error, Event};
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const NODES: u64 = 3;
+const SHARDS: u64 = 4;
+const USERS: usize = 8;
+const WRITERS: usize = 4;
+const APPENDS_PER_WRITER: usize = 120;
+/// The kill happens once this many appends were acknowledged.
+const KILL_AFTER_ACKS: u64 = 100;
+
+fn server_bin() -> PathBuf {
+    let phctl = PathBuf::from(env!("CARGO_BIN_EXE_phctl"));
+    let bin = phctl.with_file_name("pigeonhole");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p pigeonhole-cluster` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+struct Node {
+    id: u64,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Drop for Node {
+    /// A failing test must not leave servers running.
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Node {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+    initial: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            dir,
+            nodes: Vec::new(),
+            initial,
+        };
+        for (i, port) in ports.into_iter().enumerate() {
+            let id = u64::try_from(i).unwrap() + 1;
+            c.nodes.push(Node { id, port, child: None });
+            c.spawn(id);
+        }
+        c
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let data = self.dir.path().join(format!("n{id}"));
+        let node = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        let child = Command::new(server_bin())
+            .args(["--node-id", &id.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{}", node.port)])
+            .args(["--initial-cluster", &self.initial])
+            .args(["--shards", &SHARDS.to_string()])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        node.child = Some(child);
+    }
+
+    fn kill(&mut self, id: u64) {
+        self.nodes.iter_mut().find(|n| n.id == id).unwrap().kill();
+    }
+
+    fn endpoints(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn addr(&self, id: u64) -> String {
+        let n = self.nodes.iter().find(|n| n.id == id).unwrap();
+        format!("127.0.0.1:{}", n.port)
+    }
+
+    fn phctl(&self) -> Cmd {
+        let mut c = Cmd::cargo_bin("phctl").unwrap();
+        c.env("PIGEONHOLE_ENDPOINTS", self.endpoints())
+            .timeout(Duration::from_secs(60));
+        c
+    }
+
+    /// Waits until `phctl cluster status` exits 0: every node up, every
+    /// shard led.
+    fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = self.phctl().args(["cluster", "status", "-o", "json"]).output().unwrap();
+            if out.status.code() == Some(0) {
+                let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(doc["healthy"], true, "exit 0 means healthy: {doc}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not healthy: exit {:?}, {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn users() -> Vec<pb::MailboxId> {
+    (0..USERS)
+        .map(|u| mailbox("chat", format!("user-{u}").as_bytes()))
+        .collect()
+}
+
+/// How many appends writer `w`'s schedule sends to user `u`.
+fn expected_count(u: usize) -> u64 {
+    let per_writer = (0..APPENDS_PER_WRITER).filter(|i| i % USERS == u).count();
+    u64::try_from(per_writer * WRITERS).unwrap()
+}
+
+/// The whole log of `mb` as `node` has it (linearizable: ReadIndex on that
+/// node, so a lagging replica catches up first).
+async fn read_all(addr: &str, mb: &pb::MailboxId) -> Result<Vec<pb::Message>, tonic::Status> {
+    let mut c = pb::mailbox_client::MailboxClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut out: Vec<pb::Message> = Vec::new();
+    loop {
+        let page = c
+            .sync(pb::SyncRequest {
+                mailbox: Some(mb.clone()),
+                after_seq: out.last().map_or(0, |m| m.seq),
+                max_messages: 1_000,
+                max_bytes: 0,
+                wait_ms: 0,
+                consistency: pb::ReadConsistency::Linearizable as i32,
+            })
+            .await?
+            .into_inner();
+        let more = page.has_more;
+        out.extend(page.messages);
+        if !more {
+            return Ok(out);
+        }
+    }
+}
+
+async fn leader_of(client: &Client, shard: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for node in 1..=NODES {
+            if let Ok(s) = client.node_status(node, false).await {
+                if s.replicas
+                    .iter()
+                    .any(|r| r.shard == shard && r.role == pb::ReplicaRole::Leader as i32)
+                {
+                    return node;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "shard {shard} has no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_a_leader_under_load_loses_duplicates_and_reorders_nothing() {
+    let mut cluster = Cluster::start();
+    cluster.wait_healthy(Duration::from_secs(30));
+    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
+    cfg.request_timeout = Duration::from_secs(30);
+    let client = Client::connect(cfg).await.unwrap();
+    let users = users();
+    let victim_shard = client.routing().shard_for(&users[0].user_id).unwrap().id;
+
+    // A resuming subscription (SDK) on every mailbox, and `phctl mailbox
+    // tail` on user 0, both from the start, both before any write.
+    let mut sub = client
+        .subscribe(users.iter().map(|m| (m.clone(), 0)).collect(), 0)
+        .unwrap();
+    let tail_count = expected_count(0);
+    let tail = {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_phctl"));
+        c.env("PIGEONHOLE_ENDPOINTS", cluster.endpoints())
+            .args(["mailbox", "tail", "chat", "user-0", "--from", "0", "-o", "json"])
+            .args(["--count", &tail_count.to_string(), "--timeout-ms", "30000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        c.spawn().unwrap()
+    };
+
+    // Writers: each appends its schedule with retries (the SDK's), keys
+    // unique per (writer, i); the payload is the key, so a stored message
+    // can be checked against what was acknowledged for it.
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let client = client.clone();
+        let users = users.clone();
+        let acked = Arc::clone(&acked);
+        writers.spawn(async move {
+            let mut done: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+            for i in 0..APPENDS_PER_WRITER {
+                let u = i % USERS;
+                let key = format!("w{w}-{i}").into_bytes();
+                match client.append(&users[u], key.clone(), key.clone()).await {
+                    Ok(r) => {
+                        done.push((u, key, r.seq));
+                        acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => return Err((String::from_utf8_lossy(&key).to_string(), e)),
+                }
+            }
+            Ok::<_, (String, Error)>(done)
+        });
+    }
+
+    // Kill the leader of user 0's shard mid-load.
+    while acked.load(Ordering::SeqCst) < KILL_AFTER_ACKS {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let victim = leader_of(&client, victim_shard).await;
+    cluster.kill(victim);
+    let killed_at = acked.load(Ordering::SeqCst);
+
+    // While it is down: phctl says degraded (exit 4) and names the node.
+    let out = cluster
+        .phctl()
+        .args(["cluster", "status", "-o", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stdout));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let down: Vec<u64> = doc["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["healthy"] == false)
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(down, vec![victim]);
+
+    let mut acks: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+    while let Some(w) = writers.join_next().await {
+        match w.unwrap() {
+            Ok(done) => acks.extend(done),
+            Err((key, e)) => panic!("append {key} failed despite retries: {e}"),
+        }
+    }
+    assert!(
+        killed_at < u64::try_from(WRITERS * APPENDS_PER_WRITER).unwrap(),
+        "the kill must land while appends are still running"
+    );
+
+    // The log, as every live node reads it.
+    let live: Vec<u64> = (1..=NODES).filter(|n| *n != victim).collect();
+    let mut logs: BTreeMap<usize, Vec<pb::Message>> = BTreeMap::new();
+    for (u, mb) in users.iter().enumerate() {
+        let first = read_all(&cluster.addr(live[0]), mb).await.unwrap();
+        for n in &live[1..] {
+            assert_eq!(
+                read_all(&cluster.addr(*n), mb).await.unwrap(),
+                first,
+                "node {n} disagrees"
+            );
+        }
+        logs.insert(u, first);
+    }
+    for (u, log) in &logs {
+        // No gaps: seqs are exactly 1..=len.
+        let seqs: Vec<u64> = log.iter().map(|m| m.seq).collect();
+        let want: Vec<u64> = (1..=u64::try_from(log.len()).unwrap()).collect();
+        assert_eq!(seqs, want, "user {u}: seqs have gaps");
+        // No duplicates: every key once; the payload is the key.
+        let keys: HashSet<&[u8]> = log.iter().map(|m| m.idempotency_key.as_slice()).collect();
+        assert_eq!(keys.len(), log.len(), "user {u}: a key is stored twice");
+        assert!(log.iter().all(|m| m.payload == m.idempotency_key));
+        // Exactly the acknowledged appends: none lost, none extra.
+        assert_eq!(u64::try_from(log.len()).unwrap(), expected_count(*u), "user {u}");
+    }
+    for (u, key, seq) in &acks {
+        let m = &logs[u][usize::try_from(*seq).unwrap() - 1];
+        assert_eq!(
+            &m.idempotency_key, key,
+            "user {u}: seq {seq} is not the acknowledged message"
+        );
+    }
+
+    // The SDK subscription saw every message exactly once, in order.
+    let mut seen: BTreeMap<(String, Vec<u8>), Vec<pb::Message>> = BTreeMap::new();
+    let total: usize = logs.values().map(Vec::len).sum();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.values().map(Vec::len).sum::<usize>() < total {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sub.next()).await {
+            Ok(Some(Ok(Event::Messages { mailbox, messages }))) => seen
+                .entry((mailbox.namespace, mailbox.user_id))
+                .or_default()
+                .extend(messages),
+            Ok(other) => panic!("subscription: {other:?}"),
+            Err(_) => panic!(
+                "subscription stalled at {} of {total} messages",
+                seen.values().map(Vec::len).sum::<usize>()
+            ),
+        }
+    }
+    for (u, mb) in users.iter().enumerate() {
+        let got = &seen[&(mb.namespace.clone(), mb.user_id.clone())];
+        assert_eq!(got, &logs[&u], "user {u}: the subscription differs from the log");
+    }
+    assert!(
+        sub.reconnects() >= 1,
+        "the stream on the killed leader must have been resumed elsewhere"
+    );
+
+    // phctl's tail, too: NDJSON, seqs 1..=n once each, keys as stored.
+    let out = tokio::task::spawn_blocking(move || tail.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "phctl tail: {:?}", out.status);
+    let tailed: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tail_seqs: Vec<u64> = tailed.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(tail_seqs, (1..=tail_count).collect::<Vec<_>>());
+    for (v, m) in tailed.iter().zip(&logs[&0]) {
+        assert_eq!(
+            v["idempotency_key"].as_str().unwrap().as_bytes(),
+            m.idempotency_key.as_slice()
+        );
+    }
+
+    // The killed node restarts, catches up, and agrees; phctl reports a
+    // healthy cluster again.
+    cluster.spawn(victim);
+    cluster.wait_healthy(Duration::from_secs(60));
+    for (u, mb) in users.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match read_all(&cluster.addr(victim), mb).await {
+                Ok(log) if log == logs[&u] => break,
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "restarted node {victim}, user {u}: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    // phctl reads the same mailbox state, as JSON.
+    let out = cluster
+        .phctl()
+        .args(["mailbox", "show", "chat", "user-0", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["last_seq"].as_u64(), Some(expected_count(0)));
+    assert_eq!(doc["shard"].as_u64(), Some(victim_shard));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phctl_reports_and_steers_the_cluster_and_deadlines_hold_without_quorum() {
+    let mut cluster = Cluster::start();
+    cluster.wait_healthy(Duration::from_secs(30));
+
+    // shard list: every shard, each with a leader among its replicas.
+    let out = cluster.phctl().args(["shard", "list", "-o", "json"]).output().unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shards = doc["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), usize::try_from(SHARDS).unwrap());
+    for s in shards {
+        let leader = s["leader"].as_u64().expect("every shard has a leader");
+        assert!(s["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_u64() == Some(leader)));
+    }
+
+    // transfer-leader: shard 1 moves to another voter, and shard show says so.
+    let leader = shards[0]["leader"].as_u64().unwrap();
+    let to = if leader == 1 { 2 } else { 1 };
+    cluster
+        .phctl()
+        .args(["shard", "transfer-leader", "1", "--to", &to.to_string()])
+        .assert()
+        .success();
+    let out = cluster
+        .phctl()
+        .args(["shard", "show", "1", "-o", "json"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["leader"].as_u64(), Some(to), "{doc}");
+
+    // Exit codes: 1 for what does not exist or is refused, 2 for usage,
+    // 3 for an unreachable cluster.
+    cluster.phctl().args(["shard", "show", "99"]).assert().code(1);
+    cluster
+        .phctl()
+        .args(["shard", "transfer-leader", "1", "--to", "9"])
+        .assert()
+        .code(1);
+    cluster.phctl().args(["shard", "frobnicate"]).assert().code(2);
+    Cmd::cargo_bin("phctl")
+        .unwrap()
+        .env("PIGEONHOLE_ENDPOINTS", format!("127.0.0.1:{}", free_port()))
+        .args(["cluster", "status", "--timeout-ms", "500"])
+        .timeout(Duration::from_secs(30))
+        .assert()
+        .code(3);
+
+    // Without a quorum, a write cannot commit: a short deadline is honoured
+    // (DEADLINE_EXCEEDED from the server, not CANCELLED, not a 5 s wait),
+    // and the SDK gives up at its own deadline.
+    let client = Client::connect(ClientConfig::new(cluster.endpoints().split(',').map(String::from)))
+        .await
+        .unwrap();
+    let survivor = 3;
+    cluster.kill(1);
+    cluster.kill(2);
+    let mut raw = pb::mailbox_client::MailboxClient::connect(format!("http://{}", cluster.addr(survivor)))
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(pb::AppendRequest {
+        mailbox: Some(mailbox("chat", b"nobody")),
+        payload: b"x".to_vec(),
+        idempotency_key: b"k".to_vec(),
+        expected_last_seq: None,
+    });
+    req.set_timeout(Duration::from_millis(500));
+    let t = Instant::now();
+    let st = raw.append(req).await.unwrap_err();
+    assert!(
+        matches!(st.code(), tonic::Code::DeadlineExceeded | tonic::Code::Unavailable),
+        "{st:?}"
+    );
+    assert!(t.elapsed() < Duration::from_millis(1_500), "{:?}", t.elapsed());
+
+    let t = Instant::now();
+    let e = client
+        .with_timeout(Duration::from_millis(800))
+        .append(&mailbox("chat", b"nobody"), b"x".to_vec(), b"k".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Exhausted { .. }), "{e:?}");
+    assert!(t.elapsed() < Duration::from_millis(2_000), "{:?}", t.elapsed());
+}
