@@ -294,7 +294,15 @@ impl StateMachine<'_, '_> {
         // Dedup comes before the precondition: a retried conditional append
         // that already committed must get its seq back, not a mismatch.
         let mut expired = None;
-        if let Some(d) = self.dedup(&dk)? {
+        // PLANTED BUG (test-only feature, never in a real build): forget
+        // every earlier append, so retries store copies. The Jepsen harness
+        // runs a server built with it to prove its checker catches that.
+        let seen = if cfg!(feature = "planted-bug-skip-dedup") {
+            None
+        } else {
+            self.dedup(&dk)?
+        };
+        if let Some(d) = seen {
             if d.live_at(self.now_ms) {
                 if d.payload_crc != payload_crc {
                     return Ok(Err(OpError::IdempotencyKeyReused { seq: d.seq }));
