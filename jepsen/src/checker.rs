@@ -22,6 +22,9 @@
 //! - `cursor-backwards`: a device cursor went down in real-time order;
 //!   `cursor-below-ack`: an ack returned a cursor below the seq it acked.
 //! - `replicas-diverge`: two replicas' final logs differ.
+//! - `timestamp-decreases`: a message's commit time is below its
+//!   predecessor's (the API promises non-decreasing times per shard, even
+//!   when a leader's clock jumps back).
 
 use crate::history::{calls, Call, Kind, Msg, Op, F};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -82,37 +85,39 @@ fn anomaly(out: &mut Vec<Anomaly>, kind: &'static str, mb: &str, detail: String)
     });
 }
 
-/// Every node's final logs must be identical; returns one of them.
+/// Every replica's final log of a mailbox must be identical (a node holds
+/// only the mailboxes of its shards, so each mailbox is compared across the
+/// nodes that have it); returns one log per mailbox.
 fn agree(finals: &Finals, out: &mut Vec<Anomaly>) -> BTreeMap<String, Vec<Msg>> {
-    let mut it = finals.iter();
-    let Some((first_node, first)) = it.next() else {
-        return BTreeMap::new();
-    };
-    for (node, logs) in it {
-        let names: HashSet<&String> = first.keys().chain(logs.keys()).collect();
-        for mb in names {
-            let a = first.get(mb).map_or(&[][..], Vec::as_slice);
-            let b = logs.get(mb).map_or(&[][..], Vec::as_slice);
-            if a != b {
-                let at = a
-                    .iter()
-                    .zip(b)
-                    .position(|(x, y)| x != y)
-                    .unwrap_or(a.len().min(b.len()));
-                anomaly(
-                    out,
-                    "replicas-diverge",
-                    mb,
-                    format!(
-                        "node {first_node} has {} messages, node {node} has {}; they differ from index {at}",
-                        a.len(),
-                        b.len()
-                    ),
-                );
+    let mut reference: BTreeMap<String, (u64, Vec<Msg>)> = BTreeMap::new();
+    for (node, logs) in finals {
+        for (mb, log) in logs {
+            match reference.get(mb) {
+                None => {
+                    reference.insert(mb.clone(), (*node, log.clone()));
+                }
+                Some((first_node, first)) if first != log => {
+                    let at = first
+                        .iter()
+                        .zip(log)
+                        .position(|(x, y)| x != y)
+                        .unwrap_or(first.len().min(log.len()));
+                    anomaly(
+                        out,
+                        "replicas-diverge",
+                        mb,
+                        format!(
+                            "node {first_node} has {} messages, node {node} has {}; they differ from index {at}",
+                            first.len(),
+                            log.len()
+                        ),
+                    );
+                }
+                Some(_) => {}
             }
         }
     }
-    first.clone()
+    reference.into_iter().map(|(mb, (_, log))| (mb, log)).collect()
 }
 
 fn check_mailbox(mb: &str, log: &[Msg], cs: &[&Call<'_>], out: &mut Vec<Anomaly>) {
@@ -127,6 +132,21 @@ fn check_mailbox(mb: &str, log: &[Msg], cs: &[&Call<'_>], out: &mut Vec<Anomaly>
                 format!("final log has seq {} at position {want}", m.seq),
             );
             break;
+        }
+    }
+    for w in log.windows(2) {
+        if let [a, b] = w {
+            if b.timestamp_ms < a.timestamp_ms {
+                anomaly(
+                    out,
+                    "timestamp-decreases",
+                    mb,
+                    format!(
+                        "seq {} at {} ms after seq {} at {} ms",
+                        b.seq, b.timestamp_ms, a.seq, a.timestamp_ms
+                    ),
+                );
+            }
         }
     }
     let mut key_seq: HashMap<&str, u64> = HashMap::new();

@@ -49,6 +49,9 @@ pub struct Msg {
     pub key: String,
     /// Its payload (the workload's payloads are text).
     pub payload: String,
+    /// Its commit time as the server stamped it (ms since the epoch).
+    #[serde(default)]
+    pub timestamp_ms: u64,
 }
 
 /// The process id of the nemesis.

@@ -15,4 +15,5 @@
 //! feed it broken histories: a checker that cannot fail proves nothing.
 
 pub mod checker;
+pub mod harness;
 pub mod history;

@@ -63,6 +63,7 @@ fn msg(seq: u64, key: &str) -> Msg {
         seq,
         key: key.into(),
         payload: format!("v-{key}"),
+        timestamp_ms: 1_000 + seq,
     }
 }
 
@@ -217,4 +218,13 @@ fn histories_round_trip_through_json_lines() {
     let (h, _) = good();
     let text: String = h.ops.iter().map(|o| serde_json::to_string(o).unwrap() + "\n").collect();
     assert_eq!(pigeonhole_jepsen::history::parse(&text).unwrap(), h.ops);
+}
+
+#[test]
+fn a_commit_time_going_back_is_caught() {
+    let mut h = H::default();
+    h.append(1, "a", 1).append(1, "b", 2);
+    let mut f = finals(&[&[(1, "a"), (2, "b")]]);
+    f.get_mut(&1).unwrap().get_mut(MB).unwrap()[1].timestamp_ms = 5;
+    assert_eq!(kinds(&h, &f), vec!["timestamp-decreases"]);
 }

@@ -1,0 +1,310 @@
+//! The server processes: node i runs in namespace `phj-ni` at
+//! 10.77.0.i:7070, under libfaketime (wall clock only, read from a file the
+//! nemesis rewrites), with its data and log in the scenario's directory.
+//!
+//! Processes are started through `ip netns exec`, which execs the server in
+//! place, so the child's pid is the server's: SIGKILL, SIGSTOP and SIGCONT
+//! go straight to it. Pids are also written to `pids` in the run directory
+//! so that the outer harness can kill strays after an interrupted run.
+
+use super::net;
+use pigeonhole_proto::v1 as pb;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Data shards of a test cluster: few, so that a few mailboxes per shard
+/// contend.
+pub const SHARDS: u64 = 4;
+/// The port every node listens on (in its own namespace).
+pub const PORT: u16 = 7070;
+
+/// libfaketime's multi-threaded build, from Debian's `faketime` package.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// One node's process state.
+#[derive(Debug)]
+struct Proc {
+    child: Option<Child>,
+    paused: bool,
+}
+
+/// A running test cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    pub nodes: u64,
+    server: PathBuf,
+    dir: PathBuf,
+    procs: BTreeMap<u64, Proc>,
+}
+
+impl Cluster {
+    /// The `--initial-cluster` value.
+    fn initial(&self) -> String {
+        (1..=self.nodes)
+            .map(|i| format!("{i}={}:{PORT}", net::node_ip(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts `nodes` servers.
+    pub fn start(nodes: u64, server: &Path, dir: &Path) -> Result<Cluster, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut c = Cluster {
+            nodes,
+            server: server.to_path_buf(),
+            dir: dir.to_path_buf(),
+            procs: BTreeMap::new(),
+        };
+        for i in 1..=nodes {
+            c.set_clock(i, 0)?;
+            c.spawn(i)?;
+        }
+        Ok(c)
+    }
+
+    fn clock_file(&self, i: u64) -> PathBuf {
+        self.dir.join(format!("n{i}.faketime"))
+    }
+
+    /// Sets node `i`'s wall clock offset, in seconds; takes effect at once.
+    pub fn set_clock(&self, i: u64, offset_s: i64) -> Result<(), String> {
+        let spec = if offset_s >= 0 {
+            format!("+{offset_s}")
+        } else {
+            offset_s.to_string()
+        };
+        std::fs::write(self.clock_file(i), spec).map_err(|e| format!("clock file: {e}"))
+    }
+
+    /// Starts node `i` (again).
+    pub fn spawn(&mut self, i: u64) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("n{i}.log")))
+            .map_err(|e| format!("log: {e}"))?;
+        let err = log.try_clone().map_err(|e| format!("log: {e}"))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &net::node_ns(i)])
+            .arg(&self.server)
+            .args(["--node-id", &i.to_string()])
+            .args(["--listen", &format!("{}:{PORT}", net::node_ip(i))])
+            .args(["--initial-cluster", &self.initial()])
+            .args(["--shards", &SHARDS.to_string()])
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("n{i}")))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        if Path::new(LIBFAKETIME).exists() {
+            cmd.env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME_TIMESTAMP_FILE", self.clock_file(i))
+                .env("FAKETIME_NO_CACHE", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let child = cmd.spawn().map_err(|e| format!("start node {i}: {e}"))?;
+        let pids = self.dir.parent().unwrap_or(&self.dir).join("pids");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(pids)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{}\n", child.id()).as_bytes()));
+        self.procs.insert(
+            i,
+            Proc {
+                child: Some(child),
+                paused: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn signal(&self, i: u64, sig: &str) -> Result<(), String> {
+        let pid = self
+            .procs
+            .get(&i)
+            .and_then(|p| p.child.as_ref())
+            .map(Child::id)
+            .ok_or_else(|| format!("node {i} is not running"))?;
+        net::sh(&["kill", sig, &pid.to_string()]).map(|_| ())
+    }
+
+    /// SIGKILL node `i` (a stopped process dies too).
+    pub fn kill(&mut self, i: u64) {
+        if let Some(p) = self.procs.get_mut(&i) {
+            if let Some(mut c) = p.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            p.paused = false;
+        }
+    }
+
+    /// SIGSTOP node `i`.
+    pub fn pause(&mut self, i: u64) -> Result<(), String> {
+        self.signal(i, "-STOP")?;
+        if let Some(p) = self.procs.get_mut(&i) {
+            p.paused = true;
+        }
+        Ok(())
+    }
+
+    /// SIGCONT node `i`.
+    pub fn resume(&mut self, i: u64) -> Result<(), String> {
+        self.signal(i, "-CONT")?;
+        if let Some(p) = self.procs.get_mut(&i) {
+            p.paused = false;
+        }
+        Ok(())
+    }
+
+    /// Whether node `i` has a process (running or paused).
+    pub fn is_up(&self, i: u64) -> bool {
+        self.procs.get(&i).is_some_and(|p| p.child.is_some())
+    }
+
+    /// Undoes every process fault: resumes paused nodes, restarts dead
+    /// ones, and resets every clock.
+    pub fn recover(&mut self) -> Result<(), String> {
+        for i in 1..=self.nodes {
+            self.set_clock(i, 0)?;
+            let paused = self.procs.get(&i).is_some_and(|p| p.paused);
+            if paused {
+                self.resume(i)?;
+            }
+            if !self.is_up(i) {
+                self.spawn(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills every node.
+    pub fn stop(&mut self) {
+        let ids: Vec<u64> = self.procs.keys().copied().collect();
+        for i in ids {
+            self.kill(i);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A channel to node `i` (lazy: a dead node fails the call, not this).
+pub fn channel(i: u64) -> Result<tonic::transport::Channel, String> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{}:{PORT}", net::node_ip(i)))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(2))
+            .connect_lazy(),
+    )
+}
+
+/// NodeStatus of node `i`, or None if it does not answer within 1 s.
+pub async fn status(i: u64) -> Option<pb::NodeStatusResponse> {
+    let mut c = pb::admin_client::AdminClient::new(channel(i).ok()?);
+    let call = c.node_status(pb::NodeStatusRequest { include_sizes: false });
+    match tokio::time::timeout(Duration::from_secs(1), call).await {
+        Ok(Ok(r)) => Some(r.into_inner()),
+        _ => None,
+    }
+}
+
+/// The node leading `shard` at the highest term, among those that answer.
+pub async fn leader_of(nodes: u64, shard: u64) -> Option<u64> {
+    let mut best: Option<(u64, u64)> = None;
+    for i in 1..=nodes {
+        if let Some(s) = status(i).await {
+            for r in s.replicas {
+                if r.shard == shard && r.role == pb::ReplicaRole::Leader as i32 && best.is_none_or(|(t, _)| r.term > t)
+                {
+                    best = Some((r.term, i));
+                }
+            }
+        }
+    }
+    best.map(|(_, n)| n)
+}
+
+/// Waits until every node answers and every shard (metadata included) has a
+/// leader, or `within` passes.
+pub async fn wait_ready(nodes: u64, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut ok = true;
+        let mut led: BTreeMap<u64, bool> = (0..=SHARDS).map(|s| (s, false)).collect();
+        for i in 1..=nodes {
+            match status(i).await {
+                Some(s) => {
+                    for r in s.replicas {
+                        if r.role == pb::ReplicaRole::Leader as i32 {
+                            led.insert(r.shard, true);
+                        }
+                    }
+                }
+                None => ok = false,
+            }
+        }
+        if ok && led.values().all(|l| *l) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "cluster not ready within {} s: leaders {led:?}",
+                within.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until, for every shard, every replica reports the same applied
+/// index as the others (and as its commit index): the cluster is quiet and
+/// every replica has applied everything. Returns the time it took.
+pub async fn wait_converged(nodes: u64, within: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    let deadline = started + within;
+    loop {
+        let mut applied: BTreeMap<u64, Vec<(u64, u64, u64)>> = BTreeMap::new();
+        let mut members: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut all = true;
+        for i in 1..=nodes {
+            match status(i).await {
+                Some(s) => {
+                    for r in s.replicas {
+                        members.insert(r.shard, r.voters.len() + r.learners.len());
+                        applied
+                            .entry(r.shard)
+                            .or_default()
+                            .push((i, r.applied_index, r.commit_index));
+                    }
+                }
+                None => all = false,
+            }
+        }
+        // Every member of every shard reports, and all report one applied
+        // index, equal to their commit index.
+        let converged = all
+            && applied.iter().all(|(shard, rs)| {
+                Some(&rs.len()) == members.get(shard)
+                    && rs.iter().all(|(_, a, c)| a == c && Some(a) == rs.first().map(|f| &f.1))
+            });
+        if converged {
+            return Ok(started.elapsed());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "replicas did not converge within {} s: (node, applied, commit) per shard: {applied:?}",
+                within.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

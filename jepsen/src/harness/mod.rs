@@ -1,0 +1,10 @@
+//! The harness: network namespaces ([`net`]), server processes
+//! ([`cluster`]), the workload ([`workload`]), the nemesis ([`nemesis`]),
+//! the history recorder ([`recorder`]) and the scenario loop ([`run`]).
+
+pub mod cluster;
+pub mod nemesis;
+pub mod net;
+pub mod recorder;
+pub mod run;
+pub mod workload;

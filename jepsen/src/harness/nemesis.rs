@@ -1,0 +1,255 @@
+//! The nemesis: faults, applied in cycles (quiet, fault, heal) from a seeded
+//! random source, each start and end recorded in the history.
+//!
+//! | fault | what it does |
+//! | --- | --- |
+//! | `partition-leader` | cuts the leader of a random shard off from every other node |
+//! | `partition-majority` | splits the nodes into a majority and a minority |
+//! | `partition-one-way` | drops traffic from one node to another, one direction only |
+//! | `partition-bridge` | (5 nodes) two halves that only the middle node joins |
+//! | `partition-ring` | (5 nodes) each node reaches only its two ring neighbours |
+//! | `kill` | SIGKILL a random node, restart it at heal |
+//! | `pause` | SIGSTOP a random node, SIGCONT at heal |
+//! | `pause-kill` | SIGSTOP, then SIGKILL while stopped, restart at heal (Jepsen's NATS pattern) |
+//! | `clock` | skew a random node's wall clock by up to ±60 s (libfaketime), or jump it |
+//! | `transfer` | move a random shard's leadership to another voter |
+//!
+//! Clients stay connected to every node throughout (the rules drop traffic
+//! between nodes only), so they see what a partitioned node answers.
+
+use super::cluster::{self, Cluster, SHARDS};
+use super::net;
+use super::recorder::Recorder;
+use crate::history::{Kind, Op, F, NEMESIS};
+use pigeonhole_proto::v1 as pb;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use std::time::Duration;
+
+/// A kind of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    PartitionLeader,
+    PartitionMajority,
+    PartitionOneWay,
+    PartitionBridge,
+    PartitionRing,
+    Kill,
+    Pause,
+    PauseKill,
+    Clock,
+    Transfer,
+}
+
+/// Every fault, in the order scenarios run.
+pub const ALL: [Fault; 10] = [
+    Fault::PartitionLeader,
+    Fault::PartitionMajority,
+    Fault::PartitionOneWay,
+    Fault::PartitionBridge,
+    Fault::PartitionRing,
+    Fault::Kill,
+    Fault::Pause,
+    Fault::PauseKill,
+    Fault::Clock,
+    Fault::Transfer,
+];
+
+impl Fault {
+    /// Its name on the command line and in the history.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::PartitionLeader => "partition-leader",
+            Fault::PartitionMajority => "partition-majority",
+            Fault::PartitionOneWay => "partition-one-way",
+            Fault::PartitionBridge => "partition-bridge",
+            Fault::PartitionRing => "partition-ring",
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::PauseKill => "pause-kill",
+            Fault::Clock => "clock",
+            Fault::Transfer => "transfer",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Option<Fault> {
+        ALL.into_iter().find(|f| f.name() == s)
+    }
+
+    /// Nodes the fault needs.
+    pub fn nodes(self) -> u64 {
+        match self {
+            Fault::PartitionBridge | Fault::PartitionRing => 5,
+            _ => 3,
+        }
+    }
+}
+
+fn event(rec: &Recorder, kind: Kind, what: String) {
+    let mut o = Op::new(NEMESIS, kind, F::Nemesis);
+    o.nemesis = Some(what);
+    rec.record(o);
+}
+
+/// Cuts both directions between every node of `a` and every node of `b`.
+fn cut(a: &[u64], b: &[u64]) -> Result<(), String> {
+    for x in a {
+        for y in b {
+            net::block(*x, *y)?;
+            net::block(*y, *x)?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies one fault; returns what it did (for the history).
+async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, String> {
+    let nodes: Vec<u64> = (1..=c.nodes).collect();
+    let pick = |rng: &mut StdRng| nodes.choose(rng).copied().unwrap_or(1);
+    Ok(match f {
+        Fault::PartitionLeader => {
+            let shard = rng.gen_range(1..=SHARDS);
+            let leader = match cluster::leader_of(c.nodes, shard).await {
+                Some(l) => l,
+                None => pick(rng),
+            };
+            let rest: Vec<u64> = nodes.iter().copied().filter(|n| *n != leader).collect();
+            cut(&[leader], &rest)?;
+            format!("isolate node {leader} (leader of shard {shard})")
+        }
+        Fault::PartitionMajority => {
+            let mut shuffled = nodes.clone();
+            shuffled.shuffle(rng);
+            let (minority, majority) = shuffled.split_at(nodes.len() / 2);
+            cut(minority, majority)?;
+            format!("split {minority:?} | {majority:?}")
+        }
+        Fault::PartitionOneWay => {
+            let from = pick(rng);
+            let to = loop {
+                let t = pick(rng);
+                if t != from {
+                    break t;
+                }
+            };
+            net::block(from, to)?;
+            format!("drop {from} -> {to}")
+        }
+        Fault::PartitionBridge => {
+            let mut s = nodes.clone();
+            s.shuffle(rng);
+            // [a, b] - c - [d, e]: c is the bridge.
+            let (left, rest) = s.split_at(2);
+            let right = rest.get(1..).unwrap_or(&[]);
+            cut(left, right)?;
+            format!("bridge {left:?} - {:?} - {right:?}", rest.first())
+        }
+        Fault::PartitionRing => {
+            let mut s = nodes.clone();
+            s.shuffle(rng);
+            let n = s.len();
+            for (i, x) in s.iter().enumerate() {
+                for (j, y) in s.iter().enumerate() {
+                    let d = (i + n - j) % n;
+                    if i != j && d != 1 && d != n - 1 {
+                        net::block(*y, *x)?;
+                    }
+                }
+            }
+            format!("ring {s:?}")
+        }
+        Fault::Kill => {
+            let n = pick(rng);
+            c.kill(n);
+            format!("kill -9 node {n}")
+        }
+        Fault::Pause => {
+            let n = pick(rng);
+            c.pause(n)?;
+            format!("SIGSTOP node {n}")
+        }
+        Fault::PauseKill => {
+            let n = pick(rng);
+            c.pause(n)?;
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2_000))).await;
+            c.kill(n);
+            format!("SIGSTOP then kill -9 node {n}")
+        }
+        Fault::Clock => {
+            let n = pick(rng);
+            let offset: i64 = if rng.gen_bool(0.5) {
+                rng.gen_range(-60..=60)
+            } else {
+                // A jump: far ahead or behind.
+                if rng.gen_bool(0.5) {
+                    3_600
+                } else {
+                    -3_600
+                }
+            };
+            c.set_clock(n, offset)?;
+            format!("clock of node {n} {offset:+} s")
+        }
+        Fault::Transfer => {
+            let shard = rng.gen_range(1..=SHARDS);
+            let Some(leader) = cluster::leader_of(c.nodes, shard).await else {
+                return Ok(format!("transfer shard {shard}: no leader to ask"));
+            };
+            let to = loop {
+                let t = pick(rng);
+                if t != leader {
+                    break t;
+                }
+            };
+            let mut admin = pb::admin_client::AdminClient::new(cluster::channel(leader)?);
+            let r = tokio::time::timeout(
+                Duration::from_secs(1),
+                admin.transfer_leader(pb::TransferLeaderRequest { shard, to_node: to }),
+            )
+            .await;
+            format!(
+                "transfer shard {shard} from {leader} to {to}: {}",
+                match r {
+                    Ok(Ok(_)) => "started".to_string(),
+                    Ok(Err(s)) => format!("{:?}", s.code()),
+                    Err(_) => "no answer".to_string(),
+                }
+            )
+        }
+    })
+}
+
+/// Heals everything: rules flushed, processes resumed or restarted, clocks
+/// reset.
+pub fn heal(c: &mut Cluster) -> Result<(), String> {
+    net::heal(c.nodes)?;
+    c.recover()
+}
+
+/// Runs fault cycles from `faults` until `until`.
+pub async fn run(
+    faults: &[Fault],
+    c: &mut Cluster,
+    rec: &Recorder,
+    rng: &mut StdRng,
+    until: std::time::Instant,
+) -> Result<(), String> {
+    while std::time::Instant::now() < until {
+        let quiet = Duration::from_millis(rng.gen_range(1_000..3_000));
+        tokio::time::sleep(quiet.min(until.saturating_duration_since(std::time::Instant::now()))).await;
+        if std::time::Instant::now() >= until {
+            break;
+        }
+        let Some(f) = faults.choose(rng).copied() else { break };
+        event(rec, Kind::Invoke, f.name().to_string());
+        let what = apply(f, c, rng).await?;
+        event(rec, Kind::Info, what);
+        let hold = Duration::from_millis(rng.gen_range(2_000..5_000));
+        tokio::time::sleep(hold).await;
+        heal(c)?;
+        event(rec, Kind::Info, format!("heal {}", f.name()));
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! One scenario: a fresh cluster, the workload and one kind of fault for
+//! the time limit, then heal, let the replicas converge, read every
+//! replica's final state, and check.
+
+use super::cluster::{self, Cluster};
+use super::nemesis::{self, Fault};
+use super::recorder::Recorder;
+use super::workload;
+use crate::checker::{check, Anomaly, Finals};
+use crate::history::{Kind, F};
+use pigeonhole_proto::v1 as pb;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Mailboxes per shard: few, so appends contend.
+pub const MAILBOXES_PER_SHARD: usize = 3;
+
+/// What a scenario runs.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Its name in the report.
+    pub name: String,
+    /// Faults drawn from (empty: none).
+    pub faults: Vec<Fault>,
+    /// Nodes.
+    pub nodes: u64,
+    /// The server binary.
+    pub server: PathBuf,
+    /// True for the planted-bug run: it passes only if anomalies are found.
+    pub expect_anomalies: bool,
+}
+
+/// What a scenario found.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Scenario name.
+    pub name: String,
+    /// Client operations completed: ok, fail, info.
+    pub ok: usize,
+    pub fail: usize,
+    pub info: usize,
+    /// Nemesis events.
+    pub faults: usize,
+    /// Anomalies found (or the harness error, as one anomaly).
+    pub anomalies: Vec<Anomaly>,
+    /// Whether the scenario met its expectation.
+    pub passed: bool,
+    /// Seconds from heal to converged replicas.
+    pub converge_s: f64,
+}
+
+/// Runs one scenario in `dir`.
+pub async fn scenario(s: &Scenario, seed: u64, time_limit: Duration, concurrency: u64, dir: &Path) -> Outcome {
+    let mut out = Outcome {
+        name: s.name.clone(),
+        ok: 0,
+        fail: 0,
+        info: 0,
+        faults: 0,
+        anomalies: Vec::new(),
+        passed: false,
+        converge_s: 0.0,
+    };
+    match inner(s, seed, time_limit, concurrency, dir, &mut out).await {
+        Ok(anomalies) => out.anomalies = anomalies,
+        Err(e) => out.anomalies.push(Anomaly {
+            kind: "harness-error",
+            mailbox: None,
+            detail: e,
+        }),
+    }
+    let harness_failed = out.anomalies.iter().any(|a| a.kind == "harness-error");
+    out.passed = if s.expect_anomalies {
+        !harness_failed && out.anomalies.iter().any(|a| a.kind != "harness-error")
+    } else {
+        out.anomalies.is_empty()
+    };
+    let report: String = out
+        .anomalies
+        .iter()
+        .map(|a| format!("{} {} {}\n", a.kind, a.mailbox.as_deref().unwrap_or("-"), a.detail))
+        .collect();
+    let _ = std::fs::write(dir.join("anomalies.txt"), report);
+    out
+}
+
+async fn inner(
+    s: &Scenario,
+    seed: u64,
+    time_limit: Duration,
+    concurrency: u64,
+    dir: &Path,
+    out: &mut Outcome,
+) -> Result<Vec<Anomaly>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut c = Cluster::start(s.nodes, &s.server, dir)?;
+    cluster::wait_ready(s.nodes, Duration::from_secs(60)).await?;
+    let map = {
+        let mut admin = pb::admin_client::AdminClient::new(cluster::channel(1)?);
+        admin
+            .get_shard_map(pb::GetShardMapRequest {})
+            .await
+            .map_err(|e| format!("shard map: {e:?}"))?
+            .into_inner()
+    };
+    let mbs = Arc::new(workload::mailboxes(&map, MAILBOXES_PER_SHARD));
+    let rec = Arc::new(Recorder::new(&dir.join("history.jsonl"))?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut procs = tokio::task::JoinSet::new();
+    for p in 0..concurrency {
+        let node = p % s.nodes + 1;
+        procs.spawn(workload::process(
+            p,
+            node,
+            Arc::clone(&mbs),
+            Arc::clone(&rec),
+            seed,
+            Arc::clone(&stop),
+        ));
+    }
+    let until = Instant::now() + time_limit;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let nem = nemesis::run(&s.faults, &mut c, &rec, &mut rng, until).await;
+    // Whatever happened, heal before stopping the clients, so their last
+    // operations can complete.
+    let healed = nemesis::heal(&mut c);
+    tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    while let Some(r) = procs.join_next().await {
+        r.map_err(|e| format!("client task: {e}"))??;
+    }
+    nem?;
+    healed?;
+    let converge = cluster::wait_converged(s.nodes, Duration::from_secs(90)).await?;
+    out.converge_s = converge.as_secs_f64();
+    let mut finals = Finals::new();
+    for i in 1..=s.nodes {
+        finals.insert(i, workload::final_logs(i, &mbs).await?);
+    }
+    c.stop();
+    let ops = rec.ops();
+    for o in &ops {
+        match (o.f, o.kind) {
+            (F::Nemesis, Kind::Invoke) => out.faults += 1,
+            (F::Nemesis, _) | (_, Kind::Invoke) => {}
+            (_, Kind::Ok) => out.ok += 1,
+            (_, Kind::Fail) => out.fail += 1,
+            (_, Kind::Info) => out.info += 1,
+        }
+    }
+    Ok(check(&ops, &finals))
+}

@@ -1,0 +1,326 @@
+//! The workload: client processes doing what the routing tier does, each
+//! bound to one node (Jepsen style, so the history says which node served
+//! what), over a few mailboxes per shard so that appends contend.
+//!
+//! - **append**: a unique key and payload. An attempt whose outcome is
+//!   unknown (timeout, UNAVAILABLE, a broken connection) is `info`, and the
+//!   process retries the same key and payload before anything new. One in
+//!   ten acknowledged appends is also re-sent at once, as a client whose
+//!   ack got lost would: the server must answer with the same seq.
+//! - **sync**: one page after a cursor the process has seen.
+//! - **read**: the whole mailbox, page by page, from seq 0.
+//! - **ack**: a device cursor (two devices per mailbox, shared by all
+//!   processes) to a seq the process has seen.
+//!
+//! Reads are linearizable (the default). Every call has a 1 s deadline.
+
+use super::cluster;
+use super::recorder::Recorder;
+use crate::history::{Kind, Msg, Op, F};
+use pigeonhole_proto::v1 as pb;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Code;
+
+/// One call's deadline.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Messages per page of a full read.
+const READ_PAGE: u32 = 1_000;
+
+/// A mailbox of the workload.
+#[derive(Debug, Clone)]
+pub struct Mailbox {
+    /// `namespace/user` as the history names it.
+    pub name: String,
+    /// The id.
+    pub id: pb::MailboxId,
+    /// The nodes with a replica of its shard.
+    pub replicas: Vec<u64>,
+}
+
+/// Picks `per_shard` user ids for every shard of `map`.
+pub fn mailboxes(map: &pb::GetShardMapResponse, per_shard: usize) -> Vec<Mailbox> {
+    let mut out = Vec::new();
+    for s in &map.shards {
+        let mut found = 0;
+        for u in 0u64.. {
+            if found == per_shard {
+                break;
+            }
+            let user = format!("user-{u}");
+            let h = pigeonhole_proto::placement::user_hash(user.as_bytes());
+            if pigeonhole_proto::placement::range_contains(s.range_start, s.range_end, h) {
+                found += 1;
+                out.push(Mailbox {
+                    name: format!("jepsen/{user}"),
+                    id: pb::MailboxId {
+                        namespace: "jepsen".into(),
+                        user_id: user.into_bytes(),
+                    },
+                    replicas: s.replicas.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// How a failed call completes: `fail` only when the server definitely did
+/// nothing; everything else is unknown.
+fn failure_kind(s: &tonic::Status) -> Kind {
+    match s.code() {
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::AlreadyExists
+        | Code::OutOfRange
+        | Code::NotFound
+        | Code::ResourceExhausted => Kind::Fail,
+        _ => Kind::Info,
+    }
+}
+
+fn req<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.set_timeout(CALL_TIMEOUT);
+    r
+}
+
+async fn bounded<T>(
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(CALL_TIMEOUT + Duration::from_millis(200), f).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded("client-side timeout")),
+    }
+}
+
+fn msgs(ms: &[pb::Message]) -> Vec<Msg> {
+    ms.iter()
+        .map(|m| Msg {
+            seq: m.seq,
+            key: String::from_utf8_lossy(&m.idempotency_key).into_owned(),
+            payload: String::from_utf8_lossy(&m.payload).into_owned(),
+            timestamp_ms: m.timestamp_ms,
+        })
+        .collect()
+}
+
+/// Runs process `p` until `stop`.
+pub async fn process(
+    p: u64,
+    node: u64,
+    mbs: Arc<Vec<Mailbox>>,
+    rec: Arc<Recorder>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
+    let mut rng = StdRng::seed_from_u64(seed ^ p.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut client = pb::mailbox_client::MailboxClient::new(cluster::channel(node)?);
+    let mut seen: HashMap<usize, u64> = HashMap::new(); // mailbox -> highest seq seen
+    let mut pending: Option<(usize, String, String)> = None; // an append to retry
+    let mut n = 0u64;
+    // A node serves the mailboxes of the shards it has a replica of (with
+    // more nodes than replicas, not all of them).
+    let mine: Vec<usize> = (0..mbs.len())
+        .filter(|i| mbs.get(*i).is_some_and(|m| m.replicas.contains(&node)))
+        .collect();
+    if mine.is_empty() {
+        return Ok(());
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let roll: u32 = rng.gen_range(0..100);
+        let mi = match &pending {
+            Some((mi, _, _)) => *mi,
+            None => mine.get(rng.gen_range(0..mine.len())).copied().unwrap_or(0),
+        };
+        let Some(mb) = mbs.get(mi) else { break };
+        let op_base = |kind, f| {
+            let mut o = Op::new(p, kind, f);
+            o.node = Some(node);
+            o.mailbox = Some(mb.name.clone());
+            o
+        };
+        if pending.is_some() || roll < 50 {
+            let (key, payload) = match pending.take() {
+                Some((_, k, v)) => (k, v),
+                None => {
+                    n += 1;
+                    (format!("p{p}-{n}"), format!("v-p{p}-{n}"))
+                }
+            };
+            let mut resend = true;
+            while resend {
+                resend = false;
+                let mut inv = op_base(Kind::Invoke, F::Append);
+                inv.key = Some(key.clone());
+                inv.payload = Some(payload.clone());
+                rec.record(inv);
+                let r = bounded(client.append(req(pb::AppendRequest {
+                    mailbox: Some(mb.id.clone()),
+                    payload: payload.clone().into_bytes(),
+                    idempotency_key: key.clone().into_bytes(),
+                    expected_last_seq: None,
+                })))
+                .await;
+                match r {
+                    Ok(a) => {
+                        let mut d = op_base(Kind::Ok, F::Append);
+                        d.seq = Some(a.seq);
+                        d.duplicate = Some(a.duplicate);
+                        rec.record(d);
+                        let s = seen.entry(mi).or_default();
+                        *s = (*s).max(a.seq);
+                        // A client whose ack was lost sends again.
+                        resend = rng.gen_range(0..10) == 0 && !stop.load(Ordering::Relaxed);
+                    }
+                    Err(s) => {
+                        let kind = failure_kind(&s);
+                        let mut d = op_base(kind, F::Append);
+                        d.error = Some(format!("{:?}: {}", s.code(), s.message()));
+                        rec.record(d);
+                        if kind == Kind::Info {
+                            pending = Some((mi, key.clone(), payload.clone()));
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        } else if roll < 75 {
+            let after = rng.gen_range(0..=seen.get(&mi).copied().unwrap_or(0));
+            let mut inv = op_base(Kind::Invoke, F::Sync);
+            inv.after_seq = Some(after);
+            rec.record(inv);
+            let r = bounded(client.sync(req(pb::SyncRequest {
+                mailbox: Some(mb.id.clone()),
+                after_seq: after,
+                max_messages: 50,
+                max_bytes: 0,
+                wait_ms: 0,
+                consistency: pb::ReadConsistency::Linearizable as i32,
+            })))
+            .await;
+            match r {
+                Ok(page) => {
+                    let mut d = op_base(Kind::Ok, F::Sync);
+                    d.messages = Some(msgs(&page.messages));
+                    d.last_seq = Some(page.last_seq);
+                    rec.record(d);
+                    let s = seen.entry(mi).or_default();
+                    *s = (*s).max(page.last_seq);
+                }
+                Err(s) => {
+                    let mut d = op_base(failure_kind(&s), F::Sync);
+                    d.error = Some(format!("{:?}: {}", s.code(), s.message()));
+                    rec.record(d);
+                }
+            }
+        } else if roll < 85 {
+            let mut inv = op_base(Kind::Invoke, F::Read);
+            inv.after_seq = Some(0);
+            rec.record(inv);
+            let mut all: Vec<pb::Message> = Vec::new();
+            let mut first_last: Option<u64> = None;
+            let outcome = loop {
+                let after = all.last().map_or(0, |m| m.seq);
+                let r = bounded(client.sync(req(pb::SyncRequest {
+                    mailbox: Some(mb.id.clone()),
+                    after_seq: after,
+                    max_messages: READ_PAGE,
+                    max_bytes: 0,
+                    wait_ms: 0,
+                    consistency: pb::ReadConsistency::Linearizable as i32,
+                })))
+                .await;
+                match r {
+                    Ok(page) => {
+                        first_last.get_or_insert(page.last_seq);
+                        all.extend(page.messages);
+                        if !page.has_more {
+                            break Ok(());
+                        }
+                    }
+                    Err(s) => break Err(s),
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    let mut d = op_base(Kind::Ok, F::Read);
+                    d.messages = Some(msgs(&all));
+                    // The first page's: the read's linearization point.
+                    d.last_seq = first_last;
+                    rec.record(d);
+                    let s = seen.entry(mi).or_default();
+                    *s = (*s).max(first_last.unwrap_or(0));
+                }
+                Err(s) => {
+                    let mut d = op_base(failure_kind(&s), F::Read);
+                    d.error = Some(format!("{:?}: {}", s.code(), s.message()));
+                    rec.record(d);
+                }
+            }
+        } else {
+            let top = seen.get(&mi).copied().unwrap_or(0);
+            if top == 0 {
+                continue;
+            }
+            let seq = rng.gen_range(1..=top);
+            let device = format!("d{}", rng.gen_range(0..2));
+            let mut inv = op_base(Kind::Invoke, F::Ack);
+            inv.device = Some(device.clone());
+            inv.seq = Some(seq);
+            rec.record(inv);
+            let r = bounded(client.ack(req(pb::AckRequest {
+                mailbox: Some(mb.id.clone()),
+                device_id: device.into_bytes(),
+                seq,
+            })))
+            .await;
+            match r {
+                Ok(a) => {
+                    let mut d = op_base(Kind::Ok, F::Ack);
+                    d.cursor = Some(a.cursor);
+                    rec.record(d);
+                }
+                Err(s) => {
+                    let mut d = op_base(failure_kind(&s), F::Ack);
+                    d.error = Some(format!("{:?}: {}", s.code(), s.message()));
+                    rec.record(d);
+                }
+            }
+        }
+    }
+    // An append left unknown stays unknown: the history says `info`.
+    Ok(())
+}
+
+/// Reads every mailbox node `i` has a replica of, with STALE consistency:
+/// what that replica has applied, nothing more.
+pub async fn final_logs(i: u64, mbs: &[Mailbox]) -> Result<std::collections::BTreeMap<String, Vec<Msg>>, String> {
+    let mut client = pb::mailbox_client::MailboxClient::new(cluster::channel(i)?);
+    let mut out = std::collections::BTreeMap::new();
+    for mb in mbs.iter().filter(|m| m.replicas.contains(&i)) {
+        let mut all: Vec<pb::Message> = Vec::new();
+        loop {
+            let page = bounded(client.sync(req(pb::SyncRequest {
+                mailbox: Some(mb.id.clone()),
+                after_seq: all.last().map_or(0, |m| m.seq),
+                max_messages: READ_PAGE,
+                max_bytes: 0,
+                wait_ms: 0,
+                consistency: pb::ReadConsistency::Stale as i32,
+            })))
+            .await
+            .map_err(|s| format!("final read of {} on node {i}: {s:?}", mb.name))?;
+            all.extend(page.messages);
+            if !page.has_more {
+                break;
+            }
+        }
+        out.insert(mb.name.clone(), msgs(&all));
+    }
+    Ok(out)
+}
