@@ -121,6 +121,11 @@ pub struct RaftTuning {
     /// the engine's per-op limit) every this many ticks while the shard is
     /// awake; a hibernating shard is collected when it next wakes. 0 disables.
     pub expire_dedup_every_ticks: u64,
+    /// NOT DURABLE: never fsync the Raft log. An acknowledged write then
+    /// survives a process crash (it is in the OS page cache) but not a
+    /// machine crash or power loss on a majority. For benchmarks against
+    /// systems that do not fsync either; off unless asked for by name.
+    pub unsafe_no_fsync: bool,
 }
 
 impl Default for RaftTuning {
@@ -143,6 +148,7 @@ impl Default for RaftTuning {
             inbox_capacity: 65_536,
             rebalance_every_ticks: 50,
             expire_dedup_every_ticks: 600,
+            unsafe_no_fsync: false,
         }
     }
 }

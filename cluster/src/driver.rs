@@ -1158,7 +1158,7 @@ impl Driver {
             // not: a lost commit index is learned again from the leader (and
             // recovery raises it to the applied index), so it skips the fsync
             // that would otherwise sit between commit and apply.
-            let durability = if must_sync {
+            let durability = if must_sync && !self.tuning.unsafe_no_fsync {
                 Durability::Fsync
             } else {
                 Durability::NoFsync

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     /// How long the node waits for a proposal or read barrier at most
     /// (a client's shorter deadline cuts it).
     pub request_timeout_ms: u64,
+    /// NOT DURABLE: skip every fsync (`RaftTuning::unsafe_no_fsync`).
+    pub unsafe_no_fsync: bool,
 }
 
 impl ServerConfig {
@@ -65,6 +67,7 @@ impl ServerConfig {
             api: ApiLimits::default(),
             request_bytes_max: REQUEST_BYTES_MAX,
             request_timeout_ms: crate::RaftTuning::default().request_timeout_ms,
+            unsafe_no_fsync: false,
         }
     }
 }
@@ -78,6 +81,13 @@ pub async fn run(
     node_cfg.shard_count = cfg.shard_count;
     node_cfg.replication_factor = cfg.replication_factor;
     node_cfg.raft.request_timeout_ms = cfg.request_timeout_ms;
+    node_cfg.raft.unsafe_no_fsync = cfg.unsafe_no_fsync;
+    if cfg.unsafe_no_fsync {
+        eprintln!(
+            "pigeonhole: WARNING: --unsafe-no-fsync: writes are acknowledged without fsync; \
+             a machine crash or power loss can lose acknowledged writes"
+        );
+    }
     node_cfg.validate()?;
     let peers = cfg.initial_cluster.peers_of(cfg.node_id);
     let transport = GrpcTransport::new(
@@ -116,6 +126,13 @@ pub async fn run(
         cfg.initial_cluster.ids(),
         cfg.data_dir.display()
     );
+    // Nagle off on every accepted connection. tonic applies its own
+    // `tcp_nodelay` only to listeners it binds itself; with Nagle on, a
+    // small response queued behind an unacknowledged one waits for the
+    // peer's delayed ACK (~40 ms), which stalls concurrent streams.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
+        conn.and_then(|c| c.set_nodelay(true).map(|()| c))
+    });
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let serve = tonic::transport::Server::builder()
         .add_service(health_svc)
@@ -123,7 +140,7 @@ pub async fn run(
         .add_service(mailbox)
         .add_service(AdminServer::new(AdminService::new(node.clone())))
         .add_service(raft)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             // Long-polls and Subscribe streams end now; unary requests in
             // flight finish normally.

@@ -20,6 +20,7 @@
 //! initial_cluster = "1=10.0.0.1:7070,2=10.0.0.2:7070,3=10.0.0.3:7070"
 //! shards = 64
 //! replication_factor = 3
+//! unsafe_no_fsync = false   # true = NOT durable (benchmarks only)
 //!
 //! [limits]
 //! request_bytes_max = 16777216
@@ -60,6 +61,8 @@ pub struct Settings {
     pub shards: Option<u64>,
     /// Replicas per shard.
     pub replication_factor: Option<usize>,
+    /// NOT DURABLE: never fsync (benchmarks only).
+    pub unsafe_no_fsync: Option<bool>,
     /// Request limits.
     #[serde(default)]
     pub limits: LimitSettings,
@@ -137,6 +140,7 @@ impl Settings {
             initial_cluster: over.initial_cluster.or(self.initial_cluster),
             shards: over.shards.or(self.shards),
             replication_factor: over.replication_factor.or(self.replication_factor),
+            unsafe_no_fsync: over.unsafe_no_fsync.or(self.unsafe_no_fsync),
             limits: LimitSettings {
                 request_bytes_max: o.request_bytes_max.or(l.request_bytes_max),
                 request_timeout_ms: o.request_timeout_ms.or(l.request_timeout_ms),
@@ -178,6 +182,7 @@ impl Settings {
         }
         let nodes = cfg.initial_cluster.nodes.len();
         cfg.replication_factor = self.replication_factor.unwrap_or(if nodes >= 3 { 3 } else { 1 });
+        cfg.unsafe_no_fsync = self.unsafe_no_fsync.unwrap_or(false);
         let l = self.limits;
         let d = ApiLimits::default();
         cfg.request_bytes_max = check(

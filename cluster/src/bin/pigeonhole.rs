@@ -43,6 +43,10 @@ struct Flags {
     /// Replicas per shard: 1, 3 or 5 [default: 3, or 1 for fewer than 3 nodes].
     #[arg(long, env = "PIGEONHOLE_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
+    /// NOT DURABLE: acknowledge writes without fsync. A machine crash or
+    /// power loss can then lose acknowledged writes. For benchmarks only.
+    #[arg(long, env = "PIGEONHOLE_UNSAFE_NO_FSYNC")]
+    unsafe_no_fsync: bool,
     /// Largest request, in bytes [default: 16777216].
     #[arg(long, env = "PIGEONHOLE_REQUEST_BYTES_MAX")]
     request_bytes_max: Option<usize>,
@@ -76,6 +80,8 @@ fn settings(f: Flags) -> Result<Settings, String> {
         initial_cluster: f.initial_cluster,
         shards: f.shards,
         replication_factor: f.replication_factor,
+        // A flag can only turn it on; absent, the file decides.
+        unsafe_no_fsync: f.unsafe_no_fsync.then_some(true),
         limits: LimitSettings {
             request_bytes_max: f.request_bytes_max,
             request_timeout_ms: f.request_timeout_ms,

@@ -1,0 +1,116 @@
+//! Client + gRPC end to end (criterion): three `pigeonhole` servers on
+//! 127.0.0.1 (in this process, each with its own engine, fsync on, and its
+//! own port), driven by the Rust client SDK — the path the routing tier
+//! takes. Figures: docs/benchmarks.md; the cross-system comparison is
+//! `scripts/bench-compare` (phbench).
+//!
+//! - `e2e/append/1_in_flight`: one `Client::append` at a time.
+//! - `e2e/append/64_concurrent`: 64 appends to 64 mailboxes at once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use pigeonhole_client::{mailbox, Client, ClientConfig};
+use pigeonhole_cluster::server::{run, ServerConfig};
+use pigeonhole_cluster::InitialCluster;
+use std::time::Duration;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn e2e(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut stops = Vec::new();
+    let mut servers = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let mut cfg = ServerConfig::single_node_default();
+        cfg.node_id = u64::try_from(i).unwrap() + 1;
+        cfg.data_dir = dir.path().join(format!("n{}", i + 1));
+        cfg.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        cfg.initial_cluster = InitialCluster::parse(&initial).unwrap();
+        cfg.shard_count = 8;
+        cfg.replication_factor = 3;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        stops.push(tx);
+        servers.push(rt.spawn(run(cfg, async move {
+            let _ = rx.await;
+        })));
+    }
+    let endpoints: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let client = rt.block_on(async {
+        let client = Client::connect(ClientConfig::new(endpoints)).await.unwrap();
+        // Until every shard has a leader, appends wait for elections.
+        for u in 0..64 {
+            client
+                .append(
+                    &mailbox("bench", format!("warm-{u}").as_bytes()),
+                    vec![1],
+                    b"warm".to_vec(),
+                )
+                .await
+                .unwrap();
+        }
+        client.refresh().await.unwrap();
+        client
+    });
+    let payload = vec![0xab; 256];
+    let mut n = 0u64;
+    let mut g = c.benchmark_group("e2e/append");
+    g.measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("1_in_flight", |b| {
+        let mb = mailbox("bench", b"user-1");
+        b.iter(|| {
+            n += 1;
+            rt.block_on(client.append(&mb, payload.clone(), format!("a{n}").into_bytes()))
+                .unwrap();
+        });
+    });
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("64_concurrent", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for u in 0..64 {
+                    n += 1;
+                    let (c, p) = (client.clone(), payload.clone());
+                    let key = format!("c{n}").into_bytes();
+                    set.spawn(async move {
+                        c.append(&mailbox("bench", format!("user-{u}").as_bytes()), p, key)
+                            .await
+                    });
+                }
+                while let Some(r) = set.join_next().await {
+                    r.unwrap().unwrap();
+                }
+            });
+        });
+    });
+    g.finish();
+    for s in stops {
+        let _ = s.send(());
+    }
+    rt.block_on(async {
+        for s in servers {
+            let _ = tokio::time::timeout(Duration::from_secs(10), s).await;
+        }
+    });
+}
+
+criterion_group!(benches, e2e);
+criterion_main!(benches);

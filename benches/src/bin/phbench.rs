@@ -1,0 +1,548 @@
+//! `phbench`: one load generator for Pigeonhole and the systems it is
+//! compared with (etcd, NATS JetStream), so that every system sees the same
+//! load from the same code: same concurrency, payloads, mailboxes and key
+//! distribution. `scripts/bench-compare` starts the clusters and calls it.
+//!
+//! ```text
+//! phbench run --system pigeonhole --endpoints 127.0.0.1:7071,... --in-flight 64 --seconds 10
+//! phbench run --system etcd --endpoints http://127.0.0.1:23791,... --in-flight 64
+//! phbench run --system nats --endpoints nats://127.0.0.1:4222 --in-flight 64
+//! phbench report --input results.jsonl --svg docs/bench-compare.svg
+//! ```
+//!
+//! - **Closed loop** (`--in-flight N`): N workers, each sends its next
+//!   append when the previous one is acknowledged. **Open loop**
+//!   (`--rate R`): appends are issued on a fixed schedule, and latency is
+//!   measured from the scheduled time, so a stall is not hidden
+//!   (coordinated omission).
+//! - An "append" is, per system: Pigeonhole `Append` (idempotency key =
+//!   worker and counter); etcd `put m/<user>/<n>`; NATS JetStream publish to
+//!   `mbox.<user>` on an R3 file stream, with `Nats-Msg-Id` for dedup,
+//!   waiting for the stream's ack.
+//! - Reported (one JSON line): appends/s in the measured window, latency
+//!   p50/p99/p99.9 (HDR histogram, µs), errors, and, with `--server-pids`,
+//!   the servers' CPU-seconds per 1,000 appends (utime + stime from
+//!   /proc/PID/stat) and bytes written to storage per append
+//!   (/proc/PID/io `write_bytes`).
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use rand::Rng;
+use rand_distr::Distribution;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(name = "phbench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Drive one system and print one JSON line of results.
+    Run(RunArgs),
+    /// Aggregate result lines: a markdown table (medians of repetitions)
+    /// and an SVG plot of throughput against p99 latency.
+    Report {
+        /// JSON lines written by `run`.
+        #[arg(long)]
+        input: std::path::PathBuf,
+        /// Where to write the plot.
+        #[arg(long)]
+        svg: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum System {
+    Pigeonhole,
+    Etcd,
+    Nats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Dist {
+    Uniform,
+    Zipf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct RunArgs {
+    /// The system under load.
+    #[arg(long, value_enum)]
+    system: System,
+    /// Its endpoints, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// A label for the report (e.g. `pigeonhole-nofsync`) [default: the system].
+    #[arg(long)]
+    label: Option<String>,
+    /// Closed loop: requests in flight.
+    #[arg(long, default_value_t = 16)]
+    in_flight: usize,
+    /// Open loop: appends per second (replaces the closed loop).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Warm-up seconds (load, not measured).
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 256)]
+    payload_bytes: usize,
+    /// Distinct mailboxes (users).
+    #[arg(long, default_value_t = 1_000)]
+    mailboxes: u64,
+    /// How users are picked.
+    #[arg(long, value_enum, default_value_t = Dist::Uniform)]
+    dist: Dist,
+    /// Server pids, for CPU and write accounting.
+    #[arg(long, value_delimiter = ',')]
+    server_pids: Vec<u32>,
+    /// Repetition number, copied into the output.
+    #[arg(long, default_value_t = 1)]
+    rep: u32,
+}
+
+/// Largest latency recorded, µs (60 s); larger values are clamped.
+const LATENCY_US_MAX: u64 = 60_000_000;
+/// Open loop: most appends outstanding before the generator stops issuing
+/// (and counts the rest as errors), so a stalled system cannot exhaust
+/// memory.
+const OPEN_LOOP_OUTSTANDING_MAX: u64 = 100_000;
+
+/// One connected client of any system.
+#[derive(Clone)]
+enum Target {
+    Pigeonhole(pigeonhole_client::Client),
+    Etcd(etcd_client::KvClient),
+    Nats(async_nats::jetstream::Context),
+}
+
+impl Target {
+    async fn connect(a: &RunArgs) -> Result<Target, String> {
+        Ok(match a.system {
+            System::Pigeonhole => {
+                let c = pigeonhole_client::Client::connect(pigeonhole_client::ClientConfig::new(a.endpoints.clone()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Target::Pigeonhole(c)
+            }
+            System::Etcd => {
+                let c = etcd_client::Client::connect(a.endpoints.clone(), None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Target::Etcd(c.kv_client())
+            }
+            System::Nats => {
+                let addrs = a
+                    .endpoints
+                    .iter()
+                    .map(|e| e.parse::<async_nats::ServerAddr>().map_err(|err| format!("{e}: {err}")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let c = async_nats::connect(addrs).await.map_err(|e| e.to_string())?;
+                let js = async_nats::jetstream::new(c);
+                // A fresh JetStream cluster needs a few seconds to elect its
+                // meta leader before it can create a stream.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let created = js
+                        .get_or_create_stream(async_nats::jetstream::stream::Config {
+                            name: "MBOX".into(),
+                            subjects: vec!["mbox.>".into()],
+                            num_replicas: 3,
+                            storage: async_nats::jetstream::stream::StorageType::File,
+                            duplicate_window: Duration::from_secs(120),
+                            ..Default::default()
+                        })
+                        .await;
+                    match created {
+                        Ok(_) => break,
+                        Err(e) if Instant::now() > deadline => return Err(format!("stream: {e}")),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                }
+                Target::Nats(js)
+            }
+        })
+    }
+
+    async fn append(&mut self, user: u64, worker: u64, n: u64, payload: &[u8]) -> Result<(), String> {
+        match self {
+            Target::Pigeonhole(c) => {
+                let mb = pigeonhole_client::mailbox("bench", format!("user-{user}").as_bytes());
+                c.append(&mb, payload.to_vec(), format!("w{worker}-{n}").into_bytes())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            Target::Etcd(kv) => kv
+                .put(format!("m/user-{user}/w{worker}-{n}"), payload.to_vec(), None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Target::Nats(js) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("w{worker}-{n}").as_str());
+                let ack = js
+                    .publish_with_headers(format!("mbox.user-{user}"), headers, payload.to_vec().into())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ack.await.map(|_| ()).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Picks users: uniform or Zipf (s = 1.1) over `n` mailboxes.
+#[derive(Clone)]
+struct Users {
+    n: u64,
+    zipf: Option<rand_distr::Zipf<f64>>,
+}
+
+impl Users {
+    fn new(n: u64, d: Dist) -> Users {
+        let zipf = match d {
+            Dist::Uniform => None,
+            #[allow(clippy::cast_precision_loss)]
+            Dist::Zipf => rand_distr::Zipf::new(n, 1.1).ok(),
+        };
+        Users { n: n.max(1), zipf }
+    }
+
+    fn pick(&self, rng: &mut impl Rng) -> u64 {
+        match &self.zipf {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            Some(z) => (z.sample(rng) as u64).saturating_sub(1),
+            None => rng.gen_range(0..self.n),
+        }
+    }
+}
+
+/// CPU-seconds and bytes written of the servers, from /proc.
+fn proc_totals(pids: &[u32]) -> (f64, u64) {
+    let ticks = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    let mut cpu = 0.0;
+    let mut written = 0u64;
+    for pid in pids {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Fields after the ")" that ends the command name: utime is the
+            // 12th, stime the 13th.
+            let rest = stat.rsplit(')').next().unwrap_or("");
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            cpu += (num(11) + num(12)) / ticks;
+        }
+        if let Ok(io) = std::fs::read_to_string(format!("/proc/{pid}/io")) {
+            for line in io.lines() {
+                if let Some(v) = line.strip_prefix("write_bytes: ") {
+                    written += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    (cpu, written)
+}
+
+struct Shared {
+    hist: Mutex<Histogram<u64>>,
+    measuring: AtomicBool,
+    done: AtomicU64,
+    errors: AtomicU64,
+    stop: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn record(&self, started: Instant, r: Result<(), String>) {
+        if !self.measuring.load(Ordering::Relaxed) {
+            return;
+        }
+        match r {
+            Ok(()) => {
+                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                if let Ok(mut h) = self.hist.lock() {
+                    let _ = h.record(us.clamp(1, LATENCY_US_MAX));
+                }
+                self.done.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut l) = self.last_error.lock() {
+                    *l = Some(e);
+                }
+            }
+        }
+    }
+}
+
+async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
+    let target = Target::connect(&a).await?;
+    let hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).map_err(|e| e.to_string())?;
+    let shared = Arc::new(Shared {
+        hist: Mutex::new(hist),
+        measuring: AtomicBool::new(false),
+        done: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        last_error: Mutex::new(None),
+    });
+    let users = Users::new(a.mailboxes, a.dist);
+    let payload: Arc<Vec<u8>> = Arc::new(
+        (0..a.payload_bytes)
+            .map(|i| u8::try_from(i % 251).unwrap_or(0))
+            .collect(),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    match a.rate {
+        None => {
+            for w in 0..a.in_flight {
+                let (mut t, s, u, p) = (target.clone(), Arc::clone(&shared), users.clone(), Arc::clone(&payload));
+                let worker = w as u64;
+                tasks.spawn(async move {
+                    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(worker);
+                    let mut n = 0u64;
+                    while !s.stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let user = u.pick(&mut rng);
+                        let started = Instant::now();
+                        let r = t.append(user, worker, n, &p).await;
+                        s.record(started, r);
+                    }
+                });
+            }
+        }
+        Some(rate) => {
+            let (t, s, u, p) = (target.clone(), Arc::clone(&shared), users.clone(), Arc::clone(&payload));
+            tasks.spawn(async move {
+                let outstanding = Arc::new(AtomicU64::new(0));
+                let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+                let start = Instant::now();
+                let mut n = 0u64;
+                while !s.stop.load(Ordering::Relaxed) {
+                    let due = start + interval.mul_f64(n as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                    n += 1;
+                    if outstanding.load(Ordering::Relaxed) >= OPEN_LOOP_OUTSTANDING_MAX {
+                        s.record(due, Err("open loop: too many outstanding".into()));
+                        continue;
+                    }
+                    outstanding.fetch_add(1, Ordering::Relaxed);
+                    let (mut t, s, o, p) = (t.clone(), Arc::clone(&s), Arc::clone(&outstanding), Arc::clone(&p));
+                    let user = u.pick(&mut rand::thread_rng());
+                    tokio::spawn(async move {
+                        let r = t.append(user, 0, n, &p).await;
+                        // From the scheduled time: a late start is latency.
+                        s.record(due, r);
+                        o.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+            });
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(a.warmup)).await;
+    let (cpu0, written0) = proc_totals(&a.server_pids);
+    shared.measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
+    shared.measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (cpu1, written1) = proc_totals(&a.server_pids);
+    shared.stop.store(true, Ordering::Relaxed);
+    // Workers finish their request in flight; do not wait forever.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    let done = shared.done.load(Ordering::Relaxed);
+    let h = shared.hist.lock().map_err(|_| "histogram lock")?.clone();
+    let per_k = |x: f64| if done == 0 { 0.0 } else { x * 1000.0 / done as f64 };
+    Ok(serde_json::json!({
+        "label": a.label.clone().unwrap_or_else(|| format!("{:?}", a.system).to_lowercase()),
+        "system": format!("{:?}", a.system).to_lowercase(),
+        "rep": a.rep,
+        "in_flight": if a.rate.is_some() { serde_json::Value::Null } else { a.in_flight.into() },
+        "rate": a.rate,
+        "payload_bytes": a.payload_bytes,
+        "mailboxes": a.mailboxes,
+        "dist": format!("{:?}", a.dist).to_lowercase(),
+        "seconds": elapsed,
+        "appends": done,
+        "appends_per_s": done as f64 / elapsed,
+        "errors": shared.errors.load(Ordering::Relaxed),
+        "last_error": shared.last_error.lock().ok().and_then(|l| l.clone()),
+        "p50_us": h.value_at_quantile(0.50),
+        "p99_us": h.value_at_quantile(0.99),
+        "p999_us": h.value_at_quantile(0.999),
+        "server_cpu_s_per_1k": if a.server_pids.is_empty() { serde_json::Value::Null } else { per_k(cpu1 - cpu0).into() },
+        "server_write_bytes_per_append": if a.server_pids.is_empty() { serde_json::Value::Null } else { (per_k((written1 - written0) as f64) / 1000.0).into() },
+    }))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Medians over repetitions, per (label, in-flight).
+fn report(input: &std::path::Path, svg: Option<&std::path::Path>) -> Result<(), String> {
+    let text = std::fs::read_to_string(input).map_err(|e| format!("{}: {e}", input.display()))?;
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let mut groups: std::collections::BTreeMap<(String, u64), Vec<&serde_json::Value>> = Default::default();
+    for r in &rows {
+        let label = r["label"].as_str().unwrap_or("?").to_string();
+        let k = r["in_flight"].as_u64().unwrap_or(0);
+        groups.entry((label, k)).or_default().push(r);
+    }
+    println!("| system | in flight | appends/s | p50 ms | p99 ms | p99.9 ms | server CPU-s / 1k | bytes written / append | reps | errors |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut series: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+    for ((label, k), rs) in &groups {
+        let m = |f: &str| median(rs.iter().filter_map(|r| r[f].as_f64()).collect());
+        let tput = m("appends_per_s");
+        let p99 = m("p99_us") / 1000.0;
+        println!(
+            "| {label} | {k} | {tput:.0} | {:.2} | {p99:.2} | {:.2} | {:.3} | {:.0} | {} | {} |",
+            m("p50_us") / 1000.0,
+            m("p999_us") / 1000.0,
+            m("server_cpu_s_per_1k"),
+            m("server_write_bytes_per_append"),
+            rs.len(),
+            rs.iter().filter_map(|r| r["errors"].as_u64()).sum::<u64>()
+        );
+        series.entry(label.clone()).or_default().push((tput, p99));
+    }
+    if let Some(path) = svg {
+        std::fs::write(path, plot(&series)).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("phbench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// A throughput (x) against p99 latency (y, log scale) plot, one line per
+/// system, as a self-contained SVG: no fonts or plotting crates needed.
+fn plot(series: &std::collections::BTreeMap<String, Vec<(f64, f64)>>) -> String {
+    const W: f64 = 760.0;
+    const H: f64 = 460.0;
+    const L: f64 = 70.0;
+    const R: f64 = 190.0;
+    const T: f64 = 30.0;
+    const B: f64 = 50.0;
+    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+    let xmax = series.values().flatten().map(|p| p.0).fold(1.0_f64, f64::max) * 1.05;
+    let ymin = series
+        .values()
+        .flatten()
+        .map(|p| p.1)
+        .fold(f64::MAX, f64::min)
+        .max(0.01);
+    let ymax = series
+        .values()
+        .flatten()
+        .map(|p| p.1)
+        .fold(0.0_f64, f64::max)
+        .max(ymin * 10.0);
+    let (ly0, ly1) = (ymin.log10().floor(), ymax.log10().ceil());
+    let x = |v: f64| L + (W - L - R) * v / xmax;
+    let y = |v: f64| H - B - (H - T - B) * (v.max(ymin).log10() - ly0) / (ly1 - ly0).max(1.0);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    s += &format!(
+        "<line x1=\"{L}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/><line x1=\"{L}\" y1=\"{T}\" x2=\"{L}\" y2=\"{0}\" stroke=\"black\"/>\n",
+        H - B,
+        W - R
+    );
+    for i in 0..=5 {
+        let v = xmax * f64::from(i) / 5.0;
+        s += &format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{:.0}</text>\n",
+            x(v),
+            H - B + 18.0,
+            v
+        );
+    }
+    let mut e = ly0;
+    while e <= ly1 {
+        let v = 10f64.powf(e);
+        s += &format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text><line x1=\"{L}\" y1=\"{1:.1}\" x2=\"{2}\" y2=\"{1:.1}\" stroke=\"#ddd\"/>\n",
+            L - 6.0,
+            y(v),
+            W - R
+        );
+        e += 1.0;
+    }
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">appends/s</text>\n<text x=\"22\" y=\"{}\" transform=\"rotate(-90 22 {})\" text-anchor=\"middle\">p99 latency (ms, log)</text>\n",
+        L + (W - L - R) / 2.0,
+        H - 12.0,
+        T + (H - T - B) / 2.0,
+        T + (H - T - B) / 2.0
+    );
+    for (i, (label, pts)) in series.iter().enumerate() {
+        let c = colors.get(i % colors.len()).copied().unwrap_or("black");
+        let mut pts = pts.clone();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let path: Vec<String> = pts.iter().map(|(t, l)| format!("{:.1},{:.1}", x(*t), y(*l))).collect();
+        s += &format!(
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"/>\n",
+            path.join(" ")
+        );
+        for (t, l) in &pts {
+            s += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>\n",
+                x(*t),
+                y(*l)
+            );
+        }
+        let ly = T + 10.0 + 20.0 * i as f64;
+        s += &format!(
+            "<rect x=\"{}\" y=\"{}\" width=\"14\" height=\"4\" fill=\"{c}\"/><text x=\"{}\" y=\"{}\">{label}</text>\n",
+            W - R + 15.0,
+            ly - 4.0,
+            W - R + 35.0,
+            ly + 1.0
+        );
+    }
+    s + "</svg>\n"
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match Cli::parse().command {
+        Command::Run(a) => match run(a).await {
+            Ok(v) => {
+                println!("{v}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("phbench: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::Report { input, svg } => match report(&input, svg.as_deref()) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("phbench: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+    }
+}
