@@ -442,7 +442,7 @@ fn plot(series: &std::collections::BTreeMap<String, Vec<(f64, f64)>>) -> String 
     const H: f64 = 460.0;
     const L: f64 = 70.0;
     const R: f64 = 190.0;
-    const T: f64 = 30.0;
+    const T: f64 = 40.0;
     const B: f64 = 50.0;
     let colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
     let xmax = series.values().flatten().map(|p| p.0).fold(1.0_f64, f64::max) * 1.05;
@@ -490,11 +490,11 @@ fn plot(series: &std::collections::BTreeMap<String, Vec<(f64, f64)>>) -> String 
         e += 1.0;
     }
     s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">appends/s</text>\n<text x=\"22\" y=\"{}\" transform=\"rotate(-90 22 {})\" text-anchor=\"middle\">p99 latency (ms, log)</text>\n",
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">appends/s</text>\n<text x=\"{}\" y=\"{}\" text-anchor=\"start\">p99 latency, ms (log scale)</text>\n",
         L + (W - L - R) / 2.0,
         H - 12.0,
-        T + (H - T - B) / 2.0,
-        T + (H - T - B) / 2.0
+        L - 40.0,
+        T - 12.0
     );
     for (i, (label, pts)) in series.iter().enumerate() {
         let c = colors.get(i % colors.len()).copied().unwrap_or("black");
