@@ -266,9 +266,9 @@ pub async fn wait_ready(nodes: u64, within: Duration) -> Result<(), String> {
 }
 
 /// Waits until, for every shard, every replica reports the same applied
-/// index as the others (and as its commit index): the cluster is quiet and
-/// every replica has applied everything. Returns the time it took.
-pub async fn wait_converged(nodes: u64, within: Duration) -> Result<Duration, String> {
+/// index as the others (and as its commit index): every replica has applied
+/// everything committed so far. Returns that applied index per shard.
+pub async fn wait_converged(nodes: u64, within: Duration) -> Result<BTreeMap<u64, u64>, String> {
     let started = Instant::now();
     let deadline = started + within;
     loop {
@@ -297,7 +297,10 @@ pub async fn wait_converged(nodes: u64, within: Duration) -> Result<Duration, St
                     && rs.iter().all(|(_, a, c)| a == c && Some(a) == rs.first().map(|f| &f.1))
             });
         if converged {
-            return Ok(started.elapsed());
+            return Ok(applied
+                .iter()
+                .map(|(shard, rs)| (*shard, rs.first().map_or(0, |f| f.1)))
+                .collect());
         }
         if Instant::now() > deadline {
             return Err(format!(
