@@ -83,6 +83,13 @@ fn failure_kind(s: &tonic::Status) -> Kind {
     }
 }
 
+/// `d` completed by the error `s`: its kind ([`failure_kind`]) and text.
+fn failed(mut d: Op, s: &tonic::Status) -> Op {
+    d.kind = failure_kind(s);
+    d.error = Some(format!("{:?}: {}", s.code(), s.message()));
+    d
+}
+
 fn req<T>(m: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(m);
     r.set_timeout(CALL_TIMEOUT);
@@ -178,9 +185,8 @@ pub async fn process(
                         resend = rng.gen_range(0..10) == 0 && !stop.load(Ordering::Relaxed);
                     }
                     Err(s) => {
-                        let kind = failure_kind(&s);
-                        let mut d = op_base(kind, F::Append);
-                        d.error = Some(format!("{:?}: {}", s.code(), s.message()));
+                        let d = failed(op_base(Kind::Info, F::Append), &s);
+                        let kind = d.kind;
                         rec.record(d);
                         if kind == Kind::Info {
                             pending = Some((mi, key.clone(), payload.clone()));
@@ -213,9 +219,7 @@ pub async fn process(
                     *s = (*s).max(page.last_seq);
                 }
                 Err(s) => {
-                    let mut d = op_base(failure_kind(&s), F::Sync);
-                    d.error = Some(format!("{:?}: {}", s.code(), s.message()));
-                    rec.record(d);
+                    rec.record(failed(op_base(Kind::Info, F::Sync), &s));
                 }
             }
         } else if roll < 85 {
@@ -257,9 +261,7 @@ pub async fn process(
                     *s = (*s).max(first_last.unwrap_or(0));
                 }
                 Err(s) => {
-                    let mut d = op_base(failure_kind(&s), F::Read);
-                    d.error = Some(format!("{:?}: {}", s.code(), s.message()));
-                    rec.record(d);
+                    rec.record(failed(op_base(Kind::Info, F::Read), &s));
                 }
             }
         } else {
@@ -286,9 +288,7 @@ pub async fn process(
                     rec.record(d);
                 }
                 Err(s) => {
-                    let mut d = op_base(failure_kind(&s), F::Ack);
-                    d.error = Some(format!("{:?}: {}", s.code(), s.message()));
-                    rec.record(d);
+                    rec.record(failed(op_base(Kind::Info, F::Ack), &s));
                 }
             }
         }
