@@ -16,9 +16,11 @@
 //!   measured from the scheduled time, so a stall is not hidden
 //!   (coordinated omission).
 //! - An "append" is, per system: Pigeonhole `Append` (idempotency key =
-//!   worker and counter); etcd `put m/<user>/<n>`; NATS JetStream publish to
-//!   `mbox.<user>` on an R3 file stream, with `Nats-Msg-Id` for dedup,
-//!   waiting for the stream's ack.
+//!   worker and counter); etcd `put m/<run>/<user>/<n>`; NATS JetStream
+//!   publish to `mbox.<user>` on an R3 file stream, with `Nats-Msg-Id` for
+//!   dedup, waiting for the stream's ack. Every run uses a fresh random
+//!   namespace, so no key or message id repeats across runs: a repeat
+//!   would be a cheap dedup hit, not an append.
 //! - Reported (one JSON line): appends/s in the measured window, latency
 //!   p50/p99/p99.9 (HDR histogram, µs), errors, and, with `--server-pids`,
 //!   the servers' CPU-seconds per 1,000 appends (utime + stime from
@@ -64,6 +66,18 @@ enum System {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// Appends only.
+    Append,
+    /// Appends, and readers that Sync every mailbox from their cursors
+    /// (Pigeonhole only): reports delivery latency.
+    AppendSync,
+    /// Appends, and one resuming Subscribe over every mailbox (Pigeonhole
+    /// only): reports delivery latency.
+    Subscribe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Dist {
     Uniform,
     Zipf,
@@ -104,6 +118,12 @@ struct RunArgs {
     /// Server pids, for CPU and write accounting.
     #[arg(long, value_delimiter = ',')]
     server_pids: Vec<u32>,
+    /// What runs beside the appends.
+    #[arg(long, value_enum, default_value_t = Workload::Append)]
+    workload: Workload,
+    /// Reader tasks of `append-sync` (each polls its share of mailboxes).
+    #[arg(long, default_value_t = 4)]
+    readers: u64,
     /// Repetition number, copied into the output.
     #[arg(long, default_value_t = 1)]
     rep: u32,
@@ -173,22 +193,32 @@ impl Target {
     }
 
     async fn append(&mut self, user: u64, worker: u64, n: u64, payload: &[u8]) -> Result<(), String> {
+        // The first 8 bytes carry the send time, for delivery latency.
+        let mut stamped = payload.to_vec();
+        if let Some(head) = stamped.get_mut(..8) {
+            head.copy_from_slice(&now_us().to_le_bytes());
+        }
+        let payload = stamped.as_slice();
         match self {
             Target::Pigeonhole(c) => {
-                let mb = pigeonhole_client::mailbox("bench", format!("user-{user}").as_bytes());
+                let mb = pigeonhole_client::mailbox(&namespace(), format!("user-{user}").as_bytes());
                 c.append(&mb, payload.to_vec(), format!("w{worker}-{n}").into_bytes())
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string())
             }
             Target::Etcd(kv) => kv
-                .put(format!("m/user-{user}/w{worker}-{n}"), payload.to_vec(), None)
+                .put(
+                    format!("m/{}/user-{user}/w{worker}-{n}", namespace()),
+                    payload.to_vec(),
+                    None,
+                )
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
             Target::Nats(js) => {
                 let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", format!("w{worker}-{n}").as_str());
+                headers.insert("Nats-Msg-Id", format!("{}-w{worker}-{n}", namespace()).as_str());
                 let ack = js
                     .publish_with_headers(format!("mbox.user-{user}"), headers, payload.to_vec().into())
                     .await
@@ -197,6 +227,32 @@ impl Target {
             }
         }
     }
+}
+
+/// Microseconds since this process's first call: the clock of payload
+/// stamps (writers and readers share the process).
+fn run_id() -> u32 {
+    static RUN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *RUN.get_or_init(rand::random)
+}
+
+/// The namespace of this run: new mailboxes every run, so readers never
+/// see another run's messages and keys never collide with an earlier run's
+/// (which would turn appends into dedup hits, for Pigeonhole and NATS alike).
+fn namespace() -> String {
+    format!("b{}", run_id())
+}
+
+fn now_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The delivery latency of a message whose payload was stamped by
+/// [`Target::append`].
+fn delivery_us(payload: &[u8]) -> Option<u64> {
+    let head: [u8; 8] = payload.get(..8)?.try_into().ok()?;
+    Some(now_us().saturating_sub(u64::from_le_bytes(head)))
 }
 
 /// Picks users: uniform or Zipf (s = 1.1) over `n` mailboxes.
@@ -263,9 +319,21 @@ struct Shared {
     errors: AtomicU64,
     stop: AtomicBool,
     last_error: Mutex<Option<String>>,
+    delivery: Mutex<Histogram<u64>>,
+    delivered: AtomicU64,
 }
 
 impl Shared {
+    fn delivered(&self, payload: &[u8]) {
+        if !self.measuring.load(Ordering::Relaxed) {
+            return;
+        }
+        if let (Some(us), Ok(mut h)) = (delivery_us(payload), self.delivery.lock()) {
+            let _ = h.record(us.clamp(1, LATENCY_US_MAX));
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn record(&self, started: Instant, r: Result<(), String>) {
         if !self.measuring.load(Ordering::Relaxed) {
             return;
@@ -291,6 +359,7 @@ impl Shared {
 async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
     let target = Target::connect(&a).await?;
     let hist = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).map_err(|e| e.to_string())?;
+    let mut tasks = tokio::task::JoinSet::new();
     let shared = Arc::new(Shared {
         hist: Mutex::new(hist),
         measuring: AtomicBool::new(false),
@@ -298,14 +367,21 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
         errors: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         last_error: Mutex::new(None),
+        delivery: Mutex::new(Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 3).map_err(|e| e.to_string())?),
+        delivered: AtomicU64::new(0),
     });
+    if a.workload != Workload::Append {
+        let Target::Pigeonhole(client) = &target else {
+            return Err("append-sync and subscribe run against pigeonhole only".into());
+        };
+        readers(&a, client, &shared, &mut tasks)?;
+    }
     let users = Users::new(a.mailboxes, a.dist);
     let payload: Arc<Vec<u8>> = Arc::new(
         (0..a.payload_bytes)
             .map(|i| u8::try_from(i % 251).unwrap_or(0))
             .collect(),
     );
-    let mut tasks = tokio::task::JoinSet::new();
     match a.rate {
         None => {
             for w in 0..a.in_flight {
@@ -368,6 +444,15 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
     .await;
     let done = shared.done.load(Ordering::Relaxed);
     let h = shared.hist.lock().map_err(|_| "histogram lock")?.clone();
+    let dh = shared.delivery.lock().map_err(|_| "histogram lock")?.clone();
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let delivery = |q: f64| {
+        if delivered == 0 {
+            serde_json::Value::Null
+        } else {
+            dh.value_at_quantile(q).into()
+        }
+    };
     let per_k = |x: f64| if done == 0 { 0.0 } else { x * 1000.0 / done as f64 };
     Ok(serde_json::json!({
         "label": a.label.clone().unwrap_or_else(|| format!("{:?}", a.system).to_lowercase()),
@@ -386,9 +471,78 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
         "p50_us": h.value_at_quantile(0.50),
         "p99_us": h.value_at_quantile(0.99),
         "p999_us": h.value_at_quantile(0.999),
+        "workload": format!("{:?}", a.workload).to_lowercase(),
+        "delivered": delivered,
+        "delivery_p50_us": delivery(0.50),
+        "delivery_p99_us": delivery(0.99),
+        "delivery_p999_us": delivery(0.999),
         "server_cpu_s_per_1k": if a.server_pids.is_empty() { serde_json::Value::Null } else { per_k(cpu1 - cpu0).into() },
         "server_write_bytes_per_append": if a.server_pids.is_empty() { serde_json::Value::Null } else { (per_k((written1 - written0) as f64) / 1000.0).into() },
     }))
+}
+
+/// Starts the readers of `append-sync` and `subscribe`: every message they
+/// read is a delivery, timed from its stamp.
+fn readers(
+    a: &RunArgs,
+    client: &pigeonhole_client::Client,
+    shared: &Arc<Shared>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(), String> {
+    let ns = namespace();
+    let mb = |u: u64| pigeonhole_client::mailbox(&ns, format!("user-{u}").as_bytes());
+    match a.workload {
+        Workload::Append => {}
+        Workload::AppendSync => {
+            for r in 0..a.readers.max(1) {
+                let (c, s) = (client.clone(), Arc::clone(shared));
+                let mine: Vec<pigeonhole_client::pb::MailboxId> =
+                    (0..a.mailboxes).filter(|u| u % a.readers.max(1) == r).map(mb).collect();
+                tasks.spawn(async move {
+                    let mut cursors = vec![0u64; mine.len()];
+                    while !s.stop.load(Ordering::Relaxed) {
+                        let mut any = false;
+                        for (m, cursor) in mine.iter().zip(cursors.iter_mut()) {
+                            let opts = pigeonhole_client::SyncOptions {
+                                max_messages: 1_000,
+                                ..Default::default()
+                            };
+                            if let Ok(page) = c.sync(m, *cursor, opts).await {
+                                for msg in &page.messages {
+                                    s.delivered(&msg.payload);
+                                }
+                                any |= !page.messages.is_empty();
+                                *cursor = page.messages.last().map_or(*cursor, |m| m.seq);
+                            }
+                        }
+                        if !any {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                });
+            }
+        }
+        Workload::Subscribe => {
+            let mut sub = client
+                .subscribe((0..a.mailboxes).map(|u| (mb(u), 0)).collect(), 0)
+                .map_err(|e| e.to_string())?;
+            let s = Arc::clone(shared);
+            tasks.spawn(async move {
+                while !s.stop.load(Ordering::Relaxed) {
+                    match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+                        Ok(Some(Ok(pigeonhole_client::Event::Messages { messages, .. }))) => {
+                            for m in &messages {
+                                s.delivered(&m.payload);
+                            }
+                        }
+                        Ok(Some(_) | None) => break,
+                        Err(_) => {}
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
