@@ -90,6 +90,23 @@ fn failed(mut d: Op, s: &tonic::Status) -> Op {
     d
 }
 
+/// One Sync page request (no long-poll), with the call deadline.
+fn sync_req(
+    mb: &pb::MailboxId,
+    after_seq: u64,
+    max_messages: u32,
+    consistency: pb::ReadConsistency,
+) -> tonic::Request<pb::SyncRequest> {
+    req(pb::SyncRequest {
+        mailbox: Some(mb.clone()),
+        after_seq,
+        max_messages,
+        max_bytes: 0,
+        wait_ms: 0,
+        consistency: consistency as i32,
+    })
+}
+
 fn req<T>(m: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(m);
     r.set_timeout(CALL_TIMEOUT);
@@ -200,15 +217,7 @@ pub async fn process(
             let mut inv = op_base(Kind::Invoke, F::Sync);
             inv.after_seq = Some(after);
             rec.record(inv);
-            let r = bounded(client.sync(req(pb::SyncRequest {
-                mailbox: Some(mb.id.clone()),
-                after_seq: after,
-                max_messages: 50,
-                max_bytes: 0,
-                wait_ms: 0,
-                consistency: pb::ReadConsistency::Linearizable as i32,
-            })))
-            .await;
+            let r = bounded(client.sync(sync_req(&mb.id, after, 50, pb::ReadConsistency::Linearizable))).await;
             match r {
                 Ok(page) => {
                     let mut d = op_base(Kind::Ok, F::Sync);
@@ -230,15 +239,8 @@ pub async fn process(
             let mut first_last: Option<u64> = None;
             let outcome = loop {
                 let after = all.last().map_or(0, |m| m.seq);
-                let r = bounded(client.sync(req(pb::SyncRequest {
-                    mailbox: Some(mb.id.clone()),
-                    after_seq: after,
-                    max_messages: READ_PAGE,
-                    max_bytes: 0,
-                    wait_ms: 0,
-                    consistency: pb::ReadConsistency::Linearizable as i32,
-                })))
-                .await;
+                let r =
+                    bounded(client.sync(sync_req(&mb.id, after, READ_PAGE, pb::ReadConsistency::Linearizable))).await;
                 match r {
                     Ok(page) => {
                         first_last.get_or_insert(page.last_seq);
@@ -305,16 +307,10 @@ pub async fn final_logs(i: u64, mbs: &[Mailbox]) -> Result<std::collections::BTr
     for mb in mbs.iter().filter(|m| m.replicas.contains(&i)) {
         let mut all: Vec<pb::Message> = Vec::new();
         loop {
-            let page = bounded(client.sync(req(pb::SyncRequest {
-                mailbox: Some(mb.id.clone()),
-                after_seq: all.last().map_or(0, |m| m.seq),
-                max_messages: READ_PAGE,
-                max_bytes: 0,
-                wait_ms: 0,
-                consistency: pb::ReadConsistency::Stale as i32,
-            })))
-            .await
-            .map_err(|s| format!("final read of {} on node {i}: {s:?}", mb.name))?;
+            let after = all.last().map_or(0, |m| m.seq);
+            let page = bounded(client.sync(sync_req(&mb.id, after, READ_PAGE, pb::ReadConsistency::Stale)))
+                .await
+                .map_err(|s| format!("final read of {} on node {i}: {s:?}", mb.name))?;
             all.extend(page.messages);
             if !page.has_more {
                 break;
