@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .file_descriptor_set_path(out.join("pigeonhole_v1_descriptor.bin"))
+        // A request the server cannot decode is INVALID_ARGUMENT, not
+        // tonic's INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::ApiCodec")
         .compile_protos(&public, &["."])?;
     tonic_prost_build::configure()
         .build_server(true)

@@ -6,6 +6,11 @@
 //!
 //! - `e2e/append/1_in_flight`: one `Client::append` at a time.
 //! - `e2e/append/64_concurrent`: 64 appends to 64 mailboxes at once.
+//! - `e2e/append_idle_subscribers/{0,100}_streams`: the 64-concurrent
+//!   appends again, before and after opening 100 Subscribe streams over
+//!   10,000 other mailboxes each (spread over the three nodes). A quiet
+//!   stream must cost nothing: the two figures stay within 10 %. Under
+//!   `cargo test` (one pass, debug build) it opens 4 streams of 1,000.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -102,6 +107,37 @@ fn e2e(c: &mut Criterion) {
         });
     });
     g.finish();
+
+    // The same load with idle Subscribe streams open.
+    let full = std::env::args().any(|a| a == "--bench");
+    let (streams_n, per_stream) = if full { (100, 10_000) } else { (4, 1_000) };
+    let mut g = c.benchmark_group("e2e/append_idle_subscribers");
+    g.measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Elements(64));
+    let mut concurrent = |b: &mut criterion::Bencher<'_>| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for u in 0..64 {
+                    n += 1;
+                    let (c, p) = (client.clone(), payload.clone());
+                    let key = format!("s{n}").into_bytes();
+                    set.spawn(async move {
+                        c.append(&mailbox("bench", format!("user-{u}").as_bytes()), p, key)
+                            .await
+                    });
+                }
+                while let Some(r) = set.join_next().await {
+                    r.unwrap().unwrap();
+                }
+            });
+        });
+    };
+    g.bench_function("0_streams", &mut concurrent);
+    let idle = rt.block_on(open_idle_streams(&ports, streams_n, per_stream));
+    g.bench_function(format!("{streams_n}_streams"), &mut concurrent);
+    g.finish();
+    drop(idle);
     for s in stops {
         let _ = s.send(());
     }
@@ -110,6 +146,38 @@ fn e2e(c: &mut Criterion) {
             let _ = tokio::time::timeout(Duration::from_secs(10), s).await;
         }
     });
+}
+
+/// Opens `streams` Subscribe streams, round-robin over the nodes, each
+/// following `per_stream` mailboxes that nobody writes.
+async fn open_idle_streams(
+    ports: &[u16],
+    streams: usize,
+    per_stream: usize,
+) -> Vec<tonic::Streaming<pigeonhole_proto::v1::SubscribeResponse>> {
+    use pigeonhole_proto::v1 as pb;
+    let mut out = Vec::with_capacity(streams);
+    for s in 0..streams {
+        let port = ports[s % ports.len()];
+        let mut c = pb::mailbox_client::MailboxClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20);
+        let req = pb::SubscribeRequest {
+            mailboxes: (0..per_stream)
+                .map(|j| pb::MailboxCursor {
+                    mailbox: Some(pb::MailboxId {
+                        namespace: "idle".into(),
+                        user_id: format!("idle-{s}-{j}").into_bytes(),
+                    }),
+                    after_seq: 0,
+                })
+                .collect(),
+            max_in_flight: 0,
+        };
+        out.push(c.subscribe(req).await.unwrap().into_inner());
+    }
+    out
 }
 
 criterion_group!(benches, e2e);

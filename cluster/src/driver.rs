@@ -33,6 +33,7 @@ use crate::config::RaftTuning;
 use crate::error::ClusterError;
 use crate::placement::{shard_record_key, ShardMap, META_SHARD};
 use crate::transport::{spool, Envelope, ShardMsg, SnapshotJob, SnapshotSpool, Transport};
+use crate::watch::Watchers;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use pigeonhole_engine::command as cmd;
 use pigeonhole_engine::raft::eraftpb::{
@@ -155,6 +156,28 @@ struct ReadWaiter {
     queued_at: Instant,
 }
 
+/// A ReadIndex request in flight and the reads it covers.
+struct InflightRead {
+    /// The request's id (the second half of its context).
+    id: u64,
+    /// When it was last sent. raft-rs drops a ReadIndex silently when the
+    /// leader it went to dies, or when a new leader has not yet committed
+    /// an entry of its term; so a read still unanswered after
+    /// `READ_RETRY_TICKS`, or after the replica saw a new leader, is sent
+    /// again. Re-sending is safe: any answer to a request sent after the
+    /// waiters queued is an index at least as new as they need.
+    sent_tick: u64,
+    waiters: Vec<ReadWaiter>,
+}
+
+/// Ticks an unanswered ReadIndex waits before it is sent again.
+const READ_RETRY_TICKS: u64 = 2;
+
+/// Ticks a replica may be without a leader before the readers that follow
+/// its mailboxes are told (so a leader transfer, which leaves a replica
+/// leaderless for a few milliseconds, ends no stream).
+const LEADERLESS_TICKS_MAX: u32 = 1;
+
 /// A proposed entry this node waits on: callers and how many ops each owns.
 struct Pending {
     shard: u64,
@@ -173,8 +196,12 @@ struct Replica {
     raw: RawNode<RaftLogStore>,
     queued: VecDeque<QueuedProposal>,
     reads_queued: Vec<ReadWaiter>,
-    reads_inflight: Vec<(u64, Vec<ReadWaiter>)>,
+    reads_inflight: Vec<InflightRead>,
     reads_ready: Vec<(u64, Vec<ReadWaiter>)>,
+    /// The replica saw a new leader (or role): in-flight reads go again.
+    reads_resend: bool,
+    /// Consecutive ticks without a known leader.
+    leaderless_ticks: u32,
     quiet_ticks: u32,
     asleep: bool,
     log_bytes: u64,
@@ -249,9 +276,9 @@ pub(crate) struct Driver {
     peers: BTreeMap<u64, PeerLiveness>,
     ticks: u64,
     logger: slog::Logger,
-    /// Bumped after every loop turn that applied something: long-polls and
-    /// subscriptions wait on it instead of polling the engine.
-    applied_tx: tokio::sync::watch::Sender<u64>,
+    /// Waiting readers (long-polls, Subscribe streams): told which
+    /// mailboxes apply changed, and which shards lost their leader.
+    watchers: Arc<Watchers>,
 }
 
 struct PeerLiveness {
@@ -268,7 +295,7 @@ pub(crate) struct DriverParts {
     pub inbox: (Sender<Inbound>, Receiver<Inbound>),
     pub map: Arc<ShardMap>,
     pub spool: Arc<SnapshotSpool>,
-    pub applied_tx: tokio::sync::watch::Sender<u64>,
+    pub watchers: Arc<Watchers>,
 }
 
 impl Driver {
@@ -282,7 +309,7 @@ impl Driver {
             inbox: (tx, rx),
             map,
             spool,
-            applied_tx,
+            watchers,
         } = parts;
         let now = Instant::now();
         let peers = map
@@ -323,7 +350,7 @@ impl Driver {
             peers,
             ticks: 0,
             logger: slog::Logger::root(slog::Discard, slog::o!()),
-            applied_tx,
+            watchers,
         };
         for shard in d.engine.shard_ids()? {
             d.recover_shard(shard)?;
@@ -440,6 +467,8 @@ impl Driver {
                 reads_queued: Vec::new(),
                 reads_inflight: Vec::new(),
                 reads_ready: Vec::new(),
+                reads_resend: false,
+                leaderless_ticks: 0,
                 quiet_ticks: 0,
                 asleep: false,
                 log_bytes: 0,
@@ -610,7 +639,7 @@ impl Driver {
                 };
                 if !r.raw.raft.prs().conf().voters().contains(to) {
                     let _ = reply.send(Err(ClusterError::InvalidArgument {
-                        field: "to",
+                        field: "to_node",
                         reason: format!("node {to} is not a voter of shard {shard}"),
                     }));
                     return Ok(true);
@@ -688,6 +717,14 @@ impl Driver {
     }
 
     fn not_replica(&self, shard: u64) -> ClusterError {
+        if shard != META_SHARD && self.map.shard(shard).is_none() {
+            // Not a shard of this cluster at all: retrying cannot help.
+            return ClusterError::NoSuchShard {
+                shard,
+                first: self.map.shards.first().map_or(0, |s| s.id),
+                last: self.map.shards.last().map_or(0, |s| s.id),
+            };
+        }
         ClusterError::NotReplica {
             shard,
             node: self.node_id,
@@ -796,6 +833,8 @@ impl Driver {
                 let _ = std::fs::remove_file(path);
                 return Ok(());
             }
+            // Any mailbox of the shard may have changed.
+            self.watchers.shard_reset(shard);
         } else {
             let _ = std::fs::remove_file(path);
         }
@@ -846,14 +885,21 @@ impl Driver {
             });
         }
         let limit = Duration::from_millis(self.tuning.peer_down_after_ms);
-        let mut changed = false;
-        for p in self.peers.values_mut() {
+        let mut gone = Vec::new();
+        for (id, p) in self.peers.iter_mut() {
             if !p.down && p.last_seen.elapsed() > limit {
                 p.down = true;
-                changed = true;
+                gone.push(*id);
             }
         }
-        if changed {
+        if !gone.is_empty() {
+            // Readers of shards led from a node we no longer hear from are
+            // told now, not an election timeout later: they resume elsewhere.
+            for (shard, r) in &self.replicas {
+                if gone.contains(&r.raw.raft.leader_id) {
+                    self.watchers.leader_lost(*shard);
+                }
+            }
             self.wake_all();
         }
     }
@@ -871,12 +917,28 @@ impl Driver {
         let timeout = Duration::from_millis(self.tuning.request_timeout_ms);
         let node_id = self.node_id;
         let now = Instant::now();
+        let ticks = self.ticks;
         for (shard, r) in self.replicas.iter_mut() {
             if r.asleep {
                 continue;
             }
             r.raw.tick();
             self.dirty.insert(*shard);
+            if r.raw.raft.leader_id == 0 {
+                r.leaderless_ticks = r.leaderless_ticks.saturating_add(1);
+                if r.leaderless_ticks > LEADERLESS_TICKS_MAX {
+                    self.watchers.leader_lost(*shard);
+                }
+            } else {
+                r.leaderless_ticks = 0;
+                // ReadIndex requests that got no answer go again.
+                for read in r.reads_inflight.iter_mut() {
+                    if ticks.saturating_sub(read.sent_tick) >= READ_RETRY_TICKS {
+                        read.sent_tick = ticks;
+                        r.raw.read_index(context(node_id, read.id));
+                    }
+                }
+            }
             if rebalance {
                 maybe_rebalance(node_id, r, &self.peers);
             }
@@ -1083,13 +1145,29 @@ impl Driver {
                 self.waiting.remove(&shard);
                 continue;
             };
-            if !r.reads_queued.is_empty() && r.raw.raft.leader_id != 0 {
-                let waiters = std::mem::take(&mut r.reads_queued);
-                r.raw.read_index(context(node_id, id));
-                r.reads_inflight.push((id, waiters));
-                self.dirty.insert(shard);
+            if r.raw.raft.leader_id != 0 {
+                if r.reads_resend {
+                    // A new leader (or role): reads sent to the old one may
+                    // never be answered.
+                    r.reads_resend = false;
+                    for read in r.reads_inflight.iter_mut() {
+                        read.sent_tick = self.ticks;
+                        r.raw.read_index(context(node_id, read.id));
+                    }
+                    self.dirty.insert(shard);
+                }
+                if !r.reads_queued.is_empty() {
+                    let waiters = std::mem::take(&mut r.reads_queued);
+                    r.raw.read_index(context(node_id, id));
+                    r.reads_inflight.push(InflightRead {
+                        id,
+                        sent_tick: self.ticks,
+                        waiters,
+                    });
+                    self.dirty.insert(shard);
+                }
             }
-            if r.queued.is_empty() && r.reads_queued.is_empty() {
+            if r.queued.is_empty() && r.reads_queued.is_empty() && !r.reads_resend {
                 self.waiting.remove(&shard);
             }
         }
@@ -1120,6 +1198,10 @@ impl Driver {
             if shard != META_SHARD && rd.ss().is_some_and(|ss| ss.raft_state == StateRole::Leader) {
                 self.map_dirty.insert(shard);
             }
+            if rd.ss().is_some() && !r.reads_inflight.is_empty() {
+                r.reads_resend = true;
+                self.waiting.insert(shard);
+            }
             let msgs = rd.take_messages();
             if early_ok {
                 route(&mut self.outbox, shard, msgs, &mut snapshots);
@@ -1141,10 +1223,10 @@ impl Driver {
                 if let Some(pos) = r
                     .reads_inflight
                     .iter()
-                    .position(|(id, _)| parse_context(&rs.request_ctx).map(|c| c.1) == Some(*id))
+                    .position(|read| parse_context(&rs.request_ctx).map(|c| c.1) == Some(read.id))
                 {
-                    let (_, w) = r.reads_inflight.swap_remove(pos);
-                    r.reads_ready.push((rs.index, w));
+                    let read = r.reads_inflight.swap_remove(pos);
+                    r.reads_ready.push((rs.index, read.waiters));
                 }
             }
             readies.push((shard, rd));
@@ -1329,6 +1411,9 @@ impl Driver {
                 continue;
             };
             for (e, outcome) in entries.iter().zip(outcomes) {
+                if let EntryOutcome::Command { changed, .. } = &outcome {
+                    self.watchers.mailboxes_changed(changed);
+                }
                 let Some((node, id)) = parse_context(&e.context) else {
                     continue;
                 };
@@ -1348,12 +1433,11 @@ impl Driver {
         for shard in removed {
             self.remove_replica(shard);
         }
-        // Written and answered: wake whoever waits for new data.
-        self.applied_tx.send_modify(|v| *v = v.wrapping_add(1));
         Ok(())
     }
 
     fn remove_replica(&mut self, shard: u64) {
+        self.watchers.leader_lost(shard);
         if let Some(r) = self.replicas.remove(&shard) {
             fail_all(shard, r, |shard| ClusterError::NotReplica {
                 shard,
@@ -1415,6 +1499,11 @@ impl Driver {
 
     /// Fails every waiter on stop.
     pub(crate) fn shutdown(&mut self) {
+        // Streams of this node cannot be fed any more: they end, and their
+        // clients resume elsewhere.
+        for shard in self.replicas.keys() {
+            self.watchers.leader_lost(*shard);
+        }
         for (shard, r) in std::mem::take(&mut self.replicas) {
             fail_all(shard, r, |_| ClusterError::Stopped);
         }
@@ -1534,17 +1623,16 @@ fn expire_queued(shard: u64, r: &mut Replica, now: Instant) {
         };
         let _ = w.reply.send(Err(err));
     };
-    let (old, new): (Vec<_>, Vec<_>) = r.reads_queued.drain(..).partition(|w| w.deadline <= now);
-    r.reads_queued = new;
-    old.into_iter().for_each(|w| timeout(w, "read index"));
-    for list in [&mut r.reads_inflight, &mut r.reads_ready] {
-        for (_, ws) in list.iter_mut() {
-            let (old, new): (Vec<_>, Vec<_>) = ws.drain(..).partition(|w| w.deadline <= now);
-            *ws = new;
-            old.into_iter().for_each(|w| timeout(w, "read index"));
-        }
-        list.retain(|(_, ws)| !ws.is_empty());
-    }
+    let expire = |ws: &mut Vec<ReadWaiter>| {
+        let (old, new): (Vec<_>, Vec<_>) = ws.drain(..).partition(|w| w.deadline <= now);
+        *ws = new;
+        old.into_iter().for_each(|w| timeout(w, "read index"));
+    };
+    expire(&mut r.reads_queued);
+    r.reads_inflight.iter_mut().for_each(|read| expire(&mut read.waiters));
+    r.reads_inflight.retain(|read| !read.waiters.is_empty());
+    r.reads_ready.iter_mut().for_each(|(_, ws)| expire(ws));
+    r.reads_ready.retain(|(_, ws)| !ws.is_empty());
 }
 
 fn fail_all(shard: u64, mut r: Replica, err: impl Fn(u64) -> ClusterError) {
@@ -1554,7 +1642,8 @@ fn fail_all(shard: u64, mut r: Replica, err: impl Fn(u64) -> ClusterError) {
     for w in r.reads_queued.drain(..) {
         let _ = w.reply.send(Err(err(shard)));
     }
-    for (_, ws) in r.reads_inflight.drain(..).chain(r.reads_ready.drain(..)) {
+    let inflight = r.reads_inflight.drain(..).map(|read| read.waiters);
+    for ws in inflight.chain(r.reads_ready.drain(..).map(|(_, ws)| ws)) {
         for w in ws {
             let _ = w.reply.send(Err(err(shard)));
         }

@@ -55,6 +55,17 @@ pub enum ClusterError {
         /// What it is busy with.
         reason: String,
     },
+    /// No such shard exists in the cluster: not a retryable condition, the
+    /// id is wrong.
+    #[error("shard {shard} does not exist (the cluster has shards {first} to {last})")]
+    NoSuchShard {
+        /// The id asked for.
+        shard: u64,
+        /// The lowest data shard id.
+        first: u64,
+        /// The highest data shard id.
+        last: u64,
+    },
     /// This node holds no replica of the shard.
     #[error("shard {shard} has no replica on node {node}; replicas are on {replicas:?}")]
     NotReplica {

@@ -21,7 +21,8 @@
 //! Module map: [`config`] (node and Raft limits), [`settings`] (the
 //! server's flags, environment and config file), [`server`], [`api`], [`error`], [`hash`],
 //! [`placement`] (shard map), [`driver`] (the loop), [`node`] (the handle),
-//! [`transport`] (`local`, `grpc`, snapshot spool).
+//! [`transport`] (`local`, `grpc`, snapshot spool), [`watch`] (which
+//! waiting readers a write or a leader loss concerns).
 
 pub mod api;
 pub mod config;
@@ -33,6 +34,7 @@ pub mod placement;
 pub mod server;
 pub mod settings;
 pub mod transport;
+pub mod watch;
 
 pub use config::{InitialCluster, NodeConfig, RaftTuning};
 pub use driver::{ProposeResult, Role, ShardStatus};

@@ -10,6 +10,7 @@ use crate::driver::{Driver, DriverParts, Inbound, ProposeResult, ShardStatus};
 use crate::error::ClusterError;
 use crate::placement::{meta_members, ShardMap, META_SHARD, SHARD_RECORD_PREFIX};
 use crate::transport::{NodeInbox, SnapshotSpool, Transport};
+use crate::watch::Watchers;
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use pigeonhole_engine::command as cmd;
 use pigeonhole_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState};
@@ -49,7 +50,7 @@ struct NodeInner {
     inbox_capacity: usize,
     ops_per_entry_max: usize,
     entry_bytes_max: usize,
-    applied_rx: tokio::sync::watch::Receiver<u64>,
+    watchers: Arc<Watchers>,
 }
 
 impl Drop for NodeInner {
@@ -111,7 +112,7 @@ impl Node {
         }
         let spool = Arc::new(SnapshotSpool::open(cfg.data_dir.join("snap"))?);
         let (tx, rx) = bounded(cfg.raft.inbox_capacity);
-        let (applied_tx, applied_rx) = tokio::sync::watch::channel(0u64);
+        let watchers = Arc::new(Watchers::default());
         let inbox = NodeInbox {
             node_id: cfg.node_id,
             tx: tx.clone(),
@@ -125,7 +126,7 @@ impl Node {
             inbox: (tx.clone(), rx),
             map: map.clone(),
             spool,
-            applied_tx,
+            watchers: watchers.clone(),
         })?;
         let thread = std::thread::Builder::new()
             .name(format!("raft-driver-{}", cfg.node_id))
@@ -147,7 +148,7 @@ impl Node {
                 inbox_capacity: cfg.raft.inbox_capacity,
                 ops_per_entry_max: cfg.raft.ops_per_entry_max,
                 entry_bytes_max: cfg.raft.entry_bytes_max,
-                applied_rx,
+                watchers,
             }),
         })
     }
@@ -184,10 +185,11 @@ impl Node {
         &self.inner.map
     }
 
-    /// A receiver that changes after every loop turn in which this node
-    /// applied entries (of any shard): what long-polls wait on.
-    pub fn applied_watch(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.applied_rx.clone()
+    /// The registry of waiting readers: a long-poll or Subscribe stream
+    /// registers the mailboxes it follows and is woken when apply changes
+    /// one of them, or when a shard of them loses its leader here.
+    pub fn watchers(&self) -> &Arc<Watchers> {
+        &self.inner.watchers
     }
 
     /// Limits a request must fit in (ops, bytes) to be proposed whole.

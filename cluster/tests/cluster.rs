@@ -497,14 +497,14 @@ async fn bad_requests_get_clear_errors() {
         .propose(99, vec![append_op("u", "k", b"v")])
         .await
         .unwrap_err();
-    assert!(matches!(err, ClusterError::NotReplica { shard: 99, .. }), "{err}");
+    assert!(matches!(err, ClusterError::NoSuchShard { shard: 99, .. }), "{err}");
     // A bad op is a per-op error from the state machine, not a failure.
     let res = c.node(1).propose(1, vec![append_op("u", "", b"v")]).await.unwrap();
     let e = res[0].as_ref().unwrap_err().to_string();
     assert!(e.contains("idempotency_key"), "{e}");
     let err = c.node(1).transfer_leader(1, 7).await.unwrap_err();
     assert!(
-        matches!(err, ClusterError::InvalidArgument { field: "to", .. }),
+        matches!(err, ClusterError::InvalidArgument { field: "to_node", .. }),
         "{err}"
     );
     // A request must fit one entry: too many ops, or too many bytes, is

@@ -9,70 +9,15 @@
 use pigeonhole_proto::v1 as pb;
 use pigeonhole_proto::v1::admin_client::AdminClient;
 use pigeonhole_proto::v1::mailbox_client::MailboxClient;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-struct Server {
-    child: Child,
-    addr: String,
-}
+mod server_common;
 
-impl Drop for Server {
-    /// A failing test must not leave a server running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start(dir: &std::path::Path, port: u16) -> Server {
-    let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_pigeonhole"))
-        .args(["--data-dir", dir.to_str().unwrap(), "--listen", &addr, "--shards", "4"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Server { child, addr }
-}
-
-async fn client(s: &Server) -> MailboxClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(c) = MailboxClient::connect(format!("http://{}", s.addr)).await {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn mb(user: &str) -> Option<pb::MailboxId> {
-    Some(pb::MailboxId {
-        namespace: "chat".into(),
-        user_id: user.as_bytes().to_vec(),
-    })
-}
-
-fn append(user: &str, key: &str, payload: &[u8]) -> pb::AppendRequest {
-    pb::AppendRequest {
-        mailbox: mb(user),
-        payload: payload.to_vec(),
-        idempotency_key: key.as_bytes().to_vec(),
-        expected_last_seq: None,
-    }
-}
+use server_common::{append, client, free_port, mb, start};
 
 /// Appends, retrying while the node elects a leader after a (re)start.
 async fn append_retrying(c: &mut MailboxClient<Channel>, req: pb::AppendRequest) -> pb::AppendResponse {
@@ -401,11 +346,20 @@ async fn the_server_serves_the_mailbox_api() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    let e = admin
-        .transfer_leader(pb::TransferLeaderRequest { shard: 99, to_node: 1 })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "no replica of shard 99 here: {e:?}");
+    assert_eq!(
+        e.get_error_details().bad_request().unwrap().field_violations[0].field,
+        "to_node",
+        "the field is named as in the proto"
+    );
+    // A shard that does not exist is NOT_FOUND, never retryable.
+    for shard in [99, 999_999, u64::MAX] {
+        let e = admin
+            .transfer_leader(pb::TransferLeaderRequest { shard, to_node: 1 })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "shard {shard}: {e:?}");
+        assert_eq!(e.get_error_details().error_info().unwrap().reason, "NO_SUCH_SHARD");
+    }
 
     // Graceful stop: SIGTERM, exit 0; a restart keeps everything.
     let pid = s.child.id().to_string();

@@ -68,6 +68,11 @@ pub enum EntryOutcome {
         time_ms: u64,
         /// Per-op results.
         results: Vec<Result<OpOutput, OpError>>,
+        /// [`crate::mailbox_fingerprint`]s of the mailboxes whose messages
+        /// or low watermark this command changed (an append that stored, a
+        /// trim, a delete), in op order, possibly repeated: the node wakes
+        /// only the readers that follow these.
+        changed: Vec<u64>,
     },
 }
 
@@ -218,6 +223,7 @@ impl Engine {
             txn,
             shard,
             now_ms: meta.time_ms,
+            changed: Vec::new(),
         };
         let mut results = Vec::with_capacity(command.ops.len());
         for op in &command.ops {
@@ -226,6 +232,7 @@ impl Engine {
         Ok(EntryOutcome::Command {
             time_ms: meta.time_ms,
             results,
+            changed: sm.changed,
         })
     }
 }
@@ -240,6 +247,8 @@ struct StateMachine<'a, 't> {
     txn: &'a mut Txn<'t>,
     shard: u64,
     now_ms: u64,
+    /// Fingerprints of the mailboxes changed so far (see `EntryOutcome`).
+    changed: Vec<u64>,
 }
 
 /// Returns early with the op's (deterministic) rejection.
@@ -254,6 +263,11 @@ macro_rules! reject_on {
 impl StateMachine<'_, '_> {
     fn apply_op(&mut self, op: &cmd::Op) -> OpResult {
         use cmd::op::Op;
+        if let Some(op) = &op.op {
+            // The same checks the serving layer made before proposing; kept
+            // here so that every replica rejects the same ops (D6).
+            reject_on!(self.engine.options().limits.check_op(op));
+        }
         match &op.op {
             Some(Op::Append(a)) => self.append(a),
             Some(Op::Ack(a)) => self.ack(a),
@@ -284,10 +298,6 @@ impl StateMachine<'_, '_> {
     }
 
     fn append(&mut self, a: &cmd::AppendOp) -> OpResult {
-        let limits = &self.engine.options().limits;
-        reject_on!(limits.check_mailbox(&a.namespace, &a.user_id));
-        reject_on!(limits.check_idempotency_key(&a.idempotency_key));
-        reject_on!(limits.check_payload(&a.payload));
         let (mb, mut meta) = self.mailbox(&a.namespace, &a.user_id)?;
         let dk = keys::dedup(self.shard, &mb, &a.idempotency_key);
         let payload_crc = crc32fast::hash(&a.payload);
@@ -353,6 +363,7 @@ impl StateMachine<'_, '_> {
         meta.last_seq = seq;
         meta.payload_bytes += len_u64(&a.payload);
         self.put_mailbox(&mb, &meta);
+        self.changed.push(crate::mailbox_fingerprint(&a.namespace, &a.user_id));
         Ok(Ok(OpOutput::Appended {
             seq,
             duplicate: false,
@@ -362,8 +373,6 @@ impl StateMachine<'_, '_> {
 
     fn ack(&mut self, a: &cmd::AckOp) -> OpResult {
         let limits = &self.engine.options().limits;
-        reject_on!(limits.check_mailbox(&a.namespace, &a.user_id));
-        reject_on!(limits.check_device_id(&a.device_id));
         let (mb, mut meta) = self.mailbox(&a.namespace, &a.user_id)?;
         if a.seq > meta.last_seq {
             return Ok(Err(OpError::AckBeyondLastSeq {
@@ -418,7 +427,6 @@ impl StateMachine<'_, '_> {
     }
 
     fn trim(&mut self, t: &cmd::TrimOp) -> OpResult {
-        reject_on!(self.engine.options().limits.check_mailbox(&t.namespace, &t.user_id));
         let (mb, mut meta) = self.mailbox(&t.namespace, &t.user_id)?;
         if t.up_to_seq > meta.last_seq {
             return Ok(Err(OpError::TrimBeyondLastSeq {
@@ -464,6 +472,7 @@ impl StateMachine<'_, '_> {
         }
         meta.low_watermark = t.up_to_seq + 1;
         self.put_mailbox(&mb, &meta);
+        self.changed.push(crate::mailbox_fingerprint(&t.namespace, &t.user_id));
         Ok(Ok(OpOutput::Trimmed {
             low_watermark: meta.low_watermark,
             removed: expected,
@@ -471,7 +480,6 @@ impl StateMachine<'_, '_> {
     }
 
     fn delete(&mut self, d: &cmd::DeleteOp) -> OpResult {
-        reject_on!(self.engine.options().limits.check_mailbox(&d.namespace, &d.user_id));
         let (mb, mut meta) = self.mailbox(&d.namespace, &d.user_id)?;
         if d.seq < meta.low_watermark || d.seq > meta.last_seq {
             return Ok(Err(OpError::SeqNotFound {
@@ -499,6 +507,7 @@ impl StateMachine<'_, '_> {
         self.txn.put(key, &tomb.encode());
         self.start_dedup_window(&mb, d.seq, &idem)?;
         self.put_mailbox(&mb, &meta);
+        self.changed.push(crate::mailbox_fingerprint(&d.namespace, &d.user_id));
         Ok(Ok(OpOutput::Deleted { deleted: true }))
     }
 

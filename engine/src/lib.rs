@@ -36,7 +36,7 @@ mod snapshot;
 pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
 pub use engine::{Durability, Engine, EngineOptions, FORMAT_VERSION};
 pub use error::{EngineError, HexKey, OpError, ReadError};
-pub use limits::Limits;
+pub use limits::{mailbox_fingerprint, Limits};
 pub use raftlog::{conf_state_with_voters, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC};
 pub use read::{Cursors, MailboxInfo, ReadMessage, ShardSize, SyncPage, SyncQuery, SystemValue};
 pub use records::{ShardMeta, ShardState};

@@ -5,6 +5,7 @@
 //! constants sprinkled over the code.
 
 use crate::error::OpError;
+use pigeonhole_proto::internal::v1 as cmd;
 
 /// Size and count limits. Units are last in every name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +133,45 @@ impl Limits {
     pub fn check_device_id(&self, device: &[u8]) -> Result<(), OpError> {
         check_len("device_id", device.len(), 1, self.device_id_bytes_max)
     }
+
+    /// Every check of one client op that depends on the op alone, in the
+    /// order apply makes them. Apply calls it (so every replica rejects the
+    /// same ops: D6), and the serving layer calls it BEFORE proposing, so a
+    /// request over a limit never reaches the Raft log. Ops only the node
+    /// itself makes (PutSystem, ExpireDedup) are checked in apply only.
+    pub fn check_op(&self, op: &cmd::op::Op) -> Result<(), OpError> {
+        use cmd::op::Op;
+        match op {
+            Op::Append(a) => {
+                self.check_mailbox(&a.namespace, &a.user_id)?;
+                self.check_idempotency_key(&a.idempotency_key)?;
+                self.check_payload(&a.payload)
+            }
+            Op::Ack(a) => {
+                self.check_mailbox(&a.namespace, &a.user_id)?;
+                self.check_device_id(&a.device_id)
+            }
+            Op::Trim(t) => self.check_mailbox(&t.namespace, &t.user_id),
+            Op::Delete(d) => self.check_mailbox(&d.namespace, &d.user_id),
+            Op::ExpireDedup(_) | Op::PutSystem(_) => Ok(()),
+        }
+    }
+}
+
+/// A 64-bit fingerprint of a mailbox id (FNV-1a over the namespace, a 0xff
+/// separator that no namespace byte can be, and the user id). Apply reports
+/// the fingerprints of the mailboxes it changed, so that the node wakes only
+/// the readers that follow them. Two mailboxes may share a fingerprint; that
+/// costs a spurious wake-up, never a missed one.
+pub fn mailbox_fingerprint(namespace: &str, user_id: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    for b in namespace.as_bytes().iter().chain(&[0xff]).chain(user_id) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(PRIME);
+    }
+    h
 }
 
 fn check_len(field: &'static str, len: usize, min: usize, max: usize) -> Result<(), OpError> {
@@ -204,5 +244,40 @@ mod tests {
         assert!(l.check_device_id(&[]).is_err());
         assert!(l.check_device_id(&[0u8; 129]).is_err());
         assert!(l.check_device_id(&[0u8; 128]).is_ok());
+    }
+
+    #[test]
+    fn check_op_names_the_first_broken_field() {
+        let l = Limits::default();
+        let append = |ns: &str, key: &[u8], payload: usize| {
+            cmd::op::Op::Append(cmd::AppendOp {
+                namespace: ns.into(),
+                user_id: b"u".to_vec(),
+                idempotency_key: key.to_vec(),
+                payload: vec![0; payload],
+                expected_last_seq: None,
+            })
+        };
+        assert!(l.check_op(&append("ns", b"k", 10)).is_ok());
+        let field = |op| match l.check_op(&op) {
+            Err(OpError::InvalidArgument { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(append("ns", b"k", (1 << 20) + 1)), "payload");
+        assert_eq!(field(append("ns", b"", 10)), "idempotency_key");
+        assert_eq!(field(append("NS", b"", (1 << 20) + 1)), "mailbox.namespace");
+        let ack = cmd::op::Op::Ack(cmd::AckOp {
+            namespace: "ns".into(),
+            user_id: b"u".to_vec(),
+            device_id: Vec::new(),
+            seq: 1,
+        });
+        assert_eq!(field(ack), "device_id");
+    }
+
+    #[test]
+    fn fingerprints_separate_namespace_from_user_id() {
+        assert_ne!(mailbox_fingerprint("ab", b"c"), mailbox_fingerprint("a", b"bc"));
+        assert_eq!(mailbox_fingerprint("ns", b"u"), mailbox_fingerprint("ns", b"u"));
     }
 }

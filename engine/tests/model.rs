@@ -419,7 +419,7 @@ fn run(steps: Vec<Step>) {
                 let out = s.engine().apply(s.id, &batch, Durability::NoFsync).unwrap();
                 for (o, (want_time, want)) in out.into_iter().zip(expected) {
                     match o {
-                        EntryOutcome::Command { results, time_ms } => {
+                        EntryOutcome::Command { results, time_ms, .. } => {
                             assert_eq!(time_ms, want_time);
                             let got: Vec<_> = results.into_iter().map(normalize).collect();
                             assert_eq!(got, want);

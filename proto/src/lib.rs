@@ -7,6 +7,8 @@
 //!   It is persisted, so it evolves like a storage format.
 //!
 //! - [`placement`] is the placement hash, which clients route with.
+//! - [`codec`] is the public API's gRPC codec: a request that cannot be
+//!   decoded is INVALID_ARGUMENT naming the field, not INTERNAL.
 //!
 //! The generated code is kept in its own crate so that the engine, the cluster
 //! and the client all depend on one copy of the contract and nothing else.
@@ -33,4 +35,5 @@ pub mod internal {
 
 pub use prost;
 
+pub mod codec;
 pub mod placement;

@@ -82,7 +82,11 @@ impl Admin for AdminService {
         } else {
             std::collections::HashMap::new()
         };
+        let watching = self.node.watchers().counts();
         Ok(Response::new(pb::NodeStatusResponse {
+            subscribe_streams: watching.streams,
+            subscribed_mailboxes: watching.stream_mailboxes,
+            sync_waiters: watching.polls,
             node_id: self.node.id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             replicas: replicas

@@ -9,7 +9,8 @@
 //! rather than polling.
 
 use super::deadline;
-use super::status::{cluster_error, invalid, op_error, read_error, read_error_at};
+use super::status::{cluster_error, invalid, op_error, op_error_at, read_error};
+use crate::watch::WatchKind;
 use crate::Node;
 use pigeonhole_engine::command as cmd;
 use pigeonhole_engine::{OpError, OpOutput, ReadMessage, SyncQuery};
@@ -18,13 +19,8 @@ use pigeonhole_proto::v1::mailbox_server::Mailbox;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-
-/// Messages per Subscribe event, at most: small enough that `max_in_flight`
-/// is several events, so a stream keeps flowing while the client reads.
-pub const SUBSCRIBE_PAGE_MAX: u32 = 256;
 
 /// API limits (units last). The defaults are the ones mailbox.proto states.
 #[derive(Debug, Clone)]
@@ -59,11 +55,11 @@ impl Default for ApiLimits {
 /// The service.
 #[derive(Debug, Clone)]
 pub struct MailboxService {
-    node: Node,
-    limits: ApiLimits,
+    pub(super) node: Node,
+    pub(super) limits: ApiLimits,
     /// Becomes true when the server starts shutting down: long-polls return
     /// and Subscribe streams end, so a graceful shutdown never waits on them.
-    closing: tokio::sync::watch::Receiver<bool>,
+    pub(super) closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl MailboxService {
@@ -74,13 +70,19 @@ impl MailboxService {
 
     /// Validates a mailbox id and finds its shard.
     fn route(&self, mb: Option<&pb::MailboxId>) -> Result<(String, Vec<u8>, u64), Status> {
-        let mb = mb.ok_or_else(|| invalid("mailbox", "is required"))?;
+        self.route_at("", mb)
+    }
+
+    /// [`Self::route`] for a mailbox at `prefix` in the request (e.g.
+    /// `items[3].`): errors name the field by its full path.
+    pub(super) fn route_at(&self, prefix: &str, mb: Option<&pb::MailboxId>) -> Result<(String, Vec<u8>, u64), Status> {
+        let mb = mb.ok_or_else(|| invalid(&format!("{prefix}mailbox"), "is required"))?;
         self.node
             .engine()
             .options()
             .limits
             .check_mailbox(&mb.namespace, &mb.user_id)
-            .map_err(|e| op_error(&e))?;
+            .map_err(|e| op_error_at(prefix, &e))?;
         let shard = self
             .node
             .bootstrap_map()
@@ -90,8 +92,20 @@ impl MailboxService {
         Ok((mb.namespace.clone(), mb.user_id.clone(), shard))
     }
 
-    /// Proposes one op and returns its result; gives up at `until`.
+    /// Checks an op against every limit BEFORE it is proposed: a request
+    /// over a limit never reaches the Raft log (apply checks again, D6).
+    fn check(&self, prefix: &str, op: &cmd::op::Op) -> Result<(), Status> {
+        self.node
+            .engine()
+            .options()
+            .limits
+            .check_op(op)
+            .map_err(|e| op_error_at(prefix, &e))
+    }
+
+    /// Checks and proposes one op and returns its result; gives up at `until`.
     async fn one(&self, shard: u64, op: cmd::op::Op, until: Option<Instant>) -> Result<OpOutput, Status> {
+        self.check("", &op)?;
         let mut res = self
             .node
             .propose_until(shard, vec![cmd::Op { op: Some(op) }], until)
@@ -104,7 +118,7 @@ impl MailboxService {
         }
     }
 
-    async fn barrier(&self, shard: u64, consistency: i32, until: Option<Instant>) -> Result<(), Status> {
+    pub(super) async fn barrier(&self, shard: u64, consistency: i32, until: Option<Instant>) -> Result<(), Status> {
         match pb::ReadConsistency::try_from(consistency) {
             Ok(pb::ReadConsistency::Stale) => Ok(()),
             Ok(pb::ReadConsistency::Unspecified | pb::ReadConsistency::Linearizable) => self
@@ -142,7 +156,7 @@ fn appended(out: OpOutput) -> Result<pb::AppendResponse, Status> {
     }
 }
 
-fn message(m: ReadMessage) -> pb::Message {
+pub(super) fn message(m: ReadMessage) -> pb::Message {
     pb::Message {
         seq: m.seq,
         payload: m.payload,
@@ -195,11 +209,16 @@ impl Mailbox for MailboxService {
         // is split so one proposal stays well inside one Raft entry.
         let mut groups: BTreeMap<u64, Vec<Vec<(usize, cmd::Op)>>> = BTreeMap::new();
         for (i, mut item) in items.into_iter().enumerate() {
-            match self.route(item.mailbox.take().as_ref()) {
-                Ok((ns, uid, shard)) => {
-                    let op = cmd::Op {
-                        op: Some(append_op(item, ns, uid)),
-                    };
+            let prefix = format!("items[{i}].");
+            let routed = self
+                .route_at(&prefix, item.mailbox.take().as_ref())
+                .and_then(|(ns, uid, shard)| {
+                    let op = append_op(item, ns, uid);
+                    self.check(&prefix, &op).map(|()| (op, shard))
+                });
+            match routed {
+                Ok((op, shard)) => {
+                    let op = cmd::Op { op: Some(op) };
                     let chunks = groups.entry(shard).or_default();
                     let fits = chunks.last().is_some_and(|c| {
                         c.iter().map(|(_, o)| prost::Message::encoded_len(o)).sum::<usize>()
@@ -278,9 +297,12 @@ impl Mailbox for MailboxService {
                 format!("at most {} ms, got {}", self.limits.wait_ms_max, r.wait_ms),
             ));
         }
-        // Subscribe to applies BEFORE the first read, so a message applied
-        // between the read and the wait still wakes us.
-        let mut applied = self.node.applied_watch();
+        // Register BEFORE the first read, so a message applied between the
+        // read and the wait still wakes us.
+        let watch = self.node.watchers().watch(
+            WatchKind::Poll,
+            vec![(shard, pigeonhole_engine::mailbox_fingerprint(&ns, &uid))],
+        );
         self.barrier(shard, r.consistency, until).await?;
         // A long-poll ends with an empty page before the client's deadline,
         // not with DEADLINE_EXCEEDED.
@@ -294,7 +316,7 @@ impl Mailbox for MailboxService {
             max_bytes: r.max_bytes,
         };
         loop {
-            applied.borrow_and_update();
+            watch.take();
             let page = self.node.engine().sync(shard, &q).map_err(|e| read_error(&e))?;
             let now = Instant::now();
             if !page.messages.is_empty() || now >= deadline {
@@ -306,10 +328,11 @@ impl Mailbox for MailboxService {
                 }));
             }
             // A message applied here is committed: serving it after the
-            // barrier keeps the read linearizable.
+            // barrier keeps the read linearizable. Only a change of THIS
+            // mailbox (or of its whole shard) wakes the poll.
             let mut closing = self.closing.clone();
             tokio::select! {
-                woke = tokio::time::timeout(deadline - now, applied.changed()) => {
+                woke = tokio::time::timeout(deadline - now, watch.changed()) => {
                     if woke.is_err() {
                         continue; // timed out: one last read, then return
                     }
@@ -326,81 +349,7 @@ impl Mailbox for MailboxService {
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let until = deadline::of(&req, Instant::now());
-        let r = req.into_inner();
-        if r.mailboxes.is_empty() || r.mailboxes.len() > self.limits.subscribe_mailboxes_max {
-            return Err(invalid(
-                "mailboxes",
-                format!(
-                    "1 to {} mailboxes, got {}",
-                    self.limits.subscribe_mailboxes_max,
-                    r.mailboxes.len()
-                ),
-            ));
-        }
-        let in_flight = match r.max_in_flight {
-            0 => self.limits.subscribe_in_flight_default,
-            n if n > self.limits.subscribe_in_flight_max => {
-                return Err(invalid(
-                    "max_in_flight",
-                    format!("at most {}, got {n}", self.limits.subscribe_in_flight_max),
-                ))
-            }
-            n => n,
-        };
-        let mut subs = Vec::with_capacity(r.mailboxes.len());
-        let mut seen = std::collections::HashSet::new();
-        for (i, c) in r.mailboxes.into_iter().enumerate() {
-            let (ns, uid, shard) = self
-                .route(c.mailbox.as_ref())
-                .map_err(|s| invalid(&format!("mailboxes[{i}].mailbox"), s.message().to_string()))?;
-            if !seen.insert((ns.clone(), uid.clone())) {
-                return Err(invalid(&format!("mailboxes[{i}]"), "the mailbox appears twice"));
-            }
-            subs.push(Sub {
-                ns,
-                uid,
-                shard,
-                cursor: c.after_seq,
-                live: true,
-            });
-        }
-        // One ReadIndex per shard up front: the backlog reflects every write
-        // acknowledged before the call.
-        let shards: std::collections::BTreeSet<u64> = subs.iter().map(|s| s.shard).collect();
-        for shard in shards {
-            self.node
-                .read_barrier_until(shard, until)
-                .await
-                .map_err(|e| cluster_error(&e))?;
-        }
-        // As in Sync, a cursor beyond last_seq is an error, not a wait: after
-        // the barrier this replica has every acknowledged message, so such a
-        // cursor was never handed out by this cluster.
-        for (i, s) in subs.iter().enumerate() {
-            let q = SyncQuery {
-                namespace: &s.ns,
-                user_id: &s.uid,
-                after_seq: s.cursor,
-                max_messages: 1,
-                max_bytes: 0,
-            };
-            match self.node.engine().sync(s.shard, &q) {
-                Ok(_) | Err(pigeonhole_engine::ReadError::CursorTrimmed { .. }) => {}
-                Err(e) => return Err(read_error_at(&format!("mailboxes[{i}].after_seq"), &e)),
-            }
-        }
-        // The channel is the flow control: pages of at most `page_max`
-        // messages, and at most `in_flight / page_max` of them queued, so no
-        // more than `in_flight` messages (plus the page in hand) sit between
-        // this task and the client. When the client reads slowly, the task
-        // waits on send and stops reading ahead.
-        let node = self.node.clone();
-        let page_max = in_flight
-            .min(node.engine().options().limits.sync_messages_max)
-            .min(SUBSCRIBE_PAGE_MAX);
-        let pages = usize::try_from((in_flight / page_max.max(1)).max(1)).unwrap_or(1);
-        let (tx, rx) = mpsc::channel(pages);
-        tokio::spawn(subscription(node, subs, page_max, tx, self.closing.clone()));
+        let rx = super::subscribe::start(self, req.into_inner(), until).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -478,104 +427,6 @@ impl Mailbox for MailboxService {
         match self.one(shard, op, until).await? {
             OpOutput::Deleted { deleted } => Ok(Response::new(pb::DeleteResponse { deleted })),
             other => Err(Status::internal(format!("delete returned {other:?}"))),
-        }
-    }
-}
-
-struct Sub {
-    ns: String,
-    uid: Vec<u8>,
-    shard: u64,
-    cursor: u64,
-    /// False once its cursor fell below the low watermark (reported once).
-    live: bool,
-}
-
-/// Feeds one Subscribe stream: the backlog of every mailbox after its
-/// cursor, then new messages as they are applied, in per-mailbox seq order.
-/// Ends when the client goes away or the node stops.
-async fn subscription(
-    node: Node,
-    mut subs: Vec<Sub>,
-    page_max: u32,
-    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
-    mut closing: tokio::sync::watch::Receiver<bool>,
-) {
-    let bye = || {
-        Err(Status::unavailable(
-            "server shutting down; resubscribe from the last seq received",
-        ))
-    };
-    let mut applied = node.applied_watch();
-    loop {
-        applied.borrow_and_update();
-        let mut delivered = true;
-        // Drain every mailbox to its end before waiting again.
-        while delivered {
-            delivered = false;
-            for s in subs.iter_mut().filter(|s| s.live) {
-                let q = SyncQuery {
-                    namespace: &s.ns,
-                    user_id: &s.uid,
-                    after_seq: s.cursor,
-                    max_messages: page_max,
-                    max_bytes: 0,
-                };
-                let event = match node.engine().sync(s.shard, &q) {
-                    Ok(page) if page.messages.is_empty() => continue,
-                    Ok(page) => {
-                        s.cursor = page.messages.last().map_or(s.cursor, |m| m.seq);
-                        delivered = true;
-                        pb::subscribe_response::Event::Messages(pb::MailboxMessages {
-                            mailbox: Some(pb::MailboxId {
-                                namespace: s.ns.clone(),
-                                user_id: s.uid.clone(),
-                            }),
-                            messages: page.messages.into_iter().map(message).collect(),
-                        })
-                    }
-                    Err(pigeonhole_engine::ReadError::CursorTrimmed { low_watermark, .. }) => {
-                        s.live = false;
-                        pb::subscribe_response::Event::Trimmed(pb::CursorTrimmed {
-                            mailbox: Some(pb::MailboxId {
-                                namespace: s.ns.clone(),
-                                user_id: s.uid.clone(),
-                            }),
-                            low_watermark,
-                        })
-                    }
-                    // A cursor ahead of the mailbox: nothing to send until
-                    // the mailbox catches up to it.
-                    Err(pigeonhole_engine::ReadError::CursorAhead { .. }) => continue,
-                    Err(e) => {
-                        let _ = tx.send(Err(read_error(&e))).await;
-                        return;
-                    }
-                };
-                tokio::select! {
-                    sent = tx.send(Ok(pb::SubscribeResponse { event: Some(event) })) => {
-                        if sent.is_err() {
-                            return; // the client went away
-                        }
-                    }
-                    _ = closing.wait_for(|c| *c) => {
-                        let _ = tx.try_send(bye());
-                        return;
-                    }
-                }
-            }
-        }
-        tokio::select! {
-            changed = applied.changed() => {
-                if changed.is_err() {
-                    let _ = tx.try_send(Err(Status::unavailable("node stopped")));
-                    return;
-                }
-            }
-            _ = closing.wait_for(|c| *c) => {
-                let _ = tx.try_send(bye());
-                return;
-            }
         }
     }
 }

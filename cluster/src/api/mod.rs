@@ -7,6 +7,7 @@ pub mod admin;
 pub mod deadline;
 pub mod mailbox;
 pub mod status;
+pub mod subscribe;
 
 pub use admin::AdminService;
 pub use mailbox::{ApiLimits, MailboxService};

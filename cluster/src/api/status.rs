@@ -80,6 +80,15 @@ pub fn op_error(e: &OpError) -> Status {
     }
 }
 
+/// [`op_error`] for an op at `prefix` in the request (e.g. `items[3].`):
+/// a bad field is named by its full path (`items[3].payload`).
+pub fn op_error_at(prefix: &str, e: &OpError) -> Status {
+    match e {
+        OpError::InvalidArgument { field, reason } => invalid(&format!("{prefix}{field}"), reason.clone()),
+        other => op_error(other),
+    }
+}
+
 /// The status of a failed read.
 pub fn read_error(e: &ReadError) -> Status {
     let msg = e.to_string();
@@ -124,6 +133,19 @@ pub fn not_leader_precondition(shard: u64, leader: u64) -> Status {
     )
 }
 
+/// A Subscribe stream ends: this node's replica of `shard` has no leader
+/// (cut off from it, or no longer a replica). Retryable, on another node.
+pub fn no_leader_here(shard: u64, node: u64) -> Status {
+    info(
+        Code::Unavailable,
+        format!(
+            "shard {shard} has no leader reachable from node {node}; resubscribe from the last seq received, on another node"
+        ),
+        "NO_LEADER",
+        &[],
+    )
+}
+
 /// The status of a cluster-level failure.
 pub fn cluster_error(e: &ClusterError) -> Status {
     let msg = e.to_string();
@@ -138,6 +160,7 @@ pub fn cluster_error(e: &ClusterError) -> Status {
             "NOT_REPLICA",
             &[("leader_hint", replicas.first().copied().unwrap_or(0))],
         ),
+        ClusterError::NoSuchShard { shard, .. } => info(Code::NotFound, msg, "NO_SUCH_SHARD", &[("shard", *shard)]),
         ClusterError::NoLeader { .. } => info(Code::Unavailable, msg, "NO_LEADER", &[]),
         ClusterError::Dropped { .. } => info(Code::Unavailable, msg, "DROPPED", &[]),
         ClusterError::Overloaded { .. } => info(Code::Unavailable, msg, "OVERLOADED", &[]),
