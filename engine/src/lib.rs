@@ -17,13 +17,15 @@
 //! - **Every value is checksummed** (crc32 over key and body) and checked on
 //!   read; corruption is a typed [`EngineError::Corruption`] naming the key.
 //!
-//! Module map: [`keys`] (key layout), `codec` (value framing), `records`
+//! Module map: [`keys`] (key layout), `codec` (value framing), [`decoders`]
+//! (every stored-bytes decoder, for the fuzz targets), `records`
 //! (record types), `apply` (the state machine), `read` (Sync and cursors),
 //! `raftlog` (raft-rs `Storage`), `snapshot` (export and ingest). The format
 //! is documented byte by byte in docs/storage-format.md.
 
 mod apply;
 mod codec;
+pub mod decoders;
 mod engine;
 mod error;
 pub mod keys;

@@ -25,6 +25,12 @@
 //! - `timestamp-decreases`: a message's commit time is below its
 //!   predecessor's (the API promises non-decreasing times per shard, even
 //!   when a leader's clock jumps back).
+//! - Subscribe deliveries, per reader and mailbox, across all the reader's
+//!   streams (it resumes from its cursor after each one ends) must be seqs
+//!   1, 2, 3, … in order: `subscribe-gap` (a seq skipped),
+//!   `subscribe-duplicate` (a seq delivered twice), `subscribe-reorder` (a
+//!   seq below one already delivered, never delivered before); each
+//!   delivered message must equal the final log's (`divergent-read`).
 
 use crate::history::{calls, Call, Kind, Msg, Op, F};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -278,6 +284,8 @@ fn check_mailbox(mb: &str, log: &[Msg], cs: &[&Call<'_>], out: &mut Vec<Anomaly>
         }
     }
 
+    check_deliveries(mb, cs, &at_seq, out);
+
     // Real time. Acked appends ordered by completion, with the running max
     // of their seqs: "the highest seq acknowledged before time t".
     let mut done_appends: Vec<(u64, u64)> = appends
@@ -394,6 +402,55 @@ fn check_mailbox(mb: &str, log: &[Msg], cs: &[&Call<'_>], out: &mut Vec<Anomaly>
                     format!("device {dev}: cursor {cursor} after an earlier ack left it at {before}"),
                 );
             }
+        }
+    }
+}
+
+/// Subscribe deliveries of one mailbox (see the module docs).
+fn check_deliveries<'m>(mb: &str, cs: &[&Call<'_>], at_seq: &dyn Fn(u64) -> Option<&'m Msg>, out: &mut Vec<Anomaly>) {
+    // Per reader: the next seq due and every seq delivered so far.
+    let mut readers: BTreeMap<u64, (u64, HashSet<u64>)> = BTreeMap::new();
+    for c in cs.iter().filter(|c| c.invoke.f == F::Deliver && c.kind() == Kind::Ok) {
+        let Some(d) = c.done else { continue };
+        let (next, delivered) = readers.entry(c.invoke.process).or_insert((1, HashSet::new()));
+        for m in d.messages.as_deref().unwrap_or(&[]) {
+            let kind = if delivered.contains(&m.seq) {
+                Some("subscribe-duplicate")
+            } else if m.seq < *next {
+                Some("subscribe-reorder")
+            } else if m.seq > *next {
+                Some("subscribe-gap")
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                anomaly(
+                    out,
+                    kind,
+                    mb,
+                    format!(
+                        "op {}: reader {} got seq {} where {} was due",
+                        d.index, c.invoke.process, m.seq, *next
+                    ),
+                );
+            }
+            if at_seq(m.seq) != Some(m) {
+                anomaly(
+                    out,
+                    "divergent-read",
+                    mb,
+                    format!(
+                        "op {}: reader {} got seq {} as key {}, final log has {:?}",
+                        d.index,
+                        c.invoke.process,
+                        m.seq,
+                        m.key,
+                        at_seq(m.seq).map(|x| &x.key)
+                    ),
+                );
+            }
+            delivered.insert(m.seq);
+            *next = (*next).max(m.seq + 1);
         }
     }
 }

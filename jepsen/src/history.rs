@@ -36,6 +36,14 @@ pub enum F {
     Read,
     /// Move `device`'s cursor to `seq`.
     Ack,
+    /// One event a Subscribe stream delivered: `messages` of `mailbox`,
+    /// after the reader's cursor `after_seq` (recorded as an invoke and an
+    /// `ok` at once).
+    Deliver,
+    /// A Subscribe stream ended (or could not start): an invoke and an
+    /// `info` with the error, recorded when it happened; the reader then
+    /// resumes from its cursors, on the next node.
+    Subscribe,
     /// A fault starts or ends.
     Nemesis,
 }

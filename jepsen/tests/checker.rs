@@ -228,3 +228,68 @@ fn a_commit_time_going_back_is_caught() {
     f.get_mut(&1).unwrap().get_mut(MB).unwrap()[1].timestamp_ms = 5;
     assert_eq!(kinds(&h, &f), vec!["timestamp-decreases"]);
 }
+
+impl H {
+    /// A Subscribe event delivered to reader `p`.
+    fn deliver(&mut self, p: u64, seqs: &[(u64, &str)]) -> &mut Self {
+        let i = Op::new(p, Kind::Invoke, F::Deliver);
+        self.push(i);
+        let mut d = Op::new(p, Kind::Ok, F::Deliver);
+        d.messages = Some(seqs.iter().map(|(s, k)| msg(*s, k)).collect());
+        self.push(d)
+    }
+    /// A Subscribe stream of reader `p` ended; it resumes.
+    fn stream_ended(&mut self, p: u64) -> &mut Self {
+        let mut i = Op::new(p, Kind::Invoke, F::Subscribe);
+        i.mailbox = Some(String::new());
+        self.push(i);
+        let mut d = Op::new(p, Kind::Info, F::Subscribe);
+        d.error = Some("Unavailable: no leader".into());
+        d.mailbox = Some(String::new());
+        self.push(d)
+    }
+}
+
+#[test]
+fn subscribe_deliveries_across_resumes_are_checked() {
+    let f = finals(&[&[(1, "a"), (2, "b"), (3, "c"), (4, "d")]]);
+    let base = || {
+        let mut h = H::default();
+        h.append(1, "a", 1)
+            .append(1, "b", 2)
+            .append(1, "c", 3)
+            .append(1, "d", 4);
+        h
+    };
+    // Two readers, one of them resuming twice: clean.
+    let mut h = base();
+    h.deliver(7, &[(1, "a"), (2, "b")])
+        .stream_ended(7)
+        .deliver(7, &[(3, "c")])
+        .stream_ended(7)
+        .deliver(7, &[(4, "d")])
+        .deliver(8, &[(1, "a"), (2, "b"), (3, "c"), (4, "d")]);
+    assert_eq!(check(&h.ops, &f), vec![]);
+    // A resume that skips a seq.
+    let mut h = base();
+    h.deliver(7, &[(1, "a")])
+        .stream_ended(7)
+        .deliver(7, &[(3, "c"), (4, "d")]);
+    assert_eq!(kinds(&h, &f), vec!["subscribe-gap"]);
+    // A resume that delivers a seq again.
+    let mut h = base();
+    h.deliver(7, &[(1, "a"), (2, "b")])
+        .stream_ended(7)
+        .deliver(7, &[(2, "b"), (3, "c")]);
+    assert_eq!(kinds(&h, &f), vec!["subscribe-duplicate"]);
+    // Out of order: 1, 3, then 2 (a gap, then a seq below one delivered).
+    let mut h = base();
+    h.deliver(7, &[(1, "a")])
+        .deliver(7, &[(3, "c")])
+        .deliver(7, &[(2, "b")]);
+    assert_eq!(kinds(&h, &f), vec!["subscribe-gap", "subscribe-reorder"]);
+    // A delivered message the final log does not have at that seq.
+    let mut h = base();
+    h.deliver(7, &[(1, "a"), (2, "c")]);
+    assert_eq!(kinds(&h, &f), vec!["divergent-read"]);
+}

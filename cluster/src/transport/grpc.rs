@@ -246,18 +246,8 @@ impl RaftTransport for RaftService {
         while let Some(frame) = stream.next().await {
             let frame = frame?;
             self.check(frame.cluster_id, frame.to_node)?;
-            let mut msgs = Vec::with_capacity(frame.messages.len());
-            for m in frame.messages {
-                let msg = Message::parse_from_bytes(&m.message)
-                    .map_err(|e| Status::invalid_argument(format!("messages.message: not a raft message: {e}")))?;
-                msgs.push(ShardMsg { shard: m.shard, msg });
-            }
             self.inbox
-                .deliver(Envelope {
-                    from: frame.from_node,
-                    to: frame.to_node,
-                    msgs,
-                })
+                .deliver(decode_frame(frame)?)
                 .map_err(|_| Status::unavailable("node stopped"))?;
         }
         Ok(Response::new(TransportDone {}))
@@ -299,6 +289,23 @@ impl RaftTransport for RaftService {
         }
         Err(Status::invalid_argument("snapshot stream ended before its last chunk"))
     }
+}
+
+/// Turns a frame received from a peer into an envelope, decoding each
+/// raft-rs message: untrusted bytes, so any input gives a typed error (the
+/// `raft_frame` fuzz target drives this function).
+pub fn decode_frame(frame: RaftFrame) -> Result<Envelope, Status> {
+    let mut msgs = Vec::with_capacity(frame.messages.len());
+    for (i, m) in frame.messages.into_iter().enumerate() {
+        let msg = Message::parse_from_bytes(&m.message)
+            .map_err(|e| Status::invalid_argument(format!("messages[{i}].message: not a raft message: {e}")))?;
+        msgs.push(ShardMsg { shard: m.shard, msg });
+    }
+    Ok(Envelope {
+        from: frame.from_node,
+        to: frame.to_node,
+        msgs,
+    })
 }
 
 /// Connects to a channel lazily (for callers that want to share one).

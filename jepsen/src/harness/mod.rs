@@ -1,5 +1,6 @@
 //! The harness: network namespaces ([`net`]), server processes
-//! ([`cluster`]), the workload ([`workload`]), the nemesis ([`nemesis`]),
+//! ([`cluster`]), the workload ([`workload`], with Subscribe readers in
+//! [`subscriber`]), the nemesis ([`nemesis`]),
 //! the history recorder ([`recorder`]) and the scenario loop ([`run`]).
 
 pub mod cluster;
@@ -7,4 +8,5 @@ pub mod nemesis;
 pub mod net;
 pub mod recorder;
 pub mod run;
+pub mod subscriber;
 pub mod workload;

@@ -5,7 +5,7 @@
 use super::cluster::{self, Cluster};
 use super::nemesis::{self, Fault};
 use super::recorder::Recorder;
-use super::workload;
+use super::{subscriber, workload};
 use crate::checker::{check, Anomaly, Finals};
 use crate::history::{Kind, F};
 use pigeonhole_proto::v1 as pb;
@@ -21,6 +21,9 @@ const FINAL_READ_ROUNDS_MAX: usize = 10;
 
 /// Mailboxes per shard: few, so appends contend.
 pub const MAILBOXES_PER_SHARD: usize = 3;
+
+/// Subscribe readers per scenario (each follows every mailbox).
+pub const SUBSCRIBE_READERS: u64 = 2;
 
 /// What a scenario runs.
 #[derive(Debug, Clone)]
@@ -122,6 +125,18 @@ async fn inner(
             Arc::clone(&mbs),
             Arc::clone(&rec),
             seed,
+            Arc::clone(&stop),
+        ));
+    }
+    // Subscribe readers, process ids after the workload's, starting on
+    // different nodes.
+    for r in 0..SUBSCRIBE_READERS {
+        procs.spawn(subscriber::reader(
+            concurrency + r,
+            r % s.nodes + 1,
+            s.nodes,
+            Arc::clone(&mbs),
+            Arc::clone(&rec),
             Arc::clone(&stop),
         ));
     }

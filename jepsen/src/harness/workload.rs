@@ -13,6 +13,8 @@
 //!   processes) to a seq the process has seen.
 //!
 //! Reads are linearizable (the default). Every call has a 1 s deadline.
+//!
+//! Beside these processes, [`super::subscriber`] runs Subscribe readers.
 
 use super::cluster;
 use super::recorder::Recorder;
@@ -84,7 +86,7 @@ fn failure_kind(s: &tonic::Status) -> Kind {
 }
 
 /// `d` completed by the error `s`: its kind ([`failure_kind`]) and text.
-fn failed(mut d: Op, s: &tonic::Status) -> Op {
+pub(crate) fn failed(mut d: Op, s: &tonic::Status) -> Op {
     d.kind = failure_kind(s);
     d.error = Some(format!("{:?}: {}", s.code(), s.message()));
     d
@@ -122,7 +124,7 @@ async fn bounded<T>(
     }
 }
 
-fn msgs(ms: &[pb::Message]) -> Vec<Msg> {
+pub(crate) fn msgs(ms: &[pb::Message]) -> Vec<Msg> {
     ms.iter()
         .map(|m| Msg {
             seq: m.seq,

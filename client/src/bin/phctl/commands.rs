@@ -112,6 +112,9 @@ pub async fn cluster_status(ctx: &Ctx) -> Result<u8, Failure> {
                     "leaders": s.replicas.iter().filter(|r| r.shard != 0 && r.role == pb::ReplicaRole::Leader as i32).count(),
                     "meta_term": meta.map(|m| m.term),
                     "meta_applied_index": meta.map(|m| m.applied_index),
+                    "subscribe_streams": s.subscribe_streams,
+                    "subscribed_mailboxes": s.subscribed_mailboxes,
+                    "sync_waiters": s.sync_waiters,
                 })
             }
             Some(Err(e)) => json!({"id": id, "address": addr, "healthy": false, "error": e}),
@@ -145,6 +148,8 @@ pub async fn cluster_status(ctx: &Ctx) -> Result<u8, Failure> {
                 "LEADERS",
                 "META TERM",
                 "META APPLIED",
+                "STREAMS",
+                "FOLLOWED",
             ]);
             for n in &nodes {
                 let health = if n["healthy"] == true {
@@ -161,6 +166,8 @@ pub async fn cluster_status(ctx: &Ctx) -> Result<u8, Failure> {
                     cell(&n["leaders"]),
                     cell(&n["meta_term"]),
                     cell(&n["meta_applied_index"]),
+                    cell(&n["subscribe_streams"]),
+                    cell(&n["subscribed_mailboxes"]),
                 ]);
             }
             out!("{t}");
