@@ -10,7 +10,8 @@
 //!   appends again, before and after opening 100 Subscribe streams over
 //!   10,000 other mailboxes each (spread over the three nodes). A quiet
 //!   stream must cost nothing: the two figures stay within 10 %. Under
-//!   `cargo test` (one pass, debug build) it opens 4 streams of 1,000.
+//!   `cargo test` (one pass, debug build) it opens 4 streams of 1,000;
+//!   `E2E_IDLE_STREAMS=10x1000` sets the count and size.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -88,51 +89,25 @@ fn e2e(c: &mut Criterion) {
     });
     g.throughput(Throughput::Elements(64));
     g.bench_function("64_concurrent", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let mut set = tokio::task::JoinSet::new();
-                for u in 0..64 {
-                    n += 1;
-                    let (c, p) = (client.clone(), payload.clone());
-                    let key = format!("c{n}").into_bytes();
-                    set.spawn(async move {
-                        c.append(&mailbox("bench", format!("user-{u}").as_bytes()), p, key)
-                            .await
-                    });
-                }
-                while let Some(r) = set.join_next().await {
-                    r.unwrap().unwrap();
-                }
-            });
-        });
+        b.iter(|| rt.block_on(append_64(&client, &payload, &mut n)));
     });
     g.finish();
 
     // The same load with idle Subscribe streams open.
     let full = std::env::args().any(|a| a == "--bench");
     let (streams_n, per_stream) = if full { (100, 10_000) } else { (4, 1_000) };
+    // E2E_IDLE_STREAMS=NxM overrides (e.g. a smaller run against older code).
+    let (streams_n, per_stream) = std::env::var("E2E_IDLE_STREAMS")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once('x')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .unwrap_or((streams_n, per_stream));
     let mut g = c.benchmark_group("e2e/append_idle_subscribers");
     g.measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Elements(64));
-    let mut concurrent = |b: &mut criterion::Bencher<'_>| {
-        b.iter(|| {
-            rt.block_on(async {
-                let mut set = tokio::task::JoinSet::new();
-                for u in 0..64 {
-                    n += 1;
-                    let (c, p) = (client.clone(), payload.clone());
-                    let key = format!("s{n}").into_bytes();
-                    set.spawn(async move {
-                        c.append(&mailbox("bench", format!("user-{u}").as_bytes()), p, key)
-                            .await
-                    });
-                }
-                while let Some(r) = set.join_next().await {
-                    r.unwrap().unwrap();
-                }
-            });
-        });
-    };
+    let mut concurrent = |b: &mut criterion::Bencher<'_>| b.iter(|| rt.block_on(append_64(&client, &payload, &mut n)));
     g.bench_function("0_streams", &mut concurrent);
     let idle = rt.block_on(open_idle_streams(&ports, streams_n, per_stream));
     g.bench_function(format!("{streams_n}_streams"), &mut concurrent);
@@ -146,6 +121,23 @@ fn e2e(c: &mut Criterion) {
             let _ = tokio::time::timeout(Duration::from_secs(10), s).await;
         }
     });
+}
+
+/// 64 appends to 64 mailboxes at once, each with a new key (`n` counts).
+async fn append_64(client: &Client, payload: &[u8], n: &mut u64) {
+    let mut set = tokio::task::JoinSet::new();
+    for u in 0..64 {
+        *n += 1;
+        let (c, p) = (client.clone(), payload.to_vec());
+        let key = format!("c{n}").into_bytes();
+        set.spawn(async move {
+            c.append(&mailbox("bench", format!("user-{u}").as_bytes()), p, key)
+                .await
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap().unwrap();
+    }
 }
 
 /// Opens `streams` Subscribe streams, round-robin over the nodes, each

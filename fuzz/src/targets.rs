@@ -422,13 +422,21 @@ fn data_seeds() -> Vec<Vec<u8>> {
 }
 
 fn stored_data(_: &mut Ctx, data: &[u8]) -> bool {
-    // As stored (the checksum almost always fails), and sealed with a valid
-    // checksum so the record decoders behind it run.
-    let (k, raw) = keyed(data, false);
-    let a = decoders::data_value(&k, &raw).iter().any(Result::is_ok);
-    let (k, sealed) = keyed(data, true);
-    let b = decoders::data_value(&k, &sealed).iter().any(Result::is_ok);
-    a || b
+    stored(data, decoders::data_value)
+}
+
+/// Runs `decode` on `data` as stored (the checksum almost always fails) and
+/// sealed with a valid checksum, so the record decoders behind it run.
+/// One of `engine::decoders`' stored-value decoders.
+type StoredDecoder = fn(&[u8], &[u8]) -> Vec<Result<(), pigeonhole_engine::EngineError>>;
+
+fn stored(data: &[u8], decode: StoredDecoder) -> bool {
+    let mut decoded = false;
+    for seal in [false, true] {
+        let (k, v) = keyed(data, seal);
+        decoded |= decode(&k, &v).iter().any(Result::is_ok);
+    }
+    decoded
 }
 
 fn raft_seeds() -> Vec<Vec<u8>> {
@@ -436,11 +444,7 @@ fn raft_seeds() -> Vec<Vec<u8>> {
 }
 
 fn stored_raft(_: &mut Ctx, data: &[u8]) -> bool {
-    let (k, raw) = keyed(data, false);
-    let a = decoders::raft_value(&k, &raw).iter().any(Result::is_ok);
-    let (k, sealed) = keyed(data, true);
-    let b = decoders::raft_value(&k, &sealed).iter().any(Result::is_ok);
-    a || b
+    stored(data, decoders::raft_value)
 }
 
 fn config_seeds() -> Vec<Vec<u8>> {

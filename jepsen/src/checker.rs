@@ -267,20 +267,7 @@ fn check_mailbox(mb: &str, log: &[Msg], cs: &[&Call<'_>], out: &mut Vec<Anomaly>
                 );
                 break;
             }
-            if at_seq(m.seq) != Some(m) {
-                anomaly(
-                    out,
-                    "divergent-read",
-                    mb,
-                    format!(
-                        "op {}: seq {} read as key {}, final log has {:?}",
-                        d.index,
-                        m.seq,
-                        m.key,
-                        at_seq(m.seq).map(|x| &x.key)
-                    ),
-                );
-            }
+            check_read_message(mb, &format!("op {}", d.index), m, at_seq(m.seq), out);
         }
     }
 
@@ -434,23 +421,27 @@ fn check_deliveries<'m>(mb: &str, cs: &[&Call<'_>], at_seq: &dyn Fn(u64) -> Opti
                     ),
                 );
             }
-            if at_seq(m.seq) != Some(m) {
-                anomaly(
-                    out,
-                    "divergent-read",
-                    mb,
-                    format!(
-                        "op {}: reader {} got seq {} as key {}, final log has {:?}",
-                        d.index,
-                        c.invoke.process,
-                        m.seq,
-                        m.key,
-                        at_seq(m.seq).map(|x| &x.key)
-                    ),
-                );
-            }
+            let who = format!("op {}: reader {}", d.index, c.invoke.process);
+            check_read_message(mb, &who, m, at_seq(m.seq), out);
             delivered.insert(m.seq);
             *next = (*next).max(m.seq + 1);
         }
+    }
+}
+
+/// A message some reader saw (`who`) must be the final log's at its seq.
+fn check_read_message(mb: &str, who: &str, m: &Msg, in_log: Option<&Msg>, out: &mut Vec<Anomaly>) {
+    if in_log != Some(m) {
+        anomaly(
+            out,
+            "divergent-read",
+            mb,
+            format!(
+                "{who}: seq {} read as key {}, final log has {:?}",
+                m.seq,
+                m.key,
+                in_log.map(|x| &x.key)
+            ),
+        );
     }
 }
