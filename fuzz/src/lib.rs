@@ -9,7 +9,9 @@
 //! only. So each target is a plain `fn(&mut Ctx, &[u8])`; [`runner`] feeds
 //! it valid encodings ([`targets`]' seeds) mutated the ways decoders break
 //! (bit flips, truncation, varint and length edits, splices, boundary
-//! values), keeps inputs that decode as new seeds, and fails on a panic, an
+//! values), keeps new inputs of 8 bytes or more that decode for further
+//! mutation (half of all mutants still start from a seed), and fails on a
+//! panic, an
 //! input that runs too long (a hang), or a jump in the process's virtual
 //! memory peak (an unbounded allocation). The targets are ordinary
 //! functions, so a coverage-guided driver can call them unchanged.

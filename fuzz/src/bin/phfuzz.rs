@@ -51,8 +51,8 @@ fn main() -> ExitCode {
         }
     }
     let mut failed = false;
-    println!("| target | inputs | inputs/s | decoded | corpus | VmPeak growth |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| target | inputs | inputs/s | mean bytes | decoded | corpus | VmPeak growth |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for t in TARGETS {
         if !args.targets.is_empty() && !args.targets.iter().any(|n| n == t.name) {
             continue;
@@ -61,10 +61,11 @@ fn main() -> ExitCode {
             Ok(s) => {
                 let secs = s.elapsed.as_secs_f64().max(1e-9);
                 println!(
-                    "| {} | {} | {:.0} | {:.1} % | {} | {} MiB |",
+                    "| {} | {} | {:.0} | {} | {:.1} % | {} | {} MiB |",
                     s.target,
                     s.execs,
                     s.execs as f64 / secs,
+                    s.input_bytes_mean,
                     100.0 * s.decoded as f64 / s.execs.max(1) as f64,
                     s.corpus,
                     s.vm_growth_bytes >> 20
