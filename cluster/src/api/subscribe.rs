@@ -106,6 +106,10 @@ pub(super) async fn start(
         done.map_err(|e| Status::internal(format!("read barrier task: {e}")))?
             .map_err(|e| cluster_error(&e))?;
     }
+    // What was raised while the barriers ran is covered by the full first
+    // read; a "no leader" raised before the barrier succeeded is stale (a
+    // leader answered it), and a lasting one is raised again every tick.
+    watch.take();
     // As in Sync, a cursor beyond last_seq is an error, not a wait: after
     // the barrier this replica has every acknowledged message, so such a
     // cursor was never handed out by this cluster.
