@@ -189,12 +189,15 @@ pub fn run(target: &Target, seed: u64, budget: Budget) -> Result<Stats, Failure>
         match outcome {
             Ok(true) => {
                 decoded += 1;
+                // `kept` holds the fingerprints of what the corpus holds now,
+                // never more: the runner's own memory stays bounded.
                 if input.len() >= KEEP_BYTES_MIN && kept.insert(fingerprint(&input)) {
                     if corpus.len() < CORPUS_MAX {
                         corpus.push(input);
                     } else {
                         let i = rng.gen_range(0..corpus.len());
                         if let Some(slot) = corpus.get_mut(i) {
+                            kept.remove(&fingerprint(slot));
                             *slot = input;
                         }
                     }
