@@ -118,7 +118,7 @@ impl MailboxService {
         }
     }
 
-    pub(super) async fn barrier(&self, shard: u64, consistency: i32, until: Option<Instant>) -> Result<(), Status> {
+    async fn barrier(&self, shard: u64, consistency: i32, until: Option<Instant>) -> Result<(), Status> {
         match pb::ReadConsistency::try_from(consistency) {
             Ok(pb::ReadConsistency::Stale) => Ok(()),
             Ok(pb::ReadConsistency::Unspecified | pb::ReadConsistency::Linearizable) => self
