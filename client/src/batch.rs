@@ -25,7 +25,7 @@ pub const BATCH_BYTES_MAX: usize = 8 << 20;
 /// An item's failure as a status, with `last_seq` as ErrorInfo metadata when
 /// the server sent it (a failed `expected_last_seq`), so callers read it the
 /// same way as for a single append ([`Error::detail`]).
-fn item_status(e: &pb::ItemError) -> Status {
+pub(crate) fn item_status(e: &pb::ItemError) -> Status {
     let code = Code::from_i32(e.code);
     if e.last_seq == 0 {
         return Status::new(code, e.message.clone());

@@ -16,6 +16,7 @@
 //! - **No lock is held across an await**: the routing table and the channel
 //!   cache sit behind std mutexes taken for a few instructions.
 
+use crate::coalesce::{CoalesceConfig, Coalescer};
 use crate::error::{is_retryable, status_detail, Error};
 use crate::routing::{Routing, ShardRoute};
 use crate::subscription::{self, Subscription};
@@ -62,6 +63,9 @@ pub struct ClientConfig {
     /// HTTP/2 keepalive ping interval: how fast a dead connection (and a
     /// Subscribe stream on it) is noticed.
     pub keepalive_interval: Duration,
+    /// How concurrent appends to one node share calls
+    /// ([`crate::coalesce`]).
+    pub coalesce: CoalesceConfig,
 }
 
 impl ClientConfig {
@@ -76,6 +80,7 @@ impl ClientConfig {
             backoff_max: Duration::from_millis(1_000),
             map_refresh_interval_min: Duration::from_millis(200),
             keepalive_interval: Duration::from_secs(5),
+            coalesce: CoalesceConfig::default(),
         }
     }
 }
@@ -104,6 +109,7 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     suspects: Mutex<HashMap<u64, Instant>>,
     last_refresh: Mutex<Option<Instant>>,
+    coalescer: Coalescer,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -187,6 +193,7 @@ impl Client {
                 channels: Mutex::new(HashMap::new()),
                 suspects: Mutex::new(HashMap::new()),
                 last_refresh: Mutex::new(None),
+                coalescer: Coalescer::default(),
             }),
             timeout,
         };
@@ -215,6 +222,15 @@ impl Client {
     /// The configuration.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// The per-call deadline.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub(crate) fn coalescer(&self) -> &Coalescer {
+        &self.inner.coalescer
     }
 
     /// A copy of the routing table.
@@ -431,14 +447,26 @@ impl Client {
     }
 
     /// Appends with every field under the caller's control
-    /// (`expected_last_seq`, for one).
+    /// (`expected_last_seq`, for one). Concurrent appends to one node share
+    /// calls ([`crate::coalesce`], on by default).
     pub async fn append_request(&self, req: pb::AppendRequest) -> Result<pb::AppendResponse, Error> {
         let uid = user_of(req.mailbox.as_ref())?;
-        self.run(Route::User(&uid), |mut c, t| {
-            let r = with_timeout(req.clone(), t);
-            async move { c.append(r).await.map(tonic::Response::into_inner) }
-        })
-        .await
+        self.append_coalesced(req, &uid).await
+    }
+
+    /// One append as its own unary call (with retries), within `timeout`.
+    pub(crate) async fn append_unary(
+        &self,
+        req: pb::AppendRequest,
+        timeout: Duration,
+    ) -> Result<pb::AppendResponse, Error> {
+        let uid = user_of(req.mailbox.as_ref())?;
+        self.with_timeout(timeout)
+            .run(Route::User(&uid), |mut c, t| {
+                let r = with_timeout(req.clone(), t);
+                async move { c.append(r).await.map(tonic::Response::into_inner) }
+            })
+            .await
     }
 
     /// Appends many messages. One result per item, in order. Items are sent

@@ -18,6 +18,7 @@
 //! - [`client`]: the [`Client`] handle, its deadlines and retry loop;
 //! - [`routing`]: the shard map and node choice (pure, unit-tested);
 //! - [`batch`]: `append_batch`, grouped per leader, retried per item;
+//! - [`coalesce`]: concurrent appends to one node share one call;
 //! - [`subscription`]: Subscribe that resumes after a failover;
 //! - [`error`]: what a call ends with, split into "refused" and "gave up".
 //!
@@ -26,11 +27,13 @@
 
 pub mod batch;
 pub mod client;
+pub mod coalesce;
 pub mod error;
 pub mod routing;
 pub mod subscription;
 
 pub use client::{new_idempotency_key, Client, ClientConfig, SyncOptions};
+pub use coalesce::{CoalesceConfig, CoalesceStats};
 pub use error::Error;
 pub use pigeonhole_proto::v1 as pb;
 pub use subscription::{Event, Subscription};

@@ -538,3 +538,98 @@ async fn phctl_reports_and_steers_the_cluster_and_deadlines_hold_without_quorum(
     assert!(matches!(e, Error::Exhausted { .. }), "{e:?}");
     assert!(t.elapsed() < Duration::from_millis(2_000), "{:?}", t.elapsed());
 }
+
+/// The BadRequest field names of a refused call.
+fn bad_fields(e: &Error) -> (tonic::Code, Vec<String>) {
+    let Error::Rejected(s) = e else {
+        panic!("expected a refusal, got {e:?}")
+    };
+    let details = tonic_types::StatusExt::get_error_details(s);
+    let fields = details
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    (s.code(), fields)
+}
+
+/// SDK coalescing: 512 concurrent appends through one client travel in far
+/// fewer calls, each append is stored once at its own seq, and a bad append
+/// among them is refused exactly as a unary call refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_calls_and_a_refusal_keeps_its_unary_status() {
+    let cluster = Cluster::start();
+    cluster.wait_healthy(Duration::from_secs(30));
+    let client = Client::connect(ClientConfig::new(cluster.endpoints().split(',')))
+        .await
+        .unwrap();
+    let mut unary_cfg = ClientConfig::new(cluster.endpoints().split(','));
+    unary_cfg.coalesce.enabled = false;
+    let unary = Client::connect(unary_cfg).await.unwrap();
+
+    let too_long_key = vec![b'k'; 4_096];
+    let expected = bad_fields(
+        &unary
+            .append(&mailbox("coalesce", b"u0"), b"x".to_vec(), too_long_key.clone())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(expected.0, tonic::Code::InvalidArgument);
+    assert_eq!(expected.1, vec!["idempotency_key".to_string()]);
+
+    const APPENDS: usize = 512;
+    const USERS_HERE: usize = 32;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..APPENDS {
+        let c = client.clone();
+        let key = if i == 300 {
+            too_long_key.clone()
+        } else {
+            format!("k{i}").into_bytes()
+        };
+        tasks.spawn(async move {
+            let mb = mailbox("coalesce", format!("u{}", i % USERS_HERE).as_bytes());
+            (i, c.append(&mb, format!("m{i}").into_bytes(), key).await)
+        });
+    }
+    let mut seqs: BTreeMap<usize, BTreeMap<u64, usize>> = BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, r) = joined.unwrap();
+        if i == 300 {
+            assert_eq!(
+                bad_fields(&r.unwrap_err()),
+                expected,
+                "a coalesced refusal reads as a unary one"
+            );
+            continue;
+        }
+        let r = r.unwrap();
+        assert!(!r.duplicate);
+        let prev = seqs.entry(i % USERS_HERE).or_default().insert(r.seq, i);
+        assert_eq!(
+            prev,
+            None,
+            "two appends got seq {} in mailbox {}",
+            r.seq,
+            i % USERS_HERE
+        );
+    }
+    let stats = client.coalesce_stats();
+    assert_eq!(
+        stats.items,
+        u64::try_from(APPENDS).unwrap(),
+        "every append went through the coalescer"
+    );
+    assert!(
+        stats.calls * 4 <= stats.items,
+        "512 concurrent appends should share calls: {stats:?}"
+    );
+    // Each mailbox holds exactly what was acknowledged, in seq order 1..=n.
+    for (u, by_seq) in &seqs {
+        let stored = read_all(&cluster.addr(1), &mailbox("coalesce", format!("u{u}").as_bytes()))
+            .await
+            .unwrap();
+        let got: Vec<(u64, Vec<u8>)> = stored.into_iter().map(|m| (m.seq, m.payload)).collect();
+        let want: Vec<(u64, Vec<u8>)> = by_seq.iter().map(|(s, i)| (*s, format!("m{i}").into_bytes())).collect();
+        assert_eq!(got, want, "mailbox u{u}");
+    }
+}

@@ -445,6 +445,15 @@ impl Driver {
             // Bounds memory held by entries proposed but not yet committed:
             // past it, proposals fail fast instead of piling up.
             max_uncommitted_size: 256 << 20,
+            // A commit rides on the next append or heartbeat instead of an
+            // extra MsgAppend to every follower per commit (TiKV does the
+            // same). Followers learn commits up to a heartbeat later; a
+            // leader does not hibernate until every follower has reported
+            // the commit index (`is_quiet`), so none is left behind asleep.
+            skip_bcast_commit: true,
+            // Appends queued for a follower while earlier ones are in flight
+            // merge into one message.
+            batch_append: true,
             ..Default::default()
         }
     }
@@ -1666,7 +1675,11 @@ fn is_quiet(r: &Replica) -> bool {
             raft.lead_transferee.is_none()
                 && !raft.has_pending_conf()
                 && raft.read_only.pending_read_count() == 0
-                && raft.prs().iter().all(|(_, p)| p.matched == log.last_index())
+                && raft.prs().iter().all(|(id, p)| {
+                    // With skip_bcast_commit a follower learns the commit
+                    // index from the next heartbeat; its answer reports it.
+                    p.matched == log.last_index() && (*id == raft.id || p.committed_index >= log.committed)
+                })
         }
         StateRole::Follower => raft.leader_id != 0,
         StateRole::Candidate | StateRole::PreCandidate => false,

@@ -124,6 +124,11 @@ struct RunArgs {
     /// Reader tasks of `append-sync` (each polls its share of mailboxes).
     #[arg(long, default_value_t = 4)]
     readers: u64,
+    /// Pigeonhole only: let the SDK coalesce concurrent appends to one node
+    /// into AppendBatch calls. Off, every append is a unary call, as the
+    /// other systems are measured.
+    #[arg(long)]
+    coalesce: bool,
     /// Repetition number, copied into the output.
     #[arg(long, default_value_t = 1)]
     rep: u32,
@@ -148,7 +153,9 @@ impl Target {
     async fn connect(a: &RunArgs) -> Result<Target, String> {
         Ok(match a.system {
             System::Pigeonhole => {
-                let c = pigeonhole_client::Client::connect(pigeonhole_client::ClientConfig::new(a.endpoints.clone()))
+                let mut cfg = pigeonhole_client::ClientConfig::new(a.endpoints.clone());
+                cfg.coalesce.enabled = a.coalesce;
+                let c = pigeonhole_client::Client::connect(cfg)
                     .await
                     .map_err(|e| e.to_string())?;
                 Target::Pigeonhole(c)
@@ -462,6 +469,7 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
         "rate": a.rate,
         "payload_bytes": a.payload_bytes,
         "mailboxes": a.mailboxes,
+        "coalesce": a.coalesce,
         "dist": format!("{:?}", a.dist).to_lowercase(),
         "seconds": elapsed,
         "appends": done,
