@@ -19,6 +19,7 @@
 use crate::codec;
 use crate::engine::{lock, Durability, Engine};
 use crate::error::{EngineError, OpError};
+use crate::heads::HeadCache;
 use crate::keys::{self, CF_DATA};
 use crate::records::{
     decode_cursor, encode_cursor, encode_expiry_marker, DedupEntry, MailboxMeta, MessageView, ShardMeta, StoredMessage,
@@ -152,12 +153,24 @@ impl Engine {
         }
         // Lock in id order, so two callers can never deadlock.
         let handles = order.iter().map(|s| self.shard(*s)).collect::<Result<Vec<_>, _>>()?;
-        let _guards: Vec<_> = handles.iter().map(|h| lock(&h.apply)).collect();
+        let mut guards: Vec<_> = handles.iter().map(|h| lock(&h.apply)).collect();
         let mut txn = Txn::new(self)?;
         let mut all = Vec::with_capacity(batches.len());
         let mut changed = false;
+        // Heads each shard wrote: they enter its cache once the write holds.
+        let mut written: Vec<(usize, Vec<WrittenHead>)> = Vec::with_capacity(batches.len());
         for (shard, entries) in batches {
             let shard = *shard;
+            let g = order
+                .binary_search(&shard)
+                .map_err(|_| EngineError::InvalidCall(format!("apply_many: shard {shard} has no lock")))?;
+            let state = guards
+                .get_mut(g)
+                .ok_or_else(|| EngineError::InvalidCall(format!("apply_many: shard {shard} has no lock")))?;
+            let mut heads = Heads {
+                cache: &mut state.heads,
+                written: Vec::new(),
+            };
             let mut meta = self.ready_shard_meta(shard)?;
             let mut outcomes = Vec::with_capacity(entries.len());
             let start_index = meta.applied_index;
@@ -179,7 +192,7 @@ impl Engine {
                         meta.conf_state = cs.clone();
                         EntryOutcome::Applied
                     }
-                    EntryKind::Command(bytes) => self.apply_command(&mut txn, shard, &mut meta, bytes)?,
+                    EntryKind::Command(bytes) => self.apply_command(&mut txn, &mut heads, shard, &mut meta, bytes)?,
                 };
                 meta.applied_index = e.index;
                 meta.applied_term = e.term;
@@ -189,10 +202,18 @@ impl Engine {
                 txn.put(keys::shard_meta(shard), &meta.encode()?);
                 changed = true;
             }
+            written.push((g, heads.written));
             all.push(outcomes);
         }
         if changed {
             self.write(txn.into_batch(), durability)?;
+        }
+        for (g, heads) in written {
+            if let Some(state) = guards.get_mut(g) {
+                for (mb, meta) in heads {
+                    state.heads.insert(mb, meta);
+                }
+            }
         }
         Ok(all)
     }
@@ -200,6 +221,7 @@ impl Engine {
     fn apply_command(
         &self,
         txn: &mut Txn<'_>,
+        heads: &mut Heads<'_>,
         shard: u64,
         meta: &mut ShardMeta,
         bytes: &[u8],
@@ -221,6 +243,7 @@ impl Engine {
         let mut sm = StateMachine {
             engine: self,
             txn,
+            heads,
             shard,
             now_ms: meta.time_ms,
             changed: Vec::new(),
@@ -242,9 +265,20 @@ type Doomed = (Vec<u8>, u64, Option<Vec<u8>>, u64);
 
 type OpResult = Result<Result<OpOutput, OpError>, EngineError>;
 
-struct StateMachine<'a, 't> {
+/// A mailbox key and the head a batch wrote for it.
+type WrittenHead = (Vec<u8>, MailboxMeta);
+
+/// A shard's head cache during one apply batch, and the heads the batch
+/// wrote (they enter the cache only after the batch's write succeeded).
+struct Heads<'c> {
+    cache: &'c mut HeadCache,
+    written: Vec<WrittenHead>,
+}
+
+struct StateMachine<'a, 't, 'c> {
     engine: &'a Engine,
     txn: &'a mut Txn<'t>,
+    heads: &'a mut Heads<'c>,
     shard: u64,
     now_ms: u64,
     /// Fingerprints of the mailboxes changed so far (see `EntryOutcome`).
@@ -260,7 +294,7 @@ macro_rules! reject_on {
     };
 }
 
-impl StateMachine<'_, '_> {
+impl StateMachine<'_, '_, '_> {
     fn apply_op(&mut self, op: &cmd::Op) -> OpResult {
         use cmd::op::Op;
         if let Some(op) = &op.op {
@@ -279,18 +313,33 @@ impl StateMachine<'_, '_> {
         }
     }
 
-    fn mailbox(&self, ns: &str, uid: &[u8]) -> Result<(Vec<u8>, MailboxMeta), EngineError> {
+    /// The mailbox's key and head: this batch's pending write, else the
+    /// cache, else the database (and then the cache holds it).
+    fn mailbox(&mut self, ns: &str, uid: &[u8]) -> Result<(Vec<u8>, MailboxMeta), EngineError> {
         let mb = keys::mailbox(ns, uid);
         let key = keys::mailbox_meta(self.shard, &mb);
-        let meta = match self.txn.get(&key)? {
+        if self.txn.is_pending(&key) {
+            let meta = match self.txn.get(&key)? {
+                Some(b) => MailboxMeta::decode(&key, &b)?,
+                None => MailboxMeta::default(),
+            };
+            return Ok((mb, meta));
+        }
+        if let Some(meta) = self.heads.cache.get(&mb) {
+            return Ok((mb, meta));
+        }
+        let meta = match self.engine.get_body(CF_DATA, &key)? {
             Some(b) => MailboxMeta::decode(&key, &b)?,
             None => MailboxMeta::default(),
         };
+        // Read under the apply lock, so it is the committed head.
+        self.heads.cache.insert(mb.clone(), meta);
         Ok((mb, meta))
     }
 
     fn put_mailbox(&mut self, mb: &[u8], meta: &MailboxMeta) {
         self.txn.put(keys::mailbox_meta(self.shard, mb), &meta.encode());
+        self.heads.written.push((mb.to_vec(), *meta));
     }
 
     fn dedup(&self, key: &[u8]) -> Result<Option<DedupEntry>, EngineError> {
@@ -600,6 +649,11 @@ impl<'e> Txn<'e> {
             cf: engine.cf(CF_DATA)?,
             writes: BTreeMap::new(),
         })
+    }
+
+    /// Whether this batch wrote (or deleted) `key`.
+    fn is_pending(&self, key: &[u8]) -> bool {
+        self.writes.contains_key(key)
     }
 
     /// The checked body at `key`, pending writes first.

@@ -43,6 +43,9 @@ pub struct EngineOptions {
     pub block_cache_bytes: usize,
     /// RocksDB write buffer (memtable) per column family, bytes.
     pub write_buffer_bytes: usize,
+    /// Mailbox heads kept in memory per shard (see [`crate::heads`]); 0
+    /// turns the cache off. About 120 bytes each with 30-byte mailbox ids.
+    pub heads_cached_per_shard_max: usize,
 }
 
 impl Default for EngineOptions {
@@ -52,17 +55,29 @@ impl Default for EngineOptions {
             dedup_window_ms: 7 * 24 * 3600 * 1000,
             block_cache_bytes: 256 << 20,
             write_buffer_bytes: 64 << 20,
+            heads_cached_per_shard_max: HEADS_CACHED_PER_SHARD_DEFAULT,
         }
     }
 }
 
+/// Default of [`EngineOptions::heads_cached_per_shard_max`]: 32 Ki heads,
+/// about 4 MiB per shard.
+pub const HEADS_CACHED_PER_SHARD_DEFAULT: usize = 32 << 10;
+
+/// What a shard's apply lock guards besides the right to apply.
+#[derive(Debug)]
+pub(crate) struct ApplyState {
+    /// Recently used mailbox heads (see [`crate::heads`]).
+    pub heads: crate::heads::HeadCache,
+}
+
 /// Per-shard in-memory handles.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ShardHandles {
     /// Serialises apply and snapshot ingest of one shard: the state machine is
     /// single-writer per shard, and the engine enforces it rather than trusting
-    /// every caller.
-    pub apply: Mutex<()>,
+    /// every caller. It also guards the shard's in-memory apply state.
+    pub apply: Mutex<ApplyState>,
     /// The shard's Raft log bounds and hard state, loaded on first use.
     pub log: RwLock<Option<LogCache>>,
     /// A snapshot ingest of this shard is under way.
@@ -75,6 +90,19 @@ pub(crate) struct Inner {
     pub db: DB,
     pub options: EngineOptions,
     shards: Mutex<HashMap<u64, Arc<ShardHandles>>>,
+}
+
+impl ShardHandles {
+    fn new(heads_max: usize) -> ShardHandles {
+        ShardHandles {
+            apply: Mutex::new(ApplyState {
+                heads: crate::heads::HeadCache::new(heads_max),
+            }),
+            log: RwLock::new(None),
+            ingesting: std::sync::atomic::AtomicBool::new(false),
+            entries: Mutex::new(crate::raftlog::EntryCache::default()),
+        }
+    }
 }
 
 /// A node's storage engine. Cheap to clone; all clones share one database.
@@ -179,8 +207,18 @@ impl Engine {
         if shard == u64::MAX {
             return Err(EngineError::InvalidCall("shard id u64::MAX is reserved".into()));
         }
+        let heads_max = self.inner.options.heads_cached_per_shard_max;
         let mut map = lock(&self.inner.shards);
-        Ok(map.entry(shard).or_default().clone())
+        Ok(map
+            .entry(shard)
+            .or_insert_with(|| Arc::new(ShardHandles::new(heads_max)))
+            .clone())
+    }
+
+    /// Mailbox heads held in memory, summed over this node's shards.
+    pub fn heads_cached(&self) -> usize {
+        let shards: Vec<Arc<ShardHandles>> = lock(&self.inner.shards).values().cloned().collect();
+        shards.iter().map(|h| lock(&h.apply).heads.len()).sum()
     }
 
     pub(crate) fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), EngineError> {

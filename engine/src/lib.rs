@@ -19,7 +19,8 @@
 //!
 //! Module map: [`keys`] (key layout), `codec` (value framing), [`decoders`]
 //! (every stored-bytes decoder, for the fuzz targets), `records`
-//! (record types), `apply` (the state machine), `read` (Sync and cursors),
+//! (record types), `apply` (the state machine), `heads` (mailbox heads
+//! cached in memory, so appends read nothing), `read` (Sync and cursors),
 //! `raftlog` (raft-rs `Storage`), `snapshot` (export and ingest). The format
 //! is documented byte by byte in docs/storage-format.md.
 
@@ -28,6 +29,7 @@ mod codec;
 pub mod decoders;
 mod engine;
 mod error;
+mod heads;
 pub mod keys;
 mod limits;
 mod raftlog;
@@ -36,7 +38,7 @@ mod records;
 mod snapshot;
 
 pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
-pub use engine::{Durability, Engine, EngineOptions, FORMAT_VERSION};
+pub use engine::{Durability, Engine, EngineOptions, FORMAT_VERSION, HEADS_CACHED_PER_SHARD_DEFAULT};
 pub use error::{EngineError, HexKey, OpError, ReadError};
 pub use limits::{mailbox_fingerprint, Limits};
 pub use raftlog::{conf_state_with_voters, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC};

@@ -352,7 +352,9 @@ impl SnapshotIngest {
     /// The first write: drop the shard's old state and mark it incomplete,
     /// under the apply lock so no apply is half-way through.
     fn begin(&mut self, index: u64, term: u64) -> Result<(), EngineError> {
-        let _apply = lock(&self.handles.apply);
+        let mut apply = lock(&self.handles.apply);
+        // The cached heads describe the state about to be dropped.
+        apply.heads.clear();
         // Never replace newer state with older: a delayed stream must not
         // move a replica backwards.
         if let Some(cur) = self.engine.shard_meta(self.shard)? {

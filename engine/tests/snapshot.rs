@@ -76,6 +76,9 @@ fn export_then_ingest_reproduces_the_shard_exactly() {
     let mut dst = Shard::new();
     for i in 0..50u8 {
         dst.one(append("ns", b"stale-user", &[i], b"old")).unwrap();
+        // Also a longer history for a mailbox the snapshot holds: its head
+        // is now cached in memory at seq 50.
+        dst.one(append("ns", b"user-0", &[i, i], b"old")).unwrap();
     }
     let mut ing = dst.engine().ingest_snapshot(dst.id).unwrap();
     let mut summary = None;
@@ -100,6 +103,13 @@ fn export_then_ingest_reproduces_the_shard_exactly() {
         &0u32.to_be_bytes(),
         &[0; 300]
     ))));
+    // A new append continues the snapshot's history, not the cached head of
+    // the history the ingest replaced.
+    let last = src.sync("ns", b"user-0", 0).last_seq;
+    assert!(last < 50);
+    assert!(appended(last + 1, false)(
+        &dst.one(append("ns", b"user-0", b"new", b"new"))
+    ));
 }
 
 #[test]
