@@ -1,6 +1,8 @@
 //! Helpers shared by Pigeonhole's criterion suites: a fresh engine with one
-//! bootstrapped shard, and generators of append commands. The load generator
-//! for a running cluster will live here too (with the serving issue).
+//! bootstrapped shard, and generators of append commands; and [`report`],
+//! the table and plots of `phbench report`.
+
+pub mod report;
 
 use pigeonhole_engine::command::{op, AppendOp, Command, Op};
 use pigeonhole_engine::{conf_state_with_voters, Engine, EngineOptions};

@@ -55,6 +55,9 @@ enum Command {
         /// Where to write the plot.
         #[arg(long)]
         svg: Option<std::path::PathBuf>,
+        /// Where to write the p99-over-time plot of runs with a timeline.
+        #[arg(long)]
+        timeline_svg: Option<std::path::PathBuf>,
     },
 }
 
@@ -129,6 +132,15 @@ struct RunArgs {
     /// other systems are measured.
     #[arg(long)]
     coalesce: bool,
+    /// Steady state: appends that must have completed (at `in_flight`)
+    /// before the warm-up starts, so the measured window pays for memtable
+    /// flushes and compactions (`scripts/bench-compare` STEADY=1: 5 M).
+    #[arg(long, default_value_t = 0)]
+    prefill: u64,
+    /// Also report p50/p99 and appends for each second of the measured
+    /// window (`timeline` in the output; `report --timeline-svg` plots it).
+    #[arg(long)]
+    timeline: bool,
     /// Repetition number, copied into the output.
     #[arg(long, default_value_t = 1)]
     rep: u32,
@@ -319,8 +331,17 @@ fn proc_totals(pids: &[u32]) -> (f64, u64) {
     (cpu, written)
 }
 
+/// Most seconds a timeline records (one histogram each).
+const TIMELINE_SECONDS_MAX: usize = 3_600;
+
 struct Shared {
     hist: Mutex<Histogram<u64>>,
+    /// Successful appends since the start, measured or not (for prefill).
+    total: AtomicU64,
+    /// Per-second histograms of the measured window, when asked for.
+    timeline: Option<Mutex<Vec<Histogram<u64>>>>,
+    /// When the measured window started.
+    t0: std::sync::OnceLock<Instant>,
     measuring: AtomicBool,
     done: AtomicU64,
     errors: AtomicU64,
@@ -342,14 +363,33 @@ impl Shared {
     }
 
     fn record(&self, started: Instant, r: Result<(), String>) {
+        if r.is_ok() {
+            self.total.fetch_add(1, Ordering::Relaxed);
+        }
         if !self.measuring.load(Ordering::Relaxed) {
             return;
         }
         match r {
             Ok(()) => {
-                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let us = u64::try_from(started.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .clamp(1, LATENCY_US_MAX);
                 if let Ok(mut h) = self.hist.lock() {
-                    let _ = h.record(us.clamp(1, LATENCY_US_MAX));
+                    let _ = h.record(us);
+                }
+                if let (Some(tl), Some(t0)) = (&self.timeline, self.t0.get()) {
+                    let sec = usize::try_from(t0.elapsed().as_secs()).unwrap_or(usize::MAX);
+                    if let (true, Ok(mut tl)) = (sec < TIMELINE_SECONDS_MAX, tl.lock()) {
+                        while tl.len() <= sec {
+                            let Ok(h) = Histogram::<u64>::new_with_bounds(1, LATENCY_US_MAX, 2) else {
+                                break;
+                            };
+                            tl.push(h);
+                        }
+                        if let Some(h) = tl.get_mut(sec) {
+                            let _ = h.record(us);
+                        }
+                    }
                 }
                 self.done.fetch_add(1, Ordering::Relaxed);
             }
@@ -369,6 +409,9 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
     let mut tasks = tokio::task::JoinSet::new();
     let shared = Arc::new(Shared {
         hist: Mutex::new(hist),
+        total: AtomicU64::new(0),
+        timeline: a.timeline.then(|| Mutex::new(Vec::new())),
+        t0: std::sync::OnceLock::new(),
         measuring: AtomicBool::new(false),
         done: AtomicU64::new(0),
         errors: AtomicU64::new(0),
@@ -435,10 +478,28 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
             });
         }
     }
+    let prefill_started = Instant::now();
+    if a.prefill > 0 {
+        let mut reported = Instant::now();
+        while shared.total.load(Ordering::Relaxed) < a.prefill {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if reported.elapsed() >= Duration::from_secs(30) {
+                reported = Instant::now();
+                let n = shared.total.load(Ordering::Relaxed);
+                eprintln!(
+                    "phbench: prefill {n} of {} ({:.0}/s)",
+                    a.prefill,
+                    n as f64 / prefill_started.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+    let prefill_s = prefill_started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(a.warmup)).await;
     let (cpu0, written0) = proc_totals(&a.server_pids);
-    shared.measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
+    let _ = shared.t0.set(t0);
+    shared.measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(a.seconds)).await;
     shared.measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
@@ -461,6 +522,27 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
         }
     };
     let per_k = |x: f64| if done == 0 { 0.0 } else { x * 1000.0 / done as f64 };
+    let timeline: Option<Vec<serde_json::Value>> = match &shared.timeline {
+        Some(tl) => Some(
+            tl.lock()
+                .map_err(|_| "timeline lock")?
+                .iter()
+                .enumerate()
+                // A request that ends after the window closed lands in one
+                // more, partial second: leave it out.
+                .take(usize::try_from(a.seconds).unwrap_or(usize::MAX))
+                .map(|(i, h)| {
+                    serde_json::json!({
+                        "s": i,
+                        "appends": h.len(),
+                        "p50_us": h.value_at_quantile(0.50),
+                        "p99_us": h.value_at_quantile(0.99),
+                    })
+                })
+                .collect(),
+        ),
+        None => None,
+    };
     Ok(serde_json::json!({
         "label": a.label.clone().unwrap_or_else(|| format!("{:?}", a.system).to_lowercase()),
         "system": format!("{:?}", a.system).to_lowercase(),
@@ -470,6 +552,8 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
         "payload_bytes": a.payload_bytes,
         "mailboxes": a.mailboxes,
         "coalesce": a.coalesce,
+        "prefill": a.prefill,
+        "prefill_s": prefill_s,
         "dist": format!("{:?}", a.dist).to_lowercase(),
         "seconds": elapsed,
         "appends": done,
@@ -485,6 +569,7 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
         "delivery_p99_us": delivery(0.99),
         "delivery_p999_us": delivery(0.999),
         "server_cpu_s_per_1k": if a.server_pids.is_empty() { serde_json::Value::Null } else { per_k(cpu1 - cpu0).into() },
+        "timeline": timeline,
         "server_write_bytes_per_append": if a.server_pids.is_empty() { serde_json::Value::Null } else { (per_k((written1 - written0) as f64) / 1000.0).into() },
     }))
 }
@@ -553,139 +638,6 @@ fn readers(
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-/// Medians over repetitions, per (label, in-flight).
-fn report(input: &std::path::Path, svg: Option<&std::path::Path>) -> Result<(), String> {
-    let text = std::fs::read_to_string(input).map_err(|e| format!("{}: {e}", input.display()))?;
-    let rows: Vec<serde_json::Value> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
-    let mut groups: std::collections::BTreeMap<(String, u64), Vec<&serde_json::Value>> = Default::default();
-    for r in &rows {
-        let label = r["label"].as_str().unwrap_or("?").to_string();
-        let k = r["in_flight"].as_u64().unwrap_or(0);
-        groups.entry((label, k)).or_default().push(r);
-    }
-    println!("| system | in flight | appends/s | p50 ms | p99 ms | p99.9 ms | server CPU-s / 1k | bytes written / append | reps | errors |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    let mut series: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
-    for ((label, k), rs) in &groups {
-        let m = |f: &str| median(rs.iter().filter_map(|r| r[f].as_f64()).collect());
-        let tput = m("appends_per_s");
-        let p99 = m("p99_us") / 1000.0;
-        println!(
-            "| {label} | {k} | {tput:.0} | {:.2} | {p99:.2} | {:.2} | {:.3} | {:.0} | {} | {} |",
-            m("p50_us") / 1000.0,
-            m("p999_us") / 1000.0,
-            m("server_cpu_s_per_1k"),
-            m("server_write_bytes_per_append"),
-            rs.len(),
-            rs.iter().filter_map(|r| r["errors"].as_u64()).sum::<u64>()
-        );
-        series.entry(label.clone()).or_default().push((tput, p99));
-    }
-    if let Some(path) = svg {
-        std::fs::write(path, plot(&series)).map_err(|e| format!("{}: {e}", path.display()))?;
-        eprintln!("phbench: wrote {}", path.display());
-    }
-    Ok(())
-}
-
-/// A throughput (x) against p99 latency (y, log scale) plot, one line per
-/// system, as a self-contained SVG: no fonts or plotting crates needed.
-fn plot(series: &std::collections::BTreeMap<String, Vec<(f64, f64)>>) -> String {
-    const W: f64 = 760.0;
-    const H: f64 = 460.0;
-    const L: f64 = 70.0;
-    const R: f64 = 190.0;
-    const T: f64 = 40.0;
-    const B: f64 = 50.0;
-    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
-    let xmax = series.values().flatten().map(|p| p.0).fold(1.0_f64, f64::max) * 1.05;
-    let ymin = series
-        .values()
-        .flatten()
-        .map(|p| p.1)
-        .fold(f64::MAX, f64::min)
-        .max(0.01);
-    let ymax = series
-        .values()
-        .flatten()
-        .map(|p| p.1)
-        .fold(0.0_f64, f64::max)
-        .max(ymin * 10.0);
-    let (ly0, ly1) = (ymin.log10().floor(), ymax.log10().ceil());
-    let x = |v: f64| L + (W - L - R) * v / xmax;
-    let y = |v: f64| H - B - (H - T - B) * (v.max(ymin).log10() - ly0) / (ly1 - ly0).max(1.0);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    );
-    s += &format!(
-        "<line x1=\"{L}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/><line x1=\"{L}\" y1=\"{T}\" x2=\"{L}\" y2=\"{0}\" stroke=\"black\"/>\n",
-        H - B,
-        W - R
-    );
-    for i in 0..=5 {
-        let v = xmax * f64::from(i) / 5.0;
-        s += &format!(
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{:.0}</text>\n",
-            x(v),
-            H - B + 18.0,
-            v
-        );
-    }
-    let mut e = ly0;
-    while e <= ly1 {
-        let v = 10f64.powf(e);
-        s += &format!(
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text><line x1=\"{L}\" y1=\"{1:.1}\" x2=\"{2}\" y2=\"{1:.1}\" stroke=\"#ddd\"/>\n",
-            L - 6.0,
-            y(v),
-            W - R
-        );
-        e += 1.0;
-    }
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">appends/s</text>\n<text x=\"{}\" y=\"{}\" text-anchor=\"start\">p99 latency, ms (log scale)</text>\n",
-        L + (W - L - R) / 2.0,
-        H - 12.0,
-        L - 40.0,
-        T - 12.0
-    );
-    for (i, (label, pts)) in series.iter().enumerate() {
-        let c = colors.get(i % colors.len()).copied().unwrap_or("black");
-        let mut pts = pts.clone();
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let path: Vec<String> = pts.iter().map(|(t, l)| format!("{:.1},{:.1}", x(*t), y(*l))).collect();
-        s += &format!(
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"2\"/>\n",
-            path.join(" ")
-        );
-        for (t, l) in &pts {
-            s += &format!(
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>\n",
-                x(*t),
-                y(*l)
-            );
-        }
-        let ly = T + 10.0 + 20.0 * i as f64;
-        s += &format!(
-            "<rect x=\"{}\" y=\"{}\" width=\"14\" height=\"4\" fill=\"{c}\"/><text x=\"{}\" y=\"{}\">{label}</text>\n",
-            W - R + 15.0,
-            ly - 4.0,
-            W - R + 35.0,
-            ly + 1.0
-        );
-    }
-    s + "</svg>\n"
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match Cli::parse().command {
@@ -699,7 +651,11 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
-        Command::Report { input, svg } => match report(&input, svg.as_deref()) {
+        Command::Report {
+            input,
+            svg,
+            timeline_svg,
+        } => match pigeonhole_benches::report::report(&input, svg.as_deref(), timeline_svg.as_deref()) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("phbench: {e}");
