@@ -110,6 +110,32 @@ impl Coalescer {
     }
 }
 
+/// A node's call slot held by a sender task. If the task is dropped while
+/// it holds the slot (its runtime shut down), the slot is given back, and
+/// when it was the last one the queued appends are dropped: their callers
+/// see the failure and retry unary, instead of waiting on a sender that will
+/// never come.
+struct Slot<'a> {
+    coalescer: &'a Coalescer,
+    node: u64,
+    held: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let mut nodes = self.coalescer.lock();
+        if let Some(q) = nodes.get_mut(&self.node) {
+            q.calls = q.calls.saturating_sub(1);
+            if q.calls == 0 {
+                nodes.remove(&self.node);
+            }
+        }
+    }
+}
+
 /// Takes the next call's items off `q`: at least one, then as many as fit.
 fn take_call(q: &mut NodeQueue, cfg: &CoalesceConfig) -> Vec<Queued> {
     let mut out = Vec::new();
@@ -204,16 +230,25 @@ impl Client {
     /// empty; then gives the call slot back.
     async fn send_queued(&self, node: u64) {
         let cfg = self.config().coalesce.clone();
+        let mut slot = Slot {
+            coalescer: self.coalescer(),
+            node,
+            held: true,
+        };
         loop {
             let items = {
                 let mut nodes = self.coalescer().lock();
-                let Some(q) = nodes.get_mut(&node) else { return };
+                let Some(q) = nodes.get_mut(&node) else {
+                    slot.held = false;
+                    return;
+                };
                 let items = take_call(q, &cfg);
                 if items.is_empty() {
                     q.calls = q.calls.saturating_sub(1);
                     if q.calls == 0 {
                         nodes.remove(&node);
                     }
+                    slot.held = false;
                     return;
                 }
                 items
@@ -307,6 +342,33 @@ mod tests {
             bytes,
             reply,
         }
+    }
+
+    #[test]
+    fn a_dropped_sender_gives_its_slot_back_and_releases_the_queue() {
+        let c = Coalescer::default();
+        let (reply, mut rx) = oneshot::channel();
+        {
+            let mut nodes = c.lock();
+            let q = nodes.entry(3).or_default();
+            q.calls = 1;
+            q.queue.push_back(Queued {
+                req: pb::AppendRequest::default(),
+                shard: 1,
+                bytes: 1,
+                reply,
+            });
+        }
+        drop(Slot {
+            coalescer: &c,
+            node: 3,
+            held: true,
+        });
+        assert!(c.lock().is_empty(), "the last slot went, and the node's queue with it");
+        assert!(
+            matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
+            "the waiting caller is released (it then retries unary)"
+        );
     }
 
     #[test]

@@ -1,0 +1,426 @@
+//! One shard replica as the driver holds it: its RawNode, the requests
+//! queued on it, its reads at each stage (queued, ReadIndex in flight,
+//! waiting for apply), and the pure functions over that state (whether it
+//! may hibernate, when reads are released, what expires). Nothing here does
+//! I/O, so it is tested without a cluster.
+
+use super::{ms_since, PeerLiveness, ProposeResult};
+use crate::error::ClusterError;
+use pigeonhole_engine::raft::eraftpb::ConfState;
+use pigeonhole_engine::raft::{RawNode, StateRole};
+use pigeonhole_engine::{command as cmd, RaftLogStore};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+pub(super) struct QueuedProposal {
+    pub(super) ops: Vec<cmd::Op>,
+    pub(super) bytes: usize,
+    pub(super) reply: oneshot::Sender<ProposeResult>,
+    pub(super) deadline: Instant,
+    pub(super) queued_at: Instant,
+}
+
+pub(super) struct ReadWaiter {
+    pub(super) reply: oneshot::Sender<Result<(), ClusterError>>,
+    pub(super) deadline: Instant,
+    pub(super) queued_at: Instant,
+}
+
+/// A ReadIndex request in flight and the reads it covers.
+pub(super) struct InflightRead {
+    /// The request's id (the second half of its context).
+    pub(super) id: u64,
+    /// When it was last sent. raft-rs drops a ReadIndex silently when the
+    /// leader it went to dies, or when a new leader has not yet committed
+    /// an entry of its term; so a read still unanswered after
+    /// `READ_RETRY_TICKS`, or after the replica saw a new leader, is sent
+    /// again. Re-sending is safe: any answer to a request sent after the
+    /// waiters queued is an index at least as new as they need.
+    pub(super) sent_tick: u64,
+    pub(super) waiters: Vec<ReadWaiter>,
+}
+
+/// Ticks an unanswered ReadIndex waits before it is sent again.
+pub(super) const READ_RETRY_TICKS: u64 = 2;
+
+/// Ticks a replica may be without a leader before the readers that follow
+/// its mailboxes are told (so a leader transfer, which leaves a replica
+/// leaderless for a few milliseconds, ends no stream).
+pub(super) const LEADERLESS_TICKS_MAX: u32 = 1;
+
+/// A proposed entry this node waits on: callers and how many ops each owns.
+pub(super) struct Pending {
+    pub(super) shard: u64,
+    pub(super) parts: Vec<(oneshot::Sender<ProposeResult>, usize)>,
+    pub(super) deadline: Instant,
+    pub(super) proposed_at: Instant,
+}
+
+pub(super) struct PendingConf {
+    pub(super) shard: u64,
+    pub(super) reply: oneshot::Sender<Result<ConfState, ClusterError>>,
+    pub(super) deadline: Instant,
+}
+
+pub(super) struct Replica {
+    pub(super) raw: RawNode<RaftLogStore>,
+    pub(super) queued: VecDeque<QueuedProposal>,
+    pub(super) reads_queued: Vec<ReadWaiter>,
+    pub(super) reads_inflight: Vec<InflightRead>,
+    pub(super) reads_ready: Vec<(u64, Vec<ReadWaiter>)>,
+    /// The replica saw a new leader (or role): in-flight reads go again.
+    pub(super) reads_resend: bool,
+    /// Consecutive ticks without a known leader.
+    pub(super) leaderless_ticks: u32,
+    pub(super) quiet_ticks: u32,
+    pub(super) asleep: bool,
+    pub(super) log_bytes: u64,
+    pub(super) preferred_leader: u64,
+}
+
+impl Replica {
+    /// A replica with nothing queued.
+    pub(super) fn new(raw: RawNode<RaftLogStore>, preferred_leader: u64) -> Replica {
+        Replica {
+            raw,
+            queued: VecDeque::new(),
+            reads_queued: Vec::new(),
+            reads_inflight: Vec::new(),
+            reads_ready: Vec::new(),
+            reads_resend: false,
+            leaderless_ticks: 0,
+            quiet_ticks: 0,
+            asleep: false,
+            log_bytes: 0,
+            preferred_leader,
+        }
+    }
+}
+
+/// Bytes of an entry context: origin node id, then proposal id.
+pub(super) const CONTEXT_LEN: usize = 16;
+
+pub(super) fn context(node: u64, id: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(CONTEXT_LEN);
+    c.extend_from_slice(&node.to_be_bytes());
+    c.extend_from_slice(&id.to_be_bytes());
+    c
+}
+
+pub(super) fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
+    let (a, b) = c.split_first_chunk::<8>()?;
+    let b: [u8; 8] = b.try_into().ok()?;
+    Some((u64::from_be_bytes(*a), u64::from_be_bytes(b)))
+}
+
+/// Whether `node` still has a part in `cs`. During a joint change the outgoing
+/// voters (and the learners to be) still count: removing the replica then
+/// would take a vote the old majority still needs.
+pub(super) fn is_member(cs: &ConfState, node: u64) -> bool {
+    cs.voters.contains(&node)
+        || cs.learners.contains(&node)
+        || cs.voters_outgoing.contains(&node)
+        || cs.learners_next.contains(&node)
+}
+
+/// Cached log entries are needed until applied here and, on a leader, until
+/// every follower has them; older ones are read from disk if ever needed.
+pub(super) fn trim_entry_cache(r: &mut Replica) {
+    let raft = &r.raw.raft;
+    let mut keep_from = raft.raft_log.applied + 1;
+    if raft.state == StateRole::Leader {
+        for (_, p) in raft.prs().iter() {
+            keep_from = keep_from.min(p.matched + 1);
+        }
+    }
+    r.raw.store().trim_entry_cache(keep_from);
+}
+
+pub(super) fn release_reads(r: &mut Replica) {
+    let applied = r.raw.raft.raft_log.applied;
+    let mut i = 0;
+    while i < r.reads_ready.len() {
+        if r.reads_ready.get(i).is_some_and(|(idx, _)| *idx <= applied) {
+            let (_, ws) = r.reads_ready.swap_remove(i);
+            for w in ws {
+                let _ = w.reply.send(Ok(()));
+            }
+        } else {
+            i += 1;
+        }
+    }
+}
+
+pub(super) fn expire_queued(shard: u64, r: &mut Replica, now: Instant) {
+    let leader = r.raw.raft.leader_id;
+    let mut keep = VecDeque::with_capacity(r.queued.len());
+    for q in r.queued.drain(..) {
+        if q.deadline <= now {
+            let _ = q.reply.send(Err(ClusterError::NoLeader {
+                shard,
+                waited_ms: ms_since(q.queued_at),
+            }));
+        } else {
+            keep.push_back(q);
+        }
+    }
+    r.queued = keep;
+    let timeout = |w: ReadWaiter, what: &'static str| {
+        let err = if leader == 0 {
+            ClusterError::NoLeader {
+                shard,
+                waited_ms: ms_since(w.queued_at),
+            }
+        } else {
+            ClusterError::Timeout {
+                shard,
+                what,
+                waited_ms: ms_since(w.queued_at),
+            }
+        };
+        let _ = w.reply.send(Err(err));
+    };
+    let expire = |ws: &mut Vec<ReadWaiter>| {
+        let (old, new): (Vec<_>, Vec<_>) = ws.drain(..).partition(|w| w.deadline <= now);
+        *ws = new;
+        old.into_iter().for_each(|w| timeout(w, "read index"));
+    };
+    expire(&mut r.reads_queued);
+    r.reads_inflight.iter_mut().for_each(|read| expire(&mut read.waiters));
+    r.reads_inflight.retain(|read| !read.waiters.is_empty());
+    r.reads_ready.iter_mut().for_each(|(_, ws)| expire(ws));
+    r.reads_ready.retain(|(_, ws)| !ws.is_empty());
+}
+
+pub(super) fn fail_all(shard: u64, mut r: Replica, err: impl Fn(u64) -> ClusterError) {
+    for q in r.queued.drain(..) {
+        let _ = q.reply.send(Err(err(shard)));
+    }
+    for w in r.reads_queued.drain(..) {
+        let _ = w.reply.send(Err(err(shard)));
+    }
+    let inflight = r.reads_inflight.drain(..).map(|read| read.waiters);
+    for ws in inflight.chain(r.reads_ready.drain(..).map(|(_, ws)| ws)) {
+        for w in ws {
+            let _ = w.reply.send(Err(err(shard)));
+        }
+    }
+}
+
+/// A shard may sleep when nothing is in flight: no queued work, the log fully
+/// committed and applied, and (for a leader) every follower caught up.
+pub(super) fn is_quiet(r: &Replica) -> bool {
+    if !r.queued.is_empty() || !r.reads_queued.is_empty() || !r.reads_inflight.is_empty() || !r.reads_ready.is_empty() {
+        return false;
+    }
+    let raft = &r.raw.raft;
+    let log = &raft.raft_log;
+    if log.committed != log.last_index() || log.applied != log.committed {
+        return false;
+    }
+    match raft.state {
+        StateRole::Leader => {
+            raft.lead_transferee.is_none()
+                && !raft.has_pending_conf()
+                && raft.read_only.pending_read_count() == 0
+                && raft.prs().iter().all(|(id, p)| {
+                    // With skip_bcast_commit a follower learns the commit
+                    // index from the next heartbeat; its answer reports it.
+                    p.matched == log.last_index() && (*id == raft.id || p.committed_index >= log.committed)
+                })
+        }
+        StateRole::Follower => raft.leader_id != 0,
+        StateRole::Candidate | StateRole::PreCandidate => false,
+    }
+}
+
+/// Hands leadership back to the shard's preferred node once it is a caught-up
+/// voter and alive, so leaders stay spread after failovers.
+pub(super) fn maybe_rebalance(node_id: u64, r: &mut Replica, peers: &BTreeMap<u64, PeerLiveness>) {
+    let raft = &r.raw.raft;
+    let pref = r.preferred_leader;
+    if raft.state != StateRole::Leader || pref == node_id || pref == 0 || raft.lead_transferee.is_some() {
+        return;
+    }
+    if !raft.prs().conf().voters().contains(pref) || peers.get(&pref).is_none_or(|p| p.down) {
+        return;
+    }
+    let caught_up = raft
+        .prs()
+        .get(pref)
+        .is_some_and(|p| p.matched == raft.raft_log.last_index());
+    if caught_up {
+        r.raw.transfer_leader(pref);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pigeonhole_engine::raft::{self, Storage as _};
+    use pigeonhole_engine::{conf_state_with_voters, Durability, Engine, EngineOptions, RaftBatch};
+
+    const SHARD: u64 = 5;
+
+    /// A replica of node 1 in a shard whose voters are `voters`, on a fresh
+    /// engine (kept alive by the returned dir).
+    fn replica(voters: &[u64]) -> (tempfile::TempDir, Engine, Replica) {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path(), EngineOptions::default()).unwrap();
+        engine
+            .bootstrap_shard(SHARD, conf_state_with_voters(voters), 0, 0)
+            .unwrap();
+        let cfg = raft::Config {
+            id: 1,
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&cfg, engine.raft_log(SHARD).unwrap(), &logger).unwrap();
+        (dir, engine, Replica::new(raw, 1))
+    }
+
+    /// Persists and acknowledges every Ready (no apply: raft-rs's applied
+    /// index just follows the commit index).
+    fn settle(engine: &Engine, r: &mut Replica) {
+        while r.raw.has_ready() {
+            let mut rd = r.raw.ready();
+            let mut rb = RaftBatch::default();
+            if !rd.entries().is_empty() {
+                rb.append(r.raw.store(), rd.entries()).unwrap();
+            }
+            if let Some(hs) = rd.hs() {
+                rb.set_hard_state(r.raw.store(), hs).unwrap();
+            }
+            engine.write_raft(rb, Durability::NoFsync).unwrap();
+            let _ = rd.take_messages();
+            let mut light = r.raw.advance(rd);
+            let _ = light.take_messages();
+            r.raw.advance_apply();
+        }
+    }
+
+    fn proposal(deadline: Instant) -> (QueuedProposal, oneshot::Receiver<ProposeResult>) {
+        let (reply, rx) = oneshot::channel();
+        let q = QueuedProposal {
+            ops: Vec::new(),
+            bytes: 0,
+            reply,
+            deadline,
+            queued_at: Instant::now(),
+        };
+        (q, rx)
+    }
+
+    fn read(deadline: Instant) -> (ReadWaiter, oneshot::Receiver<Result<(), ClusterError>>) {
+        let (reply, rx) = oneshot::channel();
+        let w = ReadWaiter {
+            reply,
+            deadline,
+            queued_at: Instant::now(),
+        };
+        (w, rx)
+    }
+
+    #[test]
+    fn a_context_round_trips_and_a_short_one_is_refused() {
+        let c = context(7, u64::MAX - 1);
+        assert_eq!(c.len(), CONTEXT_LEN);
+        assert_eq!(parse_context(&c), Some((7, u64::MAX - 1)));
+        assert_eq!(parse_context(&c[..15]), None);
+        assert_eq!(parse_context(&[]), None);
+    }
+
+    #[test]
+    fn a_node_is_a_member_in_every_role_of_a_joint_configuration() {
+        let cs = ConfState {
+            voters: vec![1],
+            learners: vec![2],
+            voters_outgoing: vec![3],
+            learners_next: vec![4],
+            ..Default::default()
+        };
+        for n in 1..=4 {
+            assert!(is_member(&cs, n), "node {n}");
+        }
+        assert!(!is_member(&cs, 5));
+    }
+
+    #[test]
+    fn expiry_fails_what_is_late_and_keeps_what_is_not() {
+        let (_d, _e, mut r) = replica(&[1, 2, 3]);
+        let past = Instant::now() - std::time::Duration::from_millis(1);
+        let future = Instant::now() + std::time::Duration::from_secs(60);
+        let (late, mut late_rx) = proposal(past);
+        let (fresh, mut fresh_rx) = proposal(future);
+        r.queued.extend([late, fresh]);
+        let (late_read, mut late_read_rx) = read(past);
+        r.reads_inflight.push(InflightRead {
+            id: 1,
+            sent_tick: 0,
+            waiters: vec![late_read],
+        });
+        let (ready_read, mut ready_rx) = read(future);
+        r.reads_ready.push((10, vec![ready_read]));
+        expire_queued(SHARD, &mut r, Instant::now());
+        assert!(matches!(late_rx.try_recv(), Ok(Err(ClusterError::NoLeader { .. }))));
+        assert!(fresh_rx.try_recv().is_err(), "a request within its deadline waits on");
+        assert_eq!(r.queued.len(), 1);
+        assert!(matches!(
+            late_read_rx.try_recv(),
+            Ok(Err(ClusterError::NoLeader { .. }))
+        ));
+        assert!(r.reads_inflight.is_empty(), "a ReadIndex nobody waits for is dropped");
+        assert!(ready_rx.try_recv().is_err());
+        assert_eq!(r.reads_ready.len(), 1);
+    }
+
+    #[test]
+    fn reads_are_released_once_apply_reaches_their_index_and_fail_all_answers_the_rest() {
+        let (_d, engine, mut r) = replica(&[1]);
+        r.raw.campaign().unwrap();
+        settle(&engine, &mut r);
+        let applied = r.raw.raft.raft_log.applied;
+        assert!(applied >= 1, "the new leader's empty entry is applied");
+        let future = Instant::now() + std::time::Duration::from_secs(60);
+        let (now_read, mut now_rx) = read(future);
+        let (later_read, mut later_rx) = read(future);
+        r.reads_ready.push((applied, vec![now_read]));
+        r.reads_ready.push((applied + 1, vec![later_read]));
+        release_reads(&mut r);
+        assert!(matches!(now_rx.try_recv(), Ok(Ok(()))));
+        assert!(later_rx.try_recv().is_err(), "index {} is not applied yet", applied + 1);
+        fail_all(SHARD, r, |_| ClusterError::Stopped);
+        assert!(matches!(later_rx.try_recv(), Ok(Err(ClusterError::Stopped))));
+    }
+
+    #[test]
+    fn a_leader_sleeps_only_once_every_follower_has_reported_the_commit() {
+        let (_d, engine, mut r) = replica(&[1, 2, 3]);
+        assert!(!is_quiet(&r), "a follower without a leader stays awake");
+        r.raw.raft.become_candidate();
+        r.raw.raft.become_leader();
+        settle(&engine, &mut r);
+        let last = r.raw.raft.raft_log.last_index();
+        for id in [2, 3] {
+            if let Some(pr) = r.raw.raft.mut_prs().get_mut(id) {
+                pr.matched = last;
+                pr.next_idx = last + 1;
+            }
+        }
+        assert!(r.raw.raft.maybe_commit(), "a majority holds the entry");
+        settle(&engine, &mut r);
+        assert_eq!(r.raw.raft.raft_log.committed, last);
+        assert!(!is_quiet(&r), "followers have not reported the commit index yet");
+        for id in [2, 3] {
+            if let Some(pr) = r.raw.raft.mut_prs().get_mut(id) {
+                pr.update_committed(last);
+            }
+        }
+        assert!(is_quiet(&r));
+        let (q, _rx) = proposal(Instant::now() + std::time::Duration::from_secs(60));
+        r.queued.push_back(q);
+        assert!(!is_quiet(&r), "queued work keeps it awake");
+        assert_eq!(r.raw.store().last_index().unwrap(), last);
+    }
+}

@@ -1,0 +1,199 @@
+//! Snapshots on the driver's side: repairing what a crash left at start
+//! (an ingest cut short, an apply state ahead of the log), creating a
+//! replica a leader is sending to, ingesting a spooled snapshot before
+//! raft-rs may step past it, and handing outgoing snapshots to the
+//! transport.
+
+use super::replica::is_member;
+use super::{raft_err, Driver, Inbound};
+use crate::error::ClusterError;
+use crate::placement::META_SHARD;
+use crate::transport::{spool, SnapshotJob};
+use pigeonhole_engine::raft::eraftpb::{Message, MessageType, SnapshotMetadata};
+use pigeonhole_engine::raft::Storage as _;
+use pigeonhole_engine::{Durability, RaftBatch, ShardState, SNAPSHOT_DATA_MAGIC};
+use std::time::Duration;
+
+impl Driver {
+    /// Repairs what a crash can leave: a snapshot ingest cut short (re-run
+    /// from the spooled file) and an apply state ahead of the Raft log (the
+    /// ingest finished, the log reset did not).
+    pub(super) fn recover_shard(&mut self, shard: u64) -> Result<(), ClusterError> {
+        let Some(meta) = self.engine.shard_meta(shard)? else {
+            return Ok(());
+        };
+        let meta = if meta.state == ShardState::Ingesting {
+            // The newest complete spooled snapshot: any complete snapshot of
+            // committed state newer than what the shard had will do.
+            let (_, path) = self.spool.complete(shard)?.into_iter().next().ok_or_else(|| {
+                ClusterError::Config(format!(
+                    "shard {shard} was cut off during a snapshot ingest and no spooled snapshot is left"
+                ))
+            })?;
+            self.ingest_file(shard, &path)?;
+            self.engine.shard_meta(shard)?.ok_or(ClusterError::Stopped)?
+        } else {
+            meta
+        };
+        let store = self.engine.raft_log(shard)?;
+        let hs = store.hard_state()?;
+        let last = store.last_index().map_err(raft_err)?;
+        if meta.applied_index <= hs.commit {
+            return Ok(());
+        }
+        // The applied state is ahead of the durable commit index: a snapshot
+        // was ingested (or applies were written) past what the log says.
+        // Only if the local log holds the applied entry itself (same index
+        // and term) is its prefix the committed history, so the commit index
+        // may move up to it. Otherwise the log diverges there and must be
+        // restarted at the applied state, exactly as installing that
+        // snapshot would; the entries dropped were never committed (log
+        // matching), and a leader re-sends whatever follows.
+        let log_agrees = meta.applied_index <= last && store.term(meta.applied_index).ok() == Some(meta.applied_term);
+        let mut rb = RaftBatch::default();
+        if log_agrees {
+            let mut hs = hs;
+            hs.commit = meta.applied_index;
+            rb.set_hard_state(&store, &hs)?;
+        } else {
+            let md = SnapshotMetadata {
+                index: meta.applied_index,
+                term: meta.applied_term,
+                ..Default::default()
+            };
+            rb.apply_snapshot(&store, &md)?;
+        }
+        self.engine.write_raft(rb, Durability::Fsync)?;
+        Ok(())
+    }
+
+    /// A leader of a shard this node has no replica of is sending to it: a
+    /// conf change added this node. Create an empty replica; the leader will
+    /// send a snapshot.
+    pub(super) fn maybe_create(&mut self, shard: u64, msg: &Message) -> Result<bool, ClusterError> {
+        let from_leader = matches!(
+            msg.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        );
+        if !from_leader || (shard != META_SHARD && self.map.shard(shard).is_none()) {
+            return Ok(false);
+        }
+        if let Some(meta) = self.engine.shard_meta(shard)? {
+            if meta.state != ShardState::Ready || is_member(&meta.conf_state, self.node_id) {
+                return Ok(false);
+            }
+            // A replica removed earlier is being added back: resume from its
+            // data. Its log is an older prefix of the same group's history,
+            // so the leader simply catches it up (by log or snapshot).
+            self.recover_shard(shard)?;
+            self.add_replica(shard, meta.applied_index)?;
+            return Ok(true);
+        }
+        self.add_replica(shard, 0)?;
+        Ok(true)
+    }
+
+    /// Ingests a spooled snapshot, then steps raft-rs's MsgSnapshot. The
+    /// message is stepped only if the engine now holds state at least as new
+    /// as the snapshot, so raft-rs never moves past state the engine lacks.
+    pub(super) fn on_snapshot(
+        &mut self,
+        _from: u64,
+        shard: u64,
+        path: &std::path::Path,
+        msg: Message,
+    ) -> Result<(), ClusterError> {
+        let md_index = msg.get_snapshot().get_metadata().index;
+        let mut expect = SNAPSHOT_DATA_MAGIC.to_vec();
+        expect.extend_from_slice(&shard.to_be_bytes());
+        if msg.get_snapshot().data.as_ref() != expect.as_slice() || msg.get_msg_type() != MessageType::MsgSnapshot {
+            let _ = std::fs::remove_file(path);
+            return Ok(());
+        }
+        if !self.replicas.contains_key(&shard) && !self.maybe_create(shard, &msg)? {
+            let _ = std::fs::remove_file(path);
+            return Ok(());
+        }
+        let applied = self.engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
+        if applied < md_index {
+            if let Err(e) = self.ingest_file(shard, path) {
+                let torn = self
+                    .engine
+                    .shard_meta(shard)?
+                    .is_some_and(|m| m.state == ShardState::Ingesting);
+                if torn {
+                    // The old state is gone and the new one is not all in:
+                    // this replica cannot serve. Stop loudly, and KEEP the
+                    // spooled file: the next start re-runs the ingest from it
+                    // (`recover_shard`), which repairs a transient failure
+                    // (an I/O error); a deterministic one keeps the node from
+                    // starting until an operator replaces the replica.
+                    return Err(e);
+                }
+                // Refused before anything changed (e.g. older than our
+                // state): drop it; the leader sends another if still needed.
+                let _ = std::fs::remove_file(path);
+                return Ok(());
+            }
+            // Any mailbox of the shard may have changed.
+            self.watchers.shard_reset(shard);
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+        let applied = self.engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
+        if applied >= md_index {
+            self.wake(shard, true);
+            if let Some(r) = self.replicas.get_mut(&shard) {
+                let _ = r.raw.step(msg);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn ingest_file(&self, shard: u64, path: &std::path::Path) -> Result<(), ClusterError> {
+        let mut ingest = self.engine.ingest_snapshot(shard)?;
+        let mut done = false;
+        let mut failure: Option<ClusterError> = None;
+        spool::read_chunks(path, |chunk| match ingest.push(&chunk) {
+            Ok(s) => {
+                done = s.is_some();
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                failure = Some(e.into());
+                Err(std::io::Error::other(msg))
+            }
+        })
+        .map_err(|e| failure.take().unwrap_or(ClusterError::Io(e)))?;
+        if !done {
+            return Err(ClusterError::Io(std::io::Error::other(
+                "spooled snapshot has no last chunk",
+            )));
+        }
+        // The shard is whole again and durable (the last push fsyncs): no
+        // spooled file of it is needed for recovery any more.
+        self.spool.remove_all(shard)?;
+        Ok(())
+    }
+
+    pub(super) fn send_snapshot(&self, shard: u64, msg: Message) {
+        let tx = self.tx.clone();
+        let to = msg.to;
+        self.transport.send_snapshot(SnapshotJob {
+            from: self.node_id,
+            to,
+            shard,
+            msg,
+            engine: self.engine.clone(),
+            chunk_bytes: self.tuning.snapshot_chunk_bytes,
+            report: Box::new(move |ok| {
+                // Never silently lost: a failed transfer left unreported would
+                // keep the follower in raft-rs's Snapshot state. The report
+                // comes from a transport thread, so waiting a moment for room
+                // in the inbox blocks nothing of the driver's.
+                let _ = tx.send_timeout(Inbound::SnapshotReport { shard, to, ok }, Duration::from_secs(5));
+            }),
+        });
+    }
+}

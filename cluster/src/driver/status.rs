@@ -1,0 +1,35 @@
+//! What the driver reports about its replicas ([`ShardStatus`]), for
+//! NodeStatus, phctl and the tests.
+
+use super::{Driver, Role, ShardStatus};
+use pigeonhole_engine::raft::{StateRole, Storage as _};
+
+impl Driver {
+    pub(super) fn status(&self) -> Vec<ShardStatus> {
+        self.replicas
+            .iter()
+            .map(|(shard, r)| {
+                let raft = &r.raw.raft;
+                let conf = raft.prs().conf().to_conf_state();
+                ShardStatus {
+                    shard: *shard,
+                    role: match raft.state {
+                        StateRole::Leader => Role::Leader,
+                        StateRole::Follower => Role::Follower,
+                        StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
+                    },
+                    leader: raft.leader_id,
+                    term: raft.term,
+                    commit: raft.raft_log.committed,
+                    applied: raft.raft_log.applied,
+                    last_index: raft.raft_log.last_index(),
+                    first_index: r.raw.store().first_index().unwrap_or(0),
+                    joint: !conf.voters_outgoing.is_empty(),
+                    voters: conf.voters,
+                    learners: conf.learners,
+                    asleep: r.asleep,
+                }
+            })
+            .collect()
+    }
+}

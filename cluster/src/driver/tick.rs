@@ -1,0 +1,222 @@
+//! Time-driven work: the Raft tick of awake shards (with hibernation,
+//! ReadIndex retries, leader rebalancing, dedup collection and request
+//! expiry), the node-level heartbeat that detects dead peers for sleeping
+//! shards, and the shard records this node owes the metadata group.
+
+use super::replica::{
+    context, expire_queued, is_quiet, maybe_rebalance, QueuedProposal, LEADERLESS_TICKS_MAX, READ_RETRY_TICKS,
+};
+use super::{ms_since, Driver};
+use crate::error::ClusterError;
+use crate::placement::{shard_record_key, META_SHARD};
+use crate::transport::Envelope;
+use pigeonhole_engine::command as cmd;
+use pigeonhole_engine::raft::StateRole;
+use pigeonhole_proto::internal::v1::ShardRecord;
+use prost::Message as _;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+impl Driver {
+    pub(super) fn node_heartbeat(&mut self) {
+        let ids: Vec<u64> = self.peers.keys().copied().collect();
+        for to in ids {
+            self.transport.send(Envelope {
+                from: self.node_id,
+                to,
+                msgs: Vec::new(),
+            });
+        }
+        let limit = Duration::from_millis(self.tuning.peer_down_after_ms);
+        let mut gone = Vec::new();
+        for (id, p) in self.peers.iter_mut() {
+            if !p.down && p.last_seen.elapsed() > limit {
+                p.down = true;
+                gone.push(*id);
+            }
+        }
+        if !gone.is_empty() {
+            // Readers of shards led from a node we no longer hear from are
+            // told now, not an election timeout later: they resume elsewhere.
+            for (shard, r) in &self.replicas {
+                if gone.contains(&r.raw.raft.leader_id) {
+                    self.watchers.leader_lost(*shard);
+                }
+            }
+            self.wake_all();
+        }
+    }
+
+    pub(super) fn tick(&mut self) {
+        self.ticks += 1;
+        if !self.map_writes.is_empty() {
+            self.check_shard_record_writes();
+        }
+        let hibernate = self.tuning.hibernate_after_ticks;
+        let rebalance = self.tuning.rebalance_every_ticks != 0 && self.ticks % self.tuning.rebalance_every_ticks == 0;
+        let collect =
+            self.tuning.expire_dedup_every_ticks != 0 && self.ticks % self.tuning.expire_dedup_every_ticks == 0;
+        let expire_max = self.engine.options().limits.expire_dedup_entries_max;
+        let timeout = Duration::from_millis(self.tuning.request_timeout_ms);
+        let node_id = self.node_id;
+        let now = Instant::now();
+        let ticks = self.ticks;
+        for (shard, r) in self.replicas.iter_mut() {
+            if r.asleep {
+                continue;
+            }
+            r.raw.tick();
+            self.dirty.insert(*shard);
+            if r.raw.raft.leader_id == 0 {
+                r.leaderless_ticks = r.leaderless_ticks.saturating_add(1);
+                if r.leaderless_ticks > LEADERLESS_TICKS_MAX {
+                    self.watchers.leader_lost(*shard);
+                }
+            } else {
+                r.leaderless_ticks = 0;
+                // ReadIndex requests that got no answer go again.
+                for read in r.reads_inflight.iter_mut() {
+                    if ticks.saturating_sub(read.sent_tick) >= READ_RETRY_TICKS {
+                        read.sent_tick = ticks;
+                        r.raw.read_index(context(node_id, read.id));
+                    }
+                }
+            }
+            if rebalance {
+                maybe_rebalance(node_id, r, &self.peers);
+            }
+            if collect && *shard != META_SHARD && r.raw.raft.state == StateRole::Leader {
+                // Dedup GC goes through the log like any write, so every
+                // replica forgets the same entries at the same index. Nobody
+                // waits for the answer: the next round retries what failed.
+                let op = cmd::Op {
+                    op: Some(cmd::op::Op::ExpireDedup(cmd::ExpireDedupOp {
+                        max_entries: expire_max,
+                    })),
+                };
+                let (reply, _) = oneshot::channel();
+                r.queued.push_back(QueuedProposal {
+                    bytes: op.encoded_len(),
+                    ops: vec![op],
+                    reply,
+                    deadline: now + timeout,
+                    queued_at: now,
+                });
+                self.waiting.insert(*shard);
+            }
+            if hibernate != 0 && is_quiet(r) {
+                r.quiet_ticks += 1;
+                if r.quiet_ticks >= hibernate {
+                    r.asleep = true;
+                }
+            } else {
+                r.quiet_ticks = 0;
+            }
+            // Reads and proposals that waited too long.
+            expire_queued(*shard, r, now);
+        }
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                let waited_ms = ms_since(p.proposed_at);
+                for (reply, _) in p.parts {
+                    let _ = reply.send(Err(ClusterError::Timeout {
+                        shard: p.shard,
+                        what: "proposal",
+                        waited_ms,
+                    }));
+                }
+            }
+        }
+        let expired: Vec<u64> = self
+            .pending_conf
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending_conf.remove(&id) {
+                let _ = p.reply.send(Err(ClusterError::Timeout {
+                    shard: p.shard,
+                    what: "conf change",
+                    waited_ms: self.tuning.request_timeout_ms,
+                }));
+            }
+        }
+    }
+
+    /// Queues writes of the shard records this node owes the metadata group.
+    /// The record's version is the writer's term: a deposed leader's late
+    /// write loses to its successor's.
+    pub(super) fn write_shard_records(&mut self) {
+        if !self.replicas.contains_key(&META_SHARD) {
+            return;
+        }
+        let timeout = Duration::from_millis(self.tuning.request_timeout_ms);
+        for shard in std::mem::take(&mut self.map_dirty) {
+            let Some(r) = self.replicas.get(&shard) else { continue };
+            if r.raw.raft.state != StateRole::Leader {
+                continue;
+            }
+            let Some(desc) = self.map.shard(shard) else { continue };
+            let conf = r.raw.raft.prs().conf().to_conf_state();
+            let term = r.raw.raft.term;
+            let record = ShardRecord {
+                shard,
+                range_start: desc.range_start,
+                range_end: desc.range_end,
+                voters: conf.voters,
+                learners: conf.learners,
+                leader_hint: self.node_id,
+                preferred_leader: desc.preferred_leader,
+                term,
+            };
+            let op = cmd::Op {
+                op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
+                    key: shard_record_key(shard),
+                    value: record.encode_to_vec(),
+                    version: term,
+                })),
+            };
+            let (reply, rx) = oneshot::channel();
+            if let Some(meta) = self.replicas.get_mut(&META_SHARD) {
+                meta.queued.push_back(QueuedProposal {
+                    bytes: op.encoded_len(),
+                    ops: vec![op],
+                    reply,
+                    deadline: Instant::now() + timeout,
+                    queued_at: Instant::now(),
+                });
+                self.waiting.insert(META_SHARD);
+                self.map_writes.push((shard, rx));
+            }
+        }
+        if !self.map_writes.is_empty() {
+            self.wake(META_SHARD, true);
+        }
+    }
+
+    /// Retries record writes that failed for a retryable reason (no leader
+    /// for the metadata group yet, a timeout) while this node still leads.
+    pub(super) fn check_shard_record_writes(&mut self) {
+        let mut retry = Vec::new();
+        self.map_writes.retain_mut(|(shard, rx)| match rx.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => true,
+            Ok(Ok(results)) => {
+                // A StaleVersion means a newer leader wrote already: done.
+                let _ = results;
+                false
+            }
+            Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => {
+                retry.push(*shard);
+                false
+            }
+        });
+        self.map_dirty.extend(retry);
+    }
+}
