@@ -50,6 +50,10 @@ pub struct ServerConfig {
     pub request_timeout_ms: u64,
     /// NOT DURABLE: skip every fsync (`RaftTuning::unsafe_no_fsync`).
     pub unsafe_no_fsync: bool,
+    /// Raft log entries per shard before compaction (`RaftTuning`).
+    pub log_entries_max: u64,
+    /// Entries kept behind the applied index when compacting.
+    pub log_retain_entries: u64,
 }
 
 impl ServerConfig {
@@ -68,6 +72,8 @@ impl ServerConfig {
             request_bytes_max: REQUEST_BYTES_MAX,
             request_timeout_ms: crate::RaftTuning::default().request_timeout_ms,
             unsafe_no_fsync: false,
+            log_entries_max: crate::config::RaftTuning::default().log_entries_max,
+            log_retain_entries: crate::config::RaftTuning::default().log_retain_entries,
         }
     }
 }
@@ -82,6 +88,8 @@ pub async fn run(
     node_cfg.replication_factor = cfg.replication_factor;
     node_cfg.raft.request_timeout_ms = cfg.request_timeout_ms;
     node_cfg.raft.unsafe_no_fsync = cfg.unsafe_no_fsync;
+    node_cfg.raft.log_entries_max = cfg.log_entries_max;
+    node_cfg.raft.log_retain_entries = cfg.log_retain_entries;
     if cfg.unsafe_no_fsync {
         eprintln!(
             "pigeonhole: WARNING: --unsafe-no-fsync: writes are acknowledged without fsync; \

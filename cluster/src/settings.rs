@@ -29,6 +29,10 @@
 //! sync_wait_ms_max = 60000
 //! subscribe_mailboxes_max = 10000
 //! subscribe_in_flight_max = 65536
+//!
+//! [raft]
+//! log_entries_max = 20000      # entries per shard log before compaction
+//! log_retain_entries = 2000    # kept behind the applied index for followers
 //! ```
 
 use crate::api::ApiLimits;
@@ -66,6 +70,20 @@ pub struct Settings {
     /// Request limits.
     #[serde(default)]
     pub limits: LimitSettings,
+    /// Raft log compaction.
+    #[serde(default)]
+    pub raft: RaftSettings,
+}
+
+/// The `[raft]` table.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RaftSettings {
+    /// Entries a shard's log may hold before it is compacted.
+    pub log_entries_max: Option<u64>,
+    /// Entries kept behind the applied index when compacting, so a follower
+    /// that lags by fewer catches up from the log, not a snapshot.
+    pub log_retain_entries: Option<u64>,
 }
 
 /// The `[limits]` table.
@@ -95,6 +113,8 @@ const BATCH_ITEMS: RangeInclusive<usize> = 1..=4_096;
 const SYNC_WAIT_MS: RangeInclusive<u32> = 0..=600_000;
 const SUBSCRIBE_MAILBOXES: RangeInclusive<usize> = 1..=100_000;
 const SUBSCRIBE_IN_FLIGHT: RangeInclusive<u32> = 1..=(1 << 20);
+const LOG_ENTRIES: RangeInclusive<u64> = 16..=10_000_000;
+const LOG_RETAIN: RangeInclusive<u64> = 0..=1_000_000;
 
 fn check<T: PartialOrd + std::fmt::Display>(name: &str, v: T, range: &RangeInclusive<T>) -> Result<T, String> {
     if range.contains(&v) {
@@ -132,6 +152,8 @@ impl Settings {
     pub fn overlay(self, over: Settings) -> Settings {
         let l = self.limits;
         let o = over.limits;
+        let r = self.raft;
+        let ro = over.raft;
         Settings {
             node_id: over.node_id.or(self.node_id),
             data_dir: over.data_dir.or(self.data_dir),
@@ -148,6 +170,10 @@ impl Settings {
                 sync_wait_ms_max: o.sync_wait_ms_max.or(l.sync_wait_ms_max),
                 subscribe_mailboxes_max: o.subscribe_mailboxes_max.or(l.subscribe_mailboxes_max),
                 subscribe_in_flight_max: o.subscribe_in_flight_max.or(l.subscribe_in_flight_max),
+            },
+            raft: RaftSettings {
+                log_entries_max: ro.log_entries_max.or(r.log_entries_max),
+                log_retain_entries: ro.log_retain_entries.or(r.log_retain_entries),
             },
         }
     }
@@ -218,6 +244,22 @@ impl Settings {
             )?,
             ..d
         };
+        cfg.log_entries_max = check(
+            "raft.log_entries_max",
+            self.raft.log_entries_max.unwrap_or(cfg.log_entries_max),
+            &LOG_ENTRIES,
+        )?;
+        cfg.log_retain_entries = check(
+            "raft.log_retain_entries",
+            self.raft.log_retain_entries.unwrap_or(cfg.log_retain_entries),
+            &LOG_RETAIN,
+        )?;
+        if cfg.log_retain_entries >= cfg.log_entries_max {
+            return Err(format!(
+                "raft.log_retain_entries = {} must be below raft.log_entries_max = {}",
+                cfg.log_retain_entries, cfg.log_entries_max
+            ));
+        }
         // The default in-flight window must fit under a lowered maximum.
         cfg.api.subscribe_in_flight_default = cfg.api.subscribe_in_flight_default.min(cfg.api.subscribe_in_flight_max);
         Ok(cfg)

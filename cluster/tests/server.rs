@@ -17,7 +17,7 @@ use tonic_types::StatusExt;
 
 mod server_common;
 
-use server_common::{append, client, free_port, mb, start};
+use server_common::{append, client, free_port, mb, start, start_with};
 
 /// Appends, retrying while the node elects a leader after a (re)start.
 async fn append_retrying(c: &mut MailboxClient<Channel>, req: pb::AppendRequest) -> pb::AppendResponse {
@@ -376,9 +376,30 @@ async fn the_server_serves_the_mailbox_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_acknowledged_append() {
+    sigkill_under_load_then_check(&[], false).await;
+}
+
+/// The state machine is written without a WAL (D26): a kill loses the
+/// applies since the last flush, and the restart replays them from the Raft
+/// log. With a tiny log (compaction every 32 entries per shard) the log is
+/// compacted, and the state flushed, many times before the kill; the log
+/// must never have been compacted past what the state machine holds on
+/// disk, or the replay would have a hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_many_log_compactions_replays_what_was_not_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pigeonhole.toml");
+    std::fs::write(&config, "[raft]\nlog_entries_max = 32\nlog_retain_entries = 0\n").unwrap();
+    sigkill_under_load_then_check(&["--config", config.to_str().unwrap()], true).await;
+}
+
+/// Kills a node under concurrent appends, restarts it, and checks every
+/// acknowledged append. `compacted`: the logs must have been compacted
+/// before the kill.
+async fn sigkill_under_load_then_check(extra: &[&str], compacted: bool) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut s = start(dir.path(), port);
+    let mut s = start_with(dir.path(), port, extra);
     let mut c = client(&s).await;
     append_retrying(&mut c, append("kim", "warm", b"w")).await;
     // Concurrent appenders; the node is killed while they run.
@@ -407,10 +428,24 @@ async fn sigkill_loses_no_acknowledged_append() {
     }
     assert!(acked.len() > 20, "too few appends before the kill: {}", acked.len());
     drop(c);
-    let s = start(dir.path(), port);
+    let s = start_with(dir.path(), port, extra);
     let mut c = client(&s).await;
     // Wait for the node to lead again.
     append_retrying(&mut c, append("kim", "after", b"a")).await;
+    if compacted {
+        let status = AdminClient::connect(format!("http://{}", s.addr))
+            .await
+            .unwrap()
+            .node_status(pb::NodeStatusRequest { include_sizes: false })
+            .await
+            .unwrap()
+            .into_inner();
+        let firsts: Vec<u64> = status.replicas.iter().map(|r| r.first_index).collect();
+        assert!(
+            firsts.iter().any(|f| *f > 32),
+            "no shard's log was compacted before the kill: first indexes {firsts:?}"
+        );
+    }
     for w in 0..8 {
         let want: Vec<(u64, String)> = acked
             .iter()

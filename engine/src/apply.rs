@@ -206,7 +206,7 @@ impl Engine {
             all.push(outcomes);
         }
         if changed {
-            self.write(txn.into_batch(), durability)?;
+            self.write_data(txn.into_batch(), durability)?;
         }
         for (g, heads) in written {
             if let Some(state) = guards.get_mut(g) {

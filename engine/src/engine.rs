@@ -17,17 +17,23 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 /// The on-disk format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Whether a write waits for fsync of the RocksDB WAL.
+/// How durable a write must be when the call returns.
 ///
-/// `NoFsync` is NOT durable on its own: a machine crash may lose the write.
-/// It is safe only where something else already is durable, e.g. applying
-/// entries whose Raft log was fsync'd (they are replayed after a crash), and
-/// for benchmarks that say so.
+/// The Raft log (column family `raft`) goes through RocksDB's WAL, so
+/// `Fsync` there means the WAL was fdatasync'd. The state machine (column
+/// family `data`) is written WITHOUT the WAL (D26): its writes reach disk
+/// when RocksDB flushes the memtable, and `Fsync` there means that flush
+/// happened before the call returned. So a state-machine write with
+/// `NoFsync` is lost by a process crash, not only a machine crash, until
+/// the next flush; that is safe only because the node replays those entries
+/// from the Raft log, and never compacts the log past the applied index of
+/// the last flush ([`Engine::flush_data`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// fsync (fdatasync) the WAL before returning.
+    /// Durable before returning: the WAL fdatasync'd (Raft log), or the
+    /// state machine's memtable flushed.
     Fsync,
-    /// Return once the write is in the WAL buffer and memtable.
+    /// In memory (and, for the Raft log, in the WAL's OS buffer) only.
     NoFsync,
 }
 
@@ -221,6 +227,35 @@ impl Engine {
         shards.iter().map(|h| lock(&h.apply).heads.len()).sum()
     }
 
+    /// Writes state-machine data (column family `data`) without the WAL;
+    /// `Fsync` then flushes the column family. Every write to `data` after
+    /// bootstrap goes through here: one that went through the WAL after
+    /// unflushed WAL-less ones could be replayed after a crash without
+    /// them, and the column family would no longer hold a prefix of its
+    /// history.
+    pub(crate) fn write_data(&self, batch: WriteBatch, durability: Durability) -> Result<(), EngineError> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.inner.db.write_opt(batch, &wo)?;
+        if durability == Durability::Fsync {
+            self.flush_data()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the state machine's memtables to disk and waits: every
+    /// state-machine write made before the call is durable when it returns.
+    /// The node calls it (off its driver thread) before it compacts a
+    /// shard's Raft log past the applied index it last made durable.
+    pub fn flush_data(&self) -> Result<(), EngineError> {
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        self.inner.db.flush_cf_opt(self.cf(CF_DATA)?, &fo)?;
+        Ok(())
+    }
+
+    /// Writes the Raft log (and at bootstrap, a shard's first apply state)
+    /// through the WAL.
     pub(crate) fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), EngineError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(durability == Durability::Fsync);

@@ -323,7 +323,8 @@ impl SnapshotIngest {
                 self.wb.put_cf(cf, k, v);
             }
             if self.wb.size_in_bytes() >= INGEST_BATCH_BYTES_MAX {
-                self.engine.write(std::mem::take(&mut self.wb), Durability::NoFsync)?;
+                self.engine
+                    .write_data(std::mem::take(&mut self.wb), Durability::NoFsync)?;
             }
         }
         if seen != chunk.records {
@@ -339,7 +340,10 @@ impl SnapshotIngest {
             .ok_or_else(|| self.err("stream ended without the shard's apply state".into()))?;
         let mut wb = std::mem::take(&mut self.wb);
         wb.put_cf(cf, &mk, codec::seal(&mk, &meta.encode()?));
-        self.engine.write(wb, Durability::Fsync)?;
+        // Durable (flushed) before the caller resets the Raft log to the
+        // snapshot: a log that starts past the state machine's durable
+        // applied index could never be replayed.
+        self.engine.write_data(wb, Durability::Fsync)?;
         self.done = true;
         Ok(Some(SnapshotSummary {
             index: chunk.index,
@@ -378,7 +382,10 @@ impl SnapshotIngest {
         };
         let mk = keys::shard_meta(self.shard);
         wb.put_cf(cf, &mk, codec::seal(&mk, &marker.encode()?));
-        self.engine.write(wb, Durability::Fsync)?;
+        // Not flushed: a crash before the next flush loses the marker and
+        // the deletion together (the old state stays); after one, the
+        // marker says the ingest must be run again.
+        self.engine.write_data(wb, Durability::NoFsync)?;
         self.state = Some((index, term));
         Ok(())
     }

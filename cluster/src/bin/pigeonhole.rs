@@ -90,6 +90,8 @@ fn settings(f: Flags) -> Result<Settings, String> {
             subscribe_mailboxes_max: f.subscribe_mailboxes_max,
             subscribe_in_flight_max: f.subscribe_in_flight_max,
         },
+        // Log compaction is set in the config file's [raft] table only.
+        raft: Default::default(),
     }))
 }
 

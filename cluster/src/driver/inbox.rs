@@ -132,6 +132,7 @@ impl Driver {
                 }
                 self.wake(shard, true);
             }
+            Inbound::Flushed { applied, ok } => self.on_flushed(applied, ok),
             Inbound::Stop => return Ok(false),
         }
         Ok(true)

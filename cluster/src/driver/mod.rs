@@ -39,12 +39,14 @@
 //! - `ready`: proposing, collecting Readies, group commit, sending
 //!   (steps 3 to 6);
 //! - `apply`: applying committed entries and answering callers (step 7);
+//! - `flush`: making applied state durable so the log can be compacted;
 //! - `snapshot`: crash repair at start, replica creation, ingest, sending;
 //! - `status`: what NodeStatus reports.
 //!
 //! This file holds the driver's state, its construction and the loop.
 
 mod apply;
+mod flush;
 mod inbox;
 mod msg;
 mod ready;
@@ -110,6 +112,9 @@ pub(crate) struct Driver {
     waiting: BTreeSet<u64>,
     /// Shards that applied entries this turn (compaction candidates).
     applied_now: BTreeSet<u64>,
+    /// A state-machine flush is running (`flush`); at most one at a time.
+    flush_in_flight: bool,
+    flush_job: Option<flush::FlushJob>,
     /// Data shards this node leads whose record in the metadata group must
     /// be (re)written: it won an election or applied a membership change.
     map_dirty: BTreeSet<u64>,
@@ -187,6 +192,8 @@ impl Driver {
             dirty: BTreeSet::new(),
             waiting: BTreeSet::new(),
             applied_now: BTreeSet::new(),
+            flush_in_flight: false,
+            flush_job: None,
             map_dirty: BTreeSet::new(),
             map_writes: Vec::new(),
             outbox: BTreeMap::new(),
@@ -345,6 +352,9 @@ impl Driver {
 
     /// Fails every waiter on stop.
     pub(crate) fn shutdown(&mut self) {
+        if let Some(job) = self.flush_job.take() {
+            job.join();
+        }
         // Streams of this node cannot be fed any more: they end, and their
         // clients resume elsewhere.
         for shard in self.replicas.keys() {
@@ -364,6 +374,16 @@ impl Driver {
     }
 }
 
+impl Drop for Driver {
+    /// A driver dropped without `shutdown` (a failed start, a test) still
+    /// waits for its flush thread.
+    fn drop(&mut self) {
+        if let Some(job) = self.flush_job.take() {
+            job.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! A one-node driver stepped by hand (no loop thread), for the parts
@@ -374,6 +394,7 @@ mod tests {
     use crate::transport::{Envelope, SnapshotJob};
     use pigeonhole_engine::conf_state_with_voters;
     use pigeonhole_engine::raft::eraftpb::ConfState;
+    use pigeonhole_engine::raft::Storage as _;
     use pigeonhole_engine::{EngineOptions, OpOutput};
 
     /// Drops everything: a one-node cluster sends nothing that matters.
@@ -504,6 +525,55 @@ mod tests {
         ));
         let mut empty = propose(&mut d, 1, Vec::new());
         assert!(empty.try_recv().unwrap().unwrap().is_empty(), "no ops, no entry");
+    }
+
+    /// The state machine is written without a WAL (D26): the log must
+    /// never be compacted past what a flush made durable, and compaction
+    /// must resume once a flush did.
+    #[test]
+    fn the_log_is_never_compacted_past_the_durable_applied_index() {
+        let tuning = RaftTuning {
+            log_entries_max: 16,
+            log_retain_entries: 0,
+            ..RaftTuning::default()
+        };
+        let (_dir, mut d) = driver(tuning);
+        settle(&mut d);
+        let check = |d: &Driver| {
+            for (shard, r) in &d.replicas {
+                let first = r.raw.store().first_index().unwrap();
+                assert!(
+                    first - 1 <= r.durable_applied,
+                    "shard {shard}: log compacted to {} past the durable applied index {}",
+                    first - 1,
+                    r.durable_applied
+                );
+            }
+        };
+        let mut flushes = 0;
+        for i in 0..200 {
+            drop(propose(&mut d, 1, vec![append_op(&format!("k{i}"))]));
+            turn(&mut d);
+            flushes += usize::from(d.flush_in_flight);
+            check(&d);
+        }
+        assert!(flushes > 0, "a long log asked for a flush");
+        // Once flushes land, compaction catches up.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            turn(&mut d);
+            check(&d);
+            let first = d.replicas[&1].raw.store().first_index().unwrap();
+            if first > 150 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log never compacted (first index {first})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            drop(propose(&mut d, 1, vec![append_op("more")]));
+        }
     }
 
     #[test]

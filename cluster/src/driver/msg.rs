@@ -58,6 +58,12 @@ pub(crate) enum Inbound {
         to: u64,
         ok: bool,
     },
+    /// The state machine was flushed (`ok`): these (shard, applied index)
+    /// pairs, taken before the flush began, are durable.
+    Flushed {
+        applied: Vec<(u64, u64)>,
+        ok: bool,
+    },
     Stop,
 }
 

@@ -266,6 +266,7 @@ impl Driver {
 
     /// Adds compactions to `rb` for shards whose log grew past a threshold.
     pub(super) fn compact_logs(&mut self, rb: &mut RaftBatch) -> Result<(), ClusterError> {
+        let mut want_flush = false;
         for shard in std::mem::take(&mut self.applied_now) {
             let Some(r) = self.replicas.get_mut(&shard) else {
                 continue;
@@ -277,11 +278,18 @@ impl Driver {
             if len < self.tuning.log_entries_max && r.log_bytes < self.tuning.log_bytes_max {
                 continue;
             }
-            let to = applied.saturating_sub(self.tuning.log_retain_entries);
+            let wanted = applied.saturating_sub(self.tuning.log_retain_entries);
+            // Never past what the state machine holds on disk: those
+            // entries are what a restart replays.
+            let to = wanted.min(r.durable_applied);
             if to > first {
                 rb.compact(store, to)?;
                 r.log_bytes = 0;
             }
+            want_flush |= wanted > r.durable_applied;
+        }
+        if want_flush && !self.flush_in_flight {
+            self.start_flush();
         }
         Ok(())
     }

@@ -77,11 +77,17 @@ pub(super) struct Replica {
     pub(super) asleep: bool,
     pub(super) log_bytes: u64,
     pub(super) preferred_leader: u64,
+    /// The applied index the state machine is known to hold on disk (as of
+    /// the last flush this node waited for, or the start). The Raft log is
+    /// never compacted past it: after a crash, apply resumes from the state
+    /// on disk and replays the log from there (D26).
+    pub(super) durable_applied: u64,
 }
 
 impl Replica {
     /// A replica with nothing queued.
     pub(super) fn new(raw: RawNode<RaftLogStore>, preferred_leader: u64) -> Replica {
+        let durable_applied = raw.raft.raft_log.applied;
         Replica {
             raw,
             queued: VecDeque::new(),
@@ -94,6 +100,7 @@ impl Replica {
             asleep: false,
             log_bytes: 0,
             preferred_leader,
+            durable_applied,
         }
     }
 }

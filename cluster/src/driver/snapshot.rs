@@ -137,6 +137,10 @@ impl Driver {
             }
             // Any mailbox of the shard may have changed.
             self.watchers.shard_reset(shard);
+            // The ingest flushed what it wrote.
+            if let Some(r) = self.replicas.get_mut(&shard) {
+                r.durable_applied = r.durable_applied.max(md_index);
+            }
         } else {
             let _ = std::fs::remove_file(path);
         }

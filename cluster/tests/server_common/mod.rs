@@ -29,9 +29,15 @@ pub fn free_port() -> u16 {
 }
 
 pub fn start(dir: &std::path::Path, port: u16) -> Server {
+    start_with(dir, port, &[])
+}
+
+/// [`start`] with more command-line arguments.
+pub fn start_with(dir: &std::path::Path, port: u16, extra: &[&str]) -> Server {
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_pigeonhole"))
         .args(["--data-dir", dir.to_str().unwrap(), "--listen", &addr, "--shards", "4"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
