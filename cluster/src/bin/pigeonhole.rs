@@ -5,6 +5,14 @@
 //! 127.0.0.1:7070 with its data in ./pigeonhole-data. Precedence and the file
 //! format are in [`pigeonhole_cluster::settings`].
 
+/// jemalloc, not the system allocator: apply makes many small allocations
+/// per append (keys, records, decoded commands) on the driver thread, and
+/// under a long run glibc's malloc took about 15 % of the servers' CPU
+/// (`_int_malloc`, `malloc_consolidate`; docs/benchmarks.md). TiKV makes
+/// the same choice.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use clap::Parser;
 use pigeonhole_cluster::server::{run, shutdown_signal};
 use pigeonhole_cluster::settings::{LimitSettings, Settings};
