@@ -317,4 +317,28 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("node_id 9"), "{e}");
     }
+
+    #[test]
+    fn raft_log_settings_are_read_and_checked() {
+        let cfg = Settings::from_toml("[raft]\nlog_entries_max = 32\nlog_retain_entries = 0\n")
+            .unwrap()
+            .into_server_config()
+            .unwrap();
+        assert_eq!((cfg.log_entries_max, cfg.log_retain_entries), (32, 0));
+        let e = Settings::from_toml("[raft]\nlog_entries_max = 8\n")
+            .unwrap()
+            .into_server_config()
+            .unwrap_err();
+        assert!(
+            e.contains("raft.log_entries_max") && e.contains("16 to 10000000"),
+            "{e}"
+        );
+        let e = Settings::from_toml("[raft]\nlog_entries_max = 100\nlog_retain_entries = 100\n")
+            .unwrap()
+            .into_server_config()
+            .unwrap_err();
+        assert!(e.contains("must be below"), "{e}");
+        let e = Settings::from_toml("[raft]\nlog_entries = 100\n").unwrap_err();
+        assert!(e.contains("log_entries"), "an unknown key is named: {e}");
+    }
 }
