@@ -69,19 +69,15 @@ impl Driver {
                 }
             }
         });
-        match spawned {
-            Ok(handle) => {
-                self.flush_in_flight = true;
-                self.flush_job = Some(FlushJob { handle, stop });
-            }
-            Err(_) => self.flush_in_flight = false,
+        // Not spawned: tried again at the next compaction check.
+        if let Ok(handle) = spawned {
+            self.flush_job = Some(FlushJob { handle, stop });
         }
     }
 
     /// A flush finished: what it covered is durable; those shards may
     /// compact now.
     pub(super) fn on_flushed(&mut self, applied: Vec<(u64, u64)>, ok: bool) {
-        self.flush_in_flight = false;
         if let Some(job) = self.flush_job.take() {
             job.join(); // it has sent its answer: it is finishing
         }

@@ -288,7 +288,7 @@ impl Driver {
             }
             want_flush |= wanted > r.durable_applied;
         }
-        if want_flush && !self.flush_in_flight {
+        if want_flush && self.flush_job.is_none() {
             self.start_flush();
         }
         Ok(())
