@@ -11,10 +11,10 @@
 
 use crate::codec;
 use crate::error::EngineError;
-use crate::keys::{CF_DATA, CF_RAFT};
+use crate::keys::CF_DATA;
 use crate::records::{
     check_expiry_marker, decode_cursor, decode_system, encode_cursor, encode_expiry_marker, encode_system, DedupEntry,
-    LogState, MailboxMeta, MessageView, ShardMeta, ShardState, StoredMessage,
+    MailboxMeta, MessageView, ShardMeta, ShardState, StoredMessage,
 };
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, HardState};
@@ -42,19 +42,28 @@ pub fn data_value(key: &[u8], value: &[u8]) -> Vec<Result<(), EngineError>> {
     ]
 }
 
-/// Decodes `value`, read from the raft column family under `key`, as every
-/// record type it holds: a log entry, the hard state, the log state.
-pub fn raft_value(key: &[u8], value: &[u8]) -> Vec<Result<(), EngineError>> {
-    let body = match codec::open(CF_RAFT, key, value) {
-        Ok(b) => b,
-        Err(e) => return vec![Err(e)],
+/// Decodes `bytes` as a Raft log record (the bytes after a segment header,
+/// `raftlog::record`): once as a whole framed record (length, crc, body,
+/// then each entry's protobuf) and once as a bare body, so that mutated
+/// bodies reach the body decoder past the crc. One result per path.
+pub fn raft_log_record(bytes: &[u8]) -> Vec<Result<(), EngineError>> {
+    use crate::raftlog::record::{decode_body, read_record, Found, IndexOp};
+    let corrupt = |reason: String| crate::raftlog::files::log_corruption(reason);
+    let framed = match read_record(bytes, 0) {
+        Found::Record { ops, .. } => ops.iter().try_for_each(|op| match op {
+            IndexOp::Entries { entries, .. } => entries.iter().try_for_each(|e| {
+                let at = usize::try_from(e.offset).map_err(|_| corrupt("offset".into()))?;
+                let b = bytes
+                    .get(at..at.saturating_add(e.len as usize))
+                    .ok_or_else(|| corrupt("entry out of bounds".into()))?;
+                Entry::parse_from_bytes(b).map(drop).map_err(|e| corrupt(e.to_string()))
+            }),
+            _ => Ok(()),
+        }),
+        Found::End => Err(corrupt("no record".into())),
+        Found::Torn(w) | Found::Corrupt(w) => Err(corrupt(w)),
     };
-    let corrupt = |e: protobuf::ProtobufError| EngineError::corruption(CF_RAFT, key, e.to_string());
-    vec![
-        Entry::parse_from_bytes(body).map(drop).map_err(corrupt),
-        HardState::parse_from_bytes(body).map(drop).map_err(corrupt),
-        LogState::decode(key, body).map(drop),
-    ]
+    vec![framed, decode_body(bytes, 0).map(drop).map_err(corrupt)]
 }
 
 /// One valid body of every data-column-family record type, as written by
@@ -97,9 +106,9 @@ pub fn sample_data_bodies() -> Vec<Vec<u8>> {
     out
 }
 
-/// One valid body of every raft-column-family record type: seeds for the
-/// fuzz targets.
-pub fn sample_raft_bodies() -> Vec<Vec<u8>> {
+/// One valid Raft log record holding every op type: a seed for the fuzz
+/// targets.
+pub fn sample_raft_log_records() -> Vec<Vec<u8>> {
     let entry = Entry {
         index: 12,
         term: 2,
@@ -113,14 +122,20 @@ pub fn sample_raft_bodies() -> Vec<Vec<u8>> {
         commit: 11,
         ..Default::default()
     };
-    let ls = LogState {
-        truncated_index: 5,
-        truncated_term: 1,
-    };
     let mut out = Vec::new();
-    out.extend(entry.write_to_bytes().ok());
-    out.extend(hs.write_to_bytes().ok());
-    out.push(ls.encode());
+    let Ok(bytes) = entry.write_to_bytes() else { return out };
+    let mut rec = crate::raftlog::record::RecordBuilder::default();
+    if rec
+        .entries(4, 12, false, [(12, 2, bytes.as_slice())].into_iter())
+        .is_err()
+    {
+        return out;
+    }
+    rec.hard_state(4, &hs);
+    rec.compact(4, 5, 1);
+    rec.reset(5, 7, 1);
+    rec.checkpoint(6, (5, 1), (12, 2), &hs);
+    out.extend(rec.finish().ok().map(|(b, _)| b));
     out
 }
 
@@ -138,7 +153,7 @@ mod tests {
             data_value(b"k", torn).as_slice(),
             [Err(EngineError::Corruption { .. })]
         ));
-        assert!(raft_value(b"k", &[]).iter().all(Result::is_err));
+        assert!(raft_log_record(&[]).iter().all(Result::is_err));
     }
 
     #[test]
@@ -147,9 +162,8 @@ mod tests {
             let v = seal(b"k", &body);
             assert!(data_value(b"k", &v).iter().any(Result::is_ok), "{body:?}");
         }
-        for body in sample_raft_bodies() {
-            let v = seal(b"k", &body);
-            assert!(raft_value(b"k", &v).iter().any(Result::is_ok), "{body:?}");
+        for rec in sample_raft_log_records() {
+            assert!(raft_log_record(&rec).first().is_some_and(Result::is_ok), "{rec:?}");
         }
     }
 }

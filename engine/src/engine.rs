@@ -1,7 +1,9 @@
-//! The engine handle: one RocksDB per node, shared by every shard replica on
-//! the node, with three column families (see [`crate::keys`]). One database
-//! rather than one per shard is what makes group commit possible: the Raft
-//! writes of many shards go into one WriteBatch and one WAL fsync.
+//! The engine handle: one RocksDB per node for the state machines of every
+//! shard replica on the node (column families in [`crate::keys`]), and one
+//! segmented Raft log for all their logs (`raftlog::files`, in the
+//! `raft-log` directory inside the RocksDB directory). One log rather than
+//! one per shard is what makes group commit possible: the Raft writes of
+//! many shards go into one record and one fdatasync.
 
 use crate::codec;
 use crate::error::EngineError;
@@ -14,13 +16,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-/// The on-disk format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format this build reads and writes. Format 2 moved the Raft
+/// log out of RocksDB into segment files; a format-1 directory is refused.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// How durable a write must be when the call returns.
 ///
-/// The Raft log (column family `raft`) goes through RocksDB's WAL, so
-/// `Fsync` there means the WAL was fdatasync'd. The state machine (column
+/// For the Raft log (segment files), `Fsync` means the record was
+/// fdatasync'd. The state machine (column
 /// family `data`) is written WITHOUT the WAL (D26): its writes reach disk
 /// when RocksDB flushes the memtable, and `Fsync` there means that flush
 /// happened before the call returned. So a state-machine write with
@@ -30,7 +33,7 @@ pub const FORMAT_VERSION: u32 = 1;
 /// the last flush ([`Engine::flush_data`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// Durable before returning: the WAL fdatasync'd (Raft log), or the
+    /// Durable before returning: the log record fdatasync'd, or the
     /// state machine's memtable flushed.
     Fsync,
     /// In memory (and, for the Raft log, in the WAL's OS buffer) only.
@@ -52,6 +55,8 @@ pub struct EngineOptions {
     /// Mailbox heads kept in memory per shard (see [`crate::heads`]); 0
     /// turns the cache off. About 120 bytes each with 30-byte mailbox ids.
     pub heads_cached_per_shard_max: usize,
+    /// Segment sizes of the Raft log.
+    pub raft_log: crate::raftlog::LogFilesOptions,
 }
 
 impl Default for EngineOptions {
@@ -62,6 +67,7 @@ impl Default for EngineOptions {
             block_cache_bytes: 256 << 20,
             write_buffer_bytes: 64 << 20,
             heads_cached_per_shard_max: HEADS_CACHED_PER_SHARD_DEFAULT,
+            raft_log: crate::raftlog::LogFilesOptions::default(),
         }
     }
 }
@@ -94,6 +100,7 @@ pub(crate) struct ShardHandles {
 
 pub(crate) struct Inner {
     pub db: DB,
+    pub log: crate::raftlog::files::LogFiles,
     pub options: EngineOptions,
     shards: Mutex<HashMap<u64, Arc<ShardHandles>>>,
 }
@@ -154,43 +161,20 @@ impl Engine {
             o.set_memtable_prefix_bloom_ratio(0.1);
             ColumnFamilyDescriptor::new(name, o)
         };
-        let db = DB::open_cf_descriptors(&db_opts, path, [cf(CF_META), cf(CF_RAFT), cf(CF_DATA)])?;
-        let engine = Engine {
+        // Column family `raft` held the log in format 1; it is still opened
+        // (and stays empty) so that a format-1 directory opens far enough to
+        // be refused by the version check below, with a message.
+        let db = DB::open_cf_descriptors(&db_opts, path.as_ref(), [cf(CF_META), cf(CF_RAFT), cf(CF_DATA)])?;
+        check_format_version(&db)?;
+        let log = crate::raftlog::files::LogFiles::open(&path.as_ref().join("raft-log"), options.raft_log)?;
+        Ok(Engine {
             inner: Arc::new(Inner {
                 db,
+                log,
                 options,
                 shards: Mutex::new(HashMap::new()),
             }),
-        };
-        engine.check_format_version()?;
-        Ok(engine)
-    }
-
-    fn check_format_version(&self) -> Result<(), EngineError> {
-        let cf = self.cf(CF_META)?;
-        let key = keys::FORMAT_VERSION_KEY;
-        match self.inner.db.get_cf(cf, key)? {
-            Some(v) => {
-                let body = codec::open(CF_META, key, &v)?;
-                let found = u32::from_be_bytes(
-                    body.try_into()
-                        .map_err(|_| EngineError::corruption(CF_META, key, "format version is not 4 bytes"))?,
-                );
-                if found != FORMAT_VERSION {
-                    return Err(EngineError::InvalidCall(format!(
-                        "data was written in format {found}; this build reads format {FORMAT_VERSION}"
-                    )));
-                }
-            }
-            None => {
-                let mut wo = WriteOptions::default();
-                wo.set_sync(true);
-                self.inner
-                    .db
-                    .put_cf_opt(cf, key, codec::seal(key, &FORMAT_VERSION.to_be_bytes()), &wo)?;
-            }
-        }
-        Ok(())
+        })
     }
 
     /// The options the engine was opened with.
@@ -254,8 +238,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes the Raft log (and at bootstrap, a shard's first apply state)
-    /// through the WAL.
+    /// Writes through RocksDB's WAL: only a shard's first apply state, at
+    /// bootstrap, and the format version.
     pub(crate) fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), EngineError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(durability == Durability::Fsync);
@@ -352,6 +336,33 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+fn check_format_version(db: &DB) -> Result<(), EngineError> {
+    let cf = db
+        .cf_handle(CF_META)
+        .ok_or_else(|| EngineError::InvalidCall(format!("column family {CF_META} is missing")))?;
+    let key = keys::FORMAT_VERSION_KEY;
+    match db.get_cf(cf, key)? {
+        Some(v) => {
+            let body = codec::open(CF_META, key, &v)?;
+            let found = u32::from_be_bytes(
+                body.try_into()
+                    .map_err(|_| EngineError::corruption(CF_META, key, "format version is not 4 bytes"))?,
+            );
+            if found != FORMAT_VERSION {
+                return Err(EngineError::InvalidCall(format!(
+                    "data was written in format {found}; this build reads format {FORMAT_VERSION}"
+                )));
+            }
+        }
+        None => {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            db.put_cf_opt(cf, key, codec::seal(key, &FORMAT_VERSION.to_be_bytes()), &wo)?;
+        }
+    }
+    Ok(())
 }
 
 /// Locks a mutex, recovering from poisoning: the guarded data is `()` or a

@@ -60,6 +60,11 @@ pub enum EngineError {
         /// The log's first index.
         first_index: u64,
     },
+    /// Reading or writing the Raft log's files failed. After a failed write
+    /// or fsync the log refuses every later write until the node restarts
+    /// and recovers from what is on disk.
+    #[error("raft log: {0}")]
+    LogIo(String),
     /// A snapshot chunk stream was malformed.
     #[error("snapshot stream for shard {shard}: {reason}")]
     Snapshot {

@@ -11,7 +11,9 @@
 
 /// Column family with node-level metadata (format version).
 pub const CF_META: &str = "default";
-/// Column family with the Raft logs of all shards on the node.
+/// Column family that held the Raft logs in format 1; empty since format 2
+/// (the log is in segment files), still opened so that a format-1
+/// directory can be refused with a message.
 pub const CF_RAFT: &str = "raft";
 /// Column family with the state machines of all shards on the node.
 pub const CF_DATA: &str = "data";
@@ -25,12 +27,6 @@ pub(crate) mod tag {
     pub const CURSOR: u8 = 0x04;
     pub const DEDUP_EXPIRY: u8 = 0x05;
     pub const SYSTEM: u8 = 0x06;
-    /// Raft CF: one log entry.
-    pub const RAFT_ENTRY: u8 = 0x01;
-    /// Raft CF: the hard state.
-    pub const RAFT_HARD_STATE: u8 = 0x02;
-    /// Raft CF: the truncated (compacted) index and term.
-    pub const RAFT_LOG_STATE: u8 = 0x04;
 }
 
 /// Node meta CF: the on-disk format version.
@@ -156,23 +152,6 @@ pub(crate) fn parse_dedup_expiry(key: &[u8]) -> Option<(u64, &[u8], &[u8])> {
 pub(crate) fn shard_range(shard: u64) -> Option<(Vec<u8>, Vec<u8>)> {
     let end = shard.checked_add(1)?;
     Some((shard.to_be_bytes().to_vec(), end.to_be_bytes().to_vec()))
-}
-
-/// Raft CF: `shard | 0x01 | index:u64be`
-pub(crate) fn raft_entry(shard: u64, index: u64) -> Vec<u8> {
-    let mut k = shard_tag(shard, tag::RAFT_ENTRY, 8);
-    k.extend_from_slice(&index.to_be_bytes());
-    k
-}
-
-/// Raft CF: `shard | 0x02`
-pub(crate) fn raft_hard_state(shard: u64) -> Vec<u8> {
-    shard_tag(shard, tag::RAFT_HARD_STATE, 0)
-}
-
-/// Raft CF: `shard | 0x04`
-pub(crate) fn raft_log_state(shard: u64) -> Vec<u8> {
-    shard_tag(shard, tag::RAFT_LOG_STATE, 0)
 }
 
 /// The exclusive end of a prefix range: the prefix with its last byte

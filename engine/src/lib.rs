@@ -1,13 +1,16 @@
 //! # pigeonhole-engine
 //!
 //! The storage engine every shard replica runs: the deterministic mailbox
-//! state machine and the Raft log store, both in ONE RocksDB per node that
-//! holds many shards. It does no networking; the cluster crate drives it.
+//! state machine, in ONE RocksDB per node that holds many shards, and the
+//! Raft log store, in ONE segmented log per node. It does no networking;
+//! the cluster crate drives it.
 //!
 //! Why this shape:
-//! - **One database per node, not per shard**, so the node can persist the
-//!   Raft Ready of many shards in one WriteBatch with one fsync (group
-//!   commit, [`RaftBatch`] + [`Engine::write_raft`]).
+//! - **One log per node, not per shard**, so the node can persist the Raft
+//!   Ready of many shards in one record with one fdatasync (group commit,
+//!   [`RaftBatch`] + [`Engine::write_raft`]); and not in RocksDB, so a log
+//!   entry is written once instead of through a WAL, a memtable, a flush and
+//!   a compaction (D28).
 //! - **Each shard is one contiguous key range** (the shard id prefixes every
 //!   key), so a snapshot is a range scan ([`Engine::export_snapshot`]) and an
 //!   ingest a range replace ([`Engine::ingest_snapshot`]).
@@ -21,7 +24,7 @@
 //! (every stored-bytes decoder, for the fuzz targets), `records`
 //! (record types), `apply` (the state machine), `heads` (mailbox heads
 //! cached in memory, so appends read nothing), `read` (Sync and cursors),
-//! `raftlog` (raft-rs `Storage`), `snapshot` (export and ingest). The format
+//! `raftlog` (raft-rs `Storage` over the segment files), `snapshot` (export and ingest). The format
 //! is documented byte by byte in docs/storage-format.md.
 
 mod apply;
@@ -41,7 +44,7 @@ pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
 pub use engine::{Durability, Engine, EngineOptions, FORMAT_VERSION, HEADS_CACHED_PER_SHARD_DEFAULT};
 pub use error::{EngineError, HexKey, OpError, ReadError};
 pub use limits::{mailbox_fingerprint, Limits};
-pub use raftlog::{conf_state_with_voters, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC};
+pub use raftlog::{conf_state_with_voters, LogFilesOptions, LogRecovery, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC};
 pub use read::{Cursors, MailboxInfo, ReadMessage, ShardSize, SyncPage, SyncQuery, SystemValue};
 pub use records::{ShardMeta, ShardState};
 pub use snapshot::{SnapshotChunk, SnapshotIngest, SnapshotSummary, CHUNK_BYTES_MAX};

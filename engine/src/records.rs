@@ -3,7 +3,7 @@
 
 use crate::codec::{Reader, Writer};
 use crate::error::EngineError;
-use crate::keys::{CF_DATA, CF_RAFT};
+use crate::keys::CF_DATA;
 use protobuf::Message as _;
 use raft::eraftpb::ConfState;
 
@@ -219,7 +219,8 @@ pub(crate) fn check_expiry_marker(key: &[u8], body: &[u8]) -> Result<(), EngineE
     Reader::new(CF_DATA, key, body, V1)?.finish()
 }
 
-/// The compacted prefix of a shard's Raft log: `raft` CF, key `shard | 0x04`.
+/// The compacted prefix of a shard's Raft log (in memory; on disk it is the
+/// log's Compact, Reset and Checkpoint ops).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LogState {
     /// Entries up to and including this index are gone (compacted or
@@ -227,24 +228,6 @@ pub struct LogState {
     pub truncated_index: u64,
     /// The term of the entry at `truncated_index`.
     pub truncated_term: u64,
-}
-
-impl LogState {
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        Writer::with_version(V1, 16)
-            .u64(self.truncated_index)
-            .u64(self.truncated_term)
-            .0
-    }
-    pub(crate) fn decode(key: &[u8], body: &[u8]) -> Result<Self, EngineError> {
-        let mut r = Reader::new(CF_RAFT, key, body, V1)?;
-        let s = LogState {
-            truncated_index: r.u64()?,
-            truncated_term: r.u64()?,
-        };
-        r.finish()?;
-        Ok(s)
-    }
 }
 
 /// A message record read without copying its payload.

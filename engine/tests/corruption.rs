@@ -100,8 +100,7 @@ fn flipped_mailbox_meta_fails_apply_instead_of_misnumbering() {
 }
 
 #[test]
-fn flipped_raft_entry_is_a_storage_error() {
-    use pigeonhole_engine::raft::{GetEntriesContext, Storage};
+fn flipped_raft_log_entry_fails_the_open_instead_of_being_dropped() {
     let mut s = Shard::new();
     let store = s.engine().raft_log(s.id).unwrap();
     let mut b = pigeonhole_engine::RaftBatch::default();
@@ -110,31 +109,34 @@ fn flipped_raft_entry_is_a_storage_error() {
             let mut e = pigeonhole_engine::raft::eraftpb::Entry::default();
             e.index = i;
             e.term = 1;
-            e.data = b"payload".to_vec().into();
+            e.data = format!("payload-{i}").into_bytes().into();
             e
         })
         .collect();
     b.append(&store, &entries).unwrap();
     s.engine().write_raft(b, pigeonhole_engine::Durability::Fsync).unwrap();
+    // A later record, so the damaged one is not the log's torn tail.
+    let mut b = pigeonhole_engine::RaftBatch::default();
+    let hs = store.hard_state().unwrap();
+    b.set_hard_state(&store, &hs).unwrap();
+    s.engine().write_raft(b, pigeonhole_engine::Durability::Fsync).unwrap();
     drop(store);
-    let path = s.dir.path().to_path_buf();
-    s.reopen_with(|| {
-        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, ["default", "raft", CF_DATA]).unwrap();
-        let cf = db.cf_handle("raft").unwrap();
-        let mut key = s_key();
-        key.extend_from_slice(&1u64.to_be_bytes());
-        let mut v = db.get_cf(cf, &key).unwrap().unwrap();
-        v[6] ^= 1;
-        db.put_cf(cf, &key, v).unwrap();
-    });
-    // Entry 1 is corrupt, entry 2 (read at open to find the last index) is not.
-    let store = s.engine().raft_log(s.id).unwrap();
-    let err = store.entries(1, 3, None, GetEntriesContext::empty(false)).unwrap_err();
-    assert!(err.to_string().contains("checksum mismatch"), "{err}");
-}
-
-fn s_key() -> Vec<u8> {
-    let mut k = SHARD.to_be_bytes().to_vec();
-    k.push(0x01);
-    k
+    let dir = s.dir.path().join("raft-log");
+    s.close();
+    let mut flipped = false;
+    for ent in std::fs::read_dir(&dir).unwrap() {
+        let path = ent.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        if let Some(at) = bytes.windows(9).position(|w| w == b"payload-1") {
+            bytes[at + 8] ^= 1;
+            std::fs::write(&path, &bytes).unwrap();
+            flipped = true;
+        }
+    }
+    assert!(flipped);
+    let err = pigeonhole_engine::Engine::open(s.dir.path(), pigeonhole_engine::EngineOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, EngineError::Corruption { .. }) && err.to_string().contains("checksum mismatch"),
+        "{err}"
+    );
 }

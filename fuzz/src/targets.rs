@@ -11,7 +11,7 @@
 //! | `raft_frame` | a peer | RaftFrame / SnapshotFrame decode, then every raft-rs message in it |
 //! | `snapshot_chunk` | a peer, the spool | SnapshotChunk decode (raw, and with a fixed checksum), then ingest |
 //! | `stored_data` | disk | every data-column-family record decoder (raw, and sealed with a valid checksum) |
-//! | `stored_raft` | disk | raft log entries, hard state, log state (raw and sealed) |
+//! | `stored_raft` | disk | Raft log segment records (framed, and bare bodies), with each entry's protobuf |
 //! | `config` | an operator | the TOML config file and its range checks |
 //!
 //! A target reports a violated property (beyond "no panic") by panicking
@@ -440,11 +440,11 @@ fn stored(data: &[u8], decode: StoredDecoder) -> bool {
 }
 
 fn raft_seeds() -> Vec<Vec<u8>> {
-    decoders::sample_raft_bodies()
+    decoders::sample_raft_log_records()
 }
 
 fn stored_raft(_: &mut Ctx, data: &[u8]) -> bool {
-    stored(data, decoders::raft_value)
+    decoders::raft_log_record(data).iter().any(Result::is_ok)
 }
 
 fn config_seeds() -> Vec<Vec<u8>> {

@@ -51,6 +51,12 @@ impl Shard {
         self.db.as_ref().unwrap()
     }
 
+    /// Closes the engine (a test then opens the directory itself).
+    #[allow(dead_code)]
+    pub fn close(&mut self) {
+        self.db = None;
+    }
+
     /// Closes and reopens the engine on the same directory.
     pub fn reopen(&mut self, opts: EngineOptions) {
         // Close the old handle first: RocksDB holds a lock on the directory.

@@ -1,12 +1,14 @@
 //! The Raft log store: raft-rs's [`raft::Storage`] for every shard on the
-//! node, in the `raft` column family of the node's one RocksDB.
+//! node, kept in the node's segmented log files ([`files`], format in
+//! [`record`]), not in RocksDB.
 //!
-//! Reading goes through [`RaftLogStore`], which the shard's `RawNode` owns.
+//! Reading goes through [`RaftLogStore`], which the shard's `RawNode` owns:
+//! recent entries come from an in-memory cache, older ones from the files.
 //! Writing goes through [`RaftBatch`]: the node loop collects the Ready of
 //! MANY shards (entries, hard state, snapshot, compaction) into one batch and
-//! commits it with [`Engine::write_raft`]: ONE RocksDB WriteBatch and ONE WAL
-//! fsync for all of them. That group commit is where replication throughput
-//! comes from.
+//! commits it with [`Engine::write_raft`]: ONE record and ONE fdatasync for
+//! all of them. That group commit is where replication throughput comes
+//! from.
 //!
 //! Contract (as raft-rs's `storage.rs` states its own):
 //! - one writer per shard log at a time (the node loop);
@@ -20,15 +22,24 @@
 //! - nothing here panics on a bad call: raft-rs gets a `StorageError`, the
 //!   node gets an [`EngineError`].
 
+mod cache;
+pub(crate) mod files;
+pub(crate) mod record;
+
+pub(crate) use cache::EntryCache;
+pub use files::{LogFilesOptions, LogRecovery};
+
 use crate::codec;
 use crate::engine::{Durability, Engine, ShardHandles};
 use crate::error::EngineError;
-use crate::keys::{self, CF_DATA, CF_RAFT};
+use crate::keys::{self, CF_DATA};
 use crate::records::{LogState, ShardMeta, ShardState};
+use cache::CacheOp;
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
-use rocksdb::{ReadOptions, WriteBatch};
+use record::RecordBuilder;
+use rocksdb::WriteBatch;
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 
@@ -37,92 +48,6 @@ use std::sync::{Arc, PoisonError};
 /// in the message: the node streams it with [`Engine::export_snapshot`]; the
 /// receiving node is expected to check the shard id before ingesting.
 pub const SNAPSHOT_DATA_MAGIC: &[u8; 8] = b"PHSNAP01";
-
-/// Entries kept in memory per shard, at most (and bytes, below). The cache
-/// holds the tail of the log the node just wrote: raft-rs reads those entries
-/// back right away (to apply them once committed, to send them to followers,
-/// to check terms), and serving that from memory instead of RocksDB's memtable
-/// is what the profile asked for. The driver trims it to what is still needed
-/// with [`RaftLogStore::trim_entry_cache`], so idle shards hold nothing.
-pub const ENTRY_CACHE_ENTRIES_MAX: usize = 1024;
-/// Bytes of entry data cached per shard, at most.
-pub const ENTRY_CACHE_BYTES_MAX: usize = 4 << 20;
-
-/// Consecutive entries, the newest of the shard's durable log.
-#[derive(Debug, Default)]
-pub(crate) struct EntryCache {
-    entries: std::collections::VecDeque<Entry>,
-    bytes: usize,
-}
-
-fn entry_bytes(e: &Entry) -> usize {
-    e.data.len() + e.context.len() + 32
-}
-
-impl EntryCache {
-    fn get(&self, index: u64) -> Option<&Entry> {
-        let first = self.entries.front()?.index;
-        self.entries.get(usize::try_from(index.checked_sub(first)?).ok()?)
-    }
-
-    fn covers(&self, low: u64, high: u64) -> bool {
-        match (self.entries.front(), self.entries.back()) {
-            (Some(f), Some(b)) => low >= f.index && high <= b.index + 1,
-            _ => false,
-        }
-    }
-
-    fn apply(&mut self, op: CacheOp) {
-        match op {
-            CacheOp::Append(entries) => {
-                let Some(first) = entries.first().map(|e| e.index) else {
-                    return;
-                };
-                // Drop a conflicting suffix, and everything if not contiguous.
-                while self.entries.back().is_some_and(|b| b.index >= first) {
-                    if let Some(e) = self.entries.pop_back() {
-                        self.bytes -= entry_bytes(&e);
-                    }
-                }
-                if self.entries.back().is_some_and(|b| b.index + 1 != first) {
-                    self.clear();
-                }
-                for e in entries {
-                    self.bytes += entry_bytes(&e);
-                    self.entries.push_back(e);
-                }
-                while self.entries.len() > ENTRY_CACHE_ENTRIES_MAX || self.bytes > ENTRY_CACHE_BYTES_MAX {
-                    self.pop_front();
-                }
-            }
-            CacheOp::TrimBelow(index) => {
-                while self.entries.front().is_some_and(|f| f.index < index) {
-                    self.pop_front();
-                }
-            }
-            CacheOp::Clear => self.clear(),
-        }
-    }
-
-    fn pop_front(&mut self) {
-        if let Some(e) = self.entries.pop_front() {
-            self.bytes -= entry_bytes(&e);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.entries.clear();
-        self.bytes = 0;
-    }
-}
-
-/// A change to the entry cache that takes effect when its batch is durable.
-#[derive(Debug)]
-enum CacheOp {
-    Append(Vec<Entry>),
-    TrimBelow(u64),
-    Clear,
-}
 
 /// The in-memory view of one shard's log.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -172,11 +97,19 @@ impl Engine {
         Ok(store)
     }
 
-    /// Commits a batch of Raft writes: one WriteBatch, one fsync with
+    /// Commits a batch of Raft writes: one log record, one fdatasync with
     /// [`Durability::Fsync`]. Only after it is durable do the stores see it.
+    /// A bootstrap's apply state (RocksDB) is written after the log, so a
+    /// crash in between leaves a log with no shard, which the next
+    /// bootstrap overwrites.
     pub fn write_raft(&self, batch: RaftBatch, durability: Durability) -> Result<(), EngineError> {
-        let RaftBatch { wb, pending } = batch;
-        self.write(wb, durability)?;
+        let RaftBatch { rec, data, pending } = batch;
+        if !rec.is_empty() {
+            self.inner.log.append(rec, durability)?;
+        }
+        if !data.is_empty() {
+            self.write(data, durability)?;
+        }
         for p in pending.into_values() {
             *p.handles.log.write().unwrap_or_else(PoisonError::into_inner) = Some(p.cache);
             if !p.cache_ops.is_empty() {
@@ -189,58 +122,36 @@ impl Engine {
         Ok(())
     }
 
-    fn load_log_cache(&self, shard: u64) -> Result<LogCache, EngineError> {
-        let hk = keys::raft_hard_state(shard);
-        let hard_state = match self.get_body(CF_RAFT, &hk)? {
-            Some(b) => {
-                HardState::parse_from_bytes(&b).map_err(|e| EngineError::corruption(CF_RAFT, &hk, e.to_string()))?
-            }
-            None => HardState::default(),
-        };
-        let lk = keys::raft_log_state(shard);
-        let log = match self.get_body(CF_RAFT, &lk)? {
-            Some(b) => LogState::decode(&lk, &b)?,
-            None => LogState::default(),
-        };
-        // The last entry is the highest key under `shard | 0x01`.
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(keys::raft_entry(shard, 0));
-        let mut it = self.db().raw_iterator_cf_opt(self.cf(CF_RAFT)?, ro);
-        it.seek_for_prev(keys::raft_entry(shard, u64::MAX));
-        let (mut last_index, mut last_term) = (log.truncated_index, log.truncated_term);
-        if let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let e = decode_entry(k, v)?;
-            if e.index > log.truncated_index {
-                last_index = e.index;
-                last_term = e.term;
-            }
+    /// What opening the Raft log found (segments, records, a torn tail).
+    pub fn raft_log_recovery(&self) -> LogRecovery {
+        self.inner.log.recovery().clone()
+    }
+
+    /// Raft log segment files on disk, and the number of the newest.
+    pub fn raft_log_segments(&self) -> (usize, u64) {
+        self.inner.log.segments()
+    }
+
+    fn load_log_cache(&self, shard: u64) -> LogCache {
+        let s = self.inner.log.shard(shard);
+        LogCache {
+            hard_state: s.hard,
+            log: LogState {
+                truncated_index: s.truncated.0,
+                truncated_term: s.truncated.1,
+            },
+            last_index: s.last.0,
+            last_term: s.last.1,
         }
-        it.status()?;
-        Ok(LogCache {
-            hard_state,
-            log,
-            last_index,
-            last_term,
+    }
+
+    fn entry_term(&self, shard: u64, index: u64) -> Result<u64, EngineError> {
+        self.inner.log.term(shard, index).ok_or_else(|| {
+            files::log_corruption(format!(
+                "shard {shard}: log entry {index} is missing inside the log's bounds"
+            ))
         })
     }
-
-    fn read_entry(&self, shard: u64, index: u64) -> Result<Entry, EngineError> {
-        let k = keys::raft_entry(shard, index);
-        let v = self.db().get_pinned_cf(self.cf(CF_RAFT)?, &k)?.ok_or_else(|| {
-            EngineError::corruption(
-                CF_RAFT,
-                &k,
-                format!("log entry {index} is missing inside the log's bounds"),
-            )
-        })?;
-        decode_entry(&k, &v)
-    }
-}
-
-fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, EngineError> {
-    let body = codec::open(CF_RAFT, key, value)?;
-    Entry::parse_from_bytes(body)
-        .map_err(|e| EngineError::corruption(CF_RAFT, key, format!("entry does not decode: {e}")))
 }
 
 impl RaftLogStore {
@@ -257,7 +168,7 @@ impl RaftLogStore {
         if let Some(c) = w.as_ref() {
             return Ok(c.clone());
         }
-        let c = self.engine.load_log_cache(self.shard)?;
+        let c = self.engine.load_log_cache(self.shard);
         *w = Some(c.clone());
         Ok(c)
     }
@@ -311,40 +222,11 @@ impl RaftLogStore {
                 return Ok(out);
             }
         }
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(keys::raft_entry(self.shard, high));
-        let cf = self.engine.cf(CF_RAFT).map_err(store_err)?;
-        let mut it = self.engine.db().raw_iterator_cf_opt(cf, ro);
-        it.seek(keys::raft_entry(self.shard, low));
-        let mut size: u64 = 0;
-        let mut expect = low;
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let e = decode_entry(k, v).map_err(store_err)?;
-            if e.index != expect {
-                return Err(store_err(EngineError::corruption(
-                    CF_RAFT,
-                    k,
-                    format!("expected entry {expect}, found {}", e.index),
-                )));
-            }
-            size += u64::try_from(v.len().saturating_sub(4)).unwrap_or(u64::MAX);
-            if !out.is_empty() && max_size.is_some_and(|m| size > m) {
-                break;
-            }
-            out.push(e);
-            expect += 1;
-            it.next();
-        }
-        it.status().map_err(|e| store_err(e.into()))?;
-        if out.is_empty() || (expect < high && max_size.is_none()) {
-            let k = keys::raft_entry(self.shard, expect);
-            return Err(store_err(EngineError::corruption(
-                CF_RAFT,
-                &k,
-                format!("log entry {expect} is missing inside the log's bounds"),
-            )));
-        }
-        Ok(out)
+        self.engine
+            .inner
+            .log
+            .read(self.shard, low, high, max_size)
+            .map_err(store_err)
     }
 }
 
@@ -393,7 +275,7 @@ impl raft::Storage for RaftLogStore {
         {
             return Ok(e.term);
         }
-        Ok(self.engine.read_entry(self.shard, idx).map_err(store_err)?.term)
+        self.engine.entry_term(self.shard, idx).map_err(store_err)
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -436,7 +318,10 @@ struct PendingShard {
 /// Raft writes of many shards, committed together by [`Engine::write_raft`].
 #[derive(Default)]
 pub struct RaftBatch {
-    pub(crate) wb: WriteBatch,
+    /// The log record: every shard's entries, hard states and truncations.
+    rec: RecordBuilder,
+    /// A bootstrap's apply state, for RocksDB (written after the record).
+    data: WriteBatch,
     /// Each touched shard's log as it will be once the batch is durable.
     pending: HashMap<u64, PendingShard>,
 }
@@ -445,7 +330,7 @@ impl std::fmt::Debug for RaftBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RaftBatch")
             .field("shards", &self.pending.len())
-            .field("bytes", &self.wb.size_in_bytes())
+            .field("bytes", &self.size_bytes())
             .finish()
     }
 }
@@ -453,12 +338,12 @@ impl std::fmt::Debug for RaftBatch {
 impl RaftBatch {
     /// Whether nothing was added.
     pub fn is_empty(&self) -> bool {
-        self.wb.is_empty()
+        self.rec.is_empty() && self.data.is_empty()
     }
 
-    /// Bytes of the WriteBatch so far.
+    /// Bytes of the batch so far.
     pub fn size_bytes(&self) -> usize {
-        self.wb.size_in_bytes()
+        self.rec.len() + self.data.size_in_bytes()
     }
 
     fn pending_shard(&mut self, store: &RaftLogStore) -> Result<&mut PendingShard, EngineError> {
@@ -483,7 +368,6 @@ impl RaftBatch {
             return Ok(());
         };
         let shard = store.shard;
-        let cf = store.engine.cf(CF_RAFT)?;
         let mut bodies = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
             if Some(e.index) != first.index.checked_add(u64::try_from(i).unwrap_or(u64::MAX)) {
@@ -510,18 +394,17 @@ impl RaftBatch {
                 first.index, c.last_index
             )));
         }
-        for (e, body) in entries.iter().zip(bodies) {
-            let k = keys::raft_entry(shard, e.index);
-            let v = codec::seal(&k, &body);
-            self.wb.put_cf(cf, k, v);
-        }
-        if c.last_index > last.index {
-            self.wb.delete_range_cf(
-                cf,
-                keys::raft_entry(shard, last.index + 1),
-                keys::raft_entry(shard, c.last_index + 1),
-            );
-        }
+        self.rec
+            .entries(
+                shard,
+                first.index,
+                false,
+                entries
+                    .iter()
+                    .zip(&bodies)
+                    .map(|(e, b)| (e.index, e.term, b.as_slice())),
+            )
+            .map_err(EngineError::InvalidCall)?;
         let p = self.pending_shard(store)?;
         p.cache.last_index = last.index;
         p.cache.last_term = last.term;
@@ -531,12 +414,7 @@ impl RaftBatch {
 
     /// Persists the shard's hard state.
     pub fn set_hard_state(&mut self, store: &RaftLogStore, hs: &HardState) -> Result<(), EngineError> {
-        let cf = store.engine.cf(CF_RAFT)?;
-        let body = hs
-            .write_to_bytes()
-            .map_err(|e| EngineError::InvalidCall(format!("hard state does not encode: {e}")))?;
-        let k = keys::raft_hard_state(store.shard);
-        self.wb.put_cf(cf, &k, codec::seal(&k, &body));
+        self.rec.hard_state(store.shard, hs);
         self.pending(store)?.hard_state = hs.clone();
         Ok(())
     }
@@ -585,20 +463,13 @@ impl RaftBatch {
         let term = if compact_index - 1 == c.last_index {
             c.last_term
         } else {
-            store.engine.read_entry(shard, compact_index - 1)?.term
+            store.engine.entry_term(shard, compact_index - 1)?
         };
-        let cf = store.engine.cf(CF_RAFT)?;
-        self.wb.delete_range_cf(
-            cf,
-            keys::raft_entry(shard, c.first_index()),
-            keys::raft_entry(shard, compact_index),
-        );
+        self.rec.compact(shard, compact_index - 1, term);
         let log = LogState {
             truncated_index: compact_index - 1,
             truncated_term: term,
         };
-        let lk = keys::raft_log_state(shard);
-        self.wb.put_cf(cf, &lk, codec::seal(&lk, &log.encode()));
         let p = self.pending_shard(store)?;
         p.cache.log = log;
         p.cache_ops.push(CacheOp::TrimBelow(compact_index));
@@ -612,15 +483,11 @@ impl RaftBatch {
             shard,
             handles: engine.shard(shard)?,
         };
-        let cf = engine.cf(CF_RAFT)?;
-        self.wb
-            .delete_range_cf(cf, keys::raft_entry(shard, 0), keys::raft_entry(shard, u64::MAX));
+        self.rec.reset(shard, index, term);
         let log = LogState {
             truncated_index: index,
             truncated_term: term,
         };
-        let lk = keys::raft_log_state(shard);
-        self.wb.put_cf(cf, &lk, codec::seal(&lk, &log.encode()));
         let p = self.pending_shard(&store)?;
         p.cache.log = log;
         p.cache.last_index = index;
@@ -632,7 +499,7 @@ impl RaftBatch {
     /// Bootstrap writes the apply state in the same batch as the log.
     pub(crate) fn put_shard_meta(&mut self, engine: &Engine, shard: u64, meta: &ShardMeta) -> Result<(), EngineError> {
         let k = keys::shard_meta(shard);
-        self.wb
+        self.data
             .put_cf(engine.cf(CF_DATA)?, &k, codec::seal(&k, &meta.encode()?));
         Ok(())
     }

@@ -1,0 +1,570 @@
+//! The byte format of the Raft log's segment files, and the in-memory index
+//! operations each record turns into (docs/storage-format.md §4 has the same
+//! layout as a table).
+//!
+//! A segment file is a header followed by records, nothing else:
+//!
+//! ```text
+//! header  = magic "PHRLOG01" (8) | segment number u64 | crc32 of the 16 bytes before (u32)
+//! record  = body length u32 | crc32 of (length bytes ++ body) u32 | body
+//! body    = version u8 (= 1) | op count u32 | op*
+//! op      = tag u8 | fields
+//!   1 Entries    shard u64 | first index u64 | count u32 | count x (term u64 | len u32 | raft Entry, protobuf)
+//!   2 Rewrite    the same fields as Entries
+//!   3 HardState  shard u64 | term u64 | vote u64 | commit u64
+//!   4 Compact    shard u64 | index u64 | term u64
+//!   5 Reset      shard u64 | index u64 | term u64
+//!   6 Checkpoint shard u64 | truncated index u64 | truncated term u64
+//!                | last index u64 | last term u64 | term u64 | vote u64 | commit u64
+//! ```
+//!
+//! Every integer is big-endian. One record is one group commit: the Raft
+//! writes of every shard in one `Engine::write_raft`, written with one
+//! `write` and made durable with one fdatasync. The crc covers the length
+//! too, so a torn length cannot send recovery off into the middle of a
+//! payload. Each entry's term sits outside its protobuf so that recovery can
+//! index a segment without decoding a single entry.
+//!
+//! Why these six ops and not a key-value image of the log: the index a
+//! record produces ([`IndexOp`]) is applied by exactly the same code when a
+//! record is written and when it is replayed at start-up
+//! ([`super::files`]), so there is one definition of what a record means.
+
+use raft::eraftpb::HardState;
+
+/// Bytes of a segment header.
+pub(crate) const SEGMENT_HEADER_BYTES: u64 = 20;
+/// First bytes of every segment file.
+pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"PHRLOG01";
+/// Bytes of a record header (length and crc).
+pub(crate) const RECORD_HEADER_BYTES: u64 = 8;
+/// The largest record body written or accepted, bytes. A Raft Ready is
+/// bounded far below this by raft-rs's `max_size_per_msg` and the inflight
+/// window; a record claiming more is corruption, not a big write.
+pub(crate) const RECORD_BODY_BYTES_MAX: u64 = 512 << 20;
+/// Bytes in front of each entry's protobuf inside an Entries op.
+pub(crate) const ENTRY_HEADER_BYTES: u64 = 12;
+
+const BODY_VERSION: u8 = 1;
+const TAG_ENTRIES: u8 = 1;
+const TAG_REWRITE: u8 = 2;
+const TAG_HARD_STATE: u8 = 3;
+const TAG_COMPACT: u8 = 4;
+const TAG_RESET: u8 = 5;
+const TAG_CHECKPOINT: u8 = 6;
+
+/// Where one entry's protobuf sits: `offset` is from the start of the record
+/// while a record is being built, and from the start of the segment file
+/// once the record has been written or read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EntryLoc {
+    pub index: u64,
+    pub term: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// What one op of a record does to the in-memory index.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum IndexOp {
+    /// Entries from `first` on; with `rewrite` false they replace the log's
+    /// suffix from `first`, with `rewrite` true they only move where entries
+    /// that are already in the log are stored (segment GC).
+    Entries {
+        shard: u64,
+        first: u64,
+        entries: Vec<EntryLoc>,
+        rewrite: bool,
+    },
+    HardState {
+        shard: u64,
+        hard: HardState,
+    },
+    /// Drop entries up to and including `index`; the log now starts after it.
+    Compact {
+        shard: u64,
+        index: u64,
+        term: u64,
+    },
+    /// Drop every entry; the log is empty and truncated at `index`/`term`.
+    Reset {
+        shard: u64,
+        index: u64,
+        term: u64,
+    },
+    /// The shard's whole state when a segment was started, so that older
+    /// segments can be deleted once none of their entries is live.
+    Checkpoint {
+        shard: u64,
+        truncated: (u64, u64),
+        last: (u64, u64),
+        hard: HardState,
+    },
+}
+
+impl IndexOp {
+    /// Moves entry offsets from record-relative to file-relative.
+    pub(crate) fn rebase(&mut self, record_offset: u64) {
+        if let IndexOp::Entries { entries, .. } = self {
+            for e in entries {
+                e.offset += record_offset;
+            }
+        }
+    }
+}
+
+/// Builds one record: the bytes to write and the index ops they mean.
+#[derive(Debug)]
+pub(crate) struct RecordBuilder {
+    buf: Vec<u8>,
+    ops: u32,
+    index_ops: Vec<IndexOp>,
+}
+
+impl Default for RecordBuilder {
+    fn default() -> Self {
+        let mut buf = Vec::with_capacity(256);
+        buf.extend_from_slice(&[0; 8]); // length and crc, filled by finish
+        buf.push(BODY_VERSION);
+        buf.extend_from_slice(&[0; 4]); // op count, filled by finish
+        RecordBuilder {
+            buf,
+            ops: 0,
+            index_ops: Vec::new(),
+        }
+    }
+}
+
+impl RecordBuilder {
+    /// Whether no op was added.
+    pub fn is_empty(&self) -> bool {
+        self.ops == 0
+    }
+
+    /// Bytes of the record so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn u64(&mut self, x: u64) {
+        self.buf.extend_from_slice(&x.to_be_bytes());
+    }
+
+    fn u32(&mut self, x: u32) {
+        self.buf.extend_from_slice(&x.to_be_bytes());
+    }
+
+    fn begin(&mut self, tag: u8) {
+        self.buf.push(tag);
+        self.ops += 1;
+    }
+
+    /// An Entries (or Rewrite) op. `entries` yields each entry's index, term
+    /// and encoded protobuf, consecutive from `first`.
+    pub fn entries<'a>(
+        &mut self,
+        shard: u64,
+        first: u64,
+        rewrite: bool,
+        entries: impl ExactSizeIterator<Item = (u64, u64, &'a [u8])>,
+    ) -> Result<(), String> {
+        let count = u32::try_from(entries.len()).map_err(|_| "too many entries in one op".to_string())?;
+        self.begin(if rewrite { TAG_REWRITE } else { TAG_ENTRIES });
+        self.u64(shard);
+        self.u64(first);
+        self.u32(count);
+        let mut locs = Vec::with_capacity(entries.len());
+        for (index, term, bytes) in entries {
+            let len = u32::try_from(bytes.len()).map_err(|_| format!("entry {index} is over 4 GiB"))?;
+            self.u64(term);
+            self.u32(len);
+            let offset = self.buf.len() as u64;
+            self.buf.extend_from_slice(bytes);
+            locs.push(EntryLoc {
+                index,
+                term,
+                offset,
+                len,
+            });
+        }
+        self.index_ops.push(IndexOp::Entries {
+            shard,
+            first,
+            entries: locs,
+            rewrite,
+        });
+        Ok(())
+    }
+
+    /// A HardState op.
+    pub fn hard_state(&mut self, shard: u64, hard: &HardState) {
+        self.begin(TAG_HARD_STATE);
+        self.u64(shard);
+        self.u64(hard.term);
+        self.u64(hard.vote);
+        self.u64(hard.commit);
+        self.index_ops.push(IndexOp::HardState {
+            shard,
+            hard: hard.clone(),
+        });
+    }
+
+    /// A Compact op.
+    pub fn compact(&mut self, shard: u64, index: u64, term: u64) {
+        self.begin(TAG_COMPACT);
+        self.u64(shard);
+        self.u64(index);
+        self.u64(term);
+        self.index_ops.push(IndexOp::Compact { shard, index, term });
+    }
+
+    /// A Reset op.
+    pub fn reset(&mut self, shard: u64, index: u64, term: u64) {
+        self.begin(TAG_RESET);
+        self.u64(shard);
+        self.u64(index);
+        self.u64(term);
+        self.index_ops.push(IndexOp::Reset { shard, index, term });
+    }
+
+    /// A Checkpoint op.
+    pub fn checkpoint(&mut self, shard: u64, truncated: (u64, u64), last: (u64, u64), hard: &HardState) {
+        self.begin(TAG_CHECKPOINT);
+        self.u64(shard);
+        for x in [
+            truncated.0,
+            truncated.1,
+            last.0,
+            last.1,
+            hard.term,
+            hard.vote,
+            hard.commit,
+        ] {
+            self.u64(x);
+        }
+        self.index_ops.push(IndexOp::Checkpoint {
+            shard,
+            truncated,
+            last,
+            hard: hard.clone(),
+        });
+    }
+
+    /// The record's bytes and its index ops (offsets relative to the
+    /// record's start), or an error if the body is over
+    /// [`RECORD_BODY_BYTES_MAX`].
+    pub fn finish(mut self) -> Result<(Vec<u8>, Vec<IndexOp>), String> {
+        let body_len = self.buf.len() as u64 - RECORD_HEADER_BYTES;
+        if body_len > RECORD_BODY_BYTES_MAX {
+            return Err(format!(
+                "a Raft log record of {body_len} bytes is over the limit of {RECORD_BODY_BYTES_MAX}"
+            ));
+        }
+        let len = u32::try_from(body_len).map_err(|_| "record over 4 GiB".to_string())?;
+        let ops = self.ops.to_be_bytes();
+        if let Some(slot) = self.buf.get_mut(9..13) {
+            slot.copy_from_slice(&ops);
+        }
+        let crc = record_crc(len, self.buf.get(8..).unwrap_or_default());
+        if let Some(slot) = self.buf.get_mut(0..4) {
+            slot.copy_from_slice(&len.to_be_bytes());
+        }
+        if let Some(slot) = self.buf.get_mut(4..8) {
+            slot.copy_from_slice(&crc.to_be_bytes());
+        }
+        Ok((self.buf, self.index_ops))
+    }
+}
+
+fn record_crc(len: u32, body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&len.to_be_bytes());
+    h.update(body);
+    h.finalize()
+}
+
+/// A segment header for segment number `seg`.
+pub(crate) fn segment_header(seg: u64) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(SEGMENT_MAGIC);
+    crc.update(&seg.to_be_bytes());
+    let crc = crc.finalize();
+    for (dst, src) in h.iter_mut().zip(
+        SEGMENT_MAGIC
+            .iter()
+            .chain(seg.to_be_bytes().iter())
+            .chain(crc.to_be_bytes().iter()),
+    ) {
+        *dst = *src;
+    }
+    h
+}
+
+/// Checks a segment header; `Err` says what is wrong with it.
+pub(crate) fn check_segment_header(bytes: &[u8], seg: u64) -> Result<(), String> {
+    let head = bytes
+        .get(..20)
+        .ok_or_else(|| format!("{} bytes is too short for a segment header", bytes.len()))?;
+    if head != segment_header(seg) {
+        return Err(format!("segment header is not that of segment {seg}"));
+    }
+    Ok(())
+}
+
+/// What [`read_record`] found at an offset.
+#[derive(Debug)]
+pub(crate) enum Found {
+    /// A whole record: its index ops (offsets from the file's start) and
+    /// where the next record starts.
+    Record { ops: Vec<IndexOp>, next: u64 },
+    /// The end of the data: no bytes left, or zeros where a header would be.
+    End,
+    /// Bytes that are not a whole, intact record (a torn write or damage).
+    Torn(String),
+    /// A record whose crc matches but whose body does not decode: never a
+    /// torn write, always damage or a bug.
+    Corrupt(String),
+}
+
+/// Reads the record starting at `offset` of `file` (a whole segment).
+pub(crate) fn read_record(file: &[u8], offset: u64) -> Found {
+    let Ok(start) = usize::try_from(offset) else {
+        return Found::Torn("offset beyond memory".into());
+    };
+    let Some(rest) = file.get(start..) else {
+        return Found::Torn(format!("offset {offset} is beyond the file"));
+    };
+    if rest.is_empty() {
+        return Found::End;
+    }
+    let Some((head, after)) = rest.split_first_chunk::<8>() else {
+        return Found::Torn(format!("{} bytes are too short for a record header", rest.len()));
+    };
+    if head == &[0u8; 8] {
+        return Found::End;
+    }
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let crc = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    if u64::from(len) > RECORD_BODY_BYTES_MAX {
+        return Found::Torn(format!("record length {len} is over the limit"));
+    }
+    let Some(body) = after.get(..len as usize) else {
+        return Found::Torn(format!("record of {len} bytes runs past the end of the file"));
+    };
+    if record_crc(len, body) != crc {
+        return Found::Torn("record checksum mismatch".into());
+    }
+    match decode_body(body, offset + RECORD_HEADER_BYTES) {
+        Ok(ops) => Found::Record {
+            ops,
+            next: offset + RECORD_HEADER_BYTES + u64::from(len),
+        },
+        Err(e) => Found::Corrupt(e),
+    }
+}
+
+/// Whether a bad record at `offset` can be a torn write: nothing but zeros
+/// follows the space its header claims (or the header itself, if that is
+/// not plausible). A torn write is the last thing in the file; a bad record
+/// with data after it is damage.
+pub(crate) fn nothing_after(file: &[u8], offset: u64) -> bool {
+    let Ok(start) = usize::try_from(offset) else {
+        return false;
+    };
+    let claimed = file
+        .get(start..)
+        .and_then(|r| r.first_chunk::<4>())
+        .map(|h| u64::from(u32::from_be_bytes(*h)))
+        .filter(|len| *len <= RECORD_BODY_BYTES_MAX)
+        .map_or(0, |len| RECORD_HEADER_BYTES + len);
+    let end = usize::try_from(offset.saturating_add(claimed)).unwrap_or(usize::MAX);
+    file.get(end..).unwrap_or_default().iter().all(|b| *b == 0)
+}
+
+struct Reader<'a> {
+    body: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).ok_or("length overflow")?;
+        let s = self
+            .body
+            .get(self.pos..end)
+            .ok_or_else(|| format!("body ends at {} inside a field at {}", self.body.len(), self.pos))?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?.first().copied().unwrap_or_default())
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes(b.try_into().map_err(|_| "short u32")?))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        Ok(u64::from_be_bytes(b.try_into().map_err(|_| "short u64")?))
+    }
+    fn hard(&mut self) -> Result<HardState, String> {
+        Ok(HardState {
+            term: self.u64()?,
+            vote: self.u64()?,
+            commit: self.u64()?,
+            ..Default::default()
+        })
+    }
+}
+
+/// Decodes a record body whose first byte is at `base` in its file. Never
+/// panics and never allocates more than the body's size justifies: the
+/// bytes are untrusted (fuzzed through `decoders::raft_log_record`).
+pub(crate) fn decode_body(body: &[u8], base: u64) -> Result<Vec<IndexOp>, String> {
+    let mut r = Reader { body, pos: 0 };
+    let version = r.u8()?;
+    if version != BODY_VERSION {
+        return Err(format!("record body version {version} is not {BODY_VERSION}"));
+    }
+    let count = r.u32()?;
+    // The smallest op is 25 bytes; a count the body cannot hold is damage.
+    if u64::from(count) * 25 > body.len() as u64 {
+        return Err(format!("{count} ops cannot fit in a body of {} bytes", body.len()));
+    }
+    let mut ops = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let tag = r.u8()?;
+        let shard = r.u64()?;
+        let op = match tag {
+            TAG_ENTRIES | TAG_REWRITE => {
+                let first = r.u64()?;
+                let n = r.u32()?;
+                if u64::from(n) * ENTRY_HEADER_BYTES > (body.len() - r.pos) as u64 {
+                    return Err(format!("{n} entries cannot fit in what is left of the body"));
+                }
+                let mut entries = Vec::with_capacity(n as usize);
+                for i in 0..u64::from(n) {
+                    let term = r.u64()?;
+                    let len = r.u32()?;
+                    let offset = base + r.pos as u64;
+                    r.take(len as usize)?;
+                    let index = first.checked_add(i).ok_or("entry index overflows")?;
+                    entries.push(EntryLoc {
+                        index,
+                        term,
+                        offset,
+                        len,
+                    });
+                }
+                IndexOp::Entries {
+                    shard,
+                    first,
+                    entries,
+                    rewrite: tag == TAG_REWRITE,
+                }
+            }
+            TAG_HARD_STATE => IndexOp::HardState { shard, hard: r.hard()? },
+            TAG_COMPACT => IndexOp::Compact {
+                shard,
+                index: r.u64()?,
+                term: r.u64()?,
+            },
+            TAG_RESET => IndexOp::Reset {
+                shard,
+                index: r.u64()?,
+                term: r.u64()?,
+            },
+            TAG_CHECKPOINT => IndexOp::Checkpoint {
+                shard,
+                truncated: (r.u64()?, r.u64()?),
+                last: (r.u64()?, r.u64()?),
+                hard: r.hard()?,
+            },
+            other => return Err(format!("unknown op tag {other}")),
+        };
+        ops.push(op);
+    }
+    if r.pos != body.len() {
+        return Err(format!("{} bytes left over after {count} ops", body.len() - r.pos));
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    clippy::cast_possible_truncation
+)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_reads_back_as_the_ops_it_was_built_from() {
+        let mut b = RecordBuilder::default();
+        b.entries(
+            7,
+            10,
+            false,
+            [(10u64, 2u64, &b"ab"[..]), (11, 3, &b"cde"[..])].into_iter(),
+        )
+        .unwrap();
+        let hard = HardState {
+            term: 3,
+            vote: 1,
+            commit: 9,
+            ..Default::default()
+        };
+        b.hard_state(7, &hard);
+        b.compact(7, 8, 2);
+        b.reset(9, 100, 5);
+        b.checkpoint(9, (100, 5), (101, 5), &hard);
+        b.entries(9, 101, true, [(101u64, 5u64, &b"z"[..])].into_iter())
+            .unwrap();
+        let (bytes, built) = b.finish().unwrap();
+        let mut file = segment_header(4).to_vec();
+        let at = file.len() as u64;
+        file.extend_from_slice(&bytes);
+        check_segment_header(&file, 4).unwrap();
+        assert!(check_segment_header(&file, 5).is_err());
+        let Found::Record { ops, next } = read_record(&file, at) else {
+            panic!("not a record")
+        };
+        assert_eq!(next, file.len() as u64);
+        let mut expect = built;
+        for op in &mut expect {
+            op.rebase(at);
+        }
+        assert_eq!(ops, expect);
+        // The entry locations point at the entry bytes.
+        let IndexOp::Entries { entries, .. } = &ops[0] else {
+            panic!()
+        };
+        let e = entries[1];
+        assert_eq!(&file[e.offset as usize..][..e.len as usize], b"cde");
+        assert!(matches!(read_record(&file, next), Found::End));
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_torn_or_corrupt_never_a_record() {
+        let mut b = RecordBuilder::default();
+        b.entries(1, 1, false, [(1u64, 1u64, &b"payload"[..])].into_iter())
+            .unwrap();
+        b.compact(1, 0, 0);
+        let (bytes, _) = b.finish().unwrap();
+        for cut in 1..bytes.len() {
+            let found = read_record(&bytes[..cut], 0);
+            assert!(matches!(found, Found::Torn(_)), "cut at {cut}: {found:?}");
+        }
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                let found = read_record(&b, 0);
+                assert!(!matches!(found, Found::Record { .. }), "flip {i}.{bit}: {found:?}");
+            }
+        }
+    }
+}
