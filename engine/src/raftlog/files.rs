@@ -110,18 +110,29 @@ impl Index {
         }
     }
 
-    fn remove_where(&mut self, shard: u64, mut keep: impl FnMut(u64) -> bool) {
+    /// Drops the shard's entries at and above `from` (split, not a scan:
+    /// this runs on every append).
+    fn drop_from(&mut self, shard: u64, from: u64) {
         let Some(s) = self.shards.get_mut(&shard) else { return };
-        let mut dropped = Vec::new();
-        s.entries.retain(|i, loc| {
-            let k = keep(*i);
-            if !k {
-                dropped.push(loc.seg);
-            }
-            k
-        });
-        for seg in dropped {
-            self.count(seg, -1);
+        let dropped = s.entries.split_off(&from);
+        for loc in dropped.values() {
+            self.count(loc.seg, -1);
+        }
+    }
+
+    /// Drops the shard's entries at and below `through`.
+    fn drop_through(&mut self, shard: u64, through: u64) {
+        let Some(s) = self.shards.get_mut(&shard) else { return };
+        if s.entries.first_key_value().is_none_or(|(i, _)| *i > through) {
+            return;
+        }
+        let kept = match through.checked_add(1) {
+            Some(next) => s.entries.split_off(&next),
+            None => BTreeMap::new(),
+        };
+        let dropped = std::mem::replace(&mut s.entries, kept);
+        for loc in dropped.values() {
+            self.count(loc.seg, -1);
         }
     }
 
@@ -149,7 +160,7 @@ impl Index {
                 entries,
                 rewrite: false,
             } => {
-                self.remove_where(shard, |i| i < first);
+                self.drop_from(shard, first);
                 for e in &entries {
                     self.insert(shard, e, seg);
                 }
@@ -177,11 +188,11 @@ impl Index {
                     if s.last.0 < index {
                         s.last = (index, term);
                     }
-                    self.remove_where(shard, |i| i > index);
+                    self.drop_through(shard, index);
                 }
             }
             IndexOp::Reset { shard, index, term } => {
-                self.remove_where(shard, |_| false);
+                self.drop_from(shard, 0);
                 let s = self.shards.entry(shard).or_default();
                 s.truncated = (index, term);
                 s.last = (index, term);
@@ -192,7 +203,10 @@ impl Index {
                 last,
                 hard,
             } => {
-                self.remove_where(shard, |i| i > truncated.0 && i <= last.0);
+                self.drop_through(shard, truncated.0);
+                if let Some(above) = last.0.checked_add(1) {
+                    self.drop_from(shard, above);
+                }
                 let s = self.shards.entry(shard).or_default();
                 s.truncated = truncated;
                 s.last = last;
