@@ -44,7 +44,9 @@ pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
 pub use engine::{Durability, Engine, EngineOptions, FORMAT_VERSION, HEADS_CACHED_PER_SHARD_DEFAULT};
 pub use error::{EngineError, HexKey, OpError, ReadError};
 pub use limits::{mailbox_fingerprint, Limits};
-pub use raftlog::{conf_state_with_voters, LogFilesOptions, LogRecovery, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC};
+pub use raftlog::{
+    conf_state_with_voters, LogFilesOptions, LogRecovery, LogStats, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC,
+};
 pub use read::{Cursors, MailboxInfo, ReadMessage, ShardSize, SyncPage, SyncQuery, SystemValue};
 pub use records::{ShardMeta, ShardState};
 pub use snapshot::{SnapshotChunk, SnapshotIngest, SnapshotSummary, CHUNK_BYTES_MAX};

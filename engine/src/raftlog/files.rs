@@ -284,6 +284,22 @@ pub(crate) struct LogFiles {
     writer: Mutex<Writer>,
     index: Mutex<Index>,
     recovery: LogRecovery,
+    /// Purges and GCs that failed, and the last error.
+    housekeeping: Mutex<(u64, Option<String>)>,
+}
+
+/// The log's files now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Segment files on disk.
+    pub segments: usize,
+    /// The number of the segment being appended to.
+    pub newest_segment: u64,
+    /// Purges or segment GCs that failed since the log was opened (each is
+    /// retried after the next write); a node should report this.
+    pub housekeeping_failures: u64,
+    /// The last such failure.
+    pub last_housekeeping_error: Option<String>,
 }
 
 fn segment_path(dir: &Path, seg: u64) -> PathBuf {
@@ -421,10 +437,11 @@ impl LogFiles {
             }),
             index: Mutex::new(index),
             recovery,
+            housekeeping: Mutex::new((0, None)),
         };
         {
-            let w = lock(&files.writer);
-            files.purge(&w)?;
+            let mut w = lock(&files.writer);
+            files.housekeep(&mut w)?;
         }
         Ok(files)
     }
@@ -455,12 +472,6 @@ impl LogFiles {
             .get(&shard)
             .and_then(|s| s.entries.get(&index))
             .map(|l| l.term)
-    }
-
-    /// Segment files now on disk, and the number of the one being appended to.
-    pub(crate) fn segments(&self) -> (usize, u64) {
-        let seg = lock(&self.writer).seg;
-        (lock(&self.index).segments.len(), seg)
     }
 
     /// Reads entries `low..high` of `shard`, stopping early once their
@@ -545,13 +556,40 @@ impl LogFiles {
     pub(crate) fn append(&self, rec: RecordBuilder, durability: Durability) -> Result<(), EngineError> {
         let mut w = lock(&self.writer);
         self.append_locked(&mut w, rec, durability)?;
-        self.purge(&w)?;
-        if lock(&self.index).segments.len() > self.options.segments_soft_max && w.gc_ran_at_seg != w.seg {
-            w.gc_ran_at_seg = w.seg;
-            self.rewrite(&mut w)?;
-            self.purge(&w)?;
+        // The record is durable and indexed. What follows is housekeeping,
+        // and its failure must not turn a durable write into an error: it is
+        // counted (`LogStats`) and retried after the next write. (A failed
+        // GC *write* breaks the log like any failed write, so the next
+        // append reports it.)
+        if let Err(e) = self.housekeep(&mut w) {
+            let mut st = lock(&self.housekeeping);
+            st.0 += 1;
+            st.1 = Some(e.to_string());
         }
         Ok(())
+    }
+
+    fn housekeep(&self, w: &mut Writer) -> Result<(), EngineError> {
+        self.purge(w)?;
+        if lock(&self.index).segments.len() > self.options.segments_soft_max && w.gc_ran_at_seg != w.seg {
+            w.gc_ran_at_seg = w.seg;
+            self.rewrite(w)?;
+            self.purge(w)?;
+        }
+        Ok(())
+    }
+
+    /// Segments, the newest segment's number, and housekeeping failures.
+    pub(crate) fn stats(&self) -> LogStats {
+        let newest_segment = lock(&self.writer).seg;
+        let segments = lock(&self.index).segments.len();
+        let (housekeeping_failures, last_housekeeping_error) = lock(&self.housekeeping).clone();
+        LogStats {
+            segments,
+            newest_segment,
+            housekeeping_failures,
+            last_housekeeping_error,
+        }
     }
 
     fn append_locked(&self, w: &mut Writer, rec: RecordBuilder, durability: Durability) -> Result<(), EngineError> {
@@ -850,7 +888,7 @@ mod tests {
                     files.append(rec, Durability::NoFsync).unwrap();
                 }
                 check(&files, &models, step);
-                segments_max = segments_max.max(files.segments().0);
+                segments_max = segments_max.max(files.stats().segments);
                 if rng.gen_ratio(1, 40) {
                     drop(files);
                     files = LogFiles::open(dir.path(), OPTS).unwrap();

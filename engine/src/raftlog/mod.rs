@@ -27,7 +27,7 @@ pub(crate) mod files;
 pub(crate) mod record;
 
 pub(crate) use cache::EntryCache;
-pub use files::{LogFilesOptions, LogRecovery};
+pub use files::{LogFilesOptions, LogRecovery, LogStats};
 
 use crate::codec;
 use crate::engine::{Durability, Engine, ShardHandles};
@@ -127,9 +127,10 @@ impl Engine {
         self.inner.log.recovery().clone()
     }
 
-    /// Raft log segment files on disk, and the number of the newest.
-    pub fn raft_log_segments(&self) -> (usize, u64) {
-        self.inner.log.segments()
+    /// The Raft log's files now: segments, the newest, housekeeping
+    /// failures.
+    pub fn raft_log_stats(&self) -> LogStats {
+        self.inner.log.stats()
     }
 
     fn load_log_cache(&self, shard: u64) -> LogCache {
