@@ -114,6 +114,9 @@ impl Index {
     /// this runs on every append).
     fn drop_from(&mut self, shard: u64, from: u64) {
         let Some(s) = self.shards.get_mut(&shard) else { return };
+        if s.entries.last_key_value().is_none_or(|(i, _)| *i < from) {
+            return; // the common case, an append after the last entry
+        }
         let dropped = s.entries.split_off(&from);
         for loc in dropped.values() {
             self.count(loc.seg, -1);
