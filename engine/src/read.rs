@@ -154,8 +154,12 @@ impl Engine {
                 low_watermark: meta.low_watermark,
             });
         }
-        let mut messages = Vec::new();
         let first = q.after_seq + 1;
+        let mut messages = Vec::with_capacity(
+            usize::try_from(meta.last_seq.saturating_sub(q.after_seq))
+                .unwrap_or(usize::MAX)
+                .min(max_messages),
+        );
         if first <= meta.last_seq {
             let mut ro = ReadOptions::default();
             ro.set_snapshot(&snap);
