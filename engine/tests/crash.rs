@@ -27,8 +27,7 @@ use pigeonhole_engine::{
 };
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 const SHARD: u64 = 3;
@@ -87,29 +86,13 @@ fn sigkill_loses_no_acknowledged_append() {
     let mut rng = rand::rngs::StdRng::from_entropy();
     let mut acked: BTreeMap<(String, String), u64> = BTreeMap::new();
     for round in 0..5 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .filter(|l| l.starts_with("ack "))
-                .collect::<Vec<_>>()
-        });
         // Let it run for a random while, but until it acked something.
         let kill_after = Duration::from_millis(rng.gen_range(100..600));
         let start = Instant::now();
-        std::thread::sleep(kill_after);
-        let pid = i32::try_from(child.id()).unwrap();
-        assert_eq!(kill(pid), 0);
-        child.wait().unwrap();
-        let lines = reader.join().unwrap();
+        let lines: Vec<String> = common::run_child_then_sigkill("crash_child", CHILD_ENV, dir.path(), kill_after)
+            .into_iter()
+            .filter(|l| l.starts_with("ack "))
+            .collect();
         assert!(
             !lines.is_empty() || start.elapsed() < Duration::from_secs(1),
             "round {round}: child acked nothing"
@@ -122,17 +105,6 @@ fn sigkill_loses_no_acknowledged_append() {
         verify(dir.path(), &acked);
     }
     assert!(acked.len() > 10, "the child acked only {} appends", acked.len());
-}
-
-/// SIGKILL through kill(1): std has no way to send it, and `unsafe` (for
-/// libc::kill) is forbidden workspace-wide.
-fn kill(pid: i32) -> i32 {
-    let status = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
-    if status.success() {
-        0
-    } else {
-        -1
-    }
 }
 
 fn verify(dir: &std::path::Path, acked: &BTreeMap<(String, String), u64>) {

@@ -17,6 +17,8 @@
     clippy::cast_possible_truncation
 )]
 
+mod common;
+
 use pigeonhole_engine::raft::eraftpb::Entry;
 use pigeonhole_engine::raft::{GetEntriesContext, Storage};
 use pigeonhole_engine::{
@@ -24,8 +26,7 @@ use pigeonhole_engine::{
 };
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::time::Duration;
 
 const CHILD_ENV: &str = "PH_LOG_CRASH_CHILD_DIR";
@@ -196,40 +197,11 @@ fn sigkill_during_rotation_purge_and_gc_loses_no_log_write() {
     let mut acked = 0usize;
     let mut gc_seen = false;
     for round in 0..8 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "log_crash_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                // libtest prints "test log_crash_child ... " before the
-                // child's first line, on the same line.
-                .filter_map(|l| match l.find("op ") {
-                    Some(at) => Some(l[at..].to_string()),
-                    None => (l == "ok").then_some(l),
-                })
-                .collect::<Vec<_>>()
-        });
-        std::thread::sleep(Duration::from_millis(rng.gen_range(200..700)));
-        let status = Command::new("kill")
-            .args(["-9", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        child.wait().unwrap();
-        let lines = reader.join().unwrap();
+        let run = Duration::from_millis(rng.gen_range(200..700));
+        let lines: Vec<String> = common::run_child_then_sigkill("log_crash_child", CHILD_ENV, dir.path(), run)
+            .into_iter()
+            .filter(|l| l.starts_with("op ") || l == "ok")
+            .collect();
         let mut pending: Option<String> = None;
         for l in lines {
             if l == "ok" {

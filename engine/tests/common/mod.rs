@@ -179,3 +179,43 @@ pub fn expire(max_entries: u32) -> Op {
 pub fn appended(seq: u64, duplicate: bool) -> impl Fn(&Result<OpOutput, OpError>) -> bool {
     move |r| matches!(r, Ok(OpOutput::Appended { seq: s, duplicate: d, .. }) if *s == seq && *d == duplicate)
 }
+
+/// Runs `child_test`, an ignored test of this same test binary, with the
+/// environment variable `env` set to `dir`; lets it run for `run`, then
+/// SIGKILLs it (through kill(1): std cannot send SIGKILL and `unsafe` is
+/// forbidden) and returns every line it printed. libtest prints
+/// "test <name> ... " before the child's first line, on that same line;
+/// the prefix is cut off.
+#[allow(dead_code)]
+pub fn run_child_then_sigkill(
+    child_test: &str,
+    env: &str,
+    dir: &std::path::Path,
+    run: std::time::Duration,
+) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", child_test, "--ignored", "--nocapture", "--test-threads=1"])
+        .env(env, dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let prefix = format!("test {child_test} ... ");
+    let reader = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .map(|l| l.strip_prefix(&prefix).map(str::to_string).unwrap_or(l))
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(run);
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    child.wait().unwrap();
+    reader.join().unwrap()
+}
