@@ -167,14 +167,29 @@ impl Engine {
         let db = DB::open_cf_descriptors(&db_opts, path.as_ref(), [cf(CF_META), cf(CF_RAFT), cf(CF_DATA)])?;
         check_format_version(&db)?;
         let log = crate::raftlog::files::LogFiles::open(&path.as_ref().join("raft-log"), options.raft_log)?;
-        Ok(Engine {
+        let found_segments = log.recovery().segments;
+        let engine = Engine {
             inner: Arc::new(Inner {
                 db,
                 log,
                 options,
                 shards: Mutex::new(HashMap::new()),
             }),
-        })
+        };
+        // The log is created before the first shard is (bootstrap writes the
+        // log first), and always keeps a segment; so shards without any log
+        // segment mean the log directory was lost. Starting anyway would
+        // forget every shard's vote and term: the node could vote twice in
+        // one term.
+        if found_segments == 0 {
+            if let Some(shard) = engine.shard_ids()?.first() {
+                return Err(crate::raftlog::files::log_corruption(format!(
+                    "the Raft log directory has no segment, but the state machine holds shard {shard}: \
+                     the log was lost; refusing to start without every shard's vote and term"
+                )));
+            }
+        }
+        Ok(engine)
     }
 
     /// The options the engine was opened with.

@@ -140,3 +140,12 @@ fn flipped_raft_log_entry_fails_the_open_instead_of_being_dropped() {
         "{err}"
     );
 }
+
+#[test]
+fn a_lost_raft_log_directory_fails_the_open() {
+    let mut s = Shard::new();
+    s.close();
+    std::fs::remove_dir_all(s.dir.path().join("raft-log")).unwrap();
+    let err = pigeonhole_engine::Engine::open(s.dir.path(), pigeonhole_engine::EngineOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("the log was lost"), "{err}");
+}

@@ -268,7 +268,7 @@ struct Writer {
 /// What recovery found and did, for logs and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogRecovery {
-    /// Segments replayed.
+    /// Segments replayed (0 when the log is new, or was lost).
     pub segments: usize,
     /// Records replayed.
     pub records: u64,
