@@ -123,12 +123,8 @@ pub fn sample_raft_log_records() -> Vec<Vec<u8>> {
         ..Default::default()
     };
     let mut out = Vec::new();
-    let Ok(bytes) = entry.write_to_bytes() else { return out };
     let mut rec = crate::raftlog::record::RecordBuilder::default();
-    if rec
-        .entries(4, 12, false, [(12, 2, bytes.as_slice())].into_iter())
-        .is_err()
-    {
+    if rec.entries(4, false, &[entry]).is_err() {
         return out;
     }
     rec.hard_state(4, &hs);

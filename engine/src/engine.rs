@@ -90,7 +90,11 @@ pub(crate) struct ShardHandles {
     /// single-writer per shard, and the engine enforces it rather than trusting
     /// every caller. It also guards the shard's in-memory apply state.
     pub apply: Mutex<ApplyState>,
-    /// The shard's Raft log bounds and hard state, loaded on first use.
+    /// The shard's Raft log bounds and hard state, loaded on first use
+    /// from the log files' index and then kept in step by `write_raft`
+    /// (both change only after the same durable write). A copy, kept per
+    /// shard because raft-rs reads it on every step, and the index behind
+    /// it is one lock for the whole node.
     pub log: RwLock<Option<LogCache>>,
     /// A snapshot ingest of this shard is under way.
     pub ingesting: std::sync::atomic::AtomicBool,

@@ -24,6 +24,7 @@
 
 mod cache;
 pub(crate) mod files;
+mod index;
 pub(crate) mod record;
 
 pub(crate) use cache::EntryCache;
@@ -369,18 +370,15 @@ impl RaftBatch {
             return Ok(());
         };
         let shard = store.shard;
-        let mut bodies = Vec::with_capacity(entries.len());
-        for (i, e) in entries.iter().enumerate() {
-            if Some(e.index) != first.index.checked_add(u64::try_from(i).unwrap_or(u64::MAX)) {
-                return Err(EngineError::InvalidCall(format!(
-                    "shard {shard}: entries to append are not consecutive at {}",
-                    e.index
-                )));
-            }
-            let body = e
-                .write_to_bytes()
-                .map_err(|err| EngineError::InvalidCall(format!("entry does not encode: {err}")))?;
-            bodies.push(body);
+        if let Some((i, e)) = entries
+            .iter()
+            .enumerate()
+            .find(|(i, e)| Some(e.index) != first.index.checked_add(u64::try_from(*i).unwrap_or(u64::MAX)))
+        {
+            return Err(EngineError::InvalidCall(format!(
+                "shard {shard}: entries to append are not consecutive at #{i} (index {})",
+                e.index
+            )));
         }
         let c = self.pending(store)?.clone();
         if first.index <= c.log.truncated_index {
@@ -396,16 +394,8 @@ impl RaftBatch {
             )));
         }
         self.rec
-            .entries(
-                shard,
-                first.index,
-                false,
-                entries
-                    .iter()
-                    .zip(&bodies)
-                    .map(|(e, b)| (e.index, e.term, b.as_slice())),
-            )
-            .map_err(EngineError::InvalidCall)?;
+            .entries(shard, false, entries)
+            .map_err(|e| EngineError::InvalidCall(format!("shard {shard}: {e}")))?;
         let p = self.pending_shard(store)?;
         p.cache.last_index = last.index;
         p.cache.last_term = last.term;

@@ -30,7 +30,8 @@
 //! record is written and when it is replayed at start-up
 //! ([`super::files`]), so there is one definition of what a record means.
 
-use raft::eraftpb::HardState;
+use protobuf::Message as _;
+use raft::eraftpb::{Entry, HardState};
 
 /// Bytes of a segment header.
 pub(crate) const SEGMENT_HEADER_BYTES: u64 = 20;
@@ -159,30 +160,60 @@ impl RecordBuilder {
         self.ops += 1;
     }
 
-    /// An Entries (or Rewrite) op. `entries` yields each entry's index, term
-    /// and encoded protobuf, consecutive from `first`.
-    pub fn entries<'a>(
+    /// An Entries (or Rewrite) op: `entries`, consecutive, encoded
+    /// straight into the record (no intermediate buffer: this is the
+    /// append path). Nothing is added for an empty slice.
+    pub fn entries(&mut self, shard: u64, rewrite: bool, entries: &[Entry]) -> Result<(), String> {
+        let Some(first) = entries.first().map(|e| e.index) else {
+            return Ok(());
+        };
+        let count = u32::try_from(entries.len()).map_err(|_| "too many entries in one op".to_string())?;
+        if let Some((i, e)) = entries
+            .iter()
+            .enumerate()
+            .find(|(i, e)| Some(e.index) != first.checked_add(*i as u64))
+        {
+            return Err(format!("entries are not consecutive: #{i} has index {}", e.index));
+        }
+        let (start_len, start_ops) = (self.buf.len(), self.ops);
+        let added = self.entries_unchecked(shard, first, count, rewrite, entries);
+        if added.is_err() {
+            // Leave the record as it was: no half-written op.
+            self.buf.truncate(start_len);
+            self.ops = start_ops;
+        }
+        added
+    }
+
+    fn entries_unchecked(
         &mut self,
         shard: u64,
         first: u64,
+        count: u32,
         rewrite: bool,
-        entries: impl ExactSizeIterator<Item = (u64, u64, &'a [u8])>,
+        entries: &[Entry],
     ) -> Result<(), String> {
-        let count = u32::try_from(entries.len()).map_err(|_| "too many entries in one op".to_string())?;
         self.begin(if rewrite { TAG_REWRITE } else { TAG_ENTRIES });
         self.u64(shard);
         self.u64(first);
         self.u32(count);
         let mut locs = Vec::with_capacity(entries.len());
-        for (index, term, bytes) in entries {
-            let len = u32::try_from(bytes.len()).map_err(|_| format!("entry {index} is over 4 GiB"))?;
-            self.u64(term);
+        for e in entries {
+            let len = e.compute_size();
+            self.u64(e.term);
             self.u32(len);
             let offset = self.buf.len() as u64;
-            self.buf.extend_from_slice(bytes);
+            e.write_to_vec(&mut self.buf)
+                .map_err(|err| format!("entry {} does not encode: {err}", e.index))?;
+            if self.buf.len() as u64 - offset != u64::from(len) {
+                return Err(format!(
+                    "entry {} encoded to a size other than its computed one",
+                    e.index
+                ));
+            }
             locs.push(EntryLoc {
-                index,
-                term,
+                index: e.index,
+                term: e.term,
                 offset,
                 len,
             });
@@ -501,16 +532,21 @@ pub(crate) fn decode_body(body: &[u8], base: u64) -> Result<Vec<IndexOp>, String
 mod tests {
     use super::*;
 
+    fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn a_record_reads_back_as_the_ops_it_was_built_from() {
         let mut b = RecordBuilder::default();
-        b.entries(
-            7,
-            10,
-            false,
-            [(10u64, 2u64, &b"ab"[..]), (11, 3, &b"cde"[..])].into_iter(),
-        )
-        .unwrap();
+        b.entries(7, false, &[entry(10, 2, b"ab"), entry(11, 3, b"cde")])
+            .unwrap();
+        assert!(b.entries(7, false, &[entry(12, 3, b""), entry(14, 3, b"")]).is_err());
         let hard = HardState {
             term: 3,
             vote: 1,
@@ -521,8 +557,7 @@ mod tests {
         b.compact(7, 8, 2);
         b.reset(9, 100, 5);
         b.checkpoint(9, (100, 5), (101, 5), &hard);
-        b.entries(9, 101, true, [(101u64, 5u64, &b"z"[..])].into_iter())
-            .unwrap();
+        b.entries(9, true, &[entry(101, 5, b"z")]).unwrap();
         let (bytes, built) = b.finish().unwrap();
         let mut file = segment_header(4).to_vec();
         let at = file.len() as u64;
@@ -543,15 +578,15 @@ mod tests {
             panic!()
         };
         let e = entries[1];
-        assert_eq!(&file[e.offset as usize..][..e.len as usize], b"cde");
+        let read = Entry::parse_from_bytes(&file[e.offset as usize..][..e.len as usize]).unwrap();
+        assert_eq!(read, entry(11, 3, b"cde"));
         assert!(matches!(read_record(&file, next), Found::End));
     }
 
     #[test]
     fn every_truncation_and_bit_flip_is_torn_or_corrupt_never_a_record() {
         let mut b = RecordBuilder::default();
-        b.entries(1, 1, false, [(1u64, 1u64, &b"payload"[..])].into_iter())
-            .unwrap();
+        b.entries(1, false, &[entry(1, 1, b"payload")]).unwrap();
         b.compact(1, 0, 0);
         let (bytes, _) = b.finish().unwrap();
         for cut in 1..bytes.len() {

@@ -1,0 +1,191 @@
+//! The Raft log's in-memory index: for every shard, its hard state, its
+//! bounds and where each live entry is (segment, offset, length, term); for
+//! every segment, how many live entries it holds, which is what purge asks.
+//!
+//! Why one `apply` for both: a record's ops change the index through
+//! [`Index::apply`] when the record is written and again when it is
+//! replayed at start-up, so a live log and a recovered one cannot disagree.
+//! Entries are dropped with `BTreeMap::split_off`, never by scanning a
+//! shard's whole index, since this runs on every append.
+
+use super::record::{EntryLoc, IndexOp};
+use crate::error::EngineError;
+use raft::eraftpb::HardState;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::sync::Arc;
+
+/// Where one live entry is.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Loc {
+    pub seg: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub term: u64,
+}
+
+/// One shard's log as the files hold it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ShardIndex {
+    pub hard: HardState,
+    /// The last entry dropped from the front: (index, term).
+    pub truncated: (u64, u64),
+    /// The last entry: (index, term); equal to `truncated` when empty.
+    pub last: (u64, u64),
+    pub(super) entries: BTreeMap<u64, Loc>,
+}
+
+#[derive(Debug)]
+pub(super) struct Segment {
+    pub file: Arc<File>,
+    /// Live entries stored in this segment.
+    pub live: u64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Index {
+    pub shards: HashMap<u64, ShardIndex>,
+    pub segments: BTreeMap<u64, Segment>,
+}
+
+impl Index {
+    fn count(&mut self, seg: u64, delta: i64) {
+        if let Some(s) = self.segments.get_mut(&seg) {
+            s.live = s.live.saturating_add_signed(delta);
+        }
+    }
+
+    /// Drops the shard's entries at and above `from` (split, not a scan:
+    /// this runs on every append).
+    fn drop_from(&mut self, shard: u64, from: u64) {
+        let Some(s) = self.shards.get_mut(&shard) else { return };
+        if s.entries.last_key_value().is_none_or(|(i, _)| *i < from) {
+            return; // the common case, an append after the last entry
+        }
+        let dropped = s.entries.split_off(&from);
+        for loc in dropped.values() {
+            self.count(loc.seg, -1);
+        }
+    }
+
+    /// Drops the shard's entries at and below `through`.
+    fn drop_through(&mut self, shard: u64, through: u64) {
+        let Some(s) = self.shards.get_mut(&shard) else { return };
+        if s.entries.first_key_value().is_none_or(|(i, _)| *i > through) {
+            return;
+        }
+        let kept = match through.checked_add(1) {
+            Some(next) => s.entries.split_off(&next),
+            None => BTreeMap::new(),
+        };
+        let dropped = std::mem::replace(&mut s.entries, kept);
+        for loc in dropped.values() {
+            self.count(loc.seg, -1);
+        }
+    }
+
+    fn insert(&mut self, shard: u64, e: &EntryLoc, seg: u64) {
+        let loc = Loc {
+            seg,
+            offset: e.offset,
+            len: e.len,
+            term: e.term,
+        };
+        let old = self.shards.entry(shard).or_default().entries.insert(e.index, loc);
+        if let Some(old) = old {
+            self.count(old.seg, -1);
+        }
+        self.count(seg, 1);
+    }
+
+    /// Applies one op, written to or read from segment `seg`. The same code
+    /// runs for a live append and for replay, so they cannot disagree.
+    pub fn apply(&mut self, op: IndexOp, seg: u64) {
+        match op {
+            IndexOp::Entries {
+                shard,
+                first,
+                entries,
+                rewrite: false,
+            } => {
+                self.drop_from(shard, first);
+                for e in &entries {
+                    self.insert(shard, e, seg);
+                }
+                let s = self.shards.entry(shard).or_default();
+                if let Some(l) = entries.last() {
+                    s.last = (l.index, l.term);
+                }
+            }
+            IndexOp::Entries {
+                shard,
+                entries,
+                rewrite: true,
+                ..
+            } => {
+                let truncated = self.shards.get(&shard).map_or(0, |s| s.truncated.0);
+                for e in entries.iter().filter(|e| e.index > truncated) {
+                    self.insert(shard, e, seg);
+                }
+            }
+            IndexOp::HardState { shard, hard } => self.shards.entry(shard).or_default().hard = hard,
+            IndexOp::Compact { shard, index, term } => {
+                let s = self.shards.entry(shard).or_default();
+                if index > s.truncated.0 {
+                    s.truncated = (index, term);
+                    if s.last.0 < index {
+                        s.last = (index, term);
+                    }
+                    self.drop_through(shard, index);
+                }
+            }
+            IndexOp::Reset { shard, index, term } => {
+                self.drop_from(shard, 0);
+                let s = self.shards.entry(shard).or_default();
+                s.truncated = (index, term);
+                s.last = (index, term);
+            }
+            IndexOp::Checkpoint {
+                shard,
+                truncated,
+                last,
+                hard,
+            } => {
+                self.drop_through(shard, truncated.0);
+                if let Some(above) = last.0.checked_add(1) {
+                    self.drop_from(shard, above);
+                }
+                let s = self.shards.entry(shard).or_default();
+                s.truncated = truncated;
+                s.last = last;
+                s.hard = hard;
+            }
+        }
+    }
+
+    /// Every shard's log must hold exactly the entries after its truncation
+    /// up to its last index, the last with the last term.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        for (shard, s) in &self.shards {
+            let expect = s.last.0.saturating_sub(s.truncated.0);
+            let ok = s.entries.len() as u64 == expect
+                && s.entries.keys().next().is_none_or(|i| *i == s.truncated.0 + 1)
+                && s.entries.keys().next_back().is_none_or(|i| *i == s.last.0)
+                && s.entries.values().next_back().is_none_or(|l| l.term == s.last.1);
+            if !ok {
+                let held = match (s.entries.keys().next(), s.entries.keys().next_back()) {
+                    (Some(a), Some(b)) => format!("{} entries, {a}..={b}", s.entries.len()),
+                    _ => "no entries".to_string(),
+                };
+                return Err(super::files::log_corruption(format!(
+                    "shard {shard}: the log should hold entries {}..={} (last term {}) but holds {held}: \
+                     a segment holding live entries is missing or damaged",
+                    s.truncated.0 + 1,
+                    s.last.0,
+                    s.last.1
+                )));
+            }
+        }
+        Ok(())
+    }
+}
