@@ -32,7 +32,7 @@ fn append_op(user: &str, key: Vec<u8>, payload_bytes: usize) -> Op {
             namespace: "bench".into(),
             user_id: user.as_bytes().to_vec(),
             idempotency_key: key,
-            payload: vec![0x5a; payload_bytes],
+            payload: vec![0x5a; payload_bytes].into(),
             expected_last_seq: None,
         })),
     }
@@ -40,20 +40,20 @@ fn append_op(user: &str, key: Vec<u8>, payload_bytes: usize) -> Op {
 
 /// An encoded command of `n` appends to mailboxes drawn from `mailboxes`,
 /// with unique idempotency keys (`index` must differ per call).
-pub fn append_command(rng: &mut impl Rng, index: u64, n: usize, mailboxes: u64, payload_bytes: usize) -> Vec<u8> {
+pub fn append_command(rng: &mut impl Rng, index: u64, n: usize, mailboxes: u64, payload_bytes: usize) -> bytes::Bytes {
     let ops = (0..n)
         .map(|i| {
             let user = format!("user-{}", rng.gen_range(0..mailboxes));
             append_op(&user, format!("{index}/{i}").into_bytes(), payload_bytes)
         })
         .collect();
-    Command { time_ms: index, ops }.encode_to_vec()
+    Command { time_ms: index, ops }.encode_to_vec().into()
 }
 
 /// An encoded command of `n` appends to one mailbox.
-pub fn append_command_to(index: u64, n: usize, user: &str, payload_bytes: usize) -> Vec<u8> {
+pub fn append_command_to(index: u64, n: usize, user: &str, payload_bytes: usize) -> bytes::Bytes {
     let ops = (0..n)
         .map(|i| append_op(user, format!("{index}/{i}").into_bytes(), payload_bytes))
         .collect();
-    Command { time_ms: index, ops }.encode_to_vec()
+    Command { time_ms: index, ops }.encode_to_vec().into()
 }

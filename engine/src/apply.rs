@@ -22,7 +22,7 @@ use crate::error::{EngineError, OpError};
 use crate::heads::HeadCache;
 use crate::keys::{self, CF_DATA};
 use crate::records::{
-    decode_cursor, encode_cursor, encode_expiry_marker, DedupEntry, MailboxMeta, MessageView, ShardMeta, StoredMessage,
+    decode_cursor, encode_cursor, encode_expiry_marker, DedupEntry, MailboxMeta, MessageView, ShardMeta,
 };
 use pigeonhole_proto::internal::v1 as cmd;
 use prost::Message as _;
@@ -46,8 +46,10 @@ pub struct ApplyEntry<'a> {
 pub enum EntryKind<'a> {
     /// No command (e.g. the empty entry a new leader appends).
     Empty,
-    /// An encoded `pigeonhole.internal.v1.Command`.
-    Command(&'a [u8]),
+    /// An encoded `pigeonhole.internal.v1.Command`: the Raft entry's own
+    /// buffer, so decoding it copies no payload (the append's payload is a
+    /// slice of it until the message record is built).
+    Command(&'a bytes::Bytes),
     /// A configuration change; the node computed the resulting ConfState
     /// with raft-rs and the engine records it with the applied index, so that
     /// a snapshot carries the configuration of exactly its index.
@@ -224,10 +226,11 @@ impl Engine {
         heads: &mut Heads<'_>,
         shard: u64,
         meta: &mut ShardMeta,
-        bytes: &[u8],
+        bytes: &bytes::Bytes,
     ) -> Result<EntryOutcome, EngineError> {
         let limits = &self.options().limits;
-        let command = match cmd::Command::decode(bytes) {
+        // Decoding from `Bytes` makes each payload a slice of the entry.
+        let command = match cmd::Command::decode(bytes.clone()) {
             Ok(c) => c,
             Err(e) => return Ok(EntryOutcome::Rejected(OpError::MalformedCommand(e.to_string()))),
         };
@@ -395,10 +398,10 @@ impl StateMachine<'_, '_, '_> {
             self.txn
                 .delete(keys::dedup_expiry(self.shard, d.expires_ms, &mb, &a.idempotency_key));
         }
-        let msg = StoredMessage {
+        let msg = MessageView {
             time_ms: self.now_ms,
-            idempotency_key: a.idempotency_key.clone(),
-            payload: a.payload.clone(),
+            idempotency_key: &a.idempotency_key,
+            payload: &a.payload,
             deleted: false,
         };
         self.txn.put(keys::message(self.shard, &mb, seq), &msg.encode());
@@ -547,10 +550,10 @@ impl StateMachine<'_, '_, '_> {
         }
         let idem = v.idempotency_key.to_vec();
         meta.payload_bytes = meta.payload_bytes.saturating_sub(len_u64(v.payload));
-        let tomb = StoredMessage {
+        let tomb = MessageView {
             time_ms: v.time_ms,
-            idempotency_key: idem.clone(),
-            payload: Vec::new(),
+            idempotency_key: &idem,
+            payload: &[],
             deleted: true,
         };
         self.txn.put(key, &tomb.encode());

@@ -14,7 +14,7 @@ use crate::error::EngineError;
 use crate::keys::CF_DATA;
 use crate::records::{
     check_expiry_marker, decode_cursor, decode_system, encode_cursor, encode_expiry_marker, encode_system, DedupEntry,
-    MailboxMeta, MessageView, ShardMeta, ShardState, StoredMessage,
+    MailboxMeta, MessageView, ShardMeta, ShardState,
 };
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, HardState};
@@ -76,10 +76,10 @@ pub fn sample_data_bodies() -> Vec<Vec<u8>> {
         time_ms: 1_700_000_000_000,
         conf_state: crate::conf_state_with_voters(&[1, 2, 3]),
     };
-    let message = StoredMessage {
+    let message = MessageView {
         time_ms: 1_700_000_000_000,
-        idempotency_key: b"key-1".to_vec(),
-        payload: b"an encrypted payload".to_vec(),
+        idempotency_key: b"key-1",
+        payload: b"an encrypted payload",
         deleted: false,
     };
     let dedup = DedupEntry {

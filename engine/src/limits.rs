@@ -254,7 +254,7 @@ mod tests {
                 namespace: ns.into(),
                 user_id: b"u".to_vec(),
                 idempotency_key: key.to_vec(),
-                payload: vec![0; payload],
+                payload: vec![0; payload].into(),
                 expected_last_seq: None,
             })
         };

@@ -130,33 +130,7 @@ impl MailboxMeta {
     }
 }
 
-/// One stored message or tombstone: `data` CF, key `shard | 0x02 | mb | seq`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    /// Commit time, ms since the Unix epoch.
-    pub time_ms: u64,
-    /// The idempotency key it was appended with.
-    pub idempotency_key: Vec<u8>,
-    /// The payload; empty for a tombstone.
-    pub payload: Vec<u8>,
-    /// A tombstone left by Delete.
-    pub deleted: bool,
-}
-
 const FLAG_DELETED: u8 = 1;
-
-impl StoredMessage {
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let flags = if self.deleted { FLAG_DELETED } else { 0 };
-        Writer::with_version(V1, 10 + self.idempotency_key.len() + self.payload.len())
-            .u8(flags)
-            .u64(self.time_ms)
-            .u8(u8::try_from(self.idempotency_key.len()).unwrap_or(u8::MAX))
-            .bytes(&self.idempotency_key)
-            .bytes(&self.payload)
-            .0
-    }
-}
 
 /// Dedup entry: `data` CF, key `shard | 0x03 | mb | idempotency_key`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,7 +204,9 @@ pub struct LogState {
     pub truncated_term: u64,
 }
 
-/// A message record read without copying its payload.
+/// One stored message or tombstone (`data` CF, key
+/// `shard | 0x02 | mb | seq`), borrowed both ways: decoded without copying
+/// its payload, and encoded from borrowed parts.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MessageView<'a> {
     pub time_ms: u64,
@@ -240,6 +216,20 @@ pub(crate) struct MessageView<'a> {
 }
 
 impl<'a> MessageView<'a> {
+    /// The record body, built from borrowed parts: apply encodes a new
+    /// message straight from the decoded command, without copying the
+    /// payload into an owned record first.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let flags = if self.deleted { FLAG_DELETED } else { 0 };
+        Writer::with_version(V1, 10 + self.idempotency_key.len() + self.payload.len())
+            .u8(flags)
+            .u64(self.time_ms)
+            .u8(u8::try_from(self.idempotency_key.len()).unwrap_or(u8::MAX))
+            .bytes(self.idempotency_key)
+            .bytes(self.payload)
+            .0
+    }
+
     pub(crate) fn decode(key: &'a [u8], body: &'a [u8]) -> Result<Self, EngineError> {
         let mut r = Reader::new(CF_DATA, key, body, V1)?;
         let flags = r.u8()?;

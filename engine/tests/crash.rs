@@ -164,7 +164,7 @@ fn verify(dir: &std::path::Path, acked: &BTreeMap<(String, String), u64>) {
 }
 
 /// Applies one command entry at `index` with fsync and returns its op results.
-fn apply_fsync(engine: &Engine, index: u64, bytes: &[u8]) -> Vec<Result<OpOutput, pigeonhole_engine::OpError>> {
+fn apply_fsync(engine: &Engine, index: u64, bytes: &bytes::Bytes) -> Vec<Result<OpOutput, pigeonhole_engine::OpError>> {
     let e = ApplyEntry {
         index,
         term: 1,

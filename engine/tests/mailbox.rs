@@ -148,7 +148,7 @@ fn command_limits_reject_the_whole_entry_but_move_the_index() {
     for bytes in [
         encode(1, vec![]),
         encode(1, too_many),
-        b"\xff\xff not protobuf".to_vec(),
+        bytes::Bytes::from_static(b"\xff\xff not protobuf"),
     ] {
         s.index += 1;
         let out = s

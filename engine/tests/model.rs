@@ -144,7 +144,7 @@ impl Model {
                     Msg {
                         time: now,
                         key: a.idempotency_key.clone(),
-                        payload: a.payload.clone(),
+                        payload: a.payload.to_vec(),
                         deleted: false,
                     },
                 );
@@ -394,7 +394,7 @@ fn run(steps: Vec<Step>) {
     opts.dedup_window_ms = WINDOW_MS;
     let mut s = Shard::with_options(opts.clone());
     let mut m = Model::default(); // a new shard's clock starts at 0
-    let mut log: Vec<Vec<u8>> = Vec::new(); // encoded command of each index
+    let mut log: Vec<bytes::Bytes> = Vec::new(); // encoded command of each index
     for step in steps {
         match step {
             Step::Apply(entries) => {

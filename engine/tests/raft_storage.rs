@@ -322,7 +322,7 @@ fn a_raw_node_commits_through_the_store() {
                     namespace: "ns".into(),
                     user_id: b"u".to_vec(),
                     idempotency_key: b"k".to_vec(),
-                    payload: b"hello".to_vec(),
+                    payload: b"hello".to_vec().into(),
                     expected_last_seq: None,
                 },
             )),

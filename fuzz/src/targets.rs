@@ -185,7 +185,7 @@ fn api_request(_: &mut Ctx, data: &[u8]) -> bool {
                 namespace: mb.namespace,
                 user_id: mb.user_id,
                 idempotency_key: r.idempotency_key,
-                payload: r.payload,
+                payload: r.payload.into(),
                 expected_last_seq: r.expected_last_seq,
             });
             let _ = limits.check_op(&op);
@@ -213,7 +213,7 @@ fn command_seeds() -> Vec<Vec<u8>> {
             namespace: "chat".into(),
             user_id: b"ann".to_vec(),
             idempotency_key: b"k1".to_vec(),
-            payload: b"ciphertext".to_vec(),
+            payload: b"ciphertext".to_vec().into(),
             expected_last_seq: None,
         })),
         op(cmd::op::Op::Ack(cmd::AckOp {
@@ -273,10 +273,11 @@ fn command(ctx: &mut Ctx, data: &[u8]) -> bool {
     // Apply the bytes as the next committed entry: a bad command must be a
     // per-entry rejection, never an engine error.
     ctx.index += 1;
+    let data = bytes::Bytes::copy_from_slice(data);
     let entry = ApplyEntry {
         index: ctx.index,
         term: 1,
-        kind: EntryKind::Command(data),
+        kind: EntryKind::Command(&data),
     };
     if let Err(e) = ctx.engine.apply(APPLY_SHARD, &[entry], Durability::NoFsync) {
         panic!("apply of a command from the log failed with an engine error: {e}");
@@ -379,12 +380,13 @@ fn ctx_apply(ctx: &Ctx, data: &[u8]) {
         .flatten()
         .map_or(0, |m| m.applied_index)
         + 1;
+    let data = bytes::Bytes::copy_from_slice(data);
     let _ = ctx.engine.apply(
         APPLY_SHARD,
         &[ApplyEntry {
             index,
             term: 1,
-            kind: EntryKind::Command(data),
+            kind: EntryKind::Command(&data),
         }],
         Durability::NoFsync,
     );

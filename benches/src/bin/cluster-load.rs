@@ -193,7 +193,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<u32>::with_capacity(4 << 20)));
-    let payload = vec![0xabu8; args.payload_bytes];
+    let payload = bytes::Bytes::from(vec![0xabu8; args.payload_bytes]);
     let mut tasks = Vec::new();
     for w in 0..args.in_flight {
         let (nodes, leader_of, map) = (nodes.clone(), leader_of.clone(), map.clone());

@@ -67,13 +67,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     namespace: "memory".into(),
                     user_id: format!("user-{u}").into_bytes(),
                     idempotency_key: b"k".to_vec(),
-                    payload: payload.clone(),
+                    payload: payload.clone().into(),
                     expected_last_seq: None,
                 })),
             })
             .collect();
         let n = u64::try_from(ops.len())?;
-        let bytes = Command { time_ms: done, ops }.encode_to_vec();
+        let bytes: bytes::Bytes = Command { time_ms: done, ops }.encode_to_vec().into();
         let i = index.get_mut(slot).ok_or("shard index")?;
         *i += 1;
         engine.apply(

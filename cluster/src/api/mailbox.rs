@@ -136,7 +136,7 @@ fn append_op(r: pb::AppendRequest, ns: String, uid: Vec<u8>) -> cmd::op::Op {
         namespace: ns,
         user_id: uid,
         idempotency_key: r.idempotency_key,
-        payload: r.payload,
+        payload: r.payload.into(),
         expected_last_seq: r.expected_last_seq,
     })
 }

@@ -460,7 +460,7 @@ mod tests {
                 namespace: "ns".into(),
                 user_id: b"u".to_vec(),
                 idempotency_key: key.as_bytes().to_vec(),
-                payload: b"p".to_vec(),
+                payload: b"p".to_vec().into(),
                 expected_last_seq: None,
             })),
         }

@@ -174,7 +174,7 @@ pub fn append_op(user: &str, key: &str, payload: &[u8]) -> cmd::Op {
             namespace: "app".into(),
             user_id: user.as_bytes().to_vec(),
             idempotency_key: key.as_bytes().to_vec(),
-            payload: payload.to_vec(),
+            payload: payload.to_vec().into(),
             expected_last_seq: None,
         })),
     }

@@ -370,16 +370,6 @@ impl RaftBatch {
             return Ok(());
         };
         let shard = store.shard;
-        if let Some((i, e)) = entries
-            .iter()
-            .enumerate()
-            .find(|(i, e)| Some(e.index) != first.index.checked_add(u64::try_from(*i).unwrap_or(u64::MAX)))
-        {
-            return Err(EngineError::InvalidCall(format!(
-                "shard {shard}: entries to append are not consecutive at #{i} (index {})",
-                e.index
-            )));
-        }
         let c = self.pending(store)?.clone();
         if first.index <= c.log.truncated_index {
             return Err(EngineError::InvalidCall(format!(
@@ -393,6 +383,7 @@ impl RaftBatch {
                 first.index, c.last_index
             )));
         }
+        // Refuses entries that are not consecutive, adding nothing.
         self.rec
             .entries(shard, false, entries)
             .map_err(|e| EngineError::InvalidCall(format!("shard {shard}: {e}")))?;

@@ -115,8 +115,9 @@ impl Shard {
     }
 }
 
-pub fn encode(time_ms: u64, ops: Vec<Op>) -> Vec<u8> {
-    Command { time_ms, ops }.encode_to_vec()
+/// The encoded command, as the Raft entry's `data` (a `Bytes`) holds it.
+pub fn encode(time_ms: u64, ops: Vec<Op>) -> bytes::Bytes {
+    Command { time_ms, ops }.encode_to_vec().into()
 }
 
 pub fn append(ns: &str, uid: &[u8], key: &[u8], payload: &[u8]) -> Op {
@@ -125,7 +126,7 @@ pub fn append(ns: &str, uid: &[u8], key: &[u8], payload: &[u8]) -> Op {
             namespace: ns.into(),
             user_id: uid.to_vec(),
             idempotency_key: key.to_vec(),
-            payload: payload.to_vec(),
+            payload: payload.to_vec().into(),
             expected_last_seq: None,
         })),
     }
