@@ -9,6 +9,7 @@
 )]
 
 use super::*;
+use crate::raftlog::record::tests::entry;
 use raft::eraftpb::HardState;
 use rand::{Rng, SeedableRng};
 
@@ -24,15 +25,6 @@ struct Model {
     last: (u64, u64),
     hard: HardState,
     entries: BTreeMap<u64, (u64, Vec<u8>)>,
-}
-
-fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-    Entry {
-        index,
-        term,
-        data: data.to_vec().into(),
-        ..Default::default()
-    }
 }
 
 /// Adds one random op for `shard` to `rec` and applies it to `m`.

@@ -529,10 +529,11 @@ pub(crate) fn decode_body(body: &[u8], base: u64) -> Result<Vec<IndexOp>, String
     clippy::panic,
     clippy::cast_possible_truncation
 )]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+    /// A log entry for tests (here and in `files_tests.rs`).
+    pub(crate) fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
         Entry {
             index,
             term,
