@@ -1,39 +1,48 @@
-//! Step 7 of the loop: applying what every shard committed in one engine
-//! write, feeding conf changes to raft-rs in log order, answering the
-//! callers on this node from the local results, and waking the readers of
-//! the mailboxes that changed.
+//! Step 7 of the loop, the driver's side of apply: handing what every shard
+//! committed to the apply worker (`applier`), and taking its reports.
+//!
+//! At hand-off, in log order, the driver feeds each conf change to raft-rs
+//! (only the driver touches RawNode) and sends the resulting configuration
+//! with the entry; it moves the callers of this node's proposals from its
+//! pending table into the task, so the worker answers them from its own
+//! results. On a report it moves raft-rs's applied index, which releases
+//! reads, lets the log compact and may let a leader leave a joint
+//! configuration; and it removes a replica whose removal is now applied.
 
-use super::replica::{fail_all, is_member, parse_context, Pending};
-use super::{ms_since, Driver};
+use super::applier::{ApplyReport, ApplyTask, ShardWork, APPLY_LAG_BYTES_MAX};
+use super::replica::{fail_all, is_member, parse_context, release_reads, trim_entry_cache};
+use super::Driver;
 use crate::error::ClusterError;
 use crate::placement::META_SHARD;
 use pigeonhole_engine::raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType};
 use pigeonhole_engine::raft::StateRole;
-use pigeonhole_engine::{ApplyEntry, Durability, EntryKind, EntryOutcome};
 use protobuf::Message as _;
 
 impl Driver {
-    /// Applies what every shard committed this turn in ONE engine write,
-    /// then answers whoever on this node waits for those entries.
-    pub(super) fn apply_all(&mut self, work: &[(u64, Vec<Entry>)]) -> Result<(), ClusterError> {
-        // (shard, index into `work`, entries for the engine)
-        let mut batches: Vec<(u64, usize, Vec<ApplyEntry<'_>>)> = Vec::with_capacity(work.len());
-        let mut conf_replies = Vec::new();
-        let mut removed = Vec::new();
-        for (w, (shard, entries)) in work.iter().enumerate() {
-            let shard = *shard;
-            if entries.is_empty() {
+    /// Hands what every shard committed this turn to the apply worker, as
+    /// one task. Waits for reports first if too much is already in flight.
+    pub(super) fn hand_off(&mut self, work: Vec<(u64, Vec<Entry>)>) -> Result<(), ClusterError> {
+        let mut task = ApplyTask {
+            shards: Vec::with_capacity(work.len()),
+            bytes: 0,
+        };
+        for (shard, entries) in work {
+            let Some(last) = entries.last().map(|e| e.index) else {
                 continue;
-            }
+            };
             let Some(r) = self.replicas.get_mut(&shard) else {
                 continue;
             };
-            let mut batch = Vec::with_capacity(entries.len());
-            let mut last_conf = None;
-            for e in entries {
-                let kind = match e.get_entry_type() {
-                    EntryType::EntryNormal if e.data.is_empty() => EntryKind::Empty,
-                    EntryType::EntryNormal => EntryKind::Command(&e.data),
+            let mut w = ShardWork::new(shard);
+            for e in &entries {
+                task.bytes += e.data.len() as u64;
+                let ours = parse_context(&e.context).filter(|(node, _)| *node == self.node_id);
+                match e.get_entry_type() {
+                    EntryType::EntryNormal => {
+                        if let Some(p) = ours.and_then(|(_, id)| self.pending.remove(&id)) {
+                            w.pending.push((e.index, p));
+                        }
+                    }
                     EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                         // raft-rs must see every conf change in log order,
                         // even ones the engine already holds (after a
@@ -50,60 +59,101 @@ impl Driver {
                         // An invalid change (e.g. removing the last voter)
                         // leaves the configuration as it was.
                         let cs = cs.unwrap_or_else(|_| r.raw.raft.prs().conf().to_conf_state());
-                        last_conf = Some(cs.clone());
                         if shard != META_SHARD && r.raw.raft.state == StateRole::Leader {
                             self.map_dirty.insert(shard);
                         }
-                        if let Some((node, id)) = parse_context(&e.context) {
-                            if node == self.node_id {
-                                conf_replies.push((id, cs.clone()));
-                            }
+                        // The replica goes once the worker has applied the
+                        // change that removed it (a later change in the same
+                        // run may add it back).
+                        r.remove_at = (!is_member(&cs, self.node_id)).then_some(e.index);
+                        if let Some(p) = ours.and_then(|(_, id)| self.pending_conf.remove(&id)) {
+                            r.conf_answers.push((e.index, p.reply, cs.clone()));
                         }
-                        EntryKind::ConfChange(cs)
+                        w.confs.push((e.index, cs));
                     }
-                };
-                batch.push(ApplyEntry {
-                    index: e.index,
-                    term: e.term,
-                    kind,
-                });
+                }
             }
-            if last_conf.is_some_and(|cs| !is_member(&cs, self.node_id)) {
-                removed.push(shard);
-            }
-            batches.push((shard, w, batch));
+            r.handed = r.handed.max(last);
+            w.entries = entries;
+            task.shards.push(w);
         }
-        if batches.is_empty() {
+        if task.shards.is_empty() {
             return Ok(());
         }
-        let refs: Vec<(u64, &[ApplyEntry<'_>])> = batches.iter().map(|(s, _, b)| (*s, b.as_slice())).collect();
-        // The Raft log is durable, so the apply need not be: after a crash
-        // the unsynced tail of applies is replayed from the log. The next
-        // fsync'd Raft write makes these durable too (same WAL, in order).
-        let outcomes = self.engine.apply_many(&refs, Durability::NoFsync)?;
-        drop(refs);
-        for ((_, w, _), outcomes) in batches.iter().zip(outcomes) {
-            let Some((_, entries)) = work.get(*w) else {
+        self.applier.submit(task)?;
+        while self.applier.lag_bytes > APPLY_LAG_BYTES_MAX {
+            self.wait_report()?;
+        }
+        Ok(())
+    }
+
+    /// Blocks for one report and takes it.
+    pub(super) fn wait_report(&mut self) -> Result<(), ClusterError> {
+        let report = self
+            .applier
+            .reports
+            .recv()
+            .map_err(|_| ClusterError::Raft("the apply worker has stopped".into()))?;
+        self.on_report(report)
+    }
+
+    /// Takes every report already there.
+    pub(super) fn take_reports(&mut self) -> Result<(), ClusterError> {
+        while let Ok(report) = self.applier.reports.try_recv() {
+            self.on_report(report)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until everything handed over for `shard` is applied (before a
+    /// snapshot ingest replaces the shard's state, so the ingest never races
+    /// entries applied before it).
+    pub(super) fn wait_applied(&mut self, shard: u64) -> Result<(), ClusterError> {
+        while self
+            .replicas
+            .get(&shard)
+            .is_some_and(|r| r.handed > r.raw.raft.raft_log.applied)
+        {
+            self.wait_report()?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_report(&mut self, report: ApplyReport) -> Result<(), ClusterError> {
+        let (shards, bytes) = match report {
+            ApplyReport::Applied { shards, bytes } => (shards, bytes),
+            ApplyReport::Failed(e) => return Err(e.into()),
+        };
+        self.applier.lag_bytes = self.applier.lag_bytes.saturating_sub(bytes);
+        let mut removed = Vec::new();
+        for (shard, index) in shards {
+            let Some(r) = self.replicas.get_mut(&shard) else {
                 continue;
             };
-            for (e, outcome) in entries.iter().zip(outcomes) {
-                if let EntryOutcome::Command { changed, .. } = &outcome {
-                    self.watchers.mailboxes_changed(changed);
-                }
-                let Some((node, id)) = parse_context(&e.context) else {
-                    continue;
-                };
-                if node != self.node_id {
-                    continue;
-                }
-                if let Some(p) = self.pending.remove(&id) {
-                    answer(p, outcome);
-                }
+            let log = &r.raw.raft.raft_log;
+            // A replica created again after a removal may see a report of
+            // its earlier life: never move backwards (raft-rs would panic).
+            if index <= log.applied || index > log.committed.min(log.persisted) {
+                continue;
             }
-        }
-        for (id, cs) in conf_replies {
-            if let Some(p) = self.pending_conf.remove(&id) {
-                let _ = p.reply.send(Ok(cs));
+            r.raw.advance_apply_to(index);
+            // Only now, with raft-rs's applied index past it, is a conf
+            // change done for its caller.
+            let (done, later) = std::mem::take(&mut r.conf_answers)
+                .into_iter()
+                .partition::<Vec<_>, _>(|(at, _, _)| *at <= index);
+            r.conf_answers = later;
+            for (_, reply, cs) in done {
+                let _ = reply.send(Ok(cs));
+            }
+            self.applied_now.insert(shard);
+            trim_entry_cache(r);
+            release_reads(r);
+            if r.raw.has_ready() {
+                self.dirty.insert(shard);
+            }
+            if r.remove_at.is_some_and(|at| at <= index) {
+                removed.push(shard);
             }
         }
         for shard in removed {
@@ -121,107 +171,5 @@ impl Driver {
                 replicas: Vec::new(),
             });
         }
-    }
-}
-
-pub(super) fn answer(p: Pending, outcome: EntryOutcome) {
-    match outcome {
-        EntryOutcome::Command { results, .. } => {
-            let mut it = results.into_iter();
-            for (reply, n) in p.parts {
-                let _ = reply.send(Ok(it.by_ref().take(n).collect()));
-            }
-        }
-        EntryOutcome::Rejected(e) => {
-            for (reply, n) in p.parts {
-                let _ = reply.send(Ok(vec![Err(e.clone()); n]));
-            }
-        }
-        // Applied before (via a snapshot): the results are not known here.
-        EntryOutcome::AlreadyApplied | EntryOutcome::Applied => {
-            for (reply, _) in p.parts {
-                let _ = reply.send(Err(ClusterError::Timeout {
-                    shard: p.shard,
-                    what: "proposal (applied by snapshot, result unknown)",
-                    waited_ms: ms_since(p.proposed_at),
-                }));
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use pigeonhole_engine::{OpError, OpOutput};
-    use std::time::Instant;
-    use tokio::sync::oneshot;
-
-    type Rx = oneshot::Receiver<crate::driver::ProposeResult>;
-
-    /// A pending entry owned by callers with `sizes` ops each.
-    fn pending(sizes: &[usize]) -> (Pending, Vec<Rx>) {
-        let mut parts = Vec::new();
-        let mut rxs = Vec::new();
-        for n in sizes {
-            let (tx, rx) = oneshot::channel();
-            parts.push((tx, *n));
-            rxs.push(rx);
-        }
-        let p = Pending {
-            shard: 1,
-            parts,
-            deadline: Instant::now(),
-            proposed_at: Instant::now(),
-        };
-        (p, rxs)
-    }
-
-    fn appended(seq: u64) -> Result<OpOutput, OpError> {
-        Ok(OpOutput::Appended {
-            seq,
-            duplicate: false,
-            time_ms: 0,
-        })
-    }
-
-    #[test]
-    fn each_caller_gets_its_own_ops_results_in_order() {
-        let (p, mut rxs) = pending(&[2, 1, 3]);
-        let results = (1..=6).map(appended).collect();
-        answer(
-            p,
-            EntryOutcome::Command {
-                time_ms: 0,
-                results,
-                changed: Vec::new(),
-            },
-        );
-        let got: Vec<Vec<u64>> = rxs
-            .iter_mut()
-            .map(|rx| {
-                rx.try_recv()
-                    .unwrap()
-                    .unwrap()
-                    .into_iter()
-                    .map(|r| match r {
-                        Ok(OpOutput::Appended { seq, .. }) => seq,
-                        other => panic!("{other:?}"),
-                    })
-                    .collect()
-            })
-            .collect();
-        assert_eq!(got, vec![vec![1, 2], vec![3], vec![4, 5, 6]]);
-    }
-
-    #[test]
-    fn a_rejected_entry_fails_every_op_and_an_unknown_outcome_is_a_timeout() {
-        let (p, mut rxs) = pending(&[2, 1]);
-        answer(p, EntryOutcome::Rejected(OpError::MalformedCommand("x".into())));
-        assert_eq!(rxs[0].try_recv().unwrap().unwrap().len(), 2);
-        assert!(rxs[1].try_recv().unwrap().unwrap().iter().all(Result::is_err));
-        let (p, mut rxs) = pending(&[1]);
-        answer(p, EntryOutcome::AlreadyApplied);
-        assert!(matches!(rxs[0].try_recv().unwrap(), Err(ClusterError::Timeout { .. })));
     }
 }

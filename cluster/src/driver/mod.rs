@@ -14,8 +14,10 @@
 //!    ONE engine WriteBatch with ONE fsync (group commit);
 //! 6. sends the messages that had to wait for that fsync (votes, append
 //!    responses), batched per destination node;
-//! 7. applies committed entries, answers the waiting proposals with their
-//!    per-op results, and releases reads whose index is applied.
+//! 7. hands committed entries to the apply worker, which applies them on its
+//!    own thread and answers the waiting proposals with their per-op
+//!    results; its reports move each shard's applied index, which releases
+//!    the reads waiting for it.
 //!
 //! Proposals carry a context of (origin node, proposal id). raft-rs forwards
 //! a follower's proposal to the leader by itself; when the entry is applied,
@@ -38,13 +40,17 @@
 //! - `tick`: the Raft tick, the node heartbeat, shard-record writes (step 2);
 //! - `ready`: proposing, collecting Readies, group commit, sending
 //!   (steps 3 to 6);
-//! - `apply`: applying committed entries and answering callers (step 7);
+//! - `apply`: handing committed entries to the apply worker and taking its
+//!   reports (step 7);
+//! - `applier`: the apply worker, a thread of its own that writes committed
+//!   entries into the state machine and answers the callers;
 //! - `flush`: making applied state durable so the log can be compacted;
 //! - `snapshot`: crash repair at start, replica creation, ingest, sending;
 //! - `status`: what NodeStatus reports.
 //!
 //! This file holds the driver's state, its construction and the loop.
 
+mod applier;
 mod apply;
 mod flush;
 mod inbox;
@@ -63,7 +69,7 @@ use crate::error::ClusterError;
 use crate::placement::{ShardMap, META_SHARD};
 use crate::transport::{ShardMsg, SnapshotSpool, Transport};
 use crate::watch::Watchers;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use pigeonhole_engine::command as cmd;
 use pigeonhole_engine::raft::{self, RawNode};
 use pigeonhole_engine::Engine;
@@ -112,6 +118,8 @@ pub(crate) struct Driver {
     waiting: BTreeSet<u64>,
     /// Shards that applied entries this turn (compaction candidates).
     applied_now: BTreeSet<u64>,
+    /// The apply worker (`applier`).
+    applier: applier::Applier,
     /// The state-machine flush running (`flush`), if any; at most one.
     flush_job: Option<flush::FlushJob>,
     /// Data shards this node leads whose record in the metadata group must
@@ -126,6 +134,15 @@ pub(crate) struct Driver {
     /// Waiting readers (long-polls, Subscribe streams): told which
     /// mailboxes apply changed, and which shards lost their leader.
     watchers: Arc<Watchers>,
+}
+
+/// What ended the driver's wait.
+enum Woke {
+    Inbound(Inbound),
+    Report(applier::ApplyReport),
+    Timeout,
+    Closed,
+    ApplierGone,
 }
 
 struct PeerLiveness {
@@ -173,6 +190,7 @@ impl Driver {
                 )
             })
             .collect();
+        let applier = applier::Applier::spawn(node_id, engine.clone(), Arc::clone(&watchers))?;
         let mut d = Driver {
             node_id,
             engine,
@@ -191,6 +209,7 @@ impl Driver {
             dirty: BTreeSet::new(),
             waiting: BTreeSet::new(),
             applied_now: BTreeSet::new(),
+            applier,
             flush_job: None,
             map_dirty: BTreeSet::new(),
             map_writes: Vec::new(),
@@ -301,10 +320,22 @@ impl Driver {
                 self.rx.try_recv().ok()
             } else {
                 let wait = next_tick.min(next_hb).saturating_duration_since(Instant::now());
-                match self.rx.recv_timeout(wait) {
-                    Ok(m) => Some(m),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                // The bodies only name what woke us: `self` is borrowed by
+                // the select until it returns.
+                let woke = crossbeam_channel::select! {
+                    recv(self.rx) -> m => m.map_or(Woke::Closed, Woke::Inbound),
+                    recv(self.applier.reports) -> r => r.map_or(Woke::ApplierGone, Woke::Report),
+                    default(wait) => Woke::Timeout,
+                };
+                match woke {
+                    Woke::Inbound(m) => Some(m),
+                    Woke::Report(r) => {
+                        self.on_report(r)?;
+                        None
+                    }
+                    Woke::Timeout => None,
+                    Woke::Closed => return Ok(()),
+                    Woke::ApplierGone => return Err(ClusterError::Raft("the apply worker has stopped".into())),
                 }
             };
             if let Some(m) = first {
@@ -318,6 +349,9 @@ impl Driver {
                     }
                 }
             }
+            // Applies done since the last turn: they move applied indexes,
+            // release reads and may let logs compact.
+            self.take_reports()?;
             if !self.map_dirty.is_empty() {
                 self.write_shard_records();
             }
@@ -350,6 +384,8 @@ impl Driver {
 
     /// Fails every waiter on stop.
     pub(crate) fn shutdown(&mut self) {
+        // What the worker was handed is applied and answered first.
+        self.applier.stop();
         if let Some(job) = self.flush_job.take() {
             job.join();
         }
@@ -446,6 +482,9 @@ mod tests {
         }
         d.propose_queued();
         d.process_ready().unwrap();
+        while d.applier.lag_bytes > 0 || d.replicas.values().any(|r| r.handed > r.raw.raft.raft_log.applied) {
+            d.wait_report().unwrap();
+        }
     }
 
     fn settle(d: &mut Driver) {
@@ -504,6 +543,35 @@ mod tests {
         let s1 = d.status().into_iter().find(|s| s.shard == 1).unwrap();
         assert_eq!(s1.last_index, last_before + 1, "two callers, one entry");
         assert_eq!(s1.applied, s1.last_index);
+    }
+
+    /// A read waits for its ReadIndex and for apply to reach it; when
+    /// nothing is left to apply, no report of the apply worker will come,
+    /// and the read must still be released.
+    #[test]
+    fn a_read_is_released_when_its_index_is_applied_with_or_without_new_applies() {
+        let (_dir, mut d) = driver(RaftTuning::default());
+        settle(&mut d);
+        let read = |d: &mut Driver| {
+            let (reply, rx) = oneshot::channel();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            assert!(d
+                .handle(Inbound::Read {
+                    shard: 1,
+                    reply,
+                    deadline
+                })
+                .unwrap());
+            rx
+        };
+        let mut idle = read(&mut d);
+        settle(&mut d);
+        assert!(matches!(idle.try_recv(), Ok(Ok(()))), "nothing to apply");
+        let mut w = propose(&mut d, 1, vec![append_op("a")]);
+        let mut after_write = read(&mut d);
+        settle(&mut d);
+        assert!(w.try_recv().unwrap().is_ok());
+        assert!(matches!(after_write.try_recv(), Ok(Ok(()))), "released after the apply");
     }
 
     #[test]

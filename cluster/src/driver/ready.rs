@@ -4,7 +4,7 @@
 //! sending messages (early for a leader's appends, after the fsync for the
 //! rest), batched per destination node.
 
-use super::replica::{context, parse_context, release_reads, trim_entry_cache, InflightRead, Pending};
+use super::replica::{context, parse_context, release_reads, InflightRead, Pending};
 use super::{now_ms, raft_err, Driver};
 use crate::error::ClusterError;
 use crate::placement::META_SHARD;
@@ -204,29 +204,32 @@ impl Driver {
                 continue;
             };
             route(&mut self.outbox, shard, rd.take_persisted_messages(), &mut snapshots);
+            let snapshot_index = (!rd.snapshot().is_empty()).then(|| rd.snapshot().get_metadata().index);
             // advance_append, not advance: the entries are not applied yet.
-            // raft-rs decides whether to leave a joint configuration when
-            // `advance_apply` moves the applied index past the conf change,
-            // which must happen after apply_conf_change ran (in apply_all).
+            // The apply worker reports when they are, and only then does
+            // raft-rs's applied index move (`on_report`).
             let mut light = r.raw.advance_append(rd);
             route(&mut self.outbox, shard, light.take_messages(), &mut snapshots);
             committed.extend(light.take_committed_entries());
-            work.push((shard, committed));
-        }
-        self.apply_all(&work)?;
-        for (shard, committed) in &work {
-            if !committed.is_empty() {
-                self.applied_now.insert(*shard);
-            }
-            if let Some(r) = self.replicas.get_mut(shard) {
-                r.raw.advance_apply();
-                trim_entry_cache(r);
-                release_reads(r);
-                if r.raw.has_ready() {
-                    self.dirty.insert(*shard);
+            if let Some(index) = snapshot_index {
+                // The engine already holds the snapshot's state (ingested
+                // before raft-rs was allowed to step it) and nothing older
+                // is in flight (`wait_applied`).
+                if index > r.raw.raft.raft_log.applied {
+                    r.raw.advance_apply_to(index);
+                    r.handed = r.handed.max(index);
+                    self.applied_now.insert(shard);
                 }
             }
+            // Reads whose index is already applied go now; the rest when
+            // the worker reports their index applied.
+            release_reads(r);
+            if r.raw.has_ready() {
+                self.dirty.insert(shard);
+            }
+            work.push((shard, committed));
         }
+        self.hand_off(work)?;
         self.flush_outbox();
         for (shard, msg) in snapshots {
             self.send_snapshot(shard, msg);

@@ -57,9 +57,12 @@ pub(super) struct Pending {
     pub(super) proposed_at: Instant,
 }
 
+/// A conf change's caller: answered with the configuration once applied.
+pub(super) type ConfReply = oneshot::Sender<Result<ConfState, ClusterError>>;
+
 pub(super) struct PendingConf {
     pub(super) shard: u64,
-    pub(super) reply: oneshot::Sender<Result<ConfState, ClusterError>>,
+    pub(super) reply: ConfReply,
     pub(super) deadline: Instant,
 }
 
@@ -82,6 +85,16 @@ pub(super) struct Replica {
     /// never compacted past it: after a crash, apply resumes from the state
     /// on disk and replays the log from there (D26).
     pub(super) durable_applied: u64,
+    /// The last index handed to the apply worker (raft-rs's applied index
+    /// catches up to it when the worker reports).
+    pub(super) handed: u64,
+    /// The index of an applied-to-be conf change that removes this node:
+    /// the replica goes once the worker has applied it.
+    pub(super) remove_at: Option<u64>,
+    /// Callers of this node's conf changes handed to the apply worker:
+    /// (entry index, caller, resulting configuration), answered when the
+    /// worker reports that index applied.
+    pub(super) conf_answers: Vec<(u64, ConfReply, ConfState)>,
 }
 
 impl Replica {
@@ -101,6 +114,9 @@ impl Replica {
             log_bytes: 0,
             preferred_leader,
             durable_applied,
+            handed: durable_applied,
+            remove_at: None,
+            conf_answers: Vec::new(),
         }
     }
 }
@@ -201,6 +217,9 @@ pub(super) fn expire_queued(shard: u64, r: &mut Replica, now: Instant) {
 }
 
 pub(super) fn fail_all(shard: u64, mut r: Replica, err: impl Fn(u64) -> ClusterError) {
+    for (_, reply, _) in r.conf_answers.drain(..) {
+        let _ = reply.send(Err(err(shard)));
+    }
     for q in r.queued.drain(..) {
         let _ = q.reply.send(Err(err(shard)));
     }

@@ -114,6 +114,9 @@ impl Driver {
             let _ = std::fs::remove_file(path);
             return Ok(());
         }
+        // Whatever was handed to the apply worker for this shard lands
+        // before the ingest replaces its state.
+        self.wait_applied(shard)?;
         let applied = self.engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
         if applied < md_index {
             if let Err(e) = self.ingest_file(shard, path) {
