@@ -67,9 +67,17 @@ pub fn report(
                 .collect();
             lines.insert(name, pts);
         }
-        let svg = plot_lines(&lines, "second of the measured window", false);
-        std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
-        eprintln!("phbench: wrote {}", path.display());
+        if lines.is_empty() {
+            // Only steady-state runs (`--timeline`) carry one.
+            eprintln!(
+                "phbench: no run in the input has a timeline; {} not written",
+                path.display()
+            );
+        } else {
+            let svg = plot_lines(&lines, "second of the measured window", false);
+            std::fs::write(path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
+            eprintln!("phbench: wrote {}", path.display());
+        }
     }
     Ok(())
 }
@@ -89,19 +97,30 @@ fn plot_lines(series: &BTreeMap<String, Vec<(f64, f64)>>, x_label: &str, dots: b
     const T: f64 = 40.0;
     const B: f64 = 50.0;
     let colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
-    let xmax = series.values().flatten().map(|p| p.0).fold(1.0_f64, f64::max) * 1.05;
-    let ymin = series
+    let xmax = series
         .values()
         .flatten()
-        .map(|p| p.1)
-        .fold(f64::MAX, f64::min)
-        .max(0.01);
-    let ymax = series
-        .values()
-        .flatten()
-        .map(|p| p.1)
-        .fold(0.0_f64, f64::max)
-        .max(ymin * 10.0);
+        .map(|p| p.0)
+        .filter(|v| v.is_finite())
+        .fold(1.0_f64, f64::max)
+        * 1.05;
+    // Only finite, positive latencies set the scale: with none (no points,
+    // or all zero) the axis is 0.01..10 ms rather than an infinite range,
+    // whose tick loop below would never end.
+    let finite = || {
+        series
+            .values()
+            .flatten()
+            .map(|p| p.1)
+            .filter(|v| v.is_finite() && *v > 0.0)
+    };
+    let lowest = finite().fold(f64::INFINITY, f64::min);
+    let ymin = if lowest.is_finite() {
+        lowest.clamp(0.01, 1e9)
+    } else {
+        1.0
+    };
+    let ymax = finite().fold(0.0_f64, f64::max).clamp(ymin * 10.0, 1e10);
     let (ly0, ly1) = (ymin.log10().floor(), ymax.log10().ceil());
     let x = |v: f64| L + (W - L - R) * v / xmax;
     let y = |v: f64| H - B - (H - T - B) * (v.max(ymin).log10() - ly0) / (ly1 - ly0).max(1.0);
@@ -166,4 +185,26 @@ fn plot_lines(series: &BTreeMap<String, Vec<(f64, f64)>>, x_label: &str, dots: b
         );
     }
     s + "</svg>\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report of unary runs once looped forever here (an infinite y range)
+    /// and grew until the OOM killer stopped it, slowing every benchmark
+    /// run next to it.
+    #[test]
+    fn a_plot_of_no_points_or_odd_points_is_small_and_finite() {
+        let empty: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut odd = BTreeMap::new();
+        odd.insert("a".to_string(), vec![(0.0, 0.0), (f64::INFINITY, f64::NAN), (1.0, 5.0)]);
+        let mut no_line = BTreeMap::new();
+        no_line.insert("a".to_string(), Vec::new());
+        for series in [empty, odd, no_line] {
+            let svg = plot_lines(&series, "x", true);
+            assert!(svg.len() < 64 << 10, "{} bytes", svg.len());
+            assert!(svg.ends_with("</svg>\n") || svg.ends_with("</svg>"), "{svg}");
+        }
+    }
 }
