@@ -24,7 +24,7 @@ fn append(user: &str, key: String) -> cmd::Op {
             namespace: "bench".into(),
             user_id: user.as_bytes().to_vec(),
             idempotency_key: key.into_bytes(),
-            payload: vec![0xab; 256].into(),
+            payload: pigeonhole_benches::incompressible(256).into(),
             expected_last_seq: None,
         })),
     }

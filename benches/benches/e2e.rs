@@ -74,7 +74,7 @@ fn e2e(c: &mut Criterion) {
         client.refresh().await.unwrap();
         client
     });
-    let payload = vec![0xab; 256];
+    let payload = pigeonhole_benches::incompressible(256);
     let mut n = 0u64;
     let mut g = c.benchmark_group("e2e/append");
     g.measurement_time(Duration::from_secs(8));
@@ -83,8 +83,12 @@ fn e2e(c: &mut Criterion) {
         let mb = mailbox("bench", b"user-1");
         b.iter(|| {
             n += 1;
-            rt.block_on(client.append(&mb, payload.clone(), format!("a{n}").into_bytes()))
-                .unwrap();
+            rt.block_on(client.append(
+                &mb,
+                pigeonhole_benches::incompressible(payload.len()),
+                format!("a{n}").into_bytes(),
+            ))
+            .unwrap();
         });
     });
     g.throughput(Throughput::Elements(64));
@@ -128,7 +132,7 @@ async fn append_64(client: &Client, payload: &[u8], n: &mut u64) {
     let mut set = tokio::task::JoinSet::new();
     for u in 0..64 {
         *n += 1;
-        let (c, p) = (client.clone(), payload.to_vec());
+        let (c, p) = (client.clone(), pigeonhole_benches::incompressible(payload.len()));
         let key = format!("c{n}").into_bytes();
         set.spawn(async move {
             c.append(&mailbox("bench", format!("user-{u}").as_bytes()), p, key)

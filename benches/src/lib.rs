@@ -26,13 +26,21 @@ pub fn fresh_engine() -> (tempfile::TempDir, Engine) {
     (dir, engine)
 }
 
+/// Random bytes: payloads are end-to-end encrypted, so a benchmark whose
+/// payloads compress would flatter RocksDB's block compression.
+pub fn incompressible(bytes: usize) -> Vec<u8> {
+    let mut v = vec![0; bytes];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut v);
+    v
+}
+
 fn append_op(user: &str, key: Vec<u8>, payload_bytes: usize) -> Op {
     Op {
         op: Some(op::Op::Append(AppendOp {
             namespace: "bench".into(),
             user_id: user.as_bytes().to_vec(),
             idempotency_key: key,
-            payload: vec![0x5a; payload_bytes].into(),
+            payload: incompressible(payload_bytes).into(),
             expected_last_seq: None,
         })),
     }

@@ -193,7 +193,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<u32>::with_capacity(4 << 20)));
-    let payload = bytes::Bytes::from(vec![0xabu8; args.payload_bytes]);
+    // Fresh random bytes per append (`incompressible`): payloads are
+    // end-to-end encrypted.
+    let payload_bytes = args.payload_bytes;
     let mut tasks = Vec::new();
     for w in 0..args.in_flight {
         let (nodes, leader_of, map) = (nodes.clone(), leader_of.clone(), map.clone());
@@ -204,7 +206,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             errors.clone(),
             latencies.clone(),
         );
-        let payload = payload.clone();
         let mailboxes = args.mailboxes;
         tasks.push(tokio::spawn(async move {
             let mut local = Vec::new();
@@ -223,7 +224,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         namespace: "bench".into(),
                         user_id: user.into_bytes(),
                         idempotency_key: format!("w{w}-{n}").into_bytes(),
-                        payload: payload.clone(),
+                        payload: pigeonhole_benches::incompressible(payload_bytes).into(),
                         expected_last_seq: None,
                     })),
                 };

@@ -212,8 +212,15 @@ impl Target {
     }
 
     async fn append(&mut self, user: u64, worker: u64, n: u64, payload: &[u8]) -> Result<(), String> {
-        // The first 8 bytes carry the send time, for delivery latency.
+        // The first 8 bytes carry the send time, for delivery latency; the
+        // rest is random, fresh for every message: real payloads are
+        // end-to-end encrypted, so no store may gain from compressing them
+        // (a repeated payload let RocksDB's block compression shrink
+        // Pigeonhole's bytes written per append).
         let mut stamped = payload.to_vec();
+        if let Some(tail) = stamped.get_mut(8..) {
+            rand::RngCore::fill_bytes(&mut rand::thread_rng(), tail);
+        }
         if let Some(head) = stamped.get_mut(..8) {
             head.copy_from_slice(&now_us().to_le_bytes());
         }
@@ -427,11 +434,8 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
         readers(&a, client, &shared, &mut tasks)?;
     }
     let users = Users::new(a.mailboxes, a.dist);
-    let payload: Arc<Vec<u8>> = Arc::new(
-        (0..a.payload_bytes)
-            .map(|i| u8::try_from(i % 251).unwrap_or(0))
-            .collect(),
-    );
+    // The payload's length; `Target::append` fills each message afresh.
+    let payload: Arc<Vec<u8>> = Arc::new(vec![0; a.payload_bytes]);
     match a.rate {
         None => {
             for w in 0..a.in_flight {
