@@ -106,6 +106,7 @@ type Snap<'a> = SnapshotWithThreadMode<'a, DB>;
 
 impl Engine {
     fn read_snapshot(&self, shard: u64) -> Result<Snap<'_>, EngineError> {
+        crate::engine::perf_counters_off();
         let snap = self.db().snapshot();
         let key = keys::shard_meta(shard);
         let body = snap_get(self, &snap, &key)?.ok_or(EngineError::NoSuchShard(shard))?;
