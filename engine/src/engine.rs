@@ -325,6 +325,48 @@ impl Engine {
         self.write_raft(rb, Durability::Fsync)
     }
 
+    /// Deletes this node's replica of `shard` (replica GC, after the node
+    /// applied its own removal from the shard's configuration): every
+    /// state-machine key of the shard, its apply state included, and every
+    /// entry of its Raft log. Only the log's term and vote stay (with commit
+    /// 0): a node must never vote twice in one term, even for a group it has
+    /// left and may join again. Re-creating the shard later starts empty.
+    ///
+    /// Crash-safe by order, and idempotent: the log goes first (fsync'd),
+    /// then the state (a range delete, durable at the next flush). A crash
+    /// in between leaves the apply state (whose configuration excludes this
+    /// node) over an empty log, which the node's start-up repair turns back
+    /// into a consistent replica and removes again. The other order could
+    /// leave a log without apply state: a replica created again later would
+    /// then meet committed entries it never applied.
+    ///
+    /// The caller must make sure nothing applies to or ingests into the
+    /// shard any more (the node has dropped its replica and waited for the
+    /// apply worker).
+    pub fn destroy_shard(&self, shard: u64) -> Result<(), EngineError> {
+        let handles = self.shard(shard)?;
+        if handles.ingesting.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(EngineError::InvalidCall(format!(
+                "shard {shard}: cannot delete a replica while a snapshot is being ingested into it"
+            )));
+        }
+        let mut apply = lock(&handles.apply);
+        apply.heads.clear();
+        let store = self.raft_log(shard)?;
+        let mut hs = store.hard_state()?;
+        hs.commit = 0;
+        let mut rb = crate::raftlog::RaftBatch::default();
+        rb.reset_log(self, shard, 0, 0)?;
+        rb.set_hard_state(&store, &hs)?;
+        self.write_raft(rb, Durability::Fsync)?;
+        let (start, end) = keys::shard_range(shard)
+            .ok_or_else(|| EngineError::InvalidCall(format!("shard id {shard} is reserved")))?;
+        let mut wb = WriteBatch::default();
+        wb.delete_range_cf(self.cf(CF_DATA)?, start, end);
+        self.write_data(wb, Durability::NoFsync)?;
+        Ok(())
+    }
+
     /// Ids of every shard with state on this node, ascending.
     pub fn shard_ids(&self) -> Result<Vec<u64>, EngineError> {
         let cf = self.cf(CF_DATA)?;

@@ -478,11 +478,18 @@ impl RaftBatch {
         Ok(())
     }
 
-    /// Bootstrap writes the apply state in the same batch as the log.
+    /// Bootstrap writes the apply state in the same batch as the log, after
+    /// deleting every key of the shard: keys left by an earlier replica of
+    /// it, whose deletion (`Engine::destroy_shard`, without the WAL) a crash
+    /// may have lost, must not come back under the new apply state. This
+    /// batch goes through the WAL, so the deletion is replayed with it.
     pub(crate) fn put_shard_meta(&mut self, engine: &Engine, shard: u64, meta: &ShardMeta) -> Result<(), EngineError> {
+        let cf = engine.cf(CF_DATA)?;
+        let (start, end) = keys::shard_range(shard)
+            .ok_or_else(|| EngineError::InvalidCall(format!("shard id {shard} is reserved")))?;
+        self.data.delete_range_cf(cf, start, end);
         let k = keys::shard_meta(shard);
-        self.data
-            .put_cf(engine.cf(CF_DATA)?, &k, codec::seal(&k, &meta.encode()?));
+        self.data.put_cf(cf, &k, codec::seal(&k, &meta.encode()?));
         Ok(())
     }
 }
