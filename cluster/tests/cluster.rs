@@ -7,6 +7,7 @@ use common::*;
 use pigeonhole_cluster::transport::local::{DropMessageTypes, DropRate, DropSnapshots, Isolate, Partition};
 use pigeonhole_cluster::{ClusterError, MembershipChange, Role};
 use pigeonhole_engine::raft::eraftpb::MessageType;
+use pigeonhole_engine::raft::Storage as _;
 use std::time::Duration;
 
 #[tokio::test]
@@ -339,6 +340,13 @@ async fn membership_change_moves_a_replica_to_a_new_node() {
         c.status(gone, shard).await.is_none()
     })
     .await;
+    // Replica GC: the removed node deletes its copy of the shard.
+    c.eventually("removed replica's data is deleted", 5, || async {
+        let e = c.node(gone).engine();
+        e.shard_meta(shard).unwrap().is_none() && e.raft_log(shard).unwrap().last_index().unwrap() == 0
+    })
+    .await;
+    assert!(!c.node(gone).engine().shard_ids().unwrap().contains(&shard));
     // The new configuration commits writes, and node 4 holds them.
     append(c.node(leader), shard, "ivy", "after", b"v").await.unwrap();
     c.node(4).read_barrier(shard).await.unwrap();
@@ -367,7 +375,8 @@ async fn membership_change_moves_a_replica_to_a_new_node() {
             .is_some_and(|s| s.voters.contains(&4) && s.leader != 0)
     })
     .await;
-    // The removed node can be added back: it resumes from its old data.
+    // The removed node can be added back: it starts empty and is caught up
+    // by a snapshot.
     let leader = c.leader(shard).await;
     append(c.node(leader), shard, "ivy", "before-readd", b"v")
         .await

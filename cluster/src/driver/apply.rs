@@ -7,7 +7,8 @@
 //! pending table into the task, so the worker answers them from its own
 //! results. On a report it moves raft-rs's applied index, which releases
 //! reads, lets the log compact and may let a leader leave a joint
-//! configuration; and it removes a replica whose removal is now applied.
+//! configuration; and it removes a replica whose removal is now applied,
+//! deleting its data (replica GC) once the worker holds nothing more of it.
 
 use super::applier::{ApplyReport, ApplyTask, ShardWork, APPLY_LAG_BYTES_MAX};
 use super::replica::{fail_all, is_member, parse_context, release_reads, trim_entry_cache};
@@ -128,6 +129,12 @@ impl Driver {
         let mut removed = Vec::new();
         for (shard, index) in shards {
             let Some(r) = self.replicas.get_mut(&shard) else {
+                // A removed replica whose last entries were still with the
+                // worker: its data can go once they are applied.
+                if self.gc_after.get(&shard).is_some_and(|last| index >= *last) {
+                    self.gc_after.remove(&shard);
+                    self.destroy_replica(shard)?;
+                }
                 continue;
             };
             let log = &r.raw.raft.raft_log;
@@ -157,19 +164,38 @@ impl Driver {
             }
         }
         for shard in removed {
-            self.remove_replica(shard);
+            self.remove_replica(shard)?;
         }
         Ok(())
     }
 
-    pub(super) fn remove_replica(&mut self, shard: u64) {
+    /// Drops a replica whose removal from the shard is applied here, then
+    /// deletes its data: at once if the apply worker holds none of its
+    /// entries, else when the worker reports the last one applied (an apply
+    /// after the delete would write into a shard that no longer exists).
+    pub(super) fn remove_replica(&mut self, shard: u64) -> Result<(), ClusterError> {
         self.watchers.leader_lost(shard);
-        if let Some(r) = self.replicas.remove(&shard) {
-            fail_all(shard, r, |shard| ClusterError::NotReplica {
-                shard,
-                node: self.node_id,
-                replicas: Vec::new(),
-            });
+        let Some(r) = self.replicas.remove(&shard) else {
+            return Ok(());
+        };
+        let (handed, applied) = (r.handed, r.raw.raft.raft_log.applied);
+        fail_all(shard, r, |shard| ClusterError::NotReplica {
+            shard,
+            node: self.node_id,
+            replicas: Vec::new(),
+        });
+        if handed > applied {
+            self.gc_after.insert(shard, handed);
+            return Ok(());
         }
+        self.destroy_replica(shard)
+    }
+
+    /// Replica GC: deletes this node's state and log of a shard it is no
+    /// longer a member of, and the snapshots spooled for it.
+    pub(super) fn destroy_replica(&mut self, shard: u64) -> Result<(), ClusterError> {
+        self.engine.destroy_shard(shard)?;
+        self.spool.remove_all(shard)?;
+        Ok(())
     }
 }

@@ -68,8 +68,8 @@ impl Driver {
     }
 
     /// A leader of a shard this node has no replica of is sending to it: a
-    /// conf change added this node. Create an empty replica; the leader will
-    /// send a snapshot.
+    /// conf change added this node (again, perhaps). Create an empty
+    /// replica; the leader will send a snapshot.
     pub(super) fn maybe_create(&mut self, shard: u64, msg: &Message) -> Result<bool, ClusterError> {
         let from_leader = matches!(
             msg.get_msg_type(),
@@ -78,16 +78,19 @@ impl Driver {
         if !from_leader || (shard != META_SHARD && self.map.shard(shard).is_none()) {
             return Ok(false);
         }
+        // A replica removed here whose data is not deleted yet (the apply
+        // worker still holds its last entries): the leader asks again.
+        if self.gc_after.contains_key(&shard) {
+            return Ok(false);
+        }
         if let Some(meta) = self.engine.shard_meta(shard)? {
             if meta.state != ShardState::Ready || is_member(&meta.conf_state, self.node_id) {
                 return Ok(false);
             }
-            // A replica removed earlier is being added back: resume from its
-            // data. Its log is an older prefix of the same group's history,
-            // so the leader simply catches it up (by log or snapshot).
-            self.recover_shard(shard)?;
-            self.add_replica(shard, meta.applied_index)?;
-            return Ok(true);
+            // The state of a replica removed earlier: deleted first, so a
+            // replica added back always starts empty and is caught up by a
+            // snapshot (replica GC normally deleted it already).
+            self.destroy_replica(shard)?;
         }
         self.add_replica(shard, 0)?;
         Ok(true)

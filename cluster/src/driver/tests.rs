@@ -1,0 +1,274 @@
+//! A one-node driver stepped by hand (no loop thread), for the parts
+//! that need a whole driver: the inbox, the tick, proposals through
+//! apply, status. Multi-node behaviour is in `tests/cluster.rs`.
+use super::*;
+use crate::config::InitialCluster;
+use crate::transport::{Envelope, SnapshotJob};
+use pigeonhole_engine::conf_state_with_voters;
+use pigeonhole_engine::raft::eraftpb::ConfState;
+use pigeonhole_engine::raft::Storage as _;
+use pigeonhole_engine::{EngineOptions, OpOutput};
+
+/// Drops everything: a one-node cluster sends nothing that matters.
+struct NoPeers;
+impl Transport for NoPeers {
+    fn send(&self, _env: Envelope) {}
+    fn send_snapshot(&self, job: SnapshotJob) {
+        (job.report)(false);
+    }
+}
+
+const SHARDS: u64 = 2;
+
+fn driver(tuning: RaftTuning) -> (tempfile::TempDir, Driver) {
+    driver_with(tuning, |_| {})
+}
+
+/// A driver over an engine `prepare` added to before the driver starts.
+fn driver_with(tuning: RaftTuning, prepare: impl FnOnce(&Engine)) -> (tempfile::TempDir, Driver) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path().join("db"), EngineOptions::default()).unwrap();
+    let cluster = InitialCluster::parse("1=127.0.0.1:1").unwrap();
+    let map = Arc::new(ShardMap::bootstrap(&cluster, SHARDS, 1));
+    engine
+        .bootstrap_shard(
+            META_SHARD,
+            ConfState {
+                voters: vec![1],
+                ..Default::default()
+            },
+            5,
+            5,
+        )
+        .unwrap();
+    for s in map.shards_on(1) {
+        engine.bootstrap_shard(s, conf_state_with_voters(&[1]), 5, 5).unwrap();
+    }
+    prepare(&engine);
+    let d = Driver::new(DriverParts {
+        node_id: 1,
+        engine,
+        tuning,
+        transport: Arc::new(NoPeers),
+        inbox: crossbeam_channel::bounded(64),
+        map,
+        spool: Arc::new(SnapshotSpool::open(dir.path().join("snap")).unwrap()),
+        watchers: Arc::new(Watchers::default()),
+    })
+    .unwrap();
+    (dir, d)
+}
+
+/// One turn of the loop without waiting.
+fn turn(d: &mut Driver) {
+    while let Ok(m) = d.rx.try_recv() {
+        assert!(d.handle(m).unwrap());
+    }
+    d.propose_queued();
+    d.process_ready().unwrap();
+    while d.applier.lag_bytes > 0 || d.replicas.values().any(|r| r.handed > r.raw.raft.raft_log.applied) {
+        d.wait_report().unwrap();
+    }
+}
+
+fn settle(d: &mut Driver) {
+    for _ in 0..20 {
+        turn(d);
+    }
+}
+
+fn append_op(key: &str) -> cmd::Op {
+    cmd::Op {
+        op: Some(cmd::op::Op::Append(cmd::AppendOp {
+            namespace: "ns".into(),
+            user_id: b"u".to_vec(),
+            idempotency_key: key.as_bytes().to_vec(),
+            payload: b"p".to_vec().into(),
+            expected_last_seq: None,
+        })),
+    }
+}
+
+fn propose(d: &mut Driver, shard: u64, ops: Vec<cmd::Op>) -> oneshot::Receiver<ProposeResult> {
+    let (reply, rx) = oneshot::channel();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    assert!(d
+        .handle(Inbound::Propose {
+            shard,
+            ops,
+            reply,
+            deadline
+        })
+        .unwrap());
+    rx
+}
+
+#[test]
+fn proposals_to_one_shard_share_an_entry_and_each_caller_gets_its_result() {
+    let (_dir, mut d) = driver(RaftTuning::default());
+    settle(&mut d);
+    let status = d.status();
+    assert!(status.iter().all(|s| s.role == Role::Leader), "{status:?}");
+    let last_before = status.iter().find(|s| s.shard == 1).unwrap().last_index;
+    let mut a = propose(&mut d, 1, vec![append_op("a")]);
+    let mut b = propose(&mut d, 1, vec![append_op("b"), append_op("a")]);
+    settle(&mut d);
+    let seqs = |r: ProposeResult| -> Vec<(u64, bool)> {
+        r.unwrap()
+            .into_iter()
+            .map(|o| match o.unwrap() {
+                OpOutput::Appended { seq, duplicate, .. } => (seq, duplicate),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(seqs(a.try_recv().unwrap()), vec![(1, false)]);
+    assert_eq!(seqs(b.try_recv().unwrap()), vec![(2, false), (1, true)]);
+    let s1 = d.status().into_iter().find(|s| s.shard == 1).unwrap();
+    assert_eq!(s1.last_index, last_before + 1, "two callers, one entry");
+    assert_eq!(s1.applied, s1.last_index);
+}
+
+/// A read waits for its ReadIndex and for apply to reach it; when
+/// nothing is left to apply, no report of the apply worker will come,
+/// and the read must still be released.
+#[test]
+fn a_read_is_released_when_its_index_is_applied_with_or_without_new_applies() {
+    let (_dir, mut d) = driver(RaftTuning::default());
+    settle(&mut d);
+    let read = |d: &mut Driver| {
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert!(d
+            .handle(Inbound::Read {
+                shard: 1,
+                reply,
+                deadline
+            })
+            .unwrap());
+        rx
+    };
+    let mut idle = read(&mut d);
+    settle(&mut d);
+    assert!(matches!(idle.try_recv(), Ok(Ok(()))), "nothing to apply");
+    let mut w = propose(&mut d, 1, vec![append_op("a")]);
+    let mut after_write = read(&mut d);
+    settle(&mut d);
+    assert!(w.try_recv().unwrap().is_ok());
+    assert!(matches!(after_write.try_recv(), Ok(Ok(()))), "released after the apply");
+}
+
+#[test]
+fn the_inbox_refuses_what_this_node_cannot_do() {
+    let (_dir, mut d) = driver(RaftTuning::default());
+    settle(&mut d);
+    let mut r = propose(&mut d, 99, vec![append_op("a")]);
+    assert!(matches!(
+        r.try_recv().unwrap(),
+        Err(ClusterError::NoSuchShard { shard: 99, .. })
+    ));
+    let (reply, mut rx) = oneshot::channel();
+    d.handle(Inbound::TransferLeader { shard: 1, to: 7, reply }).unwrap();
+    assert!(matches!(
+        rx.try_recv().unwrap(),
+        Err(ClusterError::InvalidArgument { field: "to_node", .. })
+    ));
+    let mut empty = propose(&mut d, 1, Vec::new());
+    assert!(empty.try_recv().unwrap().unwrap().is_empty(), "no ops, no entry");
+}
+
+/// The state machine is written without a WAL (D26): the log must
+/// never be compacted past what a flush made durable, and compaction
+/// must resume once a flush did.
+#[test]
+fn the_log_is_never_compacted_past_the_durable_applied_index() {
+    let tuning = RaftTuning {
+        log_entries_max: 16,
+        log_retain_entries: 0,
+        ..RaftTuning::default()
+    };
+    let (_dir, mut d) = driver(tuning);
+    settle(&mut d);
+    let check = |d: &Driver| {
+        for (shard, r) in &d.replicas {
+            let first = r.raw.store().first_index().unwrap();
+            assert!(
+                first - 1 <= r.durable_applied,
+                "shard {shard}: log compacted to {} past the durable applied index {}",
+                first - 1,
+                r.durable_applied
+            );
+        }
+    };
+    let mut flushes = 0;
+    for i in 0..200 {
+        drop(propose(&mut d, 1, vec![append_op(&format!("k{i}"))]));
+        turn(&mut d);
+        flushes += usize::from(d.flush_job.is_some());
+        check(&d);
+    }
+    assert!(flushes > 0, "a long log asked for a flush");
+    // Once flushes land, compaction catches up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        turn(&mut d);
+        check(&d);
+        let first = d.replicas[&1].raw.store().first_index().unwrap();
+        if first > 150 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log never compacted (first index {first})"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+        drop(propose(&mut d, 1, vec![append_op("more")]));
+    }
+}
+
+#[test]
+fn a_quiet_shard_hibernates_after_its_ticks_and_a_request_wakes_it() {
+    let tuning = RaftTuning {
+        hibernate_after_ticks: 3,
+        ..RaftTuning::default()
+    };
+    let (_dir, mut d) = driver(tuning);
+    settle(&mut d);
+    for _ in 0..5 {
+        d.tick();
+        settle(&mut d);
+    }
+    assert!(d.status().iter().all(|s| s.asleep), "{:?}", d.status());
+    let mut r = propose(&mut d, 1, vec![append_op("a")]);
+    assert!(!d.status().into_iter().find(|s| s.shard == 1).unwrap().asleep);
+    settle(&mut d);
+    assert!(r.try_recv().unwrap().is_ok());
+}
+
+/// Replica GC at start: a replica whose applied configuration no longer
+/// includes this node (its removal was applied, then the node stopped
+/// before deleting it) is deleted when the driver starts; only the log's
+/// term and vote stay.
+#[test]
+fn a_replica_removed_before_a_restart_is_deleted_at_start() {
+    const GONE: u64 = 9;
+    let (_dir, d) = driver_with(RaftTuning::default(), |engine| {
+        engine
+            .bootstrap_shard(GONE, conf_state_with_voters(&[2, 3]), 40, 7)
+            .unwrap();
+        let store = engine.raft_log(GONE).unwrap();
+        assert_eq!(store.last_index().unwrap(), 40);
+    });
+    assert!(!d.replicas.contains_key(&GONE));
+    assert!(
+        d.engine.shard_meta(GONE).unwrap().is_none(),
+        "the removed replica's state is deleted"
+    );
+    assert!(!d.engine.shard_ids().unwrap().contains(&GONE));
+    let store = d.engine.raft_log(GONE).unwrap();
+    assert_eq!(store.last_index().unwrap(), 0, "its log is emptied");
+    let hs = store.hard_state().unwrap();
+    assert_eq!((hs.term, hs.commit), (7, 0), "the term stays, the commit goes");
+    // The node's own replicas are untouched.
+    assert!(d.engine.shard_meta(1).unwrap().is_some());
+}
