@@ -76,6 +76,12 @@ impl InitialCluster {
     }
 }
 
+/// Bounds of `RaftTuning::snapshot_send_bytes_per_s`: below 64 KiB/s a
+/// 1 MiB chunk takes 16 s; above 10 GiB/s the budget limits nothing.
+pub const SNAPSHOT_SEND_BYTES_PER_S_MIN: u64 = 64 << 10;
+/// See [`SNAPSHOT_SEND_BYTES_PER_S_MIN`].
+pub const SNAPSHOT_SEND_BYTES_PER_S_MAX: u64 = 10 << 30;
+
 /// Raft timing and batching. Ticks are the unit of raft-rs's clock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RaftTuning {
@@ -110,6 +116,10 @@ pub struct RaftTuning {
     pub log_retain_entries: u64,
     /// Bytes per snapshot chunk on the wire.
     pub snapshot_chunk_bytes: usize,
+    /// Snapshot bytes this node sends per second, at most, over every
+    /// snapshot it sends at once (`transport::SendRate`): catch-ups and
+    /// replica moves must not starve foreground traffic of disk and network.
+    pub snapshot_send_bytes_per_s: u64,
     /// Raft messages the driver takes from its inbox per loop, at most.
     pub inbox_batch_max: usize,
     /// Capacity of the driver's inbox (requests and raft messages).
@@ -144,6 +154,8 @@ impl Default for RaftTuning {
             log_bytes_max: 64 << 20,
             log_retain_entries: 2_000,
             snapshot_chunk_bytes: 1 << 20,
+            // TiKV's default for snapshot I/O; a 1 GiB replica moves in ~10 s.
+            snapshot_send_bytes_per_s: 100 << 20,
             inbox_batch_max: 8_192,
             inbox_capacity: 65_536,
             rebalance_every_ticks: 50,
@@ -190,6 +202,12 @@ impl RaftTuning {
         }
         if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > 16 << 20 {
             return bad("snapshot_chunk_bytes must be in 1..=16 MiB".into());
+        }
+        if !(SNAPSHOT_SEND_BYTES_PER_S_MIN..=SNAPSHOT_SEND_BYTES_PER_S_MAX).contains(&self.snapshot_send_bytes_per_s) {
+            return bad(format!(
+                "snapshot_send_bytes_per_s {} is outside {SNAPSHOT_SEND_BYTES_PER_S_MIN}..={SNAPSHOT_SEND_BYTES_PER_S_MAX}",
+                self.snapshot_send_bytes_per_s
+            ));
         }
         if self.inbox_capacity == 0 || self.inbox_batch_max == 0 {
             return bad("inbox sizes must be > 0".into());

@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub log_entries_max: u64,
     /// Entries kept behind the applied index when compacting.
     pub log_retain_entries: u64,
+    /// Snapshot bytes sent per second, at most (`RaftTuning`).
+    pub snapshot_send_bytes_per_s: u64,
 }
 
 impl ServerConfig {
@@ -74,6 +76,7 @@ impl ServerConfig {
             unsafe_no_fsync: false,
             log_entries_max: crate::config::RaftTuning::default().log_entries_max,
             log_retain_entries: crate::config::RaftTuning::default().log_retain_entries,
+            snapshot_send_bytes_per_s: crate::config::RaftTuning::default().snapshot_send_bytes_per_s,
         }
     }
 }
@@ -90,6 +93,7 @@ pub async fn run(
     node_cfg.raft.unsafe_no_fsync = cfg.unsafe_no_fsync;
     node_cfg.raft.log_entries_max = cfg.log_entries_max;
     node_cfg.raft.log_retain_entries = cfg.log_retain_entries;
+    node_cfg.raft.snapshot_send_bytes_per_s = cfg.snapshot_send_bytes_per_s;
     if cfg.unsafe_no_fsync {
         eprintln!(
             "pigeonhole: WARNING: --unsafe-no-fsync: writes are acknowledged without fsync; \

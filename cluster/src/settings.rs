@@ -33,6 +33,7 @@
 //! [raft]
 //! log_entries_max = 20000      # entries per shard log before compaction
 //! log_retain_entries = 2000    # kept behind the applied index for followers
+//! snapshot_send_bytes_per_s = 104857600   # all snapshots this node sends
 //! ```
 
 use crate::api::ApiLimits;
@@ -84,6 +85,8 @@ pub struct RaftSettings {
     /// Entries kept behind the applied index when compacting, so a follower
     /// that lags by fewer catches up from the log, not a snapshot.
     pub log_retain_entries: Option<u64>,
+    /// Snapshot bytes this node sends per second, over all its snapshots.
+    pub snapshot_send_bytes_per_s: Option<u64>,
 }
 
 /// The `[limits]` table.
@@ -115,6 +118,8 @@ const SUBSCRIBE_MAILBOXES: RangeInclusive<usize> = 1..=100_000;
 const SUBSCRIBE_IN_FLIGHT: RangeInclusive<u32> = 1..=(1 << 20);
 const LOG_ENTRIES: RangeInclusive<u64> = 16..=10_000_000;
 const LOG_RETAIN: RangeInclusive<u64> = 0..=1_000_000;
+const SNAPSHOT_SEND_BYTES_PER_S: RangeInclusive<u64> =
+    crate::config::SNAPSHOT_SEND_BYTES_PER_S_MIN..=crate::config::SNAPSHOT_SEND_BYTES_PER_S_MAX;
 
 fn check<T: PartialOrd + std::fmt::Display>(name: &str, v: T, range: &RangeInclusive<T>) -> Result<T, String> {
     if range.contains(&v) {
@@ -174,6 +179,7 @@ impl Settings {
             raft: RaftSettings {
                 log_entries_max: ro.log_entries_max.or(r.log_entries_max),
                 log_retain_entries: ro.log_retain_entries.or(r.log_retain_entries),
+                snapshot_send_bytes_per_s: ro.snapshot_send_bytes_per_s.or(r.snapshot_send_bytes_per_s),
             },
         }
     }
@@ -253,6 +259,13 @@ impl Settings {
             "raft.log_retain_entries",
             self.raft.log_retain_entries.unwrap_or(cfg.log_retain_entries),
             &LOG_RETAIN,
+        )?;
+        cfg.snapshot_send_bytes_per_s = check(
+            "raft.snapshot_send_bytes_per_s",
+            self.raft
+                .snapshot_send_bytes_per_s
+                .unwrap_or(cfg.snapshot_send_bytes_per_s),
+            &SNAPSHOT_SEND_BYTES_PER_S,
         )?;
         if cfg.log_retain_entries >= cfg.log_entries_max {
             return Err(format!(
@@ -340,5 +353,26 @@ mod tests {
         assert!(e.contains("must be below"), "{e}");
         let e = Settings::from_toml("[raft]\nlog_entries = 100\n").unwrap_err();
         assert!(e.contains("log_entries"), "an unknown key is named: {e}");
+    }
+
+    #[test]
+    fn the_snapshot_send_budget_is_read_and_checked() {
+        let cfg = Settings::default().into_server_config().unwrap();
+        assert_eq!(cfg.snapshot_send_bytes_per_s, 100 << 20, "default");
+        let cfg = Settings::from_toml("[raft]\nsnapshot_send_bytes_per_s = 1048576\n")
+            .unwrap()
+            .into_server_config()
+            .unwrap();
+        assert_eq!(cfg.snapshot_send_bytes_per_s, 1 << 20);
+        for bad in ["1000", "0", "99999999999999"] {
+            let e = Settings::from_toml(&format!("[raft]\nsnapshot_send_bytes_per_s = {bad}\n"))
+                .unwrap()
+                .into_server_config()
+                .unwrap_err();
+            assert!(
+                e.contains("raft.snapshot_send_bytes_per_s") && e.contains("65536 to 10737418240"),
+                "{e}"
+            );
+        }
     }
 }

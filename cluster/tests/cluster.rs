@@ -198,6 +198,54 @@ async fn lagging_follower_catches_up_by_snapshot() {
     assert_eq!(got.last().unwrap().0, 150);
 }
 
+/// Snapshots go at most at the node's send budget: a catch-up of about
+/// 200 KiB at 64 KiB/s cannot take less than about 2.5 s (a lower bound,
+/// which no scheduling noise can break; without the budget it takes
+/// ~100 ms).
+#[tokio::test]
+async fn snapshots_are_sent_within_the_nodes_budget() {
+    let mut tuning = fast_tuning();
+    tuning.log_entries_max = 40;
+    tuning.log_retain_entries = 5;
+    tuning.snapshot_chunk_bytes = 16 << 10;
+    tuning.snapshot_send_bytes_per_s = 64 << 10;
+    let mut c = TestCluster::new(3, 1, 3, tuning);
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let lagger = (1..=3).find(|n| *n != leader).unwrap();
+    c.stop(lagger);
+    let payload_bytes = 1024;
+    let appends = 200;
+    for i in 0..appends {
+        let key = format!("r{i}");
+        append_retrying(c.node(leader), shard, "gus", &key, &vec![9u8; payload_bytes], 10).await;
+    }
+    c.eventually("leader compacts", 10, || async {
+        c.status(leader, shard).await.is_some_and(|s| s.first_index > 50)
+    })
+    .await;
+    let snaps_before = c.router.stats().snapshots;
+    let started = std::time::Instant::now();
+    c.start(lagger);
+    c.eventually("lagger catches up", 30, || async {
+        c.status(lagger, shard).await.is_some_and(|s| s.applied >= appends)
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(
+        c.router.stats().snapshots > snaps_before,
+        "caught up without a snapshot"
+    );
+    // The payloads alone are 200 KiB; every chunk after the first waits.
+    let floor_s = (appends * payload_bytes as u64 - (16 << 10)) as f64 / f64::from(64u32 << 10);
+    assert!(
+        took.as_secs_f64() >= floor_s,
+        "a snapshot of more than {} KiB arrived in {took:?} at 64 KiB/s (floor {floor_s:.2} s)",
+        appends * payload_bytes as u64 / 1024
+    );
+    assert_eq!(read_all(c.node(lagger), shard, "gus").len() as u64, appends);
+}
+
 #[tokio::test]
 async fn snapshot_is_retried_after_it_is_lost() {
     let mut tuning = fast_tuning();

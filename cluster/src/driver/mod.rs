@@ -67,7 +67,7 @@ pub use msg::{ProposeResult, Role, ShardStatus};
 use crate::config::RaftTuning;
 use crate::error::ClusterError;
 use crate::placement::{ShardMap, META_SHARD};
-use crate::transport::{ShardMsg, SnapshotSpool, Transport};
+use crate::transport::{SendRate, ShardMsg, SnapshotSpool, Transport};
 use crate::watch::Watchers;
 use crossbeam_channel::{Receiver, Sender};
 use pigeonhole_engine::command as cmd;
@@ -123,6 +123,8 @@ pub(crate) struct Driver {
     gc_after: BTreeMap<u64, u64>,
     /// The apply worker (`applier`).
     applier: applier::Applier,
+    /// The node's snapshot send budget, shared by every snapshot it sends.
+    snapshot_rate: Arc<SendRate>,
     /// The state-machine flush running (`flush`), if any; at most one.
     flush_job: Option<flush::FlushJob>,
     /// Data shards this node leads whose record in the metadata group must
@@ -193,6 +195,7 @@ impl Driver {
                 )
             })
             .collect();
+        let snapshot_rate = Arc::new(SendRate::new(tuning.snapshot_send_bytes_per_s));
         let applier = applier::Applier::spawn(node_id, engine.clone(), Arc::clone(&watchers))?;
         let mut d = Driver {
             node_id,
@@ -213,6 +216,7 @@ impl Driver {
             waiting: BTreeSet::new(),
             applied_now: BTreeSet::new(),
             gc_after: BTreeMap::new(),
+            snapshot_rate,
             applier,
             flush_job: None,
             map_dirty: BTreeSet::new(),

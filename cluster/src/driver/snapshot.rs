@@ -12,6 +12,7 @@ use crate::transport::{spool, SnapshotJob};
 use pigeonhole_engine::raft::eraftpb::{Message, MessageType, SnapshotMetadata};
 use pigeonhole_engine::raft::Storage as _;
 use pigeonhole_engine::{Durability, RaftBatch, ShardState, SNAPSHOT_DATA_MAGIC};
+use std::sync::Arc;
 use std::time::Duration;
 
 impl Driver {
@@ -197,6 +198,7 @@ impl Driver {
             msg,
             engine: self.engine.clone(),
             chunk_bytes: self.tuning.snapshot_chunk_bytes,
+            rate: Arc::clone(&self.snapshot_rate),
             report: Box::new(move |ok| {
                 // Never silently lost: a failed transfer left unreported would
                 // keep the follower in raft-rs's Snapshot state. The report

@@ -149,6 +149,7 @@ impl Transport for GrpcTransport {
                 job.msg,
                 job.engine,
                 job.chunk_bytes,
+                job.rate,
             )
             .await
             .is_ok();
@@ -167,6 +168,7 @@ async fn stream_snapshot(
     msg: Message,
     engine: pigeonhole_engine::Engine,
     chunk_bytes: usize,
+    rate: std::sync::Arc<super::SendRate>,
 ) -> Result<(), String> {
     let mut client = RaftTransportClient::new(
         endpoint(addr)
@@ -183,12 +185,14 @@ async fn stream_snapshot(
     let export = tokio::task::spawn_blocking(move || {
         engine.export_snapshot(shard, chunk_bytes, |chunk| {
             let last = chunk.last;
+            let bytes = chunk.encode();
+            rate.acquire(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
             let frame = SnapshotFrame {
                 cluster_id,
                 from_node: from,
                 to_node: to,
                 shard,
-                chunk: chunk.encode(),
+                chunk: bytes,
                 raft_message: if last { raft_message.clone() } else { Vec::new() },
             };
             tx.blocking_send(frame)

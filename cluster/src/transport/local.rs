@@ -329,7 +329,9 @@ impl Router {
         let mut w = inbox.begin_snapshot(job.from, job.shard).map_err(|e| e.to_string())?;
         job.engine
             .export_snapshot(job.shard, job.chunk_bytes, |chunk| {
-                w.write_chunk(&chunk.encode())
+                let bytes = chunk.encode();
+                job.rate.acquire(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+                w.write_chunk(&bytes)
                     .map_err(|e| EngineError::InvalidCall(format!("spool: {e}")))
             })
             .map_err(|e| e.to_string())?;

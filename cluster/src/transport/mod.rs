@@ -6,14 +6,17 @@
 //! same rules:
 //! - `send` never blocks the driver: a full queue to a slow or dead peer drops
 //!   messages (Raft retransmits), it never stalls the other peers;
-//! - snapshots go on their own path, so a large one never delays heartbeats;
+//! - snapshots go on their own path, so a large one never delays heartbeats,
+//!   and every chunk waits for the node's send budget ([`SendRate`]);
 //! - the receiving side spools a snapshot to disk ([`SnapshotSpool`]) before
 //!   the driver sees it, so a half-received snapshot never touches the engine.
 
 pub mod grpc;
 pub mod local;
+pub mod rate;
 pub(crate) mod spool;
 
+pub use rate::SendRate;
 pub use spool::{SnapshotSpool, SpoolWriter};
 
 use crate::driver::Inbound;
@@ -59,6 +62,8 @@ pub struct SnapshotJob {
     pub engine: Engine,
     /// Bytes per chunk.
     pub chunk_bytes: usize,
+    /// The node's snapshot send budget: every chunk waits for it.
+    pub rate: Arc<SendRate>,
     /// Called once with whether the receiver got the whole stream.
     pub report: SnapshotReport,
 }
