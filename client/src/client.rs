@@ -624,6 +624,48 @@ impl Client {
             retry.pause(s, !hinted).await?;
         }
     }
+
+    /// Changes `shard`'s replicas (the conf-change primitive; several
+    /// changes go through a joint configuration). Finds the leader
+    /// (following NOT_LEADER hints) and retries while an earlier change is
+    /// still being applied, within the call's deadline; returns the
+    /// configuration once the change is applied on the leader.
+    pub async fn change_membership(
+        &self,
+        shard: u64,
+        changes: &[pb::MembershipChange],
+    ) -> Result<pb::ChangeMembershipResponse, Error> {
+        let cfg = &self.inner.config;
+        let mut retry = Retry::new(cfg, self.timeout);
+        loop {
+            let route = self.shard_of(Route::Shard(shard))?;
+            let node = self.pick(&route, retry.attempts)?;
+            let budget = retry.attempt_budget(cfg, Duration::ZERO);
+            let mut admin = self.admin_at(node)?;
+            retry.attempts += 1;
+            let req = with_timeout(
+                pb::ChangeMembershipRequest {
+                    shard,
+                    changes: changes.to_vec(),
+                },
+                budget,
+            );
+            let s = match tokio::time::timeout(budget, admin.change_membership(req)).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(s)) => s,
+                Err(_) => Status::deadline_exceeded(format!("node {node} did not answer")),
+            };
+            let not_leader = s.code() == Code::FailedPrecondition && status_detail(&s, "leader_hint").is_some();
+            if !is_retryable(s.code()) && !not_leader {
+                return Err(Error::Rejected(s));
+            }
+            let hinted = self.learn(shard, node, &s);
+            if !hinted {
+                self.maybe_refresh().await;
+            }
+            retry.pause(s, !hinted).await?;
+        }
+    }
 }
 
 /// Sync options; `Default` is "the server's defaults, no wait,

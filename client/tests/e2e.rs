@@ -80,8 +80,13 @@ fn free_port() -> u16 {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_n(NODES)
+    }
+
+    /// `n` nodes (the servers replicate each shard 3 times).
+    fn start_n(n: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let initial = ports
             .iter()
             .enumerate()
@@ -206,7 +211,7 @@ async fn read_all(addr: &str, mb: &pb::MailboxId) -> Result<Vec<pb::Message>, to
 async fn leader_of(client: &Client, shard: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        for node in 1..=NODES {
+        for node in client.routing().nodes.keys().copied() {
             if let Ok(s) = client.node_status(node, false).await {
                 if s.replicas
                     .iter()
@@ -632,4 +637,96 @@ async fn concurrent_appends_share_calls_and_a_refusal_keeps_its_unary_status() {
         let want: Vec<(u64, Vec<u8>)> = by_seq.iter().map(|(s, i)| (*s, format!("m{i}").into_bytes())).collect();
         assert_eq!(got, want, "mailbox u{u}");
     }
+}
+
+/// `phctl shard move` under SDK load, through real processes: 4 nodes, a
+/// shard's leader replica moves to the node without one. The writers see
+/// no failed request, every acknowledged append is on the new replica once
+/// and in order, and the old node deletes its replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn phctl_moves_a_leader_replica_under_load_and_the_old_node_deletes_it() {
+    let cluster = Cluster::start_n(4);
+    cluster.wait_healthy(Duration::from_secs(30));
+    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
+    cfg.request_timeout = Duration::from_secs(30);
+    let client = Client::connect(cfg).await.unwrap();
+    let users = users();
+    let shard = client.routing().shard_for(&users[0].user_id).unwrap().id;
+    let replicas = client.routing().shard(shard).unwrap().replicas.clone();
+    let to = (1..=4).find(|n| !replicas.contains(n)).unwrap();
+    let from = leader_of(&client, shard).await;
+    assert!(replicas.contains(&from));
+
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let client = client.clone();
+        let users = users.clone();
+        writers.spawn(async move {
+            let mut done: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+            for i in 0..APPENDS_PER_WRITER {
+                let u = i % USERS;
+                let key = format!("m{w}-{i}").into_bytes();
+                let r = client.append(&users[u], key.clone(), key.clone()).await;
+                let r = r.map_err(|e| format!("{}: {e}", String::from_utf8_lossy(&key)))?;
+                done.push((u, key, r.seq));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<_, String>(done)
+        });
+    }
+    let endpoints = cluster.endpoints();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
+            .env("PIGEONHOLE_ENDPOINTS", endpoints)
+            .args(["shard", "move", &shard.to_string(), "--from", &from.to_string()])
+            .args(["--to", &to.to_string(), "-o", "json", "--timeout-ms", "10000"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "phctl shard move: {:?}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let voters: Vec<u64> = serde_json::from_value(doc["voters"].clone()).unwrap();
+    assert!(voters.contains(&to) && !voters.contains(&from), "{doc}");
+    assert_eq!(voters.len(), 3, "{doc}");
+
+    let mut acked: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+    while let Some(r) = writers.join_next().await {
+        acked.extend(
+            r.unwrap()
+                .unwrap_or_else(|e| panic!("an SDK request failed during the move: {e}")),
+        );
+    }
+    // Every acknowledged append of the moved shard's users is on the new
+    // replica, once, in order, with the payload acknowledged for it.
+    let moved_users: Vec<usize> = (0..USERS)
+        .filter(|u| client.routing().shard_for(&users[*u].user_id).unwrap().id == shard)
+        .collect();
+    for u in moved_users {
+        let got = read_all(&cluster.addr(to), &users[u]).await.unwrap();
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=got.len() as u64).collect::<Vec<_>>(),
+            "user {u}: gaps or disorder"
+        );
+        let mine: Vec<&(usize, Vec<u8>, u64)> = acked.iter().filter(|a| a.0 == u).collect();
+        assert_eq!(got.len(), mine.len(), "user {u}: stored and acknowledged counts differ");
+        for (_, key, seq) in mine {
+            let m = &got[usize::try_from(*seq).unwrap() - 1];
+            assert_eq!((&m.idempotency_key, &m.payload), (key, key), "user {u} seq {seq}");
+        }
+    }
+    let st = client.node_status(from, false).await.unwrap();
+    assert!(
+        st.replicas.iter().all(|r| r.shard != shard),
+        "node {from} still holds shard {shard}"
+    );
 }

@@ -1,9 +1,11 @@
 //! `pigeonhole.v1.Admin`: the shard map for client routing, a node's replica
-//! status and leader transfer for operators. Thin: everything comes from the
-//! node ([`Node::shard_map`], [`Node::status`], [`Node::transfer_leader`]).
+//! status, leader transfer and membership changes for operators. Thin:
+//! everything comes from the node ([`Node::shard_map`], [`Node::status`],
+//! [`Node::transfer_leader`], [`Node::change_membership`]); this file checks
+//! requests and maps results to statuses.
 
 use super::status::{cluster_error, invalid};
-use crate::{ClusterError, Node, Role};
+use crate::{ClusterError, MembershipChange, Node, Role};
 use pigeonhole_proto::v1 as pb;
 use pigeonhole_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
@@ -11,6 +13,10 @@ use tonic::{Request, Response, Status};
 /// Keys a NodeStatus size scan reads per replica at most, so that asking
 /// for sizes costs at most a few hundred milliseconds per replica.
 pub const SIZE_SCAN_KEYS_MAX: u64 = 100_000;
+
+/// Changes in one ChangeMembership call, at most: a replica move needs two
+/// (promote the new, remove the old); a whole shard's voters is five.
+pub const MEMBERSHIP_CHANGES_MAX: usize = 8;
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -130,5 +136,139 @@ impl Admin for AdminService {
             Err(ClusterError::NotLeader { leader, .. }) => Err(super::status::not_leader_precondition(r.shard, leader)),
             Err(e) => Err(cluster_error(&e)),
         }
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<pb::ChangeMembershipRequest>,
+    ) -> Result<Response<pb::ChangeMembershipResponse>, Status> {
+        let r = req.into_inner();
+        let nodes = self.node.shard_map().map_err(|e| cluster_error(&e))?.nodes;
+        let changes = membership_changes(&r.changes, |n| nodes.contains_key(&n))?;
+        match self.node.change_membership(r.shard, &changes).await {
+            Ok(cs) => {
+                if let Some(refused) = changes.iter().find(|c| !took_effect(c, &cs)) {
+                    return Err(Status::failed_precondition(format!(
+                        "shard {}: Raft refused the change {refused:?}; the configuration stays voters {:?}, \
+                         learners {:?}",
+                        r.shard, cs.voters, cs.learners
+                    )));
+                }
+                Ok(Response::new(pb::ChangeMembershipResponse {
+                    voters: cs.voters,
+                    learners: cs.learners,
+                    voters_outgoing: cs.voters_outgoing,
+                }))
+            }
+            Err(ClusterError::NotLeader { leader, .. }) => Err(super::status::not_leader_precondition(r.shard, leader)),
+            Err(e) => Err(cluster_error(&e)),
+        }
+    }
+}
+
+/// Checks a ChangeMembership request's changes; `known` says whether a node
+/// id is in the cluster.
+fn membership_changes(
+    items: &[pb::MembershipChange],
+    known: impl Fn(u64) -> bool,
+) -> Result<Vec<MembershipChange>, Status> {
+    if items.is_empty() || items.len() > MEMBERSHIP_CHANGES_MAX {
+        return Err(invalid(
+            "changes",
+            format!("{} changes; 1 to {MEMBERSHIP_CHANGES_MAX} are allowed", items.len()),
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    items
+        .iter()
+        .map(|c| {
+            if c.node == 0 || !known(c.node) {
+                return Err(invalid("changes", format!("node {} is not in the cluster", c.node)));
+            }
+            if !seen.insert(c.node) {
+                return Err(invalid("changes", format!("node {} is named twice", c.node)));
+            }
+            match pb::MembershipChangeKind::try_from(c.kind) {
+                Ok(pb::MembershipChangeKind::AddLearner) => Ok(MembershipChange::AddLearner(c.node)),
+                Ok(pb::MembershipChangeKind::AddVoter) => Ok(MembershipChange::AddVoter(c.node)),
+                Ok(pb::MembershipChangeKind::Remove) => Ok(MembershipChange::Remove(c.node)),
+                _ => Err(invalid(
+                    "changes",
+                    format!("node {}: the kind is unset or unknown", c.node),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// Whether the configuration after a change shows it (raft-rs leaves the
+/// configuration as it was when it refuses a change at apply time). A
+/// removed voter may still be an outgoing voter of a joint configuration.
+fn took_effect(c: &MembershipChange, cs: &pigeonhole_engine::raft::eraftpb::ConfState) -> bool {
+    match *c {
+        MembershipChange::AddLearner(n) => cs.learners.contains(&n) || cs.learners_next.contains(&n),
+        MembershipChange::AddVoter(n) => cs.voters.contains(&n),
+        MembershipChange::Remove(n) => !cs.voters.contains(&n) && !cs.learners.contains(&n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(kind: pb::MembershipChangeKind, node: u64) -> pb::MembershipChange {
+        pb::MembershipChange {
+            kind: kind as i32,
+            node,
+        }
+    }
+
+    #[test]
+    fn membership_requests_are_checked_and_name_the_field() {
+        use pb::MembershipChangeKind::{AddLearner, AddVoter, Remove, Unspecified};
+        let known = |n: u64| (1..=4).contains(&n);
+        let ok = membership_changes(&[item(AddVoter, 4), item(Remove, 1)], known).unwrap();
+        assert_eq!(ok, vec![MembershipChange::AddVoter(4), MembershipChange::Remove(1)]);
+        let bad: Vec<(Vec<pb::MembershipChange>, &str)> = vec![
+            (vec![], "0 changes"),
+            ((1..=9).map(|n| item(AddLearner, n)).collect(), "9 changes"),
+            (vec![item(AddLearner, 7)], "node 7 is not in the cluster"),
+            (vec![item(AddLearner, 0)], "node 0 is not in the cluster"),
+            (vec![item(AddLearner, 2), item(Remove, 2)], "named twice"),
+            (vec![item(Unspecified, 2)], "kind is unset"),
+        ];
+        for (items, want) in bad {
+            let s = membership_changes(&items, known).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
+            assert!(
+                s.message().contains("changes") && s.message().contains(want),
+                "{}",
+                s.message()
+            );
+        }
+    }
+
+    #[test]
+    fn a_change_raft_refused_is_seen_in_the_configuration() {
+        use pigeonhole_engine::raft::eraftpb::ConfState;
+        let joint = ConfState {
+            voters: vec![2, 3, 4],
+            voters_outgoing: vec![1, 2, 3],
+            ..Default::default()
+        };
+        assert!(took_effect(&MembershipChange::AddVoter(4), &joint));
+        assert!(
+            took_effect(&MembershipChange::Remove(1), &joint),
+            "an outgoing voter is removed"
+        );
+        let unchanged = ConfState {
+            voters: vec![1],
+            ..Default::default()
+        };
+        assert!(
+            !took_effect(&MembershipChange::Remove(1), &unchanged),
+            "the last voter stays"
+        );
+        assert!(!took_effect(&MembershipChange::AddLearner(2), &unchanged));
     }
 }

@@ -36,14 +36,14 @@ impl From<Error> for Failure {
     }
 }
 
-fn failed(message: String) -> Failure {
+pub(crate) fn failed(message: String) -> Failure {
     Failure {
         message,
         exit: EXIT_FAILED,
     }
 }
 
-async fn connect(ctx: &Ctx) -> Result<Client, Failure> {
+pub(crate) async fn connect(ctx: &Ctx) -> Result<Client, Failure> {
     let mut cfg = ClientConfig::new(ctx.endpoints.clone());
     cfg.request_timeout = ctx.timeout;
     cfg.attempt_timeout = ctx.timeout.min(cfg.attempt_timeout);
@@ -52,7 +52,7 @@ async fn connect(ctx: &Ctx) -> Result<Client, Failure> {
 
 /// NodeStatus of every node in the map, asked concurrently; a node that
 /// does not answer maps to its error text.
-async fn all_status(client: &Client, sizes: bool) -> BTreeMap<u64, Result<pb::NodeStatusResponse, String>> {
+pub(crate) async fn all_status(client: &Client, sizes: bool) -> BTreeMap<u64, Result<pb::NodeStatusResponse, String>> {
     let mut set = tokio::task::JoinSet::new();
     for id in client.routing().nodes.keys().copied() {
         let c = client.clone();

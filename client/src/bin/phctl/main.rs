@@ -20,6 +20,7 @@ macro_rules! out {
 }
 
 mod commands;
+mod moves;
 mod render;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -111,6 +112,23 @@ enum ShardCommand {
         #[arg(long, default_value_t = 10_000)]
         wait_ms: u64,
     },
+    /// Move one replica of a shard to another node, online: add a learner,
+    /// let it catch up, move leadership away if needed, then promote it and
+    /// remove the old replica in one joint change. Running it again
+    /// finishes a move that was cut short.
+    Move {
+        /// The shard id.
+        id: u64,
+        /// The node whose replica moves.
+        #[arg(long)]
+        from: u64,
+        /// The node that gets it.
+        #[arg(long)]
+        to: u64,
+        /// How long the whole move may take, in ms.
+        #[arg(long, default_value_t = 120_000)]
+        wait_ms: u64,
+    },
 }
 
 /// Which mailbox: a namespace and a user id.
@@ -163,6 +181,9 @@ async fn main() -> ExitCode {
             ShardCommand::Show { id } => commands::shard_show(&ctx, id).await,
             ShardCommand::TransferLeader { id, to, wait_ms } => {
                 commands::transfer_leader(&ctx, id, to, std::time::Duration::from_millis(wait_ms)).await
+            }
+            ShardCommand::Move { id, from, to, wait_ms } => {
+                moves::shard_move(&ctx, id, from, to, std::time::Duration::from_millis(wait_ms)).await
             }
         },
         Command::Mailbox { command } => match command {
