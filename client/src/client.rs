@@ -598,31 +598,11 @@ impl Client {
     /// (following NOT_LEADER hints) within the call's deadline; returns once
     /// the transfer has started.
     pub async fn transfer_leader(&self, shard: u64, to: u64) -> Result<(), Error> {
-        let cfg = &self.inner.config;
-        let mut retry = Retry::new(cfg, self.timeout);
-        loop {
-            let route = self.shard_of(Route::Shard(shard))?;
-            let node = self.pick(&route, retry.attempts)?;
-            let budget = retry.attempt_budget(cfg, Duration::ZERO);
-            let mut admin = self.admin_at(node)?;
-            retry.attempts += 1;
+        self.call_leader(shard, |mut admin, budget| async move {
             let req = with_timeout(pb::TransferLeaderRequest { shard, to_node: to }, budget);
-            let s = match tokio::time::timeout(budget, admin.transfer_leader(req)).await {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(s)) => s,
-                Err(_) => Status::deadline_exceeded(format!("node {node} did not answer")),
-            };
-            // NOT_LEADER is FAILED_PRECONDITION with a hint: follow it.
-            let not_leader = s.code() == Code::FailedPrecondition && status_detail(&s, "leader_hint").is_some();
-            if !is_retryable(s.code()) && !not_leader {
-                return Err(Error::Rejected(s));
-            }
-            let hinted = self.learn(shard, node, &s);
-            if !hinted {
-                self.maybe_refresh().await;
-            }
-            retry.pause(s, !hinted).await?;
-        }
+            admin.transfer_leader(req).await.map(|_| ())
+        })
+        .await
     }
 
     /// Changes `shard`'s replicas (the conf-change primitive; several
@@ -635,14 +615,7 @@ impl Client {
         shard: u64,
         changes: &[pb::MembershipChange],
     ) -> Result<pb::ChangeMembershipResponse, Error> {
-        let cfg = &self.inner.config;
-        let mut retry = Retry::new(cfg, self.timeout);
-        loop {
-            let route = self.shard_of(Route::Shard(shard))?;
-            let node = self.pick(&route, retry.attempts)?;
-            let budget = retry.attempt_budget(cfg, Duration::ZERO);
-            let mut admin = self.admin_at(node)?;
-            retry.attempts += 1;
+        self.call_leader(shard, |mut admin, budget| {
             let req = with_timeout(
                 pb::ChangeMembershipRequest {
                     shard,
@@ -650,8 +623,30 @@ impl Client {
                 },
                 budget,
             );
-            let s = match tokio::time::timeout(budget, admin.change_membership(req)).await {
-                Ok(Ok(r)) => return Ok(r.into_inner()),
+            async move { admin.change_membership(req).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
+    /// Runs an admin call that only `shard`'s leader can answer: on a node
+    /// picked from the route, following NOT_LEADER hints (FAILED_PRECONDITION
+    /// with a `leader_hint`) and retrying retryable statuses within the
+    /// client's deadline.
+    async fn call_leader<T, F, Fut>(&self, shard: u64, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(AdminClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let cfg = &self.inner.config;
+        let mut retry = Retry::new(cfg, self.timeout);
+        loop {
+            let route = self.shard_of(Route::Shard(shard))?;
+            let node = self.pick(&route, retry.attempts)?;
+            let budget = retry.attempt_budget(cfg, Duration::ZERO);
+            let admin = self.admin_at(node)?;
+            retry.attempts += 1;
+            let s = match tokio::time::timeout(budget, call(admin, budget)).await {
+                Ok(Ok(r)) => return Ok(r),
                 Ok(Err(s)) => s,
                 Err(_) => Status::deadline_exceeded(format!("node {node} did not answer")),
             };
