@@ -730,3 +730,67 @@ async fn phctl_moves_a_leader_replica_under_load_and_the_old_node_deletes_it() {
         "node {from} still holds shard {shard}"
     );
 }
+
+/// A move cut short after its first step (phctl's deadline passes once the
+/// learner is added), then the new node SIGKILLed and restarted: running
+/// the same command again finishes the move, and nothing acknowledged is
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_cut_short_and_a_node_killed_is_finished_by_running_it_again() {
+    let mut cluster = Cluster::start_n(4);
+    cluster.wait_healthy(Duration::from_secs(30));
+    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
+    cfg.request_timeout = Duration::from_secs(30);
+    let client = Client::connect(cfg).await.unwrap();
+    let users = users();
+    let user = &users[1];
+    let shard = client.routing().shard_for(&user.user_id).unwrap().id;
+    let replicas = client.routing().shard(shard).unwrap().replicas.clone();
+    let to = (1..=4).find(|n| !replicas.contains(n)).unwrap();
+    let leader = leader_of(&client, shard).await;
+    let from = *replicas.iter().find(|n| **n != leader).unwrap();
+    for i in 0..40 {
+        let key = format!("c{i}").into_bytes();
+        client.append(user, key.clone(), key).await.unwrap();
+    }
+    let mv = |cluster: &Cluster, wait_ms: &str| {
+        cluster
+            .phctl()
+            .args(["shard", "move", &shard.to_string(), "--from", &from.to_string()])
+            .args(["--to", &to.to_string(), "--wait-ms", wait_ms, "-o", "json"])
+            .output()
+            .unwrap()
+    };
+    let first = mv(&cluster, "1");
+    // Almost always cut short (exit 3) after the learner was added; if the
+    // learner caught up within the first poll, the move simply finished.
+    assert!(matches!(first.status.code(), Some(0 | 3)), "{first:?}");
+    cluster.kill(to);
+    cluster.spawn(to);
+    let again = mv(&cluster, "60000");
+    assert!(
+        again.status.success(),
+        "{:?}\n{}\n{}",
+        again.status,
+        String::from_utf8_lossy(&again.stdout),
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    let voters: Vec<u64> = serde_json::from_value(doc["voters"].clone()).unwrap();
+    assert!(
+        voters.contains(&to) && !voters.contains(&from) && voters.len() == 3,
+        "{doc}"
+    );
+    let got = read_all(&cluster.addr(to), user).await.unwrap();
+    let keys: Vec<Vec<u8>> = got.iter().map(|m| m.idempotency_key.clone()).collect();
+    let want: Vec<Vec<u8>> = (0..40).map(|i| format!("c{i}").into_bytes()).collect();
+    assert_eq!(
+        keys, want,
+        "the moved replica holds every acknowledged append, in order"
+    );
+    let st = client.node_status(from, false).await.unwrap();
+    assert!(
+        st.replicas.iter().all(|r| r.shard != shard),
+        "node {from} still holds shard {shard}"
+    );
+}

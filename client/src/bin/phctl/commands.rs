@@ -255,13 +255,23 @@ pub async fn shard_show(ctx: &Ctx, id: u64) -> Result<u8, Failure> {
     };
     let statuses = all_status(&client, true).await;
     let leader = leader_of(&statuses, id).map(|(n, _)| n);
+    // The map's voters, then any other node holding a replica: a learner
+    // being caught up (a move in progress), or a replica not yet deleted.
+    let mut nodes = shard.replicas.clone();
+    for (node, st) in &statuses {
+        if let Ok(s) = st {
+            if !nodes.contains(node) && s.replicas.iter().any(|r| r.shard == id) {
+                nodes.push(*node);
+            }
+        }
+    }
     let mut replicas = Vec::new();
-    for node in &shard.replicas {
+    for node in &nodes {
         let r = match statuses.get(node) {
             Some(Ok(s)) => match s.replicas.iter().find(|r| r.shard == id) {
                 Some(r) => json!({
                     "node": node,
-                    "role": role(r.role),
+                    "role": if r.learners.contains(node) { "learner" } else { role(r.role) },
                     "term": r.term,
                     "commit_index": r.commit_index,
                     "applied_index": r.applied_index,
