@@ -13,6 +13,7 @@
 //! | `pause-kill` | SIGSTOP, then SIGKILL while stopped, restart at heal (Jepsen's NATS pattern) |
 //! | `clock` | skew a random node's wall clock by up to ±60 s (libfaketime), or jump it |
 //! | `transfer` | move a random shard's leadership to another voter |
+//! | `move` | (4 nodes) move a random shard's replica to the node without one: learner, catch-up, leadership away, one joint change (the old node then deletes its copy); a move cut short is finished by the next |
 //!
 //! Clients stay connected to every node throughout (the rules drop traffic
 //! between nodes only), so they see what a partitioned node answers.
@@ -40,10 +41,11 @@ pub enum Fault {
     PauseKill,
     Clock,
     Transfer,
+    Move,
 }
 
 /// Every fault, in the order scenarios run.
-pub const ALL: [Fault; 10] = [
+pub const ALL: [Fault; 11] = [
     Fault::PartitionLeader,
     Fault::PartitionMajority,
     Fault::PartitionOneWay,
@@ -54,6 +56,7 @@ pub const ALL: [Fault; 10] = [
     Fault::PauseKill,
     Fault::Clock,
     Fault::Transfer,
+    Fault::Move,
 ];
 
 impl Fault {
@@ -70,6 +73,7 @@ impl Fault {
             Fault::PauseKill => "pause-kill",
             Fault::Clock => "clock",
             Fault::Transfer => "transfer",
+            Fault::Move => "move",
         }
     }
 
@@ -82,6 +86,8 @@ impl Fault {
     pub fn nodes(self) -> u64 {
         match self {
             Fault::PartitionBridge | Fault::PartitionRing => 5,
+            // A replica can only move to a node without one: 3 replicas, 4 nodes.
+            Fault::Move => 4,
             _ => 3,
         }
     }
@@ -218,7 +224,110 @@ async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, St
                 }
             )
         }
+        Fault::Move => move_replica(c.nodes, rng.gen_range(1..=SHARDS), rng).await?,
     })
+}
+
+/// Moves one replica of `shard` to a node without one, with the admin
+/// primitives the way `phctl shard move` does; finishes a move an earlier
+/// cycle left with a learner. Every refusal or timeout is described, not
+/// fatal: the next cycle picks up from the configuration it finds.
+async fn move_replica(nodes: u64, shard: u64, rng: &mut StdRng) -> Result<String, String> {
+    let Some(leader) = cluster::leader_of(nodes, shard).await else {
+        return Ok(format!("move shard {shard}: no leader to ask"));
+    };
+    let conf = |s: Option<pb::NodeStatusResponse>| {
+        s.and_then(|s| s.replicas.into_iter().find(|r| r.shard == shard))
+            .map(|r| (r.voters, r.learners, r.commit_index))
+    };
+    let Some((voters, learners, commit)) = conf(cluster::status(leader).await) else {
+        return Ok(format!("move shard {shard}: leader {leader} did not answer"));
+    };
+    let to = match learners.first() {
+        Some(l) => *l,
+        None => match (1..=nodes).find(|n| !voters.contains(n)) {
+            Some(n) => n,
+            None => return Ok(format!("move shard {shard}: every node holds it")),
+        },
+    };
+    let candidates: Vec<u64> = voters.iter().copied().filter(|v| *v != to).collect();
+    let Some(from) = candidates.choose(rng).copied() else {
+        return Ok(format!("move shard {shard}: no voter to move"));
+    };
+    let change = |kind: pb::MembershipChangeKind, node: u64| pb::MembershipChange {
+        kind: kind as i32,
+        node,
+    };
+    let call = |at: u64, changes: Vec<pb::MembershipChange>| async move {
+        let mut admin = pb::admin_client::AdminClient::new(cluster::channel(at)?);
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            admin.change_membership(pb::ChangeMembershipRequest { shard, changes }),
+        )
+        .await;
+        match r {
+            Ok(Ok(_)) => Ok::<_, String>(None),
+            Ok(Err(s)) => Ok(Some(format!("{:?} {}", s.code(), s.message()))),
+            Err(_) => Ok(Some("no answer".to_string())),
+        }
+    };
+    let what = format!("move shard {shard} from node {from} to node {to}");
+    if learners.is_empty() {
+        if let Some(e) = call(leader, vec![change(pb::MembershipChangeKind::AddLearner, to)]).await? {
+            return Ok(format!("{what}: add learner: {e}"));
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if conf_applied(cluster::status(to).await, shard) >= commit {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(format!(
+                "{what}: learner did not catch up in 10 s (left for a later cycle)"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut leader = leader;
+    if leader == from {
+        let Some(next) = voters.iter().copied().find(|v| *v != from && *v != to) else {
+            return Ok(format!("{what}: no other voter to lead"));
+        };
+        let mut admin = pb::admin_client::AdminClient::new(cluster::channel(from)?);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            admin.transfer_leader(pb::TransferLeaderRequest { shard, to_node: next }),
+        )
+        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match cluster::leader_of(nodes, shard).await {
+                Some(l) if l != from => {
+                    leader = l;
+                    break;
+                }
+                _ if std::time::Instant::now() > deadline => {
+                    return Ok(format!("{what}: leadership did not leave node {from}"));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    let joint = vec![
+        change(pb::MembershipChangeKind::AddVoter, to),
+        change(pb::MembershipChangeKind::Remove, from),
+    ];
+    Ok(match call(leader, joint).await? {
+        None => format!("{what}: done"),
+        Some(e) => format!("{what}: promote and remove: {e}"),
+    })
+}
+
+/// The applied index of `shard` in a NodeStatus (0 without a replica).
+fn conf_applied(s: Option<pb::NodeStatusResponse>, shard: u64) -> u64 {
+    s.and_then(|s| s.replicas.into_iter().find(|r| r.shard == shard))
+        .map_or(0, |r| r.applied_index)
 }
 
 /// Heals everything: rules flushed, processes resumed or restarted, clocks

@@ -40,7 +40,10 @@ pub struct Mailbox {
     pub name: String,
     /// The id.
     pub id: pb::MailboxId,
-    /// The nodes with a replica of its shard.
+    /// Its shard.
+    pub shard: u64,
+    /// The nodes with a replica of its shard at the start (the `move`
+    /// fault changes that; final reads ask each node what it holds).
     pub replicas: Vec<u64>,
 }
 
@@ -63,6 +66,7 @@ pub fn mailboxes(map: &pb::GetShardMapResponse, per_shard: usize) -> Vec<Mailbox
                         namespace: "jepsen".into(),
                         user_id: user.into_bytes(),
                     },
+                    shard: s.id,
                     replicas: s.replicas.clone(),
                 });
             }
@@ -305,8 +309,16 @@ pub async fn process(
 /// what that replica has applied, nothing more.
 pub async fn final_logs(i: u64, mbs: &[Mailbox]) -> Result<std::collections::BTreeMap<String, Vec<Msg>>, String> {
     let mut client = pb::mailbox_client::MailboxClient::new(cluster::channel(i)?);
+    // The shards this node holds now (replicas may have moved).
+    let held: std::collections::BTreeSet<u64> = cluster::status(i)
+        .await
+        .ok_or_else(|| format!("final read: node {i} did not answer NodeStatus"))?
+        .replicas
+        .iter()
+        .map(|r| r.shard)
+        .collect();
     let mut out = std::collections::BTreeMap::new();
-    for mb in mbs.iter().filter(|m| m.replicas.contains(&i)) {
+    for mb in mbs.iter().filter(|m| held.contains(&m.shard)) {
         let mut all: Vec<pb::Message> = Vec::new();
         loop {
             let after = all.last().map_or(0, |m| m.seq);
