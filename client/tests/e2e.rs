@@ -639,6 +639,22 @@ async fn concurrent_appends_share_calls_and_a_refusal_keeps_its_unary_status() {
     }
 }
 
+/// `phctl shard move -o json` succeeded, and its voters are 3, with `to`
+/// and without `from`.
+fn assert_moved(out: &std::process::Output, from: u64, to: u64) {
+    assert!(
+        out.status.success(),
+        "phctl shard move: {:?}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let voters: Vec<u64> = serde_json::from_value(doc["voters"].clone()).unwrap();
+    assert!(voters.contains(&to) && !voters.contains(&from), "{doc}");
+    assert_eq!(voters.len(), 3, "{doc}");
+}
+
 /// `phctl shard move` under SDK load, through real processes: 4 nodes, a
 /// shard's leader replica moves to the node without one. The writers see
 /// no failed request, every acknowledged append is on the new replica once
@@ -685,17 +701,7 @@ async fn phctl_moves_a_leader_replica_under_load_and_the_old_node_deletes_it() {
     })
     .await
     .unwrap();
-    assert!(
-        out.status.success(),
-        "phctl shard move: {:?}\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let voters: Vec<u64> = serde_json::from_value(doc["voters"].clone()).unwrap();
-    assert!(voters.contains(&to) && !voters.contains(&from), "{doc}");
-    assert_eq!(voters.len(), 3, "{doc}");
+    assert_moved(&out, from, to);
 
     let mut acked: Vec<(usize, Vec<u8>, u64)> = Vec::new();
     while let Some(r) = writers.join_next().await {
@@ -768,19 +774,7 @@ async fn a_move_cut_short_and_a_node_killed_is_finished_by_running_it_again() {
     cluster.kill(to);
     cluster.spawn(to);
     let again = mv(&cluster, "60000");
-    assert!(
-        again.status.success(),
-        "{:?}\n{}\n{}",
-        again.status,
-        String::from_utf8_lossy(&again.stdout),
-        String::from_utf8_lossy(&again.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
-    let voters: Vec<u64> = serde_json::from_value(doc["voters"].clone()).unwrap();
-    assert!(
-        voters.contains(&to) && !voters.contains(&from) && voters.len() == 3,
-        "{doc}"
-    );
+    assert_moved(&again, from, to);
     let got = read_all(&cluster.addr(to), user).await.unwrap();
     let keys: Vec<Vec<u8>> = got.iter().map(|m| m.idempotency_key.clone()).collect();
     let want: Vec<Vec<u8>> = (0..40).map(|i| format!("c{i}").into_bytes()).collect();
