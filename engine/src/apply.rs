@@ -19,7 +19,7 @@
 use crate::codec;
 use crate::engine::{lock, Durability, Engine};
 use crate::error::{EngineError, OpError};
-use crate::heads::HeadCache;
+use crate::heads::{append_writes_head_row, HeadCache, HeadRebuild};
 use crate::keys::{self, CF_DATA};
 use crate::records::{
     decode_cursor, encode_cursor, encode_expiry_marker, DedupEntry, MailboxMeta, MessageView, ShardMeta,
@@ -28,7 +28,7 @@ use pigeonhole_proto::internal::v1 as cmd;
 use prost::Message as _;
 use raft::eraftpb::ConfState;
 use rocksdb::{ColumnFamily, ReadOptions, WriteBatch};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One committed Raft entry handed to [`Engine::apply`].
 #[derive(Debug, Clone)]
@@ -160,8 +160,8 @@ impl Engine {
         let mut txn = Txn::new(self)?;
         let mut all = Vec::with_capacity(batches.len());
         let mut changed = false;
-        // Heads each shard wrote: they enter its cache once the write holds.
-        let mut written: Vec<(usize, Vec<WrittenHead>)> = Vec::with_capacity(batches.len());
+        // Heads each shard changed: they enter its cache once the write holds.
+        let mut written: Vec<(usize, HashMap<Vec<u8>, MailboxMeta>)> = Vec::with_capacity(batches.len());
         for (shard, entries) in batches {
             let shard = *shard;
             let g = order
@@ -172,7 +172,7 @@ impl Engine {
                 .ok_or_else(|| EngineError::InvalidCall(format!("apply_many: shard {shard} has no lock")))?;
             let mut heads = Heads {
                 cache: &mut state.heads,
-                written: Vec::new(),
+                changed: HashMap::new(),
             };
             let mut meta = self.ready_shard_meta(shard)?;
             let mut outcomes = Vec::with_capacity(entries.len());
@@ -205,7 +205,7 @@ impl Engine {
                 txn.put(keys::shard_meta(shard), &meta.encode()?);
                 changed = true;
             }
-            written.push((g, heads.written));
+            written.push((g, heads.changed));
             all.push(outcomes);
         }
         if changed {
@@ -269,14 +269,12 @@ type Doomed = (Vec<u8>, u64, Option<Vec<u8>>, u64);
 
 type OpResult = Result<Result<OpOutput, OpError>, EngineError>;
 
-/// A mailbox key and the head a batch wrote for it.
-type WrittenHead = (Vec<u8>, MailboxMeta);
-
 /// A shard's head cache during one apply batch, and the heads the batch
-/// wrote (they enter the cache only after the batch's write succeeded).
+/// changed, by mailbox key (they enter the cache only after the batch's
+/// write succeeded; until then they are the batch's view of those heads).
 struct Heads<'c> {
     cache: &'c mut HeadCache,
-    written: Vec<WrittenHead>,
+    changed: HashMap<Vec<u8>, MailboxMeta>,
 }
 
 struct StateMachine<'a, 't, 'c> {
@@ -317,33 +315,39 @@ impl StateMachine<'_, '_, '_> {
         }
     }
 
-    /// The mailbox's key and head: this batch's pending write, else the
-    /// cache, else the database (and then the cache holds it).
+    /// The mailbox's key and head: this batch's change, else the cache,
+    /// else rebuilt from the database (and then the cache holds it).
     fn mailbox(&mut self, ns: &str, uid: &[u8]) -> Result<(Vec<u8>, MailboxMeta), EngineError> {
         let mb = keys::mailbox(ns, uid);
-        let key = keys::mailbox_meta(self.shard, &mb);
-        if self.txn.is_pending(&key) {
-            let meta = match self.txn.get(&key)? {
-                Some(b) => MailboxMeta::decode(&key, &b)?,
-                None => MailboxMeta::default(),
-            };
-            return Ok((mb, meta));
+        if let Some(meta) = self.heads.changed.get(&mb) {
+            return Ok((mb, *meta));
         }
         if let Some(meta) = self.heads.cache.get(&mb) {
             return Ok((mb, meta));
         }
-        let meta = match self.engine.get_body(CF_DATA, &key)? {
-            Some(b) => MailboxMeta::decode(&key, &b)?,
-            None => MailboxMeta::default(),
+        // No op of this batch changed the mailbox (every one that does goes
+        // through `put_mailbox`), so what is read is committed state, read
+        // under the apply lock.
+        let key = keys::mailbox_meta(self.shard, &mb);
+        let row = match self.txn.get(&key)? {
+            Some(b) => Some(MailboxMeta::decode(&key, &b)?),
+            None => None,
         };
-        // Read under the apply lock, so it is the committed head.
+        let mut rebuild = HeadRebuild::new(row);
+        let (first, end) = rebuild.scan_range(self.shard, &mb);
+        self.txn.scan(&first, &end, |k, body| rebuild.message(k, body))?;
+        let meta = rebuild.finish();
         self.heads.cache.insert(mb.clone(), meta);
         Ok((mb, meta))
     }
 
-    fn put_mailbox(&mut self, mb: &[u8], meta: &MailboxMeta) {
-        self.txn.put(keys::mailbox_meta(self.shard, mb), &meta.encode());
-        self.heads.written.push((mb.to_vec(), *meta));
+    /// Records the mailbox's new head; `write_row` also writes its head row
+    /// (appends do so only every `HEAD_ROW_EVERY_APPENDS` seqs, I9).
+    fn put_mailbox(&mut self, mb: &[u8], meta: &MailboxMeta, write_row: bool) {
+        if write_row {
+            self.txn.put(keys::mailbox_meta(self.shard, mb), &meta.encode());
+        }
+        self.heads.changed.insert(mb.to_vec(), *meta);
     }
 
     fn dedup(&self, key: &[u8]) -> Result<Option<DedupEntry>, EngineError> {
@@ -415,7 +419,8 @@ impl StateMachine<'_, '_, '_> {
         self.txn.put(dk, &entry.encode());
         meta.last_seq = seq;
         meta.payload_bytes += len_u64(&a.payload);
-        self.put_mailbox(&mb, &meta);
+        let every = self.engine.options().head_row_every_appends;
+        self.put_mailbox(&mb, &meta, append_writes_head_row(seq, every));
         self.changed.push(crate::mailbox_fingerprint(&a.namespace, &a.user_id));
         Ok(Ok(OpOutput::Appended {
             seq,
@@ -451,7 +456,7 @@ impl StateMachine<'_, '_, '_> {
                     }));
                 }
                 meta.cursor_count += 1;
-                self.put_mailbox(&mb, &meta);
+                self.put_mailbox(&mb, &meta, true);
             }
         }
         self.txn.put(ck, &encode_cursor(a.seq));
@@ -524,7 +529,7 @@ impl StateMachine<'_, '_, '_> {
             self.txn.delete(key);
         }
         meta.low_watermark = t.up_to_seq + 1;
-        self.put_mailbox(&mb, &meta);
+        self.put_mailbox(&mb, &meta, true);
         self.changed.push(crate::mailbox_fingerprint(&t.namespace, &t.user_id));
         Ok(Ok(OpOutput::Trimmed {
             low_watermark: meta.low_watermark,
@@ -559,7 +564,7 @@ impl StateMachine<'_, '_, '_> {
         };
         self.txn.put(key, &tomb.encode());
         self.start_dedup_window(&mb, d.seq, &idem)?;
-        self.put_mailbox(&mb, &meta);
+        self.put_mailbox(&mb, &meta, true);
         self.changed.push(crate::mailbox_fingerprint(&d.namespace, &d.user_id));
         Ok(Ok(OpOutput::Deleted { deleted: true }))
     }
@@ -653,11 +658,6 @@ impl<'e> Txn<'e> {
             cf: engine.cf(CF_DATA)?,
             writes: BTreeMap::new(),
         })
-    }
-
-    /// Whether this batch wrote (or deleted) `key`.
-    fn is_pending(&self, key: &[u8]) -> bool {
-        self.writes.contains_key(key)
     }
 
     /// The checked body at `key`, pending writes first.

@@ -55,6 +55,11 @@ pub struct EngineOptions {
     /// Mailbox heads kept in memory per shard (see [`crate::heads`]); 0
     /// turns the cache off. About 120 bytes each with 30-byte mailbox ids.
     pub heads_cached_per_shard_max: usize,
+    /// An append writes its mailbox's head row only when its seq is a
+    /// multiple of this (1 to [`crate::HEAD_ROW_EVERY_APPENDS_MAX`]; see
+    /// [`crate::HEAD_ROW_EVERY_APPENDS`] and storage-format invariant I9).
+    /// Any value reads any data dir: the rebuild scans up to the maximum.
+    pub head_row_every_appends: u64,
     /// Segment sizes of the Raft log.
     pub raft_log: crate::raftlog::LogFilesOptions,
 }
@@ -67,6 +72,7 @@ impl Default for EngineOptions {
             block_cache_bytes: 256 << 20,
             write_buffer_bytes: 64 << 20,
             heads_cached_per_shard_max: HEADS_CACHED_PER_SHARD_DEFAULT,
+            head_row_every_appends: crate::HEAD_ROW_EVERY_APPENDS,
             raft_log: crate::raftlog::LogFilesOptions::default(),
         }
     }
@@ -140,6 +146,13 @@ impl Engine {
     /// Opens (creating if needed) the engine at `path`.
     pub fn open(path: impl AsRef<Path>, options: EngineOptions) -> Result<Engine, EngineError> {
         options.limits.validate().map_err(EngineError::InvalidCall)?;
+        if !(1..=crate::HEAD_ROW_EVERY_APPENDS_MAX).contains(&options.head_row_every_appends) {
+            return Err(EngineError::InvalidCall(format!(
+                "head_row_every_appends must be 1 to {}, got {}",
+                crate::HEAD_ROW_EVERY_APPENDS_MAX,
+                options.head_row_every_appends
+            )));
+        }
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);

@@ -9,11 +9,19 @@
 //!
 //! Why it can never be stale: the database stays the source of truth and
 //! this is write-through. The cache is filled only (a) from a committed
-//! value read under the shard's apply lock, or (b) with the values an apply
-//! batch wrote, after that batch's write succeeded. Every writer of mailbox
-//! heads is the shard's apply (which holds the lock) except a snapshot
-//! ingest, which clears the cache under the same lock. A crash loses the
-//! cache and nothing else; recovery needs no step of its own.
+//! head rebuilt under the shard's apply lock, or (b) with the heads an
+//! apply batch changed, after that batch's write succeeded. Every writer of
+//! mailbox state is the shard's apply (which holds the lock) except a
+//! snapshot ingest, which clears the cache under the same lock. A crash
+//! loses the cache and nothing else; recovery needs no step of its own.
+//!
+//! What "the database" holds for a head: the head row, written by every
+//! op that changes a head except most appends, and the messages appended
+//! since the row (I9). An append writes the row only every
+//! [`HEAD_ROW_EVERY_APPENDS`] seqs, which takes one of an append's three
+//! memtable inserts off the hot path; [`HeadRebuild`] folds the row and the
+//! messages after it back into the head, for a cold load in apply and for
+//! every read that needs the head's counters.
 //!
 //! Shape: two generations of hash maps (a cheap approximation of LRU with
 //! no per-hit bookkeeping). Hits in the old generation move to the new
@@ -21,8 +29,100 @@
 //! and the new one becomes old. So at most `capacity` heads are held, and a
 //! head used at least once per half-capacity distinct mailboxes stays.
 
-use crate::records::MailboxMeta;
+use crate::error::EngineError;
+use crate::keys::{self, CF_DATA};
+use crate::records::{MailboxMeta, MessageView};
 use std::collections::HashMap;
+
+/// Default of [`crate::EngineOptions::head_row_every_appends`]: an append
+/// writes its mailbox's head row (`shard | 01 | mb`) only when its seq is a
+/// multiple of this; every other op that changes a head
+/// writes the row at once. Why: the row was one of an append's three
+/// memtable inserts (message, dedup entry, head), and skiplist inserts are
+/// most of apply's CPU (docs/benchmarks.md). Between two row writes the
+/// appended messages themselves say how the head moved, so the head is
+/// the row folded with fewer than this many messages after it
+/// ([`HeadRebuild`]; storage-format invariant I9). The value bounds what a
+/// cold load scans (that many message values at most) against what appends
+/// save (all but one row insert in this many).
+pub const HEAD_ROW_EVERY_APPENDS: u64 = 32;
+
+/// Bounds of [`crate::EngineOptions::head_row_every_appends`]. 1 writes the
+/// row on every append (format 2's behaviour); the maximum bounds a cold
+/// load's scan.
+pub const HEAD_ROW_EVERY_APPENDS_MAX: u64 = 1024;
+
+/// Whether an append that assigned `seq` must write its mailbox's head row.
+pub(crate) fn append_writes_head_row(seq: u64, every: u64) -> bool {
+    seq % every.max(1) == 0
+}
+
+/// Rebuilds a mailbox's head from its stored row (or the empty head if
+/// there is none) and the messages stored after the row's `last_seq`, fed
+/// in seq order. Invariant I9 (docs/storage-format.md): every message after
+/// the row's `last_seq` was appended after the row was written and no
+/// other op has changed the mailbox since (they all write the row), so
+/// those messages are consecutive, live, and fewer than
+/// [`HEAD_ROW_EVERY_APPENDS`]; anything else is corruption.
+pub(crate) struct HeadRebuild {
+    meta: MailboxMeta,
+    after_row: u64,
+    /// The scan bound: the largest `head_row_every_appends` a data dir may
+    /// have been written with, not this engine's setting, because the
+    /// setting may have been lowered since.
+    every_max: u64,
+}
+
+impl HeadRebuild {
+    /// Starts from the stored row.
+    pub(crate) fn new(row: Option<MailboxMeta>) -> HeadRebuild {
+        HeadRebuild {
+            meta: row.unwrap_or_default(),
+            after_row: 0,
+            every_max: HEAD_ROW_EVERY_APPENDS_MAX,
+        }
+    }
+
+    /// The message keys to feed: `[first, end)` of `mb` in `shard`, at most
+    /// [`HEAD_ROW_EVERY_APPENDS_MAX`] of them (one more than I9 allows, so
+    /// that a broken invariant shows instead of being cut off).
+    pub(crate) fn scan_range(&self, shard: u64, mb: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let first = keys::message(shard, mb, self.meta.last_seq.saturating_add(1));
+        let end = keys::message(shard, mb, self.meta.last_seq.saturating_add(self.every_max + 1));
+        (first, end)
+    }
+
+    /// Folds one message (key and checked body) into the head.
+    pub(crate) fn message(&mut self, key: &[u8], body: &[u8]) -> Result<(), EngineError> {
+        let seq =
+            keys::message_seq(key).ok_or_else(|| EngineError::corruption(CF_DATA, key, "message key without seq"))?;
+        let view = MessageView::decode(key, body)?;
+        self.after_row += 1;
+        if seq != self.meta.last_seq.saturating_add(1) || view.deleted || self.after_row >= self.every_max {
+            return Err(EngineError::corruption(
+                CF_DATA,
+                key,
+                format!(
+                    "message {seq} after the mailbox's head row breaks I9 (expected live seq {}, {} after the row, at most {})",
+                    self.meta.last_seq.saturating_add(1),
+                    self.after_row,
+                    self.every_max - 1
+                ),
+            ));
+        }
+        self.meta.last_seq = seq;
+        self.meta.payload_bytes = self
+            .meta
+            .payload_bytes
+            .saturating_add(u64::try_from(view.payload.len()).unwrap_or(u64::MAX));
+        Ok(())
+    }
+
+    /// The rebuilt head.
+    pub(crate) fn finish(self) -> MailboxMeta {
+        self.meta
+    }
+}
 
 /// One shard's cached heads, keyed by the mailbox key
 /// ([`crate::keys::mailbox`]).

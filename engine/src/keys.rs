@@ -88,6 +88,13 @@ pub(crate) fn mailbox_meta(shard: u64, mb: &[u8]) -> Vec<u8> {
     k
 }
 
+/// `shard | 0x02 | mb`: the prefix of all messages of a mailbox.
+pub(crate) fn message_prefix(shard: u64, mb: &[u8]) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::MESSAGE, mb.len() + 8);
+    k.extend_from_slice(mb);
+    k
+}
+
 /// `shard | 0x02 | mb | seq:u64be`
 pub(crate) fn message(shard: u64, mb: &[u8], seq: u64) -> Vec<u8> {
     let mut k = shard_tag(shard, tag::MESSAGE, mb.len() + 8);

@@ -8,6 +8,7 @@
 use crate::codec;
 use crate::engine::Engine;
 use crate::error::{EngineError, ReadError};
+use crate::heads::HeadRebuild;
 use crate::keys::{self, CF_DATA};
 use crate::records::{decode_cursor, MailboxMeta, MessageView, ShardMeta, ShardState};
 use rocksdb::{ReadOptions, SnapshotWithThreadMode, DB};
@@ -116,12 +117,27 @@ impl Engine {
         Ok(snap)
     }
 
+    /// The mailbox's head at `snap`: its row folded with the messages
+    /// appended after the row (I9; see [`HeadRebuild`]).
     fn mailbox_meta_at(&self, snap: &Snap<'_>, shard: u64, mb: &[u8]) -> Result<MailboxMeta, EngineError> {
         let key = keys::mailbox_meta(shard, mb);
-        match snap_get(self, snap, &key)? {
-            Some(b) => MailboxMeta::decode(&key, &b),
-            None => Ok(MailboxMeta::default()),
+        let row = match snap_get(self, snap, &key)? {
+            Some(b) => Some(MailboxMeta::decode(&key, &b)?),
+            None => None,
+        };
+        let mut rebuild = HeadRebuild::new(row);
+        let (first, end) = rebuild.scan_range(shard, mb);
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(snap);
+        ro.set_iterate_upper_bound(end);
+        let mut it = self.db().raw_iterator_cf_opt(self.cf(CF_DATA)?, ro);
+        it.seek(first);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            rebuild.message(k, codec::open(CF_DATA, k, v)?)?;
+            it.next();
         }
+        it.status()?;
+        Ok(rebuild.finish())
     }
 
     /// Reads the page of messages after `q.after_seq`.
@@ -142,7 +158,36 @@ impl Engine {
         )?;
         let snap = self.read_snapshot(shard)?;
         let mb = keys::mailbox(q.namespace, q.user_id);
-        let meta = self.mailbox_meta_at(&snap, shard, &mb)?;
+        // The page needs the head's last seq and low watermark, not its
+        // payload bytes, so instead of rebuilding the head (I9) it takes the
+        // row's low watermark and, as last seq, the larger of the row's and
+        // the mailbox's last message key: one seek of the iterator that
+        // then reads the page.
+        let row_key = keys::mailbox_meta(shard, &mb);
+        let row = match snap_get(self, &snap, &row_key)? {
+            Some(b) => MailboxMeta::decode(&row_key, &b)?,
+            None => MailboxMeta::default(),
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&snap);
+        let prefix = keys::message_prefix(shard, &mb);
+        // Seq u64::MAX is never assigned, so this bound is past every message.
+        let end = keys::message(shard, &mb, u64::MAX);
+        ro.set_iterate_lower_bound(prefix.clone());
+        ro.set_iterate_upper_bound(end.clone());
+        let cf = self.cf(CF_DATA)?;
+        let mut it = self.db().raw_iterator_cf_opt(cf, ro);
+        it.seek_for_prev(&end);
+        let mut last_seq = row.last_seq;
+        if let Some(k) = it.key() {
+            if k.starts_with(&prefix) {
+                let seq = keys::message_seq(k)
+                    .ok_or_else(|| EngineError::corruption(CF_DATA, k, "message key without seq"))?;
+                last_seq = last_seq.max(seq);
+            }
+        }
+        it.status()?;
+        let meta = MailboxMeta { last_seq, ..row };
         if q.after_seq > meta.last_seq {
             return Err(ReadError::CursorAhead {
                 after_seq: q.after_seq,
@@ -162,12 +207,6 @@ impl Engine {
                 .min(max_messages),
         );
         if first <= meta.last_seq {
-            let mut ro = ReadOptions::default();
-            ro.set_snapshot(&snap);
-            let end = keys::message(shard, &mb, meta.last_seq + 1);
-            ro.set_iterate_upper_bound(end);
-            let cf = self.cf(CF_DATA)?;
-            let mut it = self.db().raw_iterator_cf_opt(cf, ro);
             it.seek(keys::message(shard, &mb, first));
             let mut bytes: u64 = 0;
             let mut expect = first;

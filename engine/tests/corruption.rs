@@ -15,7 +15,36 @@ mod common;
 
 use common::*;
 use pigeonhole_engine::keys::CF_DATA;
-use pigeonhole_engine::{EngineError, ReadError, SyncQuery};
+use pigeonhole_engine::{EngineError, ReadError, SyncQuery, HEAD_ROW_EVERY_APPENDS};
+
+/// Appends seqs 1..=n to mailbox ns/u, payload `m{seq}`.
+fn fill(s: &mut Shard, n: u64) {
+    for i in 1..=n {
+        let out = s.one(append(
+            "ns",
+            b"u",
+            format!("k{i}").as_bytes(),
+            format!("m{i}").as_bytes(),
+        ));
+        assert!(appended(i, false)(&out), "{out:?}");
+    }
+}
+
+fn message_key_with_seq(seq: u64) -> impl Fn(&[u8]) -> bool {
+    // Message keys are `shard | 0x02 | mb | seq`.
+    move |k: &[u8]| k.get(8) == Some(&0x02) && k.ends_with(&seq.to_be_bytes())
+}
+
+fn sync_all(s: &Shard) -> Result<pigeonhole_engine::SyncPage, ReadError> {
+    let q = SyncQuery {
+        namespace: "ns",
+        user_id: b"u",
+        after_seq: 0,
+        max_messages: 0,
+        max_bytes: 0,
+    };
+    s.engine().sync(s.id, &q)
+}
 
 /// Flips one bit of the value of every `data` key for which `pick` is true,
 /// with the engine closed, through RocksDB directly.
@@ -50,10 +79,10 @@ fn hex(b: &[u8]) -> String {
 #[test]
 fn flipped_message_byte_is_a_checksum_error_naming_the_key() {
     let mut s = Shard::new();
-    s.one(append("ns", b"u", b"k1", b"first")).unwrap();
-    s.one(append("ns", b"u", b"k2", b"second")).unwrap();
-    // Message keys are `shard | 0x02 | mb | seq`; pick seq 2.
-    let flipped = flip_values(&mut s, |k| k.get(8) == Some(&0x02) && k.ends_with(&2u64.to_be_bytes()));
+    // Past the first head row, so that the mailbox's head does not depend
+    // on the damaged message (I9).
+    fill(&mut s, HEAD_ROW_EVERY_APPENDS + 1);
+    let flipped = flip_values(&mut s, message_key_with_seq(2));
     assert_eq!(flipped.len(), 1);
     let q = SyncQuery {
         namespace: "ns",
@@ -74,15 +103,50 @@ fn flipped_message_byte_is_a_checksum_error_naming_the_key() {
     }
     // The intact message before it still reads.
     let q1 = SyncQuery { max_messages: 1, ..q };
-    assert_eq!(s.engine().sync(s.id, &q1).unwrap().messages[0].payload, b"first");
+    assert_eq!(s.engine().sync(s.id, &q1).unwrap().messages[0].payload, b"m1");
+}
+
+/// A message after the head row is part of the head (I9): damage there
+/// fails reads and the next apply to the mailbox with a corruption error
+/// naming the key, instead of a head that misnumbers the next append.
+#[test]
+fn flipped_message_after_the_head_row_fails_reads_and_apply_of_that_mailbox() {
+    let mut s = Shard::new();
+    fill(&mut s, HEAD_ROW_EVERY_APPENDS + 2);
+    let flipped = flip_values(&mut s, message_key_with_seq(HEAD_ROW_EVERY_APPENDS + 1));
+    assert_eq!(flipped.len(), 1);
+    match sync_all(&s) {
+        Err(ReadError::Engine(EngineError::Corruption { key, .. })) => assert_eq!(key.0, flipped[0]),
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+    assert!(matches!(
+        s.engine().mailbox_info(s.id, "ns", b"u"),
+        Err(ReadError::Engine(EngineError::Corruption { .. }))
+    ));
+    let applied = s.engine().shard_meta(s.id).unwrap().unwrap().applied_index;
+    s.index += 1;
+    let bytes = encode(1, vec![append("ns", b"u", b"next", b"x")]);
+    let r = s.engine().apply(
+        s.id,
+        &[pigeonhole_engine::ApplyEntry {
+            index: s.index,
+            term: 1,
+            kind: pigeonhole_engine::EntryKind::Command(&bytes),
+        }],
+        pigeonhole_engine::Durability::NoFsync,
+    );
+    assert!(matches!(r, Err(EngineError::Corruption { .. })), "{r:?}");
+    assert_eq!(s.engine().shard_meta(s.id).unwrap().unwrap().applied_index, applied);
 }
 
 #[test]
 fn flipped_mailbox_meta_fails_apply_instead_of_misnumbering() {
     let mut s = Shard::new();
-    s.one(append("ns", b"u", b"k1", b"first")).unwrap();
+    // The append of seq HEAD_ROW_EVERY_APPENDS writes the head row.
+    fill(&mut s, HEAD_ROW_EVERY_APPENDS);
     let flipped = flip_values(&mut s, |k| k.get(8) == Some(&0x01));
     assert_eq!(flipped.len(), 1);
+    let applied = s.engine().shard_meta(s.id).unwrap().unwrap().applied_index;
     s.index += 1;
     let bytes = encode(1, vec![append("ns", b"u", b"k2", b"x")]);
     let r = s.engine().apply(
@@ -96,7 +160,7 @@ fn flipped_mailbox_meta_fails_apply_instead_of_misnumbering() {
     );
     assert!(matches!(r, Err(EngineError::Corruption { .. })), "{r:?}");
     // Nothing was applied.
-    assert_eq!(s.engine().shard_meta(s.id).unwrap().unwrap().applied_index, 1);
+    assert_eq!(s.engine().shard_meta(s.id).unwrap().unwrap().applied_index, applied);
 }
 
 #[test]

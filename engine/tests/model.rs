@@ -389,9 +389,14 @@ fn check_reads(s: &Shard, m: &Model) {
     }
 }
 
-fn run(steps: Vec<Step>) {
+/// `head_row_every` and `heads_cached` are small so that short runs cross
+/// head-row writes (I9) and rebuild heads from disk in apply, not only
+/// after a reopen.
+fn run(steps: Vec<Step>, head_row_every: u64, heads_cached: usize) {
     let mut opts = EngineOptions::default();
     opts.dedup_window_ms = WINDOW_MS;
+    opts.head_row_every_appends = head_row_every;
+    opts.heads_cached_per_shard_max = heads_cached;
     let mut s = Shard::with_options(opts.clone());
     let mut m = Model::default(); // a new shard's clock starts at 0
     let mut log: Vec<bytes::Bytes> = Vec::new(); // encoded command of each index
@@ -452,7 +457,11 @@ fn run(steps: Vec<Step>) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, max_shrink_iters: 2000, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
-    fn engine_matches_model(steps in prop::collection::vec(arb_step(), 1..40)) {
-        run(steps);
+    fn engine_matches_model(
+        steps in prop::collection::vec(arb_step(), 1..40),
+        head_row_every in prop_oneof![1u64..=4, Just(pigeonhole_engine::HEAD_ROW_EVERY_APPENDS)],
+        heads_cached in prop_oneof![0usize..=3, Just(pigeonhole_engine::HEADS_CACHED_PER_SHARD_DEFAULT)],
+    ) {
+        run(steps, head_row_every, heads_cached);
     }
 }
