@@ -16,6 +16,8 @@
 //! - **No lock is held across an await**: the routing table and the channel
 //!   cache sit behind std mutexes taken for a few instructions.
 
+mod nodes;
+
 use crate::coalesce::{CoalesceConfig, Coalescer};
 use crate::error::{is_retryable, status_detail, Error};
 use crate::routing::{Routing, ShardRoute};

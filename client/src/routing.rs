@@ -127,6 +127,7 @@ mod tests {
                 .map(|id| pb::NodeInfo {
                     id,
                     address: format!("127.0.0.1:{}", 7070 + id),
+                    state: pb::NodeState::Up as i32,
                 })
                 .collect(),
             shards: vec![

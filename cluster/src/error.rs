@@ -92,6 +92,13 @@ pub enum ClusterError {
         /// The rule broken.
         reason: String,
     },
+    /// The request is well formed but the cluster's state forbids it (e.g.
+    /// removing a node that still holds replicas). Not retryable as is.
+    #[error("refused: {reason}")]
+    Refused {
+        /// Why, and what would make it possible.
+        reason: String,
+    },
     /// The node is shutting down or its driver stopped.
     #[error("node is stopped")]
     Stopped,

@@ -30,6 +30,7 @@ pub mod driver;
 pub mod error;
 pub mod hash;
 pub mod node;
+pub mod nodes;
 pub mod placement;
 pub mod server;
 pub mod settings;

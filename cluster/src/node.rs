@@ -8,6 +8,7 @@
 use crate::config::NodeConfig;
 use crate::driver::{Driver, DriverParts, Inbound, ProposeResult, ShardStatus};
 use crate::error::ClusterError;
+use crate::nodes::{NodeState, NodeStateEntry, NODE_RECORD_PREFIX};
 use crate::placement::{meta_members, ShardMap, META_SHARD, SHARD_RECORD_PREFIX};
 use crate::transport::{NodeInbox, SnapshotSpool, Transport};
 use crate::watch::Watchers;
@@ -15,6 +16,7 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 use pigeonhole_engine::command as cmd;
 use pigeonhole_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState};
 use pigeonhole_engine::{conf_state_with_voters, Engine};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -178,6 +180,63 @@ impl Node {
         let limit = usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX);
         let records = self.inner.engine.system_scan(META_SHARD, SHARD_RECORD_PREFIX, limit)?;
         Ok(self.inner.map.overlay(&records))
+    }
+
+    /// Node states as this node's replica of the metadata group has them
+    /// (a local read, like [`Node::shard_map`]); nodes without a record are
+    /// up and are not listed.
+    pub fn node_states(&self) -> Result<BTreeMap<u64, NodeStateEntry>, ClusterError> {
+        let limit = self.inner.map.nodes.len();
+        let records = self.inner.engine.system_scan(META_SHARD, NODE_RECORD_PREFIX, limit)?;
+        Ok(crate::nodes::decode_states(&records))
+    }
+
+    /// `node`'s state (up if it has no record).
+    pub fn node_state(&self, node: u64) -> Result<NodeState, ClusterError> {
+        Ok(self.node_states()?.get(&node).map_or(NodeState::Up, |e| e.state))
+    }
+
+    /// Sets `node`'s state through the metadata group, after a read barrier
+    /// so that the rules ([`crate::nodes::check_transition`]) see every
+    /// earlier change. Returns (previous, new). Two concurrent calls for
+    /// one node: the later write wins (an operator's action, not a lock).
+    pub async fn set_node_state(&self, node: u64, state: NodeState) -> Result<(NodeState, NodeState), ClusterError> {
+        if !self.inner.map.nodes.contains_key(&node) {
+            return Err(ClusterError::InvalidArgument {
+                field: "node",
+                reason: format!("node {node} is not in the cluster"),
+            });
+        }
+        if state == NodeState::Unspecified {
+            return Err(ClusterError::InvalidArgument {
+                field: "state",
+                reason: "must be UP, DRAINING or REMOVED".into(),
+            });
+        }
+        self.read_barrier(META_SHARD).await?;
+        let current = self.node_states()?.get(&node).copied().unwrap_or_default();
+        crate::nodes::check_transition(&self.shard_map()?, node, current.state, state)
+            .map_err(|reason| ClusterError::Refused { reason })?;
+        if current.state == state {
+            return Ok((state, state));
+        }
+        let op = cmd::Op {
+            op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
+                key: crate::nodes::node_record_key(node),
+                value: crate::nodes::encode_record(node, state),
+                version: current.version.saturating_add(1),
+            })),
+        };
+        let results = self.propose(META_SHARD, vec![op]).await?;
+        match results.into_iter().next() {
+            Some(Ok(_)) => Ok((current.state, state)),
+            // A concurrent write got a higher version in first: retryable.
+            Some(Err(e)) => Err(ClusterError::Busy {
+                shard: META_SHARD,
+                reason: format!("node {node}'s record changed meanwhile ({e}); retry"),
+            }),
+            None => Err(ClusterError::Raft("a proposal of one op returned no result".into())),
+        }
     }
 
     /// The map every node derived at bootstrap (no replicated changes).

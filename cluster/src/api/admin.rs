@@ -38,6 +38,7 @@ impl Admin for AdminService {
         _: Request<pb::GetShardMapRequest>,
     ) -> Result<Response<pb::GetShardMapResponse>, Status> {
         let map = self.node.shard_map().map_err(|e| cluster_error(&e))?;
+        let states = self.node.node_states().map_err(|e| cluster_error(&e))?;
         Ok(Response::new(pb::GetShardMapResponse {
             nodes: map
                 .nodes
@@ -45,6 +46,7 @@ impl Admin for AdminService {
                 .map(|(id, address)| pb::NodeInfo {
                     id: *id,
                     address: address.clone(),
+                    state: states.get(id).map_or(pb::NodeState::Up, |e| e.state) as i32,
                 })
                 .collect(),
             shards: map
@@ -129,6 +131,7 @@ impl Admin for AdminService {
         if r.to_node == 0 {
             return Err(invalid("to_node", "is required"));
         }
+        self.takes_new_work(r.to_node, "leadership")?;
         match self.node.transfer_leader(r.shard, r.to_node).await {
             Ok(()) => Ok(Response::new(pb::TransferLeaderResponse {})),
             // Only the leader can transfer: say who that is, and that the
@@ -145,6 +148,11 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let nodes = self.node.shard_map().map_err(|e| cluster_error(&e))?.nodes;
         let changes = membership_changes(&r.changes, |n| nodes.contains_key(&n))?;
+        for c in &changes {
+            if let MembershipChange::AddLearner(n) | MembershipChange::AddVoter(n) = *c {
+                self.takes_new_work(n, "replica")?;
+            }
+        }
         match self.node.change_membership(r.shard, &changes).await {
             Ok(cs) => {
                 if let Some(refused) = changes.iter().find(|c| !took_effect(c, &cs)) {
@@ -163,6 +171,39 @@ impl Admin for AdminService {
             Err(ClusterError::NotLeader { leader, .. }) => Err(super::status::not_leader_precondition(r.shard, leader)),
             Err(e) => Err(cluster_error(&e)),
         }
+    }
+
+    async fn set_node_state(
+        &self,
+        req: Request<pb::SetNodeStateRequest>,
+    ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
+        let r = req.into_inner();
+        let state = pb::NodeState::try_from(r.state)
+            .map_err(|_| invalid("state", format!("{} is not a NodeState", r.state)))?;
+        let (previous, state) = self
+            .node
+            .set_node_state(r.node, state)
+            .await
+            .map_err(|e| cluster_error(&e))?;
+        Ok(Response::new(pb::SetNodeStateResponse {
+            previous: previous as i32,
+            state: state as i32,
+        }))
+    }
+}
+
+impl AdminService {
+    /// FAILED_PRECONDITION unless `node` may take new `work` (a replica or
+    /// a leadership): draining and removed nodes take none.
+    fn takes_new_work(&self, node: u64, work: &str) -> Result<(), Status> {
+        let state = self.node.node_state(node).map_err(|e| cluster_error(&e))?;
+        if crate::nodes::takes_new_work(state) {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "node {node} is {}: it takes no new {work} (phctl node undrain {node} to undo a drain)",
+            crate::nodes::state_name(state)
+        )))
     }
 }
 

@@ -167,6 +167,7 @@ pub fn cluster_error(e: &ClusterError) -> Status {
         ClusterError::Busy { .. } => info(Code::Unavailable, msg, "BUSY", &[]),
         ClusterError::Timeout { .. } => Status::deadline_exceeded(msg),
         ClusterError::Stopped => Status::unavailable(msg),
+        ClusterError::Refused { .. } => Status::failed_precondition(msg),
         ClusterError::Engine(_) | ClusterError::Raft(_) | ClusterError::Config(_) | ClusterError::Io(_) => {
             Status::internal(msg)
         }

@@ -21,6 +21,7 @@ macro_rules! out {
 
 mod commands;
 mod moves;
+mod nodes;
 mod render;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -73,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Nodes: list, and their life cycle (drain, undrain, remove).
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Shards (Raft groups).
     Shard {
         #[command(subcommand)]
@@ -90,6 +96,34 @@ enum ClusterCommand {
     /// Nodes, health, version, replica and leader counts, metadata-group
     /// term and applied index. Exits 4 when degraded.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Every node: address, state (up, draining, removed), whether it
+    /// answers, and the data-shard replicas and leaderships it holds.
+    List,
+    /// Mark a node draining (it takes no new replica or leadership), then
+    /// move its leaderships and then its replicas to the up nodes with the
+    /// fewest replicas. Running it again finishes a drain cut short.
+    Drain {
+        /// The node id.
+        id: u64,
+        /// How long the whole drain may take, in ms.
+        #[arg(long, default_value_t = 600_000)]
+        wait_ms: u64,
+    },
+    /// Mark a draining node up again (its replicas stay where they went).
+    Undrain {
+        /// The node id.
+        id: u64,
+    },
+    /// Take a node out of the cluster for good. Refused while it holds a
+    /// replica of any data shard: drain it first.
+    Remove {
+        /// The node id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +210,14 @@ async fn main() -> ExitCode {
         Command::Cluster {
             command: ClusterCommand::Status,
         } => commands::cluster_status(&ctx).await,
+        Command::Node { command } => match command {
+            NodeCommand::List => nodes::node_list(&ctx).await,
+            NodeCommand::Drain { id, wait_ms } => {
+                nodes::node_drain(&ctx, id, std::time::Duration::from_millis(wait_ms)).await
+            }
+            NodeCommand::Undrain { id } => nodes::node_set(&ctx, id, pigeonhole_client::pb::NodeState::Up).await,
+            NodeCommand::Remove { id } => nodes::node_set(&ctx, id, pigeonhole_client::pb::NodeState::Removed).await,
+        },
         Command::Shard { command } => match command {
             ShardCommand::List => commands::shard_list(&ctx).await,
             ShardCommand::Show { id } => commands::shard_show(&ctx, id).await,

@@ -23,15 +23,15 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// The shard as its leader sees it.
-struct View {
-    leader: u64,
-    voters: Vec<u64>,
-    learners: Vec<u64>,
-    commit: u64,
+pub(crate) struct View {
+    pub leader: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub commit: u64,
 }
 
 /// The leader's view of `shard`, from NodeStatus of every node.
-async fn view(client: &Client, shard: u64) -> Option<View> {
+pub(crate) async fn view(client: &Client, shard: u64) -> Option<View> {
     all_status(client, false).await.into_values().flatten().find_map(|s| {
         s.replicas
             .iter()
@@ -55,7 +55,7 @@ async fn replica_on(client: &Client, node: u64, shard: u64) -> Result<Option<pb:
 }
 
 /// Polls `f` until it yields a value or `deadline` passes.
-async fn until<T, F, Fut>(what: &str, deadline: Instant, mut f: F) -> Result<T, Failure>
+pub(crate) async fn until<T, F, Fut>(what: &str, deadline: Instant, mut f: F) -> Result<T, Failure>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -93,10 +93,40 @@ pub async fn shard_move(ctx: &Ctx, id: u64, from: u64, to: u64, wait: Duration) 
     if !client.routing().nodes.contains_key(&to) {
         return Err(failed(format!("node {to} is not in the cluster")));
     }
-    let deadline = Instant::now() + wait;
     let started = Instant::now();
+    let (steps, v) = move_replica(&client, id, from, to, Instant::now() + wait).await?;
+    let ms = started.elapsed().as_millis();
+    match ctx.output {
+        Output::Json => crate::render::json(&json!({
+            "shard": id, "from": from, "to": to, "voters": v.voters, "leader": v.leader,
+            "steps": steps, "ms": ms,
+        })),
+        Output::Table => {
+            for s in &steps {
+                out!("shard {id}: {s}");
+            }
+            out!(
+                "shard {id}: moved from node {from} to node {to} in {ms} ms; voters {:?}, leader node {}",
+                v.voters,
+                v.leader
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// Moves `shard`'s replica from `from` to `to` (steps 1 to 5 of the module
+/// docs), skipping what is done already. Returns the steps taken and the
+/// shard's configuration after the move.
+pub(crate) async fn move_replica(
+    client: &Client,
+    id: u64,
+    from: u64,
+    to: u64,
+    deadline: Instant,
+) -> Result<(Vec<String>, View), Failure> {
     let mut steps: Vec<String> = Vec::new();
-    let v = until("a leader of the shard", deadline, || view(&client, id)).await?;
+    let v = until("a leader of the shard", deadline, || view(client, id)).await?;
     let moved = |v: &View| v.voters.contains(&to) && !v.voters.contains(&from) && !v.learners.contains(&from);
     if !moved(&v) {
         if !v.voters.contains(&from) {
@@ -116,13 +146,13 @@ pub async fn shard_move(ctx: &Ctx, id: u64, from: u64, to: u64, wait: Duration) 
             &format!("node {to} to catch up to index {target}"),
             deadline,
             || async {
-                let r = replica_on(&client, to, id).await.ok().flatten()?;
+                let r = replica_on(client, to, id).await.ok().flatten()?;
                 (r.applied_index >= target).then_some(())
             },
         )
         .await?;
         steps.push(format!("node {to} caught up (applied ≥ {target})"));
-        let v = until("a leader of the shard", deadline, || view(&client, id)).await?;
+        let v = until("a leader of the shard", deadline, || view(client, id)).await?;
         if v.leader == from {
             let next = v
                 .voters
@@ -132,7 +162,7 @@ pub async fn shard_move(ctx: &Ctx, id: u64, from: u64, to: u64, wait: Duration) 
                 .ok_or_else(|| failed(format!("shard {id}: no other voter to lead while node {from} leaves")))?;
             client.transfer_leader(id, next).await?;
             until(&format!("node {next} to lead"), deadline, || async {
-                view(&client, id).await.filter(|v| v.leader != from).map(|_| ())
+                view(client, id).await.filter(|v| v.leader != from).map(|_| ())
             })
             .await?;
             steps.push(format!("leadership moved from node {from} to node {next}"));
@@ -151,39 +181,22 @@ pub async fn shard_move(ctx: &Ctx, id: u64, from: u64, to: u64, wait: Duration) 
         }
     }
     until("the new configuration", deadline, || async {
-        view(&client, id).await.filter(&moved).map(|_| ())
+        view(client, id).await.filter(&moved).map(|_| ())
     })
     .await?;
     // Replica GC on the old node: it deletes its copy once it applies its
     // removal. A node that is down keeps it until it is back.
-    let gc = match replica_on(&client, from, id).await {
+    let gc = match replica_on(client, from, id).await {
         Err(e) => format!("node {from} did not answer ({e}); it deletes its replica when it applies the removal"),
         Ok(_) => {
             until(&format!("node {from} to delete its replica"), deadline, || async {
-                matches!(replica_on(&client, from, id).await, Ok(None)).then_some(())
+                matches!(replica_on(client, from, id).await, Ok(None)).then_some(())
             })
             .await?;
             format!("node {from} deleted its replica")
         }
     };
     steps.push(gc);
-    let v = until("a leader of the shard", deadline, || view(&client, id)).await?;
-    let ms = started.elapsed().as_millis();
-    match ctx.output {
-        Output::Json => crate::render::json(&json!({
-            "shard": id, "from": from, "to": to, "voters": v.voters, "leader": v.leader,
-            "steps": steps, "ms": ms,
-        })),
-        Output::Table => {
-            for s in &steps {
-                out!("shard {id}: {s}");
-            }
-            out!(
-                "shard {id}: moved from node {from} to node {to} in {ms} ms; voters {:?}, leader node {}",
-                v.voters,
-                v.leader
-            );
-        }
-    }
-    Ok(0)
+    let v = until("a leader of the shard", deadline, || view(client, id)).await?;
+    Ok((steps, v))
 }

@@ -1,0 +1,234 @@
+//! `phctl node list | drain | undrain | remove`: a node's life cycle.
+//!
+//! A node's state (up, draining, removed) lives in the cluster's metadata
+//! group (`Admin.SetNodeState`); the servers refuse new replicas and
+//! leaderships on a draining or removed node, and refuse to remove a node
+//! that still holds a replica. Moving a drained node's leaders and replicas
+//! away is done here, from the operator's terminal, with the same steps as
+//! `phctl shard move` (there is no placement loop in the servers yet), so
+//! like a move, a drain cut short is finished by running it again.
+
+use crate::commands::{all_status, connect, failed, Ctx, Failure};
+use crate::moves::{move_replica, until, view};
+use crate::{render, Output};
+use pigeonhole_client::{pb, Client};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+fn state_name(state: i32) -> &'static str {
+    match pb::NodeState::try_from(state) {
+        Ok(pb::NodeState::Up) => "up",
+        Ok(pb::NodeState::Draining) => "draining",
+        Ok(pb::NodeState::Removed) => "removed",
+        _ => "unknown",
+    }
+}
+
+/// What each node holds, from NodeStatus of every node: data-shard
+/// replicas (voters and learners) and the shards it leads. Shard 0, the
+/// metadata group, is on every node and is not counted.
+#[derive(Debug, Default)]
+struct Holdings {
+    replicas: BTreeMap<u64, BTreeSet<u64>>,
+    leads: BTreeMap<u64, BTreeSet<u64>>,
+    unreachable: BTreeMap<u64, String>,
+}
+
+async fn holdings(client: &Client) -> Holdings {
+    let mut h = Holdings::default();
+    for (node, status) in all_status(client, false).await {
+        match status {
+            Ok(s) => {
+                for r in s.replicas.iter().filter(|r| r.shard != 0) {
+                    h.replicas.entry(node).or_default().insert(r.shard);
+                    if r.role == pb::ReplicaRole::Leader as i32 {
+                        h.leads.entry(node).or_default().insert(r.shard);
+                    }
+                }
+            }
+            Err(e) => {
+                h.unreachable.insert(node, e);
+            }
+        }
+    }
+    h
+}
+
+fn count(m: &BTreeMap<u64, BTreeSet<u64>>, node: u64) -> usize {
+    m.get(&node).map_or(0, BTreeSet::len)
+}
+
+/// `node list`.
+pub async fn node_list(ctx: &Ctx) -> Result<u8, Failure> {
+    let client = connect(ctx).await?;
+    let nodes = client.nodes().await?;
+    let h = holdings(&client).await;
+    let rows: Vec<Value> = nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "id": n.id,
+                "address": n.address,
+                "state": state_name(n.state),
+                "reachable": !h.unreachable.contains_key(&n.id),
+                "replicas": count(&h.replicas, n.id),
+                "leaders": count(&h.leads, n.id),
+            })
+        })
+        .collect();
+    match ctx.output {
+        Output::Json => render::json(&json!({ "nodes": rows })),
+        Output::Table => {
+            let mut t = render::table(&["NODE", "ADDRESS", "STATE", "REACHABLE", "REPLICAS", "LEADERS"]);
+            for n in &nodes {
+                let down = h.unreachable.get(&n.id);
+                t.add_row(vec![
+                    n.id.to_string(),
+                    n.address.clone(),
+                    state_name(n.state).to_string(),
+                    down.map_or("yes".to_string(), |e| format!("no ({e})")),
+                    if down.is_some() {
+                        "-".into()
+                    } else {
+                        count(&h.replicas, n.id).to_string()
+                    },
+                    if down.is_some() {
+                        "-".into()
+                    } else {
+                        count(&h.leads, n.id).to_string()
+                    },
+                ]);
+            }
+            out!("{t}");
+        }
+    }
+    Ok(0)
+}
+
+/// `node undrain N` and `node remove N`: one state change.
+pub async fn node_set(ctx: &Ctx, node: u64, state: pb::NodeState) -> Result<u8, Failure> {
+    let client = connect(ctx).await?;
+    let r = client.set_node_state(node, state).await?;
+    match ctx.output {
+        Output::Json => render::json(&json!({
+            "node": node, "previous": state_name(r.previous), "state": state_name(r.state),
+        })),
+        Output::Table => out!("node {node}: {} -> {}", state_name(r.previous), state_name(r.state)),
+    }
+    Ok(0)
+}
+
+/// `node drain N`: marks the node draining, then moves its leaderships,
+/// then its replicas, to the up nodes that hold the fewest replicas.
+pub async fn node_drain(ctx: &Ctx, node: u64, wait: Duration) -> Result<u8, Failure> {
+    let client = connect(ctx).await?;
+    let deadline = Instant::now() + wait;
+    let started = Instant::now();
+    let r = client.set_node_state(node, pb::NodeState::Draining).await?;
+    let mut steps = vec![format!(
+        "node {node}: {} -> {}",
+        state_name(r.previous),
+        state_name(r.state)
+    )];
+    let tell = |steps: &mut Vec<String>, s: String| {
+        if ctx.output == Output::Table {
+            out!("{s}");
+        }
+        steps.push(s);
+    };
+    if ctx.output == Output::Table {
+        out!("{}", steps.first().map_or("", String::as_str));
+    }
+    let up: BTreeSet<u64> = client
+        .nodes()
+        .await?
+        .iter()
+        .filter(|n| n.state == pb::NodeState::Up as i32)
+        .map(|n| n.id)
+        .collect();
+    let h = holdings(&client).await;
+    if h.unreachable.contains_key(&node) {
+        return Err(failed(format!(
+            "node {node} does not answer; a drain moves replicas off a live node (a dead node's replicas are \
+             rebuilt with phctl shard move from the survivors)"
+        )));
+    }
+    // 1. Leaderships first: clients keep writing while replicas move.
+    for &shard in h.leads.get(&node).into_iter().flatten() {
+        let v = until("a leader of the shard", deadline, || view(&client, shard)).await?;
+        if v.leader != node {
+            continue;
+        }
+        let Some(next) = v.voters.iter().copied().find(|n| *n != node && up.contains(n)) else {
+            return Err(failed(format!(
+                "shard {shard}: no other voter on an up node to lead (voters {:?})",
+                v.voters
+            )));
+        };
+        client.transfer_leader(shard, next).await?;
+        until(&format!("node {next} to lead shard {shard}"), deadline, || async {
+            view(&client, shard).await.filter(|v| v.leader != node).map(|_| ())
+        })
+        .await?;
+        tell(&mut steps, format!("shard {shard}: leadership moved to node {next}"));
+    }
+    // 2. Then every replica, each to the up node with the fewest replicas
+    // that does not hold the shard.
+    let mut load: BTreeMap<u64, usize> = up
+        .iter()
+        .filter(|n| **n != node)
+        .map(|n| (*n, count(&h.replicas, *n)))
+        .collect();
+    let shards: Vec<u64> = h.replicas.get(&node).into_iter().flatten().copied().collect();
+    for (i, &shard) in shards.iter().enumerate() {
+        let v = until("a leader of the shard", deadline, || view(&client, shard)).await?;
+        if !v.voters.contains(&node) {
+            if v.learners.contains(&node) {
+                // A learner left by a move cut short: just drop it.
+                client
+                    .change_membership(
+                        shard,
+                        &[pb::MembershipChange {
+                            kind: pb::MembershipChangeKind::Remove as i32,
+                            node,
+                        }],
+                    )
+                    .await?;
+                tell(&mut steps, format!("shard {shard}: learner on node {node} removed"));
+            }
+            continue;
+        }
+        let target = load
+            .iter()
+            .filter(|(n, _)| !v.voters.contains(n))
+            .min_by_key(|(n, c)| (**c, **n))
+            .map(|(n, _)| *n)
+            .ok_or_else(|| {
+                failed(format!(
+                    "shard {shard}: no up node without a replica of it can take node {node}'s (voters {:?}, up nodes \
+                     {up:?}); add a node or undrain one",
+                    v.voters
+                ))
+            })?;
+        move_replica(&client, shard, node, target, deadline).await?;
+        *load.entry(target).or_default() += 1;
+        tell(
+            &mut steps,
+            format!(
+                "shard {shard}: replica moved to node {target} ({}/{})",
+                i + 1,
+                shards.len()
+            ),
+        );
+    }
+    let ms = started.elapsed().as_millis();
+    let done = format!(
+        "node {node} drained in {ms} ms: no replica and no leadership left (phctl node remove {node} takes it out)"
+    );
+    match ctx.output {
+        Output::Json => render::json(&json!({ "node": node, "steps": steps, "ms": ms })),
+        Output::Table => out!("{done}"),
+    }
+    Ok(0)
+}

@@ -1,0 +1,73 @@
+//! Node administration in the SDK: node states (up, draining, removed) and
+//! the call that any node can answer. Separate from `client.rs` because it
+//! is an operator's surface (phctl), not the routing tier's hot path.
+
+use super::{with_timeout, Client, Retry};
+use crate::error::is_retryable;
+use crate::{pb, Error};
+use pigeonhole_proto::v1::admin_client::AdminClient;
+use std::future::Future;
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::Status;
+
+impl Client {
+    /// The cluster's nodes with their addresses and states, from any node
+    /// that answers (its replica of the metadata group).
+    pub async fn nodes(&self) -> Result<Vec<pb::NodeInfo>, Error> {
+        self.call_any(|mut admin, budget| {
+            let req = with_timeout(pb::GetShardMapRequest {}, budget);
+            async move { admin.get_shard_map(req).await.map(|r| r.into_inner().nodes) }
+        })
+        .await
+    }
+
+    /// Sets `node`'s state (`Admin.SetNodeState`): DRAINING stops new
+    /// replicas and leaderships going to it, UP undoes that, REMOVED takes
+    /// it out for good once it holds no replica. Any node can answer.
+    pub async fn set_node_state(&self, node: u64, state: pb::NodeState) -> Result<pb::SetNodeStateResponse, Error> {
+        self.call_any(|mut admin, budget| {
+            let req = with_timeout(
+                pb::SetNodeStateRequest {
+                    node,
+                    state: state as i32,
+                },
+                budget,
+            );
+            async move { admin.set_node_state(req).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
+    /// Runs an admin call any node can answer: on the known nodes in turn,
+    /// retrying retryable statuses within the client's deadline.
+    async fn call_any<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(AdminClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let cfg = &self.inner.config;
+        let mut retry = Retry::new(cfg, self.timeout);
+        loop {
+            let nodes: Vec<u64> = self.routing().nodes.keys().copied().collect();
+            let Some(node) = nodes
+                .get(usize::try_from(retry.attempts).unwrap_or(0) % nodes.len().max(1))
+                .copied()
+            else {
+                return Err(Error::NoEndpoint("the shard map lists no node".into()));
+            };
+            let budget = retry.attempt_budget(cfg, Duration::ZERO);
+            let admin = self.admin_at(node)?;
+            retry.attempts += 1;
+            let s = match tokio::time::timeout(budget, call(admin, budget)).await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(s)) => s,
+                Err(_) => Status::deadline_exceeded(format!("node {node} did not answer")),
+            };
+            if !is_retryable(s.code()) {
+                return Err(Error::Rejected(s));
+            }
+            retry.pause(s, true).await?;
+        }
+    }
+}

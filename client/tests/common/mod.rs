@@ -1,0 +1,220 @@
+//! The end-to-end harness: real `pigeonhole` processes on loopback (a
+//! [`Cluster`]), `phctl` through assert_cmd, and the readers the tests
+//! check acknowledged appends with. Shared by `e2e.rs` and `e2e_nodes.rs`;
+//! each test binary uses part of it.
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use assert_cmd::Command as Cmd;
+use pigeonhole_client::{mailbox, pb, Client};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const NODES: u64 = 3;
+pub const SHARDS: u64 = 4;
+pub const USERS: usize = 8;
+pub const WRITERS: usize = 4;
+pub const APPENDS_PER_WRITER: usize = 120;
+/// The kill happens once this many appends were acknowledged.
+pub const KILL_AFTER_ACKS: u64 = 100;
+
+pub fn server_bin() -> PathBuf {
+    let phctl = PathBuf::from(env!("CARGO_BIN_EXE_phctl"));
+    let bin = phctl.with_file_name("pigeonhole");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p pigeonhole-cluster` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct Node {
+    pub id: u64,
+    pub port: u16,
+    pub child: Option<Child>,
+}
+
+impl Drop for Node {
+    /// A failing test must not leave servers running.
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Node {
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub initial: String,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        Cluster::start_n(NODES)
+    }
+
+    /// `n` nodes (the servers replicate each shard 3 times).
+    pub fn start_n(n: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            dir,
+            nodes: Vec::new(),
+            initial,
+        };
+        for (i, port) in ports.into_iter().enumerate() {
+            let id = u64::try_from(i).unwrap() + 1;
+            c.nodes.push(Node { id, port, child: None });
+            c.spawn(id);
+        }
+        c
+    }
+
+    pub fn spawn(&mut self, id: u64) {
+        let data = self.dir.path().join(format!("n{id}"));
+        let node = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        let child = Command::new(server_bin())
+            .args(["--node-id", &id.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{}", node.port)])
+            .args(["--initial-cluster", &self.initial])
+            .args(["--shards", &SHARDS.to_string()])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        node.child = Some(child);
+    }
+
+    pub fn kill(&mut self, id: u64) {
+        self.nodes.iter_mut().find(|n| n.id == id).unwrap().kill();
+    }
+
+    pub fn endpoints(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        let n = self.nodes.iter().find(|n| n.id == id).unwrap();
+        format!("127.0.0.1:{}", n.port)
+    }
+
+    pub fn phctl(&self) -> Cmd {
+        let mut c = Cmd::cargo_bin("phctl").unwrap();
+        c.env("PIGEONHOLE_ENDPOINTS", self.endpoints())
+            .timeout(Duration::from_secs(60));
+        c
+    }
+
+    /// Waits until `phctl cluster status` exits 0: every node up, every
+    /// shard led.
+    pub fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = self.phctl().args(["cluster", "status", "-o", "json"]).output().unwrap();
+            if out.status.code() == Some(0) {
+                let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(doc["healthy"], true, "exit 0 means healthy: {doc}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not healthy: exit {:?}, {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+pub fn users() -> Vec<pb::MailboxId> {
+    (0..USERS)
+        .map(|u| mailbox("chat", format!("user-{u}").as_bytes()))
+        .collect()
+}
+
+/// How many appends writer `w`'s schedule sends to user `u`.
+pub fn expected_count(u: usize) -> u64 {
+    let per_writer = (0..APPENDS_PER_WRITER).filter(|i| i % USERS == u).count();
+    u64::try_from(per_writer * WRITERS).unwrap()
+}
+
+/// The whole log of `mb` as `node` has it (linearizable: ReadIndex on that
+/// node, so a lagging replica catches up first).
+pub async fn read_all(addr: &str, mb: &pb::MailboxId) -> Result<Vec<pb::Message>, tonic::Status> {
+    let mut c = pb::mailbox_client::MailboxClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut out: Vec<pb::Message> = Vec::new();
+    loop {
+        let page = c
+            .sync(pb::SyncRequest {
+                mailbox: Some(mb.clone()),
+                after_seq: out.last().map_or(0, |m| m.seq),
+                max_messages: 1_000,
+                max_bytes: 0,
+                wait_ms: 0,
+                consistency: pb::ReadConsistency::Linearizable as i32,
+            })
+            .await?
+            .into_inner();
+        let more = page.has_more;
+        out.extend(page.messages);
+        if !more {
+            return Ok(out);
+        }
+    }
+}
+
+pub async fn leader_of(client: &Client, shard: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for node in client.routing().nodes.keys().copied() {
+            if let Ok(s) = client.node_status(node, false).await {
+                if s.replicas
+                    .iter()
+                    .any(|r| r.shard == shard && r.role == pb::ReplicaRole::Leader as i32)
+                {
+                    return node;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "shard {shard} has no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,184 @@
+//! End to end, a node's life cycle through real processes: `phctl node
+//! drain` under SDK load moves the node's leaderships and replicas away
+//! (the writers see no failed request and every acknowledged append is
+//! stored once, in order), the servers refuse new work for a draining
+//! node, and `phctl node remove` is refused until the node holds nothing,
+//! after which the removal is final.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use common::*;
+use pigeonhole_client::{pb, Client, ClientConfig};
+use std::time::Duration;
+
+fn phctl(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
+        .env("PIGEONHOLE_ENDPOINTS", cluster.endpoints())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn node_row(cluster: &Cluster, node: u64) -> serde_json::Value {
+    let out = phctl(cluster, &["node", "list", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    doc["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == node)
+        .cloned()
+        .unwrap_or_else(|| panic!("node {node} not listed: {doc}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_removed() {
+    const DRAINED: u64 = 2;
+    let cluster = Cluster::start_n(4);
+    cluster.wait_healthy(Duration::from_secs(30));
+    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
+    cfg.request_timeout = Duration::from_secs(30);
+    let client = Client::connect(cfg).await.unwrap();
+    let held: Vec<u64> = client
+        .routing()
+        .shards
+        .iter()
+        .filter(|s| s.replicas.contains(&DRAINED))
+        .map(|s| s.id)
+        .collect();
+    assert!(!held.is_empty(), "the bootstrap map puts replicas on node {DRAINED}");
+
+    // Not while it holds replicas.
+    let out = phctl(&cluster, &["node", "remove", &DRAINED.to_string()]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("still holds replicas") && err.contains("drain"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(node_row(&cluster, DRAINED)["state"], "up");
+
+    let users = users();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let client = client.clone();
+        let users = users.clone();
+        writers.spawn(async move {
+            let mut done: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+            for i in 0..APPENDS_PER_WRITER {
+                let u = i % USERS;
+                let key = format!("d{w}-{i}").into_bytes();
+                let r = client.append(&users[u], key.clone(), key.clone()).await;
+                let r = r.map_err(|e| format!("{}: {e}", String::from_utf8_lossy(&key)))?;
+                done.push((u, key, r.seq));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, String>(done)
+        });
+    }
+    let endpoints = cluster.endpoints();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
+            .env("PIGEONHOLE_ENDPOINTS", endpoints)
+            .args([
+                "node",
+                "drain",
+                &DRAINED.to_string(),
+                "-o",
+                "json",
+                "--timeout-ms",
+                "10000",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let moved = doc["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s.as_str().unwrap().contains("replica moved"))
+        .count();
+    assert_eq!(moved, held.len(), "{doc}");
+
+    let mut acked: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+    while let Some(r) = writers.join_next().await {
+        acked.extend(
+            r.unwrap()
+                .unwrap_or_else(|e| panic!("an SDK request failed during the drain: {e}")),
+        );
+    }
+    // Nothing left on the node, as it reports itself and as phctl lists it.
+    let st = client.node_status(DRAINED, false).await.unwrap();
+    let left: Vec<u64> = st.replicas.iter().map(|r| r.shard).filter(|s| *s != 0).collect();
+    assert!(left.is_empty(), "node {DRAINED} still holds shards {left:?}");
+    let row = node_row(&cluster, DRAINED);
+    assert_eq!(
+        (&row["state"], &row["replicas"], &row["leaders"]),
+        (
+            &serde_json::json!("draining"),
+            &serde_json::json!(0),
+            &serde_json::json!(0)
+        ),
+        "{row}"
+    );
+
+    // The three nodes left hold every shard; read each user's log on node 1.
+    for (u, user) in users.iter().enumerate() {
+        let got = read_all(&cluster.addr(1), user).await.unwrap();
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=got.len() as u64).collect::<Vec<_>>(),
+            "user {u}: gaps or disorder"
+        );
+        let mine: Vec<&(usize, Vec<u8>, u64)> = acked.iter().filter(|a| a.0 == u).collect();
+        assert_eq!(got.len(), mine.len(), "user {u}: stored and acknowledged counts differ");
+        for (_, key, seq) in mine {
+            let m = &got[usize::try_from(*seq).unwrap() - 1];
+            assert_eq!((&m.idempotency_key, &m.payload), (key, key), "user {u} seq {seq}");
+        }
+    }
+
+    // A draining node takes no new replica.
+    let add = client
+        .change_membership(
+            held[0],
+            &[pb::MembershipChange {
+                kind: pb::MembershipChangeKind::AddLearner as i32,
+                node: DRAINED,
+            }],
+        )
+        .await
+        .unwrap_err();
+    let status = add.status().cloned().unwrap();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{add}");
+    assert!(status.message().contains("draining"), "{add}");
+
+    // Now it can go, for good.
+    let out = phctl(&cluster, &["node", "remove", &DRAINED.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(node_row(&cluster, DRAINED)["state"], "removed");
+    let out = phctl(&cluster, &["node", "undrain", &DRAINED.to_string()]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("never comes back"),
+        "{}",
+        text(&out)
+    );
+}

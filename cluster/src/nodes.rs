@@ -1,0 +1,195 @@
+//! Node states: up, draining, removed, replicated in the metadata group.
+//!
+//! Why in the metadata group: every node must agree on which nodes may take
+//! new replicas and leaderships, and an operator's `phctl node drain` must
+//! survive the node it was typed on. The metadata group (shard
+//! [`META_SHARD`]) already holds the shard records every node reads its map
+//! from, so a node's state is one more system value there (key
+//! [`NODE_RECORD_PREFIX`] + id), read locally by every node. A node with no
+//! record is up: the nodes of `--initial-cluster` start that way.
+//!
+//! The rules ([`check_transition`]) are pure functions of the current state
+//! and the shard map, so they are unit-tested here and the service only
+//! reads, checks and writes:
+//! - up ⇄ draining at any time;
+//! - removed only once the node holds no replica (voter or learner) of any
+//!   data shard, and never left again (a removed id is not reused, so a
+//!   stale replica or message naming it is never mistaken for a new node).
+//!
+//! What a state changes: a draining or removed node gets no new replica
+//! and no leadership through the Admin API (`ChangeMembership`,
+//! `TransferLeader`). Moving its leaders and replicas away is `phctl node
+//! drain`'s job; a placement loop that would do it by itself is not built.
+
+use crate::placement::{ShardMap, META_SHARD};
+use pigeonhole_proto::internal::v1::NodeRecord;
+use pigeonhole_proto::v1 as pb;
+use prost::Message as _;
+use std::collections::BTreeMap;
+
+pub use pb::NodeState;
+
+/// System key prefix of node records in the metadata group.
+pub const NODE_RECORD_PREFIX: &[u8] = b"node/";
+
+/// The system key of `node`'s record.
+pub fn node_record_key(node: u64) -> Vec<u8> {
+    let mut k = NODE_RECORD_PREFIX.to_vec();
+    k.extend_from_slice(&node.to_be_bytes());
+    k
+}
+
+/// A node's state and the version of the record it came from (0: no record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeStateEntry {
+    /// The state.
+    pub state: NodeState,
+    /// The system value's version; the next write uses one more.
+    pub version: u64,
+}
+
+impl Default for NodeStateEntry {
+    fn default() -> Self {
+        NodeStateEntry {
+            state: NodeState::Up,
+            version: 0,
+        }
+    }
+}
+
+/// Node states from the metadata group's node records. A record that does
+/// not decode, or holds an unknown state, is skipped (the node reads as up)
+/// rather than failing every map read; records are written only by
+/// [`crate::Node::set_node_state`].
+pub fn decode_states(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64, NodeStateEntry> {
+    records
+        .iter()
+        .filter_map(|v| {
+            let r = NodeRecord::decode(v.value.as_slice()).ok()?;
+            let state = NodeState::try_from(r.state)
+                .ok()
+                .filter(|s| *s != NodeState::Unspecified)?;
+            Some((
+                r.node,
+                NodeStateEntry {
+                    state,
+                    version: v.version,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The encoded record of `node` in `state`.
+pub fn encode_record(node: u64, state: NodeState) -> Vec<u8> {
+    NodeRecord {
+        node,
+        state: state as i32,
+    }
+    .encode_to_vec()
+}
+
+/// Data shards with a replica (voter or learner) on `node`.
+pub fn shards_held(map: &ShardMap, node: u64) -> Vec<u64> {
+    map.shards
+        .iter()
+        .filter(|s| s.id != META_SHARD && (s.replicas.contains(&node) || s.learners.contains(&node)))
+        .map(|s| s.id)
+        .collect()
+}
+
+/// Whether `node` may go from `from` to `to`; the error says why not.
+pub fn check_transition(map: &ShardMap, node: u64, from: NodeState, to: NodeState) -> Result<(), String> {
+    if from == NodeState::Removed && to != NodeState::Removed {
+        return Err(format!("node {node} was removed; a removed node never comes back"));
+    }
+    if to == NodeState::Removed {
+        let held = shards_held(map, node);
+        if !held.is_empty() {
+            return Err(format!(
+                "node {node} still holds replicas of shards {held:?}; drain it first (phctl node drain {node})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a node in `state` may take a new replica or a leadership.
+pub fn takes_new_work(state: NodeState) -> bool {
+    !matches!(state, NodeState::Draining | NodeState::Removed)
+}
+
+/// A lower-case name for messages and tables.
+pub fn state_name(state: NodeState) -> &'static str {
+    match state {
+        NodeState::Up => "up",
+        NodeState::Draining => "draining",
+        NodeState::Removed => "removed",
+        NodeState::Unspecified => "unspecified",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::ShardDesc;
+
+    fn map() -> ShardMap {
+        let shard = |id, replicas: Vec<u64>, learners: Vec<u64>| ShardDesc {
+            id,
+            range_start: id,
+            range_end: None,
+            replicas,
+            learners,
+            leader_hint: 0,
+            preferred_leader: 0,
+        };
+        ShardMap {
+            shards: vec![shard(1, vec![1, 2, 3], vec![]), shard(2, vec![1, 2, 3], vec![4])],
+            nodes: (1..=5).map(|n| (n, format!("127.0.0.1:{n}"))).collect(),
+        }
+    }
+
+    #[test]
+    fn a_node_is_removed_only_when_it_holds_no_replica_and_never_comes_back() {
+        use NodeState::{Draining, Removed, Up};
+        let m = map();
+        assert_eq!(check_transition(&m, 5, Up, Removed), Ok(()));
+        assert_eq!(check_transition(&m, 5, Draining, Removed), Ok(()));
+        let voter = check_transition(&m, 1, Draining, Removed).unwrap_err();
+        assert!(voter.contains("shards [1, 2]") && voter.contains("drain"), "{voter}");
+        let learner = check_transition(&m, 4, Up, Removed).unwrap_err();
+        assert!(learner.contains("shards [2]"), "{learner}");
+        assert_eq!(check_transition(&m, 1, Up, Draining), Ok(()));
+        assert_eq!(check_transition(&m, 1, Draining, Up), Ok(()));
+        for to in [Up, Draining] {
+            assert!(check_transition(&m, 5, Removed, to)
+                .unwrap_err()
+                .contains("never comes back"));
+        }
+        assert!(takes_new_work(Up) && !takes_new_work(Draining) && !takes_new_work(Removed));
+    }
+
+    #[test]
+    fn records_decode_to_states_and_bad_records_read_as_up() {
+        let value = |node: u64, version: u64, bytes: Vec<u8>| pigeonhole_engine::SystemValue {
+            key: node_record_key(node),
+            version,
+            value: bytes,
+        };
+        let states = decode_states(&[
+            value(2, 3, encode_record(2, NodeState::Draining)),
+            value(3, 1, vec![0xff, 0xff]),
+            value(4, 1, NodeRecord { node: 4, state: 99 }.encode_to_vec()),
+        ]);
+        assert_eq!(
+            states.get(&2),
+            Some(&NodeStateEntry {
+                state: NodeState::Draining,
+                version: 3
+            })
+        );
+        assert_eq!(states.len(), 1, "{states:?}");
+        assert!(node_record_key(2).starts_with(NODE_RECORD_PREFIX));
+    }
+}
