@@ -100,6 +100,8 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
                 "json",
                 "--timeout-ms",
                 "10000",
+                "--wait-ms",
+                "60000",
             ])
             .output()
             .unwrap()
@@ -180,5 +182,127 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
         String::from_utf8_lossy(&out.stderr).contains("never comes back"),
         "{}",
         text(&out)
+    );
+}
+
+/// A dead node (SIGKILLed under load) cannot be drained or simply removed;
+/// `phctl node remove --force` rebuilds each of its replicas on the other
+/// nodes from the survivors, then removes it. The writers see no failed
+/// request and every acknowledged append is stored once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_node_is_removed_with_force_and_its_replicas_rebuilt_from_the_survivors() {
+    const DEAD: u64 = 3;
+    let mut cluster = Cluster::start_n(4);
+    cluster.wait_healthy(Duration::from_secs(30));
+    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
+    cfg.request_timeout = Duration::from_secs(30);
+    let client = Client::connect(cfg).await.unwrap();
+    let held = client
+        .routing()
+        .shards
+        .iter()
+        .filter(|s| s.replicas.contains(&DEAD))
+        .count();
+    assert!(held > 0);
+    let users = users();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let client = client.clone();
+        let users = users.clone();
+        writers.spawn(async move {
+            let mut done: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+            for i in 0..APPENDS_PER_WRITER {
+                let u = i % USERS;
+                let key = format!("f{w}-{i}").into_bytes();
+                let r = client.append(&users[u], key.clone(), key.clone()).await;
+                let r = r.map_err(|e| format!("{}: {e}", String::from_utf8_lossy(&key)))?;
+                done.push((u, key, r.seq));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, String>(done)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.kill(DEAD);
+
+    let out = phctl(&cluster, &["node", "drain", &DEAD.to_string(), "--timeout-ms", "3000"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--force"),
+        "{}",
+        text(&out)
+    );
+    let out = phctl(&cluster, &["node", "remove", &DEAD.to_string()]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("still holds replicas"),
+        "{}",
+        text(&out)
+    );
+
+    let endpoints = cluster.endpoints();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
+            .env("PIGEONHOLE_ENDPOINTS", endpoints)
+            .args([
+                "node",
+                "remove",
+                &DEAD.to_string(),
+                "--force",
+                "-o",
+                "json",
+                "--timeout-ms",
+                "10000",
+                "--wait-ms",
+                "60000",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rebuilt = doc["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s.as_str().unwrap().contains("replica moved"))
+        .count();
+    assert_eq!(rebuilt, held, "{doc}");
+
+    let mut acked: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+    while let Some(r) = writers.join_next().await {
+        acked.extend(
+            r.unwrap()
+                .unwrap_or_else(|e| panic!("an SDK request failed around the node's death: {e}")),
+        );
+    }
+    client.refresh().await.unwrap();
+    for s in &client.routing().shards {
+        assert_eq!(s.replicas.len(), 3, "shard {} has voters {:?}", s.id, s.replicas);
+        assert!(!s.replicas.contains(&DEAD), "shard {} still lists node {DEAD}", s.id);
+    }
+    // The three live nodes hold every shard; read each user's log on node 1.
+    for (u, user) in users.iter().enumerate() {
+        let got = read_all(&cluster.addr(1), user).await.unwrap();
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=got.len() as u64).collect::<Vec<_>>(),
+            "user {u}: gaps or disorder"
+        );
+        let mine: Vec<&(usize, Vec<u8>, u64)> = acked.iter().filter(|a| a.0 == u).collect();
+        assert_eq!(got.len(), mine.len(), "user {u}: stored and acknowledged counts differ");
+        for (_, key, seq) in mine {
+            let m = &got[usize::try_from(*seq).unwrap() - 1];
+            assert_eq!((&m.idempotency_key, &m.payload), (key, key), "user {u} seq {seq}");
+        }
+    }
+    let row = node_row(&cluster, DEAD);
+    assert_eq!(
+        (&row["state"], &row["reachable"]),
+        (&serde_json::json!("removed"), &serde_json::json!(false)),
+        "{row}"
     );
 }

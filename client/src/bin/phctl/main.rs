@@ -119,10 +119,18 @@ enum NodeCommand {
         id: u64,
     },
     /// Take a node out of the cluster for good. Refused while it holds a
-    /// replica of any data shard: drain it first.
+    /// replica of any data shard: drain it first, or, for a node that is
+    /// dead, give --force to rebuild its replicas elsewhere first.
     Remove {
         /// The node id.
         id: u64,
+        /// The node does not answer: rebuild each of its replicas on another
+        /// node from the survivors, then remove it.
+        #[arg(long)]
+        force: bool,
+        /// With --force: how long the rebuilds may take, in ms.
+        #[arg(long, default_value_t = 600_000)]
+        wait_ms: u64,
     },
 }
 
@@ -216,7 +224,14 @@ async fn main() -> ExitCode {
                 nodes::node_drain(&ctx, id, std::time::Duration::from_millis(wait_ms)).await
             }
             NodeCommand::Undrain { id } => nodes::node_set(&ctx, id, pigeonhole_client::pb::NodeState::Up).await,
-            NodeCommand::Remove { id } => nodes::node_set(&ctx, id, pigeonhole_client::pb::NodeState::Removed).await,
+            NodeCommand::Remove { id, force: false, .. } => {
+                nodes::node_set(&ctx, id, pigeonhole_client::pb::NodeState::Removed).await
+            }
+            NodeCommand::Remove {
+                id,
+                force: true,
+                wait_ms,
+            } => nodes::node_remove_dead(&ctx, id, std::time::Duration::from_millis(wait_ms)).await,
         },
         Command::Shard { command } => match command {
             ShardCommand::List => commands::shard_list(&ctx).await,

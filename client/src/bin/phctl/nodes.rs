@@ -119,41 +119,128 @@ pub async fn node_set(ctx: &Ctx, node: u64, state: pb::NodeState) -> Result<u8, 
     Ok(0)
 }
 
+/// The steps a drain or forced removal took: printed as they happen in a
+/// table, gathered for JSON.
+struct Steps {
+    output: Output,
+    done: Vec<String>,
+}
+
+impl Steps {
+    fn tell(&mut self, s: String) {
+        if self.output == Output::Table {
+            out!("{s}");
+        }
+        self.done.push(s);
+    }
+}
+
+/// The nodes in state up.
+async fn up_nodes(client: &Client) -> Result<BTreeSet<u64>, Failure> {
+    Ok(client
+        .nodes()
+        .await?
+        .iter()
+        .filter(|n| n.state == pb::NodeState::Up as i32)
+        .map(|n| n.id)
+        .collect())
+}
+
+/// Moves every replica of `shards` that `node` holds to the up node with
+/// the fewest replicas that lacks the shard (a learner on `node` is just
+/// removed), with `shard move`'s steps. `h` gives the starting counts.
+async fn evacuate(
+    client: &Client,
+    node: u64,
+    shards: &[u64],
+    h: &Holdings,
+    deadline: Instant,
+    steps: &mut Steps,
+) -> Result<(), Failure> {
+    let up = up_nodes(client).await?;
+    let mut load: BTreeMap<u64, usize> = up
+        .iter()
+        .filter(|n| **n != node && !h.unreachable.contains_key(n))
+        .map(|n| (*n, count(&h.replicas, *n)))
+        .collect();
+    for (i, &shard) in shards.iter().enumerate() {
+        let v = until("a leader of the shard", deadline, || view(client, shard)).await?;
+        if !v.voters.contains(&node) {
+            if v.learners.contains(&node) {
+                // A learner left by a move cut short: just drop it.
+                let remove = pb::MembershipChange {
+                    kind: pb::MembershipChangeKind::Remove as i32,
+                    node,
+                };
+                client.change_membership(shard, &[remove]).await?;
+                steps.tell(format!("shard {shard}: learner on node {node} removed"));
+            }
+            continue;
+        }
+        let target = load
+            .iter()
+            .filter(|(n, _)| !v.voters.contains(n) && !v.learners.contains(n))
+            .min_by_key(|(n, c)| (**c, **n))
+            .map(|(n, _)| *n)
+            .ok_or_else(|| {
+                failed(format!(
+                    "shard {shard}: no live up node without a replica of it can take node {node}'s (voters {:?}, \
+                     up nodes {up:?}); add a node or undrain one",
+                    v.voters
+                ))
+            })?;
+        move_replica(client, shard, node, target, deadline).await?;
+        *load.entry(target).or_default() += 1;
+        steps.tell(format!(
+            "shard {shard}: replica moved to node {target} ({}/{})",
+            i + 1,
+            shards.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Waits until the cluster's shard map lists `node` in no shard's voters:
+/// each shard's leader writes its record to the metadata group after it
+/// applies a change, a moment after the move returned, and a removal is
+/// refused until the map is clear.
+async fn until_map_clear(client: &Client, node: u64, deadline: Instant) -> Result<(), Failure> {
+    until(
+        &format!("the shard map to list no replica on node {node}"),
+        deadline,
+        || async {
+            client.refresh().await.ok()?;
+            let r = client.routing();
+            r.shards.iter().all(|s| !s.replicas.contains(&node)).then_some(())
+        },
+    )
+    .await
+}
+
 /// `node drain N`: marks the node draining, then moves its leaderships,
 /// then its replicas, to the up nodes that hold the fewest replicas.
 pub async fn node_drain(ctx: &Ctx, node: u64, wait: Duration) -> Result<u8, Failure> {
     let client = connect(ctx).await?;
     let deadline = Instant::now() + wait;
     let started = Instant::now();
-    let r = client.set_node_state(node, pb::NodeState::Draining).await?;
-    let mut steps = vec![format!(
-        "node {node}: {} -> {}",
-        state_name(r.previous),
-        state_name(r.state)
-    )];
-    let tell = |steps: &mut Vec<String>, s: String| {
-        if ctx.output == Output::Table {
-            out!("{s}");
-        }
-        steps.push(s);
-    };
-    if ctx.output == Output::Table {
-        out!("{}", steps.first().map_or("", String::as_str));
-    }
-    let up: BTreeSet<u64> = client
-        .nodes()
-        .await?
-        .iter()
-        .filter(|n| n.state == pb::NodeState::Up as i32)
-        .map(|n| n.id)
-        .collect();
     let h = holdings(&client).await;
     if h.unreachable.contains_key(&node) {
         return Err(failed(format!(
-            "node {node} does not answer; a drain moves replicas off a live node (a dead node's replicas are \
-             rebuilt with phctl shard move from the survivors)"
+            "node {node} does not answer; a drain moves work off a live node (for a dead one: phctl node remove \
+             {node} --force)"
         )));
     }
+    let r = client.set_node_state(node, pb::NodeState::Draining).await?;
+    let mut steps = Steps {
+        output: ctx.output,
+        done: Vec::new(),
+    };
+    steps.tell(format!(
+        "node {node}: {} -> {}",
+        state_name(r.previous),
+        state_name(r.state)
+    ));
+    let up = up_nodes(&client).await?;
     // 1. Leaderships first: clients keep writing while replicas move.
     for &shard in h.leads.get(&node).into_iter().flatten() {
         let v = until("a leader of the shard", deadline, || view(&client, shard)).await?;
@@ -171,64 +258,62 @@ pub async fn node_drain(ctx: &Ctx, node: u64, wait: Duration) -> Result<u8, Fail
             view(&client, shard).await.filter(|v| v.leader != node).map(|_| ())
         })
         .await?;
-        tell(&mut steps, format!("shard {shard}: leadership moved to node {next}"));
+        steps.tell(format!("shard {shard}: leadership moved to node {next}"));
     }
-    // 2. Then every replica, each to the up node with the fewest replicas
-    // that does not hold the shard.
-    let mut load: BTreeMap<u64, usize> = up
-        .iter()
-        .filter(|n| **n != node)
-        .map(|n| (*n, count(&h.replicas, *n)))
-        .collect();
+    // 2. Then every replica.
     let shards: Vec<u64> = h.replicas.get(&node).into_iter().flatten().copied().collect();
-    for (i, &shard) in shards.iter().enumerate() {
-        let v = until("a leader of the shard", deadline, || view(&client, shard)).await?;
-        if !v.voters.contains(&node) {
-            if v.learners.contains(&node) {
-                // A learner left by a move cut short: just drop it.
-                client
-                    .change_membership(
-                        shard,
-                        &[pb::MembershipChange {
-                            kind: pb::MembershipChangeKind::Remove as i32,
-                            node,
-                        }],
-                    )
-                    .await?;
-                tell(&mut steps, format!("shard {shard}: learner on node {node} removed"));
-            }
-            continue;
-        }
-        let target = load
-            .iter()
-            .filter(|(n, _)| !v.voters.contains(n))
-            .min_by_key(|(n, c)| (**c, **n))
-            .map(|(n, _)| *n)
-            .ok_or_else(|| {
-                failed(format!(
-                    "shard {shard}: no up node without a replica of it can take node {node}'s (voters {:?}, up nodes \
-                     {up:?}); add a node or undrain one",
-                    v.voters
-                ))
-            })?;
-        move_replica(&client, shard, node, target, deadline).await?;
-        *load.entry(target).or_default() += 1;
-        tell(
-            &mut steps,
-            format!(
-                "shard {shard}: replica moved to node {target} ({}/{})",
-                i + 1,
-                shards.len()
-            ),
-        );
-    }
+    evacuate(&client, node, &shards, &h, deadline, &mut steps).await?;
+    until_map_clear(&client, node, deadline).await?;
     let ms = started.elapsed().as_millis();
-    let done = format!(
-        "node {node} drained in {ms} ms: no replica and no leadership left (phctl node remove {node} takes it out)"
-    );
     match ctx.output {
-        Output::Json => render::json(&json!({ "node": node, "steps": steps, "ms": ms })),
-        Output::Table => out!("{done}"),
+        Output::Json => render::json(&json!({ "node": node, "steps": steps.done, "ms": ms })),
+        Output::Table => out!(
+            "node {node} drained in {ms} ms: no replica and no leadership left (phctl node remove {node} takes it \
+             out)"
+        ),
+    }
+    Ok(0)
+}
+
+/// `node remove N --force`: for a node that does not answer. Marks it
+/// draining, rebuilds each of its replicas on another node from the
+/// surviving replicas (the same joint change as a move; the survivors are
+/// a majority of the old configuration), then marks it removed.
+pub async fn node_remove_dead(ctx: &Ctx, node: u64, wait: Duration) -> Result<u8, Failure> {
+    let client = connect(ctx).await?;
+    let deadline = Instant::now() + wait;
+    let started = Instant::now();
+    let h = holdings(&client).await;
+    if !h.unreachable.contains_key(&node) {
+        return Err(failed(format!(
+            "node {node} answers: --force is for a dead node; drain a live one (phctl node drain {node}), then \
+             remove it"
+        )));
+    }
+    let r = client.set_node_state(node, pb::NodeState::Draining).await?;
+    let mut steps = Steps {
+        output: ctx.output,
+        done: Vec::new(),
+    };
+    steps.tell(format!(
+        "node {node}: {} -> {} (does not answer)",
+        state_name(r.previous),
+        state_name(r.state)
+    ));
+    // The dead node cannot say what it holds: every data shard is looked at.
+    let shards: Vec<u64> = client.routing().shards.iter().map(|s| s.id).collect();
+    evacuate(&client, node, &shards, &h, deadline, &mut steps).await?;
+    until_map_clear(&client, node, deadline).await?;
+    let r = client.set_node_state(node, pb::NodeState::Removed).await?;
+    steps.tell(format!(
+        "node {node}: {} -> {}",
+        state_name(r.previous),
+        state_name(r.state)
+    ));
+    let ms = started.elapsed().as_millis();
+    match ctx.output {
+        Output::Json => render::json(&json!({ "node": node, "steps": steps.done, "ms": ms })),
+        Output::Table => out!("node {node} removed in {ms} ms; its replicas were rebuilt on the other nodes"),
     }
     Ok(0)
 }
