@@ -107,7 +107,8 @@ pub fn check_transition(map: &ShardMap, node: u64, from: NodeState, to: NodeStat
         let held = shards_held(map, node);
         if !held.is_empty() {
             return Err(format!(
-                "node {node} still holds replicas of shards {held:?}; drain it first (phctl node drain {node})"
+                "node {node} still holds replicas of shards {held:?}; drain it first (phctl node drain {node}), or if \
+                 it is dead, rebuild them elsewhere (phctl node remove {node} --force)"
             ));
         }
     }

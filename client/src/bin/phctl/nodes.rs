@@ -163,7 +163,16 @@ async fn evacuate(
         .filter(|n| **n != node && !h.unreachable.contains_key(n))
         .map(|n| (*n, count(&h.replicas, *n)))
         .collect();
-    for (i, &shard) in shards.iter().enumerate() {
+    // Which of `shards` have a voter on the node, for the progress count.
+    let mut voting = Vec::new();
+    for &shard in shards {
+        let v = until("a leader of the shard", deadline, || view(client, shard)).await?;
+        if v.voters.contains(&node) {
+            voting.push(shard);
+        }
+    }
+    let mut moved = 0;
+    for &shard in shards {
         let v = until("a leader of the shard", deadline, || view(client, shard)).await?;
         if !v.voters.contains(&node) {
             if v.learners.contains(&node) {
@@ -191,10 +200,10 @@ async fn evacuate(
             })?;
         move_replica(client, shard, node, target, deadline).await?;
         *load.entry(target).or_default() += 1;
+        moved += 1;
         steps.tell(format!(
-            "shard {shard}: replica moved to node {target} ({}/{})",
-            i + 1,
-            shards.len()
+            "shard {shard}: replica moved to node {target} ({moved}/{})",
+            voting.len().max(moved)
         ));
     }
     Ok(())
