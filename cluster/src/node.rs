@@ -29,6 +29,24 @@ pub const BOOTSTRAP_INDEX: u64 = 5;
 const BOOTSTRAP_TERM: u64 = 5;
 const IDENTITY_FILE: &str = "cluster-identity";
 
+/// The raft-rs conf change of `changes` (several go through a joint
+/// configuration, which the group leaves by itself).
+pub(crate) fn conf_change_v2(changes: &[MembershipChange]) -> ConfChangeV2 {
+    let mut cc = ConfChangeV2::default();
+    for c in changes {
+        let (t, node) = match *c {
+            MembershipChange::AddLearner(n) => (ConfChangeType::AddLearnerNode, n),
+            MembershipChange::AddVoter(n) => (ConfChangeType::AddNode, n),
+            MembershipChange::Remove(n) => (ConfChangeType::RemoveNode, n),
+        };
+        let mut s = ConfChangeSingle::default();
+        s.set_change_type(t);
+        s.node_id = node;
+        cc.mut_changes().push(s);
+    }
+    cc
+}
+
 /// A membership change of one shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MembershipChange {
@@ -355,18 +373,7 @@ impl Node {
     /// Changes the replicas of `shard` (call on its leader). Returns the new
     /// configuration once the change is applied here.
     pub async fn change_membership(&self, shard: u64, changes: &[MembershipChange]) -> Result<ConfState, ClusterError> {
-        let mut cc = ConfChangeV2::default();
-        for c in changes {
-            let (t, node) = match *c {
-                MembershipChange::AddLearner(n) => (ConfChangeType::AddLearnerNode, n),
-                MembershipChange::AddVoter(n) => (ConfChangeType::AddNode, n),
-                MembershipChange::Remove(n) => (ConfChangeType::RemoveNode, n),
-            };
-            let mut s = ConfChangeSingle::default();
-            s.set_change_type(t);
-            s.node_id = node;
-            cc.mut_changes().push(s);
-        }
+        let cc = conf_change_v2(changes);
         let deadline = self.deadline();
         self.call(|reply| Inbound::ConfChange {
             shard,

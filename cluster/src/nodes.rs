@@ -20,8 +20,13 @@
 //! and no leadership through the Admin API (`ChangeMembership`,
 //! `TransferLeader`). Moving its leaders and replicas away is `phctl node
 //! drain`'s job; a placement loop that would do it by itself is not built.
+//! The metadata group itself is kept in line by its leader
+//! ([`meta_changes`], run from the driver's tick): a removed node leaves
+//! it, and learners on up nodes are promoted while it has fewer than
+//! [`META_VOTERS_MAX`] voters.
 
-use crate::placement::{ShardMap, META_SHARD};
+use crate::placement::{ShardMap, META_SHARD, META_VOTERS_MAX};
+use crate::MembershipChange;
 use pigeonhole_proto::internal::v1::NodeRecord;
 use pigeonhole_proto::v1 as pb;
 use prost::Message as _;
@@ -115,6 +120,42 @@ pub fn check_transition(map: &ShardMap, node: u64, from: NodeState, to: NodeStat
     Ok(())
 }
 
+/// The membership changes that bring the metadata group in line with the
+/// node states: every removed node leaves it, and while it has fewer
+/// voters than `min(META_VOTERS_MAX, members not removed)`, learners on up
+/// nodes are promoted, lowest id first. Empty when there is nothing to do,
+/// and when the changes would leave the group without a voter.
+pub fn meta_changes(voters: &[u64], learners: &[u64], states: &BTreeMap<u64, NodeStateEntry>) -> Vec<MembershipChange> {
+    let state = |n: &u64| states.get(n).map_or(NodeState::Up, |e| e.state);
+    let removed = |n: &&u64| state(n) == NodeState::Removed;
+    let mut changes: Vec<MembershipChange> = voters
+        .iter()
+        .chain(learners)
+        .filter(removed)
+        .map(|n| MembershipChange::Remove(*n))
+        .collect();
+    let kept = voters.iter().filter(|n| !removed(n)).count();
+    let members = voters.iter().chain(learners).filter(|n| !removed(n)).count();
+    let want = members.min(META_VOTERS_MAX);
+    let mut promote: Vec<u64> = learners.iter().copied().filter(|n| state(n) == NodeState::Up).collect();
+    promote.sort_unstable();
+    changes.extend(
+        promote
+            .into_iter()
+            .take(want.saturating_sub(kept))
+            .map(MembershipChange::AddVoter),
+    );
+    let voters_after = kept
+        + changes
+            .iter()
+            .filter(|c| matches!(c, MembershipChange::AddVoter(_)))
+            .count();
+    if voters_after == 0 {
+        return Vec::new();
+    }
+    changes
+}
+
 /// Whether a node in `state` may take a new replica or a leadership.
 pub fn takes_new_work(state: NodeState) -> bool {
     !matches!(state, NodeState::Draining | NodeState::Removed)
@@ -169,6 +210,49 @@ mod tests {
                 .contains("never comes back"));
         }
         assert!(takes_new_work(Up) && !takes_new_work(Draining) && !takes_new_work(Removed));
+    }
+
+    fn states(list: &[(u64, NodeState)]) -> BTreeMap<u64, NodeStateEntry> {
+        list.iter()
+            .map(|(n, state)| {
+                (
+                    *n,
+                    NodeStateEntry {
+                        state: *state,
+                        version: 1,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_metadata_group_drops_removed_nodes_and_refills_its_voters_from_up_learners() {
+        use MembershipChange::{AddVoter, Remove};
+        use NodeState::{Draining, Removed};
+        // Nothing to do.
+        assert!(meta_changes(&[1, 2, 3], &[], &states(&[])).is_empty());
+        assert!(meta_changes(&[1, 2, 3, 4, 5], &[6], &states(&[(6, Draining)])).is_empty());
+        // A removed voter of four leaves; no learner to promote.
+        assert_eq!(
+            meta_changes(&[1, 2, 3, 4], &[], &states(&[(4, Removed)])),
+            vec![Remove(4)]
+        );
+        // A removed voter of five is replaced by the lowest up learner, not
+        // a draining one.
+        assert_eq!(
+            meta_changes(&[1, 2, 3, 4, 5], &[8, 7, 6], &states(&[(2, Removed), (6, Draining)])),
+            vec![Remove(2), AddVoter(7)]
+        );
+        // A removed learner just leaves.
+        assert_eq!(
+            meta_changes(&[1, 2, 3], &[4], &states(&[(4, Removed)])),
+            vec![Remove(4)]
+        );
+        // Voters short of five (an earlier removal) are refilled.
+        assert_eq!(meta_changes(&[1, 2, 3, 4], &[5], &states(&[])), vec![AddVoter(5)]);
+        // Never no voter at all.
+        assert!(meta_changes(&[1], &[], &states(&[(1, Removed)])).is_empty());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Time-driven work: the Raft tick of awake shards (with hibernation,
 //! ReadIndex retries, leader rebalancing, dedup collection and request
 //! expiry), the node-level heartbeat that detects dead peers for sleeping
-//! shards, and the shard records this node owes the metadata group.
+//! shards, the shard records this node owes the metadata group, and, on
+//! the metadata group's leader, keeping that group's members in line with
+//! the node states (`nodes::meta_changes`).
 
 use super::replica::{
     context, expire_queued, is_quiet, maybe_rebalance, QueuedProposal, LEADERLESS_TICKS_MAX, READ_RETRY_TICKS,
@@ -115,6 +117,9 @@ impl Driver {
             // Reads and proposals that waited too long.
             expire_queued(*shard, r, now);
         }
+        if rebalance {
+            self.reconcile_meta();
+        }
         let expired: Vec<u64> = self
             .pending
             .iter()
@@ -147,6 +152,53 @@ impl Driver {
                     waited_ms: self.tuning.request_timeout_ms,
                 }));
             }
+        }
+    }
+
+    /// On the metadata group's leader: proposes the membership change that
+    /// drops removed nodes from the group and refills its voters from up
+    /// learners (`nodes::meta_changes`), one change at a time. A leader
+    /// that removes itself proposes its own removal: it leads until the
+    /// change commits, then deletes its replica (replica GC), and a voter
+    /// that stays is elected after an election timeout. (Handing
+    /// leadership away first would shorten that gap, but the rebalancer
+    /// hands it back to the group's preferred node while that node is
+    /// still a voter.) Nobody waits for the change: the next round looks
+    /// again.
+    pub(super) fn reconcile_meta(&mut self) {
+        let leads = self
+            .replicas
+            .get(&META_SHARD)
+            .is_some_and(|r| r.raw.raft.state == StateRole::Leader);
+        if !leads {
+            return;
+        }
+        let limit = self.map.nodes.len();
+        let states = match self
+            .engine
+            .system_scan(META_SHARD, crate::nodes::NODE_RECORD_PREFIX, limit)
+        {
+            Ok(records) => crate::nodes::decode_states(&records),
+            Err(_) => return, // the engine's failure surfaces on the apply path
+        };
+        let id = self.next_id();
+        let node_id = self.node_id;
+        let Some(r) = self.replicas.get_mut(&META_SHARD) else {
+            return;
+        };
+        let cs = r.raw.raft.prs().conf().to_conf_state();
+        if r.raw.raft.has_pending_conf() || !cs.voters_outgoing.is_empty() || r.raw.raft.lead_transferee.is_some() {
+            return;
+        }
+        let changes = crate::nodes::meta_changes(&cs.voters, &cs.learners, &states);
+        if changes.is_empty() {
+            return;
+        }
+        if r.raw
+            .propose_conf_change(context(node_id, id), crate::node::conf_change_v2(&changes))
+            .is_ok()
+        {
+            self.dirty.insert(META_SHARD);
         }
     }
 
