@@ -196,8 +196,23 @@ impl Node {
     /// forwarded or answered with a retryable error.
     pub fn shard_map(&self) -> Result<ShardMap, ClusterError> {
         let limit = usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX);
-        let records = self.inner.engine.system_scan(META_SHARD, SHARD_RECORD_PREFIX, limit)?;
+        let records = self.meta_scan(SHARD_RECORD_PREFIX, limit)?;
         Ok(self.inner.map.overlay(&records))
+    }
+
+    /// System values of the metadata group under `prefix`, from this node's
+    /// replica. A node without one (a removed node, whose replica was
+    /// deleted) answers `NotReplica`, which clients treat as "ask another
+    /// node", not as a failure of the request.
+    fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<pigeonhole_engine::SystemValue>, ClusterError> {
+        match self.inner.engine.system_scan(META_SHARD, prefix, limit) {
+            Err(pigeonhole_engine::EngineError::NoSuchShard(_)) => Err(ClusterError::NotReplica {
+                shard: META_SHARD,
+                node: self.inner.id,
+                replicas: Vec::new(),
+            }),
+            other => Ok(other?),
+        }
     }
 
     /// Node states as this node's replica of the metadata group has them
@@ -205,7 +220,7 @@ impl Node {
     /// up and are not listed.
     pub fn node_states(&self) -> Result<BTreeMap<u64, NodeStateEntry>, ClusterError> {
         let limit = self.inner.map.nodes.len();
-        let records = self.inner.engine.system_scan(META_SHARD, NODE_RECORD_PREFIX, limit)?;
+        let records = self.meta_scan(NODE_RECORD_PREFIX, limit)?;
         Ok(crate::nodes::decode_states(&records))
     }
 

@@ -61,6 +61,15 @@ async fn a_removed_node_leaves_the_metadata_group_and_an_up_learner_takes_its_vo
         c.node(1).set_node_state(5, NodeState::Up).await,
         Err(ClusterError::Refused { .. })
     ));
+    // Node 5 deleted its metadata replica once it applied its removal: it
+    // sends map readers elsewhere (retryable), it does not fail them.
+    c.eventually("node 5 says it holds no metadata replica", 10, || async {
+        matches!(
+            c.node(5).shard_map(),
+            Err(ClusterError::NotReplica { shard: META_SHARD, .. })
+        )
+    })
+    .await;
 
     // With no learner left, a second removal only shrinks the voters.
     c.node(1).set_node_state(4, NodeState::Draining).await.unwrap();
