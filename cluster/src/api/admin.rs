@@ -131,7 +131,7 @@ impl Admin for AdminService {
         if r.to_node == 0 {
             return Err(invalid("to_node", "is required"));
         }
-        self.takes_new_work(r.to_node, "leadership")?;
+        self.takes_new_work(r.to_node, "leadership").await?;
         match self.node.transfer_leader(r.shard, r.to_node).await {
             Ok(()) => Ok(Response::new(pb::TransferLeaderResponse {})),
             // Only the leader can transfer: say who that is, and that the
@@ -150,7 +150,7 @@ impl Admin for AdminService {
         let changes = membership_changes(&r.changes, |n| nodes.contains_key(&n))?;
         for c in &changes {
             if let MembershipChange::AddLearner(n) | MembershipChange::AddVoter(n) = *c {
-                self.takes_new_work(n, "replica")?;
+                self.takes_new_work(n, "replica").await?;
             }
         }
         match self.node.change_membership(r.shard, &changes).await {
@@ -194,8 +194,15 @@ impl Admin for AdminService {
 
 impl AdminService {
     /// FAILED_PRECONDITION unless `node` may take new `work` (a replica or
-    /// a leadership): draining and removed nodes take none.
-    fn takes_new_work(&self, node: u64, work: &str) -> Result<(), Status> {
+    /// a leadership): draining and removed nodes take none. Reads the state
+    /// after a read barrier on the metadata group, so a state an operator
+    /// just set (an undrain, a drain) is seen here even if this node's
+    /// metadata replica had not applied it yet.
+    async fn takes_new_work(&self, node: u64, work: &str) -> Result<(), Status> {
+        self.node
+            .read_barrier(crate::placement::META_SHARD)
+            .await
+            .map_err(|e| cluster_error(&e))?;
         let state = self.node.node_state(node).map_err(|e| cluster_error(&e))?;
         if crate::nodes::takes_new_work(state) {
             return Ok(());

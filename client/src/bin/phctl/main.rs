@@ -19,6 +19,7 @@ macro_rules! out {
     };
 }
 
+mod balance;
 mod commands;
 mod moves;
 mod nodes;
@@ -96,6 +97,20 @@ enum ClusterCommand {
     /// Nodes, health, version, replica and leader counts, metadata-group
     /// term and applied index. Exits 4 when degraded.
     Status,
+    /// The moves that bring replicas per up node within one of each other;
+    /// with --apply, make them (up to --concurrency at once, never two of
+    /// one shard at once).
+    Balance {
+        /// Make the moves (default: print the plan only).
+        #[arg(long)]
+        apply: bool,
+        /// Moves at once, 1 to 16.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// How long all the moves may take, in ms.
+        #[arg(long, default_value_t = 600_000)]
+        wait_ms: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +233,14 @@ async fn main() -> ExitCode {
         Command::Cluster {
             command: ClusterCommand::Status,
         } => commands::cluster_status(&ctx).await,
+        Command::Cluster {
+            command:
+                ClusterCommand::Balance {
+                    apply,
+                    concurrency,
+                    wait_ms,
+                },
+        } => balance::balance(&ctx, apply, concurrency, std::time::Duration::from_millis(wait_ms)).await,
         Command::Node { command } => match command {
             NodeCommand::List => nodes::node_list(&ctx).await,
             NodeCommand::Drain { id, wait_ms } => {
