@@ -359,9 +359,26 @@ async fn balance_moves_replicas_onto_an_empty_node_until_counts_are_within_one()
     assert!(hi - lo <= 1, "replicas per node {counts:?}");
     assert_eq!(counts.iter().sum::<u64>(), SHARDS * 3, "{counts:?}");
 
+    // Leaderships too, and they stay there after a rebalance round (5 s):
+    // the servers' rebalancer keeps each on its chosen node.
+    let leaders = |cluster: &Cluster| -> Vec<u64> {
+        (1..=4)
+            .map(|n| node_row(cluster, n)["leaders"].as_u64().unwrap())
+            .collect()
+    };
+    let spread = leaders(&cluster);
+    assert!(
+        spread.iter().max().unwrap() - spread.iter().min().unwrap() <= 1,
+        "leaders per node {spread:?}"
+    );
+    assert_eq!(spread.iter().sum::<u64>(), SHARDS, "{spread:?}");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(leaders(&cluster), spread, "the rebalancer moved leaderships back");
+
     let out = phctl(&cluster, &["cluster", "balance", "-o", "json"]);
     let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(again["moves"].as_array().unwrap().len(), 0, "{again}");
+    assert_eq!(again["leader_transfers"].as_array().unwrap().len(), 0, "{again}");
     client.refresh().await.unwrap();
     for (u, seq) in acked {
         let page = client.sync(&users[u], 0, SyncOptions::default()).await;

@@ -272,6 +272,57 @@ impl Node {
         }
     }
 
+    /// Records `node` as the preferred leader of `shard` in the metadata
+    /// group (after a read barrier there, so the checks see every earlier
+    /// change): the shard's leader then hands leadership to it within a
+    /// rebalance round. `node` must be an up voter of the shard.
+    pub async fn set_preferred_leader(&self, shard: u64, node: u64) -> Result<(), ClusterError> {
+        self.read_barrier(META_SHARD).await?;
+        let map = self.shard_map()?;
+        let Some(desc) = map.shard(shard) else {
+            return Err(ClusterError::NoSuchShard {
+                shard,
+                first: map.shards.first().map_or(0, |s| s.id),
+                last: map.shards.last().map_or(0, |s| s.id),
+            });
+        };
+        if !desc.replicas.contains(&node) {
+            return Err(ClusterError::InvalidArgument {
+                field: "node",
+                reason: format!(
+                    "node {node} is not a voter of shard {shard} (voters {:?})",
+                    desc.replicas
+                ),
+            });
+        }
+        let state = self.node_state(node)?;
+        if !crate::nodes::takes_new_work(state) {
+            return Err(ClusterError::Refused {
+                reason: format!(
+                    "node {node} is {}: it takes no new leadership",
+                    crate::nodes::state_name(state)
+                ),
+            });
+        }
+        let key = crate::placement::preferred_leader_key(shard);
+        let version = self.meta_scan(&key, 1)?.first().map_or(0, |v| v.version);
+        let op = cmd::Op {
+            op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
+                key,
+                value: node.to_be_bytes().to_vec(),
+                version: version.saturating_add(1),
+            })),
+        };
+        match self.propose(META_SHARD, vec![op]).await?.into_iter().next() {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(ClusterError::Busy {
+                shard: META_SHARD,
+                reason: format!("shard {shard}'s preferred leader changed meanwhile ({e}); retry"),
+            }),
+            None => Err(ClusterError::Raft("a proposal of one op returned no result".into())),
+        }
+    }
+
     /// The map every node derived at bootstrap (no replicated changes).
     pub fn bootstrap_map(&self) -> &ShardMap {
         &self.inner.map

@@ -27,6 +27,37 @@ pub const META_VOTERS_MAX: usize = 5;
 /// System key prefix of shard records in the metadata group.
 pub const SHARD_RECORD_PREFIX: &[u8] = b"shard/";
 
+/// System key prefix of preferred-leader choices in the metadata group:
+/// `leader/` + shard id (u64be) → node id (u64be). Set by an operator
+/// (`Admin.SetPreferredLeader`, `phctl cluster balance`); a shard without
+/// one keeps the bootstrap map's preferred leader.
+pub const PREFERRED_LEADER_PREFIX: &[u8] = b"leader/";
+
+/// The system key of `shard`'s preferred-leader choice.
+pub fn preferred_leader_key(shard: u64) -> Vec<u8> {
+    let mut k = PREFERRED_LEADER_PREFIX.to_vec();
+    k.extend_from_slice(&shard.to_be_bytes());
+    k
+}
+
+/// Shard → preferred leader from the metadata group's choices; a value or
+/// key of the wrong size is skipped (the bootstrap choice stays).
+pub fn decode_preferred_leaders(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64, u64> {
+    records
+        .iter()
+        .filter_map(|v| {
+            let shard = v
+                .key
+                .get(PREFERRED_LEADER_PREFIX.len()..)?
+                .try_into()
+                .ok()
+                .map(u64::from_be_bytes)?;
+            let node = v.value.as_slice().try_into().ok().map(u64::from_be_bytes)?;
+            Some((shard, node))
+        })
+        .collect()
+}
+
 /// The system key of `shard`'s record.
 pub fn shard_record_key(shard: u64) -> Vec<u8> {
     let mut k = SHARD_RECORD_PREFIX.to_vec();

@@ -71,3 +71,15 @@ impl Client {
         }
     }
 }
+
+impl Client {
+    /// Chooses the node that should lead `shard` (`Admin.SetPreferredLeader`);
+    /// the shard's leader hands leadership to it within a rebalance round.
+    pub async fn set_preferred_leader(&self, shard: u64, node: u64) -> Result<(), Error> {
+        self.call_any(|mut admin, budget| {
+            let req = with_timeout(pb::SetPreferredLeaderRequest { shard, node }, budget);
+            async move { admin.set_preferred_leader(req).await.map(|_| ()) }
+        })
+        .await
+    }
+}

@@ -173,6 +173,18 @@ impl Admin for AdminService {
         }
     }
 
+    async fn set_preferred_leader(
+        &self,
+        req: Request<pb::SetPreferredLeaderRequest>,
+    ) -> Result<Response<pb::SetPreferredLeaderResponse>, Status> {
+        let r = req.into_inner();
+        self.node
+            .set_preferred_leader(r.shard, r.node)
+            .await
+            .map_err(|e| cluster_error(&e))?;
+        Ok(Response::new(pb::SetPreferredLeaderResponse {}))
+    }
+
     async fn set_node_state(
         &self,
         req: Request<pb::SetNodeStateRequest>,

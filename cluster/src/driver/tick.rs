@@ -63,6 +63,41 @@ impl Driver {
         let node_id = self.node_id;
         let now = Instant::now();
         let ticks = self.ticks;
+        // Operators' preferred-leader choices, looked at once a round.
+        let preferred = if rebalance {
+            self.engine
+                .system_scan(
+                    META_SHARD,
+                    crate::placement::PREFERRED_LEADER_PREFIX,
+                    self.map.shards.len(),
+                )
+                .map(|records| crate::placement::decode_preferred_leaders(&records))
+                .unwrap_or_default()
+        } else {
+            std::collections::BTreeMap::new()
+        };
+        if rebalance {
+            // A sleeping leader does not tick, so it would never hand
+            // leadership to its preferred node: wake the ones that should.
+            let mut wake = Vec::new();
+            for (shard, r) in self.replicas.iter_mut() {
+                if let Some(p) = preferred.get(shard) {
+                    r.preferred_leader = *p;
+                }
+                let pref = r.preferred_leader;
+                if r.asleep
+                    && r.raw.raft.state == StateRole::Leader
+                    && pref != node_id
+                    && pref != 0
+                    && r.raw.raft.prs().conf().voters().contains(pref)
+                {
+                    wake.push(*shard);
+                }
+            }
+            for shard in wake {
+                self.wake(shard, true);
+            }
+        }
         for (shard, r) in self.replicas.iter_mut() {
             if r.asleep {
                 continue;

@@ -10,9 +10,10 @@
 //! different sizes weigh the same) and ignores draining nodes, whose
 //! replicas are `node drain`'s to move.
 
-use crate::commands::{connect, failed, Ctx, Failure};
-use crate::moves::move_replica;
+use crate::commands::{all_status, connect, failed, Ctx, Failure};
+use crate::moves::{move_replica, until};
 use crate::{render, Output};
+use pigeonhole_client::{pb, Client};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -83,60 +84,86 @@ pub fn plan(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>) -> Vec<Move> {
     moves
 }
 
-/// `cluster balance`.
-pub async fn balance(ctx: &Ctx, apply: bool, concurrency: usize, wait: Duration) -> Result<u8, Failure> {
-    if concurrency == 0 || concurrency > CONCURRENCY_MAX {
-        return Err(failed(format!(
-            "--concurrency must be 1 to {CONCURRENCY_MAX}, got {concurrency}"
-        )));
+/// Leaders per shard that put every up node within one leadership of the
+/// others where the voter sets allow: shards in id order, each to the up
+/// voter with the fewest leaderships so far, preferring the current leader
+/// on a tie (no needless transfer), then the lowest id. A shard without an
+/// up voter keeps no entry.
+pub fn plan_leaders(
+    voters: &BTreeMap<u64, Vec<u64>>,
+    up: &BTreeSet<u64>,
+    current: &BTreeMap<u64, u64>,
+) -> BTreeMap<u64, u64> {
+    let mut count: BTreeMap<u64, usize> = up.iter().map(|n| (*n, 0)).collect();
+    let mut plan = BTreeMap::new();
+    for (shard, vs) in voters {
+        let now = current.get(shard).copied().unwrap_or(0);
+        let best = vs
+            .iter()
+            .filter_map(|v| count.get(v).map(|c| (*c, *v != now, *v)))
+            .min()
+            .map(|(_, _, v)| v);
+        if let Some(v) = best {
+            *count.entry(v).or_default() += 1;
+            plan.insert(*shard, v);
+        }
     }
-    let client = connect(ctx).await?;
-    let up: BTreeSet<u64> = client
-        .nodes()
-        .await?
-        .iter()
-        .filter(|n| n.state == pigeonhole_client::pb::NodeState::Up as i32)
-        .map(|n| n.id)
-        .collect();
-    let voters: BTreeMap<u64, Vec<u64>> = client
+    plan
+}
+
+fn per_node(leaders: &BTreeMap<u64, u64>, up: &BTreeSet<u64>) -> BTreeMap<u64, usize> {
+    let mut c: BTreeMap<u64, usize> = up.iter().map(|n| (*n, 0)).collect();
+    for n in leaders.values() {
+        if let Some(k) = c.get_mut(n) {
+            *k += 1;
+        }
+    }
+    c
+}
+
+/// Shard → leader, from NodeStatus of every node.
+async fn leaders(client: &Client) -> BTreeMap<u64, u64> {
+    let mut out = BTreeMap::new();
+    for (node, status) in all_status(client, false).await {
+        for r in status.iter().flat_map(|s| s.replicas.iter()) {
+            if r.shard != 0 && r.role == pb::ReplicaRole::Leader as i32 {
+                out.insert(r.shard, node);
+            }
+        }
+    }
+    out
+}
+
+fn voters_of(client: &Client) -> BTreeMap<u64, Vec<u64>> {
+    client
         .routing()
         .shards
         .iter()
         .map(|s| (s.id, s.replicas.clone()))
-        .collect();
-    let moves = plan(&voters, &up);
-    let before = counts(&voters, &up);
-    if !apply || moves.is_empty() {
-        match ctx.output {
-            Output::Json => render::json(&json!({
-                "replicas_per_node": before,
-                "moves": moves.iter().map(|m| json!({"shard": m.shard, "from": m.from, "to": m.to})).collect::<Vec<_>>(),
-                "applied": false,
-            })),
-            Output::Table => {
-                out!("replicas per up node: {before:?}");
-                if moves.is_empty() {
-                    out!("balanced: every up node holds within one replica of the others");
-                } else {
-                    let mut t = render::table(&["SHARD", "FROM", "TO"]);
-                    for m in &moves {
-                        t.add_row(vec![m.shard.to_string(), m.from.to_string(), m.to.to_string()]);
-                    }
-                    out!("{t}");
-                    out!("{} move(s) planned; run with --apply to make them", moves.len());
-                }
-            }
-        }
-        return Ok(0);
-    }
-    let deadline = Instant::now() + wait;
-    let started = Instant::now();
-    let mut queue: Vec<Move> = moves.clone();
+        .collect()
+}
+
+fn moves_json(moves: &[Move]) -> Vec<serde_json::Value> {
+    moves
+        .iter()
+        .map(|m| json!({"shard": m.shard, "from": m.from, "to": m.to}))
+        .collect()
+}
+
+/// Runs `moves` with `shard move`'s steps, up to `concurrency` at once and
+/// never two of one shard at once.
+async fn run_moves(
+    ctx: &Ctx,
+    client: &Client,
+    moves: &[Move],
+    concurrency: usize,
+    deadline: Instant,
+) -> Result<(), Failure> {
+    let mut queue: Vec<Move> = moves.to_vec();
     let mut running: BTreeSet<u64> = BTreeSet::new();
     let mut set = tokio::task::JoinSet::new();
     let mut done = 0usize;
     while !queue.is_empty() || !set.is_empty() {
-        // Start what may start: under the limit, one move per shard.
         while set.len() < concurrency {
             let Some(i) = queue.iter().position(|m| !running.contains(&m.shard)) else {
                 break;
@@ -161,23 +188,116 @@ pub async fn balance(ctx: &Ctx, apply: bool, concurrency: usize, wait: Duration)
             );
         }
     }
-    client.refresh().await?;
-    let after_voters: BTreeMap<u64, Vec<u64>> = client
-        .routing()
-        .shards
+    Ok(())
+}
+
+/// `cluster balance`.
+pub async fn balance(ctx: &Ctx, apply: bool, concurrency: usize, wait: Duration) -> Result<u8, Failure> {
+    if concurrency == 0 || concurrency > CONCURRENCY_MAX {
+        return Err(failed(format!(
+            "--concurrency must be 1 to {CONCURRENCY_MAX}, got {concurrency}"
+        )));
+    }
+    let client = connect(ctx).await?;
+    let deadline = Instant::now() + wait;
+    let started = Instant::now();
+    let up: BTreeSet<u64> = client
+        .nodes()
+        .await?
         .iter()
-        .map(|s| (s.id, s.replicas.clone()))
+        .filter(|n| n.state == pb::NodeState::Up as i32)
+        .map(|n| n.id)
         .collect();
-    let after = counts(&after_voters, &up);
+    let voters = voters_of(&client);
+    let moves = plan(&voters, &up);
+    let replicas_before = counts(&voters, &up);
+    if apply {
+        run_moves(ctx, &client, &moves, concurrency, deadline).await?;
+        client.refresh().await?;
+    }
+    // Leaderships are planned over the configuration after the moves (the
+    // one the moves would make, without --apply).
+    let mut after_voters = if apply { voters_of(&client) } else { voters.clone() };
+    if !apply {
+        for m in &moves {
+            for v in after_voters.get_mut(&m.shard).into_iter().flatten() {
+                if *v == m.from {
+                    *v = m.to;
+                }
+            }
+        }
+    }
+    let now = leaders(&client).await;
+    let want = plan_leaders(&after_voters, &up, &now);
+    let transfers: Vec<(u64, u64)> = want
+        .iter()
+        .filter(|(shard, node)| now.get(shard) != Some(node))
+        .map(|(s, n)| (*s, *n))
+        .collect();
+    if apply {
+        // Every shard's choice is recorded, so the servers' rebalancer also
+        // keeps (and returns to) the ones that are already right.
+        for (shard, node) in &want {
+            client.set_preferred_leader(*shard, *node).await?;
+        }
+        until("the leaderships to reach their chosen nodes", deadline, || async {
+            let now = leaders(&client).await;
+            want.iter().all(|(s, n)| now.get(s) == Some(n)).then_some(())
+        })
+        .await?;
+    }
+    let replicas = counts(&after_voters, &up);
+    let leaders_now = per_node(&if apply { leaders(&client).await } else { now.clone() }, &up);
+    let leaders_planned = per_node(&want, &up);
     let ms = started.elapsed().as_millis();
     match ctx.output {
         Output::Json => render::json(&json!({
-            "replicas_per_node": after,
-            "moves": moves.iter().map(|m| json!({"shard": m.shard, "from": m.from, "to": m.to})).collect::<Vec<_>>(),
-            "applied": true,
+            "replicas_per_node_before": replicas_before,
+            "replicas_per_node": replicas,
+            "moves": moves_json(&moves),
+            "leaders_per_node": leaders_now,
+            "leaders_per_node_planned": leaders_planned,
+            "leader_transfers": transfers.iter().map(|(s, n)| json!({"shard": s, "to": n})).collect::<Vec<_>>(),
+            "applied": apply,
             "ms": ms,
         })),
-        Output::Table => out!("balanced in {ms} ms: replicas per up node {after:?}"),
+        Output::Table if apply => {
+            for (s, n) in &transfers {
+                out!("shard {s}: leadership moved to node {n}");
+            }
+            out!("balanced in {ms} ms: replicas per up node {replicas:?}, leaders {leaders_now:?}");
+        }
+        Output::Table => {
+            out!("replicas per up node: {replicas_before:?}; leaders: {leaders_now:?}");
+            if moves.is_empty() && transfers.is_empty() {
+                out!("balanced: replicas and leaderships per up node are within one of each other");
+                return Ok(0);
+            }
+            let mut t = render::table(&["SHARD", "REPLICA FROM", "REPLICA TO"]);
+            for m in &moves {
+                t.add_row(vec![m.shard.to_string(), m.from.to_string(), m.to.to_string()]);
+            }
+            if !moves.is_empty() {
+                out!("{t}");
+            }
+            let mut t = render::table(&["SHARD", "LEADER NOW", "LEADER THEN"]);
+            for (s, n) in &transfers {
+                t.add_row(vec![
+                    s.to_string(),
+                    now.get(s).map_or("-".into(), u64::to_string),
+                    n.to_string(),
+                ]);
+            }
+            if !transfers.is_empty() {
+                out!("{t}");
+            }
+            out!(
+                "{} replica move(s) and {} leadership transfer(s) planned (then replicas {replicas:?}, leaders \
+                 {leaders_planned:?}); run with --apply to make them",
+                moves.len(),
+                transfers.len()
+            );
+        }
     }
     Ok(0)
 }
@@ -215,6 +335,28 @@ mod tests {
         }
         // Balanced already: nothing to do.
         assert!(plan(&voters, &up).is_empty());
+    }
+
+    #[test]
+    fn leaders_are_spread_within_one_and_stay_where_they_are_on_a_tie() {
+        let voters: BTreeMap<u64, Vec<u64>> = (1..=8)
+            .map(|s| (s, vec![1 + s % 4, 1 + (s + 1) % 4, 1 + (s + 2) % 4]))
+            .collect();
+        let up: BTreeSet<u64> = (1..=4).collect();
+        // Everything led by node 1 where it can be.
+        let current: BTreeMap<u64, u64> = voters.iter().map(|(s, vs)| (*s, *vs.iter().min().unwrap())).collect();
+        let plan = plan_leaders(&voters, &up, &current);
+        assert_eq!(plan.len(), 8);
+        for (s, n) in &plan {
+            assert!(voters[s].contains(n), "shard {s} led by non-voter {n}");
+        }
+        let c = per_node(&plan, &up);
+        assert!(c.values().max().unwrap() - c.values().min().unwrap() <= 1, "{c:?}");
+        // Already balanced: the plan is the current leaders.
+        assert_eq!(plan_leaders(&voters, &up, &plan), plan);
+        // A draining node (not up) leads nothing.
+        let up3: BTreeSet<u64> = (1..=3).collect();
+        assert!(plan_leaders(&voters, &up3, &plan).values().all(|n| *n != 4));
     }
 
     #[test]

@@ -66,7 +66,7 @@ where
         }
         if Instant::now() >= deadline {
             return Err(Failure {
-                message: format!("timed out waiting for {what}; run the same command again to finish the move"),
+                message: format!("timed out waiting for {what}; run the same command again to finish"),
                 exit: EXIT_UNAVAILABLE,
             });
         }
