@@ -70,6 +70,41 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
     );
     assert_eq!(node_row(&cluster, DRAINED)["state"], "up");
 
+    // Once the node is draining, the servers' rebalancer no longer hands
+    // it back the leadership of a shard it is the bootstrap-preferred
+    // leader of (the drain below would otherwise fight it).
+    client.set_node_state(DRAINED, pb::NodeState::Draining).await.unwrap();
+    // A shard the node leads: at start each shard is led by its preferred
+    // node (the rebalancer sees to it), so this is one it is preferred for.
+    let mut preferred_here = None;
+    for s in client.routing().shards.iter().filter(|s| s.replicas.contains(&DRAINED)) {
+        if leader_of(&client, s.id).await == DRAINED {
+            let other = s.replicas.iter().copied().find(|n| *n != DRAINED).unwrap();
+            preferred_here = Some((s.id, other));
+            break;
+        }
+    }
+    let preferred_here = preferred_here.expect("node 2 leads a shard at start");
+    client
+        .transfer_leader(preferred_here.0, preferred_here.1)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let leads: Vec<u64> = client
+        .node_status(DRAINED, false)
+        .await
+        .unwrap()
+        .replicas
+        .iter()
+        .filter(|r| r.shard != 0 && r.role == pb::ReplicaRole::Leader as i32)
+        .map(|r| r.shard)
+        .collect();
+    assert!(
+        !leads.contains(&preferred_here.0),
+        "shard {} went back to its draining preferred leader",
+        preferred_here.0
+    );
+
     let users = users();
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..WRITERS {

@@ -76,6 +76,21 @@ impl Driver {
         } else {
             std::collections::BTreeMap::new()
         };
+        // Nodes that take no new leadership (draining, removed): the
+        // rebalancer must not hand a shard back to one while `phctl node
+        // drain` moves leaderships away from it.
+        let no_lead: std::collections::BTreeSet<u64> = if rebalance {
+            self.engine
+                .system_scan(META_SHARD, crate::nodes::NODE_RECORD_PREFIX, self.map.nodes.len())
+                .map(|records| crate::nodes::decode_states(&records))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, e)| !crate::nodes::takes_new_work(e.state))
+                .map(|(n, _)| n)
+                .collect()
+        } else {
+            std::collections::BTreeSet::new()
+        };
         if rebalance {
             // A sleeping leader does not tick, so it would never hand
             // leadership to its preferred node: wake the ones that should.
@@ -89,6 +104,7 @@ impl Driver {
                     && r.raw.raft.state == StateRole::Leader
                     && pref != node_id
                     && pref != 0
+                    && !no_lead.contains(&pref)
                     && r.raw.raft.prs().conf().voters().contains(pref)
                 {
                     wake.push(*shard);
@@ -119,7 +135,7 @@ impl Driver {
                     }
                 }
             }
-            if rebalance {
+            if rebalance && !no_lead.contains(&r.preferred_leader) {
                 maybe_rebalance(node_id, r, &self.peers);
             }
             if collect && *shard != META_SHARD && r.raw.raft.state == StateRole::Leader {
