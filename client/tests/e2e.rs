@@ -473,23 +473,7 @@ async fn phctl_moves_a_leader_replica_under_load_and_the_old_node_deletes_it() {
     let from = leader_of(&client, shard).await;
     assert!(replicas.contains(&from));
 
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..WRITERS {
-        let client = client.clone();
-        let users = users.clone();
-        writers.spawn(async move {
-            let mut done: Vec<(usize, Vec<u8>, u64)> = Vec::new();
-            for i in 0..APPENDS_PER_WRITER {
-                let u = i % USERS;
-                let key = format!("m{w}-{i}").into_bytes();
-                let r = client.append(&users[u], key.clone(), key.clone()).await;
-                let r = r.map_err(|e| format!("{}: {e}", String::from_utf8_lossy(&key)))?;
-                done.push((u, key, r.seq));
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Ok::<_, String>(done)
-        });
-    }
+    let writers = spawn_writers(&client, &users, "m", Duration::from_millis(5));
     let endpoints = cluster.endpoints();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
@@ -503,13 +487,7 @@ async fn phctl_moves_a_leader_replica_under_load_and_the_old_node_deletes_it() {
     .unwrap();
     assert_moved(&out, from, to);
 
-    let mut acked: Vec<(usize, Vec<u8>, u64)> = Vec::new();
-    while let Some(r) = writers.join_next().await {
-        acked.extend(
-            r.unwrap()
-                .unwrap_or_else(|e| panic!("an SDK request failed during the move: {e}")),
-        );
-    }
+    let acked = join_writers(writers, "the move").await;
     // Every acknowledged append of the moved shard's users is on the new
     // replica, once, in order, with the payload acknowledged for it.
     let moved_users: Vec<usize> = (0..USERS)
@@ -517,18 +495,7 @@ async fn phctl_moves_a_leader_replica_under_load_and_the_old_node_deletes_it() {
         .collect();
     for u in moved_users {
         let got = read_all(&cluster.addr(to), &users[u]).await.unwrap();
-        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=got.len() as u64).collect::<Vec<_>>(),
-            "user {u}: gaps or disorder"
-        );
-        let mine: Vec<&(usize, Vec<u8>, u64)> = acked.iter().filter(|a| a.0 == u).collect();
-        assert_eq!(got.len(), mine.len(), "user {u}: stored and acknowledged counts differ");
-        for (_, key, seq) in mine {
-            let m = &got[usize::try_from(*seq).unwrap() - 1];
-            assert_eq!((&m.idempotency_key, &m.payload), (key, key), "user {u} seq {seq}");
-        }
+        assert_log_matches(u, &got, &acked);
     }
     let st = client.node_status(from, false).await.unwrap();
     assert!(

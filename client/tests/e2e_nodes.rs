@@ -106,23 +106,7 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
     );
 
     let users = users();
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..WRITERS {
-        let client = client.clone();
-        let users = users.clone();
-        writers.spawn(async move {
-            let mut done: Vec<(usize, Vec<u8>, u64)> = Vec::new();
-            for i in 0..APPENDS_PER_WRITER {
-                let u = i % USERS;
-                let key = format!("d{w}-{i}").into_bytes();
-                let r = client.append(&users[u], key.clone(), key.clone()).await;
-                let r = r.map_err(|e| format!("{}: {e}", String::from_utf8_lossy(&key)))?;
-                done.push((u, key, r.seq));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Ok::<_, String>(done)
-        });
-    }
+    let writers = spawn_writers(&client, &users, "d", Duration::from_millis(10));
     let endpoints = cluster.endpoints();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
@@ -153,13 +137,7 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
         .count();
     assert_eq!(moved, held.len(), "{doc}");
 
-    let mut acked: Vec<(usize, Vec<u8>, u64)> = Vec::new();
-    while let Some(r) = writers.join_next().await {
-        acked.extend(
-            r.unwrap()
-                .unwrap_or_else(|e| panic!("an SDK request failed during the drain: {e}")),
-        );
-    }
+    let acked = join_writers(writers, "the drain").await;
     // Nothing left on the node, as it reports itself and as phctl lists it.
     let st = client.node_status(DRAINED, false).await.unwrap();
     let left: Vec<u64> = st.replicas.iter().map(|r| r.shard).filter(|s| *s != 0).collect();
@@ -178,18 +156,7 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
     // The three nodes left hold every shard; read each user's log on node 1.
     for (u, user) in users.iter().enumerate() {
         let got = read_all(&cluster.addr(1), user).await.unwrap();
-        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=got.len() as u64).collect::<Vec<_>>(),
-            "user {u}: gaps or disorder"
-        );
-        let mine: Vec<&(usize, Vec<u8>, u64)> = acked.iter().filter(|a| a.0 == u).collect();
-        assert_eq!(got.len(), mine.len(), "user {u}: stored and acknowledged counts differ");
-        for (_, key, seq) in mine {
-            let m = &got[usize::try_from(*seq).unwrap() - 1];
-            assert_eq!((&m.idempotency_key, &m.payload), (key, key), "user {u} seq {seq}");
-        }
+        assert_log_matches(u, &got, &acked);
     }
 
     // A draining node takes no new replica.
@@ -240,23 +207,7 @@ async fn a_dead_node_is_removed_with_force_and_its_replicas_rebuilt_from_the_sur
         .count();
     assert!(held > 0);
     let users = users();
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..WRITERS {
-        let client = client.clone();
-        let users = users.clone();
-        writers.spawn(async move {
-            let mut done: Vec<(usize, Vec<u8>, u64)> = Vec::new();
-            for i in 0..APPENDS_PER_WRITER {
-                let u = i % USERS;
-                let key = format!("f{w}-{i}").into_bytes();
-                let r = client.append(&users[u], key.clone(), key.clone()).await;
-                let r = r.map_err(|e| format!("{}: {e}", String::from_utf8_lossy(&key)))?;
-                done.push((u, key, r.seq));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Ok::<_, String>(done)
-        });
-    }
+    let writers = spawn_writers(&client, &users, "f", Duration::from_millis(10));
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.kill(DEAD);
 
@@ -306,13 +257,7 @@ async fn a_dead_node_is_removed_with_force_and_its_replicas_rebuilt_from_the_sur
         .count();
     assert_eq!(rebuilt, held, "{doc}");
 
-    let mut acked: Vec<(usize, Vec<u8>, u64)> = Vec::new();
-    while let Some(r) = writers.join_next().await {
-        acked.extend(
-            r.unwrap()
-                .unwrap_or_else(|e| panic!("an SDK request failed around the node's death: {e}")),
-        );
-    }
+    let acked = join_writers(writers, "the node's death").await;
     client.refresh().await.unwrap();
     for s in &client.routing().shards {
         assert_eq!(s.replicas.len(), 3, "shard {} has voters {:?}", s.id, s.replicas);
@@ -321,18 +266,7 @@ async fn a_dead_node_is_removed_with_force_and_its_replicas_rebuilt_from_the_sur
     // The three live nodes hold every shard; read each user's log on node 1.
     for (u, user) in users.iter().enumerate() {
         let got = read_all(&cluster.addr(1), user).await.unwrap();
-        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
-        assert_eq!(
-            seqs,
-            (1..=got.len() as u64).collect::<Vec<_>>(),
-            "user {u}: gaps or disorder"
-        );
-        let mine: Vec<&(usize, Vec<u8>, u64)> = acked.iter().filter(|a| a.0 == u).collect();
-        assert_eq!(got.len(), mine.len(), "user {u}: stored and acknowledged counts differ");
-        for (_, key, seq) in mine {
-            let m = &got[usize::try_from(*seq).unwrap() - 1];
-            assert_eq!((&m.idempotency_key, &m.payload), (key, key), "user {u} seq {seq}");
-        }
+        assert_log_matches(u, &got, &acked);
     }
     let row = node_row(&cluster, DEAD);
     assert_eq!(

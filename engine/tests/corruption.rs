@@ -35,6 +35,23 @@ fn message_key_with_seq(seq: u64) -> impl Fn(&[u8]) -> bool {
     move |k: &[u8]| k.get(8) == Some(&0x02) && k.ends_with(&seq.to_be_bytes())
 }
 
+/// Applies one append to ns/u at the next index, which must fail with
+/// `Corruption` (and so apply nothing).
+fn assert_apply_fails_with_corruption(s: &mut Shard, key: &[u8]) {
+    s.index += 1;
+    let bytes = encode(1, vec![append("ns", b"u", key, b"x")]);
+    let r = s.engine().apply(
+        s.id,
+        &[pigeonhole_engine::ApplyEntry {
+            index: s.index,
+            term: 1,
+            kind: pigeonhole_engine::EntryKind::Command(&bytes),
+        }],
+        pigeonhole_engine::Durability::NoFsync,
+    );
+    assert!(matches!(r, Err(EngineError::Corruption { .. })), "{r:?}");
+}
+
 fn sync_all(s: &Shard) -> Result<pigeonhole_engine::SyncPage, ReadError> {
     let q = SyncQuery {
         namespace: "ns",
@@ -124,18 +141,7 @@ fn flipped_message_after_the_head_row_fails_reads_and_apply_of_that_mailbox() {
         Err(ReadError::Engine(EngineError::Corruption { .. }))
     ));
     let applied = s.engine().shard_meta(s.id).unwrap().unwrap().applied_index;
-    s.index += 1;
-    let bytes = encode(1, vec![append("ns", b"u", b"next", b"x")]);
-    let r = s.engine().apply(
-        s.id,
-        &[pigeonhole_engine::ApplyEntry {
-            index: s.index,
-            term: 1,
-            kind: pigeonhole_engine::EntryKind::Command(&bytes),
-        }],
-        pigeonhole_engine::Durability::NoFsync,
-    );
-    assert!(matches!(r, Err(EngineError::Corruption { .. })), "{r:?}");
+    assert_apply_fails_with_corruption(&mut s, b"next");
     assert_eq!(s.engine().shard_meta(s.id).unwrap().unwrap().applied_index, applied);
 }
 
@@ -147,18 +153,7 @@ fn flipped_mailbox_meta_fails_apply_instead_of_misnumbering() {
     let flipped = flip_values(&mut s, |k| k.get(8) == Some(&0x01));
     assert_eq!(flipped.len(), 1);
     let applied = s.engine().shard_meta(s.id).unwrap().unwrap().applied_index;
-    s.index += 1;
-    let bytes = encode(1, vec![append("ns", b"u", b"k2", b"x")]);
-    let r = s.engine().apply(
-        s.id,
-        &[pigeonhole_engine::ApplyEntry {
-            index: s.index,
-            term: 1,
-            kind: pigeonhole_engine::EntryKind::Command(&bytes),
-        }],
-        pigeonhole_engine::Durability::NoFsync,
-    );
-    assert!(matches!(r, Err(EngineError::Corruption { .. })), "{r:?}");
+    assert_apply_fails_with_corruption(&mut s, b"k2");
     // Nothing was applied.
     assert_eq!(s.engine().shard_meta(s.id).unwrap().unwrap().applied_index, applied);
 }

@@ -218,3 +218,67 @@ pub async fn leader_of(client: &Client, shard: u64) -> u64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Appends the writers got acknowledged: (user index, key = payload, seq).
+pub type Acked = Vec<(usize, Vec<u8>, u64)>;
+
+/// Starts [`WRITERS`] tasks through the SDK, each appending
+/// [`APPENDS_PER_WRITER`] messages round-robin over `users` (idempotency
+/// key = payload = `{tag}{writer}-{i}`), pausing `pause` after each. Each
+/// task returns what was acknowledged, or its first failed request.
+pub fn spawn_writers(
+    client: &Client,
+    users: &[pb::MailboxId],
+    tag: &str,
+    pause: Duration,
+) -> tokio::task::JoinSet<Result<Acked, String>> {
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let client = client.clone();
+        let users = users.to_vec();
+        let tag = tag.to_string();
+        writers.spawn(async move {
+            let mut done = Acked::new();
+            for i in 0..APPENDS_PER_WRITER {
+                let u = i % users.len();
+                let key = format!("{tag}{w}-{i}").into_bytes();
+                let r = client.append(&users[u], key.clone(), key.clone()).await;
+                let r = r.map_err(|e| format!("{}: {e}", String::from_utf8_lossy(&key)))?;
+                done.push((u, key, r.seq));
+                tokio::time::sleep(pause).await;
+            }
+            Ok(done)
+        });
+    }
+    writers
+}
+
+/// Waits for the writers; a failed request fails the test, naming `during`.
+pub async fn join_writers(mut writers: tokio::task::JoinSet<Result<Acked, String>>, during: &str) -> Acked {
+    let mut acked = Acked::new();
+    while let Some(r) = writers.join_next().await {
+        acked.extend(
+            r.unwrap()
+                .unwrap_or_else(|e| panic!("an SDK request failed during {during}: {e}")),
+        );
+    }
+    acked
+}
+
+/// `got` (user `u`'s whole log) holds exactly `u`'s acknowledged appends:
+/// seqs 1..=n with no gap, each at the seq it was acknowledged with, with
+/// the payload acknowledged for it.
+pub fn assert_log_matches(u: usize, got: &[pb::Message], acked: &Acked) {
+    let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=got.len() as u64).collect::<Vec<_>>(),
+        "user {u}: gaps or disorder"
+    );
+    let mine: Vec<&(usize, Vec<u8>, u64)> = acked.iter().filter(|a| a.0 == u).collect();
+    assert_eq!(got.len(), mine.len(), "user {u}: stored and acknowledged counts differ");
+    for (_, key, seq) in mine {
+        let m = &got[usize::try_from(*seq).unwrap() - 1];
+        assert_eq!((&m.idempotency_key, &m.payload), (key, key), "user {u} seq {seq}");
+    }
+}
