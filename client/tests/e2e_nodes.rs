@@ -29,6 +29,34 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
+/// Runs phctl off the async workers (it takes seconds, and the SDK
+/// writers need those threads), expects success, and returns its JSON.
+async fn phctl_json_off_thread(cluster: &Cluster, args: &[&str]) -> serde_json::Value {
+    let endpoints = cluster.endpoints();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
+            .env("PIGEONHOLE_ENDPOINTS", endpoints)
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// How many replica moves a drain's or forced removal's JSON reports.
+fn replica_moves(doc: &serde_json::Value) -> usize {
+    doc["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s.as_str().unwrap().contains("replica moved"))
+        .count()
+}
+
 fn node_row(cluster: &Cluster, node: u64) -> serde_json::Value {
     let out = phctl(cluster, &["node", "list", "-o", "json"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -107,34 +135,22 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
 
     let users = users();
     let writers = spawn_writers(&client, &users, "d", Duration::from_millis(10));
-    let endpoints = cluster.endpoints();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
-            .env("PIGEONHOLE_ENDPOINTS", endpoints)
-            .args([
-                "node",
-                "drain",
-                &DRAINED.to_string(),
-                "-o",
-                "json",
-                "--timeout-ms",
-                "10000",
-                "--wait-ms",
-                "60000",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let moved = doc["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s.as_str().unwrap().contains("replica moved"))
-        .count();
+    let doc = phctl_json_off_thread(
+        &cluster,
+        &[
+            "node",
+            "drain",
+            &DRAINED.to_string(),
+            "-o",
+            "json",
+            "--timeout-ms",
+            "10000",
+            "--wait-ms",
+            "60000",
+        ],
+    )
+    .await;
+    let moved = replica_moves(&doc);
     assert_eq!(moved, held.len(), "{doc}");
 
     let acked = join_writers(writers, "the drain").await;
@@ -226,35 +242,23 @@ async fn a_dead_node_is_removed_with_force_and_its_replicas_rebuilt_from_the_sur
         text(&out)
     );
 
-    let endpoints = cluster.endpoints();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
-            .env("PIGEONHOLE_ENDPOINTS", endpoints)
-            .args([
-                "node",
-                "remove",
-                &DEAD.to_string(),
-                "--force",
-                "-o",
-                "json",
-                "--timeout-ms",
-                "10000",
-                "--wait-ms",
-                "60000",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let rebuilt = doc["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s.as_str().unwrap().contains("replica moved"))
-        .count();
+    let doc = phctl_json_off_thread(
+        &cluster,
+        &[
+            "node",
+            "remove",
+            &DEAD.to_string(),
+            "--force",
+            "-o",
+            "json",
+            "--timeout-ms",
+            "10000",
+            "--wait-ms",
+            "60000",
+        ],
+    )
+    .await;
+    let rebuilt = replica_moves(&doc);
     assert_eq!(rebuilt, held, "{doc}");
 
     let acked = join_writers(writers, "the node's death").await;
