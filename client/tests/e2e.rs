@@ -30,9 +30,7 @@ use common::*;
 async fn killing_a_leader_under_load_loses_duplicates_and_reorders_nothing() {
     let mut cluster = Cluster::start();
     cluster.wait_healthy(Duration::from_secs(30));
-    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
-    cfg.request_timeout = Duration::from_secs(30);
-    let client = Client::connect(cfg).await.unwrap();
+    let client = sdk(&cluster).await;
     let users = users();
     let victim_shard = client.routing().shard_for(&users[0].user_id).unwrap().id;
     // Wait until the map names the shard's leader, so the subscription's
@@ -463,9 +461,7 @@ fn assert_moved(out: &std::process::Output, from: u64, to: u64) {
 async fn phctl_moves_a_leader_replica_under_load_and_the_old_node_deletes_it() {
     let cluster = Cluster::start_n(4);
     cluster.wait_healthy(Duration::from_secs(30));
-    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
-    cfg.request_timeout = Duration::from_secs(30);
-    let client = Client::connect(cfg).await.unwrap();
+    let client = sdk(&cluster).await;
     let users = users();
     let shard = client.routing().shard_for(&users[0].user_id).unwrap().id;
     let replicas = client.routing().shard(shard).unwrap().replicas.clone();
@@ -512,9 +508,7 @@ async fn phctl_moves_a_leader_replica_under_load_and_the_old_node_deletes_it() {
 async fn a_move_cut_short_and_a_node_killed_is_finished_by_running_it_again() {
     let mut cluster = Cluster::start_n(4);
     cluster.wait_healthy(Duration::from_secs(30));
-    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
-    cfg.request_timeout = Duration::from_secs(30);
-    let client = Client::connect(cfg).await.unwrap();
+    let client = sdk(&cluster).await;
     let users = users();
     let user = &users[1];
     let shard = client.routing().shard_for(&user.user_id).unwrap().id;

@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use pigeonhole_client::{pb, Client, ClientConfig, SyncOptions};
+use pigeonhole_client::{pb, SyncOptions};
 use std::time::Duration;
 
 fn phctl(cluster: &Cluster, args: &[&str]) -> std::process::Output {
@@ -75,9 +75,7 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
     const DRAINED: u64 = 2;
     let cluster = Cluster::start_n(4);
     cluster.wait_healthy(Duration::from_secs(30));
-    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
-    cfg.request_timeout = Duration::from_secs(30);
-    let client = Client::connect(cfg).await.unwrap();
+    let client = sdk(&cluster).await;
     let held: Vec<u64> = client
         .routing()
         .shards
@@ -212,9 +210,7 @@ async fn a_dead_node_is_removed_with_force_and_its_replicas_rebuilt_from_the_sur
     const DEAD: u64 = 3;
     let mut cluster = Cluster::start_n(4);
     cluster.wait_healthy(Duration::from_secs(30));
-    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
-    cfg.request_timeout = Duration::from_secs(30);
-    let client = Client::connect(cfg).await.unwrap();
+    let client = sdk(&cluster).await;
     let held = client
         .routing()
         .shards
@@ -288,9 +284,7 @@ async fn a_dead_node_is_removed_with_force_and_its_replicas_rebuilt_from_the_sur
 async fn balance_moves_replicas_onto_an_empty_node_until_counts_are_within_one() {
     let cluster = Cluster::start_n(4);
     cluster.wait_healthy(Duration::from_secs(30));
-    let mut cfg = ClientConfig::new(cluster.endpoints().split(',').map(String::from));
-    cfg.request_timeout = Duration::from_secs(30);
-    let client = Client::connect(cfg).await.unwrap();
+    let client = sdk(&cluster).await;
     let users = users();
     let mut acked = Vec::new();
     for (u, user) in users.iter().enumerate() {

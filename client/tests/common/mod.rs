@@ -282,3 +282,11 @@ pub fn assert_log_matches(u: usize, got: &[pb::Message], acked: &Acked) {
         assert_eq!((&m.idempotency_key, &m.payload), (key, key), "user {u} seq {seq}");
     }
 }
+
+/// An SDK client of `cluster` whose requests (retries included) may take
+/// 30 s, long enough to ride out the failovers and moves the tests cause.
+pub async fn sdk(cluster: &Cluster) -> Client {
+    let mut cfg = pigeonhole_client::ClientConfig::new(cluster.endpoints().split(',').map(String::from));
+    cfg.request_timeout = Duration::from_secs(30);
+    Client::connect(cfg).await.unwrap()
+}
