@@ -89,6 +89,7 @@ pub(crate) fn mailbox_meta(shard: u64, mb: &[u8]) -> Vec<u8> {
 }
 
 /// `shard | 0x02 | mb`: the prefix of all messages of a mailbox.
+#[cfg(test)]
 pub(crate) fn message_prefix(shard: u64, mb: &[u8]) -> Vec<u8> {
     let mut k = shard_tag(shard, tag::MESSAGE, mb.len() + 8);
     k.extend_from_slice(mb);
@@ -174,6 +175,30 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The data CF's memtable bucket of `key` (its prefix-extractor output):
+/// `shard | tag | mailbox` for the per-mailbox tags (head row, messages,
+/// dedup entries, cursors), `shard | tag` for the others, the whole key if
+/// it is shorter than that or does not parse.
+///
+/// Why: the data CF's memtable is a hash of small skiplists, one per
+/// bucket, so an insert compares keys only within its mailbox instead of
+/// walking one skiplist of every key in the memtable (profiled: that walk
+/// and its key compares were most of apply). Every scan that stays inside
+/// one bucket may run in prefix mode; a scan across buckets must set
+/// `total_order_seek` (see `Engine::total_order`).
+pub(crate) fn memtable_bucket(key: &[u8]) -> &[u8] {
+    let Some((&t, rest)) = key.get(8..).and_then(|r| r.split_first()) else {
+        return key;
+    };
+    match t {
+        tag::MAILBOX | tag::MESSAGE | tag::DEDUP | tag::CURSOR => match split_mailbox(rest) {
+            Some((mb, _)) => key.get(..9 + mb.len()).unwrap_or(key),
+            None => key,
+        },
+        _ => key.get(..9).unwrap_or(key),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +244,43 @@ mod tests {
         let k = dedup_expiry(3, 1234, &mb, b"key-1");
         assert_eq!(parse_dedup_expiry(&k), Some((1234, mb.as_slice(), &b"key-1"[..])));
         assert!(dedup_expiry_bound(3, 1234) <= k && k < dedup_expiry_bound(3, 1235));
+    }
+
+    #[test]
+    fn memtable_buckets_are_per_mailbox_and_tag_and_stable() {
+        let mb = mailbox("ns", b"user");
+        let other = mailbox("ns", b"user2");
+        let p = message_prefix(4, &mb);
+        for k in [message(4, &mb, 1), message(4, &mb, u64::MAX), p.clone()] {
+            assert_eq!(memtable_bucket(&k), p.as_slice());
+        }
+        assert_ne!(memtable_bucket(&message(4, &other, 1)), p.as_slice());
+        assert_eq!(memtable_bucket(&mailbox_meta(4, &mb)), mailbox_meta(4, &mb).as_slice());
+        let d = dedup(4, &mb, b"k");
+        assert_eq!(memtable_bucket(&d), &d[..d.len() - 1]);
+        assert_eq!(
+            memtable_bucket(&cursor(4, &mb, b"dev")),
+            cursor_prefix(4, &mb).as_slice()
+        );
+        // Shard-wide tags share one bucket per shard and tag: every scan of
+        // the expiry index stays inside it.
+        let e = dedup_expiry(4, 99, &mb, b"k");
+        assert_eq!(memtable_bucket(&e), &e[..9]);
+        assert_eq!(memtable_bucket(&dedup_expiry_bound(4, 0)), &e[..9]);
+        assert_eq!(memtable_bucket(&system(4, b"x")), &system(4, b"")[..]);
+        // Short or unparsable keys are their own bucket; a bucket is its own
+        // bucket (RocksDB's prefix-extractor contract).
+        for k in [
+            &4u64.to_be_bytes()[..],
+            &[0u8; 3][..],
+            &[0, 0, 0, 0, 0, 0, 0, 4, 2, 9][..],
+        ] {
+            assert_eq!(memtable_bucket(k), k);
+        }
+        for k in [message(4, &mb, 7), d.clone(), e.clone(), shard_meta(4)] {
+            let b = memtable_bucket(&k);
+            assert_eq!(memtable_bucket(b), b);
+        }
     }
 
     #[test]

@@ -68,6 +68,14 @@ pub struct SyncPage {
     pub has_more: bool,
 }
 
+fn message_key_seq(k: &[u8]) -> Result<u64, EngineError> {
+    keys::message_seq(k).ok_or_else(|| EngineError::corruption(CF_DATA, k, "message key without seq"))
+}
+
+fn len_u64<T>(s: &[T]) -> u64 {
+    u64::try_from(s.len()).unwrap_or(u64::MAX)
+}
+
 /// A mailbox's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MailboxInfo {
@@ -160,103 +168,105 @@ impl Engine {
         let mb = keys::mailbox(q.namespace, q.user_id);
         // The page needs the head's last seq and low watermark, not its
         // payload bytes, so instead of rebuilding the head (I9) it takes the
-        // row's low watermark and, as last seq, the larger of the row's and
-        // the mailbox's last message key: one seek of the iterator that
-        // then reads the page.
+        // row's low watermark and, as last seq, the seq of the mailbox's
+        // last message key. One forward pass finds both the page and that
+        // key: the keys after the row are fewer than
+        // `head_row_every_appends`. Forward only: the data CF's
+        // hash-skiplist memtable cannot seek backwards.
         let row_key = keys::mailbox_meta(shard, &mb);
         let row = match snap_get(self, &snap, &row_key)? {
             Some(b) => MailboxMeta::decode(&row_key, &b)?,
             None => MailboxMeta::default(),
         };
-        let mut ro = ReadOptions::default();
-        ro.set_snapshot(&snap);
-        let prefix = keys::message_prefix(shard, &mb);
-        // Seq u64::MAX is never assigned, so this bound is past every message.
-        let end = keys::message(shard, &mb, u64::MAX);
-        ro.set_iterate_lower_bound(prefix.clone());
-        ro.set_iterate_upper_bound(end.clone());
-        let cf = self.cf(CF_DATA)?;
-        let mut it = self.db().raw_iterator_cf_opt(cf, ro);
-        it.seek_for_prev(&end);
-        let mut last_seq = row.last_seq;
-        if let Some(k) = it.key() {
-            if k.starts_with(&prefix) {
-                let seq = keys::message_seq(k)
-                    .ok_or_else(|| EngineError::corruption(CF_DATA, k, "message key without seq"))?;
-                last_seq = last_seq.max(seq);
-            }
-        }
-        it.status()?;
-        let meta = MailboxMeta { last_seq, ..row };
-        if q.after_seq > meta.last_seq {
-            return Err(ReadError::CursorAhead {
-                after_seq: q.after_seq,
-                last_seq: meta.last_seq,
-            });
-        }
-        if q.after_seq + 1 < meta.low_watermark {
+        if q.after_seq.saturating_add(1) < row.low_watermark {
             return Err(ReadError::CursorTrimmed {
                 after_seq: q.after_seq,
-                low_watermark: meta.low_watermark,
+                low_watermark: row.low_watermark,
             });
         }
-        let first = q.after_seq + 1;
-        let mut messages = Vec::with_capacity(
-            usize::try_from(meta.last_seq.saturating_sub(q.after_seq))
-                .unwrap_or(usize::MAX)
-                .min(max_messages),
-        );
-        if first <= meta.last_seq {
-            it.seek(keys::message(shard, &mb, first));
-            let mut bytes: u64 = 0;
-            let mut expect = first;
-            while let (Some(k), Some(v)) = (it.key(), it.value()) {
-                if messages.len() >= max_messages {
-                    break;
-                }
-                let body = codec::open(CF_DATA, k, v)?;
-                let view = MessageView::decode(k, body)?;
-                let size = u64::try_from(view.payload.len()).unwrap_or(u64::MAX);
-                if !messages.is_empty() && bytes + size > u64::try_from(max_bytes).unwrap_or(u64::MAX) {
-                    break;
-                }
-                let seq = keys::message_seq(k)
-                    .ok_or_else(|| EngineError::corruption(CF_DATA, k, "message key without seq"))?;
-                if seq != expect {
-                    return Err(EngineError::corruption(
-                        CF_DATA,
-                        k,
-                        format!("gap in mailbox: expected seq {expect}, found {seq}"),
-                    )
-                    .into());
-                }
-                bytes += size;
-                messages.push(ReadMessage {
-                    seq,
-                    time_ms: view.time_ms,
-                    idempotency_key: view.idempotency_key.to_vec(),
-                    payload: view.payload.to_vec(),
-                    deleted: view.deleted,
-                });
-                expect += 1;
-                it.next();
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&snap);
+        // Seq u64::MAX is never assigned, so this bound is past every message.
+        ro.set_iterate_upper_bound(keys::message(shard, &mb, u64::MAX));
+        let mut it = self.db().raw_iterator_cf_opt(self.cf(CF_DATA)?, ro);
+        let after_row = row.last_seq.saturating_add(1);
+        let first = q.after_seq.saturating_add(1);
+        let mut last_seq = row.last_seq;
+        // Messages between the row and the cursor only move last_seq.
+        it.seek(keys::message(shard, &mb, first.min(after_row)));
+        while let Some(k) = it.key() {
+            let seq = message_key_seq(k)?;
+            if seq >= first {
+                break;
             }
-            it.status()?;
-            if messages.is_empty() {
-                let k = keys::message(shard, &mb, first);
+            last_seq = last_seq.max(seq);
+            it.next();
+        }
+        let mut messages = Vec::new();
+        let mut bytes: u64 = 0;
+        let max_bytes = u64::try_from(max_bytes).unwrap_or(u64::MAX);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if messages.len() >= max_messages {
+                break;
+            }
+            let seq = message_key_seq(k)?;
+            let expect = first + len_u64(&messages);
+            if seq != expect {
                 return Err(EngineError::corruption(
                     CF_DATA,
-                    &k,
-                    format!("mailbox last_seq is {} but seq {first} is missing", meta.last_seq),
+                    k,
+                    format!("gap in mailbox: expected seq {expect}, found {seq}"),
                 )
                 .into());
             }
+            let view = MessageView::decode(k, codec::open(CF_DATA, k, v)?)?;
+            let size = len_u64(view.payload);
+            if !messages.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            last_seq = last_seq.max(seq);
+            messages.push(ReadMessage {
+                seq,
+                time_ms: view.time_ms,
+                idempotency_key: view.idempotency_key.to_vec(),
+                payload: view.payload.to_vec(),
+                deleted: view.deleted,
+            });
+            it.next();
         }
-        let has_more = messages.last().is_some_and(|m| m.seq < meta.last_seq);
+        // A page cut short by its limits: the keys after the row (or after
+        // the page, if it reached past the row) still move last_seq.
+        if it.valid() {
+            if messages.last().map_or(first, |m| m.seq + 1) < after_row {
+                it.seek(keys::message(shard, &mb, after_row));
+            }
+            while let Some(k) = it.key() {
+                last_seq = last_seq.max(message_key_seq(k)?);
+                it.next();
+            }
+        }
+        it.status()?;
+        if q.after_seq > last_seq {
+            return Err(ReadError::CursorAhead {
+                after_seq: q.after_seq,
+                last_seq,
+            });
+        }
+        if first <= last_seq && messages.is_empty() {
+            let k = keys::message(shard, &mb, first);
+            return Err(EngineError::corruption(
+                CF_DATA,
+                &k,
+                format!("mailbox last_seq is {last_seq} but seq {first} is missing"),
+            )
+            .into());
+        }
+        let has_more = messages.last().is_some_and(|m| m.seq < last_seq);
         Ok(SyncPage {
             messages,
-            last_seq: meta.last_seq,
-            low_watermark: meta.low_watermark,
+            last_seq,
+            low_watermark: row.low_watermark,
             has_more,
         })
     }
@@ -313,7 +323,7 @@ impl Engine {
     pub fn shard_size(&self, shard: u64, keys_max: u64) -> Result<ShardSize, EngineError> {
         let (start, end) = keys::shard_range(shard).ok_or(EngineError::NoSuchShard(shard))?;
         let snap = self.db().snapshot();
-        let mut ro = ReadOptions::default();
+        let mut ro = crate::engine::total_order();
         ro.set_snapshot(&snap);
         ro.set_iterate_upper_bound(end);
         // A one-off scan must not push hot blocks out of the cache.

@@ -20,7 +20,7 @@ use crate::engine::{lock, Durability, Engine};
 use crate::error::EngineError;
 use crate::keys::{self, CF_DATA};
 use crate::records::{ShardMeta, ShardState};
-use rocksdb::{ReadOptions, WriteBatch};
+use rocksdb::WriteBatch;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -157,7 +157,7 @@ impl Engine {
         if meta.state != ShardState::Ready {
             return Err(EngineError::ShardIncomplete(shard).into());
         }
-        let mut ro = ReadOptions::default();
+        let mut ro = crate::engine::total_order();
         ro.set_snapshot(&snap);
         ro.set_iterate_upper_bound(end);
         let mut it = self.db().raw_iterator_cf_opt(cf, ro);

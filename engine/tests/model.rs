@@ -319,6 +319,9 @@ enum Step {
     /// Re-apply an earlier index (by position from the end).
     Replay(usize),
     Reopen,
+    /// Flush the state machine's memtable to an SST, so that reads merge
+    /// SSTs (prefix blooms, prefix-mode seeks) with the memtable.
+    Flush,
 }
 
 fn arb_step() -> impl Strategy<Value = Step> {
@@ -326,6 +329,7 @@ fn arb_step() -> impl Strategy<Value = Step> {
         12 => prop::collection::vec((prop::collection::vec(arb_op(), 1..4), (-2i64..10).prop_map(|x| x * 5)), 1..4).prop_map(Step::Apply),
         2 => (0usize..8).prop_map(Step::Replay),
         1 => Just(Step::Reopen),
+        1 => Just(Step::Flush),
     ]
 }
 
@@ -449,6 +453,7 @@ fn run(steps: Vec<Step>, head_row_every: u64, heads_cached: usize) {
                 assert_eq!(out, vec![EntryOutcome::AlreadyApplied]);
             }
             Step::Reopen => s.reopen(opts.clone()),
+            Step::Flush => s.engine().flush_data().unwrap(),
         }
         check_reads(&s, &m);
     }
