@@ -22,6 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // A request the server cannot decode is INVALID_ARGUMENT, not
         // tonic's INTERNAL (src/codec.rs).
         .codec_path("crate::codec::ApiCodec")
+        // Payloads travel as `bytes::Bytes`: decoded as slices of the
+        // request's buffer, handed to the internal command without a copy,
+        // and read pages built from the engine's buffers without one
+        // (issue 12, deliverable 4).
+        .bytes(".pigeonhole.v1.AppendRequest.payload")
+        .bytes(".pigeonhole.v1.Message.payload")
         .compile_protos(&public, &["."])?;
     tonic_prost_build::configure()
         .build_server(true)

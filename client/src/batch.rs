@@ -235,7 +235,7 @@ mod tests {
     fn item(n: usize) -> pb::AppendRequest {
         pb::AppendRequest {
             mailbox: None,
-            payload: vec![0; n],
+            payload: vec![0; n].into(),
             idempotency_key: b"k".to_vec(),
             expected_last_seq: None,
         }

@@ -436,7 +436,7 @@ impl Client {
     pub async fn append(
         &self,
         mailbox: &pb::MailboxId,
-        payload: impl Into<Vec<u8>>,
+        payload: impl Into<bytes::Bytes>,
         idempotency_key: impl Into<Vec<u8>>,
     ) -> Result<pb::AppendResponse, Error> {
         self.append_request(pb::AppendRequest {

@@ -32,6 +32,8 @@ pub mod error;
 pub mod routing;
 pub mod subscription;
 
+/// Payloads are `Bytes` (a `Vec<u8>` converts without a copy).
+pub use bytes::Bytes;
 pub use client::{new_idempotency_key, Client, ClientConfig, SyncOptions};
 pub use coalesce::{CoalesceConfig, CoalesceStats};
 pub use error::Error;

@@ -319,7 +319,7 @@ async fn phctl_reports_and_steers_the_cluster_and_deadlines_hold_without_quorum(
         .unwrap();
     let mut req = tonic::Request::new(pb::AppendRequest {
         mailbox: Some(mailbox("chat", b"nobody")),
-        payload: b"x".to_vec(),
+        payload: b"x".to_vec().into(),
         idempotency_key: b"k".to_vec(),
         expected_last_seq: None,
     });
@@ -431,7 +431,7 @@ async fn concurrent_appends_share_calls_and_a_refusal_keeps_its_unary_status() {
         let stored = read_all(&cluster.addr(1), &mailbox("coalesce", format!("u{u}").as_bytes()))
             .await
             .unwrap();
-        let got: Vec<(u64, Vec<u8>)> = stored.into_iter().map(|m| (m.seq, m.payload)).collect();
+        let got: Vec<(u64, Vec<u8>)> = stored.into_iter().map(|m| (m.seq, m.payload.to_vec())).collect();
         let want: Vec<(u64, Vec<u8>)> = by_seq.iter().map(|(s, i)| (*s, format!("m{i}").into_bytes())).collect();
         assert_eq!(got, want, "mailbox u{u}");
     }

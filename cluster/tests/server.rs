@@ -117,7 +117,7 @@ async fn the_server_serves_the_mailbox_api() {
     let page = c.sync(sync_req("ann", 1, 0)).await.unwrap().into_inner();
     assert_eq!(page.messages.len(), 1);
     assert_eq!(
-        (page.messages[0].seq, page.messages[0].payload.as_slice()),
+        (page.messages[0].seq, page.messages[0].payload.as_ref()),
         (2, &b"world"[..])
     );
     assert_eq!(page.last_seq, 2);

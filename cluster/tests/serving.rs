@@ -34,7 +34,7 @@ fn mailbox(user: &str) -> Option<pb::MailboxId> {
 fn append(user: &str, key: &str, payload: Vec<u8>) -> pb::AppendRequest {
     pb::AppendRequest {
         mailbox: mailbox(user),
-        payload,
+        payload: payload.into(),
         idempotency_key: key.as_bytes().to_vec(),
         expected_last_seq: None,
     }

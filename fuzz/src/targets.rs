@@ -122,7 +122,7 @@ fn mailbox(user: &str) -> Option<pb::MailboxId> {
 fn append_req(user: &str, key: &str) -> pb::AppendRequest {
     pb::AppendRequest {
         mailbox: mailbox(user),
-        payload: b"ciphertext".to_vec(),
+        payload: b"ciphertext".to_vec().into(),
         idempotency_key: key.as_bytes().to_vec(),
         expected_last_seq: Some(3),
     }
@@ -185,7 +185,7 @@ fn api_request(_: &mut Ctx, data: &[u8]) -> bool {
                 namespace: mb.namespace,
                 user_id: mb.user_id,
                 idempotency_key: r.idempotency_key,
-                payload: r.payload.into(),
+                payload: r.payload,
                 expected_last_seq: r.expected_last_seq,
             });
             let _ = limits.check_op(&op);

@@ -146,6 +146,23 @@ mod tests {
     }
 
     #[test]
+    fn an_append_payload_is_a_slice_of_the_request_buffer_not_a_copy() {
+        let req = pb::AppendRequest {
+            payload: prost::bytes::Bytes::from(vec![7u8; 256]),
+            idempotency_key: b"k".to_vec(),
+            ..Default::default()
+        };
+        let wire = prost::bytes::Bytes::from(req.encode_to_vec());
+        let got = pb::AppendRequest::decode(wire.clone()).unwrap();
+        assert_eq!(got.payload, req.payload);
+        let range = wire.as_ptr_range();
+        assert!(
+            range.contains(&got.payload.as_ptr()),
+            "the payload was copied out of the request buffer"
+        );
+    }
+
+    #[test]
     fn splits_reasons_that_contain_colons() {
         let (f, r) = split_decode_error("failed to decode Protobuf message: invalid wire type value: 7");
         assert_eq!((f.as_str(), r.as_str()), ("", "invalid wire type value: 7"));

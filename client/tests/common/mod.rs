@@ -279,7 +279,11 @@ pub fn assert_log_matches(u: usize, got: &[pb::Message], acked: &Acked) {
     assert_eq!(got.len(), mine.len(), "user {u}: stored and acknowledged counts differ");
     for (_, key, seq) in mine {
         let m = &got[usize::try_from(*seq).unwrap() - 1];
-        assert_eq!((&m.idempotency_key, &m.payload), (key, key), "user {u} seq {seq}");
+        assert_eq!(
+            (m.idempotency_key.as_slice(), m.payload.as_ref()),
+            (key.as_slice(), key.as_slice()),
+            "user {u} seq {seq}"
+        );
     }
 }
 

@@ -136,7 +136,7 @@ fn append_op(r: pb::AppendRequest, ns: String, uid: Vec<u8>) -> cmd::op::Op {
         namespace: ns,
         user_id: uid,
         idempotency_key: r.idempotency_key,
-        payload: r.payload.into(),
+        payload: r.payload,
         expected_last_seq: r.expected_last_seq,
     })
 }
@@ -159,7 +159,7 @@ fn appended(out: OpOutput) -> Result<pb::AppendResponse, Status> {
 pub(super) fn message(m: ReadMessage) -> pb::Message {
     pb::Message {
         seq: m.seq,
-        payload: m.payload,
+        payload: m.payload.into(),
         timestamp_ms: m.time_ms,
         idempotency_key: m.idempotency_key,
         deleted: m.deleted,

@@ -66,7 +66,7 @@ pub fn mb(user: &str) -> Option<pb::MailboxId> {
 pub fn append(user: &str, key: &str, payload: &[u8]) -> pb::AppendRequest {
     pb::AppendRequest {
         mailbox: mb(user),
-        payload: payload.to_vec(),
+        payload: payload.to_vec().into(),
         idempotency_key: key.as_bytes().to_vec(),
         expected_last_seq: None,
     }

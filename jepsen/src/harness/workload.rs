@@ -191,7 +191,7 @@ pub async fn process(
                 rec.record(inv);
                 let r = bounded(client.append(req(pb::AppendRequest {
                     mailbox: Some(mb.id.clone()),
-                    payload: payload.clone().into_bytes(),
+                    payload: payload.clone().into_bytes().into(),
                     idempotency_key: key.clone().into_bytes(),
                     expected_last_seq: None,
                 })))
