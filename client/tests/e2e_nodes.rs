@@ -20,33 +20,6 @@ fn phctl(cluster: &Cluster, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs phctl off the async workers (it takes seconds, and the SDK
-/// writers need those threads), expects success, and returns its JSON.
-async fn phctl_json_off_thread(cluster: &Cluster, args: &[&str]) -> serde_json::Value {
-    let endpoints = cluster.endpoints();
-    let args: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
-            .env("PIGEONHOLE_ENDPOINTS", endpoints)
-            .args(&args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// How many replica moves a drain's or forced removal's JSON reports.
 fn replica_moves(doc: &serde_json::Value) -> usize {
     doc["steps"]
@@ -98,19 +71,26 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
 
     // Once the node is draining, the servers' rebalancer no longer hands
     // it back the leadership of a shard it is the bootstrap-preferred
-    // leader of (the drain below would otherwise fight it).
-    client.set_node_state(DRAINED, pb::NodeState::Draining).await.unwrap();
-    // A shard the node leads: at start each shard is led by its preferred
-    // node (the rebalancer sees to it), so this is one it is preferred for.
-    let mut preferred_here = None;
-    for s in client.routing().shards.iter().filter(|s| s.replicas.contains(&DRAINED)) {
-        if leader_of(&client, s.id).await == DRAINED {
-            let other = s.replicas.iter().copied().find(|n| *n != DRAINED).unwrap();
-            preferred_here = Some((s.id, other));
-            break;
+    // leader of (the drain below would otherwise fight it). First, a shard
+    // the node leads while up: the rebalancer hands each shard to
+    // its preferred node within a round (5 s) of the cluster's start, so
+    // this is one it is preferred for. (Right after start an election may
+    // have put it elsewhere: wait for the round.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let preferred_here = 'found: loop {
+        for s in client.routing().shards.iter().filter(|s| s.replicas.contains(&DRAINED)) {
+            if leader_of(&client, s.id).await == DRAINED {
+                let other = s.replicas.iter().copied().find(|n| *n != DRAINED).unwrap();
+                break 'found (s.id, other);
+            }
         }
-    }
-    let preferred_here = preferred_here.expect("node 2 leads a shard at start");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {DRAINED} leads no shard 20 s after start"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    client.set_node_state(DRAINED, pb::NodeState::Draining).await.unwrap();
     client
         .transfer_leader(preferred_here.0, preferred_here.1)
         .await

@@ -14,6 +14,8 @@ use assert_cmd::Command as Cmd;
 use pigeonhole_client::{mailbox, pb, Client};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const NODES: u64 = 3;
@@ -49,6 +51,18 @@ impl Drop for Node {
 }
 
 impl Node {
+    /// SIGTERM, then waits for the exit: the node stops as an operator's
+    /// `systemctl stop` would stop it. Returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("node is running");
+        let term = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success(), "kill -TERM failed");
+        c.wait().unwrap()
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL
@@ -118,6 +132,10 @@ impl Cluster {
 
     pub fn kill(&mut self, id: u64) {
         self.nodes.iter_mut().find(|n| n.id == id).unwrap().kill();
+    }
+
+    pub fn stop(&mut self, id: u64) -> std::process::ExitStatus {
+        self.nodes.iter_mut().find(|n| n.id == id).unwrap().stop()
     }
 
     pub fn endpoints(&self) -> String {
@@ -232,14 +250,32 @@ pub fn spawn_writers(
     tag: &str,
     pause: Duration,
 ) -> tokio::task::JoinSet<Result<Acked, String>> {
+    let never = Arc::new(AtomicBool::new(false));
+    spawn_writers_until(client, users, tag, pause, APPENDS_PER_WRITER, &never)
+}
+
+/// [`spawn_writers`] with `max` appends per writer, or fewer if `stop` is
+/// set first.
+pub fn spawn_writers_until(
+    client: &Client,
+    users: &[pb::MailboxId],
+    tag: &str,
+    pause: Duration,
+    max: usize,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinSet<Result<Acked, String>> {
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..WRITERS {
         let client = client.clone();
         let users = users.to_vec();
         let tag = tag.to_string();
+        let stop = stop.clone();
         writers.spawn(async move {
             let mut done = Acked::new();
-            for i in 0..APPENDS_PER_WRITER {
+            for i in 0..max {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let u = i % users.len();
                 let key = format!("{tag}{w}-{i}").into_bytes();
                 let r = client.append(&users[u], key.clone(), key.clone()).await;
@@ -285,6 +321,34 @@ pub fn assert_log_matches(u: usize, got: &[pb::Message], acked: &Acked) {
             "user {u} seq {seq}"
         );
     }
+}
+
+/// A phctl run's exit code and output, for assertion messages.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs phctl off the async workers (it takes seconds, and the SDK
+/// writers need those threads), expects success, and returns its JSON.
+pub async fn phctl_json_off_thread(cluster: &Cluster, args: &[&str]) -> serde_json::Value {
+    let endpoints = cluster.endpoints();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
+            .env("PIGEONHOLE_ENDPOINTS", endpoints)
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// An SDK client of `cluster` whose requests (retries included) may take

@@ -127,6 +127,11 @@ enum NodeCommand {
         /// How long the whole drain may take, in ms.
         #[arg(long, default_value_t = 600_000)]
         wait_ms: u64,
+        /// Move only the leaderships; the replicas stay. For a restart (a
+        /// rolling restart, maintenance): the node's shards keep a quorum
+        /// on the others while it is down, and no data moves.
+        #[arg(long)]
+        leaders_only: bool,
     },
     /// Mark a draining node up again (its replicas stay where they went).
     Undrain {
@@ -243,9 +248,11 @@ async fn main() -> ExitCode {
         } => balance::balance(&ctx, apply, concurrency, std::time::Duration::from_millis(wait_ms)).await,
         Command::Node { command } => match command {
             NodeCommand::List => nodes::node_list(&ctx).await,
-            NodeCommand::Drain { id, wait_ms } => {
-                nodes::node_drain(&ctx, id, std::time::Duration::from_millis(wait_ms)).await
-            }
+            NodeCommand::Drain {
+                id,
+                wait_ms,
+                leaders_only,
+            } => nodes::node_drain(&ctx, id, std::time::Duration::from_millis(wait_ms), leaders_only).await,
             NodeCommand::Undrain { id } => nodes::node_set(&ctx, id, pigeonhole_client::pb::NodeState::Up).await,
             NodeCommand::Remove { id, force: false, .. } => {
                 nodes::node_set(&ctx, id, pigeonhole_client::pb::NodeState::Removed).await

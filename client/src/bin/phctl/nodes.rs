@@ -227,8 +227,9 @@ async fn until_map_clear(client: &Client, node: u64, deadline: Instant) -> Resul
 }
 
 /// `node drain N`: marks the node draining, then moves its leaderships,
-/// then its replicas, to the up nodes that hold the fewest replicas.
-pub async fn node_drain(ctx: &Ctx, node: u64, wait: Duration) -> Result<u8, Failure> {
+/// then (unless `leaders_only`) its replicas, to the up nodes that hold the
+/// fewest replicas.
+pub async fn node_drain(ctx: &Ctx, node: u64, wait: Duration, leaders_only: bool) -> Result<u8, Failure> {
     let client = connect(ctx).await?;
     let deadline = Instant::now() + wait;
     let started = Instant::now();
@@ -270,12 +271,20 @@ pub async fn node_drain(ctx: &Ctx, node: u64, wait: Duration) -> Result<u8, Fail
         steps.tell(format!("shard {shard}: leadership moved to node {next}"));
     }
     // 2. Then every replica.
-    let shards: Vec<u64> = h.replicas.get(&node).into_iter().flatten().copied().collect();
-    evacuate(&client, node, &shards, &h, deadline, &mut steps).await?;
-    until_map_clear(&client, node, deadline).await?;
+    if !leaders_only {
+        let shards: Vec<u64> = h.replicas.get(&node).into_iter().flatten().copied().collect();
+        evacuate(&client, node, &shards, &h, deadline, &mut steps).await?;
+        until_map_clear(&client, node, deadline).await?;
+    }
     let ms = started.elapsed().as_millis();
     match ctx.output {
-        Output::Json => render::json(&json!({ "node": node, "steps": steps.done, "ms": ms })),
+        Output::Json => render::json(&json!({
+            "node": node, "leaders_only": leaders_only, "steps": steps.done, "ms": ms,
+        })),
+        Output::Table if leaders_only => out!(
+            "node {node} drained of leaderships in {ms} ms; its replicas stay (restart it, then phctl node undrain \
+             {node})"
+        ),
         Output::Table => out!(
             "node {node} drained in {ms} ms: no replica and no leadership left (phctl node remove {node} takes it \
              out)"
