@@ -113,21 +113,7 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
 
     let users = users();
     let writers = spawn_writers(&client, &users, "d", Duration::from_millis(10));
-    let doc = phctl_json_off_thread(
-        &cluster,
-        &[
-            "node",
-            "drain",
-            &DRAINED.to_string(),
-            "-o",
-            "json",
-            "--timeout-ms",
-            "10000",
-            "--wait-ms",
-            "60000",
-        ],
-    )
-    .await;
+    let doc = phctl_long_op(&cluster, &["node", "drain", &DRAINED.to_string()]).await;
     let moved = replica_moves(&doc);
     assert_eq!(moved, held.len(), "{doc}");
 
@@ -218,22 +204,7 @@ async fn a_dead_node_is_removed_with_force_and_its_replicas_rebuilt_from_the_sur
         text(&out)
     );
 
-    let doc = phctl_json_off_thread(
-        &cluster,
-        &[
-            "node",
-            "remove",
-            &DEAD.to_string(),
-            "--force",
-            "-o",
-            "json",
-            "--timeout-ms",
-            "10000",
-            "--wait-ms",
-            "60000",
-        ],
-    )
-    .await;
+    let doc = phctl_long_op(&cluster, &["node", "remove", &DEAD.to_string(), "--force"]).await;
     let rebuilt = replica_moves(&doc);
     assert_eq!(rebuilt, held, "{doc}");
 

@@ -38,22 +38,7 @@ async fn a_rolling_restart_under_load_fails_no_request_and_loses_nothing() {
 
     for node in 1..=NODES {
         let id = node.to_string();
-        let doc = phctl_json_off_thread(
-            &cluster,
-            &[
-                "node",
-                "drain",
-                &id,
-                "--leaders-only",
-                "-o",
-                "json",
-                "--timeout-ms",
-                "10000",
-                "--wait-ms",
-                "60000",
-            ],
-        )
-        .await;
+        let doc = phctl_long_op(&cluster, &["node", "drain", &id, "--leaders-only"]).await;
         assert_eq!(doc["node"], node, "{doc}");
         let status = tokio::task::block_in_place(|| cluster.stop(node));
         assert!(status.success(), "node {node} did not stop cleanly: {status}");

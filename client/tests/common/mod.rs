@@ -351,6 +351,14 @@ pub async fn phctl_json_off_thread(cluster: &Cluster, args: &[&str]) -> serde_js
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A long phctl operation (a drain, a forced removal): JSON output, 10 s
+/// per request and 60 s in all, run off the async workers.
+pub async fn phctl_long_op(cluster: &Cluster, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json", "--timeout-ms", "10000", "--wait-ms", "60000"]);
+    phctl_json_off_thread(cluster, &all).await
+}
+
 /// An SDK client of `cluster` whose requests (retries included) may take
 /// 30 s, long enough to ride out the failovers and moves the tests cause.
 pub async fn sdk(cluster: &Cluster) -> Client {
