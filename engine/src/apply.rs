@@ -16,7 +16,6 @@
 //! pending writes over the database that point reads and range scans consult
 //! first; it becomes the WriteBatch at the end.
 
-use crate::codec;
 use crate::engine::{lock, Durability, Engine};
 use crate::error::{EngineError, OpError};
 use crate::heads::{append_writes_head_row, HeadCache, HeadRebuild};
@@ -24,11 +23,12 @@ use crate::keys::{self, CF_DATA};
 use crate::records::{
     decode_cursor, encode_cursor, encode_expiry_marker, DedupEntry, MailboxMeta, MessageView, ShardMeta,
 };
+use crate::txn::Txn;
 use pigeonhole_proto::internal::v1 as cmd;
 use prost::Message as _;
 use raft::eraftpb::ConfState;
-use rocksdb::{ColumnFamily, ReadOptions, WriteBatch};
-use std::collections::{BTreeMap, HashMap};
+
+use std::collections::HashMap;
 
 /// One committed Raft entry handed to [`Engine::apply`].
 #[derive(Debug, Clone)]
@@ -641,109 +641,4 @@ impl StateMachine<'_, '_, '_> {
 
 fn len_u64<T>(s: &[T]) -> u64 {
     u64::try_from(s.len()).unwrap_or(u64::MAX)
-}
-
-/// Pending writes of one apply batch over the database.
-struct Txn<'e> {
-    engine: &'e Engine,
-    cf: &'e ColumnFamily,
-    /// key -> sealed value, or None for a delete.
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-}
-
-impl<'e> Txn<'e> {
-    fn new(engine: &'e Engine) -> Result<Self, EngineError> {
-        Ok(Txn {
-            engine,
-            cf: engine.cf(CF_DATA)?,
-            writes: BTreeMap::new(),
-        })
-    }
-
-    /// The checked body at `key`, pending writes first.
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        match self.writes.get(key) {
-            Some(Some(v)) => Ok(Some(codec::open(CF_DATA, key, v)?.to_vec())),
-            Some(None) => Ok(None),
-            None => self.engine.get_body(CF_DATA, key),
-        }
-    }
-
-    fn put(&mut self, key: Vec<u8>, body: &[u8]) {
-        let v = codec::seal(&key, body);
-        self.writes.insert(key, Some(v));
-    }
-
-    fn delete(&mut self, key: Vec<u8>) {
-        self.writes.insert(key, None);
-    }
-
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        f: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
-    ) -> Result<(), EngineError> {
-        self.scan_limited(start, end, usize::MAX, f)
-    }
-
-    /// Calls `f(key, body)` for at most `max` live keys in `[start, end)`, in
-    /// key order, merging pending writes over the database.
-    fn scan_limited(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        max: usize,
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
-    ) -> Result<(), EngineError> {
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(end.to_vec());
-        let mut it = self.engine.db().raw_iterator_cf_opt(self.cf, ro);
-        it.seek(start);
-        let mut pending = self
-            .writes
-            .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
-            .peekable();
-        let mut seen = 0;
-        while seen < max {
-            let db_key = it.key();
-            let next_pending = pending.peek().map(|(k, _)| k.as_slice());
-            let take_pending = match (db_key, next_pending) {
-                (None, None) => break,
-                (Some(_), None) => false,
-                (None, Some(_)) => true,
-                (Some(d), Some(p)) => p <= d,
-            };
-            if take_pending {
-                let Some((k, v)) = pending.next() else { break };
-                if db_key == Some(k.as_slice()) {
-                    it.next(); // the pending write shadows the stored value
-                }
-                if let Some(v) = v {
-                    f(k, codec::open(CF_DATA, k, v)?)?;
-                    seen += 1;
-                }
-            } else {
-                let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                    break;
-                };
-                f(k, codec::open(CF_DATA, k, v)?)?;
-                seen += 1;
-                it.next();
-            }
-        }
-        it.status()?;
-        Ok(())
-    }
-
-    fn into_batch(self) -> WriteBatch {
-        let mut wb = WriteBatch::default();
-        for (k, v) in self.writes {
-            match v {
-                Some(v) => wb.put_cf(self.cf, k, v),
-                None => wb.delete_cf(self.cf, k),
-            }
-        }
-        wb
-    }
 }

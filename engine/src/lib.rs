@@ -39,6 +39,7 @@ mod raftlog;
 mod read;
 mod records;
 mod snapshot;
+mod txn;
 
 pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
 pub use engine::{Durability, Engine, EngineOptions, FORMAT_VERSION, HEADS_CACHED_PER_SHARD_DEFAULT};

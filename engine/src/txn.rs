@@ -1,0 +1,122 @@
+//! One apply batch's pending writes over the state machine (`Txn`): reads
+//! see the batch's own earlier writes first, then the database, and the
+//! batch becomes one WriteBatch at the end. Why a separate buffer instead
+//! of writing a WriteBatch directly: the ops of one Raft entry (and of
+//! several merged entries) read what earlier ops of the same batch wrote
+//! (a dedup entry, a head row, messages a trim removes), and RocksDB's
+//! WriteBatch cannot be read back.
+
+use crate::codec;
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::keys::CF_DATA;
+use rocksdb::{ColumnFamily, ReadOptions, WriteBatch};
+use std::collections::BTreeMap;
+
+/// Pending writes of one apply batch over the database.
+pub(crate) struct Txn<'e> {
+    engine: &'e Engine,
+    cf: &'e ColumnFamily,
+    /// key -> sealed value, or None for a delete.
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'e> Txn<'e> {
+    pub(crate) fn new(engine: &'e Engine) -> Result<Self, EngineError> {
+        Ok(Txn {
+            engine,
+            cf: engine.cf(CF_DATA)?,
+            writes: BTreeMap::new(),
+        })
+    }
+
+    /// The checked body at `key`, pending writes first.
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        match self.writes.get(key) {
+            Some(Some(v)) => Ok(Some(codec::open(CF_DATA, key, v)?.to_vec())),
+            Some(None) => Ok(None),
+            None => self.engine.get_body(CF_DATA, key),
+        }
+    }
+
+    pub(crate) fn put(&mut self, key: Vec<u8>, body: &[u8]) {
+        let v = codec::seal(&key, body);
+        self.writes.insert(key, Some(v));
+    }
+
+    pub(crate) fn delete(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    pub(crate) fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        self.scan_limited(start, end, usize::MAX, f)
+    }
+
+    /// Calls `f(key, body)` for at most `max` live keys in `[start, end)`, in
+    /// key order, merging pending writes over the database. The range must
+    /// lie within one memtable bucket (`keys::memtable_bucket`: one
+    /// mailbox's keys of one tag, or one shard-wide tag), because the scan
+    /// runs in prefix mode (D33).
+    pub(crate) fn scan_limited(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        max: usize,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mut it = self.engine.db().raw_iterator_cf_opt(self.cf, ro);
+        it.seek(start);
+        let mut pending = self
+            .writes
+            .range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
+            .peekable();
+        let mut seen = 0;
+        while seen < max {
+            let db_key = it.key();
+            let next_pending = pending.peek().map(|(k, _)| k.as_slice());
+            let take_pending = match (db_key, next_pending) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some(d), Some(p)) => p <= d,
+            };
+            if take_pending {
+                let Some((k, v)) = pending.next() else { break };
+                if db_key == Some(k.as_slice()) {
+                    it.next(); // the pending write shadows the stored value
+                }
+                if let Some(v) = v {
+                    f(k, codec::open(CF_DATA, k, v)?)?;
+                    seen += 1;
+                }
+            } else {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                f(k, codec::open(CF_DATA, k, v)?)?;
+                seen += 1;
+                it.next();
+            }
+        }
+        it.status()?;
+        Ok(())
+    }
+
+    pub(crate) fn into_batch(self) -> WriteBatch {
+        let mut wb = WriteBatch::default();
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => wb.put_cf(self.cf, k, v),
+                None => wb.delete_cf(self.cf, k),
+            }
+        }
+        wb
+    }
+}
