@@ -19,6 +19,7 @@
 use crate::engine::{lock, Durability, Engine};
 use crate::error::{EngineError, OpError};
 use crate::heads::{append_writes_head_row, HeadCache, HeadRebuild};
+use crate::keys::len_u64;
 use crate::keys::{self, CF_DATA};
 use crate::records::{
     decode_cursor, encode_cursor, encode_expiry_marker, DedupEntry, MailboxMeta, MessageView, ShardMeta,
@@ -504,8 +505,7 @@ impl StateMachine<'_, '_, '_> {
         let mut doomed: Vec<Doomed> = Vec::new();
         self.txn.scan(&start, &end, |k, body| {
             let v = MessageView::decode(k, body)?;
-            let seq =
-                keys::message_seq(k).ok_or_else(|| EngineError::corruption(CF_DATA, k, "message key without seq"))?;
+            let seq = keys::checked_message_seq(k)?;
             let idem = (!v.deleted).then(|| v.idempotency_key.to_vec());
             doomed.push((k.to_vec(), seq, idem, len_u64(v.payload)));
             Ok(())
@@ -637,8 +637,4 @@ impl StateMachine<'_, '_, '_> {
         }
         Ok(Ok(OpOutput::DedupExpired { removed }))
     }
-}
-
-fn len_u64<T>(s: &[T]) -> u64 {
-    u64::try_from(s.len()).unwrap_or(u64::MAX)
 }

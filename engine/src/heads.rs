@@ -94,8 +94,7 @@ impl HeadRebuild {
 
     /// Folds one message (key and checked body) into the head.
     pub(crate) fn message(&mut self, key: &[u8], body: &[u8]) -> Result<(), EngineError> {
-        let seq =
-            keys::message_seq(key).ok_or_else(|| EngineError::corruption(CF_DATA, key, "message key without seq"))?;
+        let seq = keys::checked_message_seq(key)?;
         let view = MessageView::decode(key, body)?;
         self.after_row += 1;
         if seq != self.meta.last_seq.saturating_add(1) || view.deleted || self.after_row >= self.every_max {

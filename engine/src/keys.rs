@@ -175,6 +175,16 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The seq of a message key, or a corruption error naming the key.
+pub(crate) fn checked_message_seq(k: &[u8]) -> Result<u64, crate::error::EngineError> {
+    message_seq(k).ok_or_else(|| crate::error::EngineError::corruption(CF_DATA, k, "message key without seq"))
+}
+
+/// A slice's length as u64 (saturating; lengths here are bounded by limits).
+pub(crate) fn len_u64<T>(s: &[T]) -> u64 {
+    u64::try_from(s.len()).unwrap_or(u64::MAX)
+}
+
 /// The data CF's memtable bucket of `key` (its prefix-extractor output):
 /// `shard | tag | mailbox` for the per-mailbox tags (head row, messages,
 /// dedup entries, cursors), `shard | tag` for the others, the whole key if

@@ -68,14 +68,6 @@ pub struct SyncPage {
     pub has_more: bool,
 }
 
-fn message_key_seq(k: &[u8]) -> Result<u64, EngineError> {
-    keys::message_seq(k).ok_or_else(|| EngineError::corruption(CF_DATA, k, "message key without seq"))
-}
-
-fn len_u64<T>(s: &[T]) -> u64 {
-    u64::try_from(s.len()).unwrap_or(u64::MAX)
-}
-
 /// A mailbox's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MailboxInfo {
@@ -195,7 +187,7 @@ impl Engine {
         // Messages between the row and the cursor only move last_seq.
         it.seek(keys::message(shard, &mb, first.min(after_row)));
         while let Some(k) = it.key() {
-            let seq = message_key_seq(k)?;
+            let seq = keys::checked_message_seq(k)?;
             if seq >= first {
                 break;
             }
@@ -209,8 +201,8 @@ impl Engine {
             if messages.len() >= max_messages {
                 break;
             }
-            let seq = message_key_seq(k)?;
-            let expect = first + len_u64(&messages);
+            let seq = keys::checked_message_seq(k)?;
+            let expect = first + keys::len_u64(&messages);
             if seq != expect {
                 return Err(EngineError::corruption(
                     CF_DATA,
@@ -220,7 +212,7 @@ impl Engine {
                 .into());
             }
             let view = MessageView::decode(k, codec::open(CF_DATA, k, v)?)?;
-            let size = len_u64(view.payload);
+            let size = keys::len_u64(view.payload);
             if !messages.is_empty() && bytes + size > max_bytes {
                 break;
             }
@@ -242,7 +234,7 @@ impl Engine {
                 it.seek(keys::message(shard, &mb, after_row));
             }
             while let Some(k) = it.key() {
-                last_seq = last_seq.max(message_key_seq(k)?);
+                last_seq = last_seq.max(keys::checked_message_seq(k)?);
                 it.next();
             }
         }
