@@ -216,11 +216,28 @@ impl RaftTuning {
     }
 }
 
+/// What every node derives the bootstrap shard map from. A node that joins
+/// later is handed these (`Admin.JoinNode`) and keeps them in its data dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapParams {
+    /// The nodes the cluster was first started with.
+    pub initial_cluster: InitialCluster,
+    /// Data shards created at bootstrap.
+    pub shard_count: u64,
+    /// Replicas per shard.
+    pub replication_factor: usize,
+}
+
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// This node's id (a key of `initial_cluster`).
+    /// This node's id: a key of `initial_cluster`, or (`joined`) the id the
+    /// metadata group gave it.
     pub node_id: u64,
+    /// The node joined a running cluster (`--join`): it is not in
+    /// `initial_cluster`, creates no replica at start, and `cluster_id` is
+    /// the one it was handed.
+    pub joined: bool,
     /// Data directory (the engine's RocksDB, the identity file, snapshots).
     pub data_dir: PathBuf,
     /// The static initial cluster.
@@ -246,6 +263,7 @@ impl NodeConfig {
     pub fn new(node_id: u64, data_dir: impl Into<PathBuf>, initial_cluster: InitialCluster) -> Self {
         NodeConfig {
             node_id,
+            joined: false,
             data_dir: data_dir.into(),
             initial_cluster,
             cluster_id: None,
@@ -266,7 +284,17 @@ impl NodeConfig {
 
     /// Checks the whole config.
     pub fn validate(&self) -> Result<(), ClusterError> {
-        if !self.initial_cluster.nodes.contains_key(&self.node_id) {
+        let initial = self.initial_cluster.nodes.contains_key(&self.node_id);
+        if self.joined && (initial || self.node_id == 0 || self.cluster_id.is_none()) {
+            return Err(ClusterError::Config(format!(
+                "a joined node needs an id outside the initial cluster {:?} and the cluster id it was \
+                 handed (node id {}, cluster id {:?})",
+                self.initial_cluster.ids(),
+                self.node_id,
+                self.cluster_id
+            )));
+        }
+        if !self.joined && !initial {
             return Err(ClusterError::Config(format!(
                 "node id {} is not in the initial cluster {:?}",
                 self.node_id,

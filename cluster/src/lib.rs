@@ -20,7 +20,8 @@
 //!
 //! Module map: [`config`] (node and Raft limits), [`settings`] (the
 //! server's flags, environment and config file), [`server`], [`api`], [`error`], [`hash`],
-//! [`placement`] (shard map), [`driver`] (the loop), [`node`] (the handle),
+//! [`placement`] (shard map), [`nodes`] (node states), [`join`] (nodes that
+//! join a running cluster), [`driver`] (the loop), [`node`] (the handle),
 //! [`transport`] (`local`, `grpc`, snapshot spool), [`watch`] (which
 //! waiting readers a write or a leader loss concerns).
 
@@ -29,6 +30,7 @@ pub mod config;
 pub mod driver;
 pub mod error;
 pub mod hash;
+pub mod join;
 pub mod node;
 pub mod nodes;
 pub mod placement;
@@ -37,7 +39,7 @@ pub mod settings;
 pub mod transport;
 pub mod watch;
 
-pub use config::{InitialCluster, NodeConfig, RaftTuning};
+pub use config::{BootstrapParams, InitialCluster, NodeConfig, RaftTuning};
 pub use driver::{ProposeResult, Role, ShardStatus};
 pub use error::ClusterError;
 pub use node::{MembershipChange, Node};

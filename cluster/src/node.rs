@@ -71,6 +71,7 @@ struct NodeInner {
     ops_per_entry_max: usize,
     entry_bytes_max: usize,
     watchers: Arc<Watchers>,
+    bootstrap: crate::config::BootstrapParams,
 }
 
 impl Drop for NodeInner {
@@ -112,7 +113,9 @@ impl Node {
             cfg.shard_count,
             cfg.replication_factor,
         ));
-        if engine.shard_ids()?.is_empty() {
+        // A node that joined starts empty: the metadata group's leader adds
+        // its learner there, and data replicas are moved to it.
+        if !cfg.joined && engine.shard_ids()?.is_empty() {
             let (voters, learners) = meta_members(&cfg.initial_cluster);
             let meta_conf = ConfState {
                 voters,
@@ -169,6 +172,11 @@ impl Node {
                 ops_per_entry_max: cfg.raft.ops_per_entry_max,
                 entry_bytes_max: cfg.raft.entry_bytes_max,
                 watchers,
+                bootstrap: crate::config::BootstrapParams {
+                    initial_cluster: cfg.initial_cluster.clone(),
+                    shard_count: cfg.shard_count,
+                    replication_factor: cfg.replication_factor,
+                },
             }),
         })
     }
@@ -197,7 +205,12 @@ impl Node {
     pub fn shard_map(&self) -> Result<ShardMap, ClusterError> {
         let limit = usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX);
         let records = self.meta_scan(SHARD_RECORD_PREFIX, limit)?;
-        Ok(self.inner.map.overlay(&records))
+        let mut map = self.inner.map.overlay(&records);
+        let states = self.node_states()?;
+        for (node, address) in crate::nodes::joined_addresses(&states) {
+            map.nodes.entry(node).or_insert_with(|| address.to_string());
+        }
+        Ok(map)
     }
 
     /// System values of the metadata group under `prefix`, from this node's
@@ -219,8 +232,7 @@ impl Node {
     /// (a local read, like [`Node::shard_map`]); nodes without a record are
     /// up and are not listed.
     pub fn node_states(&self) -> Result<BTreeMap<u64, NodeStateEntry>, ClusterError> {
-        let limit = self.inner.map.nodes.len();
-        let records = self.meta_scan(NODE_RECORD_PREFIX, limit)?;
+        let records = self.meta_scan(NODE_RECORD_PREFIX, crate::nodes::NODES_MAX)?;
         Ok(crate::nodes::decode_states(&records))
     }
 
@@ -229,12 +241,17 @@ impl Node {
         Ok(self.node_states()?.get(&node).map_or(NodeState::Up, |e| e.state))
     }
 
+    /// What this node was bootstrapped from (a joining node is handed it).
+    pub fn bootstrap_params(&self) -> &crate::config::BootstrapParams {
+        &self.inner.bootstrap
+    }
+
     /// Sets `node`'s state through the metadata group, after a read barrier
     /// so that the rules ([`crate::nodes::check_transition`]) see every
     /// earlier change. Returns (previous, new). Two concurrent calls for
     /// one node: the later write wins (an operator's action, not a lock).
     pub async fn set_node_state(&self, node: u64, state: NodeState) -> Result<(NodeState, NodeState), ClusterError> {
-        if !self.inner.map.nodes.contains_key(&node) {
+        if !self.shard_map()?.nodes.contains_key(&node) {
             return Err(ClusterError::InvalidArgument {
                 field: "node",
                 reason: format!("node {node} is not in the cluster"),
@@ -247,7 +264,7 @@ impl Node {
             });
         }
         self.read_barrier(META_SHARD).await?;
-        let current = self.node_states()?.get(&node).copied().unwrap_or_default();
+        let current = self.node_states()?.get(&node).cloned().unwrap_or_default();
         crate::nodes::check_transition(&self.shard_map()?, node, current.state, state)
             .map_err(|reason| ClusterError::Refused { reason })?;
         if current.state == state {
@@ -256,7 +273,7 @@ impl Node {
         let op = cmd::Op {
             op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
                 key: crate::nodes::node_record_key(node),
-                value: crate::nodes::encode_record(node, state),
+                value: crate::nodes::encode_record(node, state, &current),
                 version: current.version.saturating_add(1),
             })),
         };
@@ -511,7 +528,7 @@ fn check_identity(cfg: &NodeConfig, cluster_id: u64) -> Result<(), ClusterError>
     }
 }
 
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;

@@ -6,7 +6,10 @@
 //! [`META_SHARD`]) already holds the shard records every node reads its map
 //! from, so a node's state is one more system value there (key
 //! [`NODE_RECORD_PREFIX`] + id), read locally by every node. A node with no
-//! record is up: the nodes of `--initial-cluster` start that way.
+//! record is up: the nodes of `--initial-cluster` start that way. A node
+//! that joined later (`crate::join`) has a record from its first moment,
+//! which also carries its address: the records are the cluster's address
+//! book beyond the initial cluster ([`joined_addresses`]).
 //!
 //! The rules ([`check_transition`]) are pure functions of the current state
 //! and the shard map, so they are unit-tested here and the service only
@@ -44,13 +47,22 @@ pub fn node_record_key(node: u64) -> Vec<u8> {
     k
 }
 
+/// Nodes a cluster ever has, at most, removed ones included (ids are never
+/// reused): bounds the node-record scans and `Admin.JoinNode`.
+pub const NODES_MAX: usize = 1_024;
+
 /// A node's state and the version of the record it came from (0: no record).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeStateEntry {
     /// The state.
     pub state: NodeState,
     /// The system value's version; the next write uses one more.
     pub version: u64,
+    /// host:port of a node that joined (`Admin.JoinNode`); empty for the
+    /// nodes of `--initial-cluster`.
+    pub address: String,
+    /// The joining node's token (0 for initial nodes).
+    pub join_token: u64,
 }
 
 impl Default for NodeStateEntry {
@@ -58,6 +70,8 @@ impl Default for NodeStateEntry {
         NodeStateEntry {
             state: NodeState::Up,
             version: 0,
+            address: String::new(),
+            join_token: 0,
         }
     }
 }
@@ -79,19 +93,33 @@ pub fn decode_states(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64
                 NodeStateEntry {
                     state,
                     version: v.version,
+                    address: r.address,
+                    join_token: r.join_token,
                 },
             ))
         })
         .collect()
 }
 
-/// The encoded record of `node` in `state`.
-pub fn encode_record(node: u64, state: NodeState) -> Vec<u8> {
+/// The encoded record of `node` in `state`, keeping what `current` says of
+/// its address and join token.
+pub fn encode_record(node: u64, state: NodeState, current: &NodeStateEntry) -> Vec<u8> {
     NodeRecord {
         node,
         state: state as i32,
+        address: current.address.clone(),
+        join_token: current.join_token,
     }
     .encode_to_vec()
+}
+
+/// Addresses of the nodes that joined (`Admin.JoinNode`), removed ones
+/// included: the map lists them with their state, as it does initial nodes.
+pub fn joined_addresses(states: &BTreeMap<u64, NodeStateEntry>) -> impl Iterator<Item = (u64, &str)> {
+    states
+        .iter()
+        .filter(|(_, e)| !e.address.is_empty())
+        .map(|(n, e)| (*n, e.address.as_str()))
 }
 
 /// Data shards with a replica (voter or learner) on `node`.
@@ -123,9 +151,18 @@ pub fn check_transition(map: &ShardMap, node: u64, from: NodeState, to: NodeStat
 /// The membership changes that bring the metadata group in line with the
 /// node states: every removed node leaves it, and while it has fewer
 /// voters than `min(META_VOTERS_MAX, members not removed)`, learners on up
-/// nodes are promoted, lowest id first. Empty when there is nothing to do,
-/// and when the changes would leave the group without a voter.
-pub fn meta_changes(voters: &[u64], learners: &[u64], states: &BTreeMap<u64, NodeStateEntry>) -> Vec<MembershipChange> {
+/// nodes that are `caught_up` are promoted, lowest id first. Only when
+/// none of that is needed, every up node that joined and is not a member
+/// gets a learner (additions never ride with a removal or a promotion, so
+/// a change that would leave the group short of voters never waits on a
+/// node that is still catching up). Empty when there is nothing to do, and when
+/// the changes would leave the group without a voter.
+pub fn meta_changes(
+    voters: &[u64],
+    learners: &[u64],
+    states: &BTreeMap<u64, NodeStateEntry>,
+    caught_up: impl Fn(u64) -> bool,
+) -> Vec<MembershipChange> {
     let state = |n: &u64| states.get(n).map_or(NodeState::Up, |e| e.state);
     let removed = |n: &&u64| state(n) == NodeState::Removed;
     let mut changes: Vec<MembershipChange> = voters
@@ -137,7 +174,11 @@ pub fn meta_changes(voters: &[u64], learners: &[u64], states: &BTreeMap<u64, Nod
     let kept = voters.iter().filter(|n| !removed(n)).count();
     let members = voters.iter().chain(learners).filter(|n| !removed(n)).count();
     let want = members.min(META_VOTERS_MAX);
-    let mut promote: Vec<u64> = learners.iter().copied().filter(|n| state(n) == NodeState::Up).collect();
+    let mut promote: Vec<u64> = learners
+        .iter()
+        .copied()
+        .filter(|n| state(n) == NodeState::Up && caught_up(*n))
+        .collect();
     promote.sort_unstable();
     changes.extend(
         promote
@@ -152,6 +193,15 @@ pub fn meta_changes(voters: &[u64], learners: &[u64], states: &BTreeMap<u64, Nod
             .count();
     if voters_after == 0 {
         return Vec::new();
+    }
+    if changes.is_empty() {
+        let member = |n: &u64| voters.contains(n) || learners.contains(n);
+        changes.extend(
+            joined_addresses(states)
+                .map(|(n, _)| n)
+                .filter(|n| state(n) == NodeState::Up && !member(n))
+                .map(MembershipChange::AddLearner),
+        );
     }
     changes
 }
@@ -220,39 +270,83 @@ mod tests {
                     NodeStateEntry {
                         state: *state,
                         version: 1,
+                        ..Default::default()
                     },
                 )
             })
             .collect()
     }
 
+    /// `list` plus nodes that joined at `address` `127.0.0.1:<id>`.
+    fn with_joined(list: &[(u64, NodeState)], joined: &[(u64, NodeState)]) -> BTreeMap<u64, NodeStateEntry> {
+        let mut out = states(list);
+        for (n, state) in joined {
+            out.insert(
+                *n,
+                NodeStateEntry {
+                    state: *state,
+                    version: 1,
+                    address: format!("127.0.0.1:{n}"),
+                    join_token: *n,
+                },
+            );
+        }
+        out
+    }
+
+    const ALL: fn(u64) -> bool = |_| true;
+
     #[test]
     fn the_metadata_group_drops_removed_nodes_and_refills_its_voters_from_up_learners() {
         use MembershipChange::{AddVoter, Remove};
         use NodeState::{Draining, Removed};
         // Nothing to do.
-        assert!(meta_changes(&[1, 2, 3], &[], &states(&[])).is_empty());
-        assert!(meta_changes(&[1, 2, 3, 4, 5], &[6], &states(&[(6, Draining)])).is_empty());
+        assert!(meta_changes(&[1, 2, 3], &[], &states(&[]), ALL).is_empty());
+        assert!(meta_changes(&[1, 2, 3, 4, 5], &[6], &states(&[(6, Draining)]), ALL).is_empty());
         // A removed voter of four leaves; no learner to promote.
         assert_eq!(
-            meta_changes(&[1, 2, 3, 4], &[], &states(&[(4, Removed)])),
+            meta_changes(&[1, 2, 3, 4], &[], &states(&[(4, Removed)]), ALL),
             vec![Remove(4)]
         );
         // A removed voter of five is replaced by the lowest up learner, not
         // a draining one.
         assert_eq!(
-            meta_changes(&[1, 2, 3, 4, 5], &[8, 7, 6], &states(&[(2, Removed), (6, Draining)])),
+            meta_changes(
+                &[1, 2, 3, 4, 5],
+                &[8, 7, 6],
+                &states(&[(2, Removed), (6, Draining)]),
+                ALL
+            ),
             vec![Remove(2), AddVoter(7)]
         );
         // A removed learner just leaves.
         assert_eq!(
-            meta_changes(&[1, 2, 3], &[4], &states(&[(4, Removed)])),
+            meta_changes(&[1, 2, 3], &[4], &states(&[(4, Removed)]), ALL),
             vec![Remove(4)]
         );
         // Voters short of five (an earlier removal) are refilled.
-        assert_eq!(meta_changes(&[1, 2, 3, 4], &[5], &states(&[])), vec![AddVoter(5)]);
+        assert_eq!(meta_changes(&[1, 2, 3, 4], &[5], &states(&[]), ALL), vec![AddVoter(5)]);
+        // ... but not from a learner that has not caught up yet.
+        assert!(meta_changes(&[1, 2, 3, 4], &[5], &states(&[]), |n| n != 5).is_empty());
         // Never no voter at all.
-        assert!(meta_changes(&[1], &[], &states(&[(1, Removed)])).is_empty());
+        assert!(meta_changes(&[1], &[], &states(&[(1, Removed)]), ALL).is_empty());
+    }
+
+    #[test]
+    fn nodes_that_joined_get_a_learner_once_nothing_else_is_pending() {
+        use MembershipChange::{AddLearner, AddVoter, Remove};
+        use NodeState::{Draining, Removed, Up};
+        // Joined nodes 4 (up), 5 (draining), 6 (removed), 7 (up, already a
+        // learner): only 4 is added.
+        let s = with_joined(&[], &[(4, Up), (5, Draining), (6, Removed), (7, Up)]);
+        assert_eq!(meta_changes(&[1, 2, 3, 7], &[], &s, ALL), vec![AddLearner(4)]);
+        // A promotion goes first; the addition waits for a later round.
+        assert_eq!(meta_changes(&[1, 2, 3], &[7], &s, ALL), vec![AddVoter(7)]);
+        // So does a removal.
+        let s = with_joined(&[(2, Removed)], &[(4, Up)]);
+        assert_eq!(meta_changes(&[1, 2, 3, 5, 6], &[], &s, ALL), vec![Remove(2)]);
+        // Initial nodes (no address) are never added by this rule.
+        assert!(meta_changes(&[1, 2], &[], &states(&[(3, Up)]), ALL).is_empty());
     }
 
     #[test]
@@ -262,19 +356,64 @@ mod tests {
             version,
             value: bytes,
         };
+        let joined = NodeStateEntry {
+            address: "10.0.0.9:7070".into(),
+            join_token: 77,
+            ..Default::default()
+        };
         let states = decode_states(&[
-            value(2, 3, encode_record(2, NodeState::Draining)),
+            value(2, 3, encode_record(2, NodeState::Draining, &NodeStateEntry::default())),
             value(3, 1, vec![0xff, 0xff]),
-            value(4, 1, NodeRecord { node: 4, state: 99 }.encode_to_vec()),
+            value(
+                4,
+                1,
+                NodeRecord {
+                    node: 4,
+                    state: 99,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
+            value(9, 2, encode_record(9, NodeState::Draining, &joined)),
         ]);
         assert_eq!(
             states.get(&2),
             Some(&NodeStateEntry {
                 state: NodeState::Draining,
-                version: 3
+                version: 3,
+                ..Default::default()
             })
         );
-        assert_eq!(states.len(), 1, "{states:?}");
+        // A state change keeps a joined node's address and token.
+        assert_eq!(
+            states.get(&9),
+            Some(&NodeStateEntry {
+                state: NodeState::Draining,
+                version: 2,
+                ..joined
+            })
+        );
+        assert_eq!(states.len(), 2, "{states:?}");
+        assert_eq!(
+            joined_addresses(&states).collect::<Vec<_>>(),
+            vec![(9, "10.0.0.9:7070")]
+        );
         assert!(node_record_key(2).starts_with(NODE_RECORD_PREFIX));
+    }
+
+    /// The bytes docs/storage-format.md §7.8 shows for a joined node.
+    #[test]
+    fn a_joined_nodes_record_has_the_documented_bytes() {
+        let entry = NodeStateEntry {
+            address: "10.0.0.4:7070".into(),
+            join_token: 7,
+            ..Default::default()
+        };
+        let mut want = vec![0x08, 0x04, 0x10, 0x01, 0x1a, 0x0d];
+        want.extend_from_slice(b"10.0.0.4:7070");
+        want.extend_from_slice(&[0x20, 0x07]);
+        assert_eq!(encode_record(4, NodeState::Up, &entry), want);
+        assert_eq!(want.len(), 21);
+        assert_eq!(node_record_key(4), b"node/\0\0\0\0\0\0\0\x04".to_vec());
     }
 }

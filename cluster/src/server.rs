@@ -56,6 +56,12 @@ pub struct ServerConfig {
     pub log_retain_entries: u64,
     /// Snapshot bytes sent per second, at most (`RaftTuning`).
     pub snapshot_send_bytes_per_s: u64,
+    /// Members to ask to join through (`--join`); empty: start from
+    /// `initial_cluster`. A data dir that joined before asks no one.
+    pub join: Vec<String>,
+    /// The address peers and clients reach this node at (what a joining
+    /// node is recorded with).
+    pub advertise: String,
 }
 
 impl ServerConfig {
@@ -77,6 +83,8 @@ impl ServerConfig {
             log_entries_max: crate::config::RaftTuning::default().log_entries_max,
             log_retain_entries: crate::config::RaftTuning::default().log_retain_entries,
             snapshot_send_bytes_per_s: crate::config::RaftTuning::default().snapshot_send_bytes_per_s,
+            join: Vec::new(),
+            advertise: listen.to_string(),
         }
     }
 }
@@ -86,9 +94,31 @@ pub async fn run(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ClusterError> {
-    let mut node_cfg = NodeConfig::new(cfg.node_id, &cfg.data_dir, cfg.initial_cluster.clone());
-    node_cfg.shard_count = cfg.shard_count;
-    node_cfg.replication_factor = cfg.replication_factor;
+    // Bind before starting (or joining), so a busy port fails fast and
+    // cleanly, before the cluster hands out an id.
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ClusterError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let (mut node_cfg, peers) = if cfg.join.is_empty() {
+        let mut c = NodeConfig::new(cfg.node_id, &cfg.data_dir, cfg.initial_cluster.clone());
+        c.shard_count = cfg.shard_count;
+        c.replication_factor = cfg.replication_factor;
+        (c, cfg.initial_cluster.peers_of(cfg.node_id))
+    } else {
+        let j = crate::join::join(&cfg.data_dir, &cfg.advertise, &cfg.join).await?;
+        let mut c = NodeConfig::new(j.node_id, &cfg.data_dir, j.params.initial_cluster.clone());
+        c.joined = true;
+        c.cluster_id = Some(j.cluster_id);
+        c.shard_count = j.params.shard_count;
+        c.replication_factor = j.params.replication_factor;
+        let peers = j
+            .nodes
+            .iter()
+            .filter(|(id, _)| **id != j.node_id)
+            .map(|(id, a)| (*id, a.clone()))
+            .collect();
+        (c, peers)
+    };
     node_cfg.raft.request_timeout_ms = cfg.request_timeout_ms;
     node_cfg.raft.unsafe_no_fsync = cfg.unsafe_no_fsync;
     node_cfg.raft.log_entries_max = cfg.log_entries_max;
@@ -101,16 +131,14 @@ pub async fn run(
         );
     }
     node_cfg.validate()?;
-    let peers = cfg.initial_cluster.peers_of(cfg.node_id);
     let transport = GrpcTransport::new(
         node_cfg.effective_cluster_id(),
         peers,
         tokio::runtime::Handle::current(),
     );
-    // Bind before starting the node, so a busy port fails fast and cleanly.
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| ClusterError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let node_id = node_cfg.node_id;
+    let cluster_ids = node_cfg.initial_cluster.ids();
+    let joined = node_cfg.joined;
     let node = Node::start(node_cfg, Arc::new(transport))?;
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<MailboxServer<MailboxService>>().await;
@@ -130,12 +158,11 @@ pub async fn run(
         .build_v1()
         .map_err(|e| ClusterError::Config(format!("reflection descriptors: {e}")))?;
     println!(
-        "pigeonhole: node {} serving on {} (cluster {:?}), data in {}",
-        cfg.node_id,
+        "pigeonhole: node {node_id} serving on {} ({} cluster {cluster_ids:?}), data in {}",
         listener
             .local_addr()
             .map_or_else(|_| cfg.listen.to_string(), |a| a.to_string()),
-        cfg.initial_cluster.ids(),
+        if joined { "joined the" } else { "initial" },
         cfg.data_dir.display()
     );
     // Nagle off on every accepted connection. tonic applies its own
@@ -178,7 +205,7 @@ pub async fn run(
     served.map_err(|e| ClusterError::Io(std::io::Error::other(e)))?;
     stopped?;
     flushed?;
-    println!("pigeonhole: node {} stopped cleanly", cfg.node_id);
+    println!("pigeonhole: node {node_id} stopped cleanly");
     Ok(())
 }
 

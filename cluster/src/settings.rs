@@ -20,6 +20,8 @@
 //! initial_cluster = "1=10.0.0.1:7070,2=10.0.0.2:7070,3=10.0.0.3:7070"
 //! shards = 64
 //! replication_factor = 3
+//! # join = "10.0.0.1:7070,10.0.0.2:7070"   # instead of node_id, initial_cluster,
+//! #                                          # shards, replication_factor
 //! unsafe_no_fsync = false   # true = NOT durable (benchmarks only)
 //!
 //! [limits]
@@ -62,6 +64,8 @@ pub struct Settings {
     pub advertise: Option<String>,
     /// `id=host:port,...`.
     pub initial_cluster: Option<String>,
+    /// `host:port,...`: members of a running cluster to join through.
+    pub join: Option<String>,
     /// Data shards at bootstrap.
     pub shards: Option<u64>,
     /// Replicas per shard.
@@ -133,6 +137,27 @@ fn check<T: PartialOrd + std::fmt::Display>(name: &str, v: T, range: &RangeInclu
     }
 }
 
+/// `host:port,...`, 1 to [`crate::join::JOIN_SEEDS_MAX`] members.
+fn parse_seeds(list: &str) -> Result<Vec<String>, String> {
+    let seeds: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if seeds.is_empty() || seeds.len() > crate::join::JOIN_SEEDS_MAX {
+        return Err(format!(
+            "join: {} members; give 1 to {}",
+            seeds.len(),
+            crate::join::JOIN_SEEDS_MAX
+        ));
+    }
+    for s in &seeds {
+        crate::join::check_address(s).map_err(|e| format!("join: {e}"))?;
+    }
+    Ok(seeds)
+}
+
 impl Settings {
     /// Parses a config file's text.
     pub fn from_toml(text: &str) -> Result<Settings, String> {
@@ -165,6 +190,7 @@ impl Settings {
             listen: over.listen.or(self.listen),
             advertise: over.advertise.or(self.advertise),
             initial_cluster: over.initial_cluster.or(self.initial_cluster),
+            join: over.join.or(self.join),
             shards: over.shards.or(self.shards),
             replication_factor: over.replication_factor.or(self.replication_factor),
             unsafe_no_fsync: over.unsafe_no_fsync.or(self.unsafe_no_fsync),
@@ -198,6 +224,22 @@ impl Settings {
             cfg.listen = l;
         }
         let advertise = self.advertise.unwrap_or_else(|| cfg.listen.to_string());
+        if let Some(seeds) = &self.join {
+            if self.node_id.is_some()
+                || self.initial_cluster.is_some()
+                || self.shards.is_some()
+                || self.replication_factor.is_some()
+            {
+                return Err(
+                    "join: a joining node is given its id, shard count and replication factor by the \
+                            cluster; leave node_id, initial_cluster, shards and replication_factor unset"
+                        .into(),
+                );
+            }
+            cfg.join = parse_seeds(seeds)?;
+            crate::join::check_address(&advertise).map_err(|e| format!("advertise: {e}"))?;
+        }
+        cfg.advertise = advertise.clone();
         cfg.initial_cluster = match self.initial_cluster {
             Some(s) => InitialCluster::parse(&s).map_err(|e| format!("initial_cluster: {e}"))?,
             None => InitialCluster::single(&advertise),
@@ -329,6 +371,30 @@ mod tests {
         .into_server_config()
         .unwrap_err();
         assert!(e.contains("node_id 9"), "{e}");
+    }
+
+    #[test]
+    fn join_settings_are_read_and_checked() {
+        let cfg = Settings::from_toml("join = \"10.0.0.1:7070, 10.0.0.2:7070\"\nadvertise = \"10.0.0.9:7070\"\n")
+            .unwrap()
+            .into_server_config()
+            .unwrap();
+        assert_eq!(cfg.join, vec!["10.0.0.1:7070", "10.0.0.2:7070"]);
+        assert_eq!(cfg.advertise, "10.0.0.9:7070");
+        for (text, want) in [
+            ("join = \"10.0.0.1:7070\"\nnode_id = 4\n", "leave node_id"),
+            ("join = \"10.0.0.1:7070\"\nshards = 8\n", "leave node_id"),
+            ("join = \"10.0.0.1\"\n", "join: \"10.0.0.1\" is not host:port"),
+            ("join = \" , \"\n", "join: 0 members; give 1 to 16"),
+            (
+                "join = \"h:1\"\nadvertise = \"nope\"\n",
+                "advertise: \"nope\" is not host:port",
+            ),
+        ] {
+            let e = Settings::from_toml(text).unwrap().into_server_config().unwrap_err();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        assert!(Settings::default().into_server_config().unwrap().join.is_empty());
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct Node {
     pub id: u64,
     pub port: u16,
     pub child: Option<Child>,
+    /// Started with `--join` (its data dir is named by port: the id comes
+    /// from the cluster).
+    pub joined: bool,
 }
 
 impl Drop for Node {
@@ -77,6 +80,28 @@ pub struct Cluster {
     pub initial: String,
 }
 
+/// Starts `node`'s server process: from the initial cluster's flags, or
+/// (a node that joined) with `--join seeds` and a data dir named by port.
+fn spawn_node(dir: &std::path::Path, node: &Node, initial: &str, seeds: &str) -> Child {
+    let mut cmd = Command::new(server_bin());
+    cmd.args(["--listen", &format!("127.0.0.1:{}", node.port)]);
+    let data = if node.joined {
+        cmd.args(["--join", seeds]);
+        dir.join(format!("p{}", node.port))
+    } else {
+        cmd.args(["--node-id", &node.id.to_string()])
+            .args(["--initial-cluster", initial])
+            .args(["--shards", &SHARDS.to_string()]);
+        dir.join(format!("n{}", node.id))
+    };
+    cmd.arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -107,27 +132,66 @@ impl Cluster {
         };
         for (i, port) in ports.into_iter().enumerate() {
             let id = u64::try_from(i).unwrap() + 1;
-            c.nodes.push(Node { id, port, child: None });
+            c.nodes.push(Node {
+                id,
+                port,
+                child: None,
+                joined: false,
+            });
             c.spawn(id);
         }
         c
     }
 
     pub fn spawn(&mut self, id: u64) {
-        let data = self.dir.path().join(format!("n{id}"));
+        let seeds = self.initial_addresses();
         let node = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
-        let child = Command::new(server_bin())
-            .args(["--node-id", &id.to_string()])
-            .args(["--listen", &format!("127.0.0.1:{}", node.port)])
-            .args(["--initial-cluster", &self.initial])
-            .args(["--shards", &SHARDS.to_string()])
-            .arg("--data-dir")
-            .arg(&data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
+        node.child = Some(spawn_node(self.dir.path(), node, &self.initial, &seeds));
+    }
+
+    /// The initial nodes' addresses, `host:port,...` (what `--join` asks).
+    fn initial_addresses(&self) -> String {
+        self.initial
+            .split(',')
+            .filter_map(|m| m.split_once('=').map(|(_, a)| a))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts a new node with `--join` (asking the initial nodes), waits
+    /// until the cluster has given it an id (its data dir's
+    /// `joined-cluster` file), and returns that id.
+    pub fn join_new(&mut self) -> u64 {
+        let mut node = Node {
+            id: 0,
+            port: free_port(),
+            child: None,
+            joined: true,
+        };
+        node.child = Some(spawn_node(
+            self.dir.path(),
+            &node,
+            &self.initial,
+            &self.initial_addresses(),
+        ));
+        let file = self.dir.path().join(format!("p{}", node.port)).join("joined-cluster");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            if let Ok(t) = std::fs::read_to_string(&file) {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "node on port {} never joined", node.port);
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        node.id = text
+            .lines()
+            .find_map(|l| l.strip_prefix("node_id="))
+            .unwrap()
+            .parse()
             .unwrap();
-        node.child = Some(child);
+        let id = node.id;
+        self.nodes.push(node);
+        id
     }
 
     pub fn kill(&mut self, id: u64) {

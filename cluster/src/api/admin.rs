@@ -1,5 +1,6 @@
 //! `pigeonhole.v1.Admin`: the shard map for client routing, a node's replica
-//! status, leader transfer and membership changes for operators. Thin:
+//! status, leader transfer and membership changes for operators, node
+//! states, and admitting nodes that join (`crate::join`). Thin:
 //! everything comes from the node ([`Node::shard_map`], [`Node::status`],
 //! [`Node::transfer_leader`], [`Node::change_membership`]); this file checks
 //! requests and maps results to statuses.
@@ -200,6 +201,27 @@ impl Admin for AdminService {
         Ok(Response::new(pb::SetNodeStateResponse {
             previous: previous as i32,
             state: state as i32,
+        }))
+    }
+
+    async fn join_node(&self, req: Request<pb::JoinNodeRequest>) -> Result<Response<pb::JoinNodeResponse>, Status> {
+        let r = req.into_inner();
+        let (node_id, nodes) = crate::join::admit(&self.node, &r.address, r.join_token)
+            .await
+            .map_err(|e| cluster_error(&e))?;
+        let params = self.node.bootstrap_params();
+        let info = |(id, address): (&u64, &String)| pb::NodeInfo {
+            id: *id,
+            address: address.clone(),
+            state: pb::NodeState::Up as i32,
+        };
+        Ok(Response::new(pb::JoinNodeResponse {
+            node_id,
+            cluster_id: self.node.cluster_id(),
+            shard_count: params.shard_count,
+            replication_factor: u32::try_from(params.replication_factor).unwrap_or(u32::MAX),
+            initial_cluster: params.initial_cluster.nodes.iter().map(info).collect(),
+            nodes: nodes.iter().map(info).collect(),
         }))
     }
 }

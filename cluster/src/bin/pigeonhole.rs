@@ -45,6 +45,12 @@ struct Flags {
     /// The static initial cluster, id=host:port,... [default: this node alone].
     #[arg(long, env = "PIGEONHOLE_INITIAL_CLUSTER")]
     initial_cluster: Option<String>,
+    /// Join a running cluster through any of its members, host:port,...:
+    /// the cluster gives this node its id and it starts empty. Instead of
+    /// --node-id, --initial-cluster, --shards and --replication-factor.
+    /// Restarts with the same data dir ask no one.
+    #[arg(long, env = "PIGEONHOLE_JOIN")]
+    join: Option<String>,
     /// Data shards, fixed when the cluster is first started, 1 to 65,536 [default: 64].
     #[arg(long, env = "PIGEONHOLE_SHARDS")]
     shards: Option<u64>,
@@ -86,6 +92,7 @@ fn settings(f: Flags) -> Result<Settings, String> {
         listen: f.listen,
         advertise: f.advertise,
         initial_cluster: f.initial_cluster,
+        join: f.join,
         shards: f.shards,
         replication_factor: f.replication_factor,
         // A flag can only turn it on; absent, the file decides.

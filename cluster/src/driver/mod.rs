@@ -240,6 +240,9 @@ impl Driver {
             }
             d.add_replica(shard, meta.applied_index)?;
         }
+        // Nodes that joined after the initial cluster: known from this
+        // node's metadata replica, before any message is sent to them.
+        d.learn_peers();
         // Spread leadership from the first election on: each shard's
         // preferred node campaigns at once (pre-vote keeps this from
         // disturbing a healthy leader after a restart).

@@ -19,7 +19,38 @@ use prost::Message as _;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+/// How often (in ticks) a node looks in its metadata replica for nodes
+/// that joined: a new node is reachable from every node within a second.
+const LEARN_PEERS_EVERY_TICKS: u64 = 10;
+
 impl Driver {
+    /// Adds every node that joined (a node record with an address) to the
+    /// transport and to the liveness table, so this node sends to it and
+    /// notices when it dies. Node ids are never reused, so a known id is
+    /// never looked at again.
+    pub(super) fn learn_peers(&mut self) {
+        let Ok(records) =
+            self.engine
+                .system_scan(META_SHARD, crate::nodes::NODE_RECORD_PREFIX, crate::nodes::NODES_MAX)
+        else {
+            return; // no metadata replica yet (a node that just joined)
+        };
+        let states = crate::nodes::decode_states(&records);
+        for (node, address) in crate::nodes::joined_addresses(&states) {
+            if node == self.node_id || self.peers.contains_key(&node) {
+                continue;
+            }
+            self.transport.add_peer(node, address);
+            self.peers.insert(
+                node,
+                super::PeerLiveness {
+                    last_seen: Instant::now(),
+                    down: false,
+                },
+            );
+        }
+    }
+
     pub(super) fn node_heartbeat(&mut self) {
         let ids: Vec<u64> = self.peers.keys().copied().collect();
         for to in ids {
@@ -56,6 +87,9 @@ impl Driver {
         }
         let hibernate = self.tuning.hibernate_after_ticks;
         let rebalance = self.tuning.rebalance_every_ticks != 0 && self.ticks % self.tuning.rebalance_every_ticks == 0;
+        if self.ticks % LEARN_PEERS_EVERY_TICKS == 0 {
+            self.learn_peers();
+        }
         let collect =
             self.tuning.expire_dedup_every_ticks != 0 && self.ticks % self.tuning.expire_dedup_every_ticks == 0;
         let expire_max = self.engine.options().limits.expire_dedup_entries_max;
@@ -81,7 +115,7 @@ impl Driver {
         // drain` moves leaderships away from it.
         let no_lead: std::collections::BTreeSet<u64> = if rebalance {
             self.engine
-                .system_scan(META_SHARD, crate::nodes::NODE_RECORD_PREFIX, self.map.nodes.len())
+                .system_scan(META_SHARD, crate::nodes::NODE_RECORD_PREFIX, crate::nodes::NODES_MAX)
                 .map(|records| crate::nodes::decode_states(&records))
                 .unwrap_or_default()
                 .into_iter()
@@ -224,14 +258,14 @@ impl Driver {
         if !leads {
             return;
         }
-        let limit = self.map.nodes.len();
-        let states = match self
-            .engine
-            .system_scan(META_SHARD, crate::nodes::NODE_RECORD_PREFIX, limit)
-        {
-            Ok(records) => crate::nodes::decode_states(&records),
-            Err(_) => return, // the engine's failure surfaces on the apply path
-        };
+        let states =
+            match self
+                .engine
+                .system_scan(META_SHARD, crate::nodes::NODE_RECORD_PREFIX, crate::nodes::NODES_MAX)
+            {
+                Ok(records) => crate::nodes::decode_states(&records),
+                Err(_) => return, // the engine's failure surfaces on the apply path
+            };
         let id = self.next_id();
         let node_id = self.node_id;
         let Some(r) = self.replicas.get_mut(&META_SHARD) else {
@@ -241,7 +275,12 @@ impl Driver {
         if r.raw.raft.has_pending_conf() || !cs.voters_outgoing.is_empty() || r.raw.raft.lead_transferee.is_some() {
             return;
         }
-        let changes = crate::nodes::meta_changes(&cs.voters, &cs.learners, &states);
+        // A learner is promoted only once it holds the committed log, so a
+        // new voter never stalls the group's commits while it catches up.
+        let committed = r.raw.raft.raft_log.committed;
+        let prs = r.raw.raft.prs();
+        let caught_up = |n: u64| prs.get(n).is_some_and(|p| p.matched >= committed);
+        let changes = crate::nodes::meta_changes(&cs.voters, &cs.learners, &states, caught_up);
         if changes.is_empty() {
             return;
         }

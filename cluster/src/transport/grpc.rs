@@ -34,11 +34,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest frame accepted from a peer (a snapshot chunk plus framing).
 pub const FRAME_BYTES_MAX: usize = 80 << 20;
 
+type Peers = BTreeMap<u64, (String, mpsc::Sender<Envelope>)>;
+
 /// Sends to peers over gRPC.
 #[derive(Debug)]
 pub struct GrpcTransport {
     cluster_id: u64,
-    peers: BTreeMap<u64, (String, mpsc::Sender<Envelope>)>,
+    /// Written only when a node joins (`add_peer`); every send reads it.
+    peers: std::sync::RwLock<Peers>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -46,17 +49,19 @@ impl GrpcTransport {
     /// Starts one sender task per peer on `runtime`. `peers` maps node id to
     /// `host:port` (this node excluded).
     pub fn new(cluster_id: u64, peers: BTreeMap<u64, String>, runtime: tokio::runtime::Handle) -> Self {
-        let mut out = BTreeMap::new();
-        for (id, addr) in peers {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-            runtime.spawn(peer_loop(cluster_id, addr.clone(), rx));
-            out.insert(id, (addr, tx));
-        }
-        GrpcTransport {
+        let t = GrpcTransport {
             cluster_id,
-            peers: out,
+            peers: std::sync::RwLock::new(BTreeMap::new()),
             runtime,
+        };
+        for (id, addr) in peers {
+            t.add_peer(id, &addr);
         }
+        t
+    }
+
+    fn peers(&self) -> std::sync::RwLockReadGuard<'_, Peers> {
+        self.peers.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -127,17 +132,16 @@ async fn peer_loop(cluster_id: u64, addr: String, mut rx: mpsc::Receiver<Envelop
 
 impl Transport for GrpcTransport {
     fn send(&self, env: Envelope) {
-        if let Some((_, tx)) = self.peers.get(&env.to) {
+        if let Some((_, tx)) = self.peers().get(&env.to) {
             let _ = tx.try_send(env);
         }
     }
 
     fn send_snapshot(&self, job: SnapshotJob) {
-        let Some((addr, _)) = self.peers.get(&job.to) else {
+        let Some(addr) = self.peers().get(&job.to).map(|(a, _)| a.clone()) else {
             (job.report)(false);
             return;
         };
-        let addr = addr.clone();
         let cluster_id = self.cluster_id;
         self.runtime.spawn(async move {
             let ok = stream_snapshot(
@@ -155,6 +159,18 @@ impl Transport for GrpcTransport {
             .is_ok();
             (job.report)(ok);
         });
+    }
+
+    /// A node's address never changes (a join is per address), so a peer
+    /// already known keeps its sender task.
+    fn add_peer(&self, node: u64, address: &str) {
+        let mut peers = self.peers.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if peers.contains_key(&node) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        self.runtime.spawn(peer_loop(self.cluster_id, address.to_string(), rx));
+        peers.insert(node, (address.to_string(), tx));
     }
 }
 

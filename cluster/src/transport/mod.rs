@@ -84,6 +84,9 @@ pub trait Transport: Send + Sync + 'static {
     fn send(&self, env: Envelope);
     /// Streams a snapshot in the background; reports the outcome.
     fn send_snapshot(&self, job: SnapshotJob);
+    /// Learns the address of a node that joined after this one started.
+    /// Transports that route by node id (the in-process one) ignore it.
+    fn add_peer(&self, _node: u64, _address: &str) {}
 }
 
 /// What a transport's receiving side hands messages to: the node's inbox and

@@ -72,6 +72,27 @@ impl TestCluster {
         c
     }
 
+    /// Admits a new node at `address` through `via` (what `Admin.JoinNode`
+    /// does) and starts it empty, as `pigeonhole --join` does. Returns its id.
+    pub async fn join(&mut self, via: u64, address: &str, token: u64) -> u64 {
+        let (id, _) = pigeonhole_cluster::join::admit(self.node(via), address, token)
+            .await
+            .unwrap();
+        let params = self.node(via).bootstrap_params().clone();
+        let template = &self.configs[&via];
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = NodeConfig::new(id, dir.path(), params.initial_cluster);
+        cfg.joined = true;
+        cfg.cluster_id = Some(self.node(via).cluster_id());
+        cfg.shard_count = params.shard_count;
+        cfg.replication_factor = params.replication_factor;
+        cfg.raft = template.raft.clone();
+        self.dirs.insert(id, dir);
+        self.configs.insert(id, cfg);
+        self.start(id);
+        id
+    }
+
     pub fn start(&mut self, id: u64) {
         let cfg = self.configs[&id].clone();
         let node = Node::start(cfg, self.router.transport(id)).unwrap();

@@ -1,0 +1,94 @@
+//! End to end, growing a cluster through real processes (issue 13,
+//! deliverable 1): two nodes started with `--join` get ids 4 and 5 from
+//! the cluster and start empty, every node learns their addresses,
+//! `phctl cluster balance --apply` moves replicas onto them until every
+//! node holds within one of the others, and a joined node restarts under
+//! its id from its own data dir. SDK writers append throughout: no request
+//! may fail, and every acknowledged append is stored once, in order.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn node_list(cluster: &Cluster) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
+        .env("PIGEONHOLE_ENDPOINTS", cluster.endpoints())
+        .args(["node", "list", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    doc["nodes"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_join_under_load_take_their_share_and_restart_under_their_ids() {
+    let mut cluster = Cluster::start();
+    cluster.wait_healthy(Duration::from_secs(30));
+    let client = sdk(&cluster).await;
+    let users = users();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = spawn_writers_until(&client, &users, "j", Duration::from_millis(5), usize::MAX, &stop);
+
+    let joined: Vec<u64> = tokio::task::block_in_place(|| vec![cluster.join_new(), cluster.join_new()]);
+    assert_eq!(joined, vec![4, 5], "ids follow the initial cluster's");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = tokio::task::block_in_place(|| node_list(&cluster));
+        let up: Vec<u64> = rows
+            .iter()
+            .filter(|r| r["state"] == "up")
+            .map(|r| r["id"].as_u64().unwrap())
+            .collect();
+        if up == vec![1, 2, 3, 4, 5] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the joined nodes are not listed up: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let doc = phctl_long_op(&cluster, &["cluster", "balance", "--apply", "--concurrency", "2"]).await;
+    assert!(!doc["moves"].as_array().unwrap().is_empty(), "{doc}");
+    let counts =
+        |rows: &[serde_json::Value]| -> Vec<u64> { rows.iter().map(|r| r["replicas"].as_u64().unwrap()).collect() };
+    let rows = tokio::task::block_in_place(|| node_list(&cluster));
+    let replicas = counts(&rows);
+    assert_eq!(replicas.iter().sum::<u64>(), SHARDS * 3, "{rows:?}");
+    assert!(
+        replicas.iter().max().unwrap() - replicas.iter().min().unwrap() <= 1,
+        "replicas per node {replicas:?}"
+    );
+    assert!(replicas[3] >= 2 && replicas[4] >= 2, "replicas per node {replicas:?}");
+
+    // A joined node restarts from its data dir: same id, no new join.
+    let status = tokio::task::block_in_place(|| cluster.stop(4));
+    assert!(status.success(), "node 4 did not stop cleanly: {status}");
+    cluster.spawn(4);
+    tokio::task::block_in_place(|| cluster.wait_healthy(Duration::from_secs(30)));
+    let rows = tokio::task::block_in_place(|| node_list(&cluster));
+    assert_eq!(rows.len(), 5, "a restart is not a new node: {rows:?}");
+    assert_eq!(counts(&rows), replicas, "{rows:?}");
+
+    stop.store(true, Ordering::Relaxed);
+    let acked = join_writers(writers, "the joins, the moves and the restart").await;
+    assert!(acked.len() > 100, "the writers made little progress: {}", acked.len());
+    // Reads go to a node holding the user's shard (others answer
+    // NOT_REPLICA); after the moves that may be a joined node.
+    for (u, user) in users.iter().enumerate() {
+        let mut got = None;
+        for n in 1..=5 {
+            if let Ok(log) = read_all(&cluster.addr(n), user).await {
+                got = Some(log);
+                break;
+            }
+        }
+        assert_log_matches(u, &got.expect("some node holds the shard"), &acked);
+    }
+}
