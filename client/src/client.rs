@@ -577,6 +577,11 @@ impl Client {
     /// `Admin.NodeStatus` of one node (one attempt, the attempt timeout);
     /// `include_sizes` adds each replica's state-machine size.
     pub async fn node_status(&self, node: u64, include_sizes: bool) -> Result<pb::NodeStatusResponse, Error> {
+        if self.node_addr(node).is_none() {
+            // A node that joined after this client read the map (or a map
+            // read from a metadata replica that had not applied the join).
+            self.refresh().await?;
+        }
         let mut admin = self.admin_at(node)?;
         let t = self.inner.config.attempt_timeout;
         let req = with_timeout(pb::NodeStatusRequest { include_sizes }, t);

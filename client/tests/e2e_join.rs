@@ -54,7 +54,40 @@ async fn two_nodes_join_under_load_take_their_share_and_restart_under_their_ids(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let doc = phctl_long_op(&cluster, &["cluster", "balance", "--apply", "--concurrency", "2"]).await;
+    let endpoints = cluster.endpoints();
+    let out = tokio::task::spawn_blocking(move || {
+        let phctl = |args: &[&str]| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
+                .env("PIGEONHOLE_ENDPOINTS", &endpoints)
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let out = phctl(&[
+            "cluster",
+            "balance",
+            "--apply",
+            "--concurrency",
+            "2",
+            "-o",
+            "json",
+            "--timeout-ms",
+            "10000",
+            "--wait-ms",
+            "60000",
+        ]);
+        if !out.status.success() {
+            // What every replica looked like when the balance gave up.
+            for shard in 1..=SHARDS {
+                eprintln!("{}", text(&phctl(&["shard", "show", &shard.to_string()])));
+            }
+        }
+        out
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(!doc["moves"].as_array().unwrap().is_empty(), "{doc}");
     let counts =
         |rows: &[serde_json::Value]| -> Vec<u64> { rows.iter().map(|r| r["replicas"].as_u64().unwrap()).collect() };
@@ -66,6 +99,13 @@ async fn two_nodes_join_under_load_take_their_share_and_restart_under_their_ids(
         "replicas per node {replicas:?}"
     );
     assert!(replicas[3] >= 2 && replicas[4] >= 2, "replicas per node {replicas:?}");
+    // Leaderships too: with every node a voter of some shards, within one.
+    let leaders: Vec<u64> = rows.iter().map(|r| r["leaders"].as_u64().unwrap()).collect();
+    assert_eq!(leaders.iter().sum::<u64>(), SHARDS, "{rows:?}");
+    assert!(
+        leaders.iter().max().unwrap() - leaders.iter().min().unwrap() <= 1,
+        "leaders per node {leaders:?}"
+    );
 
     // A joined node restarts from its data dir: same id, no new join.
     let status = tokio::task::block_in_place(|| cluster.stop(4));

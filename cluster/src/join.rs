@@ -4,8 +4,9 @@
 //! - **The metadata group hands out ids.** Ids must never repeat (a removed
 //!   id reused could be mistaken for the old replica by a stale message), so
 //!   the next id is one more than every id the cluster ever had, written as
-//!   a node record with version 1: two concurrent joins that pick the same
-//!   id cannot both win, the loser retries.
+//!   a node record only if none of that id exists (`if_version: 0`): two
+//!   concurrent joins that pick the same id cannot both win, the loser
+//!   retries.
 //! - **A join is idempotent per token.** The joining node draws a random
 //!   token and keeps it in its data dir (`join-token`) before it asks, so a
 //!   join whose answer was lost, or a node that crashed before writing its
@@ -112,8 +113,9 @@ pub fn plan_join(
 }
 
 /// Serves `Admin.JoinNode` on any node: a read barrier on the metadata
-/// group, [`plan_join`], then the new node's record (version 1, so a
-/// concurrent join that chose the same id loses and retries). Returns the
+/// group, [`plan_join`], then the new node's record, written only if no
+/// record of that id exists (`if_version: 0`), so a concurrent join that
+/// chose the same id loses and retries. Returns the
 /// id and every node's address.
 pub async fn admit(node: &Node, address: &str, token: u64) -> Result<(u64, BTreeMap<u64, String>), ClusterError> {
     check_address(address).map_err(|reason| ClusterError::InvalidArgument {
@@ -143,6 +145,7 @@ pub async fn admit(node: &Node, address: &str, token: u64) -> Result<(u64, BTree
                     key: crate::nodes::node_record_key(id),
                     value: crate::nodes::encode_record(id, NodeState::Up, &entry),
                     version: 1,
+                    if_version: Some(0),
                 })),
             };
             match node.propose(META_SHARD, vec![op]).await?.into_iter().next() {

@@ -248,8 +248,10 @@ impl Node {
 
     /// Sets `node`'s state through the metadata group, after a read barrier
     /// so that the rules ([`crate::nodes::check_transition`]) see every
-    /// earlier change. Returns (previous, new). Two concurrent calls for
-    /// one node: the later write wins (an operator's action, not a lock).
+    /// earlier change. Returns (previous, new). The write applies only over
+    /// the record the rules were checked against (`if_version`): of two
+    /// concurrent calls for one node, the second fails with a retryable
+    /// `Busy` and is checked again when retried.
     pub async fn set_node_state(&self, node: u64, state: NodeState) -> Result<(NodeState, NodeState), ClusterError> {
         if !self.shard_map()?.nodes.contains_key(&node) {
             return Err(ClusterError::InvalidArgument {
@@ -275,6 +277,8 @@ impl Node {
                 key: crate::nodes::node_record_key(node),
                 value: crate::nodes::encode_record(node, state, &current),
                 version: current.version.saturating_add(1),
+                // Only over the record the rules were checked against.
+                if_version: Some(current.version),
             })),
         };
         let results = self.propose(META_SHARD, vec![op]).await?;
@@ -328,6 +332,7 @@ impl Node {
                 key,
                 value: node.to_be_bytes().to_vec(),
                 version: version.saturating_add(1),
+                if_version: Some(version),
             })),
         };
         match self.propose(META_SHARD, vec![op]).await?.into_iter().next() {

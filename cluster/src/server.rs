@@ -162,7 +162,7 @@ pub async fn run(
         listener
             .local_addr()
             .map_or_else(|_| cfg.listen.to_string(), |a| a.to_string()),
-        if joined { "joined the" } else { "initial" },
+        if joined { "joined; initial" } else { "initial" },
         cfg.data_dir.display()
     );
     // Nagle off on every accepted connection. tonic applies its own

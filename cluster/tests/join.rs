@@ -22,6 +22,66 @@ async fn meta_conf(c: &TestCluster) -> (Vec<u64>, Vec<u64>) {
     (v, l)
 }
 
+/// Two joins at once, through two nodes: they read the same records and
+/// pick the same id, and only the conditional write keeps them apart.
+#[tokio::test]
+async fn concurrent_joins_get_distinct_ids() {
+    let c = TestCluster::new(3, 1, 3, fast_tuning());
+    c.leader(META_SHARD).await;
+    let admit = |via: u64, address: &'static str, token: u64| {
+        let node = c.node(via).clone();
+        async move {
+            loop {
+                match pigeonhole_cluster::join::admit(&node, address, token).await {
+                    Ok((id, _)) => return id,
+                    Err(e) if e.is_retryable() => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                    Err(e) => panic!("join of {address} failed: {e}"),
+                }
+            }
+        }
+    };
+    for round in 0..5u64 {
+        let (a, b) = tokio::join!(
+            admit(1, leak(format!("10.1.{round}.1:1")), 1 + round * 2),
+            admit(2, leak(format!("10.1.{round}.2:1")), 2 + round * 2)
+        );
+        assert_ne!(a, b, "round {round}: two joins got one id");
+    }
+    c.node(3).read_barrier(META_SHARD).await.unwrap();
+    let states = c.node(3).node_states().unwrap();
+    let mut addresses: Vec<&str> = states.values().map(|e| e.address.as_str()).collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    assert_eq!(addresses.len(), 10, "every join kept its own record: {states:?}");
+}
+
+/// Makes `changes(leader)` on the shard's leader, asking again while the
+/// leadership moves (the rebalancer hands it to the preferred node).
+/// Returns the changes made.
+async fn change_on_leader(
+    c: &TestCluster,
+    shard: u64,
+    changes: impl Fn(u64) -> Vec<MembershipChange>,
+) -> Vec<MembershipChange> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let leader = c.leader(shard).await;
+        let want = changes(leader);
+        match c.node(leader).change_membership(shard, &want).await {
+            Ok(_) => return want,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("{want:?} not made yet ({e}); again");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{want:?} failed: {e}"),
+        }
+    }
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
 #[tokio::test]
 async fn joined_nodes_get_ids_a_metadata_vote_and_data_replicas() {
     let mut tuning = fast_tuning();
@@ -65,32 +125,32 @@ async fn joined_nodes_get_ids_a_metadata_vote_and_data_replicas() {
         .await;
     }
 
-    // Move shard 1's replica from node 1 to node 4: learner, catch-up,
-    // promotion with the old replica's removal.
+    // Move one of the shard's replicas to node 4: learner, catch-up, then
+    // promotion with the removal of a voter that does not lead.
     let user = "joined-user";
     let shard = shard_of(c.node(1), user);
     append_retrying(c.node(2), shard, user, "k1", b"before", 10).await;
-    let leader = c.leader(shard).await;
-    c.node(leader)
-        .change_membership(shard, &[MembershipChange::AddLearner(4)])
-        .await
-        .unwrap();
+    change_on_leader(&c, shard, |_| vec![MembershipChange::AddLearner(4)]).await;
     c.eventually("node 4's learner catches up", 10, || async {
         let created = c.node(4).engine().shard_ids().unwrap().contains(&shard);
         created && read_all(c.node(4), shard, user).len() == 1
     })
     .await;
-    let leader = c.leader(shard).await;
-    let target = if leader == 1 { 2 } else { leader };
-    if leader == 1 {
-        c.node(1).transfer_leader(shard, 2).await.unwrap();
-        c.eventually("leadership leaves node 1", 10, || async { c.leader(shard).await == 2 })
-            .await;
-    }
-    c.node(target)
-        .change_membership(shard, &[MembershipChange::AddVoter(4), MembershipChange::Remove(1)])
-        .await
-        .unwrap();
+    let removed = change_on_leader(&c, shard, |leader| {
+        let victim = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
+        vec![MembershipChange::AddVoter(4), MembershipChange::Remove(victim)]
+    })
+    .await
+    .into_iter()
+    .find_map(|ch| match ch {
+        MembershipChange::Remove(n) => Some(n),
+        _ => None,
+    })
+    .unwrap();
+    c.eventually("the removed voter deletes its replica", 10, || async {
+        !c.node(removed).engine().shard_ids().unwrap().contains(&shard)
+    })
+    .await;
     append_retrying(c.node(4), shard, user, "k2", b"after", 10).await;
     c.eventually("node 4 applied both appends", 10, || async {
         read_all(c.node(4), shard, user).len() == 2

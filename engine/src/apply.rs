@@ -595,6 +595,9 @@ impl StateMachine<'_, '_, '_> {
             Some(b) => crate::records::decode_system(&key, &b)?.0,
             None => 0,
         };
+        if let Some(expected) = p.if_version.filter(|e| *e != stored) {
+            return Ok(Err(OpError::VersionConflict { expected, stored }));
+        }
         if p.version < stored {
             return Ok(Err(OpError::StaleVersion {
                 given: p.version,

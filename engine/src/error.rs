@@ -171,6 +171,14 @@ pub enum OpError {
         /// The stored version.
         stored: u64,
     },
+    /// A PutSystem's `if_version` did not match the stored version.
+    #[error("system value version is {stored}, not the expected {expected}")]
+    VersionConflict {
+        /// The op's `if_version`.
+        expected: u64,
+        /// The stored version (0: no value).
+        stored: u64,
+    },
     /// The Raft entry's bytes are not a valid command. Every op of it fails.
     #[error("malformed command: {0}")]
     MalformedCommand(String),

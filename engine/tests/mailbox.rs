@@ -553,6 +553,7 @@ fn put_system(key: &[u8], value: &[u8], version: u64) -> pigeonhole_engine::comm
                 key: key.to_vec(),
                 value: value.to_vec(),
                 version,
+                if_version: None,
             },
         )),
     }
@@ -608,6 +609,40 @@ fn system_values_only_move_forward_in_version() {
         s.engine().system_scan(s.id, b"shard/1", 10).unwrap()[0].value,
         b"b".to_vec()
     );
+}
+
+fn put_system_if(key: &[u8], value: &[u8], version: u64, if_version: u64) -> pigeonhole_engine::command::Op {
+    let mut op = put_system(key, value, version);
+    if let Some(pigeonhole_engine::command::op::Op::PutSystem(p)) = &mut op.op {
+        p.if_version = Some(if_version);
+    }
+    op
+}
+
+#[test]
+fn a_conditional_system_write_applies_only_over_the_version_it_expects() {
+    let mut s = Shard::new();
+    // A create (expects no value) wins once; the second create is refused
+    // even at an equal version, which an unconditional write would accept.
+    assert_eq!(
+        s.one(put_system_if(b"node/4", b"first", 1, 0)),
+        Ok(OpOutput::SystemPut { version: 1 })
+    );
+    assert_eq!(
+        s.one(put_system_if(b"node/4", b"second", 1, 0)),
+        Err(OpError::VersionConflict { expected: 0, stored: 1 })
+    );
+    // An update over the version it read; a stale reader is refused.
+    assert_eq!(
+        s.one(put_system_if(b"node/4", b"update", 2, 1)),
+        Ok(OpOutput::SystemPut { version: 2 })
+    );
+    assert_eq!(
+        s.one(put_system_if(b"node/4", b"stale", 2, 1)),
+        Err(OpError::VersionConflict { expected: 1, stored: 2 })
+    );
+    let got = s.engine().system_scan(s.id, b"node/4", 10).unwrap();
+    assert_eq!((got[0].version, got[0].value.as_slice()), (2, &b"update"[..]));
 }
 
 #[test]

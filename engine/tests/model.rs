@@ -245,6 +245,9 @@ impl Model {
                     return Err(invalid("put_system.key"));
                 }
                 let stored = self.system.get(&p.key).map_or(0, |v| v.0);
+                if let Some(expected) = p.if_version.filter(|e| *e != stored) {
+                    return Err(OpError::VersionConflict { expected, stored });
+                }
                 if p.version < stored {
                     return Err(OpError::StaleVersion {
                         given: p.version,
@@ -305,9 +308,10 @@ fn arb_op() -> impl Strategy<Value = Op> {
         2 => (ns.clone(), uid.clone(), 0u64..8).prop_map(|(n, u, s)| trim(n, &u, s)),
         2 => (ns, uid, 0u64..8).prop_map(|(n, u, s)| delete(n, &u, s)),
         1 => (1u32..4).prop_map(expire),
-        1 => (prop::sample::select(vec![b"a".to_vec(), b"b".to_vec(), vec![]]), 0u64..4, 0u8..3).prop_map(|(k, v, x)| Op {
-            op: Some(O::PutSystem(pigeonhole_engine::command::PutSystemOp { key: k, value: vec![x], version: v })),
-        }),
+        1 => (prop::sample::select(vec![b"a".to_vec(), b"b".to_vec(), vec![]]), 0u64..4, 0u8..3, prop::option::weighted(0.3, 0u64..4))
+            .prop_map(|(k, v, x, i)| Op {
+                op: Some(O::PutSystem(pigeonhole_engine::command::PutSystemOp { key: k, value: vec![x], version: v, if_version: i })),
+            }),
     ]
 }
 

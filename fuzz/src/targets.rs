@@ -237,6 +237,7 @@ fn command_seeds() -> Vec<Vec<u8>> {
             key: b"shard/1".to_vec(),
             value: b"record".to_vec(),
             version: 2,
+            if_version: Some(0),
         })),
     ];
     let mut out: Vec<Vec<u8>> = ops

@@ -76,7 +76,9 @@ pub fn op_error(e: &OpError) -> Status {
             "SEQ_NOT_FOUND",
             &[("low_watermark", *low_watermark), ("last_seq", *last_seq)],
         ),
-        OpError::StaleVersion { .. } | OpError::MalformedCommand(_) => Status::internal(msg),
+        OpError::StaleVersion { .. } | OpError::VersionConflict { .. } | OpError::MalformedCommand(_) => {
+            Status::internal(msg)
+        }
     }
 }
 

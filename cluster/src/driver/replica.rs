@@ -262,11 +262,20 @@ pub(super) fn is_quiet(r: &Replica) -> bool {
 }
 
 /// Hands leadership back to the shard's preferred node once it is a caught-up
-/// voter and alive, so leaders stay spread after failovers.
+/// voter and alive, so leaders stay spread after failovers. Not while the
+/// shard has a learner or a joint configuration: a replica move is under
+/// way (`phctl shard move`, `node drain`, `cluster balance`), and it moved
+/// the leadership off the leaving node on purpose; handing it back there
+/// would undo that within a round and stall the move (seen: a balance
+/// waited ten minutes for a leadership the rebalancer kept taking back).
 pub(super) fn maybe_rebalance(node_id: u64, r: &mut Replica, peers: &BTreeMap<u64, PeerLiveness>) {
     let raft = &r.raw.raft;
     let pref = r.preferred_leader;
     if raft.state != StateRole::Leader || pref == node_id || pref == 0 || raft.lead_transferee.is_some() {
+        return;
+    }
+    let cs = raft.prs().conf().to_conf_state();
+    if !cs.learners.is_empty() || !cs.learners_next.is_empty() || !cs.voters_outgoing.is_empty() {
         return;
     }
     if !raft.prs().conf().voters().contains(pref) || peers.get(&pref).is_none_or(|p| p.down) {

@@ -323,6 +323,7 @@ impl Driver {
                     key: shard_record_key(shard),
                     value: record.encode_to_vec(),
                     version: term,
+                    if_version: None,
                 })),
             };
             let (reply, rx) = oneshot::channel();

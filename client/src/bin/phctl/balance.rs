@@ -85,10 +85,13 @@ pub fn plan(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>) -> Vec<Move> {
 }
 
 /// Leaders per shard that put every up node within one leadership of the
-/// others where the voter sets allow: shards in id order, each to the up
-/// voter with the fewest leaderships so far, preferring the current leader
-/// on a tie (no needless transfer), then the lowest id. A shard without an
-/// up voter keeps no entry.
+/// others where the voter sets allow. First greedily: shards in id order,
+/// each to the up voter with the fewest leaderships so far, preferring the
+/// current leader on a tie (no needless transfer), then the lowest id. The
+/// greedy pass alone can leave a node with none (it never looks ahead: seen
+/// after two nodes joined and took only some shards' replicas), so
+/// [`even_out`] then shifts leaderships along chains of shards. A shard
+/// without an up voter keeps no entry.
 pub fn plan_leaders(
     voters: &BTreeMap<u64, Vec<u64>>,
     up: &BTreeSet<u64>,
@@ -108,7 +111,71 @@ pub fn plan_leaders(
             plan.insert(*shard, v);
         }
     }
+    even_out(&mut plan, voters, up);
     plan
+}
+
+/// Evens `plan` (shard → leader) out: while some node leads at least two
+/// more shards than another node it can reach through a chain "a shard
+/// this node leads has that node as an up voter", it moves one leadership
+/// along the chain (every node on it keeps its count but the two ends).
+/// Each step lowers the sum of squared counts, so it ends; at the end no
+/// such chain exists, which is the best the voter sets allow (the
+/// augmenting-path argument of max flow).
+pub fn even_out(plan: &mut BTreeMap<u64, u64>, voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>) {
+    loop {
+        let count = per_node(plan, up);
+        let mut by_count: Vec<(usize, u64)> = count.iter().map(|(n, c)| (*c, *n)).collect();
+        by_count.sort_unstable_by(|a, b| b.cmp(a));
+        let Some(path) = by_count
+            .iter()
+            .find_map(|(c, src)| chain_from(*src, *c, plan, voters, up, &count))
+        else {
+            return;
+        };
+        for (shard, to) in path {
+            plan.insert(shard, to);
+        }
+    }
+}
+
+/// A chain of (shard, new leader) from `src` (leading `src_count` shards)
+/// to a node leading at most `src_count - 2`, by breadth-first search.
+fn chain_from(
+    src: u64,
+    src_count: usize,
+    plan: &BTreeMap<u64, u64>,
+    voters: &BTreeMap<u64, Vec<u64>>,
+    up: &BTreeSet<u64>,
+    count: &BTreeMap<u64, usize>,
+) -> Option<Vec<(u64, u64)>> {
+    // node → (the node it was reached from, the shard that links them)
+    let mut parent: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    let mut queue = std::collections::VecDeque::from([src]);
+    while let Some(x) = queue.pop_front() {
+        for (shard, _) in plan.iter().filter(|(_, l)| **l == x) {
+            for y in voters.get(shard).into_iter().flatten() {
+                if *y == src || !up.contains(y) || parent.contains_key(y) {
+                    continue;
+                }
+                parent.insert(*y, (x, *shard));
+                if count.get(y).copied().unwrap_or(0) + 2 <= src_count {
+                    let mut path = Vec::new();
+                    let mut at = *y;
+                    while let Some((from, shard)) = parent.get(&at).copied() {
+                        path.push((shard, at));
+                        if from == src {
+                            return Some(path);
+                        }
+                        at = from;
+                    }
+                    return None;
+                }
+                queue.push_back(*y);
+            }
+        }
+    }
+    None
 }
 
 fn per_node(leaders: &BTreeMap<u64, u64>, up: &BTreeSet<u64>) -> BTreeMap<u64, usize> {
@@ -357,6 +424,51 @@ mod tests {
         // A draining node (not up) leads nothing.
         let up3: BTreeSet<u64> = (1..=3).collect();
         assert!(plan_leaders(&voters, &up3, &plan).values().all(|n| *n != 4));
+    }
+
+    /// After two nodes joined and took some shards' replicas: greedy alone
+    /// left node 5 with no leadership and node 2 with three.
+    #[test]
+    fn leaders_reach_nodes_that_hold_only_some_shards() {
+        let mut voters: BTreeMap<u64, Vec<u64>> = BTreeMap::from([
+            (1, vec![3, 4, 5]),
+            (2, vec![2, 4, 5]),
+            (3, vec![1, 4, 5]),
+            (4, vec![3, 4, 5]),
+            (5, vec![1, 2, 4]),
+        ]);
+        for s in 6..=8 {
+            voters.insert(s, vec![1, 2, 3]);
+        }
+        let up: BTreeSet<u64> = (1..=5).collect();
+        let current = BTreeMap::from([(1, 4), (2, 2), (3, 1), (4, 3), (5, 2), (6, 1), (7, 2), (8, 3)]);
+        let plan = plan_leaders(&voters, &up, &current);
+        let c = per_node(&plan, &up);
+        let (min, max) = (c.values().min().unwrap(), c.values().max().unwrap());
+        assert!(max - min <= 1, "{c:?} from {plan:?}");
+        for (shard, leader) in &plan {
+            assert!(voters[shard].contains(leader), "shard {shard} led by a non-voter");
+        }
+    }
+
+    /// A leadership moves along a chain when no single move helps: node 1
+    /// leads two shards whose other voter is node 2; node 2 leads one whose
+    /// other voter is node 3, which leads none.
+    #[test]
+    fn leaderships_shift_along_a_chain() {
+        let voters = BTreeMap::from([(1, vec![1, 2]), (2, vec![1, 2]), (3, vec![2, 3])]);
+        let up: BTreeSet<u64> = (1..=3).collect();
+        let mut plan = BTreeMap::from([(1, 1), (2, 1), (3, 2)]);
+        even_out(&mut plan, &voters, &up);
+        assert_eq!(
+            per_node(&plan, &up).values().copied().collect::<Vec<_>>(),
+            vec![1, 1, 1],
+            "{plan:?}"
+        );
+        // Nothing to do when balanced, and nothing possible without a chain.
+        let mut stuck = BTreeMap::from([(1, 1), (2, 1)]);
+        even_out(&mut stuck, &BTreeMap::from([(1, vec![1]), (2, vec![1])]), &up);
+        assert_eq!(stuck, BTreeMap::from([(1, 1), (2, 1)]));
     }
 
     #[test]
