@@ -128,6 +128,7 @@ mod tests {
                     id,
                     address: format!("127.0.0.1:{}", 7070 + id),
                     state: pb::NodeState::Up as i32,
+                    zone: String::new(),
                 })
                 .collect(),
             shards: vec![

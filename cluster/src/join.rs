@@ -117,11 +117,17 @@ pub fn plan_join(
 /// record of that id exists (`if_version: 0`), so a concurrent join that
 /// chose the same id loses and retries. Returns the
 /// id and every node's address.
-pub async fn admit(node: &Node, address: &str, token: u64) -> Result<(u64, BTreeMap<u64, String>), ClusterError> {
+pub async fn admit(
+    node: &Node,
+    address: &str,
+    token: u64,
+    zone: &str,
+) -> Result<(u64, BTreeMap<u64, String>), ClusterError> {
     check_address(address).map_err(|reason| ClusterError::InvalidArgument {
         field: "address",
         reason,
     })?;
+    crate::nodes::check_zone(zone).map_err(|reason| ClusterError::InvalidArgument { field: "zone", reason })?;
     if token == 0 {
         return Err(ClusterError::InvalidArgument {
             field: "join_token",
@@ -138,6 +144,7 @@ pub async fn admit(node: &Node, address: &str, token: u64) -> Result<(u64, BTree
             let entry = NodeStateEntry {
                 address: address.to_string(),
                 join_token: token,
+                zone: zone.to_string(),
                 ..Default::default()
             };
             let op = cmd::Op {
@@ -263,7 +270,7 @@ pub fn load(data_dir: &Path) -> Result<Option<Joined>, ClusterError> {
 /// to [`JOIN_WAIT_MS_MAX`]), unless `data_dir` already joined a cluster:
 /// then that cluster, asking no one. Refusals (a bad address, an address in
 /// use) end it at once with the cluster's reason.
-pub async fn join(data_dir: &Path, advertise: &str, seeds: &[String]) -> Result<Joined, ClusterError> {
+pub async fn join(data_dir: &Path, advertise: &str, seeds: &[String], zone: &str) -> Result<Joined, ClusterError> {
     if let Some(j) = load(data_dir)? {
         return Ok(j);
     }
@@ -276,7 +283,7 @@ pub async fn join(data_dir: &Path, advertise: &str, seeds: &[String]) -> Result<
         if Instant::now() >= deadline {
             break;
         }
-        match ask(seed, advertise, token).await {
+        match ask(seed, advertise, token, zone).await {
             Ok(r) => {
                 let joined = Joined::from_response(r)
                     .map_err(|e| ClusterError::Config(format!("{seed} answered JoinNode badly: {e}")))?;
@@ -328,7 +335,7 @@ fn token(data_dir: &Path) -> Result<u64, ClusterError> {
     }
 }
 
-async fn ask(seed: &str, advertise: &str, token: u64) -> Result<pb::JoinNodeResponse, tonic::Status> {
+async fn ask(seed: &str, advertise: &str, token: u64, zone: &str) -> Result<pb::JoinNodeResponse, tonic::Status> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{seed}"))
         .map_err(|e| tonic::Status::invalid_argument(format!("seed {seed:?}: {e}")))?
         .connect_timeout(Duration::from_millis(JOIN_ATTEMPT_MS))
@@ -342,6 +349,7 @@ async fn ask(seed: &str, advertise: &str, token: u64) -> Result<pb::JoinNodeResp
         .join_node(pb::JoinNodeRequest {
             address: advertise.to_string(),
             join_token: token,
+            zone: zone.to_string(),
         })
         .await?;
     Ok(r.into_inner())
@@ -363,6 +371,7 @@ mod tests {
                 version: 1,
                 address: format!("10.0.0.{node}:7070"),
                 join_token: token,
+                zone: String::new(),
             },
         )
     }

@@ -293,6 +293,40 @@ impl Node {
         }
     }
 
+    /// Makes this node's record say `zone` (its `--zone`; empty: none), after
+    /// a read barrier on the metadata group, over the record it read
+    /// (`if_version`). Returns whether it wrote. A node with no record and
+    /// no zone writes nothing; a removed node is left alone.
+    pub async fn record_zone(&self, zone: &str) -> Result<bool, ClusterError> {
+        crate::nodes::check_zone(zone).map_err(|reason| ClusterError::InvalidArgument { field: "zone", reason })?;
+        self.read_barrier(META_SHARD).await?;
+        let node = self.inner.id;
+        let current = self.node_states()?.get(&node).cloned().unwrap_or_default();
+        if current.zone == zone || current.state == NodeState::Removed {
+            return Ok(false);
+        }
+        let entry = crate::nodes::NodeStateEntry {
+            zone: zone.to_string(),
+            ..current.clone()
+        };
+        let op = cmd::Op {
+            op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
+                key: crate::nodes::node_record_key(node),
+                value: crate::nodes::encode_record(node, current.state, &entry),
+                version: current.version.saturating_add(1),
+                if_version: Some(current.version),
+            })),
+        };
+        match self.propose(META_SHARD, vec![op]).await?.into_iter().next() {
+            Some(Ok(_)) => Ok(true),
+            Some(Err(e)) => Err(ClusterError::Busy {
+                shard: META_SHARD,
+                reason: format!("node {node}'s record changed meanwhile ({e}); retry"),
+            }),
+            None => Err(ClusterError::Raft("a proposal of one op returned no result".into())),
+        }
+    }
+
     /// Records `node` as the preferred leader of `shard` in the metadata
     /// group (after a read barrier there, so the checks see every earlier
     /// change): the shard's leader then hands leadership to it within a

@@ -63,6 +63,8 @@ pub struct NodeStateEntry {
     pub address: String,
     /// The joining node's token (0 for initial nodes).
     pub join_token: u64,
+    /// Failure domain (`--zone`); empty: none.
+    pub zone: String,
 }
 
 impl Default for NodeStateEntry {
@@ -72,6 +74,7 @@ impl Default for NodeStateEntry {
             version: 0,
             address: String::new(),
             join_token: 0,
+            zone: String::new(),
         }
     }
 }
@@ -95,6 +98,7 @@ pub fn decode_states(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64
                     version: v.version,
                     address: r.address,
                     join_token: r.join_token,
+                    zone: r.zone,
                 },
             ))
         })
@@ -102,15 +106,34 @@ pub fn decode_states(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64
 }
 
 /// The encoded record of `node` in `state`, keeping what `current` says of
-/// its address and join token.
+/// its address, join token and zone.
 pub fn encode_record(node: u64, state: NodeState, current: &NodeStateEntry) -> Vec<u8> {
     NodeRecord {
         node,
         state: state as i32,
         address: current.address.clone(),
         join_token: current.join_token,
+        zone: current.zone.clone(),
     }
     .encode_to_vec()
+}
+
+/// Longest zone name, in bytes.
+pub const ZONE_BYTES_MAX: usize = 64;
+
+/// Checks a zone name: empty (no zone), or 1 to [`ZONE_BYTES_MAX`] bytes of
+/// ASCII letters, digits, `.`, `_` and `-` (it shows in tables and JSON).
+pub fn check_zone(zone: &str) -> Result<(), String> {
+    if zone.len() > ZONE_BYTES_MAX {
+        return Err(format!("{} bytes; the limit is {ZONE_BYTES_MAX}", zone.len()));
+    }
+    if let Some(c) = zone
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!("{zone:?} has {c:?}; use letters, digits, '.', '_' and '-'"));
+    }
+    Ok(())
 }
 
 /// Addresses of the nodes that joined (`Admin.JoinNode`), removed ones
@@ -288,6 +311,7 @@ mod tests {
                     version: 1,
                     address: format!("127.0.0.1:{n}"),
                     join_token: *n,
+                    zone: String::new(),
                 },
             );
         }
@@ -399,6 +423,16 @@ mod tests {
             vec![(9, "10.0.0.9:7070")]
         );
         assert!(node_record_key(2).starts_with(NODE_RECORD_PREFIX));
+    }
+
+    #[test]
+    fn zone_names_are_checked() {
+        for ok in ["", "eu-west-1a", "rack_7.row2"] {
+            assert_eq!(check_zone(ok), Ok(()), "{ok}");
+        }
+        assert!(check_zone("a b").unwrap_err().contains("' '"));
+        assert!(check_zone("zöne").unwrap_err().contains("'ö'"));
+        assert!(check_zone(&"z".repeat(65)).unwrap_err().contains("limit is 64"));
     }
 
     /// The bytes docs/storage-format.md §7.8 shows for a joined node.

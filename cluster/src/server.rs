@@ -62,6 +62,8 @@ pub struct ServerConfig {
     /// The address peers and clients reach this node at (what a joining
     /// node is recorded with).
     pub advertise: String,
+    /// Failure domain (`--zone`); empty: none. Kept in the node's record.
+    pub zone: String,
 }
 
 impl ServerConfig {
@@ -85,6 +87,7 @@ impl ServerConfig {
             snapshot_send_bytes_per_s: crate::config::RaftTuning::default().snapshot_send_bytes_per_s,
             join: Vec::new(),
             advertise: listen.to_string(),
+            zone: String::new(),
         }
     }
 }
@@ -105,7 +108,7 @@ pub async fn run(
         c.replication_factor = cfg.replication_factor;
         (c, cfg.initial_cluster.peers_of(cfg.node_id))
     } else {
-        let j = crate::join::join(&cfg.data_dir, &cfg.advertise, &cfg.join).await?;
+        let j = crate::join::join(&cfg.data_dir, &cfg.advertise, &cfg.join, &cfg.zone).await?;
         let mut c = NodeConfig::new(j.node_id, &cfg.data_dir, j.params.initial_cluster.clone());
         c.joined = true;
         c.cluster_id = Some(j.cluster_id);
@@ -140,6 +143,22 @@ pub async fn run(
     let cluster_ids = node_cfg.initial_cluster.ids();
     let joined = node_cfg.joined;
     let node = Node::start(node_cfg, Arc::new(transport))?;
+    // The record follows --zone (set, changed or dropped) once the metadata
+    // group answers; placement reads zones from the records.
+    let recorder = node.clone();
+    let zone = cfg.zone.clone();
+    tokio::spawn(async move {
+        loop {
+            match recorder.record_zone(&zone).await {
+                Ok(_) => return,
+                Err(e) if e.is_retryable() => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+                Err(e) => {
+                    eprintln!("pigeonhole: WARNING: zone {zone:?} not recorded: {e}");
+                    return;
+                }
+            }
+        }
+    });
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<MailboxServer<MailboxService>>().await;
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);

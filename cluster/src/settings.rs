@@ -20,6 +20,7 @@
 //! initial_cluster = "1=10.0.0.1:7070,2=10.0.0.2:7070,3=10.0.0.3:7070"
 //! shards = 64
 //! replication_factor = 3
+//! zone = "eu-west-1a"       # failure domain; empty or absent: none
 //! # join = "10.0.0.1:7070,10.0.0.2:7070"   # instead of node_id, initial_cluster,
 //! #                                          # shards, replication_factor
 //! unsafe_no_fsync = false   # true = NOT durable (benchmarks only)
@@ -66,6 +67,8 @@ pub struct Settings {
     pub initial_cluster: Option<String>,
     /// `host:port,...`: members of a running cluster to join through.
     pub join: Option<String>,
+    /// Failure domain.
+    pub zone: Option<String>,
     /// Data shards at bootstrap.
     pub shards: Option<u64>,
     /// Replicas per shard.
@@ -191,6 +194,7 @@ impl Settings {
             advertise: over.advertise.or(self.advertise),
             initial_cluster: over.initial_cluster.or(self.initial_cluster),
             join: over.join.or(self.join),
+            zone: over.zone.or(self.zone),
             shards: over.shards.or(self.shards),
             replication_factor: over.replication_factor.or(self.replication_factor),
             unsafe_no_fsync: over.unsafe_no_fsync.or(self.unsafe_no_fsync),
@@ -240,6 +244,10 @@ impl Settings {
             crate::join::check_address(&advertise).map_err(|e| format!("advertise: {e}"))?;
         }
         cfg.advertise = advertise.clone();
+        if let Some(zone) = self.zone {
+            crate::nodes::check_zone(&zone).map_err(|e| format!("zone: {e}"))?;
+            cfg.zone = zone;
+        }
         cfg.initial_cluster = match self.initial_cluster {
             Some(s) => InitialCluster::parse(&s).map_err(|e| format!("initial_cluster: {e}"))?,
             None => InitialCluster::single(&advertise),
@@ -395,6 +403,16 @@ mod tests {
             assert!(e.contains(want), "{text:?}: {e}");
         }
         assert!(Settings::default().into_server_config().unwrap().join.is_empty());
+        let cfg = Settings::from_toml("zone = \"rack-7\"\n")
+            .unwrap()
+            .into_server_config()
+            .unwrap();
+        assert_eq!(cfg.zone, "rack-7");
+        let e = Settings::from_toml("zone = \"a b\"\n")
+            .unwrap()
+            .into_server_config()
+            .unwrap_err();
+        assert!(e.starts_with("zone: "), "{e}");
     }
 
     #[test]

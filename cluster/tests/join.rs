@@ -32,7 +32,7 @@ async fn concurrent_joins_get_distinct_ids() {
         let node = c.node(via).clone();
         async move {
             loop {
-                match pigeonhole_cluster::join::admit(&node, address, token).await {
+                match pigeonhole_cluster::join::admit(&node, address, token, "").await {
                     Ok((id, _)) => return id,
                     Err(e) if e.is_retryable() => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
                     Err(e) => panic!("join of {address} failed: {e}"),
@@ -93,12 +93,12 @@ async fn joined_nodes_get_ids_a_metadata_vote_and_data_replicas() {
     assert_eq!(four, 4, "the next id after the initial cluster's");
     // A retry with the same token (its answer was lost) gets the same id;
     // another token for the same address is refused, naming the holder.
-    let (again, nodes) = pigeonhole_cluster::join::admit(c.node(3), "10.0.0.4:7070", 44)
+    let (again, nodes) = pigeonhole_cluster::join::admit(c.node(3), "10.0.0.4:7070", 44, "")
         .await
         .unwrap();
     assert_eq!(again, 4);
     assert_eq!(nodes.get(&4).map(String::as_str), Some("10.0.0.4:7070"));
-    let refused = pigeonhole_cluster::join::admit(c.node(1), "10.0.0.4:7070", 45)
+    let refused = pigeonhole_cluster::join::admit(c.node(1), "10.0.0.4:7070", 45, "")
         .await
         .unwrap_err();
     assert!(

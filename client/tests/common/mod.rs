@@ -44,6 +44,8 @@ pub struct Node {
     /// Started with `--join` (its data dir is named by port: the id comes
     /// from the cluster).
     pub joined: bool,
+    /// `--zone` (empty: none).
+    pub zone: String,
 }
 
 impl Drop for Node {
@@ -85,6 +87,9 @@ pub struct Cluster {
 fn spawn_node(dir: &std::path::Path, node: &Node, initial: &str, seeds: &str) -> Child {
     let mut cmd = Command::new(server_bin());
     cmd.args(["--listen", &format!("127.0.0.1:{}", node.port)]);
+    if !node.zone.is_empty() {
+        cmd.args(["--zone", &node.zone]);
+    }
     let data = if node.joined {
         cmd.args(["--join", seeds]);
         dir.join(format!("p{}", node.port))
@@ -117,6 +122,12 @@ impl Cluster {
 
     /// `n` nodes (the servers replicate each shard 3 times).
     pub fn start_n(n: u64) -> Cluster {
+        Cluster::start_zoned(&vec![""; usize::try_from(n).unwrap()])
+    }
+
+    /// One node per entry of `zones`, started with `--zone` (none for "").
+    pub fn start_zoned(zones: &[&str]) -> Cluster {
+        let n = zones.len();
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let initial = ports
@@ -137,6 +148,7 @@ impl Cluster {
                 port,
                 child: None,
                 joined: false,
+                zone: zones[i].to_string(),
             });
             c.spawn(id);
         }
@@ -161,12 +173,13 @@ impl Cluster {
     /// Starts a new node with `--join` (asking the initial nodes), waits
     /// until the cluster has given it an id (its data dir's
     /// `joined-cluster` file), and returns that id.
-    pub fn join_new(&mut self) -> u64 {
+    pub fn join_new(&mut self, zone: &str) -> u64 {
         let mut node = Node {
             id: 0,
             port: free_port(),
             child: None,
             joined: true,
+            zone: zone.to_string(),
         };
         node.child = Some(spawn_node(
             self.dir.path(),

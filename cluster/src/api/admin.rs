@@ -48,6 +48,7 @@ impl Admin for AdminService {
                     id: *id,
                     address: address.clone(),
                     state: states.get(id).map_or(pb::NodeState::Up, |e| e.state) as i32,
+                    zone: states.get(id).map(|e| e.zone.clone()).unwrap_or_default(),
                 })
                 .collect(),
             shards: map
@@ -206,7 +207,7 @@ impl Admin for AdminService {
 
     async fn join_node(&self, req: Request<pb::JoinNodeRequest>) -> Result<Response<pb::JoinNodeResponse>, Status> {
         let r = req.into_inner();
-        let (node_id, nodes) = crate::join::admit(&self.node, &r.address, r.join_token)
+        let (node_id, nodes) = crate::join::admit(&self.node, &r.address, r.join_token, &r.zone)
             .await
             .map_err(|e| cluster_error(&e))?;
         let params = self.node.bootstrap_params();
@@ -214,6 +215,7 @@ impl Admin for AdminService {
             id: *id,
             address: address.clone(),
             state: pb::NodeState::Up as i32,
+            zone: String::new(),
         };
         Ok(Response::new(pb::JoinNodeResponse {
             node_id,

@@ -51,6 +51,11 @@ struct Flags {
     /// Restarts with the same data dir ask no one.
     #[arg(long, env = "PIGEONHOLE_JOIN")]
     join: Option<String>,
+    /// This node's failure domain (a rack, an availability zone): the
+    /// replicas of a shard go to different zones where there are enough.
+    /// Letters, digits, '.', '_', '-'; at most 64 bytes [default: none].
+    #[arg(long, env = "PIGEONHOLE_ZONE")]
+    zone: Option<String>,
     /// Data shards, fixed when the cluster is first started, 1 to 65,536 [default: 64].
     #[arg(long, env = "PIGEONHOLE_SHARDS")]
     shards: Option<u64>,
@@ -93,6 +98,7 @@ fn settings(f: Flags) -> Result<Settings, String> {
         advertise: f.advertise,
         initial_cluster: f.initial_cluster,
         join: f.join,
+        zone: f.zone,
         shards: f.shards,
         replication_factor: f.replication_factor,
         // A flag can only turn it on; absent, the file decides.

@@ -75,7 +75,7 @@ impl TestCluster {
     /// Admits a new node at `address` through `via` (what `Admin.JoinNode`
     /// does) and starts it empty, as `pigeonhole --join` does. Returns its id.
     pub async fn join(&mut self, via: u64, address: &str, token: u64) -> u64 {
-        let (id, _) = pigeonhole_cluster::join::admit(self.node(via), address, token)
+        let (id, _) = pigeonhole_cluster::join::admit(self.node(via), address, token, "")
             .await
             .unwrap();
         let params = self.node(via).bootstrap_params().clone();

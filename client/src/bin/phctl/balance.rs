@@ -42,46 +42,109 @@ fn counts(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>) -> BTreeMap<u64,
     c
 }
 
-/// The moves that bring the up nodes' replica counts within one of each
-/// other: repeatedly, from the fullest node to the emptiest, of the
-/// lowest-id shard the fullest holds and the emptiest does not (so a shard
-/// never gets two replicas on one node). Stops when balanced or when no
-/// such shard exists. `voters` is shard → voters.
-pub fn plan(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>) -> Vec<Move> {
+/// Node → failure domain (`pigeonhole --zone`); a node without one maps
+/// to "" or is absent.
+pub type Zones = BTreeMap<u64, String>;
+
+fn zone_of(zones: &Zones, node: u64) -> &str {
+    zones.get(&node).map_or("", String::as_str)
+}
+
+/// Whether `to` may take the replica of a shard with voters `vs` that
+/// `from` gives up: it holds none, and its zone (if any) is not one of the
+/// other voters' zones.
+pub fn zone_free(vs: &[u64], from: u64, to: u64, zones: &Zones) -> bool {
+    let z = zone_of(zones, to);
+    !vs.contains(&to) && (z.is_empty() || !vs.iter().any(|v| *v != from && zone_of(zones, *v) == z))
+}
+
+/// The moves that put every shard's replicas in different zones where the
+/// up nodes allow, and then bring the up nodes' replica counts within one
+/// of each other:
+/// 1. spread: a voter that shares a zone with another voter of its shard
+///    moves to the up node with the fewest replicas in a zone the shard
+///    does not use yet (nodes without a zone take any shard);
+/// 2. counts: repeatedly, from the fullest node to the emptiest node that
+///    can take one of its replicas (at least two fewer, the lowest-id
+///    shard it lacks whose other voters leave its zone free), so a shard
+///    never gets two replicas on one node or, by a move, two in one zone.
+///
+/// Stops when balanced or when no such move exists. `voters` is shard →
+/// voters.
+pub fn plan(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, zones: &Zones) -> Vec<Move> {
     let mut voters = voters.clone();
     let mut moves = Vec::new();
     let total: usize = voters.values().map(Vec::len).sum();
+    let shards: Vec<u64> = voters.keys().copied().collect();
+    for shard in shards {
+        // Each move ends one shared zone, so a shard needs at most one per voter.
+        for _ in 0..total {
+            let Some(vs) = voters.get(&shard).cloned() else { break };
+            let dup = vs.iter().enumerate().find_map(|(i, v)| {
+                let z = zone_of(zones, *v);
+                (!z.is_empty() && vs.iter().take(i).any(|w| zone_of(zones, *w) == z)).then_some(*v)
+            });
+            let Some(from) = dup else { break };
+            let c = counts(&voters, up);
+            let Some(to) = up
+                .iter()
+                .copied()
+                .filter(|n| zone_free(&vs, from, *n, zones) && !zone_of(zones, *n).is_empty())
+                .min_by_key(|n| (c.get(n).copied().unwrap_or(0), *n))
+            else {
+                break;
+            };
+            move_voter(&mut voters, &mut moves, Move { shard, from, to });
+        }
+    }
     // Each move lowers the spread's sum of squares, so this bound is never
     // the reason to stop; it only makes the loop's end evident.
     for _ in 0..=total {
         let c = counts(&voters, up);
-        let Some((&full, &high)) = c.iter().max_by_key(|(n, k)| (**k, std::cmp::Reverse(**n))) else {
-            break;
-        };
-        let Some((&empty, &low)) = c.iter().min_by_key(|(n, k)| (**k, **n)) else {
-            break;
-        };
-        if high <= low + 1 {
-            break;
-        }
-        let Some((&shard, vs)) = voters
-            .iter_mut()
-            .find(|(_, vs)| vs.contains(&full) && !vs.contains(&empty))
-        else {
-            break;
-        };
-        for v in vs.iter_mut() {
-            if *v == full {
-                *v = empty;
-            }
-        }
-        moves.push(Move {
-            shard,
-            from: full,
-            to: empty,
+        let mut fulls: Vec<(usize, u64)> = c.iter().map(|(n, k)| (*k, *n)).collect();
+        fulls.sort_unstable_by_key(|(k, n)| (std::cmp::Reverse(*k), *n));
+        let mut empties = fulls.clone();
+        empties.sort_unstable();
+        let next = fulls.iter().find_map(|&(high, full)| {
+            empties
+                .iter()
+                .take_while(|(low, _)| low + 1 < high)
+                .find_map(|&(_, empty)| {
+                    voters
+                        .iter()
+                        .find(|(_, vs)| vs.contains(&full) && zone_free(vs, full, empty, zones))
+                        .map(|(shard, _)| Move {
+                            shard: *shard,
+                            from: full,
+                            to: empty,
+                        })
+                })
         });
+        let Some(m) = next else { break };
+        move_voter(&mut voters, &mut moves, m);
     }
     moves
+}
+
+fn move_voter(voters: &mut BTreeMap<u64, Vec<u64>>, moves: &mut Vec<Move>, m: Move) {
+    for v in voters.get_mut(&m.shard).into_iter().flatten() {
+        if *v == m.from {
+            *v = m.to;
+        }
+    }
+    moves.push(m);
+}
+
+/// Up nodes and their zones, from the shard map.
+pub async fn up_and_zones(client: &Client) -> Result<(BTreeSet<u64>, Zones), Failure> {
+    let nodes = client.nodes().await?;
+    let up = nodes
+        .iter()
+        .filter(|n| n.state == pb::NodeState::Up as i32)
+        .map(|n| n.id)
+        .collect();
+    let zones = nodes.iter().map(|n| (n.id, n.zone.clone())).collect();
+    Ok((up, zones))
 }
 
 /// Leaders per shard that put every up node within one leadership of the
@@ -268,15 +331,9 @@ pub async fn balance(ctx: &Ctx, apply: bool, concurrency: usize, wait: Duration)
     let client = connect(ctx).await?;
     let deadline = Instant::now() + wait;
     let started = Instant::now();
-    let up: BTreeSet<u64> = client
-        .nodes()
-        .await?
-        .iter()
-        .filter(|n| n.state == pb::NodeState::Up as i32)
-        .map(|n| n.id)
-        .collect();
+    let (up, zones) = up_and_zones(&client).await?;
     let voters = voters_of(&client);
-    let moves = plan(&voters, &up);
+    let moves = plan(&voters, &up, &zones);
     let replicas_before = counts(&voters, &up);
     if apply {
         run_moves(ctx, &client, &moves, concurrency, deadline).await?;
@@ -390,7 +447,7 @@ mod tests {
         // 8 shards of 3 on nodes 1..=3; nodes 4 and 5 empty.
         let mut voters: BTreeMap<u64, Vec<u64>> = (1..=8).map(|s| (s, vec![1, 2, 3])).collect();
         let up: BTreeSet<u64> = (1..=5).collect();
-        let moves = plan(&voters, &up);
+        let moves = plan(&voters, &up, &Zones::new());
         apply(&mut voters, &moves);
         let c = counts(&voters, &up);
         let (lo, hi) = (c.values().min().unwrap(), c.values().max().unwrap());
@@ -401,7 +458,7 @@ mod tests {
             assert_eq!(distinct.len(), 3, "{vs:?}");
         }
         // Balanced already: nothing to do.
-        assert!(plan(&voters, &up).is_empty());
+        assert!(plan(&voters, &up, &Zones::new()).is_empty());
     }
 
     #[test]
@@ -471,12 +528,50 @@ mod tests {
         assert_eq!(stuck, BTreeMap::from([(1, 1), (2, 1)]));
     }
 
+    /// Zones: shards of nodes 1 (zone a), 2 (b), 3 (c); nodes 4 (a) and 5
+    /// (b) join. Every move keeps each shard in three zones, and a shard
+    /// that starts with two voters in one zone is spread first.
+    #[test]
+    fn moves_keep_a_shards_replicas_in_different_zones() {
+        let zones: Zones = [(1, "a"), (2, "b"), (3, "c"), (4, "a"), (5, "b")]
+            .into_iter()
+            .map(|(n, z)| (n, z.to_string()))
+            .collect();
+        let mut voters: BTreeMap<u64, Vec<u64>> = (1..=8).map(|s| (s, vec![1, 2, 3])).collect();
+        voters.insert(9, vec![1, 4, 2]); // two in zone a
+        let up: BTreeSet<u64> = (1..=5).collect();
+        let moves = plan(&voters, &up, &zones);
+        let mut after = voters.clone();
+        for m in &moves {
+            let vs = after.get_mut(&m.shard).unwrap();
+            assert!(vs.contains(&m.from) && !vs.contains(&m.to), "{m:?}");
+            *vs.iter_mut().find(|v| **v == m.from).unwrap() = m.to;
+        }
+        for (shard, vs) in &after {
+            let mut zs: Vec<&str> = vs.iter().map(|v| zones[v].as_str()).collect();
+            zs.sort_unstable();
+            zs.dedup();
+            assert_eq!(zs.len(), 3, "shard {shard}: {vs:?} after {moves:?}");
+        }
+        // Shard 9's zone-a pair was split up first: node 3 (zone c) or no
+        // other node could take it; the counts then even out as zones allow.
+        assert_eq!(moves.first().map(|m| m.shard), Some(9), "{moves:?}");
+        let c = counts(&after, &up);
+        assert!(
+            c[&4] >= 3 && c[&5] >= 3,
+            "the zone-a and zone-b newcomers take their share: {c:?}"
+        );
+        // Without zones the same cluster evens out by counts alone.
+        let plain = plan(&voters, &up, &Zones::new());
+        assert!(!plain.is_empty());
+    }
+
     #[test]
     fn nodes_that_are_not_up_are_ignored() {
         // Node 4 is draining (not in `up`): its replica stays, and it gets none.
         let voters: BTreeMap<u64, Vec<u64>> = [(1, vec![1, 2, 4]), (2, vec![1, 2, 3]), (3, vec![1, 2, 3])].into();
         let up: BTreeSet<u64> = [1, 2, 3].into();
-        let moves = plan(&voters, &up);
+        let moves = plan(&voters, &up, &Zones::new());
         assert!(moves.iter().all(|m| m.to != 4 && m.from != 4), "{moves:?}");
         // 1 and 2 hold 3 each, 3 holds 2: within one.
         assert!(moves.is_empty(), "{moves:?}");

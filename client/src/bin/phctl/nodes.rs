@@ -70,6 +70,7 @@ pub async fn node_list(ctx: &Ctx) -> Result<u8, Failure> {
             json!({
                 "id": n.id,
                 "address": n.address,
+                "zone": n.zone,
                 "state": state_name(n.state),
                 "reachable": !h.unreachable.contains_key(&n.id),
                 "replicas": count(&h.replicas, n.id),
@@ -80,12 +81,13 @@ pub async fn node_list(ctx: &Ctx) -> Result<u8, Failure> {
     match ctx.output {
         Output::Json => render::json(&json!({ "nodes": rows })),
         Output::Table => {
-            let mut t = render::table(&["NODE", "ADDRESS", "STATE", "REACHABLE", "REPLICAS", "LEADERS"]);
+            let mut t = render::table(&["NODE", "ADDRESS", "ZONE", "STATE", "REACHABLE", "REPLICAS", "LEADERS"]);
             for n in &nodes {
                 let down = h.unreachable.get(&n.id);
                 t.add_row(vec![
                     n.id.to_string(),
                     n.address.clone(),
+                    if n.zone.is_empty() { "-".into() } else { n.zone.clone() },
                     state_name(n.state).to_string(),
                     down.map_or("yes".to_string(), |e| format!("no ({e})")),
                     if down.is_some() {
@@ -147,8 +149,9 @@ async fn up_nodes(client: &Client) -> Result<BTreeSet<u64>, Failure> {
 }
 
 /// Moves every replica of `shards` that `node` holds to the up node with
-/// the fewest replicas that lacks the shard (a learner on `node` is just
-/// removed), with `shard move`'s steps. `h` gives the starting counts.
+/// the fewest replicas that lacks the shard, preferring one whose zone the
+/// shard's other voters do not use (a learner on `node` is just removed),
+/// with `shard move`'s steps. `h` gives the starting counts.
 async fn evacuate(
     client: &Client,
     node: u64,
@@ -157,7 +160,7 @@ async fn evacuate(
     deadline: Instant,
     steps: &mut Steps,
 ) -> Result<(), Failure> {
-    let up = up_nodes(client).await?;
+    let (up, zones) = crate::balance::up_and_zones(client).await?;
     let mut load: BTreeMap<u64, usize> = up
         .iter()
         .filter(|n| **n != node && !h.unreachable.contains_key(n))
@@ -186,10 +189,11 @@ async fn evacuate(
             }
             continue;
         }
+        // A node in a zone the shard's other voters do not use comes first.
         let target = load
             .iter()
             .filter(|(n, _)| !v.voters.contains(n) && !v.learners.contains(n))
-            .min_by_key(|(n, c)| (**c, **n))
+            .min_by_key(|(n, c)| (!crate::balance::zone_free(&v.voters, node, **n, &zones), **c, **n))
             .map(|(n, _)| *n)
             .ok_or_else(|| {
                 failed(format!(
