@@ -255,20 +255,7 @@ async fn balance_moves_replicas_onto_an_empty_node_until_counts_are_within_one()
     assert!(!planned.is_empty() && planned.iter().all(|m| m["to"] == 4), "{plan}");
     assert_eq!(node_row(&cluster, 4)["replicas"], 0, "the plan alone moves nothing");
 
-    let out = phctl(
-        &cluster,
-        &[
-            "cluster",
-            "balance",
-            "--apply",
-            "--concurrency",
-            "2",
-            "-o",
-            "json",
-            "--wait-ms",
-            "60000",
-        ],
-    );
+    let out = phctl(&cluster, BALANCE_APPLY);
     assert!(out.status.success(), "{}", text(&out));
     let counts: Vec<u64> = (1..=4)
         .map(|n| node_row(&cluster, n)["replicas"].as_u64().unwrap())

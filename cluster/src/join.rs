@@ -54,15 +54,36 @@ pub enum JoinPlan {
     New(u64),
 }
 
-/// Checks `address` (host:port, bounded); the error names the problem.
+/// Checks `address`: `host:port` where host is a name or IPv4 address
+/// (letters, digits, `.`, `-`) or a bracketed IPv6 address, port 1 to
+/// 65535, at most [`ADDRESS_BYTES_MAX`] bytes, and not an unspecified
+/// address (`0.0.0.0`, `[::]`: one to listen on, not to be dialled). Strict
+/// because the address is stored, handed to every later joiner and parsed
+/// back from `joined-cluster` (where `,` and `=` separate entries): a bad
+/// one must be refused before it is recorded.
 pub fn check_address(address: &str) -> Result<(), String> {
     if address.len() > ADDRESS_BYTES_MAX {
         return Err(format!("{} bytes; the limit is {ADDRESS_BYTES_MAX}", address.len()));
     }
-    match address.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => Ok(()),
-        _ => Err(format!("{address:?} is not host:port")),
+    let Some((host, _)) = address
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+    else {
+        return Err(format!("{address:?} is not host:port"));
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => !v6.is_empty() && v6.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.'),
+        None => host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'),
+    };
+    if !host_ok {
+        return Err(format!("{address:?}: {host:?} is not a host name or IP address"));
     }
+    if host == "0.0.0.0" || host == "[::]" {
+        return Err(format!(
+            "{address:?} is an unspecified address: listen on it, but advertise one others can dial"
+        ));
+    }
+    Ok(())
 }
 
 /// Decides a join from the initial nodes' addresses and the node records.
@@ -432,9 +453,31 @@ mod tests {
 
     #[test]
     fn addresses_are_checked() {
-        assert_eq!(check_address("h:1"), Ok(()));
+        for ok in [
+            "h:1",
+            "10.0.0.4:7070",
+            "node-4.example:7070",
+            "[::1]:7070",
+            "[fe80::1]:1",
+        ] {
+            assert_eq!(check_address(ok), Ok(()), "{ok}");
+        }
         for bad in ["", "h", ":80", "h:0", "h:x", "h:70000"] {
-            assert!(check_address(bad).is_err(), "{bad}");
+            assert!(check_address(bad).unwrap_err().contains("is not host:port"), "{bad}");
+        }
+        // What would corrupt the stored address book, or cannot be dialled.
+        for bad in [
+            "10.0.0.4:7070,10.0.0.5:7070",
+            "a=b:1",
+            "h x:1",
+            "h\n:1",
+            "[]:1",
+            "[x]:1",
+        ] {
+            assert!(check_address(bad).unwrap_err().contains("not a host name"), "{bad}");
+        }
+        for bad in ["0.0.0.0:7070", "[::]:7070"] {
+            assert!(check_address(bad).unwrap_err().contains("unspecified"), "{bad}");
         }
         assert!(check_address(&format!("{}:1", "h".repeat(300)))
             .unwrap_err()

@@ -25,8 +25,10 @@
 //! drain`'s job; a placement loop that would do it by itself is not built.
 //! The metadata group itself is kept in line by its leader
 //! ([`meta_changes`], run from the driver's tick): a removed node leaves
-//! it, and learners on up nodes are promoted while it has fewer than
-//! [`META_VOTERS_MAX`] voters.
+//! it; learners on up nodes that are alive and caught up are promoted
+//! while it has fewer voters than the largest odd number up to
+//! [`META_VOTERS_MAX`] its members allow; and, when nothing else is
+//! pending, every up node that joined gets a learner.
 
 use crate::placement::{ShardMap, META_SHARD, META_VOTERS_MAX};
 use crate::MembershipChange;
@@ -82,7 +84,8 @@ impl Default for NodeStateEntry {
 /// Node states from the metadata group's node records. A record that does
 /// not decode, or holds an unknown state, is skipped (the node reads as up)
 /// rather than failing every map read; records are written only by
-/// [`crate::Node::set_node_state`].
+/// [`crate::Node::set_node_state`], [`crate::join::admit`] and
+/// [`crate::Node::record_zone`].
 pub fn decode_states(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64, NodeStateEntry> {
     records
         .iter()
@@ -173,8 +176,9 @@ pub fn check_transition(map: &ShardMap, node: u64, from: NodeState, to: NodeStat
 
 /// The membership changes that bring the metadata group in line with the
 /// node states: every removed node leaves it, and while it has fewer
-/// voters than `min(META_VOTERS_MAX, members not removed)`, learners on up
-/// nodes that are `caught_up` are promoted, lowest id first. Only when
+/// voters than the largest odd number at most `min(META_VOTERS_MAX,
+/// members not removed)`, learners on up nodes that are `caught_up` (alive
+/// and holding the committed log) are promoted, lowest id first. Only when
 /// none of that is needed, every up node that joined and is not a member
 /// gets a learner (additions never ride with a removal or a promotion, so
 /// a change that would leave the group short of voters never waits on a
@@ -196,7 +200,10 @@ pub fn meta_changes(
         .collect();
     let kept = voters.iter().filter(|n| !removed(n)).count();
     let members = voters.iter().chain(learners).filter(|n| !removed(n)).count();
-    let want = members.min(META_VOTERS_MAX);
+    // An odd number of voters: a fourth voter adds a node whose loss, with
+    // one other, costs the quorum that three voters would have kept (and a
+    // second voter of two makes either node's loss fatal).
+    let want = odd_at_most(members.min(META_VOTERS_MAX));
     let mut promote: Vec<u64> = learners
         .iter()
         .copied()
@@ -227,6 +234,15 @@ pub fn meta_changes(
         );
     }
     changes
+}
+
+/// The largest odd number at most `n` (0 for 0).
+fn odd_at_most(n: usize) -> usize {
+    if n % 2 == 0 {
+        n.saturating_sub(1)
+    } else {
+        n
+    }
 }
 
 /// Whether a node in `state` may take a new replica or a leadership.
@@ -350,6 +366,14 @@ mod tests {
         );
         // Voters short of five (an earlier removal) are refilled.
         assert_eq!(meta_changes(&[1, 2, 3, 4], &[5], &states(&[]), ALL), vec![AddVoter(5)]);
+        // Never to an even count: three voters and one learner stay so, and
+        // one voter is not joined by a second.
+        assert!(meta_changes(&[1, 2, 3], &[4], &states(&[]), ALL).is_empty());
+        assert!(meta_changes(&[1], &[2], &states(&[]), ALL).is_empty());
+        assert_eq!(
+            meta_changes(&[1], &[2, 3], &states(&[]), ALL),
+            vec![AddVoter(2), AddVoter(3)]
+        );
         // ... but not from a learner that has not caught up yet.
         assert!(meta_changes(&[1, 2, 3, 4], &[5], &states(&[]), |n| n != 5).is_empty());
         // Never no voter at all.
@@ -365,7 +389,7 @@ mod tests {
         let s = with_joined(&[], &[(4, Up), (5, Draining), (6, Removed), (7, Up)]);
         assert_eq!(meta_changes(&[1, 2, 3, 7], &[], &s, ALL), vec![AddLearner(4)]);
         // A promotion goes first; the addition waits for a later round.
-        assert_eq!(meta_changes(&[1, 2, 3], &[7], &s, ALL), vec![AddVoter(7)]);
+        assert_eq!(meta_changes(&[1, 2, 3, 8], &[7], &s, ALL), vec![AddVoter(7)]);
         // So does a removal.
         let s = with_joined(&[(2, Removed)], &[(4, Up)]);
         assert_eq!(meta_changes(&[1, 2, 3, 5, 6], &[], &s, ALL), vec![Remove(2)]);

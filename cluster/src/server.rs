@@ -22,6 +22,9 @@ use std::sync::Arc;
 /// stops serving anyway. Unary requests in flight finish well within it.
 pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
 
+/// How long a node keeps trying to write its `--zone` into its record.
+pub const ZONE_RECORD_WAIT_MS_MAX: u64 = 600_000;
+
 /// Largest request a client may send (AppendBatch included), by default.
 pub const REQUEST_BYTES_MAX: usize = 16 << 20;
 
@@ -102,13 +105,14 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| ClusterError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
-    let (mut node_cfg, peers) = if cfg.join.is_empty() {
-        let mut c = NodeConfig::new(cfg.node_id, &cfg.data_dir, cfg.initial_cluster.clone());
-        c.shard_count = cfg.shard_count;
-        c.replication_factor = cfg.replication_factor;
-        (c, cfg.initial_cluster.peers_of(cfg.node_id))
+    // A data dir that joined a cluster belongs to it: a restart without
+    // --join reads what it was handed, as one with --join does.
+    let joined = if cfg.join.is_empty() {
+        crate::join::load(&cfg.data_dir)?
     } else {
-        let j = crate::join::join(&cfg.data_dir, &cfg.advertise, &cfg.join, &cfg.zone).await?;
+        Some(crate::join::join(&cfg.data_dir, &cfg.advertise, &cfg.join, &cfg.zone).await?)
+    };
+    let (mut node_cfg, peers) = if let Some(j) = joined {
         let mut c = NodeConfig::new(j.node_id, &cfg.data_dir, j.params.initial_cluster.clone());
         c.joined = true;
         c.cluster_id = Some(j.cluster_id);
@@ -121,6 +125,11 @@ pub async fn run(
             .map(|(id, a)| (*id, a.clone()))
             .collect();
         (c, peers)
+    } else {
+        let mut c = NodeConfig::new(cfg.node_id, &cfg.data_dir, cfg.initial_cluster.clone());
+        c.shard_count = cfg.shard_count;
+        c.replication_factor = cfg.replication_factor;
+        (c, cfg.initial_cluster.peers_of(cfg.node_id))
     };
     node_cfg.raft.request_timeout_ms = cfg.request_timeout_ms;
     node_cfg.raft.unsafe_no_fsync = cfg.unsafe_no_fsync;
@@ -145,15 +154,23 @@ pub async fn run(
     let node = Node::start(node_cfg, Arc::new(transport))?;
     // The record follows --zone (set, changed or dropped) once the metadata
     // group answers; placement reads zones from the records.
+    // Retried with backoff for up to ZONE_RECORD_WAIT_MS_MAX (a joined node
+    // gets its metadata replica within a round or two; one drained before
+    // that never does), then given up with a warning until the next start.
     let recorder = node.clone();
     let zone = cfg.zone.clone();
     tokio::spawn(async move {
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(ZONE_RECORD_WAIT_MS_MAX);
+        let mut delay = std::time::Duration::from_secs(1);
         loop {
             match recorder.record_zone(&zone).await {
                 Ok(_) => return,
-                Err(e) if e.is_retryable() => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+                Err(e) if e.is_retryable() && std::time::Instant::now() < until => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                }
                 Err(e) => {
-                    eprintln!("pigeonhole: WARNING: zone {zone:?} not recorded: {e}");
+                    eprintln!("pigeonhole: WARNING: zone {zone:?} not recorded (it is retried at the next start): {e}");
                     return;
                 }
             }

@@ -10,18 +10,6 @@ use common::*;
 use pigeonhole_cluster::placement::META_SHARD;
 use pigeonhole_cluster::{ClusterError, MembershipChange};
 
-async fn meta_conf(c: &TestCluster) -> (Vec<u64>, Vec<u64>) {
-    let leader = c.leader(META_SHARD).await;
-    let Some(s) = c.status(leader, META_SHARD).await else {
-        return (Vec::new(), Vec::new());
-    };
-    let mut v = s.voters.clone();
-    v.sort_unstable();
-    let mut l = s.learners.clone();
-    l.sort_unstable();
-    (v, l)
-}
-
 /// Two joins at once, through two nodes: they read the same records and
 /// pick the same id, and only the conditional write keeps them apart.
 #[tokio::test]

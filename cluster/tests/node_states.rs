@@ -11,21 +11,6 @@ use pigeonhole_cluster::nodes::NodeState;
 use pigeonhole_cluster::placement::META_SHARD;
 use pigeonhole_cluster::{ClusterError, MembershipChange};
 
-/// The metadata group's (voters, learners) as its leader reports them;
-/// empty while the node that claimed leadership has just deleted its
-/// replica (a removed leader's replica is garbage-collected).
-async fn meta_conf(c: &TestCluster) -> (Vec<u64>, Vec<u64>) {
-    let leader = c.leader(META_SHARD).await;
-    let Some(s) = c.status(leader, META_SHARD).await else {
-        return (Vec::new(), Vec::new());
-    };
-    let mut v = s.voters.clone();
-    v.sort_unstable();
-    let mut l = s.learners.clone();
-    l.sort_unstable();
-    (v, l)
-}
-
 #[tokio::test]
 async fn a_removed_node_leaves_the_metadata_group_and_an_up_learner_takes_its_vote() {
     let mut tuning = fast_tuning();

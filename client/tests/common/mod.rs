@@ -83,7 +83,9 @@ pub struct Cluster {
 }
 
 /// Starts `node`'s server process: from the initial cluster's flags, or
-/// (a node that joined) with `--join seeds` and a data dir named by port.
+/// (a node that joins) with `--join seeds` and a data dir named by port.
+/// A node that has joined (it has an id) restarts with neither: its data
+/// dir's `joined-cluster` says everything.
 fn spawn_node(dir: &std::path::Path, node: &Node, initial: &str, seeds: &str) -> Child {
     let mut cmd = Command::new(server_bin());
     cmd.args(["--listen", &format!("127.0.0.1:{}", node.port)]);
@@ -91,7 +93,9 @@ fn spawn_node(dir: &std::path::Path, node: &Node, initial: &str, seeds: &str) ->
         cmd.args(["--zone", &node.zone]);
     }
     let data = if node.joined {
-        cmd.args(["--join", seeds]);
+        if node.id == 0 {
+            cmd.args(["--join", seeds]);
+        }
         dir.join(format!("p{}", node.port))
     } else {
         cmd.args(["--node-id", &node.id.to_string()])
@@ -399,6 +403,22 @@ pub fn assert_log_matches(u: usize, got: &[pb::Message], acked: &Acked) {
         );
     }
 }
+
+/// `phctl cluster balance --apply`, two moves at once, JSON out, 10 s per
+/// request and 60 s in all.
+pub const BALANCE_APPLY: &[&str] = &[
+    "cluster",
+    "balance",
+    "--apply",
+    "--concurrency",
+    "2",
+    "-o",
+    "json",
+    "--timeout-ms",
+    "10000",
+    "--wait-ms",
+    "60000",
+];
 
 /// A phctl run's exit code and output, for assertion messages.
 pub fn text(out: &std::process::Output) -> String {

@@ -261,6 +261,16 @@ pub(super) fn is_quiet(r: &Replica) -> bool {
     }
 }
 
+/// Whether a replica move looks under way in `shard`: a joint
+/// configuration, or (data shards only: the metadata group keeps learners
+/// for good once it has more than five members) a learner. A learner left
+/// by a move cut short also counts, until a drain or move removes it.
+pub(super) fn moving(shard: u64, raft: &pigeonhole_engine::raft::Raft<RaftLogStore>) -> bool {
+    let cs = raft.prs().conf().to_conf_state();
+    let learners = shard != crate::placement::META_SHARD && (!cs.learners.is_empty() || !cs.learners_next.is_empty());
+    learners || !cs.voters_outgoing.is_empty()
+}
+
 /// Hands leadership back to the shard's preferred node once it is a caught-up
 /// voter and alive, so leaders stay spread after failovers. Not while the
 /// shard has a learner or a joint configuration: a replica move is under
@@ -268,14 +278,13 @@ pub(super) fn is_quiet(r: &Replica) -> bool {
 /// the leadership off the leaving node on purpose; handing it back there
 /// would undo that within a round and stall the move (seen: a balance
 /// waited ten minutes for a leadership the rebalancer kept taking back).
-pub(super) fn maybe_rebalance(node_id: u64, r: &mut Replica, peers: &BTreeMap<u64, PeerLiveness>) {
+pub(super) fn maybe_rebalance(node_id: u64, shard: u64, r: &mut Replica, peers: &BTreeMap<u64, PeerLiveness>) {
     let raft = &r.raw.raft;
     let pref = r.preferred_leader;
     if raft.state != StateRole::Leader || pref == node_id || pref == 0 || raft.lead_transferee.is_some() {
         return;
     }
-    let cs = raft.prs().conf().to_conf_state();
-    if !cs.learners.is_empty() || !cs.learners_next.is_empty() || !cs.voters_outgoing.is_empty() {
+    if moving(shard, raft) {
         return;
     }
     if !raft.prs().conf().voters().contains(pref) || peers.get(&pref).is_none_or(|p| p.down) {

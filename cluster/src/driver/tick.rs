@@ -26,8 +26,9 @@ const LEARN_PEERS_EVERY_TICKS: u64 = 10;
 impl Driver {
     /// Adds every node that joined (a node record with an address) to the
     /// transport and to the liveness table, so this node sends to it and
-    /// notices when it dies. Node ids are never reused, so a known id is
-    /// never looked at again.
+    /// notices when it dies; drops removed nodes from the liveness table
+    /// (no more heartbeats to them). Node ids are never reused, so a known
+    /// id is never added twice.
     pub(super) fn learn_peers(&mut self) {
         let Ok(records) =
             self.engine
@@ -36,8 +37,17 @@ impl Driver {
             return; // no metadata replica yet (a node that just joined)
         };
         let states = crate::nodes::decode_states(&records);
+        // A removed node gets no more heartbeats, and is not counted alive.
+        for (node, e) in &states {
+            if e.state == crate::nodes::NodeState::Removed {
+                self.peers.remove(node);
+            }
+        }
         for (node, address) in crate::nodes::joined_addresses(&states) {
-            if node == self.node_id || self.peers.contains_key(&node) {
+            let removed = states
+                .get(&node)
+                .is_some_and(|e| e.state == crate::nodes::NodeState::Removed);
+            if node == self.node_id || removed || self.peers.contains_key(&node) {
                 continue;
             }
             self.transport.add_peer(node, address);
@@ -140,6 +150,7 @@ impl Driver {
                     && pref != 0
                     && !no_lead.contains(&pref)
                     && r.raw.raft.prs().conf().voters().contains(pref)
+                    && !super::replica::moving(*shard, &r.raw.raft)
                 {
                     wake.push(*shard);
                 }
@@ -170,7 +181,7 @@ impl Driver {
                 }
             }
             if rebalance && !no_lead.contains(&r.preferred_leader) {
-                maybe_rebalance(node_id, r, &self.peers);
+                maybe_rebalance(node_id, *shard, r, &self.peers);
             }
             if collect && *shard != META_SHARD && r.raw.raft.state == StateRole::Leader {
                 // Dedup GC goes through the log like any write, so every
@@ -268,6 +279,7 @@ impl Driver {
             };
         let id = self.next_id();
         let node_id = self.node_id;
+        let peers = &self.peers;
         let Some(r) = self.replicas.get_mut(&META_SHARD) else {
             return;
         };
@@ -275,11 +287,13 @@ impl Driver {
         if r.raw.raft.has_pending_conf() || !cs.voters_outgoing.is_empty() || r.raw.raft.lead_transferee.is_some() {
             return;
         }
-        // A learner is promoted only once it holds the committed log, so a
-        // new voter never stalls the group's commits while it catches up.
+        // A learner is promoted only once it holds the committed log and its
+        // node is alive (node heartbeats), so a new voter never stalls the
+        // group's commits, and a dead one never becomes a voter.
         let committed = r.raw.raft.raft_log.committed;
         let prs = r.raw.raft.prs();
-        let caught_up = |n: u64| prs.get(n).is_some_and(|p| p.matched >= committed);
+        let caught_up =
+            |n: u64| prs.get(n).is_some_and(|p| p.matched >= committed) && peers.get(&n).is_some_and(|p| !p.down);
         let changes = crate::nodes::meta_changes(&cs.voters, &cs.learners, &states, caught_up);
         if changes.is_empty() {
             return;

@@ -189,6 +189,21 @@ impl Drop for TestCluster {
     }
 }
 
+/// The metadata group's (voters, learners) as its leader reports them;
+/// empty while the node that claimed leadership has just deleted its
+/// replica (a removed leader's replica is garbage-collected).
+pub async fn meta_conf(c: &TestCluster) -> (Vec<u64>, Vec<u64>) {
+    let leader = c.leader(pigeonhole_cluster::placement::META_SHARD).await;
+    let Some(s) = c.status(leader, pigeonhole_cluster::placement::META_SHARD).await else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut v = s.voters.clone();
+    v.sort_unstable();
+    let mut l = s.learners.clone();
+    l.sort_unstable();
+    (v, l)
+}
+
 pub fn append_op(user: &str, key: &str, payload: &[u8]) -> cmd::Op {
     cmd::Op {
         op: Some(cmd::op::Op::Append(cmd::AppendOp {
