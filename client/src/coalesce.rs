@@ -11,7 +11,11 @@
 //! everything queued (up to the batch limits) as the next call. A lone
 //! append therefore goes out at once, as a unary Append.
 //!
-//! Only the first attempt is coalesced. An item that fails in it, for any
+//! Only the first attempt is coalesced, and it lasts at most half of what is
+//! left of its items' earliest deadline: an item may have queued behind a
+//! slow call, and a node that hangs (seen: one in its graceful stop, a
+//! rolling restart's drained node the client still routed to) must leave
+//! every item time for a retry elsewhere. An item that fails in it, for any
 //! reason, is sent again through the ordinary per-call retry loop
 //! ([`Client::append_unary`]) within what is left of its deadline. Its
 //! idempotency key makes that safe, and it gives a refused item exactly the
@@ -68,11 +72,17 @@ impl Default for CoalesceConfig {
 /// The first attempt's answer for one item.
 type FirstAnswer = Result<pb::AppendResponse, Status>;
 
+/// A coalesced attempt lasts at least this long, however little its items
+/// have left (shorter, and a healthy call could not finish).
+const COALESCED_ATTEMPT_MIN: Duration = Duration::from_millis(50);
+
 struct Queued {
     req: pb::AppendRequest,
     shard: u64,
     bytes: usize,
     reply: oneshot::Sender<FirstAnswer>,
+    /// When the caller's whole append must be answered.
+    deadline: Instant,
 }
 
 #[derive(Default)]
@@ -197,6 +207,7 @@ impl Client {
                     shard,
                     bytes,
                     reply: tx,
+                    deadline: started + self.timeout(),
                 });
                 let start = q.calls < cfg.calls_per_node_max.max(1);
                 if start {
@@ -264,7 +275,17 @@ impl Client {
         self.coalescer()
             .items
             .fetch_add(u64::try_from(items.len()).unwrap_or(u64::MAX), Ordering::Relaxed);
-        let budget = Retry::new(self.config(), self.timeout()).attempt_budget(self.config(), Duration::ZERO);
+        // At most half of what is left of the earliest deadline among the
+        // items (they may have queued behind a slow call), so that if this
+        // node hangs every item keeps time for the retry loop to try another.
+        let full = Retry::new(self.config(), self.timeout()).attempt_budget(self.config(), Duration::ZERO);
+        let now = Instant::now();
+        let left = items
+            .iter()
+            .map(|it| it.deadline.saturating_duration_since(now))
+            .min()
+            .unwrap_or(full);
+        let budget = (left / 2).max(COALESCED_ATTEMPT_MIN).min(full);
         let stub = match self.mailbox_at(node) {
             Ok(s) => s,
             Err(e) => {
@@ -341,6 +362,7 @@ mod tests {
             shard: 1,
             bytes,
             reply,
+            deadline: Instant::now(),
         }
     }
 
@@ -357,6 +379,7 @@ mod tests {
                 shard: 1,
                 bytes: 1,
                 reply,
+                deadline: Instant::now(),
             });
         }
         drop(Slot {
