@@ -76,6 +76,17 @@ type FirstAnswer = Result<pb::AppendResponse, Status>;
 /// have left (shorter, and a healthy call could not finish).
 const COALESCED_ATTEMPT_MIN: Duration = Duration::from_millis(50);
 
+/// A coalesced attempt's length: half of what is left of the earliest
+/// deadline among `items`, at least [`COALESCED_ATTEMPT_MIN`], at most
+/// `full` (one ordinary attempt).
+fn coalesced_budget(items: &[Queued], now: Instant, full: Duration) -> Duration {
+    items
+        .iter()
+        .map(|it| it.deadline.saturating_duration_since(now))
+        .min()
+        .map_or(full, |left| (left / 2).max(COALESCED_ATTEMPT_MIN).min(full))
+}
+
 struct Queued {
     req: pb::AppendRequest,
     shard: u64,
@@ -279,13 +290,7 @@ impl Client {
         // items (they may have queued behind a slow call), so that if this
         // node hangs every item keeps time for the retry loop to try another.
         let full = Retry::new(self.config(), self.timeout()).attempt_budget(self.config(), Duration::ZERO);
-        let now = Instant::now();
-        let left = items
-            .iter()
-            .map(|it| it.deadline.saturating_duration_since(now))
-            .min()
-            .unwrap_or(full);
-        let budget = (left / 2).max(COALESCED_ATTEMPT_MIN).min(full);
+        let budget = coalesced_budget(&items, Instant::now(), full);
         let stub = match self.mailbox_at(node) {
             Ok(s) => s,
             Err(e) => {
@@ -364,6 +369,31 @@ mod tests {
             reply,
             deadline: Instant::now(),
         }
+    }
+
+    /// An item that queued behind a slow call gets half of what it has left,
+    /// not a whole attempt, so its retry elsewhere still has time.
+    #[test]
+    fn a_coalesced_attempt_leaves_half_of_the_earliest_deadline() {
+        let now = Instant::now();
+        let full = Duration::from_millis(1_500);
+        let at = |ms: u64| {
+            let mut q = queued(1);
+            q.deadline = now + Duration::from_millis(ms);
+            q
+        };
+        assert_eq!(coalesced_budget(&[at(1_500)], now, full), Duration::from_millis(750));
+        assert_eq!(
+            coalesced_budget(&[at(1_500), at(200)], now, full),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            coalesced_budget(&[at(10_000)], now, full),
+            full,
+            "capped at one attempt"
+        );
+        assert_eq!(coalesced_budget(&[at(20)], now, full), COALESCED_ATTEMPT_MIN, "floored");
+        assert_eq!(coalesced_budget(&[], now, full), full);
     }
 
     #[test]
