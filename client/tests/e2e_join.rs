@@ -1,8 +1,9 @@
 //! End to end, growing a cluster through real processes (issue 13,
 //! deliverable 1): two nodes started with `--join` get ids 4 and 5 from
 //! the cluster and start empty, every node learns their addresses,
-//! `phctl cluster balance --apply` moves replicas onto them as evenly as
-//! the zones allow, and a joined node restarts under its id from its own
+//! the servers' placement loop moves replicas onto them as evenly as the
+//! zones allow, with no operator step (`phctl cluster balance --wait` only
+//! watches), and a joined node restarts under its id from its own
 //! data dir, without `--join`. SDK writers append throughout: no request
 //! may fail, and every acknowledged append is stored once, in order. The
 //! nodes have zones (1: z1, 2: z2, 3: z3, then 4: z1, 5: z2), and every
@@ -67,7 +68,7 @@ async fn two_nodes_join_under_load_take_their_share_and_restart_under_their_ids(
                 .output()
                 .unwrap()
         };
-        let out = phctl(BALANCE_APPLY);
+        let out = phctl(BALANCE_WAIT);
         if !out.status.success() {
             // What every replica looked like when the balance gave up.
             for shard in 1..=SHARDS {
@@ -80,7 +81,8 @@ async fn two_nodes_join_under_load_take_their_share_and_restart_under_their_ids(
     .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(!doc["moves"].as_array().unwrap().is_empty(), "{doc}");
+    assert_eq!(doc["balanced"], true, "{doc}");
+    assert_eq!(doc["paused"], false, "{doc}");
     let counts =
         |rows: &[serde_json::Value]| -> Vec<u64> { rows.iter().map(|r| r["replicas"].as_u64().unwrap()).collect() };
     let rows = tokio::task::block_in_place(|| node_list(&cluster));
@@ -88,7 +90,7 @@ async fn two_nodes_join_under_load_take_their_share_and_restart_under_their_ids(
     // Zone z3 has one node, so it keeps a replica of every shard; z1 and z2
     // split theirs over two nodes each: as even as the zones allow.
     assert_eq!(SHARDS, 4);
-    assert_eq!(replicas, vec![2, 2, 4, 2, 2], "replicas per node {rows:?}");
+    assert_eq!(replicas, vec![2, 2, 4, 2, 2], "replicas per node {rows:?} after {doc}");
     // Leaderships too: with every node a voter of some shards, within one.
     let leaders: Vec<u64> = rows.iter().map(|r| r["leaders"].as_u64().unwrap()).collect();
     assert_eq!(leaders.iter().sum::<u64>(), SHARDS, "{rows:?}");

@@ -227,14 +227,23 @@ async fn a_dead_node_is_removed_with_force_and_its_replicas_rebuilt_from_the_sur
     );
 }
 
-/// `phctl cluster balance`: after a drain and an undrain leave node 4
-/// empty, the plan moves replicas to it, `--apply` (two moves at once)
-/// evens the up nodes within one replica, and a second look finds nothing
-/// to do. Every acknowledged append written before stays readable.
+/// `phctl cluster balance` with the placement loop paused: after a drain
+/// and an undrain leave node 4 empty, the plan moves replicas to it,
+/// `--apply` (two moves at once, made by phctl) evens the up nodes within
+/// one replica, and a second look finds nothing to do. Every acknowledged
+/// append written before stays readable. (`e2e_join` covers the loop
+/// making the moves itself.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balance_moves_replicas_onto_an_empty_node_until_counts_are_within_one() {
     let cluster = Cluster::start_n(4);
     cluster.wait_healthy(Duration::from_secs(30));
+    let out = phctl(&cluster, BALANCE_APPLY);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("placement loop is running"),
+        "--apply needs a paused loop: {}",
+        text(&out)
+    );
+    cluster.pause_placement();
     let client = sdk(&cluster).await;
     let users = users();
     let mut acked = Vec::new();
@@ -251,7 +260,7 @@ async fn balance_moves_replicas_onto_an_empty_node_until_counts_are_within_one()
     let out = phctl(&cluster, &["cluster", "balance", "-o", "json"]);
     assert!(out.status.success(), "{}", text(&out));
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let planned = plan["moves"].as_array().unwrap();
+    let planned = plan["planned"].as_array().unwrap();
     assert!(!planned.is_empty() && planned.iter().all(|m| m["to"] == 4), "{plan}");
     assert_eq!(node_row(&cluster, 4)["replicas"], 0, "the plan alone moves nothing");
 
@@ -282,8 +291,9 @@ async fn balance_moves_replicas_onto_an_empty_node_until_counts_are_within_one()
 
     let out = phctl(&cluster, &["cluster", "balance", "-o", "json"]);
     let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(again["moves"].as_array().unwrap().len(), 0, "{again}");
-    assert_eq!(again["leader_transfers"].as_array().unwrap().len(), 0, "{again}");
+    assert_eq!(again["planned"].as_array().unwrap().len(), 0, "{again}");
+    assert_eq!(again["planned_leaders"].as_array().unwrap().len(), 0, "{again}");
+    assert_eq!(again["balanced"], true, "{again}");
     client.refresh().await.unwrap();
     for (u, seq) in acked {
         let page = client.sync(&users[u], 0, SyncOptions::default()).await;

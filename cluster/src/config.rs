@@ -127,6 +127,11 @@ pub struct RaftTuning {
     /// Move leadership of a shard back to its preferred node when that node
     /// is caught up, checked every this many ticks (0 disables).
     pub rebalance_every_ticks: u64,
+    /// The placement loop runs every this many ticks: the metadata leader
+    /// decides replica moves and preferred leaders (`crate::moves`), and
+    /// shard leaders take the moves' next steps. 0 disables it on this
+    /// node (tests that place replicas by hand).
+    pub placement_every_ticks: u64,
     /// A shard's leader proposes dedup garbage collection (ExpireDedup, up to
     /// the engine's per-op limit) every this many ticks while the shard is
     /// awake; a hibernating shard is collected when it next wakes. 0 disables.
@@ -159,6 +164,7 @@ impl Default for RaftTuning {
             inbox_batch_max: 8_192,
             inbox_capacity: 65_536,
             rebalance_every_ticks: 50,
+            placement_every_ticks: 10,
             expire_dedup_every_ticks: 600,
             unsafe_no_fsync: false,
         }

@@ -21,16 +21,19 @@
 //! Module map: [`config`] (node and Raft limits), [`settings`] (the
 //! server's flags, environment and config file), [`server`], [`api`], [`error`], [`hash`],
 //! [`placement`] (shard map), [`nodes`] (node states), [`join`] (nodes that
-//! join a running cluster), [`driver`] (the loop), [`node`] (the handle),
+//! join a running cluster), [`balance`] and [`moves`] (the placement
+//! loop's plans and replica moves), [`driver`] (the loop), [`node`] (the handle),
 //! [`transport`] (`local`, `grpc`, snapshot spool), [`watch`] (which
 //! waiting readers a write or a leader loss concerns).
 
 pub mod api;
+pub mod balance;
 pub mod config;
 pub mod driver;
 pub mod error;
 pub mod hash;
 pub mod join;
+pub mod moves;
 pub mod node;
 pub mod nodes;
 pub mod placement;

@@ -23,6 +23,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+mod placement;
+
 /// Index and term every bootstrapped replica starts at (raft-rs's initial
 /// configuration must sit at an index > 0; 5/5 as TiKV uses).
 pub const BOOTSTRAP_INDEX: u64 = 5;

@@ -83,3 +83,30 @@ impl Client {
         .await
     }
 }
+
+impl Client {
+    /// The placement loop as a node sees it (`Admin.GetPlacement`): its
+    /// settings, the replica moves in flight, the plan, and the load per
+    /// node. Any node can answer.
+    pub async fn placement(&self) -> Result<pb::GetPlacementResponse, Error> {
+        self.call_any(|mut admin, budget| {
+            let req = with_timeout(pb::GetPlacementRequest {}, budget);
+            async move { admin.get_placement(req).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
+    /// Pauses or resumes the placement loop, or sets how many moves it runs
+    /// at once (`Admin.SetPlacement`); `None` keeps a setting.
+    pub async fn set_placement(
+        &self,
+        paused: Option<bool>,
+        moves_max: Option<u32>,
+    ) -> Result<pb::SetPlacementResponse, Error> {
+        self.call_any(|mut admin, budget| {
+            let req = with_timeout(pb::SetPlacementRequest { paused, moves_max }, budget);
+            async move { admin.set_placement(req).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+}

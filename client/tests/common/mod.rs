@@ -241,6 +241,18 @@ impl Cluster {
 
     /// Waits until `phctl cluster status` exits 0: every node up, every
     /// shard led.
+    /// Pauses the servers' placement loop (cluster-wide, in the metadata
+    /// group), for tests that place replicas by hand: a move the test makes
+    /// must not be evened out again under it.
+    pub fn pause_placement(&self) {
+        let out = self
+            .phctl()
+            .args(["cluster", "placement", "--pause", "-o", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
     pub fn wait_healthy(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
@@ -406,6 +418,10 @@ pub fn assert_log_matches(u: usize, got: &[pb::Message], acked: &Acked) {
 
 /// `phctl cluster balance --apply`, two moves at once, JSON out, 10 s per
 /// request and 60 s in all.
+/// `phctl cluster balance --wait`: follows the servers' placement loop
+/// until it reports balance.
+pub const BALANCE_WAIT: &[&str] = &["cluster", "balance", "--wait", "-o", "json"];
+
 pub const BALANCE_APPLY: &[&str] = &[
     "cluster",
     "balance",

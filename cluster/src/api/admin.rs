@@ -187,6 +187,85 @@ impl Admin for AdminService {
         Ok(Response::new(pb::SetPreferredLeaderResponse {}))
     }
 
+    async fn get_placement(
+        &self,
+        _: Request<pb::GetPlacementRequest>,
+    ) -> Result<Response<pb::GetPlacementResponse>, Status> {
+        let v = self.node.placement().await.map_err(|e| cluster_error(&e))?;
+        let state_name = |s: pigeonhole_proto::internal::v1::MoveState| match s {
+            pigeonhole_proto::internal::v1::MoveState::Cancelled => "cancelled",
+            _ => "active",
+        };
+        let balanced = v.decision.balanced();
+        let d = v.decision;
+        Ok(Response::new(pb::GetPlacementResponse {
+            paused: v.config.paused,
+            moves_max: v.config.moves_max,
+            in_flight: d
+                .in_flight
+                .iter()
+                .map(|t| pb::PlacementMove {
+                    shard: t.shard,
+                    from: t.from,
+                    to: t.to,
+                    state: state_name(t.state).into(),
+                    step: v.steps.get(&t.shard).copied().unwrap_or_default().into(),
+                    started_unix_ms: t.started_unix_ms,
+                })
+                .collect(),
+            planned: d
+                .planned
+                .iter()
+                .map(|m| pb::PlacementMove {
+                    shard: m.shard,
+                    from: m.from,
+                    to: m.to,
+                    state: "planned".into(),
+                    step: String::new(),
+                    started_unix_ms: 0,
+                })
+                .collect(),
+            planned_leaders: d
+                .planned_leaders
+                .iter()
+                .map(|(shard, node)| pb::LeaderChoice {
+                    shard: *shard,
+                    node: *node,
+                })
+                .collect(),
+            nodes: v
+                .load
+                .iter()
+                .map(|(node, (replicas, leaders, preferred))| pb::NodeLoad {
+                    node: *node,
+                    replicas: *replicas,
+                    leaders: *leaders,
+                    preferred: *preferred,
+                    eligible: d.eligible.contains(node),
+                })
+                .collect(),
+            balanced,
+            answered_by: self.node.id(),
+            runs_loop: v.runs_loop,
+        }))
+    }
+
+    async fn set_placement(
+        &self,
+        req: Request<pb::SetPlacementRequest>,
+    ) -> Result<Response<pb::SetPlacementResponse>, Status> {
+        let r = req.into_inner();
+        let c = self
+            .node
+            .set_placement(r.paused, r.moves_max)
+            .await
+            .map_err(|e| cluster_error(&e))?;
+        Ok(Response::new(pb::SetPlacementResponse {
+            paused: c.paused,
+            moves_max: c.moves_max,
+        }))
+    }
+
     async fn set_node_state(
         &self,
         req: Request<pb::SetNodeStateRequest>,

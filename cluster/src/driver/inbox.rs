@@ -116,6 +116,9 @@ impl Driver {
             Inbound::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Inbound::Placement { reply } => {
+                let _ = reply.send(self.placement_view());
+            }
             Inbound::Raft(env) => self.on_envelope(env)?,
             Inbound::SnapshotReady { from, shard, path, msg } => self.on_snapshot(from, shard, &path, msg)?,
             Inbound::SnapshotReport { shard, to, ok } => {

@@ -46,7 +46,9 @@
 //!   entries into the state machine and answers the callers;
 //! - `flush`: making applied state durable so the log can be compacted;
 //! - `snapshot`: crash repair at start, replica creation, ingest, sending;
-//! - `status`: what NodeStatus reports.
+//! - `status`: what NodeStatus reports;
+//! - `place`: the placement loop (decisions on the metadata leader, move
+//!   steps on shard leaders; the logic is `crate::moves`).
 //!
 //! This file holds the driver's state, its construction and the loop.
 
@@ -55,6 +57,7 @@ mod apply;
 mod flush;
 mod inbox;
 mod msg;
+mod place;
 mod ready;
 mod replica;
 mod snapshot;
@@ -63,6 +66,7 @@ mod tick;
 
 pub(crate) use msg::Inbound;
 pub use msg::{ProposeResult, Role, ShardStatus};
+pub use place::PlacementView;
 
 use crate::config::RaftTuning;
 use crate::error::ClusterError;
@@ -132,6 +136,8 @@ pub(crate) struct Driver {
     map_dirty: BTreeSet<u64>,
     /// Record writes in flight: (shard, answer).
     map_writes: Vec<(u64, oneshot::Receiver<ProposeResult>)>,
+    /// The placement loop's metadata write in flight, if any (`place`).
+    place_write: Option<oneshot::Receiver<ProposeResult>>,
     outbox: BTreeMap<u64, Vec<ShardMsg>>,
     peers: BTreeMap<u64, PeerLiveness>,
     ticks: u64,
@@ -221,6 +227,7 @@ impl Driver {
             flush_job: None,
             map_dirty: BTreeSet::new(),
             map_writes: Vec::new(),
+            place_write: None,
             outbox: BTreeMap::new(),
             peers,
             ticks: 0,

@@ -46,6 +46,9 @@ pub(crate) enum Inbound {
     Status {
         reply: oneshot::Sender<Vec<ShardStatus>>,
     },
+    Placement {
+        reply: oneshot::Sender<Result<super::PlacementView, ClusterError>>,
+    },
     Raft(Envelope),
     SnapshotReady {
         from: u64,

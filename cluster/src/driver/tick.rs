@@ -216,6 +216,9 @@ impl Driver {
         if rebalance {
             self.reconcile_meta();
         }
+        if self.tuning.placement_every_ticks != 0 && self.ticks % self.tuning.placement_every_ticks == 0 {
+            self.placement_round();
+        }
         let expired: Vec<u64> = self
             .pending
             .iter()

@@ -27,6 +27,8 @@ pub fn fast_tuning() -> RaftTuning {
         node_heartbeat_ms: 50,
         request_timeout_ms: 2_000,
         rebalance_every_ticks: 0,
+        // Tests place replicas by hand unless they ask for the loop.
+        placement_every_ticks: 0,
         ..RaftTuning::default()
     }
 }

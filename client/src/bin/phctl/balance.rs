@@ -1,14 +1,15 @@
-//! `phctl cluster balance [--apply] [--concurrency N]`: replicas per node
-//! brought within ±1 of each other across the up nodes, by replica moves.
+//! `phctl cluster balance [--wait | --apply]` and `phctl cluster placement`:
+//! the servers' placement loop, seen and steered.
 //!
-//! The plan is a pure function of the shard map and the node states
-//! ([`plan`]), so it is unit-tested here; `--apply` runs it with `shard
-//! move`'s steps, up to `--concurrency` moves at once and never two of
-//! one shard at once. Without `--apply` it only prints the plan. This is
-//! the operator-driven form of issue 13's placement loop: the servers do
-//! not yet run one by themselves. Balance is by replica count (shards of
-//! different sizes weigh the same) and ignores draining nodes, whose
-//! replicas are `node drain`'s to move.
+//! The loop runs on the metadata group's leader (`Admin.GetPlacement`
+//! says which node): it plans replica moves that bring the up nodes'
+//! replica counts within one of each other (each shard's replicas in
+//! different zones), asks shard leaders to make them, a few at once, and
+//! then evens out preferred leaders. `cluster balance` prints what it sees:
+//! replicas and leaderships per node, the moves in flight with a progress
+//! bar each, and what is still planned. `--wait` follows it until the
+//! cluster is balanced. `--apply` is for a paused loop: phctl then makes
+//! the planned moves itself, with `shard move`'s steps.
 
 use crate::commands::{all_status, connect, failed, Ctx, Failure};
 use crate::moves::{move_replica, until};
@@ -18,121 +19,23 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-/// Moves running at once, at most (each one streams a snapshot).
+/// Moves running at once with `--apply`, at most (each one streams a snapshot).
 pub const CONCURRENCY_MAX: usize = 16;
 
-/// One planned replica move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Move {
-    pub shard: u64,
-    pub from: u64,
-    pub to: u64,
-}
-
-/// Replicas per up node (a node with none counts as 0).
-fn counts(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>) -> BTreeMap<u64, usize> {
-    let mut c: BTreeMap<u64, usize> = up.iter().map(|n| (*n, 0)).collect();
-    for vs in voters.values() {
-        for v in vs {
-            if let Some(n) = c.get_mut(v) {
-                *n += 1;
-            }
-        }
-    }
-    c
-}
+/// How often `--wait` looks again.
+const WAIT_POLL: Duration = Duration::from_secs(2);
 
 /// Node → failure domain (`pigeonhole --zone`); a node without one maps
 /// to "" or is absent.
 pub type Zones = BTreeMap<u64, String>;
 
-fn zone_of(zones: &Zones, node: u64) -> &str {
-    zones.get(&node).map_or("", String::as_str)
-}
-
 /// Whether `to` may take the replica of a shard with voters `vs` that
 /// `from` gives up: it holds none, and its zone (if any) is not one of the
-/// other voters' zones.
+/// other voters' zones (the servers' rule, `balance::zone_free`).
 pub fn zone_free(vs: &[u64], from: u64, to: u64, zones: &Zones) -> bool {
-    let z = zone_of(zones, to);
-    !vs.contains(&to) && (z.is_empty() || !vs.iter().any(|v| *v != from && zone_of(zones, *v) == z))
-}
-
-/// The moves that put every shard's replicas in different zones where the
-/// up nodes allow, and then bring the up nodes' replica counts within one
-/// of each other:
-/// 1. spread: a voter that shares a zone with another voter of its shard
-///    moves to the up node with the fewest replicas in a zone the shard
-///    does not use yet (nodes without a zone take any shard);
-/// 2. counts: repeatedly, from the fullest node to the emptiest node that
-///    can take one of its replicas (at least two fewer, the lowest-id
-///    shard it lacks whose other voters leave its zone free), so a shard
-///    never gets two replicas on one node or, by a move, two in one zone.
-///
-/// Stops when balanced or when no such move exists. `voters` is shard →
-/// voters.
-pub fn plan(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, zones: &Zones) -> Vec<Move> {
-    let mut voters = voters.clone();
-    let mut moves = Vec::new();
-    let total: usize = voters.values().map(Vec::len).sum();
-    let shards: Vec<u64> = voters.keys().copied().collect();
-    for shard in shards {
-        // Each move ends one shared zone, so a shard needs at most one per voter.
-        for _ in 0..total {
-            let Some(vs) = voters.get(&shard).cloned() else { break };
-            let dup = vs.iter().enumerate().find_map(|(i, v)| {
-                let z = zone_of(zones, *v);
-                (!z.is_empty() && vs.iter().take(i).any(|w| zone_of(zones, *w) == z)).then_some(*v)
-            });
-            let Some(from) = dup else { break };
-            let c = counts(&voters, up);
-            let Some(to) = up
-                .iter()
-                .copied()
-                .filter(|n| zone_free(&vs, from, *n, zones) && !zone_of(zones, *n).is_empty())
-                .min_by_key(|n| (c.get(n).copied().unwrap_or(0), *n))
-            else {
-                break;
-            };
-            move_voter(&mut voters, &mut moves, Move { shard, from, to });
-        }
-    }
-    // Each move lowers the spread's sum of squares, so this bound is never
-    // the reason to stop; it only makes the loop's end evident.
-    for _ in 0..=total {
-        let c = counts(&voters, up);
-        let mut fulls: Vec<(usize, u64)> = c.iter().map(|(n, k)| (*k, *n)).collect();
-        fulls.sort_unstable_by_key(|(k, n)| (std::cmp::Reverse(*k), *n));
-        let mut empties = fulls.clone();
-        empties.sort_unstable();
-        let next = fulls.iter().find_map(|&(high, full)| {
-            empties
-                .iter()
-                .take_while(|(low, _)| low + 1 < high)
-                .find_map(|&(_, empty)| {
-                    voters
-                        .iter()
-                        .find(|(_, vs)| vs.contains(&full) && zone_free(vs, full, empty, zones))
-                        .map(|(shard, _)| Move {
-                            shard: *shard,
-                            from: full,
-                            to: empty,
-                        })
-                })
-        });
-        let Some(m) = next else { break };
-        move_voter(&mut voters, &mut moves, m);
-    }
-    moves
-}
-
-fn move_voter(voters: &mut BTreeMap<u64, Vec<u64>>, moves: &mut Vec<Move>, m: Move) {
-    for v in voters.get_mut(&m.shard).into_iter().flatten() {
-        if *v == m.from {
-            *v = m.to;
-        }
-    }
-    moves.push(m);
+    let zone_of = |n: u64| zones.get(&n).map_or("", String::as_str);
+    let z = zone_of(to);
+    !vs.contains(&to) && (z.is_empty() || !vs.iter().any(|v| *v != from && zone_of(*v) == z))
 }
 
 /// Up nodes and their zones, from the shard map.
@@ -147,173 +50,177 @@ pub async fn up_and_zones(client: &Client) -> Result<(BTreeSet<u64>, Zones), Fai
     Ok((up, zones))
 }
 
-/// Leaders per shard that put every up node within one leadership of the
-/// others where the voter sets allow. First greedily: shards in id order,
-/// each to the up voter with the fewest leaderships so far, preferring the
-/// current leader on a tie (no needless transfer), then the lowest id. The
-/// greedy pass alone can leave a node with none (it never looks ahead: seen
-/// after two nodes joined and took only some shards' replicas), so
-/// [`even_out`] then shifts leaderships along chains of shards. A shard
-/// without an up voter keeps no entry.
-pub fn plan_leaders(
-    voters: &BTreeMap<u64, Vec<u64>>,
-    up: &BTreeSet<u64>,
-    current: &BTreeMap<u64, u64>,
-) -> BTreeMap<u64, u64> {
-    let mut count: BTreeMap<u64, usize> = up.iter().map(|n| (*n, 0)).collect();
-    let mut plan = BTreeMap::new();
-    for (shard, vs) in voters {
-        let now = current.get(shard).copied().unwrap_or(0);
-        let best = vs
-            .iter()
-            .filter_map(|v| count.get(v).map(|c| (*c, *v != now, *v)))
-            .min()
-            .map(|(_, _, v)| v);
-        if let Some(v) = best {
-            *count.entry(v).or_default() += 1;
-            plan.insert(*shard, v);
-        }
-    }
-    even_out(&mut plan, voters, up);
-    plan
-}
-
-/// Evens `plan` (shard → leader) out: while some node leads at least two
-/// more shards than another node it can reach through a chain "a shard
-/// this node leads has that node as an up voter", it moves one leadership
-/// along the chain (every node on it keeps its count but the two ends).
-/// Each step lowers the sum of squared counts, so it ends; at the end no
-/// such chain exists, which is the best the voter sets allow (the
-/// augmenting-path argument of max flow).
-pub fn even_out(plan: &mut BTreeMap<u64, u64>, voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>) {
-    loop {
-        let count = per_node(plan, up);
-        let mut by_count: Vec<(usize, u64)> = count.iter().map(|(n, c)| (*c, *n)).collect();
-        by_count.sort_unstable_by(|a, b| b.cmp(a));
-        let Some(path) = by_count
-            .iter()
-            .find_map(|(c, src)| chain_from(*src, *c, plan, voters, up, &count))
-        else {
-            return;
-        };
-        for (shard, to) in path {
-            plan.insert(shard, to);
-        }
-    }
-}
-
-/// A chain of (shard, new leader) from `src` (leading `src_count` shards)
-/// to a node leading at most `src_count - 2`, by breadth-first search.
-fn chain_from(
-    src: u64,
-    src_count: usize,
-    plan: &BTreeMap<u64, u64>,
-    voters: &BTreeMap<u64, Vec<u64>>,
-    up: &BTreeSet<u64>,
-    count: &BTreeMap<u64, usize>,
-) -> Option<Vec<(u64, u64)>> {
-    // node → (the node it was reached from, the shard that links them)
-    let mut parent: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-    let mut queue = std::collections::VecDeque::from([src]);
-    while let Some(x) = queue.pop_front() {
-        for (shard, _) in plan.iter().filter(|(_, l)| **l == x) {
-            for y in voters.get(shard).into_iter().flatten() {
-                if *y == src || !up.contains(y) || parent.contains_key(y) {
-                    continue;
-                }
-                parent.insert(*y, (x, *shard));
-                if count.get(y).copied().unwrap_or(0) + 2 <= src_count {
-                    let mut path = Vec::new();
-                    let mut at = *y;
-                    while let Some((from, shard)) = parent.get(&at).copied() {
-                        path.push((shard, at));
-                        if from == src {
-                            return Some(path);
-                        }
-                        at = from;
-                    }
-                    return None;
-                }
-                queue.push_back(*y);
-            }
-        }
-    }
-    None
-}
-
-fn per_node(leaders: &BTreeMap<u64, u64>, up: &BTreeSet<u64>) -> BTreeMap<u64, usize> {
-    let mut c: BTreeMap<u64, usize> = up.iter().map(|n| (*n, 0)).collect();
-    for n in leaders.values() {
-        if let Some(k) = c.get_mut(n) {
-            *k += 1;
-        }
-    }
-    c
-}
-
-/// Shard → leader, from NodeStatus of every node.
-async fn leaders(client: &Client) -> BTreeMap<u64, u64> {
+/// Shard → (leader, its commit index), from NodeStatus of every node.
+async fn leaders(client: &Client) -> BTreeMap<u64, (u64, u64)> {
     let mut out = BTreeMap::new();
     for (node, status) in all_status(client, false).await {
         for r in status.iter().flat_map(|s| s.replicas.iter()) {
             if r.shard != 0 && r.role == pb::ReplicaRole::Leader as i32 {
-                out.insert(r.shard, node);
+                out.insert(r.shard, (node, r.commit_index));
             }
         }
     }
     out
 }
 
-fn voters_of(client: &Client) -> BTreeMap<u64, Vec<u64>> {
-    client
-        .routing()
-        .shards
-        .iter()
-        .map(|s| (s.id, s.replicas.clone()))
-        .collect()
+/// A move's progress, 0 to 100: its step, and while the learner catches up
+/// its applied index against the leader's commit index.
+async fn progress(client: &Client, m: &pb::PlacementMove, leaders: &BTreeMap<u64, (u64, u64)>) -> u32 {
+    match m.step.as_str() {
+        "promoting" => 95,
+        "catching up" => {
+            let commit = leaders.get(&m.shard).map_or(0, |(_, c)| *c);
+            let applied = client
+                .node_status(m.to, false)
+                .await
+                .ok()
+                .and_then(|s| s.replicas.into_iter().find(|r| r.shard == m.shard))
+                .map_or(0, |r| r.applied_index);
+            let share = (applied.min(commit) * 80).checked_div(commit).unwrap_or(0);
+            10 + u32::try_from(share).unwrap_or(80)
+        }
+        _ => 0,
+    }
 }
 
-fn moves_json(moves: &[Move]) -> Vec<serde_json::Value> {
-    moves
-        .iter()
-        .map(|m| json!({"shard": m.shard, "from": m.from, "to": m.to}))
-        .collect()
+fn bar(pct: u32) -> String {
+    let filled = usize::try_from(pct / 5).unwrap_or(0).min(20);
+    format!("[{}{}] {pct:>3}%", "#".repeat(filled), ".".repeat(20 - filled))
 }
 
-/// Runs `moves` with `shard move`'s steps, up to `concurrency` at once and
-/// never two of one shard at once.
+fn move_json(m: &pb::PlacementMove, pct: Option<u32>) -> serde_json::Value {
+    json!({"shard": m.shard, "from": m.from, "to": m.to, "state": m.state, "step": m.step,
+           "started_unix_ms": m.started_unix_ms, "progress_pct": pct})
+}
+
+/// Prints the placement as the servers see it.
+async fn show(ctx: &Ctx, client: &Client, p: &pb::GetPlacementResponse, ms: Option<u128>) {
+    let leaders = leaders(client).await;
+    let mut pcts = Vec::new();
+    for m in &p.in_flight {
+        pcts.push(progress(client, m, &leaders).await);
+    }
+    match ctx.output {
+        Output::Json => render::json(&json!({
+            "paused": p.paused,
+            "moves_max": p.moves_max,
+            "balanced": p.balanced,
+            "loop_node": if p.runs_loop { Some(p.answered_by) } else { None },
+            "nodes": p.nodes.iter().map(|n| json!({"node": n.node, "replicas": n.replicas,
+                "leaders": n.leaders, "preferred": n.preferred, "eligible": n.eligible})).collect::<Vec<_>>(),
+            "in_flight": p.in_flight.iter().zip(&pcts).map(|(m, pct)| move_json(m, Some(*pct))).collect::<Vec<_>>(),
+            "planned": p.planned.iter().map(|m| move_json(m, None)).collect::<Vec<_>>(),
+            "planned_leaders": p.planned_leaders.iter().map(|l| json!({"shard": l.shard, "node": l.node}))
+                .collect::<Vec<_>>(),
+            "ms": ms,
+        })),
+        Output::Table => {
+            let mut t = render::table(&["NODE", "REPLICAS", "LEADERS", "PREFERRED", "TAKES NEW WORK"]);
+            for n in &p.nodes {
+                t.add_row(vec![
+                    n.node.to_string(),
+                    n.replicas.to_string(),
+                    n.leaders.to_string(),
+                    n.preferred.to_string(),
+                    if n.eligible { "yes" } else { "no" }.to_string(),
+                ]);
+            }
+            out!("{t}");
+            if !p.in_flight.is_empty() {
+                let mut t = render::table(&["SHARD", "FROM", "TO", "STEP", "PROGRESS"]);
+                for (m, pct) in p.in_flight.iter().zip(&pcts) {
+                    let step = if m.state == "cancelled" {
+                        format!("cancelled: {}", m.step)
+                    } else {
+                        m.step.clone()
+                    };
+                    t.add_row(vec![
+                        m.shard.to_string(),
+                        m.from.to_string(),
+                        m.to.to_string(),
+                        step,
+                        bar(*pct),
+                    ]);
+                }
+                out!("moves in flight:\n{t}");
+            }
+            if !p.planned.is_empty() {
+                let mut t = render::table(&["SHARD", "REPLICA FROM", "REPLICA TO"]);
+                for m in &p.planned {
+                    t.add_row(vec![m.shard.to_string(), m.from.to_string(), m.to.to_string()]);
+                }
+                out!("planned moves:\n{t}");
+            }
+            if !p.planned_leaders.is_empty() {
+                let mut t = render::table(&["SHARD", "PREFERRED LEADER THEN"]);
+                for l in &p.planned_leaders {
+                    t.add_row(vec![l.shard.to_string(), l.node.to_string()]);
+                }
+                out!("planned preferred leaders:\n{t}");
+            }
+            let state = if p.paused { "paused" } else { "running" };
+            let who = if p.runs_loop {
+                format!(" on node {}", p.answered_by)
+            } else {
+                String::new()
+            };
+            let summary = if p.balanced {
+                "balanced: replicas and preferred leaders per up node are within one of each other".to_string()
+            } else {
+                format!(
+                    "{} move(s) in flight, {} planned, {} preferred-leader change(s) planned",
+                    p.in_flight.len(),
+                    p.planned.len(),
+                    p.planned_leaders.len()
+                )
+            };
+            let took = ms.map(|ms| format!(" ({ms} ms)")).unwrap_or_default();
+            out!(
+                "placement loop {state}{who}, {} move(s) at once; {summary}{took}",
+                p.moves_max
+            );
+        }
+    }
+}
+
+/// Whether the last known leaders (the map's hints) are within one of each
+/// other over the nodes that take new work.
+fn leaders_even(p: &pb::GetPlacementResponse) -> bool {
+    let counts: Vec<u32> = p.nodes.iter().filter(|n| n.eligible).map(|n| n.leaders).collect();
+    counts.iter().max().copied().unwrap_or(0) <= counts.iter().min().copied().unwrap_or(0) + 1
+}
+
+/// Runs the planned moves with `shard move`'s steps, up to `concurrency`
+/// at once and never two of one shard at once (`--apply`, paused loop).
 async fn run_moves(
     ctx: &Ctx,
     client: &Client,
-    moves: &[Move],
+    moves: &[pb::PlacementMove],
     concurrency: usize,
     deadline: Instant,
 ) -> Result<(), Failure> {
-    let mut queue: Vec<Move> = moves.to_vec();
+    let mut queue: Vec<(u64, u64, u64)> = moves.iter().map(|m| (m.shard, m.from, m.to)).collect();
     let mut running: BTreeSet<u64> = BTreeSet::new();
     let mut set = tokio::task::JoinSet::new();
     let mut done = 0usize;
     while !queue.is_empty() || !set.is_empty() {
         while set.len() < concurrency {
-            let Some(i) = queue.iter().position(|m| !running.contains(&m.shard)) else {
+            let Some(i) = queue.iter().position(|m| !running.contains(&m.0)) else {
                 break;
             };
             let m = queue.remove(i);
-            running.insert(m.shard);
+            running.insert(m.0);
             let c = client.clone();
-            set.spawn(async move { (m, move_replica(&c, m.shard, m.from, m.to, deadline).await) });
+            set.spawn(async move { (m, move_replica(&c, m.0, m.1, m.2, deadline).await) });
         }
         let Some(joined) = set.join_next().await else { break };
-        let (m, r) = joined.map_err(|e| failed(format!("a move task failed: {e}")))?;
-        running.remove(&m.shard);
+        let ((shard, from, to), r) = joined.map_err(|e| failed(format!("a move task failed: {e}")))?;
+        running.remove(&shard);
         r?;
         done += 1;
         if ctx.output == Output::Table {
             out!(
-                "shard {}: moved from node {} to node {} ({done}/{})",
-                m.shard,
-                m.from,
-                m.to,
+                "shard {shard}: moved from node {from} to node {to} ({done}/{})",
                 moves.len()
             );
         }
@@ -322,258 +229,119 @@ async fn run_moves(
 }
 
 /// `cluster balance`.
-pub async fn balance(ctx: &Ctx, apply: bool, concurrency: usize, wait: Duration) -> Result<u8, Failure> {
+pub async fn balance(
+    ctx: &Ctx,
+    apply: bool,
+    wait: bool,
+    concurrency: usize,
+    wait_for: Duration,
+) -> Result<u8, Failure> {
     if concurrency == 0 || concurrency > CONCURRENCY_MAX {
         return Err(failed(format!(
             "--concurrency must be 1 to {CONCURRENCY_MAX}, got {concurrency}"
         )));
     }
-    let client = connect(ctx).await?;
-    let deadline = Instant::now() + wait;
-    let started = Instant::now();
-    let (up, zones) = up_and_zones(&client).await?;
-    let voters = voters_of(&client);
-    let moves = plan(&voters, &up, &zones);
-    let replicas_before = counts(&voters, &up);
-    if apply {
-        run_moves(ctx, &client, &moves, concurrency, deadline).await?;
-        client.refresh().await?;
+    if apply && wait {
+        return Err(failed("--apply and --wait exclude each other".into()));
     }
-    // Leaderships are planned over the configuration after the moves (the
-    // one the moves would make, without --apply).
-    let mut after_voters = if apply { voters_of(&client) } else { voters.clone() };
-    if !apply {
-        for m in &moves {
-            for v in after_voters.get_mut(&m.shard).into_iter().flatten() {
-                if *v == m.from {
-                    *v = m.to;
-                }
+    let client = connect(ctx).await?;
+    let started = Instant::now();
+    let deadline = started + wait_for;
+    let p = client.placement().await?;
+    if apply {
+        if !p.paused {
+            return Err(failed(
+                "the placement loop is running and makes these moves itself: `phctl cluster balance --wait` \
+                 follows it; to move replicas by hand, pause it first (`phctl cluster placement --pause`)"
+                    .into(),
+            ));
+        }
+        run_moves(ctx, &client, &p.planned, concurrency, deadline).await?;
+        // Preferred leaders are planned once no replica move is left.
+        let p = until("the moved replicas in the map", deadline, || async {
+            client.placement().await.ok().filter(|p| p.planned.is_empty())
+        })
+        .await?;
+        for l in &p.planned_leaders {
+            client.set_preferred_leader(l.shard, l.node).await?;
+            if ctx.output == Output::Table {
+                out!("shard {}: node {} is the preferred leader", l.shard, l.node);
             }
         }
-    }
-    let now = leaders(&client).await;
-    let want = plan_leaders(&after_voters, &up, &now);
-    let transfers: Vec<(u64, u64)> = want
-        .iter()
-        .filter(|(shard, node)| now.get(shard) != Some(node))
-        .map(|(s, n)| (*s, *n))
-        .collect();
-    if apply {
-        // Every shard's choice is recorded, so the servers' rebalancer also
-        // keeps (and returns to) the ones that are already right.
-        for (shard, node) in &want {
-            client.set_preferred_leader(*shard, *node).await?;
-        }
+        // The servers' rebalancer hands each shard to its chosen node.
         until("the leaderships to reach their chosen nodes", deadline, || async {
             let now = leaders(&client).await;
-            want.iter().all(|(s, n)| now.get(s) == Some(n)).then_some(())
+            p.planned_leaders
+                .iter()
+                .all(|l| now.get(&l.shard).map(|(n, _)| *n) == Some(l.node))
+                .then_some(())
         })
         .await?;
     }
-    let replicas = counts(&after_voters, &up);
-    let leaders_now = per_node(&if apply { leaders(&client).await } else { now.clone() }, &up);
-    let leaders_planned = per_node(&want, &up);
-    let ms = started.elapsed().as_millis();
-    match ctx.output {
-        Output::Json => render::json(&json!({
-            "replicas_per_node_before": replicas_before,
-            "replicas_per_node": replicas,
-            "moves": moves_json(&moves),
-            "leaders_per_node": leaders_now,
-            "leaders_per_node_planned": leaders_planned,
-            "leader_transfers": transfers.iter().map(|(s, n)| json!({"shard": s, "to": n})).collect::<Vec<_>>(),
-            "applied": apply,
-            "ms": ms,
-        })),
-        Output::Table if apply => {
-            for (s, n) in &transfers {
-                out!("shard {s}: leadership moved to node {n}");
-            }
-            out!("balanced in {ms} ms: replicas per up node {replicas:?}, leaders {leaders_now:?}");
+    if wait {
+        if p.paused {
+            return Err(failed(
+                "the placement loop is paused: resume it (`phctl cluster placement --resume`) or move by hand \
+                 (`phctl cluster balance --apply`)"
+                    .into(),
+            ));
         }
-        Output::Table => {
-            out!("replicas per up node: {replicas_before:?}; leaders: {leaders_now:?}");
-            if moves.is_empty() && transfers.is_empty() {
-                out!("balanced: replicas and leaderships per up node are within one of each other");
-                return Ok(0);
+        let mut last = Instant::now();
+        let p = loop {
+            if let Ok(p) = client.placement().await {
+                if p.balanced && leaders_even(&p) {
+                    break p;
+                }
+                if ctx.output == Output::Table && last.elapsed() >= Duration::from_secs(10) {
+                    last = Instant::now();
+                    show(ctx, &client, &p, None).await;
+                }
             }
-            let mut t = render::table(&["SHARD", "REPLICA FROM", "REPLICA TO"]);
-            for m in &moves {
-                t.add_row(vec![m.shard.to_string(), m.from.to_string(), m.to.to_string()]);
+            if Instant::now() >= deadline {
+                return Err(Failure {
+                    message: "timed out waiting for the cluster to balance; `phctl cluster balance` shows where \
+                              it stands"
+                        .into(),
+                    exit: crate::EXIT_UNAVAILABLE,
+                });
             }
-            if !moves.is_empty() {
-                out!("{t}");
-            }
-            let mut t = render::table(&["SHARD", "LEADER NOW", "LEADER THEN"]);
-            for (s, n) in &transfers {
-                t.add_row(vec![
-                    s.to_string(),
-                    now.get(s).map_or("-".into(), u64::to_string),
-                    n.to_string(),
-                ]);
-            }
-            if !transfers.is_empty() {
-                out!("{t}");
-            }
-            out!(
-                "{} replica move(s) and {} leadership transfer(s) planned (then replicas {replicas:?}, leaders \
-                 {leaders_planned:?}); run with --apply to make them",
-                moves.len(),
-                transfers.len()
-            );
-        }
+            tokio::time::sleep(WAIT_POLL).await;
+        };
+        show(ctx, &client, &p, Some(started.elapsed().as_millis())).await;
+        return Ok(0);
     }
+    let p = if apply { client.placement().await? } else { p };
+    show(ctx, &client, &p, apply.then(|| started.elapsed().as_millis())).await;
     Ok(0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn apply(voters: &mut BTreeMap<u64, Vec<u64>>, moves: &[Move]) {
-        for m in moves {
-            let vs = voters.get_mut(&m.shard).unwrap();
-            assert!(vs.contains(&m.from) && !vs.contains(&m.to), "{m:?} on {vs:?}");
-            for v in vs.iter_mut() {
-                if *v == m.from {
-                    *v = m.to;
-                }
-            }
-        }
+/// `cluster placement [--pause | --resume] [--moves-max N]`: prints the
+/// loop's settings after the change (or as they are, given neither).
+pub async fn placement(ctx: &Ctx, pause: bool, resume: bool, moves_max: Option<u32>) -> Result<u8, Failure> {
+    if pause && resume {
+        return Err(failed("--pause and --resume exclude each other".into()));
     }
-
-    #[test]
-    fn the_plan_evens_replicas_without_doubling_a_shard_on_a_node() {
-        // 8 shards of 3 on nodes 1..=3; nodes 4 and 5 empty.
-        let mut voters: BTreeMap<u64, Vec<u64>> = (1..=8).map(|s| (s, vec![1, 2, 3])).collect();
-        let up: BTreeSet<u64> = (1..=5).collect();
-        let moves = plan(&voters, &up, &Zones::new());
-        apply(&mut voters, &moves);
-        let c = counts(&voters, &up);
-        let (lo, hi) = (c.values().min().unwrap(), c.values().max().unwrap());
-        assert!(hi - lo <= 1, "{c:?}");
-        assert_eq!(c.values().sum::<usize>(), 24);
-        for vs in voters.values() {
-            let distinct: BTreeSet<u64> = vs.iter().copied().collect();
-            assert_eq!(distinct.len(), 3, "{vs:?}");
-        }
-        // Balanced already: nothing to do.
-        assert!(plan(&voters, &up, &Zones::new()).is_empty());
+    let client = connect(ctx).await?;
+    let paused = if pause {
+        Some(true)
+    } else if resume {
+        Some(false)
+    } else {
+        None
+    };
+    let (paused, moves_max) = if paused.is_none() && moves_max.is_none() {
+        let p = client.placement().await?;
+        (p.paused, p.moves_max)
+    } else {
+        let r = client.set_placement(paused, moves_max).await?;
+        (r.paused, r.moves_max)
+    };
+    match ctx.output {
+        Output::Json => render::json(&json!({"paused": paused, "moves_max": moves_max})),
+        Output::Table => out!(
+            "placement loop {}, {moves_max} move(s) at once",
+            if paused { "paused" } else { "running" }
+        ),
     }
-
-    #[test]
-    fn leaders_are_spread_within_one_and_stay_where_they_are_on_a_tie() {
-        let voters: BTreeMap<u64, Vec<u64>> = (1..=8)
-            .map(|s| (s, vec![1 + s % 4, 1 + (s + 1) % 4, 1 + (s + 2) % 4]))
-            .collect();
-        let up: BTreeSet<u64> = (1..=4).collect();
-        // Everything led by node 1 where it can be.
-        let current: BTreeMap<u64, u64> = voters.iter().map(|(s, vs)| (*s, *vs.iter().min().unwrap())).collect();
-        let plan = plan_leaders(&voters, &up, &current);
-        assert_eq!(plan.len(), 8);
-        for (s, n) in &plan {
-            assert!(voters[s].contains(n), "shard {s} led by non-voter {n}");
-        }
-        let c = per_node(&plan, &up);
-        assert!(c.values().max().unwrap() - c.values().min().unwrap() <= 1, "{c:?}");
-        // Already balanced: the plan is the current leaders.
-        assert_eq!(plan_leaders(&voters, &up, &plan), plan);
-        // A draining node (not up) leads nothing.
-        let up3: BTreeSet<u64> = (1..=3).collect();
-        assert!(plan_leaders(&voters, &up3, &plan).values().all(|n| *n != 4));
-    }
-
-    /// After two nodes joined and took some shards' replicas: greedy alone
-    /// left node 5 with no leadership and node 2 with three.
-    #[test]
-    fn leaders_reach_nodes_that_hold_only_some_shards() {
-        let mut voters: BTreeMap<u64, Vec<u64>> = BTreeMap::from([
-            (1, vec![3, 4, 5]),
-            (2, vec![2, 4, 5]),
-            (3, vec![1, 4, 5]),
-            (4, vec![3, 4, 5]),
-            (5, vec![1, 2, 4]),
-        ]);
-        for s in 6..=8 {
-            voters.insert(s, vec![1, 2, 3]);
-        }
-        let up: BTreeSet<u64> = (1..=5).collect();
-        let current = BTreeMap::from([(1, 4), (2, 2), (3, 1), (4, 3), (5, 2), (6, 1), (7, 2), (8, 3)]);
-        let plan = plan_leaders(&voters, &up, &current);
-        let c = per_node(&plan, &up);
-        let (min, max) = (c.values().min().unwrap(), c.values().max().unwrap());
-        assert!(max - min <= 1, "{c:?} from {plan:?}");
-        for (shard, leader) in &plan {
-            assert!(voters[shard].contains(leader), "shard {shard} led by a non-voter");
-        }
-    }
-
-    /// A leadership moves along a chain when no single move helps: node 1
-    /// leads two shards whose other voter is node 2; node 2 leads one whose
-    /// other voter is node 3, which leads none.
-    #[test]
-    fn leaderships_shift_along_a_chain() {
-        let voters = BTreeMap::from([(1, vec![1, 2]), (2, vec![1, 2]), (3, vec![2, 3])]);
-        let up: BTreeSet<u64> = (1..=3).collect();
-        let mut plan = BTreeMap::from([(1, 1), (2, 1), (3, 2)]);
-        even_out(&mut plan, &voters, &up);
-        assert_eq!(
-            per_node(&plan, &up).values().copied().collect::<Vec<_>>(),
-            vec![1, 1, 1],
-            "{plan:?}"
-        );
-        // Nothing to do when balanced, and nothing possible without a chain.
-        let mut stuck = BTreeMap::from([(1, 1), (2, 1)]);
-        even_out(&mut stuck, &BTreeMap::from([(1, vec![1]), (2, vec![1])]), &up);
-        assert_eq!(stuck, BTreeMap::from([(1, 1), (2, 1)]));
-    }
-
-    /// Zones: shards of nodes 1 (zone a), 2 (b), 3 (c); nodes 4 (a) and 5
-    /// (b) join. Every move keeps each shard in three zones, and a shard
-    /// that starts with two voters in one zone is spread first.
-    #[test]
-    fn moves_keep_a_shards_replicas_in_different_zones() {
-        let zones: Zones = [(1, "a"), (2, "b"), (3, "c"), (4, "a"), (5, "b")]
-            .into_iter()
-            .map(|(n, z)| (n, z.to_string()))
-            .collect();
-        let mut voters: BTreeMap<u64, Vec<u64>> = (1..=8).map(|s| (s, vec![1, 2, 3])).collect();
-        voters.insert(9, vec![1, 4, 2]); // two in zone a
-        let up: BTreeSet<u64> = (1..=5).collect();
-        let moves = plan(&voters, &up, &zones);
-        let mut after = voters.clone();
-        for m in &moves {
-            let vs = after.get_mut(&m.shard).unwrap();
-            assert!(vs.contains(&m.from) && !vs.contains(&m.to), "{m:?}");
-            *vs.iter_mut().find(|v| **v == m.from).unwrap() = m.to;
-        }
-        for (shard, vs) in &after {
-            let mut zs: Vec<&str> = vs.iter().map(|v| zones[v].as_str()).collect();
-            zs.sort_unstable();
-            zs.dedup();
-            assert_eq!(zs.len(), 3, "shard {shard}: {vs:?} after {moves:?}");
-        }
-        // Shard 9's zone-a pair was split up first: node 3 (zone c) or no
-        // other node could take it; the counts then even out as zones allow.
-        assert_eq!(moves.first().map(|m| m.shard), Some(9), "{moves:?}");
-        let c = counts(&after, &up);
-        assert!(
-            c[&4] >= 3 && c[&5] >= 3,
-            "the zone-a and zone-b newcomers take their share: {c:?}"
-        );
-        // Without zones the same cluster evens out by counts alone.
-        let plain = plan(&voters, &up, &Zones::new());
-        assert!(!plain.is_empty());
-    }
-
-    #[test]
-    fn nodes_that_are_not_up_are_ignored() {
-        // Node 4 is draining (not in `up`): its replica stays, and it gets none.
-        let voters: BTreeMap<u64, Vec<u64>> = [(1, vec![1, 2, 4]), (2, vec![1, 2, 3]), (3, vec![1, 2, 3])].into();
-        let up: BTreeSet<u64> = [1, 2, 3].into();
-        let moves = plan(&voters, &up, &Zones::new());
-        assert!(moves.iter().all(|m| m.to != 4 && m.from != 4), "{moves:?}");
-        // 1 and 2 hold 3 each, 3 holds 2: within one.
-        assert!(moves.is_empty(), "{moves:?}");
-    }
+    Ok(0)
 }

@@ -97,19 +97,35 @@ enum ClusterCommand {
     /// Nodes, health, version, replica and leader counts, metadata-group
     /// term and applied index. Exits 4 when degraded.
     Status,
-    /// The moves that bring replicas per up node within one of each other;
-    /// with --apply, make them (up to --concurrency at once, never two of
-    /// one shard at once).
+    /// The servers' placement loop: replicas and leaderships per node, the
+    /// replica moves in flight (with progress), and the plan. --wait
+    /// follows the loop until the cluster is balanced; --apply makes the
+    /// planned moves from phctl while the loop is paused.
     Balance {
-        /// Make the moves (default: print the plan only).
+        /// Make the planned moves from phctl (the loop must be paused).
         #[arg(long)]
         apply: bool,
-        /// Moves at once, 1 to 16.
+        /// Wait until the placement loop reports balance (and leaderships
+        /// are within one per node), printing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Moves at once with --apply, 1 to 16.
         #[arg(long, default_value_t = 2)]
         concurrency: usize,
-        /// How long all the moves may take, in ms.
+        /// How long --apply or --wait may take, in ms.
         #[arg(long, default_value_t = 600_000)]
         wait_ms: u64,
+    },
+    /// The placement loop's settings: pause it (no new moves; moves in
+    /// flight finish), resume it, or set its moves at once (1 to 64).
+    /// Prints the settings.
+    Placement {
+        #[arg(long)]
+        pause: bool,
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        moves_max: Option<u32>,
     },
 }
 
@@ -242,10 +258,28 @@ async fn main() -> ExitCode {
             command:
                 ClusterCommand::Balance {
                     apply,
+                    wait,
                     concurrency,
                     wait_ms,
                 },
-        } => balance::balance(&ctx, apply, concurrency, std::time::Duration::from_millis(wait_ms)).await,
+        } => {
+            balance::balance(
+                &ctx,
+                apply,
+                wait,
+                concurrency,
+                std::time::Duration::from_millis(wait_ms),
+            )
+            .await
+        }
+        Command::Cluster {
+            command:
+                ClusterCommand::Placement {
+                    pause,
+                    resume,
+                    moves_max,
+                },
+        } => balance::placement(&ctx, pause, resume, moves_max).await,
         Command::Node { command } => match command {
             NodeCommand::List => nodes::node_list(&ctx).await,
             NodeCommand::Drain {

@@ -1,0 +1,453 @@
+//! The placement loop's replica moves: what the metadata group records
+//! about them, what its leader decides each round ([`decide`]), and what a
+//! shard's leader does next to carry one out ([`next_step`]).
+//!
+//! Shaped after PD's operators, split by who knows what. The metadata
+//! leader sees the whole cluster (node states, zones, every shard's
+//! replicas), so it plans, and records one [`MoveTarget`] per shard under
+//! `move/` + shard id. Only a shard's leader sees its group's progress (how
+//! far a learner has caught up, whether a change is pending), so it takes
+//! the steps: add the new node as a learner, wait until it has caught up,
+//! hand leadership away if the leader itself leaves, then promote the
+//! learner and remove the old replica in one joint change. Both sides are
+//! pure functions here, called from `driver::place`; every step is decided
+//! from the replicated state alone, so a crash or a leader change anywhere
+//! resumes the move where it stands, and nothing waits on an answer.
+//!
+//! A move ends when the shard's record in the metadata group shows it done
+//! (the metadata leader then marks the target DONE), or is cancelled when
+//! its target node stops being up and alive or it outlives
+//! [`MOVE_DURATION_MS_MAX`]; a cancelled move's learner is removed by the
+//! shard's leader before the target is marked DONE.
+
+use crate::balance::{per_node, plan, plan_leaders, Move, Zones};
+use crate::nodes::NodeState;
+use pigeonhole_proto::internal::v1::{MoveState, MoveTarget, PlacementConfig};
+use prost::Message as _;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// System key prefix of move targets in the metadata group.
+pub const MOVE_PREFIX: &[u8] = b"move/";
+/// System key of the placement loop's settings.
+pub const PLACEMENT_CONFIG_KEY: &[u8] = b"config/placement";
+/// Moves in flight at once when the settings say nothing.
+pub const MOVES_MAX_DEFAULT: u32 = 2;
+/// Moves in flight at once, at most: each streams a snapshot, and the
+/// node's snapshot budget is shared by all of them.
+pub const MOVES_MAX_LIMIT: u32 = 64;
+/// A move not over after this long is cancelled (a learner that never
+/// catches up must not hold a shard's moves forever).
+pub const MOVE_DURATION_MS_MAX: u64 = 30 * 60 * 1_000;
+/// A learner within this many entries of the leader's commit index counts
+/// as caught up: under load the commit index moves on while the learner
+/// acknowledges, so "equal" could take arbitrarily long. The joint change's
+/// new quorum does not need it to vote at once.
+pub const CATCH_UP_SLACK_ENTRIES: u64 = 64;
+
+/// The system key of `shard`'s move target.
+pub fn move_key(shard: u64) -> Vec<u8> {
+    let mut k = MOVE_PREFIX.to_vec();
+    k.extend_from_slice(&shard.to_be_bytes());
+    k
+}
+
+/// A move target with the version of its system value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub shard: u64,
+    pub from: u64,
+    pub to: u64,
+    pub state: MoveState,
+    pub started_unix_ms: u64,
+    /// The stored version (writes are compare-and-set over it).
+    pub version: u64,
+}
+
+impl Target {
+    /// Neither done nor never started.
+    pub fn in_flight(&self) -> bool {
+        matches!(self.state, MoveState::Active | MoveState::Cancelled)
+    }
+
+    /// The encoded record.
+    pub fn encode(&self) -> Vec<u8> {
+        MoveTarget {
+            shard: self.shard,
+            from: self.from,
+            to: self.to,
+            state: self.state as i32,
+            started_unix_ms: self.started_unix_ms,
+        }
+        .encode_to_vec()
+    }
+}
+
+/// Shard → target, from the metadata group's `move/` values; a value that
+/// does not decode, or names another shard than its key, is skipped.
+pub fn decode_targets(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64, Target> {
+    records
+        .iter()
+        .filter_map(|v| {
+            let t = MoveTarget::decode(v.value.as_slice()).ok()?;
+            (v.key == move_key(t.shard)).then_some(())?;
+            let state = MoveState::try_from(t.state).ok()?;
+            Some((
+                t.shard,
+                Target {
+                    shard: t.shard,
+                    from: t.from,
+                    to: t.to,
+                    state,
+                    started_unix_ms: t.started_unix_ms,
+                    version: v.version,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The placement loop's settings and their stored version (0: absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    pub paused: bool,
+    pub moves_max: u32,
+    pub version: u64,
+}
+
+/// The settings from the metadata group's value, if any; a value that does
+/// not decode reads as the defaults (the loop keeps running).
+pub fn decode_config(value: Option<&pigeonhole_engine::SystemValue>) -> Config {
+    let c = value.and_then(|v| PlacementConfig::decode(v.value.as_slice()).ok().map(|c| (c, v.version)));
+    let (paused, moves_max, version) = match c {
+        Some((c, version)) => (c.paused, c.moves_max, version),
+        None => (false, 0, value.map_or(0, |v| v.version)),
+    };
+    Config {
+        paused,
+        moves_max: if moves_max == 0 {
+            MOVES_MAX_DEFAULT
+        } else {
+            moves_max.min(MOVES_MAX_LIMIT)
+        },
+        version,
+    }
+}
+
+/// One data shard as the loop sees it (from the shard map).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShardView {
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// The preferred leader now in force, and the version of its
+    /// `leader/` record (0: none, the bootstrap map's choice).
+    pub preferred: u64,
+    pub preferred_version: u64,
+}
+
+/// What [`decide`] looks at.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    pub shards: &'a BTreeMap<u64, ShardView>,
+    /// Every node of the cluster and its state (a node with no record: up).
+    pub states: &'a BTreeMap<u64, NodeState>,
+    /// Nodes the deciding node hears from (itself included).
+    pub alive: &'a BTreeSet<u64>,
+    pub zones: &'a Zones,
+    pub targets: &'a BTreeMap<u64, Target>,
+    pub config: Config,
+    pub now_unix_ms: u64,
+}
+
+/// A write the loop makes to the metadata group (compare-and-set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaWrite {
+    /// Store this target (its `version` is the one it replaces).
+    Target(Target),
+    /// Make `node` the shard's preferred leader over `if_version`.
+    Preferred { shard: u64, node: u64, if_version: u64 },
+}
+
+/// One round's outcome: the writes to make (on the metadata leader, when
+/// the loop is not paused; target clean-up happens even when paused), and
+/// what `GetPlacement` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Decision {
+    pub writes: Vec<MetaWrite>,
+    /// Targets still in flight after this round's clean-up.
+    pub in_flight: Vec<Target>,
+    /// Replica moves still to make, the ones asked for now included.
+    pub planned: Vec<Move>,
+    /// Preferred-leader changes still to make (shard → node).
+    pub planned_leaders: BTreeMap<u64, u64>,
+    /// Nodes that take new work (up and alive).
+    pub eligible: BTreeSet<u64>,
+    /// Up nodes the deciding node does not hear from (dead, or joined so
+    /// recently that it has not learnt of them): the plan leaves them out,
+    /// so the cluster does not count as balanced while there are any.
+    pub unreachable: BTreeSet<u64>,
+}
+
+impl Decision {
+    /// Nothing in flight, nothing to do, and every up node heard from.
+    pub fn balanced(&self) -> bool {
+        self.in_flight.is_empty()
+            && self.planned.is_empty()
+            && self.planned_leaders.is_empty()
+            && self.unreachable.is_empty()
+    }
+}
+
+fn state_of(states: &BTreeMap<u64, NodeState>, node: u64) -> NodeState {
+    states.get(&node).copied().unwrap_or(NodeState::Up)
+}
+
+/// Where a target stands after looking at its shard: `None` when it stays
+/// as it is, else its new state.
+fn settle(t: &Target, s: Option<&ShardView>, inp: &Inputs) -> Option<MoveState> {
+    let Some(s) = s else {
+        return Some(MoveState::Done); // no such shard any more
+    };
+    let learner = s.learners.contains(&t.to);
+    match t.state {
+        MoveState::Active => {
+            let finished = s.voters.contains(&t.to) && !s.voters.contains(&t.from) && !s.learners.contains(&t.from);
+            if finished {
+                return Some(MoveState::Done);
+            }
+            let overtaken = !s.voters.contains(&t.from) && !s.voters.contains(&t.to);
+            let target_gone = state_of(inp.states, t.to) != NodeState::Up || !inp.alive.contains(&t.to);
+            let too_long = inp.now_unix_ms.saturating_sub(t.started_unix_ms) > MOVE_DURATION_MS_MAX;
+            if overtaken || target_gone || too_long {
+                return Some(if learner { MoveState::Cancelled } else { MoveState::Done });
+            }
+            None
+        }
+        MoveState::Cancelled => (!learner).then_some(MoveState::Done),
+        MoveState::Done | MoveState::Unspecified => None,
+    }
+}
+
+/// One round of the placement loop: settle the targets in flight, then
+/// plan replica moves over the configuration the moves in flight will
+/// leave, ask for up to `moves_max` of them (one per shard, only on shards
+/// with no learner, no move in flight and every voter up and alive), and
+/// once no replica move is left, even out the preferred leaders.
+pub fn decide(inp: &Inputs) -> Decision {
+    let mut d = Decision::default();
+    let mut in_flight: BTreeMap<u64, Target> = BTreeMap::new();
+    for (shard, t) in inp.targets.iter().filter(|(_, t)| t.in_flight()) {
+        match settle(t, inp.shards.get(shard), inp) {
+            Some(state) => {
+                let next = Target { state, ..t.clone() };
+                if state == MoveState::Cancelled {
+                    in_flight.insert(*shard, next.clone());
+                }
+                d.writes.push(MetaWrite::Target(next));
+            }
+            None => {
+                in_flight.insert(*shard, t.clone());
+            }
+        }
+    }
+    d.eligible = inp
+        .states
+        .iter()
+        .filter(|(n, s)| **s == NodeState::Up && inp.alive.contains(n))
+        .map(|(n, _)| *n)
+        .collect();
+    d.unreachable = inp
+        .states
+        .iter()
+        .filter(|(n, s)| **s == NodeState::Up && !inp.alive.contains(n))
+        .map(|(n, _)| *n)
+        .collect();
+    // The configuration the moves in flight will leave.
+    let mut voters: BTreeMap<u64, Vec<u64>> = inp.shards.iter().map(|(s, v)| (*s, v.voters.clone())).collect();
+    for t in in_flight.values().filter(|t| t.state == MoveState::Active) {
+        for v in voters.get_mut(&t.shard).into_iter().flatten() {
+            if *v == t.from {
+                *v = t.to;
+            }
+        }
+    }
+    d.planned = plan(&voters, &d.eligible, inp.zones);
+    let active = in_flight.values().filter(|t| t.state == MoveState::Active).count();
+    let room = usize::try_from(inp.config.moves_max)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(active);
+    if !inp.config.paused && room > 0 {
+        let mut asked: BTreeSet<u64> = BTreeSet::new();
+        for m in &d.planned {
+            if asked.len() >= room {
+                break;
+            }
+            let Some(s) = inp.shards.get(&m.shard) else { continue };
+            let ready = !in_flight.contains_key(&m.shard)
+                && !asked.contains(&m.shard)
+                && s.learners.is_empty()
+                && s.voters.iter().all(|v| d.eligible.contains(v));
+            if !ready {
+                continue;
+            }
+            asked.insert(m.shard);
+            let t = Target {
+                shard: m.shard,
+                from: m.from,
+                to: m.to,
+                state: MoveState::Active,
+                started_unix_ms: inp.now_unix_ms,
+                version: inp.targets.get(&m.shard).map_or(0, |t| t.version),
+            };
+            in_flight.insert(m.shard, t.clone());
+            d.writes.push(MetaWrite::Target(t));
+        }
+    }
+    d.in_flight = in_flight.into_values().collect();
+    if d.in_flight.is_empty() && d.planned.is_empty() {
+        d.planned_leaders = leader_changes(inp);
+        if !inp.config.paused {
+            for (shard, node) in &d.planned_leaders {
+                let if_version = inp.shards.get(shard).map_or(0, |s| s.preferred_version);
+                d.writes.push(MetaWrite::Preferred {
+                    shard: *shard,
+                    node: *node,
+                    if_version,
+                });
+            }
+        }
+    }
+    d
+}
+
+/// Preferred-leader changes that put every up node within one preferred
+/// leadership of the others, or none when the choices in force already
+/// are as even as a new plan would be and each names an up voter (no
+/// churn: a fresh plan may differ from an equally good one in force).
+fn leader_changes(inp: &Inputs) -> BTreeMap<u64, u64> {
+    let up: BTreeSet<u64> = inp
+        .states
+        .iter()
+        .filter(|(_, s)| **s == NodeState::Up)
+        .map(|(n, _)| *n)
+        .collect();
+    let voters: BTreeMap<u64, Vec<u64>> = inp.shards.iter().map(|(s, v)| (*s, v.voters.clone())).collect();
+    let current: BTreeMap<u64, u64> = inp.shards.iter().map(|(s, v)| (*s, v.preferred)).collect();
+    let want = plan_leaders(&voters, &up, &current);
+    let spread =
+        |m: &BTreeMap<u64, usize>| m.values().max().copied().unwrap_or(0) - m.values().min().copied().unwrap_or(0);
+    let valid = want.keys().all(|s| {
+        current
+            .get(s)
+            .is_some_and(|p| up.contains(p) && voters.get(s).is_some_and(|vs| vs.contains(p)))
+    });
+    if valid && spread(&per_node(&current, &up)) <= spread(&per_node(&want, &up)) {
+        return BTreeMap::new();
+    }
+    want.into_iter().filter(|(s, n)| current.get(s) != Some(n)).collect()
+}
+
+/// Where a move in flight stands, from its shard's map entry (what
+/// `GetPlacement` shows).
+pub fn step_name(t: &Target, s: Option<&ShardView>) -> &'static str {
+    let Some(s) = s else { return "shard gone" };
+    match t.state {
+        MoveState::Cancelled => "removing learner",
+        _ if s.learners.contains(&t.to) => "catching up",
+        _ if s.voters.contains(&t.to) => "promoting",
+        _ => "adding learner",
+    }
+}
+
+/// What a shard's leader does next for a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Add `to` as a learner.
+    AddLearner(u64),
+    /// Hand leadership to this voter: the leader itself leaves.
+    TransferLeader(u64),
+    /// One change: `to` becomes a voter (if it is not one) and `from` goes.
+    Promote { to: u64, from: u64 },
+    /// A cancelled move's learner goes.
+    RemoveLearner(u64),
+    /// Nothing now (why, for logs and tests).
+    Wait(&'static str),
+}
+
+/// The shard as its leader sees it.
+pub struct LeaderView<'a> {
+    pub me: u64,
+    pub voters: &'a [u64],
+    pub learners: &'a [u64],
+    /// A membership change is pending or half-way (joint), or a leader
+    /// transfer is under way: no new change now.
+    pub busy: bool,
+    pub committed: u64,
+    /// The log index each member has acknowledged (its matched index).
+    pub matched: &'a dyn Fn(u64) -> Option<u64>,
+    /// Whether this node hears from a node (itself: always).
+    pub alive: &'a dyn Fn(u64) -> bool,
+}
+
+impl std::fmt::Debug for LeaderView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderView")
+            .field("me", &self.me)
+            .field("voters", &self.voters)
+            .field("learners", &self.learners)
+            .field("busy", &self.busy)
+            .field("committed", &self.committed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The next step of `t` on the shard's leader.
+pub fn next_step(t: &Target, v: &LeaderView) -> Step {
+    let voter = |n: u64| v.voters.contains(&n);
+    let learner = |n: u64| v.learners.contains(&n);
+    match t.state {
+        MoveState::Active => {
+            if voter(t.to) && !voter(t.from) {
+                return Step::Wait("done; the metadata leader closes it");
+            }
+            if !voter(t.from) {
+                return Step::Wait("overtaken by another change");
+            }
+            if v.busy {
+                return Step::Wait("a membership change or leader transfer is under way");
+            }
+            if !voter(t.to) && !learner(t.to) {
+                return if (v.alive)(t.to) {
+                    Step::AddLearner(t.to)
+                } else {
+                    Step::Wait("the target node is not heard from")
+                };
+            }
+            if learner(t.to) {
+                let matched = (v.matched)(t.to).unwrap_or(0);
+                if matched.saturating_add(CATCH_UP_SLACK_ENTRIES) < v.committed {
+                    return Step::Wait("the learner is catching up");
+                }
+            }
+            if t.from == v.me {
+                // Leadership goes first, to a live voter that stays.
+                return match v
+                    .voters
+                    .iter()
+                    .copied()
+                    .find(|n| *n != t.from && *n != t.to && (v.alive)(*n))
+                {
+                    Some(n) => Step::TransferLeader(n),
+                    None => Step::Wait("no live voter to hand leadership to"),
+                };
+            }
+            Step::Promote { to: t.to, from: t.from }
+        }
+        MoveState::Cancelled if learner(t.to) && !v.busy => Step::RemoveLearner(t.to),
+        MoveState::Cancelled => Step::Wait("the cancelled move's learner is gone or a change is under way"),
+        MoveState::Done | MoveState::Unspecified => Step::Wait("not in flight"),
+    }
+}
+
+#[cfg(test)]
+#[path = "moves_tests.rs"]
+mod tests;

@@ -1,0 +1,385 @@
+use super::*;
+
+fn shards(n: u64, voters: &[u64]) -> BTreeMap<u64, ShardView> {
+    (1..=n)
+        .map(|s| {
+            let vs = voters.to_vec();
+            let preferred = vs[usize::try_from(s).unwrap() % vs.len()];
+            (
+                s,
+                ShardView {
+                    voters: vs,
+                    learners: vec![],
+                    preferred,
+                    preferred_version: 0,
+                },
+            )
+        })
+        .collect()
+}
+
+fn up(nodes: &[u64]) -> BTreeMap<u64, NodeState> {
+    nodes.iter().map(|n| (*n, NodeState::Up)).collect()
+}
+
+fn config() -> Config {
+    Config {
+        paused: false,
+        moves_max: 2,
+        version: 0,
+    }
+}
+
+fn targets_of(d: &Decision) -> Vec<Target> {
+    d.writes
+        .iter()
+        .filter_map(|w| match w {
+            MetaWrite::Target(t) => Some(t.clone()),
+            MetaWrite::Preferred { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn new_nodes_get_moves_up_to_the_limit_one_per_shard() {
+    let s = shards(8, &[1, 2, 3]);
+    let states = up(&[1, 2, 3, 4, 5]);
+    let alive: BTreeSet<u64> = (1..=5).collect();
+    let none = BTreeMap::new();
+    let inp = Inputs {
+        shards: &s,
+        states: &states,
+        alive: &alive,
+        zones: &Zones::new(),
+        targets: &none,
+        config: config(),
+        now_unix_ms: 1_000,
+    };
+    let d = decide(&inp);
+    let asked = targets_of(&d);
+    assert_eq!(asked.len(), 2, "{d:?}");
+    assert_ne!(asked[0].shard, asked[1].shard);
+    for t in &asked {
+        assert_eq!(t.state, MoveState::Active);
+        assert!([4, 5].contains(&t.to) && [1, 2, 3].contains(&t.from), "{t:?}");
+        assert_eq!(t.started_unix_ms, 1_000);
+    }
+    assert!(d.planned.len() > 2 && !d.balanced());
+    assert!(d.planned_leaders.is_empty(), "leaders wait for the replicas");
+
+    // Paused: the same plan is shown, nothing is asked for.
+    let paused = Inputs {
+        config: Config {
+            paused: true,
+            ..config()
+        },
+        ..inp
+    };
+    let p = decide(&paused);
+    assert!(p.writes.is_empty() && p.planned == d.planned);
+
+    // A dead or draining newcomer gets nothing.
+    let mut states = up(&[1, 2, 3, 4]);
+    states.insert(5, NodeState::Draining);
+    let alive: BTreeSet<u64> = (1..=3).collect();
+    let d = decide(&Inputs {
+        states: &states,
+        alive: &alive,
+        ..paused
+    });
+    assert!(d.planned.is_empty(), "{d:?}");
+    assert!(!d.balanced(), "an up node not heard from is not balanced: {d:?}");
+}
+
+#[test]
+fn targets_settle_from_the_shard_map() {
+    let mut s = shards(3, &[1, 2, 3]);
+    let states = up(&[1, 2, 3, 4]);
+    let alive: BTreeSet<u64> = (1..=4).collect();
+    let t = |shard, to, state| Target {
+        shard,
+        from: 1,
+        to,
+        state,
+        started_unix_ms: 0,
+        version: 7,
+    };
+    // 1: finished (4 a voter, 1 gone); 2: a learner on a node that died;
+    // 3: cancelled earlier, its learner already removed.
+    s.get_mut(&1).unwrap().voters = vec![4, 2, 3];
+    s.get_mut(&2).unwrap().learners = vec![4];
+    let targets = BTreeMap::from([
+        (1, t(1, 4, MoveState::Active)),
+        (2, t(2, 4, MoveState::Active)),
+        (3, t(3, 4, MoveState::Cancelled)),
+    ]);
+    let alive_wo4: BTreeSet<u64> = (1..=3).collect();
+    let inp = Inputs {
+        shards: &s,
+        states: &states,
+        alive: &alive_wo4,
+        zones: &Zones::new(),
+        targets: &targets,
+        config: Config {
+            paused: true,
+            ..config()
+        },
+        now_unix_ms: 1,
+    };
+    let d = decide(&inp);
+    let w = targets_of(&d);
+    assert_eq!(
+        w.iter().map(|t| (t.shard, t.state)).collect::<Vec<_>>(),
+        vec![(1, MoveState::Done), (2, MoveState::Cancelled), (3, MoveState::Done)]
+    );
+    assert!(w.iter().all(|t| t.version == 7), "writes are over the version read");
+    assert_eq!(
+        d.in_flight.len(),
+        1,
+        "the cancelled move stays until its learner is gone"
+    );
+
+    // With node 4 alive, shard 2's move goes on; too old, it is cancelled.
+    let inp = Inputs { alive: &alive, ..inp };
+    assert!(targets_of(&decide(&inp)).iter().all(|t| t.shard != 2));
+    let late = Inputs {
+        now_unix_ms: MOVE_DURATION_MS_MAX + 1,
+        ..inp
+    };
+    assert!(targets_of(&decide(&late)).contains(&Target {
+        state: MoveState::Cancelled,
+        ..t(2, 4, MoveState::Active)
+    }));
+}
+
+/// The loop against a model of the cluster: every round's targets are
+/// carried out at once (as the shard leaders would), until the loop has
+/// nothing left to do. It must end balanced: replicas and preferred
+/// leaders within one per up node, each shard's replicas on distinct
+/// nodes in distinct zones, and no round asking for more than the limit.
+#[test]
+fn the_loop_reaches_balance_with_zones() {
+    let zones: Zones = [(1, "a"), (2, "b"), (3, "c"), (4, "a"), (5, "b")]
+        .into_iter()
+        .map(|(n, z)| (n, z.to_string()))
+        .collect();
+    let mut s = shards(16, &[1, 2, 3]);
+    let states = up(&[1, 2, 3, 4, 5]);
+    let alive: BTreeSet<u64> = (1..=5).collect();
+    let mut targets: BTreeMap<u64, Target> = BTreeMap::new();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds < 200, "no convergence");
+        let d = decide(&Inputs {
+            shards: &s,
+            states: &states,
+            alive: &alive,
+            zones: &zones,
+            targets: &targets,
+            config: config(),
+            now_unix_ms: rounds,
+        });
+        assert!(d.in_flight.iter().filter(|t| t.state == MoveState::Active).count() <= 2);
+        if d.writes.is_empty() {
+            assert!(d.balanced(), "{d:?}");
+            break;
+        }
+        for w in d.writes {
+            match w {
+                MetaWrite::Target(t) => {
+                    if t.state == MoveState::Active {
+                        let v = s.get_mut(&t.shard).unwrap();
+                        for x in v.voters.iter_mut() {
+                            if *x == t.from {
+                                *x = t.to;
+                            }
+                        }
+                    }
+                    targets.insert(
+                        t.shard,
+                        Target {
+                            version: t.version + 1,
+                            ..t
+                        },
+                    );
+                }
+                MetaWrite::Preferred { shard, node, .. } => {
+                    let v = s.get_mut(&shard).unwrap();
+                    assert!(v.voters.contains(&node));
+                    v.preferred = node;
+                    v.preferred_version += 1;
+                }
+            }
+        }
+    }
+    let mut replicas: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut preferred: BTreeMap<u64, usize> = BTreeMap::new();
+    for v in s.values() {
+        let distinct: BTreeSet<&str> = v.voters.iter().map(|n| zones[n].as_str()).collect();
+        assert_eq!(distinct.len(), 3, "{v:?}");
+        for n in &v.voters {
+            *replicas.entry(*n).or_default() += 1;
+        }
+        *preferred.entry(v.preferred).or_default() += 1;
+    }
+    assert_eq!(replicas.len(), 5, "every node holds replicas: {replicas:?}");
+    // Zone c has one node, which keeps every shard; the others even out.
+    assert_eq!(replicas[&3], 16);
+    let others: Vec<usize> = [1, 2, 4, 5].iter().map(|n| replicas[n]).collect();
+    assert!(
+        others.iter().max().unwrap() - others.iter().min().unwrap() <= 1,
+        "{replicas:?}"
+    );
+    let p: Vec<usize> = (1..=5).map(|n| preferred.get(&n).copied().unwrap_or(0)).collect();
+    assert!(p.iter().max().unwrap() - p.iter().min().unwrap() <= 1, "{preferred:?}");
+    assert!(targets.values().all(|t| t.state == MoveState::Done));
+}
+
+#[test]
+fn even_preferred_leaders_are_left_alone_and_stale_ones_replaced() {
+    let mut s = shards(6, &[1, 2, 3]);
+    let states = up(&[1, 2, 3]);
+    let alive: BTreeSet<u64> = (1..=3).collect();
+    let none = BTreeMap::new();
+    let inp = |s: &BTreeMap<u64, ShardView>| {
+        decide(&Inputs {
+            shards: s,
+            states: &states,
+            alive: &alive,
+            zones: &Zones::new(),
+            targets: &none,
+            config: config(),
+            now_unix_ms: 0,
+        })
+    };
+    // Two each, but not what a fresh plan would pick (it would give shard
+    // 2 to node 1): no change.
+    for (shard, p) in [(1, 3), (2, 3), (3, 1), (4, 1), (5, 2), (6, 2)] {
+        s.get_mut(&shard).unwrap().preferred = p;
+    }
+    let d = inp(&s);
+    assert!(d.writes.is_empty() && d.balanced(), "{d:?}");
+    // A shard whose preferred node left its voters gets a new one.
+    let v = s.get_mut(&4).unwrap();
+    v.voters = vec![2, 3, 5];
+    v.preferred_version = 3;
+    let d = inp(&s);
+    assert!(d.writes.iter().any(|w| matches!(
+        w,
+        MetaWrite::Preferred { shard: 4, node, if_version: 3 } if [2, 3].contains(node)
+    )));
+}
+
+struct Shard {
+    voters: Vec<u64>,
+    learners: Vec<u64>,
+    busy: bool,
+    matched: u64,
+}
+
+fn step(t: &Target, me: u64, s: &Shard, dead: u64) -> Step {
+    let matched = |n: u64| (s.learners.contains(&n) || s.voters.contains(&n)).then_some(s.matched);
+    let alive = |n: u64| n != dead;
+    next_step(
+        t,
+        &LeaderView {
+            me,
+            voters: &s.voters,
+            learners: &s.learners,
+            busy: s.busy,
+            committed: 1_000,
+            matched: &matched,
+            alive: &alive,
+        },
+    )
+}
+
+#[test]
+fn a_shard_leader_takes_a_moves_steps_in_order() {
+    let t = Target {
+        shard: 1,
+        from: 1,
+        to: 4,
+        state: MoveState::Active,
+        started_unix_ms: 0,
+        version: 1,
+    };
+    let mut s = Shard {
+        voters: vec![1, 2, 3],
+        learners: vec![],
+        busy: false,
+        matched: 0,
+    };
+    assert_eq!(step(&t, 2, &s, 0), Step::AddLearner(4));
+    assert!(matches!(step(&t, 2, &s, 4), Step::Wait(_)), "not to a dead node");
+    s.busy = true;
+    assert!(matches!(step(&t, 2, &s, 0), Step::Wait(_)));
+    s.busy = false;
+    s.learners = vec![4];
+    s.matched = 1_000 - CATCH_UP_SLACK_ENTRIES - 1;
+    assert!(matches!(step(&t, 2, &s, 0), Step::Wait(_)), "still catching up");
+    s.matched = 1_000 - CATCH_UP_SLACK_ENTRIES;
+    assert_eq!(step(&t, 2, &s, 0), Step::Promote { to: 4, from: 1 });
+    // The leader that leaves hands leadership to a live voter that stays.
+    assert_eq!(step(&t, 1, &s, 0), Step::TransferLeader(2));
+    assert_eq!(step(&t, 1, &s, 2), Step::TransferLeader(3));
+    s.voters = vec![4, 2, 3];
+    s.learners = vec![];
+    assert!(matches!(step(&t, 2, &s, 0), Step::Wait(_)), "done");
+    // Cancelled: the learner goes, once no change is under way.
+    let c = Target {
+        state: MoveState::Cancelled,
+        ..t
+    };
+    s.voters = vec![1, 2, 3];
+    s.learners = vec![4];
+    assert_eq!(step(&c, 2, &s, 4), Step::RemoveLearner(4));
+    s.busy = true;
+    assert!(matches!(step(&c, 2, &s, 4), Step::Wait(_)));
+}
+
+#[test]
+fn records_round_trip_and_bad_ones_are_skipped() {
+    let t = Target {
+        shard: 9,
+        from: 1,
+        to: 4,
+        state: MoveState::Cancelled,
+        started_unix_ms: 5,
+        version: 3,
+    };
+    let good = pigeonhole_engine::SystemValue {
+        key: move_key(9),
+        version: 3,
+        value: t.encode(),
+    };
+    let wrong_key = pigeonhole_engine::SystemValue {
+        key: move_key(8),
+        ..good.clone()
+    };
+    let garbage = pigeonhole_engine::SystemValue {
+        key: move_key(7),
+        version: 1,
+        value: vec![0xff, 0xff],
+    };
+    assert_eq!(decode_targets(&[good, wrong_key, garbage]), BTreeMap::from([(9, t)]));
+    assert_eq!(decode_config(None).moves_max, MOVES_MAX_DEFAULT);
+    let v = pigeonhole_engine::SystemValue {
+        key: PLACEMENT_CONFIG_KEY.to_vec(),
+        version: 2,
+        value: PlacementConfig {
+            paused: true,
+            moves_max: 1_000,
+        }
+        .encode_to_vec(),
+    };
+    assert_eq!(
+        decode_config(Some(&v)),
+        Config {
+            paused: true,
+            moves_max: MOVES_MAX_LIMIT,
+            version: 2
+        }
+    );
+}
