@@ -577,6 +577,34 @@ impl Client {
     /// `Admin.NodeStatus` of one node (one attempt, the attempt timeout);
     /// `include_sizes` adds each replica's state-machine size.
     pub async fn node_status(&self, node: u64, include_sizes: bool) -> Result<pb::NodeStatusResponse, Error> {
+        self.node_status_request(
+            node,
+            pb::NodeStatusRequest {
+                include_sizes,
+                size_shards: Vec::new(),
+            },
+        )
+        .await
+    }
+
+    /// `Admin.NodeStatus` of one node with the state-machine sizes of
+    /// `shards`' replicas only (one bounded scan each).
+    pub async fn replica_sizes(&self, node: u64, shards: &[u64]) -> Result<pb::NodeStatusResponse, Error> {
+        self.node_status_request(
+            node,
+            pb::NodeStatusRequest {
+                include_sizes: true,
+                size_shards: shards.to_vec(),
+            },
+        )
+        .await
+    }
+
+    async fn node_status_request(
+        &self,
+        node: u64,
+        req: pb::NodeStatusRequest,
+    ) -> Result<pb::NodeStatusResponse, Error> {
         if self.node_addr(node).is_none() {
             // A node that joined after this client read the map (or a map
             // read from a metadata replica that had not applied the join).
@@ -584,7 +612,7 @@ impl Client {
         }
         let mut admin = self.admin_at(node)?;
         let t = self.inner.config.attempt_timeout;
-        let req = with_timeout(pb::NodeStatusRequest { include_sizes }, t);
+        let req = with_timeout(req, t);
         match tokio::time::timeout(t, admin.node_status(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) if is_retryable(s.code()) => Err(Error::Exhausted {

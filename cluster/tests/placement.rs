@@ -53,6 +53,13 @@ where
     }
 }
 
+/// Bytes `node`'s replica of `shard` reports sent in a snapshot to `to`.
+async fn snapshot_sent(c: &TestCluster, node: u64, shard: u64, to: u64) -> Option<u64> {
+    c.status(node, shard)
+        .await
+        .and_then(|s| s.snapshot_sends.iter().find(|(t, _)| *t == to).map(|(_, n)| *n))
+}
+
 fn spread(counts: &BTreeMap<u64, usize>) -> usize {
     counts.values().max().unwrap() - counts.values().min().unwrap()
 }
@@ -147,6 +154,8 @@ async fn the_loop_balances_a_grown_cluster_by_itself() {
 async fn a_move_to_a_node_that_dies_is_cancelled_and_its_learner_removed() {
     let tuning = RaftTuning {
         snapshot_send_bytes_per_s: pigeonhole_cluster::config::SNAPSHOT_SEND_BYTES_PER_S_MIN,
+        // A shard's snapshot in several chunks, one a second.
+        snapshot_chunk_bytes: 64 << 10,
         ..placing()
     };
     let mut c = TestCluster::new(3, 4, 3, tuning);
@@ -169,6 +178,17 @@ async fn a_move_to_a_node_that_dies_is_cancelled_and_its_learner_removed() {
             .map(|(s, _)| s)
     })
     .await;
+    // The leader reports the snapshot it streams to the learner, and the
+    // count grows chunk by chunk.
+    let leader = c.leader(shard).await;
+    let first = until("a snapshot send to node 4 reported", 10, || async {
+        snapshot_sent(&c, leader, shard, d).await.filter(|n| *n > 0)
+    })
+    .await;
+    until("the snapshot send to grow", 10, || async {
+        snapshot_sent(&c, leader, shard, d).await.filter(|n| *n > first)
+    })
+    .await;
     c.stop(d);
     c.eventually("the learner removed and the move closed", 30, || async {
         let s = shards(&c).await;
@@ -176,6 +196,11 @@ async fn a_move_to_a_node_that_dies_is_cancelled_and_its_learner_removed() {
         s.get(&shard)
             .is_some_and(|(_, v, l)| !l.contains(&d) && !v.contains(&d))
             && p.is_ok_and(|p| p.decision.in_flight.is_empty())
+    })
+    .await;
+    let leader = c.leader(shard).await;
+    c.eventually("the snapshot send's report", 30, || async {
+        snapshot_sent(&c, leader, shard, d).await.is_none()
     })
     .await;
     // Nothing goes to the dead node meanwhile.

@@ -319,7 +319,10 @@ async fn the_server_serves_the_mailbox_api() {
     assert_eq!(map.shards[0].range_start, 0);
     assert!(map.shards[3].range_end.is_none());
     let st = admin
-        .node_status(pb::NodeStatusRequest { include_sizes: true })
+        .node_status(pb::NodeStatusRequest {
+            include_sizes: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -337,6 +340,34 @@ async fn the_server_serves_the_mailbox_api() {
     let r = st.replicas.iter().find(|r| r.shard == ann_shard).unwrap();
     assert!(r.size_complete && r.data_keys > 0 && r.data_bytes > 0, "{r:?}");
     assert_eq!(st.replicas.len(), 5, "metadata group + 4 shards");
+    // Sizes of named shards only: the others report none (and every replica
+    // is still listed).
+    let other = map.shards.iter().find(|s| s.id != ann_shard).unwrap().id;
+    let only = admin
+        .node_status(pb::NodeStatusRequest {
+            include_sizes: true,
+            size_shards: vec![other],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(only.replicas.len(), 5);
+    let sized: Vec<u64> = only
+        .replicas
+        .iter()
+        .filter(|r| r.size_complete)
+        .map(|r| r.shard)
+        .collect();
+    assert_eq!(sized, vec![other], "{only:?}");
+    let e = admin
+        .node_status(pb::NodeStatusRequest {
+            include_sizes: true,
+            size_shards: vec![1; 1_025],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("size_shards"), "{e:?}");
     assert!(st
         .replicas
         .iter()
@@ -436,7 +467,10 @@ async fn sigkill_under_load_then_check(extra: &[&str], compacted: bool) {
         let status = AdminClient::connect(format!("http://{}", s.addr))
             .await
             .unwrap()
-            .node_status(pb::NodeStatusRequest { include_sizes: false })
+            .node_status(pb::NodeStatusRequest {
+                include_sizes: false,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();

@@ -15,6 +15,9 @@ use tonic::{Request, Response, Status};
 /// for sizes costs at most a few hundred milliseconds per replica.
 pub const SIZE_SCAN_KEYS_MAX: u64 = 100_000;
 
+/// Shards a NodeStatus may name in `size_shards`, at most.
+pub const SIZE_SHARDS_MAX: usize = 1_024;
+
 /// Changes in one ChangeMembership call, at most: a replica move needs two
 /// (promote the new, remove the old); a whole shard's voters is five.
 pub const MEMBERSHIP_CHANGES_MAX: usize = 8;
@@ -70,12 +73,23 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::NodeStatusRequest>,
     ) -> Result<Response<pb::NodeStatusResponse>, Status> {
+        if req.get_ref().size_shards.len() > SIZE_SHARDS_MAX {
+            return Err(invalid(
+                "size_shards",
+                format!("{} ids; at most {SIZE_SHARDS_MAX}", req.get_ref().size_shards.len()),
+            ));
+        }
         let replicas = self.node.status().await.map_err(|e| cluster_error(&e))?;
         let sizes = if req.get_ref().include_sizes {
             // A scan of many replicas is blocking RocksDB work: off the
             // async workers.
             let node = self.node.clone();
-            let shards: Vec<u64> = replicas.iter().map(|s| s.shard).collect();
+            let only = &req.get_ref().size_shards;
+            let shards: Vec<u64> = replicas
+                .iter()
+                .map(|s| s.shard)
+                .filter(|s| only.is_empty() || only.contains(s))
+                .collect();
             tokio::task::spawn_blocking(move || {
                 shards
                     .into_iter()
@@ -120,6 +134,14 @@ impl Admin for AdminService {
                     voters: s.voters,
                     learners: s.learners,
                     asleep: s.asleep,
+                    snapshot_sends: s
+                        .snapshot_sends
+                        .iter()
+                        .map(|(to, bytes_sent)| pb::SnapshotSend {
+                            to: *to,
+                            bytes_sent: *bytes_sent,
+                        })
+                        .collect(),
                 })
                 .collect(),
         }))

@@ -122,6 +122,7 @@ impl Driver {
             Inbound::Raft(env) => self.on_envelope(env)?,
             Inbound::SnapshotReady { from, shard, path, msg } => self.on_snapshot(from, shard, &path, msg)?,
             Inbound::SnapshotReport { shard, to, ok } => {
+                self.snapshot_sends.remove(&(shard, to));
                 if let Some(r) = self.replicas.get_mut(&shard) {
                     let status = if ok {
                         SnapshotStatus::Finish

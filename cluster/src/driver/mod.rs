@@ -136,6 +136,9 @@ pub(crate) struct Driver {
     map_dirty: BTreeSet<u64>,
     /// Record writes in flight: (shard, answer).
     map_writes: Vec<(u64, oneshot::Receiver<ProposeResult>)>,
+    /// Snapshots being sent: (shard, follower) → bytes handed to the wire
+    /// (NodeStatus shows them; dropped when the send is reported).
+    snapshot_sends: BTreeMap<(u64, u64), Arc<std::sync::atomic::AtomicU64>>,
     /// The placement loop's metadata write in flight, if any (`place`).
     place_write: Option<oneshot::Receiver<ProposeResult>>,
     outbox: BTreeMap<u64, Vec<ShardMsg>>,
@@ -228,6 +231,7 @@ impl Driver {
             map_dirty: BTreeSet::new(),
             map_writes: Vec::new(),
             place_write: None,
+            snapshot_sends: BTreeMap::new(),
             outbox: BTreeMap::new(),
             peers,
             ticks: 0,

@@ -97,6 +97,8 @@ pub struct ShardStatus {
     pub joint: bool,
     /// Hibernating: not ticking.
     pub asleep: bool,
+    /// Snapshots this replica is sending: (follower, bytes sent so far).
+    pub snapshot_sends: Vec<(u64, u64)>,
 }
 
 /// A replica's Raft role.

@@ -188,9 +188,12 @@ impl Driver {
         Ok(())
     }
 
-    pub(super) fn send_snapshot(&self, shard: u64, msg: Message) {
+    pub(super) fn send_snapshot(&mut self, shard: u64, msg: Message) {
         let tx = self.tx.clone();
         let to = msg.to;
+        let sent_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // A new send to the same follower replaces the old one's counter.
+        self.snapshot_sends.insert((shard, to), Arc::clone(&sent_bytes));
         self.transport.send_snapshot(SnapshotJob {
             from: self.node_id,
             to,
@@ -199,6 +202,7 @@ impl Driver {
             engine: self.engine.clone(),
             chunk_bytes: self.tuning.snapshot_chunk_bytes,
             rate: Arc::clone(&self.snapshot_rate),
+            sent_bytes,
             report: Box::new(move |ok| {
                 // Never silently lost: a failed transfer left unreported would
                 // keep the follower in raft-rs's Snapshot state. The report

@@ -28,6 +28,11 @@ impl Driver {
                     voters: conf.voters,
                     learners: conf.learners,
                     asleep: r.asleep,
+                    snapshot_sends: self
+                        .snapshot_sends
+                        .range((*shard, 0)..=(*shard, u64::MAX))
+                        .map(|((_, to), n)| (*to, n.load(std::sync::atomic::Ordering::Relaxed)))
+                        .collect(),
                 }
             })
             .collect()

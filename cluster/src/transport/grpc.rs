@@ -154,6 +154,7 @@ impl Transport for GrpcTransport {
                 job.engine,
                 job.chunk_bytes,
                 job.rate,
+                job.sent_bytes,
             )
             .await
             .is_ok();
@@ -185,6 +186,7 @@ async fn stream_snapshot(
     engine: pigeonhole_engine::Engine,
     chunk_bytes: usize,
     rate: std::sync::Arc<super::SendRate>,
+    sent_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(), String> {
     let mut client = RaftTransportClient::new(
         endpoint(addr)
@@ -202,7 +204,9 @@ async fn stream_snapshot(
         engine.export_snapshot(shard, chunk_bytes, |chunk| {
             let last = chunk.last;
             let bytes = chunk.encode();
-            rate.acquire(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+            let n = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+            rate.acquire(n);
+            sent_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             let frame = SnapshotFrame {
                 cluster_id,
                 from_node: from,

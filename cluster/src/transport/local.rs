@@ -330,7 +330,9 @@ impl Router {
         job.engine
             .export_snapshot(job.shard, job.chunk_bytes, |chunk| {
                 let bytes = chunk.encode();
-                job.rate.acquire(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+                let n = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+                job.rate.acquire(n);
+                job.sent_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 w.write_chunk(&bytes)
                     .map_err(|e| EngineError::InvalidCall(format!("spool: {e}")))
             })

@@ -64,6 +64,9 @@ pub struct SnapshotJob {
     pub chunk_bytes: usize,
     /// The node's snapshot send budget: every chunk waits for it.
     pub rate: Arc<SendRate>,
+    /// Bytes of encoded chunks handed to the wire so far (NodeStatus shows
+    /// it, so an operator sees how far a replica move's catch-up is).
+    pub sent_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// Called once with whether the receiver got the whole stream.
     pub report: SnapshotReport,
 }

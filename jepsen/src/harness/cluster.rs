@@ -210,7 +210,10 @@ pub fn channel(i: u64) -> Result<tonic::transport::Channel, String> {
 /// NodeStatus of node `i`, or None if it does not answer within 1 s.
 pub async fn status(i: u64) -> Option<pb::NodeStatusResponse> {
     let mut c = pb::admin_client::AdminClient::new(channel(i).ok()?);
-    let call = c.node_status(pb::NodeStatusRequest { include_sizes: false });
+    let call = c.node_status(pb::NodeStatusRequest {
+        include_sizes: false,
+        ..Default::default()
+    });
     match tokio::time::timeout(Duration::from_secs(1), call).await {
         Ok(Ok(r)) => Some(r.into_inner()),
         _ => None,

@@ -63,13 +63,39 @@ async fn leaders(client: &Client) -> BTreeMap<u64, (u64, u64)> {
     out
 }
 
-/// A move's progress, 0 to 100: its step, and while the learner catches up
-/// its applied index against the leader's commit index.
-async fn progress(client: &Client, m: &pb::PlacementMove, leaders: &BTreeMap<u64, (u64, u64)>) -> u32 {
+/// A move's progress, 0 to 100, and what it is based on. Catching up is
+/// 10 to 90 %: while the leader streams the snapshot, the bytes it has
+/// sent against the shard's state-machine size on the leader (a bounded
+/// scan, so a lower bound for a large shard: the bar then stops short of
+/// 90 % until the snapshot is in); after it, the learner's applied index
+/// against the leader's commit index.
+async fn progress(client: &Client, m: &pb::PlacementMove, leaders: &BTreeMap<u64, (u64, u64)>) -> (u32, String) {
     match m.step.as_str() {
-        "promoting" => 95,
+        "promoting" => (95, String::new()),
         "catching up" => {
-            let commit = leaders.get(&m.shard).map_or(0, |(_, c)| *c);
+            let Some((leader, commit)) = leaders.get(&m.shard).copied() else {
+                return (10, String::new());
+            };
+            let on_leader = client
+                .replica_sizes(leader, &[m.shard])
+                .await
+                .ok()
+                .and_then(|s| s.replicas.into_iter().find(|r| r.shard == m.shard));
+            if let Some(r) = &on_leader {
+                if let Some(send) = r.snapshot_sends.iter().find(|s| s.to == m.to) {
+                    let total = r.data_bytes.max(1);
+                    let share = (send.bytes_sent.min(total) * 80).checked_div(total).unwrap_or(0);
+                    let of = if r.size_complete { "" } else { "≥ " };
+                    return (
+                        10 + u32::try_from(share).unwrap_or(80).min(79),
+                        format!(
+                            "snapshot {} of {of}{}",
+                            render::size(send.bytes_sent),
+                            render::size(r.data_bytes)
+                        ),
+                    );
+                }
+            }
             let applied = client
                 .node_status(m.to, false)
                 .await
@@ -77,9 +103,12 @@ async fn progress(client: &Client, m: &pb::PlacementMove, leaders: &BTreeMap<u64
                 .and_then(|s| s.replicas.into_iter().find(|r| r.shard == m.shard))
                 .map_or(0, |r| r.applied_index);
             let share = (applied.min(commit) * 80).checked_div(commit).unwrap_or(0);
-            10 + u32::try_from(share).unwrap_or(80)
+            (
+                10 + u32::try_from(share).unwrap_or(80),
+                format!("applied {applied} of {commit}"),
+            )
         }
-        _ => 0,
+        _ => (0, String::new()),
     }
 }
 
@@ -88,17 +117,20 @@ fn bar(pct: u32) -> String {
     format!("[{}{}] {pct:>3}%", "#".repeat(filled), ".".repeat(20 - filled))
 }
 
-fn move_json(m: &pb::PlacementMove, pct: Option<u32>) -> serde_json::Value {
+fn move_json(m: &pb::PlacementMove, pct: Option<u32>, detail: &str) -> serde_json::Value {
     json!({"shard": m.shard, "from": m.from, "to": m.to, "state": m.state, "step": m.step,
-           "started_unix_ms": m.started_unix_ms, "progress_pct": pct})
+           "started_unix_ms": m.started_unix_ms, "progress_pct": pct, "progress": detail})
 }
 
 /// Prints the placement as the servers see it.
 async fn show(ctx: &Ctx, client: &Client, p: &pb::GetPlacementResponse, ms: Option<u128>) {
     let leaders = leaders(client).await;
     let mut pcts = Vec::new();
+    let mut details = Vec::new();
     for m in &p.in_flight {
-        pcts.push(progress(client, m, &leaders).await);
+        let (pct, detail) = progress(client, m, &leaders).await;
+        pcts.push(pct);
+        details.push(detail);
     }
     match ctx.output {
         Output::Json => render::json(&json!({
@@ -108,8 +140,10 @@ async fn show(ctx: &Ctx, client: &Client, p: &pb::GetPlacementResponse, ms: Opti
             "loop_node": if p.runs_loop { Some(p.answered_by) } else { None },
             "nodes": p.nodes.iter().map(|n| json!({"node": n.node, "replicas": n.replicas,
                 "leaders": n.leaders, "preferred": n.preferred, "eligible": n.eligible})).collect::<Vec<_>>(),
-            "in_flight": p.in_flight.iter().zip(&pcts).map(|(m, pct)| move_json(m, Some(*pct))).collect::<Vec<_>>(),
-            "planned": p.planned.iter().map(|m| move_json(m, None)).collect::<Vec<_>>(),
+            "in_flight": p.in_flight.iter().zip(&pcts).zip(&details)
+                .map(|((m, pct), d)| move_json(m, Some(*pct), d))
+                .collect::<Vec<_>>(),
+            "planned": p.planned.iter().map(|m| move_json(m, None, "")).collect::<Vec<_>>(),
             "planned_leaders": p.planned_leaders.iter().map(|l| json!({"shard": l.shard, "node": l.node}))
                 .collect::<Vec<_>>(),
             "ms": ms,
@@ -127,8 +161,8 @@ async fn show(ctx: &Ctx, client: &Client, p: &pb::GetPlacementResponse, ms: Opti
             }
             out!("{t}");
             if !p.in_flight.is_empty() {
-                let mut t = render::table(&["SHARD", "FROM", "TO", "STEP", "PROGRESS"]);
-                for (m, pct) in p.in_flight.iter().zip(&pcts) {
+                let mut t = render::table(&["SHARD", "FROM", "TO", "STEP", "PROGRESS", ""]);
+                for ((m, pct), detail) in p.in_flight.iter().zip(&pcts).zip(&details) {
                     let step = if m.state == "cancelled" {
                         format!("cancelled: {}", m.step)
                     } else {
@@ -140,6 +174,7 @@ async fn show(ctx: &Ctx, client: &Client, p: &pb::GetPlacementResponse, ms: Opti
                         m.to.to_string(),
                         step,
                         bar(*pct),
+                        detail.clone(),
                     ]);
                 }
                 out!("moves in flight:\n{t}");
