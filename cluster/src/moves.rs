@@ -214,7 +214,11 @@ fn settle(t: &Target, s: Option<&ShardView>, inp: &Inputs) -> Option<MoveState> 
             if finished {
                 return Some(MoveState::Done);
             }
-            let overtaken = !s.voters.contains(&t.from) && !s.voters.contains(&t.to);
+            // Another change (an operator's move) took `from` out, or made
+            // `to` a voter beside it: this move's own steps never leave
+            // either state (its promotion swaps the two in one change), and
+            // removing `from` now would leave the shard a replica short.
+            let overtaken = s.voters.contains(&t.from) == s.voters.contains(&t.to);
             let target_gone = state_of(inp.states, t.to) != NodeState::Up || !inp.alive.contains(&t.to);
             let too_long = inp.now_unix_ms.saturating_sub(t.started_unix_ms) > MOVE_DURATION_MS_MAX;
             if overtaken || target_gone || too_long {
@@ -365,7 +369,7 @@ pub enum Step {
     AddLearner(u64),
     /// Hand leadership to this voter: the leader itself leaves.
     TransferLeader(u64),
-    /// One change: `to` becomes a voter (if it is not one) and `from` goes.
+    /// One joint change: `to` becomes a voter and `from` goes.
     Promote { to: u64, from: u64 },
     /// A cancelled move's learner goes.
     RemoveLearner(u64),
@@ -409,7 +413,9 @@ pub fn next_step(t: &Target, v: &LeaderView) -> Step {
             if voter(t.to) && !voter(t.from) {
                 return Step::Wait("done; the metadata leader closes it");
             }
-            if !voter(t.from) {
+            if !voter(t.from) || voter(t.to) {
+                // Only another change leaves these (see `settle`): never
+                // remove `from` beside a `to` someone else promoted.
                 return Step::Wait("overtaken by another change");
             }
             if v.busy {

@@ -105,13 +105,22 @@ fn targets_settle_from_the_shard_map() {
         version: 7,
     };
     // 1: finished (4 a voter, 1 gone); 2: a learner on a node that died;
-    // 3: cancelled earlier, its learner already removed.
+    // 3: cancelled earlier, its learner already removed; 4: overtaken (an
+    // operator made 4 a voter beside 1).
     s.get_mut(&1).unwrap().voters = vec![4, 2, 3];
     s.get_mut(&2).unwrap().learners = vec![4];
+    s.insert(
+        4,
+        ShardView {
+            voters: vec![1, 4, 3],
+            ..ShardView::default()
+        },
+    );
     let targets = BTreeMap::from([
         (1, t(1, 4, MoveState::Active)),
         (2, t(2, 4, MoveState::Active)),
         (3, t(3, 4, MoveState::Cancelled)),
+        (4, t(4, 4, MoveState::Active)),
     ]);
     let alive_wo4: BTreeSet<u64> = (1..=3).collect();
     let inp = Inputs {
@@ -130,7 +139,12 @@ fn targets_settle_from_the_shard_map() {
     let w = targets_of(&d);
     assert_eq!(
         w.iter().map(|t| (t.shard, t.state)).collect::<Vec<_>>(),
-        vec![(1, MoveState::Done), (2, MoveState::Cancelled), (3, MoveState::Done)]
+        vec![
+            (1, MoveState::Done),
+            (2, MoveState::Cancelled),
+            (3, MoveState::Done),
+            (4, MoveState::Done)
+        ]
     );
     assert!(w.iter().all(|t| t.version == 7), "writes are over the version read");
     assert_eq!(
@@ -327,6 +341,10 @@ fn a_shard_leader_takes_a_moves_steps_in_order() {
     s.voters = vec![4, 2, 3];
     s.learners = vec![];
     assert!(matches!(step(&t, 2, &s, 0), Step::Wait(_)), "done");
+    // An operator promoted node 4 and removed node 3 instead: node 1 must
+    // stay, or the shard would be left with two replicas.
+    s.voters = vec![1, 2, 4];
+    assert!(matches!(step(&t, 2, &s, 0), Step::Wait(_)), "overtaken");
     // Cancelled: the learner goes, once no change is under way.
     let c = Target {
         state: MoveState::Cancelled,

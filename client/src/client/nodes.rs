@@ -40,7 +40,8 @@ impl Client {
     }
 
     /// Runs an admin call any node can answer: on the known nodes in turn,
-    /// retrying retryable statuses within the client's deadline.
+    /// retrying retryable statuses (and UNIMPLEMENTED, from a node of an
+    /// older build) within the client's deadline.
     async fn call_any<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
     where
         F: FnMut(AdminClient<Channel>, Duration) -> Fut,
@@ -64,7 +65,9 @@ impl Client {
                 Ok(Err(s)) => s,
                 Err(_) => Status::deadline_exceeded(format!("node {node} did not answer")),
             };
-            if !is_retryable(s.code()) {
+            // An older build does not serve a newer call: another node
+            // may (a rolling upgrade), so it counts as "ask another node".
+            if !is_retryable(s.code()) && s.code() != tonic::Code::Unimplemented {
                 return Err(Error::Rejected(s));
             }
             retry.pause(s, true).await?;

@@ -139,6 +139,9 @@ pub(crate) struct Driver {
     /// Snapshots being sent: (shard, follower) → bytes handed to the wire
     /// (NodeStatus shows them; dropped when the send is reported).
     snapshot_sends: BTreeMap<(u64, u64), Arc<std::sync::atomic::AtomicU64>>,
+    /// The last placement round saw a move in flight (rounds then come
+    /// every `PLACEMENT_BUSY_EVERY_TICKS`).
+    moves_in_flight: bool,
     /// The placement loop's metadata write in flight, if any (`place`).
     place_write: Option<oneshot::Receiver<ProposeResult>>,
     outbox: BTreeMap<u64, Vec<ShardMsg>>,
@@ -231,6 +234,7 @@ impl Driver {
             map_dirty: BTreeSet::new(),
             map_writes: Vec::new(),
             place_write: None,
+            moves_in_flight: false,
             snapshot_sends: BTreeMap::new(),
             outbox: BTreeMap::new(),
             peers,

@@ -219,6 +219,7 @@ impl Driver {
     /// node leads.
     fn carry_out_moves(&mut self) {
         let targets = self.move_targets();
+        self.moves_in_flight = targets.values().any(Target::in_flight);
         for t in targets.values().filter(|t| t.in_flight()) {
             if !self.leads(t.shard) {
                 continue;
@@ -253,16 +254,7 @@ impl Driver {
                 }
                 Step::AddLearner(n) => vec![MembershipChange::AddLearner(n)],
                 Step::RemoveLearner(n) => vec![MembershipChange::Remove(n)],
-                Step::Promote { to, from } => {
-                    // One change through a joint configuration; `to` may be
-                    // a voter already (another change promoted it).
-                    let mut c = Vec::new();
-                    if !cs.voters.contains(&to) {
-                        c.push(MembershipChange::AddVoter(to));
-                    }
-                    c.push(MembershipChange::Remove(from));
-                    c
-                }
+                Step::Promote { to, from } => vec![MembershipChange::AddVoter(to), MembershipChange::Remove(from)],
             };
             let id = self.next_id();
             let node_id = self.node_id;

@@ -23,6 +23,11 @@ use tokio::sync::oneshot;
 /// that joined: a new node is reachable from every node within a second.
 const LEARN_PEERS_EVERY_TICKS: u64 = 10;
 
+/// Placement rounds while a move is in flight, every this many ticks at
+/// most (a round reads the move targets and, on the metadata leader, the
+/// shard map: cheap next to the snapshot a move streams).
+const PLACEMENT_BUSY_EVERY_TICKS: u64 = 2;
+
 impl Driver {
     /// Adds every node that joined (a node record with an address) to the
     /// transport and to the liveness table, so this node sends to it and
@@ -216,7 +221,14 @@ impl Driver {
         if rebalance {
             self.reconcile_meta();
         }
-        if self.tuning.placement_every_ticks != 0 && self.ticks % self.tuning.placement_every_ticks == 0 {
+        // Rounds come faster while moves are in flight: each step of a move
+        // waits for a round, so the idle pace would add seconds per move.
+        let every = if self.moves_in_flight {
+            self.tuning.placement_every_ticks.min(PLACEMENT_BUSY_EVERY_TICKS)
+        } else {
+            self.tuning.placement_every_ticks
+        };
+        if every != 0 && self.ticks % every == 0 {
             self.placement_round();
         }
         let expired: Vec<u64> = self
