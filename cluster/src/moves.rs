@@ -43,6 +43,21 @@ pub const MOVE_DURATION_MS_MAX: u64 = 30 * 60 * 1_000;
 /// acknowledges, so "equal" could take arbitrarily long. The joint change's
 /// new quorum does not need it to vote at once.
 pub const CATCH_UP_SLACK_ENTRIES: u64 = 64;
+/// A cancelled move is closed only this many request timeouts after its
+/// cancellation (and once its learner is gone): an AddLearner proposed
+/// just before is then committed and in the shard map, or lost, so no
+/// learner is left unowned (15 s with the default 5 s timeout).
+pub const CANCEL_SETTLE_REQUEST_TIMEOUTS: u64 = 3;
+/// A data-shard learner that no move in flight owns (a move's AddLearner
+/// that landed after it was closed, a stale metadata replica on a shard
+/// leader, a `shard move` left half-way) is removed once it has been seen
+/// unowned this long, by a cancelled move the loop records for it. Long
+/// enough for an operator's `shard move` (with the loop paused, nothing is
+/// removed).
+pub const STRAY_LEARNER_MS: u64 = 10 * 60 * 1_000;
+/// Metadata writes per round, at most (one proposal; the engine takes at
+/// most 4,096 ops per command). The next round continues.
+pub const WRITES_PER_ROUND_MAX: usize = 256;
 
 /// The system key of `shard`'s move target.
 pub fn move_key(shard: u64) -> Vec<u8> {
@@ -59,6 +74,8 @@ pub struct Target {
     pub to: u64,
     pub state: MoveState,
     pub started_unix_ms: u64,
+    /// When it entered `state`.
+    pub state_since_unix_ms: u64,
     /// The stored version (writes are compare-and-set over it).
     pub version: u64,
 }
@@ -77,6 +94,7 @@ impl Target {
             to: self.to,
             state: self.state as i32,
             started_unix_ms: self.started_unix_ms,
+            state_since_unix_ms: self.state_since_unix_ms,
         }
         .encode_to_vec()
     }
@@ -99,6 +117,7 @@ pub fn decode_targets(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u6
                     to: t.to,
                     state,
                     started_unix_ms: t.started_unix_ms,
+                    state_since_unix_ms: t.state_since_unix_ms,
                     version: v.version,
                 },
             ))
@@ -154,8 +173,14 @@ pub struct Inputs<'a> {
     pub alive: &'a BTreeSet<u64>,
     pub zones: &'a Zones,
     pub targets: &'a BTreeMap<u64, Target>,
+    /// (shard, node) learners the caller has seen unowned by any move for
+    /// [`STRAY_LEARNER_MS`] (see [`Decision::unowned_learners`]).
+    pub stray_learners: &'a BTreeSet<(u64, u64)>,
     pub config: Config,
     pub now_unix_ms: u64,
+    /// How long a cancelled move stays before it is closed
+    /// ([`CANCEL_SETTLE_REQUEST_TIMEOUTS`] request timeouts).
+    pub cancel_settle_ms: u64,
 }
 
 /// A write the loop makes to the metadata group (compare-and-set).
@@ -185,6 +210,8 @@ pub struct Decision {
     /// recently that it has not learnt of them): the plan leaves them out,
     /// so the cluster does not count as balanced while there are any.
     pub unreachable: BTreeSet<u64>,
+    /// (shard, node) learners of data shards that no move in flight owns.
+    pub unowned_learners: BTreeSet<(u64, u64)>,
 }
 
 impl Decision {
@@ -202,12 +229,13 @@ fn state_of(states: &BTreeMap<u64, NodeState>, node: u64) -> NodeState {
 }
 
 /// Where a target stands after looking at its shard: `None` when it stays
-/// as it is, else its new state.
+/// as it is, else its new state. A move is never closed straight from
+/// ACTIVE unless it finished: calling it off goes through CANCELLED, whose
+/// learner (or one still being added) the shard's leader removes.
 fn settle(t: &Target, s: Option<&ShardView>, inp: &Inputs) -> Option<MoveState> {
     let Some(s) = s else {
         return Some(MoveState::Done); // no such shard any more
     };
-    let learner = s.learners.contains(&t.to);
     match t.state {
         MoveState::Active => {
             let finished = s.voters.contains(&t.to) && !s.voters.contains(&t.from) && !s.learners.contains(&t.from);
@@ -220,13 +248,16 @@ fn settle(t: &Target, s: Option<&ShardView>, inp: &Inputs) -> Option<MoveState> 
             // removing `from` now would leave the shard a replica short.
             let overtaken = s.voters.contains(&t.from) == s.voters.contains(&t.to);
             let target_gone = state_of(inp.states, t.to) != NodeState::Up || !inp.alive.contains(&t.to);
+            // A draining or removed source is `node drain`'s to move: two
+            // movers of one replica could leave the shard a voter too many.
+            let source_draining = state_of(inp.states, t.from) != NodeState::Up;
             let too_long = inp.now_unix_ms.saturating_sub(t.started_unix_ms) > MOVE_DURATION_MS_MAX;
-            if overtaken || target_gone || too_long {
-                return Some(if learner { MoveState::Cancelled } else { MoveState::Done });
-            }
-            None
+            (overtaken || target_gone || source_draining || too_long).then_some(MoveState::Cancelled)
         }
-        MoveState::Cancelled => (!learner).then_some(MoveState::Done),
+        MoveState::Cancelled => {
+            let settled = inp.now_unix_ms.saturating_sub(t.state_since_unix_ms) >= inp.cancel_settle_ms;
+            (!s.learners.contains(&t.to) && settled).then_some(MoveState::Done)
+        }
         MoveState::Done | MoveState::Unspecified => None,
     }
 }
@@ -239,13 +270,20 @@ fn settle(t: &Target, s: Option<&ShardView>, inp: &Inputs) -> Option<MoveState> 
 pub fn decide(inp: &Inputs) -> Decision {
     let mut d = Decision::default();
     let mut in_flight: BTreeMap<u64, Target> = BTreeMap::new();
+    // The version each shard's target has once this round's writes apply.
+    let mut version: BTreeMap<u64, u64> = inp.targets.iter().map(|(s, t)| (*s, t.version)).collect();
     for (shard, t) in inp.targets.iter().filter(|(_, t)| t.in_flight()) {
         match settle(t, inp.shards.get(shard), inp) {
             Some(state) => {
-                let next = Target { state, ..t.clone() };
+                let next = Target {
+                    state,
+                    state_since_unix_ms: inp.now_unix_ms,
+                    ..t.clone()
+                };
                 if state == MoveState::Cancelled {
                     in_flight.insert(*shard, next.clone());
                 }
+                version.insert(*shard, t.version.saturating_add(1));
                 d.writes.push(MetaWrite::Target(next));
             }
             None => {
@@ -265,6 +303,34 @@ pub fn decide(inp: &Inputs) -> Decision {
         .filter(|(n, s)| **s == NodeState::Up && !inp.alive.contains(n))
         .map(|(n, _)| *n)
         .collect();
+    // Learners no move owns; the ones seen long enough get a cancelled move
+    // of their own, so the shard's leader removes them.
+    for (shard, s) in inp.shards {
+        for l in &s.learners {
+            if in_flight.get(shard).is_none_or(|t| t.to != *l) {
+                d.unowned_learners.insert((*shard, *l));
+            }
+        }
+    }
+    if !inp.config.paused {
+        for (shard, node) in d.unowned_learners.intersection(inp.stray_learners) {
+            if in_flight.contains_key(shard) {
+                continue;
+            }
+            let t = Target {
+                shard: *shard,
+                from: 0,
+                to: *node,
+                state: MoveState::Cancelled,
+                started_unix_ms: inp.now_unix_ms,
+                state_since_unix_ms: inp.now_unix_ms,
+                version: version.get(shard).copied().unwrap_or(0),
+            };
+            version.insert(*shard, t.version.saturating_add(1));
+            in_flight.insert(*shard, t.clone());
+            d.writes.push(MetaWrite::Target(t));
+        }
+    }
     // The configuration the moves in flight will leave.
     let mut voters: BTreeMap<u64, Vec<u64>> = inp.shards.iter().map(|(s, v)| (*s, v.voters.clone())).collect();
     for t in in_flight.values().filter(|t| t.state == MoveState::Active) {
@@ -286,9 +352,12 @@ pub fn decide(inp: &Inputs) -> Decision {
                 break;
             }
             let Some(s) = inp.shards.get(&m.shard) else { continue };
+            // A shard of one voter is not moved: its leader is the replica
+            // that would leave, with no voter to hand leadership to.
             let ready = !in_flight.contains_key(&m.shard)
                 && !asked.contains(&m.shard)
                 && s.learners.is_empty()
+                && s.voters.len() >= 2
                 && s.voters.iter().all(|v| d.eligible.contains(v));
             if !ready {
                 continue;
@@ -300,7 +369,8 @@ pub fn decide(inp: &Inputs) -> Decision {
                 to: m.to,
                 state: MoveState::Active,
                 started_unix_ms: inp.now_unix_ms,
-                version: inp.targets.get(&m.shard).map_or(0, |t| t.version),
+                state_since_unix_ms: inp.now_unix_ms,
+                version: version.get(&m.shard).copied().unwrap_or(0),
             };
             in_flight.insert(m.shard, t.clone());
             d.writes.push(MetaWrite::Target(t));
@@ -433,6 +503,11 @@ pub fn next_step(t: &Target, v: &LeaderView) -> Step {
                 if matched.saturating_add(CATCH_UP_SLACK_ENTRIES) < v.committed {
                     return Step::Wait("the learner is catching up");
                 }
+            }
+            if !(v.alive)(t.to) {
+                // Promoting a dead learner in place of a live voter would
+                // leave the shard with two live replicas.
+                return Step::Wait("the target node is not heard from");
             }
             if t.from == v.me {
                 // Leadership goes first, to a live voter that stays.

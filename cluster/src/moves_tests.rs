@@ -1,5 +1,7 @@
 use super::*;
 
+const SETTLE_MS: u64 = 15_000;
+
 fn shards(n: u64, voters: &[u64]) -> BTreeMap<u64, ShardView> {
     (1..=n)
         .map(|s| {
@@ -52,8 +54,10 @@ fn new_nodes_get_moves_up_to_the_limit_one_per_shard() {
         alive: &alive,
         zones: &Zones::new(),
         targets: &none,
+        stray_learners: &BTreeSet::new(),
         config: config(),
         now_unix_ms: 1_000,
+        cancel_settle_ms: SETTLE_MS,
     };
     let d = decide(&inp);
     let asked = targets_of(&d);
@@ -102,10 +106,11 @@ fn targets_settle_from_the_shard_map() {
         to,
         state,
         started_unix_ms: 0,
+        state_since_unix_ms: 0,
         version: 7,
     };
     // 1: finished (4 a voter, 1 gone); 2: a learner on a node that died;
-    // 3: cancelled earlier, its learner already removed; 4: overtaken (an
+    // 3: cancelled 30 s ago, its learner already removed; 4: overtaken (an
     // operator made 4 a voter beside 1).
     s.get_mut(&1).unwrap().voters = vec![4, 2, 3];
     s.get_mut(&2).unwrap().learners = vec![4];
@@ -129,11 +134,13 @@ fn targets_settle_from_the_shard_map() {
         alive: &alive_wo4,
         zones: &Zones::new(),
         targets: &targets,
+        stray_learners: &BTreeSet::new(),
         config: Config {
             paused: true,
             ..config()
         },
-        now_unix_ms: 1,
+        now_unix_ms: SETTLE_MS,
+        cancel_settle_ms: SETTLE_MS,
     };
     let d = decide(&inp);
     let w = targets_of(&d);
@@ -143,15 +150,42 @@ fn targets_settle_from_the_shard_map() {
             (1, MoveState::Done),
             (2, MoveState::Cancelled),
             (3, MoveState::Done),
-            (4, MoveState::Done)
+            (4, MoveState::Cancelled)
         ]
     );
     assert!(w.iter().all(|t| t.version == 7), "writes are over the version read");
+    assert!(
+        w.iter()
+            .all(|t| t.state_since_unix_ms == SETTLE_MS && t.started_unix_ms == 0),
+        "{w:?}"
+    );
     assert_eq!(
         d.in_flight.len(),
-        1,
-        "the cancelled move stays until its learner is gone"
+        2,
+        "cancelled moves stay until their learner is gone and 30 s passed"
     );
+    // Cancelled a moment ago, with no learner in the map yet (its
+    // AddLearner may still land): not closed yet.
+    let just = BTreeMap::from([(
+        3,
+        Target {
+            state_since_unix_ms: 1,
+            ..t(3, 4, MoveState::Cancelled)
+        },
+    )]);
+    assert!(targets_of(&decide(&Inputs { targets: &just, ..inp })).is_empty());
+
+    // A draining source: the move is called off (the drain moves it).
+    let mut draining = states.clone();
+    draining.insert(1, NodeState::Draining);
+    let only2 = BTreeMap::from([(2, t(2, 4, MoveState::Active))]);
+    let d = decide(&Inputs {
+        states: &draining,
+        alive: &alive,
+        targets: &only2,
+        ..inp
+    });
+    assert_eq!(targets_of(&d).first().map(|t| t.state), Some(MoveState::Cancelled));
 
     // With node 4 alive, shard 2's move goes on; too old, it is cancelled.
     let inp = Inputs { alive: &alive, ..inp };
@@ -162,6 +196,7 @@ fn targets_settle_from_the_shard_map() {
     };
     assert!(targets_of(&decide(&late)).contains(&Target {
         state: MoveState::Cancelled,
+        state_since_unix_ms: MOVE_DURATION_MS_MAX + 1,
         ..t(2, 4, MoveState::Active)
     }));
 }
@@ -191,8 +226,10 @@ fn the_loop_reaches_balance_with_zones() {
             alive: &alive,
             zones: &zones,
             targets: &targets,
+            stray_learners: &BTreeSet::new(),
             config: config(),
             now_unix_ms: rounds,
+            cancel_settle_ms: SETTLE_MS,
         });
         assert!(d.in_flight.iter().filter(|t| t.state == MoveState::Active).count() <= 2);
         if d.writes.is_empty() {
@@ -202,6 +239,9 @@ fn the_loop_reaches_balance_with_zones() {
         for w in d.writes {
             match w {
                 MetaWrite::Target(t) => {
+                    // Compare-and-set, as the engine applies it.
+                    let stored = targets.get(&t.shard).map_or(0, |x| x.version);
+                    assert_eq!(t.version, stored, "a write over a version it did not read: {t:?}");
                     if t.state == MoveState::Active {
                         let v = s.get_mut(&t.shard).unwrap();
                         for x in v.voters.iter_mut() {
@@ -218,8 +258,13 @@ fn the_loop_reaches_balance_with_zones() {
                         },
                     );
                 }
-                MetaWrite::Preferred { shard, node, .. } => {
+                MetaWrite::Preferred {
+                    shard,
+                    node,
+                    if_version,
+                } => {
                     let v = s.get_mut(&shard).unwrap();
+                    assert_eq!(if_version, v.preferred_version);
                     assert!(v.voters.contains(&node));
                     v.preferred = node;
                     v.preferred_version += 1;
@@ -263,8 +308,10 @@ fn even_preferred_leaders_are_left_alone_and_stale_ones_replaced() {
             alive: &alive,
             zones: &Zones::new(),
             targets: &none,
+            stray_learners: &BTreeSet::new(),
             config: config(),
             now_unix_ms: 0,
+            cancel_settle_ms: SETTLE_MS,
         })
     };
     // Two each, but not what a fresh plan would pick (it would give shard
@@ -317,6 +364,7 @@ fn a_shard_leader_takes_a_moves_steps_in_order() {
         to: 4,
         state: MoveState::Active,
         started_unix_ms: 0,
+        state_since_unix_ms: 0,
         version: 1,
     };
     let mut s = Shard {
@@ -335,6 +383,9 @@ fn a_shard_leader_takes_a_moves_steps_in_order() {
     assert!(matches!(step(&t, 2, &s, 0), Step::Wait(_)), "still catching up");
     s.matched = 1_000 - CATCH_UP_SLACK_ENTRIES;
     assert_eq!(step(&t, 2, &s, 0), Step::Promote { to: 4, from: 1 });
+    // A learner that stopped answering after it caught up is not promoted
+    // in place of a live voter.
+    assert!(matches!(step(&t, 2, &s, 4), Step::Wait(_)), "dead learner");
     // The leader that leaves hands leadership to a live voter that stays.
     assert_eq!(step(&t, 1, &s, 0), Step::TransferLeader(2));
     assert_eq!(step(&t, 1, &s, 2), Step::TransferLeader(3));
@@ -365,6 +416,7 @@ fn records_round_trip_and_bad_ones_are_skipped() {
         to: 4,
         state: MoveState::Cancelled,
         started_unix_ms: 5,
+        state_since_unix_ms: 6,
         version: 3,
     };
     let good = pigeonhole_engine::SystemValue {
@@ -400,4 +452,81 @@ fn records_round_trip_and_bad_ones_are_skipped() {
             version: 2
         }
     );
+}
+
+/// A learner no move owns (here: on shard 2, node 5), once the caller has
+/// seen it long enough, gets a cancelled move so the shard's leader removes
+/// it; a move's own learner is owned; nothing is cancelled while paused.
+/// A shard whose move closes in a round may get its next move in the same
+/// round, over the closed one's new version.
+#[test]
+fn unowned_learners_are_removed_and_versions_chain_within_a_round() {
+    let mut s = shards(4, &[1, 2, 3]);
+    s.get_mut(&2).unwrap().learners = vec![5];
+    s.get_mut(&1).unwrap().voters = vec![4, 2, 3];
+    let states = up(&[1, 2, 3, 4, 5]);
+    let alive: BTreeSet<u64> = (1..=5).collect();
+    let targets = BTreeMap::from([(
+        1,
+        Target {
+            shard: 1,
+            from: 1,
+            to: 4,
+            state: MoveState::Active,
+            started_unix_ms: 0,
+            state_since_unix_ms: 0,
+            version: 7,
+        },
+    )]);
+    let strays = BTreeSet::from([(2, 5)]);
+    let inp = Inputs {
+        shards: &s,
+        states: &states,
+        alive: &alive,
+        zones: &Zones::new(),
+        targets: &targets,
+        stray_learners: &strays,
+        config: config(),
+        now_unix_ms: 10,
+        cancel_settle_ms: SETTLE_MS,
+    };
+    let d = decide(&inp);
+    assert_eq!(d.unowned_learners, BTreeSet::from([(2, 5)]));
+    let w = targets_of(&d);
+    assert!(
+        w.contains(&Target {
+            shard: 2,
+            from: 0,
+            to: 5,
+            state: MoveState::Cancelled,
+            started_unix_ms: 10,
+            state_since_unix_ms: 10,
+            version: 0,
+        }),
+        "{w:?}"
+    );
+    // Shard 1's move closed (version 7 → 8); a new move of it in the same
+    // round writes over 8.
+    let on1: Vec<&Target> = w.iter().filter(|t| t.shard == 1).collect();
+    assert_eq!(on1.first().map(|t| (t.state, t.version)), Some((MoveState::Done, 7)));
+    assert_eq!(
+        on1.get(1).map(|t| (t.state, t.version)),
+        Some((MoveState::Active, 8)),
+        "{on1:?}"
+    );
+    // Not seen long enough, or paused: left alone.
+    let none = BTreeSet::new();
+    let d = decide(&Inputs {
+        stray_learners: &none,
+        ..inp
+    });
+    assert!(targets_of(&d).iter().all(|t| t.shard != 2));
+    let d = decide(&Inputs {
+        config: Config {
+            paused: true,
+            ..config()
+        },
+        ..inp
+    });
+    assert!(targets_of(&d).iter().all(|t| t.shard != 2));
 }

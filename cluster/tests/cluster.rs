@@ -384,6 +384,17 @@ async fn membership_change_moves_a_replica_to_a_new_node() {
         .await
         .unwrap();
     assert!(!cs.voters.contains(&gone));
+    // Removing it again is refused: raft-rs would apply it as a no-op, and
+    // beside an AddVoter (a move whose source another change took out) it
+    // would leave the shard a voter too many.
+    let again = c
+        .node(leader)
+        .change_membership(shard, &[MembershipChange::Remove(gone)])
+        .await;
+    assert!(
+        matches!(&again, Err(ClusterError::Refused { reason }) if reason.contains("not a member")),
+        "{again:?}"
+    );
     c.eventually("removed replica stops", 5, || async {
         c.status(gone, shard).await.is_none()
     })

@@ -62,13 +62,32 @@ impl Driver {
                         return Ok(true);
                     }
                 };
-                let joint = !r.raw.raft.prs().conf().to_conf_state().voters_outgoing.is_empty();
+                let cs = r.raw.raft.prs().conf().to_conf_state();
+                let joint = !cs.voters_outgoing.is_empty();
                 if r.raw.raft.has_pending_conf() || joint {
                     // raft-rs would turn the proposal into an empty entry and
                     // the caller would only see a timeout; say why instead.
                     let _ = reply.send(Err(ClusterError::Busy {
                         shard,
                         reason: "a membership change is still being applied".into(),
+                    }));
+                    return Ok(true);
+                }
+                // Removing a node that is not a member would be a no-op in
+                // raft-rs, so a move whose source another change already
+                // took out would still add its target: one voter too many.
+                let gone = cc.get_changes().iter().find(|c| {
+                    c.get_change_type() == pigeonhole_engine::raft::eraftpb::ConfChangeType::RemoveNode
+                        && !cs.voters.contains(&c.node_id)
+                        && !cs.learners.contains(&c.node_id)
+                });
+                if let Some(c) = gone {
+                    let _ = reply.send(Err(ClusterError::Refused {
+                        reason: format!(
+                            "node {} is not a member of shard {shard} (voters {:?}, learners {:?}): the configuration \
+                             changed meanwhile; look again",
+                            c.node_id, cs.voters, cs.learners
+                        ),
                     }));
                     return Ok(true);
                 }

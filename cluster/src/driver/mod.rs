@@ -142,6 +142,9 @@ pub(crate) struct Driver {
     /// The last placement round saw a move in flight (rounds then come
     /// every `PLACEMENT_BUSY_EVERY_TICKS`).
     moves_in_flight: bool,
+    /// On the metadata leader: data-shard learners no move owns, and when
+    /// this node first saw each (`place`; stray learners are removed).
+    unowned_learners: BTreeMap<(u64, u64), Instant>,
     /// The placement loop's metadata write in flight, if any (`place`).
     place_write: Option<oneshot::Receiver<ProposeResult>>,
     outbox: BTreeMap<u64, Vec<ShardMsg>>,
@@ -234,6 +237,7 @@ impl Driver {
             map_dirty: BTreeSet::new(),
             map_writes: Vec::new(),
             place_write: None,
+            unowned_learners: BTreeMap::new(),
             moves_in_flight: false,
             snapshot_sends: BTreeMap::new(),
             outbox: BTreeMap::new(),

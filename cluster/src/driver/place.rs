@@ -125,6 +125,12 @@ impl Driver {
             .find(|v| v.key == moves::PLACEMENT_CONFIG_KEY);
         let config = moves::decode_config(config_value.as_ref());
         let targets = self.move_targets();
+        let stray_learners: BTreeSet<(u64, u64)> = self
+            .unowned_learners
+            .iter()
+            .filter(|(_, seen)| seen.elapsed() >= Duration::from_millis(moves::STRAY_LEARNER_MS))
+            .map(|(k, _)| *k)
+            .collect();
         let now_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -134,8 +140,13 @@ impl Driver {
             alive: &alive,
             zones: &zones,
             targets: &targets,
+            stray_learners: &stray_learners,
             config,
             now_unix_ms,
+            cancel_settle_ms: self
+                .tuning
+                .request_timeout_ms
+                .saturating_mul(moves::CANCEL_SETTLE_REQUEST_TIMEOUTS),
         });
         let mut load: BTreeMap<u64, (u32, u32, u32)> = states
             .iter()
@@ -191,13 +202,35 @@ impl Driver {
                 _ => self.place_write = None,
             }
         }
+        // A leader that has not applied everything it knows committed
+        // would decide from an older map (a new leader, just elected).
+        let caught_up = self
+            .replicas
+            .get(&META_SHARD)
+            .is_some_and(|r| r.raw.raft.raft_log.applied >= r.raw.raft.raft_log.committed);
+        if !caught_up {
+            return;
+        }
         let Ok((_, decision, _, _)) = self.decide_now() else {
             return; // the engine's failure surfaces on the apply path
         };
+        // How long each unowned learner has been seen (this leader's memory
+        // only: a new leader starts the clock again, which only delays).
+        let now = Instant::now();
+        self.unowned_learners
+            .retain(|k, _| decision.unowned_learners.contains(k));
+        for k in &decision.unowned_learners {
+            self.unowned_learners.entry(*k).or_insert(now);
+        }
         if decision.writes.is_empty() {
             return;
         }
-        let ops: Vec<cmd::Op> = decision.writes.iter().map(write_op).collect();
+        let ops: Vec<cmd::Op> = decision
+            .writes
+            .iter()
+            .take(moves::WRITES_PER_ROUND_MAX)
+            .map(write_op)
+            .collect();
         let (reply, rx) = oneshot::channel();
         let now = Instant::now();
         let Some(meta) = self.replicas.get_mut(&META_SHARD) else {

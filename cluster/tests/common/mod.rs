@@ -97,7 +97,20 @@ impl TestCluster {
 
     pub fn start(&mut self, id: u64) {
         let cfg = self.configs[&id].clone();
-        let node = Node::start(cfg, self.router.transport(id)).unwrap();
+        // A restarted node's previous engine may still be held for a moment
+        // by a snapshot it was streaming (the in-process transport's sender
+        // thread owns a clone until the export ends); a real restart is a
+        // new process, so only this harness waits for the lock.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let node = loop {
+            match Node::start(cfg.clone(), self.router.transport(id)) {
+                Ok(n) => break n,
+                Err(e) if e.to_string().contains("LOCK") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("node {id} did not start: {e}"),
+            }
+        };
         self.router.register(node.inbox());
         self.nodes.insert(id, node);
     }

@@ -291,6 +291,13 @@ pub async fn balance(
                     .into(),
             ));
         }
+        if !p.in_flight.is_empty() {
+            return Err(failed(format!(
+                "{} move(s) of the placement loop are still in flight; they finish while it is paused \
+                 (`phctl cluster balance` shows them): run --apply after them",
+                p.in_flight.len()
+            )));
+        }
         run_moves(ctx, &client, &p.planned, concurrency, deadline).await?;
         // Preferred leaders are planned once no replica move is left.
         let p = until("the moved replicas in the map", deadline, || async {

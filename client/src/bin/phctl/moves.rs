@@ -153,6 +153,17 @@ pub(crate) async fn move_replica(
         .await?;
         steps.push(format!("node {to} caught up (applied ≥ {target})"));
         let v = until("a leader of the shard", deadline, || view(client, id)).await?;
+        if !v.voters.contains(&from) && !moved(&v) {
+            // Another change (the placement loop, another phctl) took the
+            // replica off `from` meanwhile; promoting `to` now would give
+            // the shard a voter too many. The servers refuse it too.
+            return Err(failed(format!(
+                "node {from} is no longer a voter of shard {id} (voters {:?}, learners {:?}): another change moved \
+                 it meanwhile; node {to} stays a learner (phctl shard move {id} --from N --to {to} uses it, or the \
+                 placement loop removes it)",
+                v.voters, v.learners
+            )));
+        }
         if v.leader == from {
             let next = v
                 .voters
