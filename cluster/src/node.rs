@@ -283,16 +283,8 @@ impl Node {
                 if_version: Some(current.version),
             })),
         };
-        let results = self.propose(META_SHARD, vec![op]).await?;
-        match results.into_iter().next() {
-            Some(Ok(_)) => Ok((current.state, state)),
-            // A concurrent write got a higher version in first: retryable.
-            Some(Err(e)) => Err(ClusterError::Busy {
-                shard: META_SHARD,
-                reason: format!("node {node}'s record changed meanwhile ({e}); retry"),
-            }),
-            None => Err(ClusterError::Raft("a proposal of one op returned no result".into())),
-        }
+        self.propose_meta_cas(op, &format!("node {node}'s record")).await?;
+        Ok((current.state, state))
     }
 
     /// Makes this node's record say `zone` (its `--zone`; empty: none), after
@@ -319,14 +311,8 @@ impl Node {
                 if_version: Some(current.version),
             })),
         };
-        match self.propose(META_SHARD, vec![op]).await?.into_iter().next() {
-            Some(Ok(_)) => Ok(true),
-            Some(Err(e)) => Err(ClusterError::Busy {
-                shard: META_SHARD,
-                reason: format!("node {node}'s record changed meanwhile ({e}); retry"),
-            }),
-            None => Err(ClusterError::Raft("a proposal of one op returned no result".into())),
-        }
+        self.propose_meta_cas(op, &format!("node {node}'s record")).await?;
+        Ok(true)
     }
 
     /// Records `node` as the preferred leader of `shard` in the metadata
@@ -371,11 +357,19 @@ impl Node {
                 if_version: Some(version),
             })),
         };
+        self.propose_meta_cas(op, &format!("shard {shard}'s preferred leader"))
+            .await
+    }
+
+    /// Proposes one compare-and-set write to the metadata group. A write
+    /// whose version check failed (a concurrent writer got in first) is
+    /// BUSY, retryable: the caller reads again and re-checks its rules.
+    pub(crate) async fn propose_meta_cas(&self, op: cmd::Op, what: &str) -> Result<(), ClusterError> {
         match self.propose(META_SHARD, vec![op]).await?.into_iter().next() {
             Some(Ok(_)) => Ok(()),
             Some(Err(e)) => Err(ClusterError::Busy {
                 shard: META_SHARD,
-                reason: format!("shard {shard}'s preferred leader changed meanwhile ({e}); retry"),
+                reason: format!("{what} changed meanwhile ({e}); retry"),
             }),
             None => Err(ClusterError::Raft("a proposal of one op returned no result".into())),
         }

@@ -57,13 +57,7 @@ impl Node {
                 if_version: Some(now.version),
             })),
         };
-        match self.propose(META_SHARD, vec![op]).await?.into_iter().next() {
-            Some(Ok(_)) => Ok(next),
-            Some(Err(e)) => Err(ClusterError::Busy {
-                shard: META_SHARD,
-                reason: format!("the placement settings changed meanwhile ({e}); retry"),
-            }),
-            None => Err(ClusterError::Raft("a proposal of one op returned no result".into())),
-        }
+        self.propose_meta_cas(op, "the placement settings").await?;
+        Ok(next)
     }
 }
