@@ -136,6 +136,11 @@ pub struct RaftTuning {
     /// the engine's per-op limit) every this many ticks while the shard is
     /// awake; a hibernating shard is collected when it next wakes. 0 disables.
     pub expire_dedup_every_ticks: u64,
+    /// A replica of a shard whose record in the metadata group leaves this
+    /// node out, and whose log ends before the record's `handed_index`,
+    /// missed its own removal: it is deleted once that has held this long
+    /// (stale-replica GC, `driver::gc`). 0 disables.
+    pub stale_replica_after_ms: u64,
     /// NOT DURABLE: never fsync the Raft log. An acknowledged write then
     /// survives a process crash (it is in the OS page cache) but not a
     /// machine crash or power loss on a majority. For benchmarks against
@@ -166,6 +171,7 @@ impl Default for RaftTuning {
             rebalance_every_ticks: 50,
             placement_every_ticks: 10,
             expire_dedup_every_ticks: 600,
+            stale_replica_after_ms: 10_000,
             unsafe_no_fsync: false,
         }
     }

@@ -73,7 +73,9 @@ pub enum ClusterError {
         shard: u64,
         /// This node.
         node: u64,
-        /// Nodes that hold it (by the bootstrap layout).
+        /// Voters of the shard as this node last learnt them (its copy of
+        /// the shard's record; the bootstrap layout without one), the last
+        /// known leader first. Empty when not known.
         replicas: Vec<u64>,
     },
     /// The node's inbox is full: it is overloaded. Retry with backoff.

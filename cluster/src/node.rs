@@ -73,6 +73,7 @@ struct NodeInner {
     ops_per_entry_max: usize,
     entry_bytes_max: usize,
     watchers: Arc<Watchers>,
+    counters: Arc<crate::driver::DriverCounters>,
     bootstrap: crate::config::BootstrapParams,
 }
 
@@ -138,6 +139,7 @@ impl Node {
         let spool = Arc::new(SnapshotSpool::open(cfg.data_dir.join("snap"))?);
         let (tx, rx) = bounded(cfg.raft.inbox_capacity);
         let watchers = Arc::new(Watchers::default());
+        let counters = Arc::new(crate::driver::DriverCounters::default());
         let inbox = NodeInbox {
             node_id: cfg.node_id,
             tx: tx.clone(),
@@ -152,6 +154,7 @@ impl Node {
             map: map.clone(),
             spool,
             watchers: watchers.clone(),
+            counters: counters.clone(),
         })?;
         let thread = std::thread::Builder::new()
             .name(format!("raft-driver-{}", cfg.node_id))
@@ -174,6 +177,7 @@ impl Node {
                 ops_per_entry_max: cfg.raft.ops_per_entry_max,
                 entry_bytes_max: cfg.raft.entry_bytes_max,
                 watchers,
+                counters,
                 bootstrap: crate::config::BootstrapParams {
                     initial_cluster: cfg.initial_cluster.clone(),
                     shard_count: cfg.shard_count,
@@ -385,6 +389,11 @@ impl Node {
     /// one of them, or when a shard of them loses its leader here.
     pub fn watchers(&self) -> &Arc<Watchers> {
         &self.inner.watchers
+    }
+
+    /// Counts the driver keeps since start (NodeStatus reports them).
+    pub fn counters(&self) -> &crate::driver::DriverCounters {
+        &self.inner.counters
     }
 
     /// Limits a request must fit in (ops, bytes) to be proposed whole.

@@ -111,6 +111,11 @@ impl Admin for AdminService {
             subscribe_streams: watching.streams,
             subscribed_mailboxes: watching.stream_mailboxes,
             sync_waiters: watching.polls,
+            stale_replicas_deleted: self
+                .node
+                .counters()
+                .stale_replicas_deleted
+                .load(std::sync::atomic::Ordering::Relaxed),
             node_id: self.node.id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             replicas: replicas

@@ -46,6 +46,8 @@
 //!   entries into the state machine and answers the callers;
 //! - `flush`: making applied state durable so the log can be compacted;
 //! - `snapshot`: crash repair at start, replica creation, ingest, sending;
+//! - `gc`: deleting replicas of shards that removed this node while it was
+//!   away (stale-replica GC);
 //! - `status`: what NodeStatus reports;
 //! - `place`: the placement loop (decisions on the metadata leader, move
 //!   steps on shard leaders; the logic is `crate::moves`).
@@ -55,6 +57,7 @@
 mod applier;
 mod apply;
 mod flush;
+mod gc;
 mod inbox;
 mod msg;
 mod place;
@@ -67,6 +70,7 @@ mod tick;
 pub(crate) use msg::Inbound;
 pub use msg::{ProposeResult, Role, ShardStatus};
 pub use place::PlacementView;
+pub use status::DriverCounters;
 
 use crate::config::RaftTuning;
 use crate::error::ClusterError;
@@ -145,6 +149,9 @@ pub(crate) struct Driver {
     /// On the metadata leader: data-shard learners no move owns, and when
     /// this node first saw each (`place`; stray learners are removed).
     unowned_learners: BTreeMap<(u64, u64), Instant>,
+    /// Replicas the metadata group's records show stale, and since when
+    /// without a break (`gc`).
+    stale_since: BTreeMap<u64, Instant>,
     /// The placement loop's metadata write in flight, if any (`place`).
     place_write: Option<oneshot::Receiver<ProposeResult>>,
     outbox: BTreeMap<u64, Vec<ShardMsg>>,
@@ -154,6 +161,7 @@ pub(crate) struct Driver {
     /// Waiting readers (long-polls, Subscribe streams): told which
     /// mailboxes apply changed, and which shards lost their leader.
     watchers: Arc<Watchers>,
+    counters: Arc<DriverCounters>,
 }
 
 /// What ended the driver's wait.
@@ -180,6 +188,7 @@ pub(crate) struct DriverParts {
     pub map: Arc<ShardMap>,
     pub spool: Arc<SnapshotSpool>,
     pub watchers: Arc<Watchers>,
+    pub counters: Arc<DriverCounters>,
 }
 
 impl Driver {
@@ -194,6 +203,7 @@ impl Driver {
             map,
             spool,
             watchers,
+            counters,
         } = parts;
         let now = Instant::now();
         let peers = map
@@ -238,6 +248,7 @@ impl Driver {
             map_writes: Vec::new(),
             place_write: None,
             unowned_learners: BTreeMap::new(),
+            stale_since: BTreeMap::new(),
             moves_in_flight: false,
             snapshot_sends: BTreeMap::new(),
             outbox: BTreeMap::new(),
@@ -245,6 +256,7 @@ impl Driver {
             ticks: 0,
             logger: slog::Logger::root(slog::Discard, slog::o!()),
             watchers,
+            counters,
         };
         for shard in d.engine.shard_ids()? {
             d.recover_shard(shard)?;
@@ -333,6 +345,7 @@ impl Driver {
             }
             if now >= next_tick {
                 self.tick();
+                self.collect_stale_replicas()?;
                 next_tick += tick;
                 if next_tick < now {
                     next_tick = now + tick;

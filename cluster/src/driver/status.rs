@@ -3,6 +3,15 @@
 
 use super::{Driver, Role, ShardStatus};
 use pigeonhole_engine::raft::{StateRole, Storage as _};
+use std::sync::atomic::AtomicU64;
+
+/// Node-wide counts the driver keeps since start, read without asking it
+/// (shared with the node's handle).
+#[derive(Debug, Default)]
+pub struct DriverCounters {
+    /// Replicas deleted by stale-replica GC (`gc`).
+    pub stale_replicas_deleted: AtomicU64,
+}
 
 impl Driver {
     pub(super) fn status(&self) -> Vec<ShardStatus> {

@@ -54,6 +54,7 @@ fn driver_with(tuning: RaftTuning, prepare: impl FnOnce(&Engine)) -> (tempfile::
         map,
         spool: Arc::new(SnapshotSpool::open(dir.path().join("snap")).unwrap()),
         watchers: Arc::new(Watchers::default()),
+        counters: Arc::default(),
     })
     .unwrap();
     (dir, d)

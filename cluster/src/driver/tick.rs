@@ -346,6 +346,11 @@ impl Driver {
                 leader_hint: self.node_id,
                 preferred_leader: desc.preferred_leader,
                 term,
+                // raft-rs's configuration holds every conf change handed
+                // to apply (`apply::hand_off` feeds them in log order).
+                handed_index: r.handed,
+                voters_outgoing: conf.voters_outgoing,
+                learners_next: conf.learners_next,
             };
             let op = cmd::Op {
                 op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {

@@ -143,6 +143,29 @@ impl Filter for DropMessageTypes {
     }
 }
 
+/// Drops every raft message of one shard to and from one node: the node
+/// keeps hearing the rest (its metadata replica stays current) while its
+/// replica of `shard` hears nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct CutShard {
+    /// The node cut off.
+    pub node: u64,
+    /// The shard whose messages are dropped.
+    pub shard: u64,
+}
+
+impl Filter for CutShard {
+    fn check(&self, _: u64, _: u64, _: bool) -> Verdict {
+        Verdict::Pass
+    }
+
+    fn filter_msgs(&self, from: u64, to: u64, msgs: &mut Vec<super::ShardMsg>) {
+        if from == self.node || to == self.node {
+            msgs.retain(|m| m.shard != self.shard);
+        }
+    }
+}
+
 /// Counts of what the router did, for tests that assert on traffic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RouterStats {

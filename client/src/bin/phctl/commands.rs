@@ -115,6 +115,7 @@ pub async fn cluster_status(ctx: &Ctx) -> Result<u8, Failure> {
                     "subscribe_streams": s.subscribe_streams,
                     "subscribed_mailboxes": s.subscribed_mailboxes,
                     "sync_waiters": s.sync_waiters,
+                    "stale_replicas_deleted": s.stale_replicas_deleted,
                 })
             }
             Some(Err(e)) => json!({"id": id, "address": addr, "healthy": false, "error": e}),

@@ -1,0 +1,170 @@
+//! Stale-replica GC (`driver::gc`): a node that was down while a move took
+//! it out of a shard never receives its own removal; once back, it deletes
+//! the copy the metadata group's records show it no longer owns. A replica
+//! the shard added back is kept.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use common::*;
+use pigeonhole_cluster::transport::local::CutShard;
+use pigeonhole_cluster::{ClusterError, MembershipChange, RaftTuning};
+use pigeonhole_engine::raft::Storage as _;
+use std::time::Duration;
+
+const STALE_AFTER_MS: u64 = 300;
+
+fn tuning() -> RaftTuning {
+    RaftTuning {
+        stale_replica_after_ms: STALE_AFTER_MS,
+        ..fast_tuning()
+    }
+}
+
+/// True when `node` holds nothing of `shard`: no replica in the driver, no
+/// state and no log in its engine.
+async fn holds_nothing(c: &TestCluster, node: u64, shard: u64) -> bool {
+    let e = c.node(node).engine();
+    c.status(node, shard).await.is_none()
+        && e.shard_meta(shard).unwrap().is_none()
+        && e.raft_log(shard).unwrap().last_index().unwrap() == 0
+}
+
+#[tokio::test]
+async fn a_replica_removed_while_its_node_was_down_is_deleted_when_it_returns() {
+    // Four nodes; shard 1 starts on nodes 1, 2 and 3.
+    let mut c = TestCluster::with_members(4, 4, 1, 3, tuning());
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    for i in 0..10 {
+        append(c.node(leader), shard, "ivy", &format!("a{i}"), b"v")
+            .await
+            .unwrap();
+    }
+    // A follower goes down with the shard's first ten entries.
+    let gone = (1..=3).find(|n| *n != leader).unwrap();
+    c.node(gone).read_barrier(shard).await.unwrap();
+    c.stop(gone);
+    // While it is down, the shard moves off it as the placement loop moves
+    // a replica: node 4 as a learner, then promote it and remove `gone` in
+    // one joint change.
+    c.node(leader)
+        .change_membership(shard, &[MembershipChange::AddLearner(4)])
+        .await
+        .unwrap();
+    c.eventually("learner catches up", 10, || async {
+        c.status(4, shard).await.is_some_and(|s| s.applied >= 10)
+    })
+    .await;
+    let cs = c
+        .node(leader)
+        .change_membership(shard, &[MembershipChange::AddVoter(4), MembershipChange::Remove(gone)])
+        .await
+        .unwrap();
+    assert!(cs.voters.contains(&4) && !cs.voters.contains(&gone));
+    for i in 0..10 {
+        append_retrying(c.node(leader), shard, "ivy", &format!("b{i}"), b"v", 10).await;
+    }
+    // Every running node's metadata replica shows the shard without it.
+    c.eventually("the shard record leaves the removed node out", 10, || async {
+        [1, 2, 3, 4].iter().filter(|n| c.nodes.contains_key(n)).all(|n| {
+            let m = c.node(*n).shard_map().unwrap();
+            let s = m.shard(shard).unwrap();
+            !s.replicas.contains(&gone) && s.replicas.contains(&4)
+        })
+    })
+    .await;
+    // It comes back with its old configuration: nothing in the shard will
+    // ever send it its removal.
+    c.start(gone);
+    let st = c.status(gone, shard).await.expect("the stale replica loads at start");
+    assert!(st.voters.contains(&gone), "it still believes it is a voter: {st:?}");
+    c.eventually("the stale replica and its data are deleted", 15, || async {
+        holds_nothing(&c, gone, shard).await
+    })
+    .await;
+    let deleted = |n: u64| {
+        c.node(n)
+            .counters()
+            .stale_replicas_deleted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(deleted(gone), 1, "NodeStatus counts the deletion");
+    // The members keep theirs, and every write.
+    for n in [1, 2, 3, 4].into_iter().filter(|n| *n != gone) {
+        assert!(c.status(n, shard).await.is_some(), "member {n} lost its replica");
+    }
+    // A request sent to it now is redirected to the shard's replicas as the
+    // records have them, leader first, not to the bootstrap layout (which
+    // still names `gone`, so a client would come straight back).
+    let leader = c.leader(shard).await;
+    match append(c.node(gone), shard, "ivy", "x", b"v").await {
+        Err(ClusterError::NotReplica { replicas, .. }) => {
+            assert!(!replicas.contains(&gone) && replicas.contains(&4), "{replicas:?}");
+            assert_eq!(replicas.first(), Some(&leader), "{replicas:?}");
+        }
+        other => panic!("expected NotReplica, got {other:?}"),
+    }
+    // Added back (a learner, as every move adds), it is caught up from
+    // empty, and kept: its log now reaches past the record's index.
+    c.node(leader)
+        .change_membership(shard, &[MembershipChange::AddLearner(gone)])
+        .await
+        .unwrap();
+    c.eventually("the re-added learner catches up", 10, || async {
+        c.status(gone, shard).await.is_some_and(|s| s.applied >= 20)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(STALE_AFTER_MS * 5)).await;
+    assert!(
+        c.status(gone, shard).await.is_some(),
+        "a re-added replica must never be collected"
+    );
+    assert_eq!(deleted(gone), 1);
+    c.node(gone).read_barrier(shard).await.unwrap();
+    assert_eq!(read_all(c.node(gone), shard, "ivy").len(), 20);
+}
+
+#[tokio::test]
+async fn a_member_that_was_down_keeps_its_replica() {
+    // The rule needs the record to leave the node out: a member that only
+    // fell behind (its log ends far before the record's index) stays.
+    let mut c = TestCluster::new(3, 1, 3, tuning());
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let behind = (1..=3).find(|n| *n != leader).unwrap();
+    c.stop(behind);
+    for i in 0..20 {
+        append_retrying(c.node(leader), shard, "ivy", &format!("k{i}"), b"v", 10).await;
+    }
+    // A new leader rewrites the record: its index is now far past the
+    // stopped node's log, which the record still lists as a voter.
+    let other = (1..=3).find(|n| *n != leader && *n != behind).unwrap();
+    c.node(leader).transfer_leader(shard, other).await.unwrap();
+    c.eventually("the new leader's record lands", 10, || async {
+        c.node(other).shard_map().unwrap().shard(shard).unwrap().leader_hint == other
+    })
+    .await;
+    // Back, but cut off from the shard (not from the metadata group) so it
+    // stays behind the record long enough for the rule to be tried.
+    let cut = c.router.add_filter(CutShard { node: behind, shard });
+    c.start(behind);
+    c.eventually("its metadata replica holds the new record", 10, || async {
+        c.node(behind).shard_map().unwrap().shard(shard).unwrap().leader_hint == other
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(STALE_AFTER_MS * 5)).await;
+    assert!(
+        c.status(behind, shard).await.is_some(),
+        "a member's replica was deleted"
+    );
+    let deleted = c
+        .node(behind)
+        .counters()
+        .stale_replicas_deleted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(deleted, 0);
+    c.router.remove_filter(cut);
+    c.node(behind).read_barrier(shard).await.unwrap();
+    assert_eq!(read_all(c.node(behind), shard, "ivy").len(), 20);
+}
