@@ -25,6 +25,9 @@ struct Flags {
     /// The server binary [default: `pigeonhole` beside this binary].
     #[arg(long)]
     server: Option<PathBuf>,
+    /// phctl, for the membership fault [default: `phctl` beside this binary].
+    #[arg(long)]
+    phctl: Option<PathBuf>,
     /// A server built with the planted bug (scripts/jepsen builds one): adds
     /// a scenario that passes only if the checker catches it.
     #[arg(long)]
@@ -32,9 +35,15 @@ struct Flags {
     /// Faults: `all`, `none`, or a comma-separated list of
     /// partition-leader, partition-majority, partition-one-way,
     /// partition-bridge, partition-ring, kill, pause, pause-kill, clock,
-    /// transfer. Each fault is its own scenario; `all` adds a `mixed` one.
+    /// transfer, move, membership. Each fault is its own scenario; `all`
+    /// adds a `mixed` one (the 3-node faults) and a `membership-mixed` one
+    /// (node-set changes among kills and partitions).
     #[arg(long, default_value = "all")]
     nemesis: String,
+    /// Run only these scenarios (comma-separated names, as in the summary),
+    /// e.g. `--only membership-mixed` to replay one with its seed.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Seconds of workload and faults per scenario.
     #[arg(long, default_value_t = 60)]
     time_limit: u64,
@@ -52,7 +61,10 @@ struct Flags {
     inner: bool,
 }
 
-fn scenarios(f: &Flags, server: &std::path::Path) -> Result<Vec<Scenario>, String> {
+/// The scenarios to run, each with its position in the whole list (its
+/// seed is the run's seed plus that position, so `--only` replays it).
+fn scenarios(f: &Flags, server: &std::path::Path, phctl: &std::path::Path) -> Result<Vec<(usize, Scenario)>, String> {
+    let phctl = Some(phctl.to_path_buf());
     let faults: Vec<Fault> = match f.nemesis.as_str() {
         "all" => ALL.to_vec(),
         "none" => Vec::new(),
@@ -67,6 +79,8 @@ fn scenarios(f: &Flags, server: &std::path::Path) -> Result<Vec<Scenario>, Strin
             name: "none".into(),
             faults: vec![],
             nodes: 3,
+            slots: 3,
+            phctl: phctl.clone(),
             server: server.to_path_buf(),
             expect_anomalies: false,
         });
@@ -76,6 +90,8 @@ fn scenarios(f: &Flags, server: &std::path::Path) -> Result<Vec<Scenario>, Strin
             name: fault.name().into(),
             faults: vec![*fault],
             nodes: fault.nodes(),
+            slots: fault.slots(),
+            phctl: phctl.clone(),
             server: server.to_path_buf(),
             expect_anomalies: false,
         });
@@ -83,8 +99,25 @@ fn scenarios(f: &Flags, server: &std::path::Path) -> Result<Vec<Scenario>, Strin
     if f.nemesis == "all" {
         out.push(Scenario {
             name: "mixed".into(),
-            faults: ALL.into_iter().filter(|f| f.nodes() == 3).collect(),
+            faults: ALL.into_iter().filter(|f| f.nodes() == 3 && f.slots() == 3).collect(),
             nodes: 3,
+            slots: 3,
+            phctl: phctl.clone(),
+            server: server.to_path_buf(),
+            expect_anomalies: false,
+        });
+        out.push(Scenario {
+            name: "membership-mixed".into(),
+            faults: vec![
+                Fault::Membership,
+                Fault::Kill,
+                Fault::PauseKill,
+                Fault::PartitionMajority,
+                Fault::PartitionLeader,
+            ],
+            nodes: 3,
+            slots: Fault::Membership.slots(),
+            phctl: phctl.clone(),
             server: server.to_path_buf(),
             expect_anomalies: false,
         });
@@ -94,11 +127,24 @@ fn scenarios(f: &Flags, server: &std::path::Path) -> Result<Vec<Scenario>, Strin
             name: "planted-skip-dedup".into(),
             faults: vec![Fault::Kill],
             nodes: 3,
+            slots: 3,
+            phctl: None,
             server: p.clone(),
             expect_anomalies: true,
         });
     }
-    Ok(out)
+    if !f.only.is_empty() {
+        let unknown: Vec<&String> = f.only.iter().filter(|n| !out.iter().any(|s| &s.name == *n)).collect();
+        if !unknown.is_empty() {
+            let names: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();
+            return Err(format!("--only: no scenario {unknown:?}; these exist: {names:?}"));
+        }
+    }
+    Ok(out
+        .into_iter()
+        .enumerate()
+        .filter(|(_, s)| f.only.is_empty() || f.only.contains(&s.name))
+        .collect())
 }
 
 async fn inner(f: Flags, seed: u64) -> Result<bool, String> {
@@ -114,7 +160,19 @@ async fn inner(f: Flags, seed: u64) -> Result<bool, String> {
             server.display()
         ));
     }
-    let list = scenarios(&f, &server)?;
+    let phctl = match &f.phctl {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("phctl"),
+    };
+    let list = scenarios(&f, &server, &phctl)?;
+    if list.iter().any(|(_, s)| s.faults.contains(&Fault::Membership)) && !phctl.exists() {
+        return Err(format!(
+            "the membership fault needs phctl, not found at {} (build it: cargo build -p pigeonhole-client --bin phctl)",
+            phctl.display()
+        ));
+    }
     let time_limit = Duration::from_secs(f.time_limit);
     println!(
         "pigeonhole-jepsen: seed {seed}, {} scenario(s) of {} s, {} clients; output in {}",
@@ -124,11 +182,11 @@ async fn inner(f: Flags, seed: u64) -> Result<bool, String> {
         f.out.display()
     );
     let mut outcomes = Vec::new();
-    for (i, s) in list.iter().enumerate() {
+    for (i, s) in list.iter().map(|(i, s)| (*i, s)) {
         let dir = f.out.join(format!("{:02}-{}", i + 1, s.name));
         let o = run::scenario(s, seed.wrapping_add(i as u64), time_limit, f.concurrency, &dir).await;
         println!(
-            "  {:<20} {:<4} ok {:>6}  fail {:>4}  info {:>4}  faults {:>3}  converged in {:>5.1} s  anomalies {}",
+            "  {:<20} {:<4} ok {:>6}  fail {:>4}  info {:>4}  faults {:>3}  converged in {:>5.1} s  stale replicas deleted {}  anomalies {}",
             o.name,
             if o.passed { "PASS" } else { "FAIL" },
             o.ok,
@@ -136,6 +194,7 @@ async fn inner(f: Flags, seed: u64) -> Result<bool, String> {
             o.info,
             o.faults,
             o.converge_s,
+            o.stale_deleted,
             o.anomalies.len()
         );
         for a in o.anomalies.iter().take(5) {
@@ -172,7 +231,7 @@ fn cleanup(out: &std::path::Path) {
     if let Ok(pids) = std::fs::read_to_string(out.join("pids")) {
         for pid in pids.lines().map(str::trim).filter(|p| !p.is_empty()) {
             let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if cmd.contains("pigeonhole") && cmd.contains("--initial-cluster") {
+            if cmd.contains("pigeonhole") && (cmd.contains("--initial-cluster") || cmd.contains("--join")) {
                 let _ = net::sh(&["kill", "-9", pid]);
             }
         }

@@ -1,6 +1,14 @@
-//! The server processes: node i runs in namespace `phj-ni` at
+//! The server processes: the node in slot i runs in namespace `phj-ni` at
 //! 10.77.0.i:7070, under libfaketime (wall clock only, read from a file the
 //! nemesis rewrites), with its data and log in the scenario's directory.
+//!
+//! A slot is a network position, not a node id. The initial nodes have
+//! id = slot. The `membership` fault adds nodes with `--join` into free
+//! slots (the cluster gives them ids: one more than any id it ever had)
+//! and takes nodes out for good, freeing their slots; a slot used again
+//! holds a new node with a new id and a fresh data directory. Every fault
+//! and every read of the harness goes by slot; [`Cluster::id_of`] gives
+//! the node id where an admin request needs one.
 //!
 //! Processes are started through `ip netns exec`, which execs the server in
 //! place, so the child's pid is the server's: SIGKILL, SIGSTOP and SIGCONT
@@ -23,45 +31,146 @@ pub const PORT: u16 = 7070;
 /// libfaketime's multi-threaded build, from Debian's `faketime` package.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
-/// One node's process state.
+/// One slot's process state.
 #[derive(Debug)]
 struct Proc {
     child: Option<Child>,
     paused: bool,
 }
 
+/// The node that lives in a slot.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Its node id; 0 until a joining node has been given one.
+    pub id: u64,
+    /// Started with `--join` (else it is one of the initial cluster).
+    pub joined: bool,
+    /// Its data directory.
+    pub data: PathBuf,
+    /// Being taken out (a drain or forced removal was cut short): the
+    /// membership fault finishes that before any other change.
+    pub leaving: bool,
+}
+
 /// A running test cluster.
 #[derive(Debug)]
 pub struct Cluster {
-    pub nodes: u64,
+    /// Nodes of the initial cluster (slots `1..=initial`).
+    pub initial: u64,
+    /// Slots the cluster may use (nodes it may grow to).
+    pub slots: u64,
     server: PathBuf,
     dir: PathBuf,
     procs: BTreeMap<u64, Proc>,
+    /// Slot → the node living there; a slot without an entry is free.
+    members: BTreeMap<u64, Member>,
+    /// Joins so far (names the joined nodes' data directories).
+    joins: u64,
+    /// The phctl binary, for the membership fault.
+    pub phctl: Option<PathBuf>,
 }
 
 impl Cluster {
     /// The `--initial-cluster` value.
-    fn initial(&self) -> String {
-        (1..=self.nodes)
+    fn initial_cluster(&self) -> String {
+        (1..=self.initial)
             .map(|i| format!("{i}={}:{PORT}", net::node_ip(i)))
             .collect::<Vec<_>>()
             .join(",")
     }
 
-    /// Starts `nodes` servers.
-    pub fn start(nodes: u64, server: &Path, dir: &Path) -> Result<Cluster, String> {
+    /// Starts `nodes` servers, in slots `1..=nodes`; the cluster may grow
+    /// to `slots` nodes.
+    pub fn start(nodes: u64, slots: u64, server: &Path, dir: &Path) -> Result<Cluster, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut c = Cluster {
-            nodes,
+            initial: nodes,
+            slots: slots.max(nodes),
             server: server.to_path_buf(),
             dir: dir.to_path_buf(),
             procs: BTreeMap::new(),
+            members: BTreeMap::new(),
+            joins: 0,
+            phctl: None,
         };
         for i in 1..=nodes {
+            c.members.insert(
+                i,
+                Member {
+                    id: i,
+                    joined: false,
+                    data: c.dir.join(format!("n{i}")),
+                    leaving: false,
+                },
+            );
             c.set_clock(i, 0)?;
             c.spawn(i)?;
         }
         Ok(c)
+    }
+
+    /// The occupied slots, in order.
+    pub fn occupied(&self) -> Vec<u64> {
+        self.members.keys().copied().collect()
+    }
+
+    /// The lowest free slot, if any.
+    pub fn free_slot(&self) -> Option<u64> {
+        (1..=self.slots).find(|s| !self.members.contains_key(s))
+    }
+
+    /// The node living in `slot` (None: free).
+    pub fn member(&self, slot: u64) -> Option<&Member> {
+        self.members.get(&slot)
+    }
+
+    /// The node id in `slot` (0: free, or joining and not yet given one).
+    pub fn id_of(&self, slot: u64) -> u64 {
+        self.members.get(&slot).map_or(0, |m| m.id)
+    }
+
+    /// Marks the node in `slot` as being taken out, or not.
+    pub fn set_leaving(&mut self, slot: u64, leaving: bool) {
+        if let Some(m) = self.members.get_mut(&slot) {
+            m.leaving = leaving;
+        }
+    }
+
+    /// Records the id the cluster gave the node in `slot`.
+    pub fn set_id(&mut self, slot: u64, id: u64) {
+        if let Some(m) = self.members.get_mut(&slot) {
+            m.id = id;
+        }
+    }
+
+    /// Starts a new, empty node in the free `slot` with `--join` through
+    /// the nodes in the other occupied slots.
+    pub fn join(&mut self, slot: u64) -> Result<(), String> {
+        if self.members.contains_key(&slot) || slot == 0 || slot > self.slots {
+            return Err(format!("slot {slot} is not free"));
+        }
+        self.joins += 1;
+        let data = self.dir.join(format!("n{slot}-join{}", self.joins));
+        self.members.insert(
+            slot,
+            Member {
+                id: 0,
+                joined: true,
+                data,
+                leaving: false,
+            },
+        );
+        self.set_clock(slot, 0)?;
+        self.spawn(slot)
+    }
+
+    /// Takes the node in `slot` out of the harness for good (after the
+    /// cluster removed it): kills its process and frees the slot. Its data
+    /// directory stays, for the post-mortem.
+    pub fn retire(&mut self, slot: u64) {
+        self.kill(slot);
+        self.procs.remove(&slot);
+        self.members.remove(&slot);
     }
 
     fn clock_file(&self, i: u64) -> PathBuf {
@@ -78,8 +187,15 @@ impl Cluster {
         std::fs::write(self.clock_file(i), spec).map_err(|e| format!("clock file: {e}"))
     }
 
-    /// Starts node `i` (again).
+    /// Starts the node in slot `i` (again): an initial node with its id and
+    /// `--initial-cluster`, a joined one with `--join` (which a restart
+    /// ignores once the node has joined).
     pub fn spawn(&mut self, i: u64) -> Result<(), String> {
+        let member = self
+            .members
+            .get(&i)
+            .cloned()
+            .ok_or_else(|| format!("slot {i} holds no node"))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -89,12 +205,22 @@ impl Cluster {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &net::node_ns(i)])
             .arg(&self.server)
-            .args(["--node-id", &i.to_string()])
-            .args(["--listen", &format!("{}:{PORT}", net::node_ip(i))])
-            .args(["--initial-cluster", &self.initial()])
-            .args(["--shards", &SHARDS.to_string()])
-            .arg("--data-dir")
-            .arg(self.dir.join(format!("n{i}")))
+            .args(["--listen", &format!("{}:{PORT}", net::node_ip(i))]);
+        if member.joined {
+            let seeds: Vec<String> = self
+                .members
+                .keys()
+                .filter(|s| **s != i)
+                .map(|s| format!("{}:{PORT}", net::node_ip(*s)))
+                .collect();
+            cmd.args(["--join", &seeds.join(",")]);
+        } else {
+            cmd.args(["--node-id", &member.id.to_string()])
+                .args(["--initial-cluster", &self.initial_cluster()])
+                .args(["--shards", &SHARDS.to_string()]);
+        }
+        cmd.arg("--data-dir")
+            .arg(&member.data)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
@@ -168,7 +294,7 @@ impl Cluster {
     /// Undoes every process fault: resumes paused nodes, restarts dead
     /// ones, and resets every clock.
     pub fn recover(&mut self) -> Result<(), String> {
-        for i in 1..=self.nodes {
+        for i in self.occupied() {
             self.set_clock(i, 0)?;
             let paused = self.procs.get(&i).is_some_and(|p| p.paused);
             if paused {
@@ -220,10 +346,11 @@ pub async fn status(i: u64) -> Option<pb::NodeStatusResponse> {
     }
 }
 
-/// The node leading `shard` at the highest term, among those that answer.
-pub async fn leader_of(nodes: u64, shard: u64) -> Option<u64> {
+/// The slot of the node leading `shard` at the highest term, among the
+/// `slots` that answer.
+pub async fn leader_of(slots: &[u64], shard: u64) -> Option<u64> {
     let mut best: Option<(u64, u64)> = None;
-    for i in 1..=nodes {
+    for &i in slots {
         if let Some(s) = status(i).await {
             for r in s.replicas {
                 if r.shard == shard && r.role == pb::ReplicaRole::Leader as i32 && best.is_none_or(|(t, _)| r.term > t)
@@ -238,12 +365,12 @@ pub async fn leader_of(nodes: u64, shard: u64) -> Option<u64> {
 
 /// Waits until every node answers and every shard (metadata included) has a
 /// leader, or `within` passes.
-pub async fn wait_ready(nodes: u64, within: Duration) -> Result<(), String> {
+pub async fn wait_ready(slots: &[u64], within: Duration) -> Result<(), String> {
     let deadline = Instant::now() + within;
     loop {
         let mut ok = true;
         let mut led: BTreeMap<u64, bool> = (0..=SHARDS).map(|s| (s, false)).collect();
-        for i in 1..=nodes {
+        for &i in slots {
             match status(i).await {
                 Some(s) => {
                     for r in s.replicas {
@@ -271,14 +398,14 @@ pub async fn wait_ready(nodes: u64, within: Duration) -> Result<(), String> {
 /// Waits until, for every shard, every replica reports the same applied
 /// index as the others (and as its commit index): every replica has applied
 /// everything committed so far. Returns that applied index per shard.
-pub async fn wait_converged(nodes: u64, within: Duration) -> Result<BTreeMap<u64, u64>, String> {
+pub async fn wait_converged(slots: &[u64], within: Duration) -> Result<BTreeMap<u64, u64>, String> {
     let started = Instant::now();
     let deadline = started + within;
     loop {
         let mut applied: BTreeMap<u64, Vec<(u64, u64, u64)>> = BTreeMap::new();
         let mut members: BTreeMap<u64, usize> = BTreeMap::new();
         let mut all = true;
-        for i in 1..=nodes {
+        for &i in slots {
             match status(i).await {
                 Some(s) => {
                     for r in s.replicas {

@@ -1,9 +1,11 @@
 //! The harness: network namespaces ([`net`]), server processes
 //! ([`cluster`]), the workload ([`workload`], with Subscribe readers in
-//! [`subscriber`]), the nemesis ([`nemesis`]),
+//! [`subscriber`]), the nemesis ([`nemesis`]; node-set changes in
+//! [`membership`]),
 //! the history recorder ([`recorder`]) and the scenario loop ([`run`]).
 
 pub mod cluster;
+pub mod membership;
 pub mod nemesis;
 pub mod net;
 pub mod recorder;

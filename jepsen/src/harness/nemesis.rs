@@ -14,11 +14,13 @@
 //! | `clock` | skew a random node's wall clock by up to ±60 s (libfaketime), or jump it |
 //! | `transfer` | move a random shard's leadership to another voter |
 //! | `move` | (4 nodes) move a random shard's replica to the node without one: learner, catch-up, leadership away, one joint change (the old node then deletes its copy); a move cut short is finished by the next |
+//! | `membership` | (3 nodes, room for 5) a node joins, or one is drained and removed, or one is killed and removed with `--force` ([`super::membership`]); the servers' placement loop moves replicas meanwhile |
 //!
 //! Clients stay connected to every node throughout (the rules drop traffic
 //! between nodes only), so they see what a partitioned node answers.
 
 use super::cluster::{self, Cluster, SHARDS};
+use super::membership;
 use super::net;
 use super::recorder::Recorder;
 use crate::history::{Kind, Op, F, NEMESIS};
@@ -42,10 +44,11 @@ pub enum Fault {
     Clock,
     Transfer,
     Move,
+    Membership,
 }
 
 /// Every fault, in the order scenarios run.
-pub const ALL: [Fault; 11] = [
+pub const ALL: [Fault; 12] = [
     Fault::PartitionLeader,
     Fault::PartitionMajority,
     Fault::PartitionOneWay,
@@ -57,6 +60,7 @@ pub const ALL: [Fault; 11] = [
     Fault::Clock,
     Fault::Transfer,
     Fault::Move,
+    Fault::Membership,
 ];
 
 impl Fault {
@@ -74,6 +78,7 @@ impl Fault {
             Fault::Clock => "clock",
             Fault::Transfer => "transfer",
             Fault::Move => "move",
+            Fault::Membership => "membership",
         }
     }
 
@@ -89,6 +94,14 @@ impl Fault {
             // A replica can only move to a node without one: 3 replicas, 4 nodes.
             Fault::Move => 4,
             _ => 3,
+        }
+    }
+
+    /// Nodes the cluster may grow to (network slots).
+    pub fn slots(self) -> u64 {
+        match self {
+            Fault::Membership => 5,
+            f => f.nodes(),
         }
     }
 }
@@ -112,12 +125,12 @@ fn cut(a: &[u64], b: &[u64]) -> Result<(), String> {
 
 /// Applies one fault; returns what it did (for the history).
 async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, String> {
-    let nodes: Vec<u64> = (1..=c.nodes).collect();
+    let nodes: Vec<u64> = c.occupied();
     let pick = |rng: &mut StdRng| nodes.choose(rng).copied().unwrap_or(1);
     Ok(match f {
         Fault::PartitionLeader => {
             let shard = rng.gen_range(1..=SHARDS);
-            let leader = match cluster::leader_of(c.nodes, shard).await {
+            let leader = match cluster::leader_of(&nodes, shard).await {
                 Some(l) => l,
                 None => pick(rng),
             };
@@ -200,7 +213,7 @@ async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, St
         }
         Fault::Transfer => {
             let shard = rng.gen_range(1..=SHARDS);
-            let Some(leader) = cluster::leader_of(c.nodes, shard).await else {
+            let Some(leader) = cluster::leader_of(&nodes, shard).await else {
                 return Ok(format!("transfer shard {shard}: no leader to ask"));
             };
             let to = loop {
@@ -212,7 +225,10 @@ async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, St
             let mut admin = pb::admin_client::AdminClient::new(cluster::channel(leader)?);
             let r = tokio::time::timeout(
                 Duration::from_secs(1),
-                admin.transfer_leader(pb::TransferLeaderRequest { shard, to_node: to }),
+                admin.transfer_leader(pb::TransferLeaderRequest {
+                    shard,
+                    to_node: c.id_of(to),
+                }),
             )
             .await;
             format!(
@@ -224,7 +240,9 @@ async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, St
                 }
             )
         }
-        Fault::Move => move_replica(c.nodes, rng.gen_range(1..=SHARDS), rng).await?,
+        // The move scenario never joins nodes: slot = node id.
+        Fault::Move => move_replica(&nodes, rng.gen_range(1..=SHARDS), rng).await?,
+        Fault::Membership => membership::change(c, rng).await?,
     })
 }
 
@@ -232,7 +250,7 @@ async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, St
 /// primitives the way `phctl shard move` does; finishes a move an earlier
 /// cycle left with a learner. Every refusal or timeout is described, not
 /// fatal: the next cycle picks up from the configuration it finds.
-async fn move_replica(nodes: u64, shard: u64, rng: &mut StdRng) -> Result<String, String> {
+async fn move_replica(nodes: &[u64], shard: u64, rng: &mut StdRng) -> Result<String, String> {
     let Some(leader) = cluster::leader_of(nodes, shard).await else {
         return Ok(format!("move shard {shard}: no leader to ask"));
     };
@@ -245,7 +263,7 @@ async fn move_replica(nodes: u64, shard: u64, rng: &mut StdRng) -> Result<String
     };
     let to = match learners.first() {
         Some(l) => *l,
-        None => match (1..=nodes).find(|n| !voters.contains(n)) {
+        None => match nodes.iter().copied().find(|n| !voters.contains(n)) {
             Some(n) => n,
             None => return Ok(format!("move shard {shard}: every node holds it")),
         },
@@ -333,7 +351,7 @@ fn conf_applied(s: Option<pb::NodeStatusResponse>, shard: u64) -> u64 {
 /// Heals everything: rules flushed, processes resumed or restarted, clocks
 /// reset.
 pub fn heal(c: &mut Cluster) -> Result<(), String> {
-    net::heal(c.nodes)?;
+    net::heal(c.slots)?;
     c.recover()
 }
 

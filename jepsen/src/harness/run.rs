@@ -3,6 +3,7 @@
 //! replica's final state, and check.
 
 use super::cluster::{self, Cluster};
+use super::membership;
 use super::nemesis::{self, Fault};
 use super::recorder::Recorder;
 use super::{subscriber, workload};
@@ -32,8 +33,12 @@ pub struct Scenario {
     pub name: String,
     /// Faults drawn from (empty: none).
     pub faults: Vec<Fault>,
-    /// Nodes.
+    /// Nodes at the start.
     pub nodes: u64,
+    /// Nodes it may grow to (the `membership` fault adds and removes).
+    pub slots: u64,
+    /// phctl, for the `membership` fault.
+    pub phctl: Option<PathBuf>,
     /// The server binary.
     pub server: PathBuf,
     /// True for the planted-bug run: it passes only if anomalies are found.
@@ -57,6 +62,10 @@ pub struct Outcome {
     pub passed: bool,
     /// Seconds from heal to converged replicas.
     pub converge_s: f64,
+    /// Replicas the servers deleted as stale (removed while their node was
+    /// away), summed over the nodes left at the end, each counted since its
+    /// last start (NodeStatus `stale_replicas_deleted`).
+    pub stale_deleted: u64,
 }
 
 /// Runs one scenario in `dir`.
@@ -70,6 +79,7 @@ pub async fn scenario(s: &Scenario, seed: u64, time_limit: Duration, concurrency
         anomalies: Vec::new(),
         passed: false,
         converge_s: 0.0,
+        stale_deleted: 0,
     };
     match inner(s, seed, time_limit, concurrency, dir, &mut out).await {
         Ok(anomalies) => out.anomalies = anomalies,
@@ -103,8 +113,9 @@ async fn inner(
     out: &mut Outcome,
 ) -> Result<Vec<Anomaly>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut c = Cluster::start(s.nodes, &s.server, dir)?;
-    cluster::wait_ready(s.nodes, Duration::from_secs(60)).await?;
+    let mut c = Cluster::start(s.nodes, s.slots, &s.server, dir)?;
+    c.phctl = s.phctl.clone();
+    cluster::wait_ready(&c.occupied(), Duration::from_secs(60)).await?;
     let map = {
         let mut admin = pb::admin_client::AdminClient::new(cluster::channel(1)?);
         admin
@@ -154,6 +165,9 @@ async fn inner(
     }
     nem?;
     healed?;
+    if s.faults.contains(&Fault::Membership) {
+        membership::settle(&mut c).await?;
+    }
     // A proposal whose client gave up can still commit after the clients
     // stopped (it may sit in a queue across a partition). The final reads
     // must all see one applied state: read, then check that no shard's
@@ -162,15 +176,15 @@ async fn inner(
     let mut finals = Finals::new();
     let mut stable = false;
     for _ in 0..FINAL_READ_ROUNDS_MAX {
-        let before = cluster::wait_converged(s.nodes, Duration::from_secs(90)).await?;
+        let before = cluster::wait_converged(&c.occupied(), Duration::from_secs(90)).await?;
         if out.converge_s == 0.0 {
             out.converge_s = healed_at.elapsed().as_secs_f64();
         }
         finals = Finals::new();
-        for i in 1..=s.nodes {
+        for i in c.occupied() {
             finals.insert(i, workload::final_logs(i, &mbs).await?);
         }
-        let after = cluster::wait_converged(s.nodes, Duration::from_secs(90)).await?;
+        let after = cluster::wait_converged(&c.occupied(), Duration::from_secs(90)).await?;
         if before == after {
             stable = true;
             break;
@@ -180,6 +194,11 @@ async fn inner(
         return Err(format!(
             "the applied state kept moving across {FINAL_READ_ROUNDS_MAX} rounds of final reads"
         ));
+    }
+    for i in c.occupied() {
+        if let Some(st) = cluster::status(i).await {
+            out.stale_deleted += st.stale_replicas_deleted;
+        }
     }
     c.stop();
     let ops = rec.ops();

@@ -12,7 +12,7 @@
 
 use super::cluster;
 use super::recorder::Recorder;
-use super::workload::{failed, msgs, Mailbox};
+use super::workload::{failed, held, msgs, Mailbox};
 use crate::history::{Kind, Op, F};
 use pigeonhole_proto::v1 as pb;
 use std::collections::HashMap;
@@ -37,8 +37,13 @@ pub async fn reader(
     let mut cursors: HashMap<String, u64> = HashMap::new();
     let mut node = first_node;
     while !stop.load(Ordering::Relaxed) {
-        // A node serves the mailboxes of the shards it has a replica of.
-        let here: Vec<&Mailbox> = mbs.iter().filter(|m| m.replicas.contains(&node)).collect();
+        // A node serves the mailboxes of the shards it has a replica of:
+        // those it holds now (replicas move), or, if it does not answer,
+        // those it held at the start.
+        let here: Vec<&Mailbox> = match held(node, &mbs).await {
+            Some(now) => now.iter().filter_map(|i| mbs.get(*i)).collect(),
+            None => mbs.iter().filter(|m| m.replicas.contains(&node)).collect(),
+        };
         let ended = if here.is_empty() {
             None
         } else {

@@ -14,6 +14,12 @@
 //!
 //! Reads are linearizable (the default). Every call has a 1 s deadline.
 //!
+//! A process picks its mailboxes among the shards its node holds. Replica
+//! moves change that: on a NOT_REPLICA answer, and every few seconds, it
+//! asks its node (NodeStatus) which shards it holds now and picks among
+//! those; an unknown append to a mailbox its node no longer holds is left
+//! unknown rather than retried against a node that cannot serve it.
+//!
 //! Beside these processes, [`super::subscriber`] runs Subscribe readers.
 
 use super::cluster;
@@ -25,13 +31,38 @@ use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::Code;
 
 /// One call's deadline.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Messages per page of a full read.
 const READ_PAGE: u32 = 1_000;
+/// A process asks its node which shards it holds at most this often after
+/// a NOT_REPLICA answer, and at least this often otherwise (shards moved
+/// onto it).
+const HELD_REFRESH_MIN: Duration = Duration::from_millis(500);
+const HELD_REFRESH_MAX: Duration = Duration::from_secs(5);
+
+/// True for the servers' "this node holds no replica of the shard".
+fn not_replica(s: &tonic::Status) -> bool {
+    use tonic_types::StatusExt as _;
+    s.get_error_details()
+        .error_info()
+        .is_some_and(|i| i.reason == "NOT_REPLICA")
+}
+
+/// The mailboxes whose shard node `node` holds now, or None if it does not
+/// answer NodeStatus.
+pub(crate) async fn held(node: u64, mbs: &[Mailbox]) -> Option<Vec<usize>> {
+    let shards: std::collections::BTreeSet<u64> =
+        cluster::status(node).await?.replicas.iter().map(|r| r.shard).collect();
+    Some(
+        (0..mbs.len())
+            .filter(|i| mbs.get(*i).is_some_and(|m| shards.contains(&m.shard)))
+            .collect(),
+    )
+}
 
 /// A mailbox of the workload.
 #[derive(Debug, Clone)]
@@ -155,13 +186,27 @@ pub async fn process(
     let mut n = 0u64;
     // A node serves the mailboxes of the shards it has a replica of (with
     // more nodes than replicas, not all of them).
-    let mine: Vec<usize> = (0..mbs.len())
+    let mut mine: Vec<usize> = (0..mbs.len())
         .filter(|i| mbs.get(*i).is_some_and(|m| m.replicas.contains(&node)))
         .collect();
-    if mine.is_empty() {
-        return Ok(());
-    }
+    let mut refreshed = Instant::now();
+    let mut moved = false; // a NOT_REPLICA answer since the last refresh
     while !stop.load(Ordering::Relaxed) {
+        let due = if moved { HELD_REFRESH_MIN } else { HELD_REFRESH_MAX };
+        if refreshed.elapsed() >= due {
+            refreshed = Instant::now();
+            if let Some(now) = held(node, &mbs).await {
+                moved = false;
+                mine = now;
+                if pending.as_ref().is_some_and(|(mi, _, _)| !mine.contains(mi)) {
+                    pending = None; // stays `info` in the history
+                }
+            }
+        }
+        if mine.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let roll: u32 = rng.gen_range(0..100);
         let mi = match &pending {
             Some((mi, _, _)) => *mi,
@@ -208,6 +253,7 @@ pub async fn process(
                         resend = rng.gen_range(0..10) == 0 && !stop.load(Ordering::Relaxed);
                     }
                     Err(s) => {
+                        moved |= not_replica(&s);
                         let d = failed(op_base(Kind::Info, F::Append), &s);
                         let kind = d.kind;
                         rec.record(d);
@@ -234,6 +280,7 @@ pub async fn process(
                     *s = (*s).max(page.last_seq);
                 }
                 Err(s) => {
+                    moved |= not_replica(&s);
                     rec.record(failed(op_base(Kind::Info, F::Sync), &s));
                 }
             }
@@ -269,6 +316,7 @@ pub async fn process(
                     *s = (*s).max(first_last.unwrap_or(0));
                 }
                 Err(s) => {
+                    moved |= not_replica(&s);
                     rec.record(failed(op_base(Kind::Info, F::Read), &s));
                 }
             }
@@ -296,6 +344,7 @@ pub async fn process(
                     rec.record(d);
                 }
                 Err(s) => {
+                    moved |= not_replica(&s);
                     rec.record(failed(op_base(Kind::Info, F::Ack), &s));
                 }
             }
