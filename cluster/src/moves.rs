@@ -38,7 +38,8 @@ pub const MOVES_MAX_LIMIT: u32 = 64;
 /// A move not over after this long is cancelled (a learner that never
 /// catches up must not hold a shard's moves forever).
 pub const MOVE_DURATION_MS_MAX: u64 = 30 * 60 * 1_000;
-/// A learner within this many entries of the leader's commit index counts
+/// A learner that has acknowledged something (a snapshot or appends)
+/// and is within this many entries of the leader's commit index counts
 /// as caught up: under load the commit index moves on while the learner
 /// acknowledges, so "equal" could take arbitrarily long. The joint change's
 /// new quorum does not need it to vote at once.
@@ -499,8 +500,12 @@ pub fn next_step(t: &Target, v: &LeaderView) -> Step {
                 };
             }
             if learner(t.to) {
+                // Nothing acknowledged yet (matched 0) is never caught up,
+                // however short the log: a learner only acknowledges a
+                // snapshot or appends that leave it holding everything up
+                // to its matched index.
                 let matched = (v.matched)(t.to).unwrap_or(0);
-                if matched.saturating_add(CATCH_UP_SLACK_ENTRIES) < v.committed {
+                if matched == 0 || matched.saturating_add(CATCH_UP_SLACK_ENTRIES) < v.committed {
                     return Step::Wait("the learner is catching up");
                 }
             }

@@ -408,6 +408,41 @@ fn a_shard_leader_takes_a_moves_steps_in_order() {
     assert!(matches!(step(&c, 2, &s, 4), Step::Wait(_)));
 }
 
+/// A learner that has acknowledged nothing is not promoted, even on a
+/// shard whose whole log is shorter than the catch-up slack (found by
+/// `tests/move_crash.rs`: a learner cut off from its shard was promoted
+/// with nothing, leaving two replicas with data).
+#[test]
+fn a_learner_with_nothing_is_never_caught_up() {
+    let t = Target {
+        shard: 1,
+        from: 1,
+        to: 4,
+        state: MoveState::Active,
+        started_unix_ms: 0,
+        state_since_unix_ms: 0,
+        version: 1,
+    };
+    let view = |matched_index: u64| {
+        let matched = move |n: u64| (n == 4).then_some(matched_index);
+        let alive = |_: u64| true;
+        next_step(
+            &t,
+            &LeaderView {
+                me: 2,
+                voters: &[1, 2, 3],
+                learners: &[4],
+                busy: false,
+                committed: 16,
+                matched: &matched,
+                alive: &alive,
+            },
+        )
+    };
+    assert!(matches!(view(0), Step::Wait(_)), "nothing acknowledged");
+    assert_eq!(view(16), Step::Promote { to: 4, from: 1 });
+}
+
 #[test]
 fn records_round_trip_and_bad_ones_are_skipped() {
     let t = Target {
