@@ -12,7 +12,8 @@ use pigeonhole_cluster::{ClusterError, MembershipChange, RaftTuning};
 use pigeonhole_engine::raft::Storage as _;
 use std::time::Duration;
 
-const STALE_AFTER_MS: u64 = 300;
+/// Long enough that a restarted node's replica is seen before it goes.
+const STALE_AFTER_MS: u64 = 1_000;
 
 fn tuning() -> RaftTuning {
     RaftTuning {
@@ -115,7 +116,7 @@ async fn a_replica_removed_while_its_node_was_down_is_deleted_when_it_returns() 
         c.status(gone, shard).await.is_some_and(|s| s.applied >= 20)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(STALE_AFTER_MS * 5)).await;
+    tokio::time::sleep(Duration::from_millis(STALE_AFTER_MS * 3)).await;
     assert!(
         c.status(gone, shard).await.is_some(),
         "a re-added replica must never be collected"
@@ -147,13 +148,16 @@ async fn a_member_that_was_down_keeps_its_replica() {
     .await;
     // Back, but cut off from the shard (not from the metadata group) so it
     // stays behind the record long enough for the rule to be tried.
-    let cut = c.router.add_filter(CutShard { node: behind, shard });
+    let cut = c.router.add_filter(CutShard {
+        node: behind,
+        shard: Some(shard),
+    });
     c.start(behind);
     c.eventually("its metadata replica holds the new record", 10, || async {
         c.node(behind).shard_map().unwrap().shard(shard).unwrap().leader_hint == other
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(STALE_AFTER_MS * 5)).await;
+    tokio::time::sleep(Duration::from_millis(STALE_AFTER_MS * 3)).await;
     assert!(
         c.status(behind, shard).await.is_some(),
         "a member's replica was deleted"

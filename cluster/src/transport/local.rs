@@ -33,6 +33,11 @@ pub trait Filter: Send + Sync + std::fmt::Debug {
 
     /// May remove single messages from an envelope that passed `check`.
     fn filter_msgs(&self, _from: u64, _to: u64, _msgs: &mut Vec<super::ShardMsg>) {}
+
+    /// May drop a snapshot stream of `shard` that passed `check`.
+    fn drops_snapshot_of(&self, _from: u64, _to: u64, _shard: u64) -> bool {
+        false
+    }
 }
 
 /// Cuts every link between the two sides (both directions).
@@ -143,15 +148,27 @@ impl Filter for DropMessageTypes {
     }
 }
 
-/// Drops every raft message of one shard to and from one node: the node
-/// keeps hearing the rest (its metadata replica stays current) while its
-/// replica of `shard` hears nothing.
+/// Drops every raft message and snapshot of one shard, or of every data
+/// shard, to and from one node: the node keeps hearing the rest (its
+/// metadata replica stays current) while its replicas of those shards hear
+/// nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct CutShard {
     /// The node cut off.
     pub node: u64,
-    /// The shard whose messages are dropped.
-    pub shard: u64,
+    /// The shard whose traffic is dropped; `None`: every data shard (all
+    /// but the metadata group).
+    pub shard: Option<u64>,
+}
+
+impl CutShard {
+    fn cuts(&self, from: u64, to: u64, shard: u64) -> bool {
+        (from == self.node || to == self.node)
+            && match self.shard {
+                Some(s) => shard == s,
+                None => shard != crate::placement::META_SHARD,
+            }
+    }
 }
 
 impl Filter for CutShard {
@@ -160,9 +177,11 @@ impl Filter for CutShard {
     }
 
     fn filter_msgs(&self, from: u64, to: u64, msgs: &mut Vec<super::ShardMsg>) {
-        if from == self.node || to == self.node {
-            msgs.retain(|m| m.shard != self.shard);
-        }
+        msgs.retain(|m| !self.cuts(from, to, m.shard));
+    }
+
+    fn drops_snapshot_of(&self, from: u64, to: u64, shard: u64) -> bool {
+        self.cuts(from, to, shard)
     }
 }
 
@@ -342,7 +361,11 @@ impl Router {
     }
 
     fn stream_snapshot(&self, job: &SnapshotJob, msg: pigeonhole_engine::raft::eraftpb::Message) -> Result<(), String> {
-        if self.verdict(job.from, job.to, true) == Verdict::Drop {
+        if self.verdict(job.from, job.to, true) == Verdict::Drop
+            || read(&self.state.filters)
+                .iter()
+                .any(|(_, f)| f.drops_snapshot_of(job.from, job.to, job.shard))
+        {
             return Err("dropped by a filter".into());
         }
         let inbox = read(&self.state.nodes)

@@ -8,6 +8,8 @@
     clippy::indexing_slicing
 )]
 
+pub mod placing;
+
 use pigeonhole_cluster::transport::local::Router;
 use pigeonhole_cluster::{ClusterError, InitialCluster, Node, NodeConfig, RaftTuning, Role, ShardStatus};
 use pigeonhole_engine::command as cmd;
@@ -147,6 +149,7 @@ impl TestCluster {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let mut leaders = Vec::new();
+            let mut seen = Vec::new();
             let mut claimed = 0;
             for id in self.nodes.keys() {
                 if let Some(s) = self.status(*id, shard).await {
@@ -154,12 +157,16 @@ impl TestCluster {
                     if s.role == Role::Leader {
                         claimed = *id;
                     }
+                    seen.push(s);
                 }
             }
             if claimed != 0 && leaders.iter().all(|l| *l == claimed) {
                 return claimed;
             }
-            assert!(Instant::now() < deadline, "no leader for shard {shard}: {leaders:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no leader for shard {shard}: {leaders:?}; replicas {seen:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
