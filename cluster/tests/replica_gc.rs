@@ -7,8 +7,11 @@
 mod common;
 
 use common::*;
-use pigeonhole_cluster::transport::local::CutShard;
+use pigeonhole_cluster::placement::META_SHARD;
+use pigeonhole_cluster::transport::local::{CutShard, Filter, Verdict};
+use pigeonhole_cluster::transport::ShardMsg;
 use pigeonhole_cluster::{ClusterError, MembershipChange, RaftTuning};
+use pigeonhole_engine::raft::eraftpb::MessageType;
 use pigeonhole_engine::raft::Storage as _;
 use std::time::Duration;
 
@@ -31,9 +34,13 @@ async fn holds_nothing(c: &TestCluster, node: u64, shard: u64) -> bool {
         && e.raft_log(shard).unwrap().last_index().unwrap() == 0
 }
 
-#[tokio::test]
-async fn a_replica_removed_while_its_node_was_down_is_deleted_when_it_returns() {
-    // Four nodes; shard 1 starts on nodes 1, 2 and 3.
+/// Four nodes; shard 1 starts on nodes 1, 2 and 3. A follower (returned)
+/// goes down with the shard's first ten entries, and the shard moves off
+/// it while it is down, as the placement loop moves a replica: node 4 as a
+/// learner, then promote it and remove the follower in one joint change;
+/// ten more entries follow, and every running node's metadata replica has
+/// the record without it.
+async fn removed_while_down() -> (TestCluster, u64) {
     let mut c = TestCluster::with_members(4, 4, 1, 3, tuning());
     let shard = 1;
     let leader = c.leader(shard).await;
@@ -75,6 +82,13 @@ async fn a_replica_removed_while_its_node_was_down_is_deleted_when_it_returns() 
         })
     })
     .await;
+    (c, gone)
+}
+
+#[tokio::test]
+async fn a_replica_removed_while_its_node_was_down_is_deleted_when_it_returns() {
+    let (mut c, gone) = removed_while_down().await;
+    let shard = 1;
     // It comes back with its old configuration: nothing in the shard will
     // ever send it its removal.
     c.start(gone);
@@ -171,4 +185,120 @@ async fn a_member_that_was_down_keeps_its_replica() {
     c.router.remove_filter(cut);
     c.node(behind).read_barrier(shard).await.unwrap();
     assert_eq!(read_all(c.node(behind), shard, "ivy").len(), 20);
+}
+
+/// Drops appends and snapshots of one shard sent to one node; heartbeats
+/// pass, so the node hears its leader but its log does not grow.
+#[derive(Debug)]
+struct HoldAppends {
+    to: u64,
+    shard: u64,
+}
+
+impl Filter for HoldAppends {
+    fn check(&self, _: u64, _: u64, _: bool) -> Verdict {
+        Verdict::Pass
+    }
+
+    fn filter_msgs(&self, _from: u64, to: u64, msgs: &mut Vec<ShardMsg>) {
+        if to == self.to {
+            msgs.retain(|m| m.shard != self.shard || m.msg.get_msg_type() != MessageType::MsgAppend);
+        }
+    }
+
+    fn drops_snapshot_of(&self, _from: u64, to: u64, shard: u64) -> bool {
+        to == self.to && shard == self.shard
+    }
+}
+
+/// Lets through the metadata group's log to one node only up to an index:
+/// later entries are cut from its appends, and its snapshots dropped.
+#[derive(Debug)]
+struct MetaUpTo {
+    to: u64,
+    index_max: u64,
+}
+
+impl Filter for MetaUpTo {
+    fn check(&self, _: u64, _: u64, _: bool) -> Verdict {
+        Verdict::Pass
+    }
+
+    fn filter_msgs(&self, _from: u64, to: u64, msgs: &mut Vec<ShardMsg>) {
+        if to != self.to {
+            return;
+        }
+        for m in msgs.iter_mut().filter(|m| m.shard == META_SHARD) {
+            if m.msg.get_msg_type() == MessageType::MsgAppend {
+                let kept: Vec<_> = m
+                    .msg
+                    .take_entries()
+                    .into_iter()
+                    .filter(|e| e.index <= self.index_max)
+                    .collect();
+                m.msg.set_entries(kept.into());
+            }
+        }
+    }
+
+    fn drops_snapshot_of(&self, _from: u64, to: u64, shard: u64) -> bool {
+        to == self.to && shard == META_SHARD
+    }
+}
+
+/// Added back (as a learner) while it was still down, and back with a
+/// metadata replica that has the record of its removal but not the one of
+/// its re-add, and with no appends of the shard yet: the rule holds from
+/// the old record, but the shard's leader talks to it, so it is kept.
+#[tokio::test]
+async fn a_replica_added_back_before_its_record_lands_is_kept() {
+    let (mut c, gone) = removed_while_down().await;
+    let shard = 1;
+    let members: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|n| *n != gone).collect();
+    // The metadata log up to here holds the record of the removal.
+    let mut meta_index = 0;
+    for n in &members {
+        meta_index = meta_index.max(c.status(*n, META_SHARD).await.unwrap().last_index);
+    }
+    let leader = c.leader(shard).await;
+    c.node(leader)
+        .change_membership(shard, &[MembershipChange::AddLearner(gone)])
+        .await
+        .unwrap();
+    let held = c.router.add_filter(HoldAppends { to: gone, shard });
+    let meta_held = c.router.add_filter(MetaUpTo {
+        to: gone,
+        index_max: meta_index,
+    });
+    c.start(gone);
+    c.eventually("its metadata replica has the record of its removal", 10, || async {
+        !c.node(gone)
+            .shard_map()
+            .unwrap()
+            .shard(shard)
+            .unwrap()
+            .replicas
+            .contains(&gone)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(STALE_AFTER_MS * 3)).await;
+    let st = c.status(gone, shard).await;
+    assert!(
+        st.as_ref().is_some_and(|s| s.last_index < 20),
+        "it holds its old log and no more: {st:?}"
+    );
+    let deleted = c
+        .node(gone)
+        .counters()
+        .stale_replicas_deleted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(deleted, 0, "a replica its leader talks to was deleted");
+    c.router.remove_filter(meta_held);
+    c.router.remove_filter(held);
+    c.eventually("the re-added learner catches up", 10, || async {
+        c.status(gone, shard).await.is_some_and(|s| s.learners.contains(&gone))
+    })
+    .await;
+    c.node(gone).read_barrier(shard).await.unwrap();
+    assert_eq!(read_all(c.node(gone), shard, "ivy").len(), 20);
 }

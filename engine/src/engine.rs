@@ -377,7 +377,9 @@ impl Engine {
     }
 
     /// Deletes this node's replica of `shard` (replica GC, after the node
-    /// applied its own removal from the shard's configuration): every
+    /// applied its own removal from the shard's configuration, or found
+    /// from the cluster's records that it was removed; the cluster crate's
+    /// stale-replica GC): every
     /// state-machine key of the shard, its apply state included, and every
     /// entry of its Raft log. Only the log's term and vote stay (with commit
     /// 0): a node must never vote twice in one term, even for a group it has
@@ -385,9 +387,11 @@ impl Engine {
     ///
     /// Crash-safe by order, and idempotent: the log goes first (fsync'd),
     /// then the state (a range delete, durable at the next flush). A crash
-    /// in between leaves the apply state (whose configuration excludes this
-    /// node) over an empty log, which the node's start-up repair turns back
-    /// into a consistent replica and removes again. The other order could
+    /// in between leaves the apply state over an empty log, which the
+    /// node's start-up repair turns back into a consistent replica. If that
+    /// state's configuration excludes this node, start-up removes it again;
+    /// if it still lists the node (a stale replica, which never applied its
+    /// removal), the replica is loaded and found stale again. The other order could
     /// leave a log without apply state: a replica created again later would
     /// then meet committed entries it never applied.
     ///

@@ -15,37 +15,54 @@
 //! hand-off, so the configuration holds every change up to that index). A
 //! replica here is stale when the record leaves this node out AND this
 //! replica's log ends before `handed_index`: the removal (at or before that
-//! index) is then an entry it has not even received. A record that lags a
-//! later re-add cannot fool the rule: a node added again as a learner at
-//! index J is caught up by a snapshot or appends at or past J, beyond the
-//! older record's `handed_index`. The rule must hold for
-//! `stale_replica_after_ms` (10 s by default) before the replica goes, so a
-//! replica that is being caught up, or a record about to be rewritten, gets
-//! time to settle. TiKV does the same job by asking PD (its placement
-//! service) when a peer's region epoch looks old.
+//! index) is then an entry it has not even received. Every record is true
+//! at its own index, however old (a deposed leader's too), because conf
+//! changes reach raft-rs only once committed.
+//!
+//! A record can lag a re-add: the node is added back at index J > H while
+//! this node's metadata replica still holds the record of H. Two things
+//! keep such a replica: a learner caught up by appends or a snapshot ends
+//! past J, beyond H, so the rule stops holding; and while it is not yet
+//! caught up, the shard's leader sends it appends and heartbeats, which a
+//! leader sends only to members, and each one at a term at least the
+//! record's restarts the replica's clock (`heard_from_leader`). A replica
+//! goes only after `stale_replica_after_ms` (10 s by default) of the rule
+//! holding with no such message. TiKV does the same job by asking PD (its
+//! placement service) when a peer's region epoch looks old.
 //!
 //! Deleting goes through replica GC (`Driver::remove_replica`), so term
 //! and vote survive (storage-format.md I8) and the node never votes twice
-//! in a term. What is not argued (docs/decisions.md D37): a node re-added
-//! straight as a VOTER (Admin.ChangeMembership ADD_VOTER, no learner step)
-//! inside the window before its re-add's record lands would lose its log
-//! while a voter; every path the servers and phctl take (moves, `shard
-//! move`, drains, the metadata group's refill) adds a learner first. The
+//! in a term. A replica deleted while it was in fact a member (re-added and
+//! cut off from its leader for the whole 10 s) loses nothing committed: its
+//! current membership began after H, and any acknowledgement of it that a
+//! commit counted would have put its log past H. It is created again empty
+//! by the leader's next message and caught up by a snapshot; what remains
+//! (docs/decisions.md D37) is that the leader's progress for it keeps the
+//! old matched index until the empty replica rejects an append. The
 //! metadata group (shard 0) has no record of its own and is not collected
 //! here.
 
 use super::Driver;
 use crate::error::ClusterError;
 use crate::placement::{META_SHARD, SHARD_RECORD_PREFIX};
+use pigeonhole_engine::raft::eraftpb::{Message, MessageType};
 use pigeonhole_engine::raft::StateRole;
 use pigeonhole_proto::internal::v1::ShardRecord;
 use prost::Message as _;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// How often (in ticks) the driver looks for stale replicas: one prefix
 /// scan of the node's own metadata replica (one small record per shard).
 const STALE_CHECK_EVERY_TICKS: u64 = 10;
+
+/// A replica the records show stale: since when, without a break, and the
+/// newest record's term that showed it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StaleSeen {
+    since: Instant,
+    record_term: u64,
+}
 
 /// True when `record` shows that a replica on `node` whose log ends at
 /// `last_index` was removed before it received its removal.
@@ -58,6 +75,18 @@ pub(crate) fn is_stale(record: &ShardRecord, node: u64, last_index: u64) -> bool
 }
 
 impl Driver {
+    /// A leader's message to this node's replica of `shard` (appends,
+    /// heartbeats) at a term at least the record's: a leader sends only to
+    /// members, so the replica is one (added back, say, before this node's
+    /// metadata replica has the record that lists it). Its clock starts
+    /// again; as long as a current leader talks to it, it is never deleted.
+    pub(super) fn heard_from_leader(&mut self, shard: u64, msg: &Message) {
+        let from_leader = matches!(msg.get_msg_type(), MessageType::MsgAppend | MessageType::MsgHeartbeat);
+        if from_leader && self.stale_since.get(&shard).is_some_and(|s| msg.term >= s.record_term) {
+            self.stale_since.remove(&shard);
+        }
+    }
+
     /// Every `STALE_CHECK_EVERY_TICKS`: notes the replicas the metadata
     /// group's records show stale, and deletes those that have been stale
     /// for `stale_replica_after_ms` without a break.
@@ -71,7 +100,7 @@ impl Driver {
         else {
             return Ok(()); // no metadata replica (yet) on this node
         };
-        let mut stale_now = BTreeSet::new();
+        let mut stale_now = BTreeMap::new();
         for v in values {
             let Ok(record) = ShardRecord::decode(v.value.as_slice()) else {
                 continue;
@@ -85,16 +114,20 @@ impl Driver {
                 continue;
             }
             if is_stale(&record, self.node_id, r.raw.raft.raft_log.last_index()) {
-                stale_now.insert(record.shard);
+                stale_now.insert(record.shard, record.term);
             }
         }
         let now = Instant::now();
-        self.stale_since.retain(|shard, _| stale_now.contains(shard));
+        self.stale_since.retain(|shard, _| stale_now.contains_key(shard));
         let limit = Duration::from_millis(self.tuning.stale_replica_after_ms);
         let mut gone = Vec::new();
-        for shard in stale_now {
-            let since = *self.stale_since.entry(shard).or_insert(now);
-            if now.duration_since(since) >= limit {
+        for (shard, record_term) in stale_now {
+            let seen = self.stale_since.entry(shard).or_insert(StaleSeen {
+                since: now,
+                record_term,
+            });
+            seen.record_term = seen.record_term.max(record_term);
+            if now.duration_since(seen.since) >= limit {
                 gone.push(shard);
             }
         }

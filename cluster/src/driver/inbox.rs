@@ -256,6 +256,7 @@ impl Driver {
             if !self.replicas.contains_key(&shard) && !self.maybe_create(shard, &msg)? {
                 continue;
             }
+            self.heard_from_leader(shard, &msg);
             let quiet_msg = matches!(
                 msg.get_msg_type(),
                 MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse

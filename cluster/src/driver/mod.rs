@@ -151,7 +151,7 @@ pub(crate) struct Driver {
     unowned_learners: BTreeMap<(u64, u64), Instant>,
     /// Replicas the metadata group's records show stale, and since when
     /// without a break (`gc`).
-    stale_since: BTreeMap<u64, Instant>,
+    stale_since: BTreeMap<u64, gc::StaleSeen>,
     /// The placement loop's metadata write in flight, if any (`place`).
     place_write: Option<oneshot::Receiver<ProposeResult>>,
     outbox: BTreeMap<u64, Vec<ShardMsg>>,
