@@ -356,9 +356,9 @@ fn step(t: &Target, me: u64, s: &Shard, dead: u64) -> Step {
     )
 }
 
-#[test]
-fn a_shard_leader_takes_a_moves_steps_in_order() {
-    let t = Target {
+/// An active move of shard 1 from node 1 to node 4.
+fn move_1_to_4() -> Target {
+    Target {
         shard: 1,
         from: 1,
         to: 4,
@@ -366,7 +366,12 @@ fn a_shard_leader_takes_a_moves_steps_in_order() {
         started_unix_ms: 0,
         state_since_unix_ms: 0,
         version: 1,
-    };
+    }
+}
+
+#[test]
+fn a_shard_leader_takes_a_moves_steps_in_order() {
+    let t = move_1_to_4();
     let mut s = Shard {
         voters: vec![1, 2, 3],
         learners: vec![],
@@ -414,15 +419,7 @@ fn a_shard_leader_takes_a_moves_steps_in_order() {
 /// with nothing, leaving two replicas with data).
 #[test]
 fn a_learner_with_nothing_is_never_caught_up() {
-    let t = Target {
-        shard: 1,
-        from: 1,
-        to: 4,
-        state: MoveState::Active,
-        started_unix_ms: 0,
-        state_since_unix_ms: 0,
-        version: 1,
-    };
+    let t = move_1_to_4();
     let view = |matched_index: u64| {
         let matched = move |n: u64| (n == 4).then_some(matched_index);
         let alive = |_: u64| true;

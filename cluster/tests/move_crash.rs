@@ -28,7 +28,7 @@ fn tuning() -> RaftTuning {
 /// cut off from every data shard, so the loop starts a move onto it whose
 /// learner cannot catch up. Returns the cluster, the acked appends and the move
 /// (shard, from, to).
-async fn a_move_held_at_its_learner() -> (TestCluster, Vec<(String, u64, u64, String)>, (u64, u64, u64), u64) {
+async fn a_move_held_at_its_learner() -> (TestCluster, Vec<Acked>, (u64, u64, u64), u64) {
     let mut c = TestCluster::new(3, SHARDS, 3, tuning());
     c.leader(META_SHARD).await;
     // Running, one move at a time.
@@ -60,7 +60,7 @@ async fn a_move_held_at_its_learner() -> (TestCluster, Vec<(String, u64, u64, St
 
 /// Every node holds exactly the replicas the shards' leaders list, and
 /// every acknowledged append is on each of them.
-async fn settled_and_whole(c: &TestCluster, acked: &[(String, u64, u64, String)], nodes: &[u64]) {
+async fn settled_and_whole(c: &TestCluster, acked: &[Acked], nodes: &[u64]) {
     c.eventually("balance over four nodes", 90, || balanced(c, SHARDS, nodes))
         .await;
     c.eventually("no node keeps a replica it was moved off", 30, || async {
@@ -87,15 +87,7 @@ async fn settled_and_whole(c: &TestCluster, acked: &[(String, u64, u64, String)]
     })
     .await;
     let s = all_shards(c, SHARDS).await;
-    for (user, shard, seq, key) in acked {
-        for v in &s[shard].1 {
-            let node = c.node(*v);
-            c.eventually(&format!("{user} on node {v}"), 30, || async {
-                read_all(node, *shard, user) == vec![(*seq, key.as_bytes().to_vec())]
-            })
-            .await;
-        }
-    }
+    acked_on_every_voter(c, acked, &s).await;
 }
 
 /// After the learner is added: the shard's leader and the learner's node

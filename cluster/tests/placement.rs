@@ -63,15 +63,7 @@ async fn the_loop_balances_a_grown_cluster_by_itself() {
             "node {n} got no replica: {s:?}"
         );
     }
-    for (user, shard, seq, key) in &acked {
-        for v in &s[shard].1 {
-            let node = c.node(*v);
-            c.eventually(&format!("{user} on node {v}"), 30, || async {
-                read_all(node, *shard, user) == vec![(*seq, key.as_bytes().to_vec())]
-            })
-            .await;
-        }
-    }
+    acked_on_every_voter(&c, &acked, &s).await;
 }
 
 /// A move to a node that stops while it catches up (snapshots sent at 64

@@ -98,3 +98,20 @@ pub async fn balanced(c: &TestCluster, shard_count: u64, nodes: &[u64]) -> bool 
     }
     replicas.len() == nodes.len() && spread(&replicas) <= 1 && spread(&leaders) <= 1
 }
+
+/// An acknowledged append: (user, shard, seq, key = payload).
+pub type Acked = (String, u64, u64, String);
+
+/// Waits until every acknowledged append is, alone and at its seq, in its
+/// user's mailbox on every voter of its shard in `s`.
+pub async fn acked_on_every_voter(c: &TestCluster, acked: &[Acked], s: &BTreeMap<u64, (u64, Vec<u64>, Vec<u64>)>) {
+    for (user, shard, seq, key) in acked {
+        for v in &s[shard].1 {
+            let node = c.node(*v);
+            c.eventually(&format!("{user} on node {v}"), 30, || async {
+                super::read_all(node, *shard, user) == vec![(*seq, key.as_bytes().to_vec())]
+            })
+            .await;
+        }
+    }
+}
