@@ -1,11 +1,5 @@
 //! Helpers for tests of the placement loop and of replica moves.
-#![allow(
-    dead_code,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+//! (Lints as in `common`, whose allowances cover this module.)
 
 use super::{fast_tuning, TestCluster};
 use pigeonhole_cluster::placement::META_SHARD;
