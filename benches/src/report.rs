@@ -28,18 +28,20 @@ pub fn report(
         let k = r["in_flight"].as_u64().unwrap_or(0);
         groups.entry((label, k)).or_default().push(r);
     }
-    println!("| system | in flight | appends/s | p50 ms | p99 ms | p99.9 ms | server CPU-s / 1k | bytes written / append | reps | errors |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| system | in flight | appends/s | p50 ms | p99 ms | p99.9 ms | server CPU-s / 1k | client CPU-s / 1k | machine idle % | bytes written / append | reps | errors |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut series: BTreeMap<String, Vec<(f64, f64)>> = Default::default();
     for ((label, k), rs) in &groups {
         let m = |f: &str| median(rs.iter().filter_map(|r| r[f].as_f64()).collect());
         let tput = m("appends_per_s");
         let p99 = m("p99_us") / 1000.0;
         println!(
-            "| {label} | {k} | {tput:.0} | {:.2} | {p99:.2} | {:.2} | {:.3} | {:.0} | {} | {} |",
+            "| {label} | {k} | {tput:.0} | {:.2} | {p99:.2} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0} | {} | {} |",
             m("p50_us") / 1000.0,
             m("p999_us") / 1000.0,
             m("server_cpu_s_per_1k"),
+            m("client_cpu_s_per_1k"),
+            m("machine_idle_pct"),
             m("server_write_bytes_per_append"),
             rs.len(),
             rs.iter().filter_map(|r| r["errors"].as_u64()).sum::<u64>()

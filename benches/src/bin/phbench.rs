@@ -25,7 +25,11 @@
 //!   p50/p99/p99.9 (HDR histogram, µs), errors, and, with `--server-pids`,
 //!   the servers' CPU-seconds per 1,000 appends (utime + stime from
 //!   /proc/PID/stat) and bytes written to storage per append
-//!   (/proc/PID/io `write_bytes`).
+//!   (/proc/PID/io `write_bytes`); always, the load generator's own
+//!   CPU-seconds per 1,000 appends (/proc/self/stat) and the share of the
+//!   machine's CPU time left idle in the window (/proc/stat, idle + iowait).
+//!   On a machine the servers and the load generator share, those two say
+//!   whether a run was bound by CPU, and how much of it the client took.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
@@ -307,26 +311,68 @@ impl Users {
     }
 }
 
-/// CPU-seconds and bytes written of the servers, from /proc.
-fn proc_totals(pids: &[u32]) -> (f64, u64) {
-    let ticks = std::process::Command::new("getconf")
+/// Percent of the machine's CPU time spent idle (or waiting for I/O)
+/// between two `machine_ticks` readings; null if /proc/stat was unreadable.
+fn idle_pct(before: (u64, u64), after: (u64, u64)) -> serde_json::Value {
+    let total = after.1.saturating_sub(before.1);
+    if total == 0 {
+        return serde_json::Value::Null;
+    }
+    (after.0.saturating_sub(before.0) as f64 * 100.0 / total as f64).into()
+}
+
+/// Clock ticks per second of /proc's CPU times.
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse::<f64>().ok())
-        .unwrap_or(100.0);
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of one process (`self` or a pid), in seconds.
+fn proc_cpu_s(pid: &str, ticks: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" that ends the command name: utime is the 12th,
+    // stime the 13th.
+    let rest = stat.rsplit(')').next()?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Some((num(11) + num(12)) / ticks)
+}
+
+/// The machine's CPU time so far, from /proc/stat's `cpu` line: (idle +
+/// iowait, total), in ticks.
+fn machine_ticks() -> (u64, u64) {
+    cpu_ticks(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+}
+
+/// (idle + iowait, total) from the text of /proc/stat.
+fn cpu_ticks(stat: &str) -> (u64, u64) {
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already inside user and nice).
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (idle, v.iter().sum())
+}
+
+/// CPU-seconds and bytes written of the servers, from /proc.
+fn proc_totals(pids: &[u32]) -> (f64, u64) {
+    let ticks = clock_ticks();
     let mut cpu = 0.0;
     let mut written = 0u64;
     for pid in pids {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // Fields after the ")" that ends the command name: utime is the
-            // 12th, stime the 13th.
-            let rest = stat.rsplit(')').next().unwrap_or("");
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            cpu += (num(11) + num(12)) / ticks;
-        }
+        cpu += proc_cpu_s(&pid.to_string(), ticks).unwrap_or(0.0);
         if let Ok(io) = std::fs::read_to_string(format!("/proc/{pid}/io")) {
             for line in io.lines() {
                 if let Some(v) = line.strip_prefix("write_bytes: ") {
@@ -501,6 +547,9 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
     let prefill_s = prefill_started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(a.warmup)).await;
     let (cpu0, written0) = proc_totals(&a.server_pids);
+    let ticks = clock_ticks();
+    let client0 = proc_cpu_s("self", ticks).unwrap_or(0.0);
+    let machine0 = machine_ticks();
     let t0 = Instant::now();
     let _ = shared.t0.set(t0);
     shared.measuring.store(true, Ordering::Relaxed);
@@ -508,6 +557,8 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
     shared.measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
     let (cpu1, written1) = proc_totals(&a.server_pids);
+    let client1 = proc_cpu_s("self", ticks).unwrap_or(0.0);
+    let machine1 = machine_ticks();
     shared.stop.store(true, Ordering::Relaxed);
     // Workers finish their request in flight; do not wait forever.
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
@@ -573,6 +624,8 @@ async fn run(a: RunArgs) -> Result<serde_json::Value, String> {
         "delivery_p99_us": delivery(0.99),
         "delivery_p999_us": delivery(0.999),
         "server_cpu_s_per_1k": if a.server_pids.is_empty() { serde_json::Value::Null } else { per_k(cpu1 - cpu0).into() },
+        "client_cpu_s_per_1k": per_k(client1 - client0),
+        "machine_idle_pct": idle_pct(machine0, machine1),
         "timeline": timeline,
         "server_write_bytes_per_append": if a.server_pids.is_empty() { serde_json::Value::Null } else { (per_k((written1 - written0) as f64) / 1000.0).into() },
     }))
@@ -666,5 +719,20 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_machines_idle_share_counts_idle_and_iowait_over_every_state() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat = "cpu  100 5 50 300 40 2 3 0 7 0\ncpu0 50 2 25 150 20 1 1 0 3 0\nintr 1\n";
+        assert_eq!(cpu_ticks(stat), (340, 500));
+        assert_eq!(cpu_ticks("intr 1\n"), (0, 0));
+        assert_eq!(idle_pct((340, 500), (390, 700)), serde_json::json!(25.0));
+        assert_eq!(idle_pct((1, 1), (1, 1)), serde_json::Value::Null);
     }
 }
