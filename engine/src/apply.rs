@@ -27,101 +27,10 @@ use crate::records::{
 use crate::txn::Txn;
 use pigeonhole_proto::internal::v1 as cmd;
 use prost::Message as _;
-use raft::eraftpb::ConfState;
 
 use std::collections::HashMap;
 
-/// One committed Raft entry handed to [`Engine::apply`].
-#[derive(Debug, Clone)]
-pub struct ApplyEntry<'a> {
-    /// The entry's Raft index.
-    pub index: u64,
-    /// The entry's Raft term.
-    pub term: u64,
-    /// What the entry carries.
-    pub kind: EntryKind<'a>,
-}
-
-/// The payload of a committed entry, as far as the state machine cares.
-#[derive(Debug, Clone)]
-pub enum EntryKind<'a> {
-    /// No command (e.g. the empty entry a new leader appends).
-    Empty,
-    /// An encoded `pigeonhole.internal.v1.Command`: the Raft entry's own
-    /// buffer, so decoding it copies no payload (the append's payload is a
-    /// slice of it until the message record is built).
-    Command(&'a bytes::Bytes),
-    /// A configuration change; the node computed the resulting ConfState
-    /// with raft-rs and the engine records it with the applied index, so that
-    /// a snapshot carries the configuration of exactly its index.
-    ConfChange(ConfState),
-}
-
-/// What applying one entry produced.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EntryOutcome {
-    /// At or below the applied index: skipped, nothing changed.
-    AlreadyApplied,
-    /// An empty entry or a configuration change: only the index moved.
-    Applied,
-    /// The entry's bytes are not a valid command; nothing but the index moved.
-    Rejected(OpError),
-    /// A command: one result per op, in op order.
-    Command {
-        /// The shard time the command ran at (ms since the Unix epoch).
-        time_ms: u64,
-        /// Per-op results.
-        results: Vec<Result<OpOutput, OpError>>,
-        /// [`crate::mailbox_fingerprint`]s of the mailboxes whose messages
-        /// or low watermark this command changed (an append that stored, a
-        /// trim, a delete), in op order, possibly repeated: the node wakes
-        /// only the readers that follow these.
-        changed: Vec<u64>,
-    },
-}
-
-/// The successful result of one op.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OpOutput {
-    /// Append: the seq (the original one if `duplicate`).
-    Appended {
-        /// The message's seq.
-        seq: u64,
-        /// The key was seen before; nothing was written.
-        duplicate: bool,
-        /// The message's commit time.
-        time_ms: u64,
-    },
-    /// Ack: the cursor after the op.
-    Acked {
-        /// The device's cursor.
-        cursor: u64,
-        /// Whether it moved.
-        advanced: bool,
-    },
-    /// Trim: the new low watermark.
-    Trimmed {
-        /// Lowest stored seq after the trim.
-        low_watermark: u64,
-        /// Messages removed by this op.
-        removed: u64,
-    },
-    /// Delete: whether this op made the tombstone.
-    Deleted {
-        /// False if the message already was a tombstone.
-        deleted: bool,
-    },
-    /// PutSystem: the value was stored at this version.
-    SystemPut {
-        /// The stored version.
-        version: u64,
-    },
-    /// ExpireDedup: entries removed.
-    DedupExpired {
-        /// Dedup entries removed.
-        removed: u64,
-    },
-}
+pub use crate::outcome::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
 
 impl Engine {
     /// Applies committed entries of `shard`, in order, atomically with the
@@ -196,7 +105,9 @@ impl Engine {
                         meta.conf_state = cs.clone();
                         EntryOutcome::Applied
                     }
-                    EntryKind::Command(bytes) => self.apply_command(&mut txn, &mut heads, shard, &mut meta, bytes)?,
+                    EntryKind::Command(bytes) => {
+                        self.apply_command(&mut txn, &mut heads, shard, &mut meta, bytes, (e.index, e.term))?
+                    }
                 };
                 meta.applied_index = e.index;
                 meta.applied_term = e.term;
@@ -229,6 +140,7 @@ impl Engine {
         shard: u64,
         meta: &mut ShardMeta,
         bytes: &bytes::Bytes,
+        at: (u64, u64),
     ) -> Result<EntryOutcome, EngineError> {
         let limits = &self.options().limits;
         // Decoding from `Bytes` makes each payload a slice of the entry.
@@ -245,11 +157,24 @@ impl Engine {
         }
         // The shard clock never goes backwards, even if leaders' clocks do.
         meta.time_ms = meta.time_ms.max(command.time_ms);
+        if let Some(split) = crate::split::split_of(&command) {
+            let result = match split {
+                Ok(op) => self.apply_split(txn, heads.cache, shard, meta, op, at)?,
+                Err(e) => Err(e),
+            };
+            return Ok(EntryOutcome::Command {
+                time_ms: meta.time_ms,
+                results: vec![result],
+                changed: Vec::new(),
+            });
+        }
         let mut sm = StateMachine {
             engine: self,
             txn,
             heads,
             shard,
+            space: meta.space,
+            range: meta.range,
             now_ms: meta.time_ms,
             changed: Vec::new(),
         };
@@ -273,8 +198,8 @@ type OpResult = Result<Result<OpOutput, OpError>, EngineError>;
 /// A shard's head cache during one apply batch, and the heads the batch
 /// changed, by mailbox key (they enter the cache only after the batch's
 /// write succeeded; until then they are the batch's view of those heads).
-struct Heads<'c> {
-    cache: &'c mut HeadCache,
+pub(crate) struct Heads<'c> {
+    pub(crate) cache: &'c mut HeadCache,
     changed: HashMap<Vec<u8>, MailboxMeta>,
 }
 
@@ -283,6 +208,10 @@ struct StateMachine<'a, 't, 'c> {
     txn: &'a mut Txn<'t>,
     heads: &'a mut Heads<'c>,
     shard: u64,
+    /// The id prefixing the shard's data keys (`ShardMeta::space`).
+    space: u64,
+    /// The user hashes the shard holds; ops on other mailboxes are refused.
+    range: crate::records::HashRange,
     now_ms: u64,
     /// Fingerprints of the mailboxes changed so far (see `EntryOutcome`).
     changed: Vec<u64>,
@@ -304,6 +233,16 @@ impl StateMachine<'_, '_, '_> {
             // The same checks the serving layer made before proposing; kept
             // here so that every replica rejects the same ops (D6).
             reject_on!(self.engine.options().limits.check_op(op));
+            // After a split, a proposal routed with the old map may name a
+            // mailbox the shard gave away: refused the same on every replica.
+            if let Some(uid) = crate::split::user_of(op) {
+                if !self.range.is_full() && !self.range.contains(crate::split::user_hash(uid)) {
+                    return Ok(Err(OpError::WrongShard {
+                        shard: self.shard,
+                        range: self.range,
+                    }));
+                }
+            }
         }
         match &op.op {
             Some(Op::Append(a)) => self.append(a),
@@ -312,6 +251,10 @@ impl StateMachine<'_, '_, '_> {
             Some(Op::Delete(d)) => self.delete(d),
             Some(Op::ExpireDedup(x)) => self.expire_dedup(x),
             Some(Op::PutSystem(p)) => self.put_system(p),
+            Some(Op::Split(_)) => Ok(Err(OpError::InvalidArgument {
+                field: "split",
+                reason: "a split must be the only op of its command".into(),
+            })),
             None => Ok(Err(OpError::MalformedCommand("op with no operation set".into()))),
         }
     }
@@ -329,13 +272,13 @@ impl StateMachine<'_, '_, '_> {
         // No op of this batch changed the mailbox (every one that does goes
         // through `put_mailbox`), so what is read is committed state, read
         // under the apply lock.
-        let key = keys::mailbox_meta(self.shard, &mb);
+        let key = keys::mailbox_meta(self.space, &mb);
         let row = match self.txn.get(&key)? {
             Some(b) => Some(MailboxMeta::decode(&key, &b)?),
             None => None,
         };
         let mut rebuild = HeadRebuild::new(row);
-        let (first, end) = rebuild.scan_range(self.shard, &mb);
+        let (first, end) = rebuild.scan_range(self.space, &mb);
         self.txn.scan(&first, &end, |k, body| rebuild.message(k, body))?;
         let meta = rebuild.finish();
         self.heads.cache.insert(mb.clone(), meta);
@@ -346,7 +289,7 @@ impl StateMachine<'_, '_, '_> {
     /// (appends do so only every `HEAD_ROW_EVERY_APPENDS` seqs, I9).
     fn put_mailbox(&mut self, mb: &[u8], meta: &MailboxMeta, write_row: bool) {
         if write_row {
-            self.txn.put(keys::mailbox_meta(self.shard, mb), &meta.encode());
+            self.txn.put(keys::mailbox_meta(self.space, mb), &meta.encode());
         }
         self.heads.changed.insert(mb.to_vec(), *meta);
     }
@@ -357,7 +300,7 @@ impl StateMachine<'_, '_, '_> {
 
     fn append(&mut self, a: &cmd::AppendOp) -> OpResult {
         let (mb, mut meta) = self.mailbox(&a.namespace, &a.user_id)?;
-        let dk = keys::dedup(self.shard, &mb, &a.idempotency_key);
+        let dk = keys::dedup(self.space, &mb, &a.idempotency_key);
         let payload_crc = crc32fast::hash(&a.payload);
         // Dedup comes before the precondition: a retried conditional append
         // that already committed must get its seq back, not a mismatch.
@@ -402,7 +345,7 @@ impl StateMachine<'_, '_, '_> {
         // must change nothing).
         if let Some(d) = expired {
             self.txn
-                .delete(keys::dedup_expiry(self.shard, d.expires_ms, &mb, &a.idempotency_key));
+                .delete(keys::dedup_expiry(self.space, d.expires_ms, &mb, &a.idempotency_key));
         }
         let msg = MessageView {
             time_ms: self.now_ms,
@@ -410,7 +353,7 @@ impl StateMachine<'_, '_, '_> {
             payload: &a.payload,
             deleted: false,
         };
-        self.txn.put(keys::message(self.shard, &mb, seq), &msg.encode());
+        self.txn.put(keys::message(self.space, &mb, seq), &msg.encode());
         let entry = DedupEntry {
             seq,
             time_ms: self.now_ms,
@@ -439,7 +382,7 @@ impl StateMachine<'_, '_, '_> {
                 last_seq: meta.last_seq,
             }));
         }
-        let ck = keys::cursor(self.shard, &mb, &a.device_id);
+        let ck = keys::cursor(self.space, &mb, &a.device_id);
         match self.txn.get(&ck)? {
             Some(b) => {
                 let cur = decode_cursor(&ck, &b)?;
@@ -469,14 +412,14 @@ impl StateMachine<'_, '_, '_> {
 
     /// Starts the dedup window of a message that stops being stored.
     fn start_dedup_window(&mut self, mb: &[u8], seq: u64, idem: &[u8]) -> Result<(), EngineError> {
-        let dk = keys::dedup(self.shard, mb, idem);
+        let dk = keys::dedup(self.space, mb, idem);
         if let Some(mut d) = self.dedup(&dk)? {
             // The key may since have been reused for a newer message (after an
             // earlier window ended); only the entry for this seq is ours.
             if d.seq == seq && d.expires_ms == 0 {
                 d.expires_ms = self.now_ms.saturating_add(self.engine.options().dedup_window_ms).max(1);
                 self.txn.put(
-                    keys::dedup_expiry(self.shard, d.expires_ms, mb, idem),
+                    keys::dedup_expiry(self.space, d.expires_ms, mb, idem),
                     &encode_expiry_marker(),
                 );
                 self.txn.put(dk, &d.encode());
@@ -499,8 +442,8 @@ impl StateMachine<'_, '_, '_> {
                 removed: 0,
             }));
         }
-        let start = keys::message(self.shard, &mb, meta.low_watermark);
-        let end = keys::message(self.shard, &mb, t.up_to_seq + 1);
+        let start = keys::message(self.space, &mb, meta.low_watermark);
+        let end = keys::message(self.space, &mb, t.up_to_seq + 1);
         // (key, seq, live idempotency key, payload bytes)
         let mut doomed: Vec<Doomed> = Vec::new();
         self.txn.scan(&start, &end, |k, body| {
@@ -546,7 +489,7 @@ impl StateMachine<'_, '_, '_> {
                 last_seq: meta.last_seq,
             }));
         }
-        let key = keys::message(self.shard, &mb, d.seq);
+        let key = keys::message(self.space, &mb, d.seq);
         let body = self.txn.get(&key)?.ok_or_else(|| {
             EngineError::corruption(CF_DATA, &key, "message inside [low_watermark, last_seq] is missing")
         })?;
@@ -590,7 +533,7 @@ impl StateMachine<'_, '_, '_> {
                 ),
             }
         }));
-        let key = keys::system(self.shard, &p.key);
+        let key = keys::system(self.space, &p.key);
         let stored = match self.txn.get(&key)? {
             Some(b) => crate::records::decode_system(&key, &b)?.0,
             None => 0,
@@ -616,20 +559,26 @@ impl StateMachine<'_, '_, '_> {
                 reason: format!("must be 1 to {limit}, got {}", x.max_entries),
             }));
         }
-        let start = keys::dedup_expiry_bound(self.shard, 0);
-        let end = keys::dedup_expiry_bound(self.shard, self.now_ms.saturating_add(1));
+        let start = keys::dedup_expiry_bound(self.space, 0);
+        let end = keys::dedup_expiry_bound(self.space, self.now_ms.saturating_add(1));
         let mut found: Vec<Vec<u8>> = Vec::new();
         let max = usize::try_from(x.max_entries).unwrap_or(usize::MAX);
+        let range = self.range;
         self.txn.scan_limited(&start, &end, max, |k, body| {
             crate::records::check_expiry_marker(k, body)?;
+            // A shared space (D38) holds the other half's entries too: only
+            // this shard's count, so every replica removes the same ones.
+            if !crate::split::key_in_range(k, &range)? {
+                return Ok(false);
+            }
             found.push(k.to_vec());
-            Ok(())
+            Ok(true)
         })?;
         let mut removed = 0;
         for k in found {
             let (expires, mb, idem) = keys::parse_dedup_expiry(&k)
                 .ok_or_else(|| EngineError::corruption(CF_DATA, &k, "malformed dedup expiry key"))?;
-            let dk = keys::dedup(self.shard, mb, idem);
+            let dk = keys::dedup(self.space, mb, idem);
             // The dedup entry may have been replaced by a newer append after an
             // earlier expiry; only remove it if this index entry is its own.
             if self.dedup(&dk)?.is_some_and(|d| d.expires_ms == expires) {

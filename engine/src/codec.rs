@@ -90,6 +90,21 @@ impl<'a> Reader<'a> {
         }
         Ok(r)
     }
+    /// Starts reading `body` whose version byte is one of `versions`;
+    /// returns the reader and the version found.
+    pub fn versioned(
+        cf: &'static str,
+        key: &'a [u8],
+        body: &'a [u8],
+        versions: &[u8],
+    ) -> Result<(Self, u8), EngineError> {
+        let mut r = Reader { cf, key, rest: body };
+        let v = r.u8()?;
+        if !versions.contains(&v) {
+            return Err(r.err(format!("unknown record version {v}, expected one of {versions:?}")));
+        }
+        Ok((r, v))
+    }
     pub fn err(&self, reason: String) -> EngineError {
         EngineError::corruption(self.cf, self.key, reason)
     }

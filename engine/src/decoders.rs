@@ -75,6 +75,11 @@ pub fn sample_data_bodies() -> Vec<Vec<u8>> {
         applied_term: 3,
         time_ms: 1_700_000_000_000,
         conf_state: crate::conf_state_with_voters(&[1, 2, 3]),
+        space: 7,
+        range: crate::records::HashRange {
+            start: 1 << 62,
+            end: Some(1 << 63),
+        },
     };
     let message = MessageView {
         time_ms: 1_700_000_000_000,

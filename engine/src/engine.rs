@@ -353,17 +353,22 @@ impl Engine {
         index: u64,
         term: u64,
     ) -> Result<(), EngineError> {
+        if shard >= crate::split::SPACE_PRIVATE_MIN {
+            return Err(EngineError::InvalidCall(format!(
+                "shard ids are below {}, got {shard}",
+                crate::split::SPACE_PRIVATE_MIN
+            )));
+        }
         let handles = self.shard(shard)?;
         let _apply = lock(&handles.apply);
         if self.shard_meta(shard)?.is_some() {
             return Err(EngineError::InvalidCall(format!("shard {shard} already exists")));
         }
         let meta = ShardMeta {
-            state: ShardState::Ready,
             applied_index: index,
             applied_term: term,
-            time_ms: 0,
             conf_state,
+            ..ShardMeta::new_own(shard, ShardState::Ready)
         };
         let mut rb = crate::raftlog::RaftBatch::default();
         rb.put_shard_meta(self, shard, &meta)?;
@@ -414,10 +419,8 @@ impl Engine {
         rb.reset_log(self, shard, 0, 0)?;
         rb.set_hard_state(&store, &hs)?;
         self.write_raft(rb, Durability::Fsync)?;
-        let (start, end) = keys::shard_range(shard)
-            .ok_or_else(|| EngineError::InvalidCall(format!("shard id {shard} is reserved")))?;
-        let mut wb = WriteBatch::default();
-        wb.delete_range_cf(self.cf(CF_DATA)?, start, end);
+        let meta = self.shard_meta(shard)?;
+        let wb = self.delete_shard_state(shard, meta.as_ref())?;
         self.write_data(wb, Durability::NoFsync)?;
         Ok(())
     }
@@ -434,7 +437,12 @@ impl Engine {
                     .and_then(|b| b.try_into().ok())
                     .ok_or_else(|| EngineError::corruption(CF_DATA, key, "key shorter than a shard id"))?,
             );
-            out.push(shard);
+            // A shard's meta row is the first key of its id's prefix; a
+            // prefix without one is a data space only (D38: the rows of a
+            // shard split from a shard now gone, or a private space).
+            if key == keys::shard_meta(shard).as_slice() {
+                out.push(shard);
+            }
             match shard.checked_add(1) {
                 Some(next) => it.seek(next.to_be_bytes()),
                 None => break,

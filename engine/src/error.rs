@@ -182,6 +182,16 @@ pub enum OpError {
     /// The Raft entry's bytes are not a valid command. Every op of it fails.
     #[error("malformed command: {0}")]
     MalformedCommand(String),
+    /// The op's mailbox is not in the shard's hash range: a split gave it
+    /// to another shard after the caller's map was read. Retryable with a
+    /// fresh shard map.
+    #[error("mailbox is not in shard {shard}'s hash range {range}: the shard was split; route again")]
+    WrongShard {
+        /// The shard that refused.
+        shard: u64,
+        /// Its hash range now.
+        range: crate::records::HashRange,
+    },
 }
 
 /// Why a read could not be served.
@@ -210,6 +220,15 @@ pub enum ReadError {
         field: &'static str,
         /// The limit broken.
         reason: String,
+    },
+    /// The mailbox is not in the shard's hash range: a split gave it to
+    /// another shard. Retryable with a fresh shard map.
+    #[error("mailbox is not in shard {shard}'s hash range {range}: the shard was split; route again")]
+    WrongShard {
+        /// The shard asked.
+        shard: u64,
+        /// Its hash range now.
+        range: crate::records::HashRange,
     },
     /// The engine failed.
     #[error(transparent)]

@@ -86,9 +86,9 @@ impl HeadRebuild {
     /// The message keys to feed: `[first, end)` of `mb` in `shard`, at most
     /// [`HEAD_ROW_EVERY_APPENDS_MAX`] of them (one more than I9 allows, so
     /// that a broken invariant shows instead of being cut off).
-    pub(crate) fn scan_range(&self, shard: u64, mb: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        let first = keys::message(shard, mb, self.meta.last_seq.saturating_add(1));
-        let end = keys::message(shard, mb, self.meta.last_seq.saturating_add(self.every_max + 1));
+    pub(crate) fn scan_range(&self, space: u64, mb: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let first = keys::message(space, mb, self.meta.last_seq.saturating_add(1));
+        let end = keys::message(space, mb, self.meta.last_seq.saturating_add(self.every_max + 1));
         (first, end)
     }
 

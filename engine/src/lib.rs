@@ -35,10 +35,12 @@ mod error;
 mod heads;
 pub mod keys;
 mod limits;
+mod outcome;
 mod raftlog;
 mod read;
 mod records;
 mod snapshot;
+mod split;
 mod txn;
 
 pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
@@ -50,7 +52,7 @@ pub use raftlog::{
     conf_state_with_voters, LogFilesOptions, LogRecovery, LogStats, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC,
 };
 pub use read::{Cursors, MailboxInfo, ReadMessage, ShardSize, SyncPage, SyncQuery, SystemValue};
-pub use records::{ShardMeta, ShardState};
+pub use records::{HashRange, ShardMeta, ShardState};
 pub use snapshot::{SnapshotChunk, SnapshotIngest, SnapshotSummary, CHUNK_BYTES_MAX};
 
 /// The Raft command types (`pigeonhole.internal.v1`), re-exported so callers

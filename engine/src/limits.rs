@@ -153,7 +153,7 @@ impl Limits {
             }
             Op::Trim(t) => self.check_mailbox(&t.namespace, &t.user_id),
             Op::Delete(d) => self.check_mailbox(&d.namespace, &d.user_id),
-            Op::ExpireDedup(_) | Op::PutSystem(_) => Ok(()),
+            Op::ExpireDedup(_) | Op::PutSystem(_) | Op::Split(_) => Ok(()),
         }
     }
 }

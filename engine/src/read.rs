@@ -106,27 +106,43 @@ pub struct Cursors {
 type Snap<'a> = SnapshotWithThreadMode<'a, DB>;
 
 impl Engine {
-    fn read_snapshot(&self, shard: u64) -> Result<Snap<'_>, EngineError> {
+    /// A consistent view of a complete shard, and the space its rows are
+    /// in (`ShardMeta::space`).
+    fn read_snapshot(&self, shard: u64) -> Result<(Snap<'_>, ShardMeta), EngineError> {
         crate::engine::perf_counters_off();
         let snap = self.db().snapshot();
         let key = keys::shard_meta(shard);
         let body = snap_get(self, &snap, &key)?.ok_or(EngineError::NoSuchShard(shard))?;
-        if ShardMeta::decode(&key, &body)?.state != ShardState::Ready {
+        let meta = ShardMeta::decode(&key, &body)?;
+        if meta.state != ShardState::Ready {
             return Err(EngineError::ShardIncomplete(shard));
         }
-        Ok(snap)
+        Ok((snap, meta))
+    }
+
+    /// [`Self::read_snapshot`] for a read of `user_id`'s mailbox: refused if
+    /// a split gave the mailbox to another shard (the caller's map is old).
+    fn mailbox_snapshot(&self, shard: u64, user_id: &[u8]) -> Result<(Snap<'_>, u64), ReadError> {
+        let (snap, meta) = self.read_snapshot(shard)?;
+        if !meta.range.is_full() && !meta.range.contains(crate::split::user_hash(user_id)) {
+            return Err(ReadError::WrongShard {
+                shard,
+                range: meta.range,
+            });
+        }
+        Ok((snap, meta.space))
     }
 
     /// The mailbox's head at `snap`: its row folded with the messages
     /// appended after the row (I9; see [`HeadRebuild`]).
-    fn mailbox_meta_at(&self, snap: &Snap<'_>, shard: u64, mb: &[u8]) -> Result<MailboxMeta, EngineError> {
-        let key = keys::mailbox_meta(shard, mb);
+    fn mailbox_meta_at(&self, snap: &Snap<'_>, space: u64, mb: &[u8]) -> Result<MailboxMeta, EngineError> {
+        let key = keys::mailbox_meta(space, mb);
         let row = match snap_get(self, snap, &key)? {
             Some(b) => Some(MailboxMeta::decode(&key, &b)?),
             None => None,
         };
         let mut rebuild = HeadRebuild::new(row);
-        let (first, end) = rebuild.scan_range(shard, mb);
+        let (first, end) = rebuild.scan_range(space, mb);
         let mut ro = ReadOptions::default();
         ro.set_snapshot(snap);
         ro.set_iterate_upper_bound(end);
@@ -156,7 +172,7 @@ impl Engine {
             limits.sync_bytes_default,
             limits.sync_bytes_max,
         )?;
-        let snap = self.read_snapshot(shard)?;
+        let (snap, space) = self.mailbox_snapshot(shard, q.user_id)?;
         let mb = keys::mailbox(q.namespace, q.user_id);
         // The page needs the head's last seq and low watermark, not its
         // payload bytes, so instead of rebuilding the head (I9) it takes the
@@ -165,7 +181,7 @@ impl Engine {
         // key: the keys after the row are fewer than
         // `head_row_every_appends`. Forward only: the data CF's
         // hash-skiplist memtable cannot seek backwards.
-        let row_key = keys::mailbox_meta(shard, &mb);
+        let row_key = keys::mailbox_meta(space, &mb);
         let row = match snap_get(self, &snap, &row_key)? {
             Some(b) => MailboxMeta::decode(&row_key, &b)?,
             None => MailboxMeta::default(),
@@ -179,13 +195,13 @@ impl Engine {
         let mut ro = ReadOptions::default();
         ro.set_snapshot(&snap);
         // Seq u64::MAX is never assigned, so this bound is past every message.
-        ro.set_iterate_upper_bound(keys::message(shard, &mb, u64::MAX));
+        ro.set_iterate_upper_bound(keys::message(space, &mb, u64::MAX));
         let mut it = self.db().raw_iterator_cf_opt(self.cf(CF_DATA)?, ro);
         let after_row = row.last_seq.saturating_add(1);
         let first = q.after_seq.saturating_add(1);
         let mut last_seq = row.last_seq;
         // Messages between the row and the cursor only move last_seq.
-        it.seek(keys::message(shard, &mb, first.min(after_row)));
+        it.seek(keys::message(space, &mb, first.min(after_row)));
         while let Some(k) = it.key() {
             let seq = keys::checked_message_seq(k)?;
             if seq >= first {
@@ -231,7 +247,7 @@ impl Engine {
         // the page, if it reached past the row) still move last_seq.
         if it.valid() {
             if messages.last().map_or(first, |m| m.seq + 1) < after_row {
-                it.seek(keys::message(shard, &mb, after_row));
+                it.seek(keys::message(space, &mb, after_row));
             }
             while let Some(k) = it.key() {
                 last_seq = last_seq.max(keys::checked_message_seq(k)?);
@@ -246,7 +262,7 @@ impl Engine {
             });
         }
         if first <= last_seq && messages.is_empty() {
-            let k = keys::message(shard, &mb, first);
+            let k = keys::message(space, &mb, first);
             return Err(EngineError::corruption(
                 CF_DATA,
                 &k,
@@ -266,8 +282,8 @@ impl Engine {
     /// A mailbox's counters (an unknown mailbox reads as empty).
     pub fn mailbox_info(&self, shard: u64, namespace: &str, user_id: &[u8]) -> Result<MailboxInfo, ReadError> {
         self.options().limits.check_mailbox(namespace, user_id)?;
-        let snap = self.read_snapshot(shard)?;
-        let m = self.mailbox_meta_at(&snap, shard, &keys::mailbox(namespace, user_id))?;
+        let (snap, space) = self.mailbox_snapshot(shard, user_id)?;
+        let m = self.mailbox_meta_at(&snap, space, &keys::mailbox(namespace, user_id))?;
         Ok(MailboxInfo {
             last_seq: m.last_seq,
             low_watermark: m.low_watermark,
@@ -279,9 +295,9 @@ impl Engine {
     /// System values of `shard` whose key starts with `prefix`, in key order,
     /// at most `limit` of them: (key without the shard prefix, version, value).
     pub fn system_scan(&self, shard: u64, prefix: &[u8], limit: usize) -> Result<Vec<SystemValue>, EngineError> {
-        let snap = self.read_snapshot(shard)?;
-        let start = keys::system(shard, prefix);
-        let base = keys::system(shard, b"").len();
+        let (snap, meta) = self.read_snapshot(shard)?;
+        let start = keys::system(meta.space, prefix);
+        let base = keys::system(meta.space, b"").len();
         let mut ro = ReadOptions::default();
         ro.set_snapshot(&snap);
         if let Some(end) = keys::prefix_end(&start) {
@@ -313,8 +329,19 @@ impl Engine {
     /// approximate-size API is not exposed by the rust binding we link, and
     /// a bounded exact count is better than none.
     pub fn shard_size(&self, shard: u64, keys_max: u64) -> Result<ShardSize, EngineError> {
-        let (start, end) = keys::shard_range(shard).ok_or(EngineError::NoSuchShard(shard))?;
         let snap = self.db().snapshot();
+        let mk = keys::shard_meta(shard);
+        let mut own_meta_bytes = None;
+        let (space, range) = match snap.get_cf(self.cf(CF_DATA)?, &mk)? {
+            Some(raw) => {
+                let m = ShardMeta::decode(&mk, codec::open(CF_DATA, &mk, &raw)?)?;
+                own_meta_bytes = Some(u64::try_from(mk.len() + raw.len()).unwrap_or(u64::MAX));
+                (m.space, m.range)
+            }
+            None => (shard, crate::records::HashRange::FULL),
+        };
+        let (start, end) = keys::shard_range(space).ok_or(EngineError::NoSuchShard(shard))?;
+        let space_meta = keys::shard_meta(space);
         let mut ro = crate::engine::total_order();
         ro.set_snapshot(&snap);
         ro.set_iterate_upper_bound(end);
@@ -327,13 +354,27 @@ impl Engine {
             bytes: 0,
             complete: true,
         };
+        // The shard's meta row is outside a space that is not its id's.
+        if let (Some(bytes), true) = (own_meta_bytes, space != shard) {
+            size.keys += 1;
+            size.bytes += bytes;
+        }
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
             if size.keys >= keys_max {
                 size.complete = false;
                 break;
             }
-            size.keys += 1;
-            size.bytes += u64::try_from(k.len() + v.len()).unwrap_or(u64::MAX);
+            // A space split in place (D38) also holds the other shard's
+            // rows; the space's meta row is its owner's.
+            let mine = if k == space_meta.as_slice() {
+                space == shard
+            } else {
+                crate::split::key_in_range(k, &range)?
+            };
+            if mine {
+                size.keys += 1;
+                size.bytes += u64::try_from(k.len() + v.len()).unwrap_or(u64::MAX);
+            }
             it.next();
         }
         it.status()?;
@@ -343,10 +384,10 @@ impl Engine {
     /// A mailbox's device cursors, ordered by device id.
     pub fn cursors(&self, shard: u64, namespace: &str, user_id: &[u8]) -> Result<Cursors, ReadError> {
         self.options().limits.check_mailbox(namespace, user_id)?;
-        let snap = self.read_snapshot(shard)?;
+        let (snap, space) = self.mailbox_snapshot(shard, user_id)?;
         let mb = keys::mailbox(namespace, user_id);
-        let meta = self.mailbox_meta_at(&snap, shard, &mb)?;
-        let prefix = keys::cursor_prefix(shard, &mb);
+        let meta = self.mailbox_meta_at(&snap, space, &mb)?;
+        let prefix = keys::cursor_prefix(space, &mb);
         let mut ro = ReadOptions::default();
         ro.set_snapshot(&snap);
         if let Some(end) = keys::prefix_end(&prefix) {
@@ -365,7 +406,7 @@ impl Engine {
         if u32::try_from(cursors.len()).ok() != Some(meta.cursor_count) {
             return Err(EngineError::corruption(
                 CF_DATA,
-                &keys::mailbox_meta(shard, &mb),
+                &keys::mailbox_meta(space, &mb),
                 format!(
                     "cursor_count is {} but {} cursors are stored",
                     meta.cursor_count,

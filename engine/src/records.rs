@@ -8,6 +8,7 @@ use protobuf::Message as _;
 use raft::eraftpb::ConfState;
 
 const V1: u8 = 1;
+const V2: u8 = 2;
 
 /// Whether a shard's data may be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,66 @@ pub struct ShardMeta {
     pub time_ms: u64,
     /// The Raft configuration as of `applied_index`.
     pub conf_state: ConfState,
+    /// Where the shard's rows live: the id that prefixes its data keys
+    /// (`space | tag | ...`). A shard's own id, except for a shard made by a
+    /// split in place, which keeps its parent's space (D38): the split
+    /// copies nothing. A V1 record has no field; its space is the shard id.
+    pub space: u64,
+    /// The user hashes whose mailboxes the shard holds, `[start, end)`,
+    /// `end: None` meaning through `u64::MAX`. Only the mailboxes in it
+    /// are the shard's; rows of a shared space outside it belong to another
+    /// shard. The full range unless the shard was split (V1: full).
+    pub range: HashRange,
+}
+
+/// A half-open range of user hashes, `[start, end)`; `end: None` includes
+/// `u64::MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashRange {
+    pub start: u64,
+    pub end: Option<u64>,
+}
+
+impl HashRange {
+    /// Every hash.
+    pub const FULL: HashRange = HashRange { start: 0, end: None };
+
+    /// Whether `hash` is in the range.
+    pub fn contains(&self, hash: u64) -> bool {
+        hash >= self.start && self.end.is_none_or(|e| hash < e)
+    }
+
+    /// Whether the range covers every hash.
+    pub fn is_full(&self) -> bool {
+        *self == HashRange::FULL
+    }
+
+    /// Cuts the range at `at`: `[start, at)` and `[at, end)`, both
+    /// non-empty, or None if `at` is not strictly inside.
+    pub fn split_at(&self, at: u64) -> Option<(HashRange, HashRange)> {
+        if at <= self.start || self.end.is_some_and(|e| at >= e) {
+            return None;
+        }
+        Some((
+            HashRange {
+                start: self.start,
+                end: Some(at),
+            },
+            HashRange {
+                start: at,
+                end: self.end,
+            },
+        ))
+    }
+}
+
+impl std::fmt::Display for HashRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.end {
+            Some(e) => write!(f, "[{:#018x}, {e:#018x})", self.start),
+            None => write!(f, "[{:#018x}, end]", self.start),
+        }
+    }
 }
 
 impl ShardMeta {
@@ -43,18 +104,36 @@ impl ShardMeta {
             ShardState::Ready => 0,
             ShardState::Ingesting => 1,
         };
-        Ok(Writer::with_version(V1, 33 + cs.len())
+        Ok(Writer::with_version(V2, 58 + cs.len())
             .u8(state)
             .u64(self.applied_index)
             .u64(self.applied_term)
             .u64(self.time_ms)
             .u32(u32::try_from(cs.len()).unwrap_or(u32::MAX))
             .bytes(&cs)
+            .u64(self.space)
+            .u64(self.range.start)
+            .u8(u8::from(self.range.end.is_some()))
+            .u64(self.range.end.unwrap_or(0))
             .0)
     }
 
+    /// The apply state of a new, empty shard of its own space (bootstrap,
+    /// and the marker an ingest starts with).
+    pub(crate) fn new_own(shard: u64, state: ShardState) -> ShardMeta {
+        ShardMeta {
+            state,
+            applied_index: 0,
+            applied_term: 0,
+            time_ms: 0,
+            conf_state: ConfState::default(),
+            space: shard,
+            range: HashRange::FULL,
+        }
+    }
+
     pub(crate) fn decode(key: &[u8], body: &[u8]) -> Result<Self, EngineError> {
-        let mut r = Reader::new(CF_DATA, key, body, V1)?;
+        let (mut r, version) = Reader::versioned(CF_DATA, key, body, &[V1, V2])?;
         let state = match r.u8()? {
             0 => ShardState::Ready,
             1 => ShardState::Ingesting,
@@ -66,6 +145,28 @@ impl ShardMeta {
         let cs_len = r.u32()?;
         let cs_bytes = r.take(usize::try_from(cs_len).map_err(|_| r.err("conf state length".into()))?)?;
         let conf_state = ConfState::parse_from_bytes(cs_bytes).map_err(|e| r.err(format!("conf state: {e}")))?;
+        let (space, range) = if version == V1 {
+            // Written before splits existed: the shard's own id and rows.
+            let shard = key
+                .first_chunk::<8>()
+                .map(|b| u64::from_be_bytes(*b))
+                .ok_or_else(|| r.err("shard meta key without a shard id".into()))?;
+            (shard, HashRange::FULL)
+        } else {
+            let space = r.u64()?;
+            let start = r.u64()?;
+            let has_end = r.u8()?;
+            let end = r.u64()?;
+            let end = match has_end {
+                0 => None,
+                1 => Some(end),
+                x => return Err(r.err(format!("bad range end flag {x}"))),
+            };
+            if end.is_some_and(|e| e <= start) {
+                return Err(r.err(format!("empty hash range [{start}, {end:?})")));
+            }
+            (space, HashRange { start, end })
+        };
         r.finish()?;
         Ok(ShardMeta {
             state,
@@ -73,6 +174,8 @@ impl ShardMeta {
             applied_term,
             time_ms,
             conf_state,
+            space,
+            range,
         })
     }
 }
@@ -269,4 +372,98 @@ pub(crate) fn decode_system(key: &[u8], body: &[u8]) -> Result<(u64, Vec<u8>), E
     let mut r = Reader::new(CF_DATA, key, body, SYSTEM_VERSION)?;
     let version = r.u64()?;
     Ok((version, r.rest().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use crate::{codec, keys};
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    }
+
+    /// The Ingesting marker of shard 7 as storage-format.md §7.1 shows it.
+    #[test]
+    fn the_documented_marker_bytes_are_what_the_engine_writes() {
+        let key = keys::shard_meta(7);
+        let value = codec::seal(&key, &ShardMeta::new_own(7, ShardState::Ingesting).encode().unwrap());
+        assert_eq!(hex(&key), "00 00 00 00 00 00 00 07 00");
+        assert_eq!(
+            hex(&value),
+            "9a 55 99 f8 02 01 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 \
+             00 00 00 00 00 00 00 07 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00"
+        );
+        assert_eq!(value.len(), 59);
+    }
+
+    /// A record written before splits (version 1) reads as its shard's own
+    /// space over every hash; version 2 round-trips space and range.
+    #[test]
+    fn version_1_records_are_their_own_space_and_version_2_round_trips() {
+        let key = keys::shard_meta(7);
+        let mut v1 = vec![1u8, 0];
+        v1.extend_from_slice(&42u64.to_be_bytes());
+        v1.extend_from_slice(&3u64.to_be_bytes());
+        v1.extend_from_slice(&9u64.to_be_bytes());
+        v1.extend_from_slice(&0u32.to_be_bytes());
+        let m = ShardMeta::decode(&key, &v1).unwrap();
+        assert_eq!((m.applied_index, m.applied_term, m.time_ms), (42, 3, 9));
+        assert_eq!((m.space, m.range), (7, HashRange::FULL));
+        let m2 = ShardMeta {
+            space: 5,
+            range: HashRange {
+                start: 10,
+                end: Some(20),
+            },
+            ..m.clone()
+        };
+        assert_eq!(ShardMeta::decode(&key, &m2.encode().unwrap()).unwrap(), m2);
+        let open = ShardMeta {
+            range: HashRange { start: 10, end: None },
+            ..m2.clone()
+        };
+        assert_eq!(ShardMeta::decode(&key, &open.encode().unwrap()).unwrap(), open);
+        // An empty range, or a bad flag, is corruption.
+        let mut bad = m2.encode().unwrap();
+        let n = bad.len();
+        bad[n - 9] = 2;
+        assert!(ShardMeta::decode(&key, &bad).is_err());
+        let empty = ShardMeta {
+            range: HashRange {
+                start: 20,
+                end: Some(20),
+            },
+            ..m2
+        };
+        assert!(ShardMeta::decode(&key, &empty.encode().unwrap()).is_err());
+    }
+
+    #[test]
+    fn ranges_split_only_strictly_inside() {
+        let r = HashRange {
+            start: 10,
+            end: Some(20),
+        };
+        assert_eq!(r.split_at(10), None);
+        assert_eq!(r.split_at(20), None);
+        let (lo, hi) = r.split_at(15).unwrap();
+        assert_eq!(
+            (lo, hi),
+            (
+                HashRange {
+                    start: 10,
+                    end: Some(15)
+                },
+                HashRange {
+                    start: 15,
+                    end: Some(20)
+                }
+            )
+        );
+        assert!(lo.contains(14) && !lo.contains(15) && hi.contains(15) && !hi.contains(20));
+        let (_, top) = HashRange::FULL.split_at(u64::MAX).unwrap();
+        assert!(top.contains(u64::MAX) && !top.is_full());
+    }
 }

@@ -144,8 +144,6 @@ impl Engine {
         mut sink: impl FnMut(SnapshotChunk) -> Result<(), E>,
     ) -> Result<SnapshotSummary, E> {
         let chunk_bytes = chunk_bytes.clamp(1, CHUNK_BYTES_MAX / 2);
-        let (start, end) =
-            keys::shard_range(shard).ok_or_else(|| EngineError::InvalidCall("shard id u64::MAX is reserved".into()))?;
         let snap = self.db().snapshot();
         let cf = self.cf(CF_DATA)?;
         let mk = keys::shard_meta(shard);
@@ -157,6 +155,14 @@ impl Engine {
         if meta.state != ShardState::Ready {
             return Err(EngineError::ShardIncomplete(shard).into());
         }
+        // The rows are read from the shard's space, only those of its hash
+        // range (a space split in place holds a sibling's too), and shipped
+        // under the shard's own id: the receiver keeps them in a space of
+        // its own (D38).
+        let space = meta.space;
+        let (start, end) =
+            keys::shard_range(space).ok_or_else(|| EngineError::InvalidCall(format!("space {space} is reserved")))?;
+        let space_meta = keys::shard_meta(space);
         let mut ro = crate::engine::total_order();
         ro.set_snapshot(&snap);
         ro.set_iterate_upper_bound(end);
@@ -177,8 +183,7 @@ impl Engine {
             chunks: 0,
             records: 0,
         };
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            codec::open(CF_DATA, k, v)?; // never ship a corrupt value
+        let mut emit = |chunk: &mut SnapshotChunk, k: &[u8], v: &[u8]| -> Result<(), E> {
             if chunk.records > 0 && chunk.data.len() + k.len() + v.len() + 8 > chunk_bytes {
                 let next = SnapshotChunk {
                     seq_no: chunk.seq_no + 1,
@@ -186,12 +191,28 @@ impl Engine {
                     data: Vec::new(),
                     ..chunk.clone()
                 };
-                sink(std::mem::replace(&mut chunk, next))?;
+                sink(std::mem::replace(chunk, next))?;
                 summary.chunks += 1;
             }
             push_record(&mut chunk.data, k, v);
             chunk.records += 1;
             summary.records += 1;
+            Ok(())
+        };
+        if space != shard {
+            // Its meta row sorts first under its own id.
+            emit(&mut chunk, &mk, &meta_raw)?;
+        }
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let body = codec::open(CF_DATA, k, v)?; // never ship a corrupt value
+            if space == shard {
+                if k == space_meta.as_slice() || crate::split::key_in_range(k, &meta.range)? {
+                    emit(&mut chunk, k, v)?;
+                }
+            } else if k != space_meta.as_slice() && crate::split::key_in_range(k, &meta.range)? {
+                let (k, v) = crate::split::rekey(shard, k, body);
+                emit(&mut chunk, &k, &v)?;
+            }
             it.next();
         }
         it.status().map_err(EngineError::from)?;
@@ -213,6 +234,7 @@ impl Engine {
         Ok(SnapshotIngest {
             engine: self.clone(),
             shard,
+            space: shard,
             handles,
             state: None,
             next_seq_no: 0,
@@ -236,6 +258,10 @@ fn push_record(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
 pub struct SnapshotIngest {
     engine: Engine,
     shard: u64,
+    /// Where the rows go: the shard's id, or a private space if a sibling
+    /// split from it in place still uses that id's space (D38). Fixed by
+    /// the first chunk.
+    space: u64,
     handles: Arc<crate::engine::ShardHandles>,
     /// (index, term) of the stream, fixed by its first chunk.
     state: Option<(u64, u64)>,
@@ -319,7 +345,10 @@ impl SnapshotIngest {
                     return Err(self.err("the stream's apply state does not match its header".into()));
                 }
                 self.meta = Some(meta);
+            } else if self.space == self.shard {
+                self.wb.put_cf(cf, k, v);
             } else {
+                let (k, v) = crate::split::rekey(self.space, k, body);
                 self.wb.put_cf(cf, k, v);
             }
             if self.wb.size_in_bytes() >= INGEST_BATCH_BYTES_MAX {
@@ -334,10 +363,12 @@ impl SnapshotIngest {
         if !chunk.last {
             return Ok(None);
         }
-        let meta = self
+        let mut meta = self
             .meta
             .take()
             .ok_or_else(|| self.err("stream ended without the shard's apply state".into()))?;
+        // The sender's space is the sender's; here the rows are in ours.
+        meta.space = self.space;
         let mut wb = std::mem::take(&mut self.wb);
         wb.put_cf(cf, &mk, codec::seal(&mk, &meta.encode()?));
         // Durable (flushed) before the caller resets the Raft log to the
@@ -369,16 +400,13 @@ impl SnapshotIngest {
                 )));
             }
         }
-        let (start, end) = keys::shard_range(self.shard).ok_or_else(|| self.err("reserved shard id".into()))?;
+        let current = self.engine.shard_meta(self.shard)?;
+        let mut wb = self.engine.delete_shard_state(self.shard, current.as_ref())?;
+        self.space = self.engine.space_for_ingest(self.shard)?;
         let cf = self.engine.cf(CF_DATA)?;
-        let mut wb = WriteBatch::default();
-        wb.delete_range_cf(cf, &start, &end);
         let marker = ShardMeta {
-            state: ShardState::Ingesting,
-            applied_index: 0,
-            applied_term: 0,
-            time_ms: 0,
-            conf_state: Default::default(),
+            space: self.space,
+            ..ShardMeta::new_own(self.shard, ShardState::Ingesting)
         };
         let mk = keys::shard_meta(self.shard);
         wb.put_cf(cf, &mk, codec::seal(&mk, &marker.encode()?));

@@ -52,13 +52,14 @@ impl<'e> Txn<'e> {
         &self,
         start: &[u8],
         end: &[u8],
-        f: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
-        self.scan_limited(start, end, usize::MAX, f)
+        self.scan_limited(start, end, usize::MAX, |k, v| f(k, v).map(|()| true))
     }
 
-    /// Calls `f(key, body)` for at most `max` live keys in `[start, end)`, in
-    /// key order, merging pending writes over the database. The range must
+    /// Calls `f(key, body)` on live keys in `[start, end)`, in key order,
+    /// merging pending writes over the database, until `max` calls have
+    /// returned true (a key `f` passes over returns false). The range must
     /// lie within one memtable bucket (`keys::memtable_bucket`: one
     /// mailbox's keys of one tag, or one shard-wide tag), because the scan
     /// runs in prefix mode (D33).
@@ -67,7 +68,7 @@ impl<'e> Txn<'e> {
         start: &[u8],
         end: &[u8],
         max: usize,
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, EngineError>,
     ) -> Result<(), EngineError> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(end.to_vec());
@@ -93,15 +94,17 @@ impl<'e> Txn<'e> {
                     it.next(); // the pending write shadows the stored value
                 }
                 if let Some(v) = v {
-                    f(k, codec::open(CF_DATA, k, v)?)?;
-                    seen += 1;
+                    if f(k, codec::open(CF_DATA, k, v)?)? {
+                        seen += 1;
+                    }
                 }
             } else {
                 let (Some(k), Some(v)) = (it.key(), it.value()) else {
                     break;
                 };
-                f(k, codec::open(CF_DATA, k, v)?)?;
-                seen += 1;
+                if f(k, codec::open(CF_DATA, k, v)?)? {
+                    seen += 1;
+                }
                 it.next();
             }
         }

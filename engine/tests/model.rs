@@ -102,7 +102,7 @@ impl Model {
             O::Ack(a) => a.user_id.is_empty(),
             O::Trim(t) => t.user_id.is_empty(),
             O::Delete(d) => d.user_id.is_empty(),
-            O::ExpireDedup(_) | O::PutSystem(_) => false,
+            O::ExpireDedup(_) | O::PutSystem(_) | O::Split(_) => false,
         };
         if uid_empty {
             return Err(invalid("mailbox.user_id"));
@@ -257,6 +257,7 @@ impl Model {
                 self.system.insert(p.key.clone(), (p.version, p.value.clone()));
                 Ok(OpOutput::SystemPut { version: p.version })
             }
+            O::Split(_) => panic!("the model generates no splits (tests/split.rs checks them)"),
             O::ExpireDedup(x) => {
                 let mut expired: Vec<(u64, Vec<u8>, Vec<u8>, (String, Vec<u8>))> = Vec::new();
                 for (id, b) in &self.boxes {

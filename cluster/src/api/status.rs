@@ -11,6 +11,7 @@
 //! | NOT_FOUND | delete of a seq not stored | ErrorInfo: `low_watermark`, `last_seq` |
 //! | RESOURCE_EXHAUSTED | too many device cursors | ErrorInfo: `limit` |
 //! | UNAVAILABLE | retryable: election, unreachable or busy node | ErrorInfo: `leader_hint` when known |
+//! | UNAVAILABLE | retryable: a split gave the mailbox to another shard (`WRONG_SHARD`) | ErrorInfo: `shard`, `range_start`, `range_end` (absent: through the last hash) |
 //! | DEADLINE_EXCEEDED | the write's outcome is unknown; retry with the same key | — |
 //! | INTERNAL | a fatal node error | — |
 
@@ -76,10 +77,21 @@ pub fn op_error(e: &OpError) -> Status {
             "SEQ_NOT_FOUND",
             &[("low_watermark", *low_watermark), ("last_seq", *last_seq)],
         ),
+        OpError::WrongShard { shard, range } => wrong_shard(msg, *shard, *range),
         OpError::StaleVersion { .. } | OpError::VersionConflict { .. } | OpError::MalformedCommand(_) => {
             Status::internal(msg)
         }
     }
+}
+
+/// The mailbox left the shard in a split (D38): retryable once the caller
+/// routes with a newer map; the shard's range now says which half it kept.
+fn wrong_shard(msg: String, shard: u64, range: pigeonhole_engine::HashRange) -> Status {
+    let mut meta = vec![("shard", shard), ("range_start", range.start)];
+    if let Some(end) = range.end {
+        meta.push(("range_end", end));
+    }
+    info(Code::Unavailable, msg, "WRONG_SHARD", &meta)
 }
 
 /// [`op_error`] for an op at `prefix` in the request (e.g. `items[3].`):
@@ -105,6 +117,7 @@ pub fn read_error(e: &ReadError) -> Status {
             info(Code::OutOfRange, msg, "CURSOR_AHEAD", &[("last_seq", *last_seq)])
         }
         ReadError::InvalidArgument { field, reason } => invalid(field, reason.clone()),
+        ReadError::WrongShard { shard, range } => wrong_shard(msg, *shard, *range),
         // Not here (no replica on this node), or being replaced by a
         // snapshot: temporary, another replica can serve it.
         ReadError::Engine(EngineError::NoSuchShard(_)) => info(Code::Unavailable, msg, "NOT_REPLICA", &[]),
