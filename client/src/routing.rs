@@ -139,6 +139,7 @@ mod tests {
                     replicas: vec![2, 3, 1],
                     learners: vec![],
                     leader_hint: leaders[1],
+                    epoch: 0,
                 },
                 pb::ShardInfo {
                     id: 1,
@@ -147,6 +148,7 @@ mod tests {
                     replicas: vec![1, 2, 3],
                     learners: vec![],
                     leader_hint: leaders[0],
+                    epoch: 0,
                 },
             ],
         }

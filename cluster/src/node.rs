@@ -65,6 +65,7 @@ struct NodeInner {
     cluster_id: u64,
     engine: Engine,
     map: Arc<ShardMap>,
+    routing: Arc<crate::placement::Routing>,
     tx: Sender<Inbound>,
     inbox: NodeInbox,
     thread: Mutex<Option<JoinHandle<Result<(), ClusterError>>>>,
@@ -145,6 +146,7 @@ impl Node {
             tx: tx.clone(),
             spool: spool.clone(),
         };
+        let routing = Arc::new(crate::placement::Routing::new(map.clone()));
         let mut driver = Driver::new(DriverParts {
             node_id: cfg.node_id,
             engine: engine.clone(),
@@ -152,6 +154,7 @@ impl Node {
             transport,
             inbox: (tx.clone(), rx),
             map: map.clone(),
+            routing: routing.clone(),
             spool,
             watchers: watchers.clone(),
             counters: counters.clone(),
@@ -169,6 +172,7 @@ impl Node {
                 cluster_id,
                 engine,
                 map,
+                routing,
                 tx,
                 inbox,
                 thread: Mutex::new(Some(thread)),
@@ -205,13 +209,15 @@ impl Node {
 
     /// The shard map as this node's replica of the metadata group has it:
     /// the bootstrap layout with every replicated change laid over it
-    /// (membership, leader hints). A local, possibly slightly stale read:
+    /// (membership, leader hints, splits), and the splits this node has
+    /// applied whose records it has not seen yet (the driver's map,
+    /// `Node::routing`, is the base). A local, possibly slightly stale read:
     /// leader hints are hints, and a request sent to a former leader is
     /// forwarded or answered with a retryable error.
     pub fn shard_map(&self) -> Result<ShardMap, ClusterError> {
         let limit = usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX);
         let records = self.meta_scan(SHARD_RECORD_PREFIX, limit)?;
-        let mut map = self.inner.map.overlay(&records);
+        let mut map = self.routing().overlay(&records);
         let states = self.node_states()?;
         for (node, address) in crate::nodes::joined_addresses(&states) {
             map.nodes.entry(node).or_insert_with(|| address.to_string());
@@ -223,7 +229,11 @@ impl Node {
     /// replica. A node without one (a removed node, whose replica was
     /// deleted) answers `NotReplica`, which clients treat as "ask another
     /// node", not as a failure of the request.
-    fn meta_scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<pigeonhole_engine::SystemValue>, ClusterError> {
+    pub(crate) fn meta_scan(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<pigeonhole_engine::SystemValue>, ClusterError> {
         match self.inner.engine.system_scan(META_SHARD, prefix, limit) {
             Err(pigeonhole_engine::EngineError::NoSuchShard(_)) => Err(ClusterError::NotReplica {
                 shard: META_SHARD,
@@ -382,6 +392,13 @@ impl Node {
     /// The map every node derived at bootstrap (no replicated changes).
     pub fn bootstrap_map(&self) -> &ShardMap {
         &self.inner.map
+    }
+
+    /// The map requests are routed by here: the bootstrap map with the
+    /// shard records and this node's own splits laid over it (kept by the
+    /// driver; cheap, no read).
+    pub fn routing(&self) -> Arc<ShardMap> {
+        self.inner.routing.get()
     }
 
     /// The registry of waiting readers: a long-poll or Subscribe stream

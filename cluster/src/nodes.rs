@@ -274,6 +274,8 @@ mod tests {
             learners,
             leader_hint: 0,
             preferred_leader: 0,
+            epoch: 0,
+            parent: 0,
         };
         ShardMap {
             shards: vec![shard(1, vec![1, 2, 3], vec![]), shard(2, vec![1, 2, 3], vec![4])],

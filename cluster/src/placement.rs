@@ -19,6 +19,29 @@ use crate::hash::{equal_range, user_hash};
 use pigeonhole_proto::internal::v1::ShardRecord;
 use prost::Message as _;
 use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+/// The map requests are routed by on this node: the driver's map (the
+/// bootstrap layout, the shard records of this node's metadata replica, and
+/// the splits this node applied before their records arrived), published
+/// by the driver whenever it changes, read by the API on every request.
+#[derive(Debug)]
+pub struct Routing(RwLock<Arc<ShardMap>>);
+
+impl Routing {
+    pub fn new(map: Arc<ShardMap>) -> Routing {
+        Routing(RwLock::new(map))
+    }
+
+    /// The map now.
+    pub fn get(&self) -> Arc<ShardMap> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn set(&self, map: Arc<ShardMap>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = map;
+    }
+}
 
 /// The metadata group's shard id.
 pub const META_SHARD: u64 = 0;
@@ -90,6 +113,11 @@ pub struct ShardDesc {
     pub leader_hint: u64,
     /// The node that should lead it when healthy.
     pub preferred_leader: u64,
+    /// Splits the shard came out of or went through (0: none, a bootstrap
+    /// shard; see `ShardRecord.epoch`).
+    pub epoch: u64,
+    /// The shard it was split from (0: a bootstrap shard).
+    pub parent: u64,
 }
 
 /// The whole map.
@@ -120,6 +148,8 @@ impl ShardMap {
                     replicas,
                     learners: Vec::new(),
                     leader_hint: 0,
+                    epoch: 0,
+                    parent: 0,
                 }
             })
             .collect();
@@ -135,14 +165,56 @@ impl ShardMap {
     /// splits, a later issue).
     pub fn overlay(&self, records: &[pigeonhole_engine::SystemValue]) -> ShardMap {
         let mut out = self.clone();
+        let mut added = false;
         for rec in records {
             let Ok(r) = ShardRecord::decode(rec.value.as_slice()) else {
                 continue;
             };
-            if let Some(s) = out.shards.iter_mut().find(|s| s.id == r.shard) {
-                s.replicas = r.voters;
-                s.learners = r.learners;
-                s.leader_hint = r.leader_hint;
+            if r.shard == META_SHARD {
+                continue;
+            }
+            match out.shards.iter_mut().find(|s| s.id == r.shard) {
+                Some(s) => {
+                    s.replicas = r.voters;
+                    s.learners = r.learners;
+                    s.leader_hint = r.leader_hint;
+                    // A split narrows a shard's range (D38).
+                    if r.epoch >= s.epoch {
+                        s.range_start = r.range_start;
+                        s.range_end = r.range_end;
+                        s.epoch = r.epoch;
+                    }
+                }
+                // A shard made by a split.
+                None => {
+                    out.shards.push(ShardDesc {
+                        id: r.shard,
+                        range_start: r.range_start,
+                        range_end: r.range_end,
+                        preferred_leader: r.preferred_leader,
+                        replicas: r.voters,
+                        learners: r.learners,
+                        leader_hint: r.leader_hint,
+                        epoch: r.epoch,
+                        parent: r.parent,
+                    });
+                    added = true;
+                }
+            }
+        }
+        if added {
+            out.shards.sort_by_key(|s| (s.range_start, s.id));
+        }
+        // A split's two records are written by two leaders, so one may land
+        // first: a shard whose range reaches past the next shard's start has
+        // not had its narrowed record yet. Ranges are only ever cut (no
+        // merge), so its range ends where the next begins.
+        for i in 1..out.shards.len() {
+            let next_start = out.shards.get(i).map(|s| s.range_start);
+            if let (Some(prev), Some(next_start)) = (out.shards.get_mut(i - 1), next_start) {
+                if prev.range_end.is_none_or(|e| e > next_start) && prev.range_start < next_start {
+                    prev.range_end = Some(next_start);
+                }
             }
         }
         out
@@ -227,5 +299,70 @@ mod tests {
         // Replication factor is capped at the node count.
         let one = ShardMap::bootstrap(&cluster(1), 4, 3);
         assert!(one.shards.iter().all(|s| s.replicas == vec![1]));
+    }
+
+    fn record(r: ShardRecord) -> pigeonhole_engine::SystemValue {
+        pigeonhole_engine::SystemValue {
+            key: shard_record_key(r.shard),
+            version: r.term,
+            value: r.encode_to_vec(),
+        }
+    }
+
+    /// Split records laid over the bootstrap map: the new shard appears in
+    /// range order, the parent narrows whether its own record came yet or
+    /// not, and an older record (a lower epoch) never widens it again.
+    #[test]
+    fn split_records_tile_the_space_in_any_order() {
+        let base = ShardMap::bootstrap(&cluster(3), 2, 3);
+        let child = ShardRecord {
+            shard: 3,
+            range_start: 1 << 62,
+            range_end: Some(1 << 63),
+            voters: vec![1, 2, 3],
+            epoch: 1,
+            parent: 1,
+            term: 4,
+            ..Default::default()
+        };
+        let parent_new = ShardRecord {
+            shard: 1,
+            range_start: 0,
+            range_end: Some(1 << 62),
+            voters: vec![1, 2, 3],
+            epoch: 1,
+            term: 4,
+            ..Default::default()
+        };
+        let parent_old = ShardRecord {
+            shard: 1,
+            range_start: 0,
+            range_end: Some(1 << 63),
+            voters: vec![1, 2, 3],
+            term: 3,
+            ..Default::default()
+        };
+        for records in [
+            vec![record(child.clone())],
+            vec![record(child.clone()), record(parent_new.clone())],
+            vec![record(parent_old.clone()), record(child.clone())],
+        ] {
+            let m = base.overlay(&records);
+            let layout: Vec<(u64, u64, Option<u64>)> =
+                m.shards.iter().map(|s| (s.id, s.range_start, s.range_end)).collect();
+            assert_eq!(
+                layout,
+                vec![(1, 0, Some(1 << 62)), (3, 1 << 62, Some(1 << 63)), (2, 1 << 63, None)],
+                "{records:?}"
+            );
+            assert_eq!(m.shard_for_hash((1 << 62) + 5).unwrap().id, 3);
+            assert_eq!(m.shard_for_hash(5).unwrap().id, 1);
+            assert_eq!(m.shard(3).unwrap().parent, 1);
+        }
+        // The driver lays records over its own map, already narrowed by the
+        // split it applied: a stale record of the parent leaves it narrow.
+        let narrowed = base.overlay(&[record(child.clone()), record(parent_new)]);
+        let again = narrowed.overlay(&[record(parent_old)]);
+        assert_eq!(again.shard(1).unwrap().range_end, Some(1 << 62));
     }
 }

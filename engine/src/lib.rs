@@ -54,6 +54,7 @@ pub use raftlog::{
 pub use read::{Cursors, MailboxInfo, ReadMessage, ShardSize, SyncPage, SyncQuery, SystemValue};
 pub use records::{HashRange, ShardMeta, ShardState};
 pub use snapshot::{SnapshotChunk, SnapshotIngest, SnapshotSummary, CHUNK_BYTES_MAX};
+pub use split::SPACE_PRIVATE_MIN;
 
 /// The Raft command types (`pigeonhole.internal.v1`), re-exported so callers
 /// build commands without naming the proto crate.

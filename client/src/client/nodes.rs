@@ -39,6 +39,22 @@ impl Client {
         .await
     }
 
+    /// Splits `shard` at `split_hash` (`Admin.SplitShard`, D38): the upper
+    /// part of its hash range becomes a new shard on the same replicas. The
+    /// hash is explicit, so a retry of a split that went through finds it
+    /// done (the server answers with the two shards) instead of splitting
+    /// again. Then re-reads the shard map.
+    pub async fn split_shard(&self, shard: u64, split_hash: u64) -> Result<pb::SplitShardResponse, Error> {
+        let r = self
+            .call_any(|mut admin, budget| {
+                let req = with_timeout(pb::SplitShardRequest { shard, split_hash }, budget);
+                async move { admin.split_shard(req).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
+        self.refresh().await?;
+        Ok(r)
+    }
+
     /// Runs an admin call any node can answer: on the known nodes in turn,
     /// retrying retryable statuses (and UNIMPLEMENTED, from a node of an
     /// older build) within the client's deadline.

@@ -54,18 +54,7 @@ impl Admin for AdminService {
                     zone: states.get(id).map(|e| e.zone.clone()).unwrap_or_default(),
                 })
                 .collect(),
-            shards: map
-                .shards
-                .into_iter()
-                .map(|s| pb::ShardInfo {
-                    id: s.id,
-                    range_start: s.range_start,
-                    range_end: s.range_end,
-                    replicas: s.replicas,
-                    learners: s.learners,
-                    leader_hint: s.leader_hint,
-                })
-                .collect(),
+            shards: map.shards.into_iter().map(shard_info).collect(),
         }))
     }
 
@@ -200,6 +189,23 @@ impl Admin for AdminService {
             Err(ClusterError::NotLeader { leader, .. }) => Err(super::status::not_leader_precondition(r.shard, leader)),
             Err(e) => Err(cluster_error(&e)),
         }
+    }
+
+    async fn split_shard(
+        &self,
+        req: Request<pb::SplitShardRequest>,
+    ) -> Result<Response<pb::SplitShardResponse>, Status> {
+        let r = req.into_inner();
+        let at = (r.split_hash != 0).then_some(r.split_hash);
+        let done = self
+            .node
+            .split_shard(r.shard, at)
+            .await
+            .map_err(|e| cluster_error(&e))?;
+        Ok(Response::new(pb::SplitShardResponse {
+            shard: Some(shard_info(done.shard)),
+            new_shard: Some(shard_info(done.new_shard)),
+        }))
     }
 
     async fn set_preferred_leader(
@@ -399,6 +405,19 @@ fn took_effect(c: &MembershipChange, cs: &pigeonhole_engine::raft::eraftpb::Conf
         MembershipChange::AddLearner(n) => cs.learners.contains(&n) || cs.learners_next.contains(&n),
         MembershipChange::AddVoter(n) => cs.voters.contains(&n),
         MembershipChange::Remove(n) => !cs.voters.contains(&n) && !cs.learners.contains(&n),
+    }
+}
+
+/// A shard map entry on the wire.
+fn shard_info(s: crate::placement::ShardDesc) -> pb::ShardInfo {
+    pb::ShardInfo {
+        id: s.id,
+        range_start: s.range_start,
+        range_end: s.range_end,
+        replicas: s.replicas,
+        learners: s.learners,
+        leader_hint: s.leader_hint,
+        epoch: s.epoch,
     }
 }
 

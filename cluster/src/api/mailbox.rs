@@ -85,7 +85,7 @@ impl MailboxService {
             .map_err(|e| op_error_at(prefix, &e))?;
         let shard = self
             .node
-            .bootstrap_map()
+            .routing()
             .shard_for_user(&mb.user_id)
             .map(|s| s.id)
             .ok_or_else(|| Status::internal("no shard covers this user id"))?;

@@ -31,7 +31,7 @@ use crate::error::ClusterError;
 use crate::watch::Watchers;
 use crossbeam_channel::{Receiver, Sender};
 use pigeonhole_engine::raft::eraftpb::{ConfState, Entry, EntryType};
-use pigeonhole_engine::{ApplyEntry, Durability, Engine, EngineError, EntryKind, EntryOutcome};
+use pigeonhole_engine::{ApplyEntry, Durability, Engine, EngineError, EntryKind, EntryOutcome, OpOutput};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -88,7 +88,12 @@ pub(super) struct ApplyTask {
 pub(super) enum ApplyReport {
     /// These shards are applied up to these indexes (the writes are in the
     /// state machine, visible to reads); `bytes` of lag are gone.
-    Applied { shards: Vec<(u64, u64)>, bytes: u64 },
+    Applied {
+        shards: Vec<(u64, u64)>,
+        bytes: u64,
+        /// Splits applied that made their new shard here (D38).
+        splits: Vec<super::split::SplitMade>,
+    },
     /// The engine failed: nothing of this write landed and the worker has
     /// stopped. Fatal for the node, as it was when apply ran on the driver.
     Failed(EngineError),
@@ -156,7 +161,7 @@ fn run(engine: &Engine, watchers: &Watchers, rx: &Receiver<ApplyTask>, reports: 
         }
         let bytes = tasks.iter().map(|t| t.bytes).sum();
         let report = match apply(engine, watchers, merge(tasks)) {
-            Ok(shards) => ApplyReport::Applied { shards, bytes },
+            Ok((shards, splits)) => ApplyReport::Applied { shards, bytes, splits },
             Err(e) => ApplyReport::Failed(e),
         };
         let failed = matches!(report, ApplyReport::Failed(_));
@@ -182,9 +187,13 @@ fn merge(tasks: Vec<ApplyTask>) -> Vec<ShardWork> {
     by_shard.into_values().collect()
 }
 
+/// What one write applied: each shard's last applied index, and the splits.
+type Applied = (Vec<(u64, u64)>, Vec<super::split::SplitMade>);
+
 /// Applies every shard's entries in ONE engine write, answers the callers,
-/// wakes the readers. Returns each shard's last applied index.
-fn apply(engine: &Engine, watchers: &Watchers, work: Vec<ShardWork>) -> Result<Vec<(u64, u64)>, EngineError> {
+/// wakes the readers. Returns each shard's last applied index, and the
+/// splits that made a new shard here.
+fn apply(engine: &Engine, watchers: &Watchers, work: Vec<ShardWork>) -> Result<Applied, EngineError> {
     let mut batches = Vec::with_capacity(work.len());
     for w in &work {
         let mut batch = Vec::with_capacity(w.entries.len());
@@ -217,11 +226,26 @@ fn apply(engine: &Engine, watchers: &Watchers, work: Vec<ShardWork>) -> Result<V
     drop(refs);
     drop(batches);
     let mut applied = Vec::with_capacity(work.len());
+    let mut splits = Vec::new();
     for (w, outcomes) in work.into_iter().zip(outcomes) {
         let mut pending = w.pending.into_iter().peekable();
         for (e, outcome) in w.entries.iter().zip(outcomes) {
-            if let EntryOutcome::Command { changed, .. } = &outcome {
+            if let EntryOutcome::Command { changed, results, .. } = &outcome {
                 watchers.mailboxes_changed(changed);
+                for r in results {
+                    if let Ok(OpOutput::Split {
+                        new_shard,
+                        range,
+                        created: true,
+                    }) = r
+                    {
+                        splits.push(super::split::SplitMade {
+                            parent: w.shard,
+                            child: *new_shard,
+                            range: *range,
+                        });
+                    }
+                }
             }
             // Both in log order: a walk, not a search.
             while pending.peek().is_some_and(|(i, _)| *i < e.index) {
@@ -235,7 +259,7 @@ fn apply(engine: &Engine, watchers: &Watchers, work: Vec<ShardWork>) -> Result<V
             applied.push((w.shard, last.index));
         }
     }
-    Ok(applied)
+    Ok((applied, splits))
 }
 
 pub(super) fn answer(p: Pending, outcome: EntryOutcome) {
@@ -333,7 +357,7 @@ mod tests {
         assert!(lag > 0);
         while applied < 3 {
             match next_report(&a) {
-                ApplyReport::Applied { shards, bytes } => {
+                ApplyReport::Applied { shards, bytes, .. } => {
                     assert_eq!(shards.len(), 1, "{shards:?}");
                     assert_eq!(shards[0].0, SHARD);
                     assert!(shards[0].1 > applied, "reports only move forward");

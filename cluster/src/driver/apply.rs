@@ -121,8 +121,8 @@ impl Driver {
     }
 
     pub(super) fn on_report(&mut self, report: ApplyReport) -> Result<(), ClusterError> {
-        let (shards, bytes) = match report {
-            ApplyReport::Applied { shards, bytes } => (shards, bytes),
+        let (shards, bytes, splits) = match report {
+            ApplyReport::Applied { shards, bytes, splits } => (shards, bytes, splits),
             ApplyReport::Failed(e) => return Err(e.into()),
         };
         self.applier.lag_bytes = self.applier.lag_bytes.saturating_sub(bytes);
@@ -165,6 +165,9 @@ impl Driver {
         }
         for shard in removed {
             self.remove_replica(shard)?;
+        }
+        for s in &splits {
+            self.on_split(s)?;
         }
         Ok(())
     }

@@ -91,15 +91,18 @@ impl Driver {
     /// group's records show stale, and deletes those that have been stale
     /// for `stale_replica_after_ms` without a break.
     pub(super) fn collect_stale_replicas(&mut self) -> Result<(), ClusterError> {
-        if self.tuning.stale_replica_after_ms == 0 || self.ticks % STALE_CHECK_EVERY_TICKS != 0 {
+        if self.ticks % STALE_CHECK_EVERY_TICKS != 0 {
             return Ok(());
         }
-        let Ok(values) = self
-            .engine
-            .system_scan(META_SHARD, SHARD_RECORD_PREFIX, self.map.shards.len())
-        else {
+        let limit = usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX);
+        let Ok(values) = self.engine.system_scan(META_SHARD, SHARD_RECORD_PREFIX, limit) else {
             return Ok(()); // no metadata replica (yet) on this node
         };
+        // The same records say which shards splits made elsewhere (D38).
+        self.refresh_map(&values);
+        if self.tuning.stale_replica_after_ms == 0 {
+            return Ok(());
+        }
         let mut stale_now = BTreeMap::new();
         for v in values {
             let Ok(record) = ShardRecord::decode(v.value.as_slice()) else {

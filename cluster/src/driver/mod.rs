@@ -48,6 +48,8 @@
 //! - `snapshot`: crash repair at start, replica creation, ingest, sending;
 //! - `gc`: deleting replicas of shards that removed this node while it was
 //!   away (stale-replica GC);
+//! - `split`: creating a split's new shard here, and the node's shard map
+//!   (published for routing);
 //! - `status`: what NodeStatus reports;
 //! - `place`: the placement loop (decisions on the metadata leader, move
 //!   steps on shard leaders; the logic is `crate::moves`).
@@ -64,12 +66,14 @@ mod place;
 mod ready;
 mod replica;
 mod snapshot;
+mod split;
 mod status;
 mod tick;
 
 pub(crate) use msg::Inbound;
 pub use msg::{ProposeResult, Role, ShardStatus};
 pub use place::PlacementView;
+pub(crate) use split::clip_end;
 pub use status::DriverCounters;
 
 use crate::config::RaftTuning;
@@ -114,7 +118,13 @@ pub(crate) struct Driver {
     transport: Arc<dyn Transport>,
     rx: Receiver<Inbound>,
     tx: Sender<Inbound>,
+    /// The shard map this node knows: bootstrap, records, own splits.
+    /// Changed only through `set_map`, which publishes it to `routing`.
     map: Arc<ShardMap>,
+    routing: Arc<crate::placement::Routing>,
+    /// Shards split here from a shard this node leads, whose records go
+    /// with the parent's next record write (`driver::split`).
+    split_children: BTreeMap<u64, Vec<u64>>,
     spool: Arc<SnapshotSpool>,
     replicas: BTreeMap<u64, Replica>,
     pending: HashMap<u64, Pending>,
@@ -186,6 +196,7 @@ pub(crate) struct DriverParts {
     pub transport: Arc<dyn Transport>,
     pub inbox: (Sender<Inbound>, Receiver<Inbound>),
     pub map: Arc<ShardMap>,
+    pub routing: Arc<crate::placement::Routing>,
     pub spool: Arc<SnapshotSpool>,
     pub watchers: Arc<Watchers>,
     pub counters: Arc<DriverCounters>,
@@ -201,6 +212,7 @@ impl Driver {
             transport,
             inbox: (tx, rx),
             map,
+            routing,
             spool,
             watchers,
             counters,
@@ -230,6 +242,8 @@ impl Driver {
             rx,
             tx,
             map,
+            routing,
+            split_children: BTreeMap::new(),
             spool,
             replicas: BTreeMap::new(),
             pending: HashMap::new(),

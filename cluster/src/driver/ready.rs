@@ -42,13 +42,19 @@ impl Driver {
                 let mut bytes = 0usize;
                 let mut parts = Vec::new();
                 let mut deadline = Instant::now();
+                let mut alone = false;
                 while let Some(q) = r.queued.front() {
+                    // A split must be the only op of its entry (D38).
+                    let q_alone = q.ops.iter().any(must_be_alone);
                     let fits = ops.is_empty()
-                        || (ops.len() + q.ops.len() <= self.tuning.ops_per_entry_max
+                        || (!alone
+                            && !q_alone
+                            && ops.len() + q.ops.len() <= self.tuning.ops_per_entry_max
                             && bytes + q.bytes <= self.tuning.entry_bytes_max);
                     if !fits {
                         break;
                     }
+                    alone = q_alone;
                     let Some(q) = r.queued.pop_front() else { break };
                     bytes += q.bytes;
                     deadline = deadline.max(q.deadline);
@@ -296,6 +302,11 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// Ops that the state machine takes only as the sole op of a command.
+fn must_be_alone(op: &cmd::Op) -> bool {
+    matches!(op.op, Some(cmd::op::Op::Split(_)))
 }
 
 /// Splits outgoing messages: snapshots take their own path, the rest are

@@ -84,6 +84,11 @@ impl Driver {
         if self.gc_after.contains_key(&shard) {
             return Ok(false);
         }
+        // A split's new shard whose parent replica here has not applied
+        // the split yet: that apply makes the replica, from local rows.
+        if self.range_held_locally(shard)? {
+            return Ok(false);
+        }
         if let Some(meta) = self.engine.shard_meta(shard)? {
             if meta.state != ShardState::Ready || is_member(&meta.conf_state, self.node_id) {
                 return Ok(false);

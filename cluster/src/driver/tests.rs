@@ -51,6 +51,7 @@ fn driver_with(tuning: RaftTuning, prepare: impl FnOnce(&Engine)) -> (tempfile::
         tuning,
         transport: Arc::new(NoPeers),
         inbox: crossbeam_channel::bounded(64),
+        routing: Arc::new(crate::placement::Routing::new(map.clone())),
         map,
         spool: Arc::new(SnapshotSpool::open(dir.path().join("snap")).unwrap()),
         watchers: Arc::new(Watchers::default()),

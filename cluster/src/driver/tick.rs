@@ -118,7 +118,7 @@ impl Driver {
                 .system_scan(
                     META_SHARD,
                     crate::placement::PREFERRED_LEADER_PREFIX,
-                    self.map.shards.len(),
+                    usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX),
                 )
                 .map(|records| crate::placement::decode_preferred_leaders(&records))
                 .unwrap_or_default()
@@ -351,20 +351,38 @@ impl Driver {
                 handed_index: r.handed,
                 voters_outgoing: conf.voters_outgoing,
                 learners_next: conf.learners_next,
+                epoch: desc.epoch,
+                parent: desc.parent,
             };
-            let op = cmd::Op {
+            // Each record's version is its own shard's term.
+            let put = |shard: u64, record: &ShardRecord| cmd::Op {
                 op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
                     key: shard_record_key(shard),
                     value: record.encode_to_vec(),
-                    version: term,
+                    version: record.term,
                     if_version: None,
                 })),
             };
+            let mut ops = vec![put(shard, &record)];
+            // The shards split from it here go in the same command, so the
+            // map never shows the parent narrowed without them (D38); so do
+            // those of its latest split whose record is still missing (a
+            // leader elected since the split).
+            let mut children = self.split_children.get(&shard).cloned().unwrap_or_default();
+            children.extend(self.unrecorded_children(shard));
+            children.sort_unstable();
+            children.dedup();
+            for child in children {
+                if let Some(c) = self.child_record(child) {
+                    ops.push(put(child, &c));
+                }
+            }
+            let op_bytes: usize = ops.iter().map(prost::Message::encoded_len).sum();
             let (reply, rx) = oneshot::channel();
             if let Some(meta) = self.replicas.get_mut(&META_SHARD) {
                 meta.queued.push_back(QueuedProposal {
-                    bytes: op.encoded_len(),
-                    ops: vec![op],
+                    bytes: op_bytes,
+                    ops,
                     reply,
                     deadline: Instant::now() + timeout,
                     queued_at: Instant::now(),
@@ -382,11 +400,13 @@ impl Driver {
     /// for the metadata group yet, a timeout) while this node still leads.
     pub(super) fn check_shard_record_writes(&mut self) {
         let mut retry = Vec::new();
+        let mut written = Vec::new();
         self.map_writes.retain_mut(|(shard, rx)| match rx.try_recv() {
             Err(oneshot::error::TryRecvError::Empty) => true,
             Ok(Ok(results)) => {
                 // A StaleVersion means a newer leader wrote already: done.
                 let _ = results;
+                written.push(*shard);
                 false
             }
             Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => {
@@ -395,5 +415,8 @@ impl Driver {
             }
         });
         self.map_dirty.extend(retry);
+        for shard in written {
+            self.split_children.remove(&shard);
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! | join | a new, empty node starts with `--join` in the lowest free slot; the servers' placement loop then moves replicas and leaderships onto it | a slot is free |
 //! | drain and remove | `phctl node drain N`, then `phctl node remove N`; the process is then stopped for good | more than [`NODES_MIN`] nodes |
 //! | kill and force-remove | SIGKILL, then `phctl node remove N --force` (its replicas rebuilt from the survivors) | more than [`NODES_MIN`] nodes |
+//! | split | `phctl shard split S` on a random shard (D38: in place, the upper half of its range becomes a new shard) | one cycle in four, while fewer than [`SHARDS_MAX`] shards |
 //!
 //! A drain or forced removal cut short (its deadline passed) leaves the node
 //! draining in the cluster and running here; the next membership cycle
@@ -35,6 +36,8 @@ const CHANGE_MS_MAX: u64 = 60_000;
 const JOIN_WAIT_MAX: Duration = Duration::from_secs(30);
 /// How long [`settle`] waits for the placement loop's moves to end.
 const SETTLE_WAIT_MAX: Duration = Duration::from_secs(90);
+/// Shards the nemesis splits up to (every split adds one).
+pub const SHARDS_MAX: usize = 24;
 
 /// Makes one change to the node set; returns what it did, for the history.
 pub async fn change(c: &mut Cluster, rng: &mut StdRng) -> Result<String, String> {
@@ -46,6 +49,11 @@ pub async fn change(c: &mut Cluster, rng: &mut StdRng) -> Result<String, String>
         .find(|s| c.member(*s).is_some_and(|m| m.leaving))
     {
         return leave(c, slot, false).await;
+    }
+    if rng.gen_bool(0.25) {
+        if let Some(done) = split(c, rng).await? {
+            return Ok(done);
+        }
     }
     let slots = c.occupied();
     let can_leave = slots.len() > NODES_MIN;
@@ -115,6 +123,34 @@ async fn leave(c: &mut Cluster, slot: u64, force: bool) -> Result<String, String
         // the next membership cycle finishes the job.
         Err(e) => format!("leave: node {id} (slot {slot}) {how}: cut short ({e}); finished later"),
     })
+}
+
+/// Splits a random shard (None when there are [`SHARDS_MAX`] already, or
+/// the shard list cannot be read: the cycle makes another change).
+async fn split(c: &Cluster, rng: &mut StdRng) -> Result<Option<String>, String> {
+    let Ok(list) = phctl(c, 0, &["shard", "list", "-o", "json"]).await? else {
+        return Ok(None);
+    };
+    let ids: Vec<u64> = serde_json::from_str::<serde_json::Value>(&list)
+        .ok()
+        .and_then(|doc| {
+            doc.get("shards")?
+                .as_array()
+                .map(|a| a.iter().filter_map(|s| s.get("id")?.as_u64()).collect())
+        })
+        .unwrap_or_default();
+    if ids.is_empty() || ids.len() >= SHARDS_MAX {
+        return Ok(None);
+    }
+    let Some(shard) = ids.choose(rng).copied() else {
+        return Ok(None);
+    };
+    Ok(Some(
+        match phctl(c, 0, &["shard", "split", &shard.to_string()]).await? {
+            Ok(out) => format!("split: {out}"),
+            Err(e) => format!("split: shard {shard}: {e}"),
+        },
+    ))
 }
 
 /// Runs phctl against every occupied slot but `except`: Ok(stdout) on exit

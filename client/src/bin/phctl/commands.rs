@@ -337,6 +337,40 @@ pub async fn shard_show(ctx: &Ctx, id: u64) -> Result<u8, Failure> {
 }
 
 /// `shard transfer-leader ID --to N`.
+/// `shard split ID [--at HASH]`: the middle of the shard's range unless
+/// told, sent explicitly so that a retry never splits twice.
+pub async fn shard_split(ctx: &Ctx, id: u64, at: Option<u64>) -> Result<u8, Failure> {
+    let client = connect(ctx).await?;
+    let Some(shard) = client.routing().shard(id).cloned() else {
+        return Err(failed(format!("no shard {id}")));
+    };
+    let at = at.unwrap_or_else(|| {
+        let end = shard.range_end.map_or(u128::from(u64::MAX) + 1, u128::from);
+        let start = u128::from(shard.range_start);
+        u64::try_from(start + (end - start) / 2).unwrap_or(u64::MAX)
+    });
+    let r = client.split_shard(id, at).await?;
+    let range = |s: &Option<pb::ShardInfo>| {
+        s.as_ref().map_or_else(String::new, |s| {
+            let end = s.range_end.map_or_else(|| "end".to_string(), |e| format!("{e:#018x}"));
+            format!("[{:#018x}, {end})", s.range_start)
+        })
+    };
+    match ctx.output {
+        Output::Json => render::json(&json!({
+            "shard": r.shard.as_ref().map(|s| json!({"id": s.id, "range": range(&r.shard), "epoch": s.epoch})),
+            "new_shard": r.new_shard.as_ref().map(|s| json!({"id": s.id, "range": range(&r.new_shard), "epoch": s.epoch})),
+        })),
+        Output::Table => out!(
+            "shard {id} split at {at:#018x}: shard {id} keeps {}, shard {} takes {}",
+            range(&r.shard),
+            r.new_shard.as_ref().map_or(0, |s| s.id),
+            range(&r.new_shard)
+        ),
+    }
+    Ok(0)
+}
+
 pub async fn transfer_leader(ctx: &Ctx, id: u64, to: u64, wait: Duration) -> Result<u8, Failure> {
     let client = connect(ctx).await?;
     if client.routing().shard(id).is_none() {

@@ -207,6 +207,25 @@ enum ShardCommand {
         #[arg(long, default_value_t = 120_000)]
         wait_ms: u64,
     },
+    /// Split a shard in place: the upper part of its hash range becomes a
+    /// new shard on the same replicas. No mailbox data is copied.
+    Split {
+        /// The shard id.
+        id: u64,
+        /// The first hash of the new shard (decimal or 0x-hex); default:
+        /// the middle of the shard's range.
+        #[arg(long, value_parser = parse_hash)]
+        at: Option<u64>,
+    },
+}
+
+/// A hash in decimal or 0x-prefixed hex.
+fn parse_hash(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?} is not a 64-bit hash ({e})"))
 }
 
 /// Which mailbox: a namespace and a user id.
@@ -306,6 +325,7 @@ async fn main() -> ExitCode {
             ShardCommand::Move { id, from, to, wait_ms } => {
                 moves::shard_move(&ctx, id, from, to, std::time::Duration::from_millis(wait_ms)).await
             }
+            ShardCommand::Split { id, at } => commands::shard_split(&ctx, id, at).await,
         },
         Command::Mailbox { command } => match command {
             MailboxCommand::Show { mailbox } => commands::mailbox_show(&ctx, &mailbox).await,

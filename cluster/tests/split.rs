@@ -1,0 +1,237 @@
+//! Shard split in place (D38) on a running cluster: a shard split while
+//! clients append to it (and its new shard split again) loses, duplicates
+//! and reorders nothing; every node routes by the new map and holds a
+//! replica of each new shard, made from its own rows; the records in the
+//! metadata group carry the new ranges; a node restarted after the split
+//! comes back with both halves; a request routed by the old map is refused
+//! with WrongShard and succeeds once routed again.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use common::placing::until;
+use common::*;
+use pigeonhole_cluster::Node;
+use pigeonhole_engine::{OpError, OpOutput};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const USERS: usize = 48;
+
+fn user(i: usize) -> String {
+    format!("user-{i}")
+}
+
+/// Appends to `user` through `node`, routed by the node's map, retrying
+/// retryable errors and misroutes (WrongShard) with the same key until it
+/// is acknowledged. Returns the seq.
+async fn append_routed(node: &Node, user: &str, key: &str, payload: &[u8]) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "append {key} never acknowledged");
+        let shard = node.routing().shard_for_user(user.as_bytes()).unwrap().id;
+        match node.propose(shard, vec![append_op(user, key, payload)]).await {
+            Ok(mut r) => match r.pop() {
+                Some(Ok(OpOutput::Appended { seq, .. })) => return seq,
+                Some(Err(OpError::WrongShard { .. })) => {}
+                other => panic!("append {key}: {other:?}"),
+            },
+            Err(e) if e.is_retryable() => {}
+            Err(e) => panic!("append {key}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+type Acked = Arc<Mutex<BTreeMap<String, Vec<(u64, Vec<u8>)>>>>;
+
+/// Writers appending to every user through every node until `stop`.
+fn writers(c: &TestCluster, phase: &str, acked: &Acked, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (w, node) in c.nodes.values().cloned().enumerate() {
+        let (acked, stop, phase) = (Arc::clone(acked), Arc::clone(stop), phase.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let u = user((w * 7 + usize::try_from(n).unwrap()) % USERS);
+                let key = format!("{phase}w{w}-{n}");
+                let payload = key.clone().into_bytes();
+                let seq = append_routed(&node, &u, &key, &payload).await;
+                acked.lock().unwrap().entry(u).or_default().push((seq, payload));
+                n += 1;
+            }
+        }));
+    }
+    tasks
+}
+
+/// Every acknowledged append is on every replica of its mailbox's shard,
+/// exactly once, at its seq; seqs have no gap.
+async fn check_all(c: &TestCluster, acked: &Acked) {
+    let acked = acked.lock().unwrap().clone();
+    for (u, mut want) in acked {
+        want.sort();
+        let shard = c.nodes[&1].routing().shard_for_user(u.as_bytes()).unwrap().id;
+        for (id, node) in &c.nodes {
+            let mut got = read_all(node, shard, &u);
+            for _ in 0..500 {
+                if got.len() >= want.len() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                got = read_all(node, shard, &u);
+            }
+            assert!(
+                got.len() >= want.len(),
+                "node {id}, shard {shard}, {u}: {} stored, {} acked; stored {:?}; acked {:?}; replica {:?}",
+                got.len(),
+                want.len(),
+                got.iter()
+                    .map(|(s, p)| (*s, String::from_utf8_lossy(p).to_string()))
+                    .collect::<Vec<_>>(),
+                want.iter()
+                    .map(|(s, p)| (*s, String::from_utf8_lossy(p).to_string()))
+                    .collect::<Vec<_>>(),
+                c.status(*id, shard).await
+            );
+            let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+            assert_eq!(
+                seqs,
+                (1..=u64::try_from(got.len()).unwrap()).collect::<Vec<_>>(),
+                "{u} on node {id}"
+            );
+            let mut payloads: Vec<&Vec<u8>> = got.iter().map(|(_, p)| p).collect();
+            payloads.sort();
+            payloads.dedup();
+            assert_eq!(payloads.len(), got.len(), "{u} on node {id}: a payload stored twice");
+            for (seq, payload) in &want {
+                assert_eq!(
+                    &got[usize::try_from(*seq - 1).unwrap()].1,
+                    payload,
+                    "{u} seq {seq} on node {id}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_split_under_load_loses_nothing_and_every_node_follows() {
+    let mut c = TestCluster::new(3, 2, 3, fast_tuning());
+    for s in [1, 2] {
+        c.leader(s).await;
+    }
+    let acked: Acked = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = writers(&c, "a", &acked, &stop);
+    // Throughout, the map each node serves clients tiles the hash space:
+    // a parent never shows narrowed without its new shard (D38).
+    let watcher = {
+        let (nodes, stop) = (c.nodes.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut seen = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for (id, node) in &nodes {
+                    let map = node.shard_map().unwrap();
+                    let mut next = Some(0u64);
+                    for s in &map.shards {
+                        assert_eq!(Some(s.range_start), next, "node {id} served {:?}", map.shards);
+                        next = s.range_end;
+                    }
+                    assert_eq!(next, None, "node {id} served {:?}", map.shards);
+                    seen = seen.max(u64::try_from(map.shards.len()).unwrap());
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let first = c.nodes[&2].split_shard(1, None).await.unwrap();
+    assert_eq!(first.shard.id, 1);
+    assert_eq!(first.shard.range_end, Some(1 << 62));
+    let s3 = first.new_shard.id;
+    assert_eq!(
+        (first.new_shard.range_start, first.new_shard.range_end),
+        (1 << 62, Some(1 << 63))
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The new shard splits again, through another node.
+    let second = c.nodes[&3].split_shard(s3, None).await.unwrap();
+    let s4 = second.new_shard.id;
+    assert!(s4 > s3 && s3 > 2, "ids {s3}, {s4}");
+    // A retry of the same split is answered with its result, not done twice.
+    let again = c.nodes[&1]
+        .split_shard(s3, Some(second.new_shard.range_start))
+        .await
+        .unwrap();
+    assert_eq!(again.new_shard.id, s4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(watcher.await.unwrap(), 4, "the watcher saw the splits");
+
+    // Every node: a replica of each of the four shards, routes by the new
+    // ranges, and the metadata records carry them.
+    for s in [1, 2, s3, s4] {
+        c.leader(s).await;
+    }
+    for (id, node) in &c.nodes {
+        until(&format!("node {id}'s map to show 4 shards"), 10, || async {
+            let m = node.shard_map().unwrap();
+            (m.shards.len() == 4).then_some(())
+        })
+        .await;
+        let ids: Vec<u64> = node.routing().shards.iter().map(|s| s.id).collect();
+        assert_eq!(ids, vec![1, s3, s4, 2], "node {id} routes by range order");
+        // The map served to clients (the records) tiles the hash space.
+        for map in [node.shard_map().unwrap(), (*node.routing()).clone()] {
+            let mut next = Some(0u64);
+            for s in &map.shards {
+                assert_eq!(Some(s.range_start), next, "node {id}: {:?}", map.shards);
+                next = s.range_end;
+            }
+            assert_eq!(next, None, "node {id}: {:?}", map.shards);
+        }
+        for s in [s3, s4] {
+            let meta = node.engine().shard_meta(s).unwrap().unwrap();
+            assert_eq!(
+                meta.space, 1,
+                "node {id}: shard {s} was made from local rows, in shard 1's space"
+            );
+        }
+    }
+    check_all(&c, &acked).await;
+
+    // A request routed by the old map is refused, then succeeds re-routed.
+    let u = (0..USERS)
+        .map(user)
+        .find(|u| c.nodes[&1].routing().shard_for_user(u.as_bytes()).unwrap().id == s4)
+        .unwrap();
+    let r = c.nodes[&1]
+        .propose(1, vec![append_op(&u, "stale-route", b"x")])
+        .await
+        .unwrap();
+    assert!(matches!(r[0], Err(OpError::WrongShard { shard: 1, .. })), "{r:?}");
+    let seq = append_routed(&c.nodes[&1], &u, "stale-route", b"x").await;
+    acked.lock().unwrap().entry(u).or_default().push((seq, b"x".to_vec()));
+
+    // A node restarted after the splits holds all four again and serves.
+    c.restart(2);
+    for s in [1, 2, s3, s4] {
+        c.leader(s).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = writers(&c, "b", &acked, &stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    check_all(&c, &acked).await;
+}
