@@ -333,6 +333,25 @@ pub fn channel(i: u64) -> Result<tonic::transport::Channel, String> {
     )
 }
 
+/// The shard map node `i` serves, or None if it does not answer within 1 s.
+pub async fn shard_map(i: u64) -> Option<pb::GetShardMapResponse> {
+    let mut c = pb::admin_client::AdminClient::new(channel(i).ok()?);
+    match tokio::time::timeout(Duration::from_secs(1), c.get_shard_map(pb::GetShardMapRequest {})).await {
+        Ok(Ok(r)) => Some(r.into_inner()),
+        _ => None,
+    }
+}
+
+/// The shard `user_id` is in by `map` (splits move mailboxes to new
+/// shards, D38).
+pub fn shard_of(map: &pb::GetShardMapResponse, user_id: &[u8]) -> Option<u64> {
+    let h = pigeonhole_proto::placement::user_hash(user_id);
+    map.shards
+        .iter()
+        .find(|s| pigeonhole_proto::placement::range_contains(s.range_start, s.range_end, h))
+        .map(|s| s.id)
+}
+
 /// NodeStatus of node `i`, or None if it does not answer within 1 s.
 pub async fn status(i: u64) -> Option<pb::NodeStatusResponse> {
     let mut c = pb::admin_client::AdminClient::new(channel(i).ok()?);

@@ -52,14 +52,20 @@ fn not_replica(s: &tonic::Status) -> bool {
         .is_some_and(|i| i.reason == "NOT_REPLICA")
 }
 
-/// The mailboxes whose shard node `node` holds now, or None if it does not
-/// answer NodeStatus.
+/// The mailboxes whose shard node `node` holds now, by the shard map it
+/// serves (a split may have moved a mailbox to a new shard), or None if
+/// it does not answer NodeStatus and GetShardMap.
 pub(crate) async fn held(node: u64, mbs: &[Mailbox]) -> Option<Vec<usize>> {
     let shards: std::collections::BTreeSet<u64> =
         cluster::status(node).await?.replicas.iter().map(|r| r.shard).collect();
+    let map = cluster::shard_map(node).await?;
     Some(
         (0..mbs.len())
-            .filter(|i| mbs.get(*i).is_some_and(|m| shards.contains(&m.shard)))
+            .filter(|i| {
+                mbs.get(*i)
+                    .and_then(|m| cluster::shard_of(&map, &m.id.user_id))
+                    .is_some_and(|s| shards.contains(&s))
+            })
             .collect(),
     )
 }
@@ -366,8 +372,15 @@ pub async fn final_logs(i: u64, mbs: &[Mailbox]) -> Result<std::collections::BTr
         .iter()
         .map(|r| r.shard)
         .collect();
+    // Where each mailbox is now, by the node's own map (splits, D38).
+    let map = cluster::shard_map(i)
+        .await
+        .ok_or_else(|| format!("final read: node {i} did not answer GetShardMap"))?;
     let mut out = std::collections::BTreeMap::new();
-    for mb in mbs.iter().filter(|m| held.contains(&m.shard)) {
+    for mb in mbs
+        .iter()
+        .filter(|m| cluster::shard_of(&map, &m.id.user_id).is_some_and(|s| held.contains(&s)))
+    {
         let mut all: Vec<pb::Message> = Vec::new();
         loop {
             let after = all.last().map_or(0, |m| m.seq);
