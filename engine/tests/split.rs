@@ -10,12 +10,11 @@
 mod common;
 
 use common::{ack, append, trim};
-use pigeonhole_engine::command::{op, Command, Op, SplitOp};
+use pigeonhole_engine::command::{op, Op, SplitOp};
 use pigeonhole_engine::{
-    conf_state_with_voters, ApplyEntry, Durability, Engine, EngineError, EngineOptions, EntryKind, EntryOutcome,
-    HashRange, OpError, OpOutput, ReadError, SnapshotChunk, SyncQuery,
+    conf_state_with_voters, Engine, EngineError, EngineOptions, HashRange, OpError, OpOutput, ReadError, SnapshotChunk,
+    SyncQuery,
 };
-use prost::Message as _;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
@@ -69,27 +68,16 @@ impl Node {
     }
 
     fn exec(&mut self, shard: u64, ops: Vec<Op>) -> Vec<Result<OpOutput, OpError>> {
-        let index = self.index.entry(shard).or_insert(0);
-        *index += 1;
-        let bytes: bytes::Bytes = Command { time_ms: 1_000, ops }.encode_to_vec().into();
-        let out = self
-            .engine
-            .as_ref()
-            .unwrap()
-            .apply(
-                shard,
-                &[ApplyEntry {
-                    index: *index,
-                    term: 1,
-                    kind: EntryKind::Command(&bytes),
-                }],
-                Durability::NoFsync,
-            )
-            .unwrap();
-        match out.into_iter().next().unwrap() {
-            EntryOutcome::Command { results, .. } => results,
-            other => panic!("unexpected outcome {other:?}"),
-        }
+        self.exec_at(shard, 1_000, ops)
+    }
+
+    fn exec_at(&mut self, shard: u64, time_ms: u64, ops: Vec<Op>) -> Vec<Result<OpOutput, OpError>> {
+        let index = {
+            let i = self.index.entry(shard).or_insert(0);
+            *i += 1;
+            *i
+        };
+        common::apply_ops(self.engine.as_ref().unwrap(), shard, index, time_ms, ops)
     }
 
     fn one(&mut self, shard: u64, op: Op) -> Result<OpOutput, OpError> {
@@ -482,33 +470,9 @@ fn dedup_expiry_on_a_shared_space_removes_only_its_own_shards_entries() {
     }
     assert!(trimmed[&PARENT] > 0 && trimmed[&CHILD] > 0);
     // Far past the window: every entry has expired.
-    let later = |ops: Vec<Op>| Command {
-        time_ms: 1_000 + 30 * 24 * 3_600_000,
-        ops,
-    };
     let mut removed = BTreeMap::new();
     for shard in [PARENT, CHILD] {
-        let index = {
-            let i = node.index.entry(shard).or_insert(0);
-            *i += 1;
-            *i
-        };
-        let bytes: bytes::Bytes = later(vec![common::expire(10_000)]).encode_to_vec().into();
-        let out = node
-            .e()
-            .apply(
-                shard,
-                &[ApplyEntry {
-                    index,
-                    term: 1,
-                    kind: EntryKind::Command(&bytes),
-                }],
-                Durability::NoFsync,
-            )
-            .unwrap();
-        let EntryOutcome::Command { results, .. } = &out[0] else {
-            panic!()
-        };
+        let results = node.exec_at(shard, 1_000 + 30 * 24 * 3_600_000, vec![common::expire(10_000)]);
         let Ok(OpOutput::DedupExpired { removed: r }) = results[0] else {
             panic!("{results:?}")
         };

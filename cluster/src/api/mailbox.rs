@@ -9,11 +9,11 @@
 //! rather than polling.
 
 use super::deadline;
-use super::status::{cluster_error, invalid, op_error, op_error_at, read_error};
+use super::status::{cluster_error, invalid, op_error, op_error_at, read_error, wrong_shard_owned};
 use crate::watch::WatchKind;
 use crate::Node;
 use pigeonhole_engine::command as cmd;
-use pigeonhole_engine::{OpError, OpOutput, ReadMessage, SyncQuery};
+use pigeonhole_engine::{OpError, OpOutput, ReadError, ReadMessage, SyncQuery};
 use pigeonhole_proto::v1 as pb;
 use pigeonhole_proto::v1::mailbox_server::Mailbox;
 use std::collections::BTreeMap;
@@ -106,6 +106,7 @@ impl MailboxService {
     /// Checks and proposes one op and returns its result; gives up at `until`.
     async fn one(&self, shard: u64, op: cmd::op::Op, until: Option<Instant>) -> Result<OpOutput, Status> {
         self.check("", &op)?;
+        let hash = op_user(&op).map(pigeonhole_proto::placement::user_hash);
         let mut res = self
             .node
             .propose_until(shard, vec![cmd::Op { op: Some(op) }], until)
@@ -113,8 +114,31 @@ impl MailboxService {
             .map_err(|e| cluster_error(&e))?;
         match res.pop() {
             Some(Ok(out)) => Ok(out),
+            Some(Err(OpError::WrongShard { shard, range })) => Err(self.moved(shard, range, hash)),
             Some(Err(e)) => Err(op_error(&e)),
             None => Err(Status::internal("the state machine returned no result")),
+        }
+    }
+
+    /// WRONG_SHARD for a mailbox (of user hash `hash`) that a split moved
+    /// out of `shard`, with the entry of the shard holding it now.
+    fn moved(&self, shard: u64, range: pigeonhole_engine::HashRange, hash: Option<u64>) -> Status {
+        let map = self.node.routing();
+        let owner = hash.and_then(|h| map.shard_for_hash(h));
+        let msg = format!(
+            "mailbox is not in shard {shard}'s hash range {range}: the shard was split; route again{}",
+            owner.map_or(String::new(), |o| format!(" (shard {} holds it now)", o.id))
+        );
+        wrong_shard_owned(msg, shard, range, owner)
+    }
+
+    /// A read's error, WRONG_SHARD with the new owner's entry.
+    fn read_failed(&self, e: &ReadError, user_id: &[u8]) -> Status {
+        match e {
+            ReadError::WrongShard { shard, range } => {
+                self.moved(*shard, *range, Some(pigeonhole_proto::placement::user_hash(user_id)))
+            }
+            other => read_error(other),
         }
     }
 
@@ -128,6 +152,17 @@ impl MailboxService {
                 .map_err(|e| cluster_error(&e)),
             Err(_) => Err(invalid("consistency", format!("unknown value {consistency}"))),
         }
+    }
+}
+
+/// The user id an op names.
+fn op_user(op: &cmd::op::Op) -> Option<&[u8]> {
+    match op {
+        cmd::op::Op::Append(a) => Some(&a.user_id),
+        cmd::op::Op::Ack(a) => Some(&a.user_id),
+        cmd::op::Op::Trim(t) => Some(&t.user_id),
+        cmd::op::Op::Delete(d) => Some(&d.user_id),
+        _ => None,
     }
 }
 
@@ -317,7 +352,11 @@ impl Mailbox for MailboxService {
         };
         loop {
             watch.take();
-            let page = self.node.engine().sync(shard, &q).map_err(|e| read_error(&e))?;
+            let page = self
+                .node
+                .engine()
+                .sync(shard, &q)
+                .map_err(|e| self.read_failed(&e, &uid))?;
             let now = Instant::now();
             if !page.messages.is_empty() || now >= deadline {
                 return Ok(Response::new(pb::SyncResponse {
@@ -382,7 +421,7 @@ impl Mailbox for MailboxService {
             .node
             .engine()
             .cursors(shard, &ns, &uid)
-            .map_err(|e| read_error(&e))?;
+            .map_err(|e| self.read_failed(&e, &uid))?;
         Ok(Response::new(pb::GetCursorsResponse {
             cursors: c
                 .cursors

@@ -87,9 +87,35 @@ pub fn op_error(e: &OpError) -> Status {
 /// The mailbox left the shard in a split (D38): retryable once the caller
 /// routes with a newer map; the shard's range now says which half it kept.
 fn wrong_shard(msg: String, shard: u64, range: pigeonhole_engine::HashRange) -> Status {
+    wrong_shard_owned(msg, shard, range, None)
+}
+
+/// [`wrong_shard`] with the new map entry of the shard that holds the
+/// mailbox now (as the answering node's map has it): `owner_shard`,
+/// `owner_range_start`, `owner_range_end` (absent: to the top),
+/// `owner_epoch` and `owner_leader_hint` (0: unknown), so a caller can
+/// route again without re-reading the whole map (TiKV's EpochNotMatch
+/// carries the new regions the same way).
+pub fn wrong_shard_owned(
+    msg: String,
+    shard: u64,
+    range: pigeonhole_engine::HashRange,
+    owner: Option<&crate::placement::ShardDesc>,
+) -> Status {
     let mut meta = vec![("shard", shard), ("range_start", range.start)];
     if let Some(end) = range.end {
         meta.push(("range_end", end));
+    }
+    if let Some(o) = owner.filter(|o| o.id != shard) {
+        meta.extend([
+            ("owner_shard", o.id),
+            ("owner_range_start", o.range_start),
+            ("owner_epoch", o.epoch),
+            ("owner_leader_hint", o.leader_hint),
+        ]);
+        if let Some(end) = o.range_end {
+            meta.push(("owner_range_end", end));
+        }
     }
     info(Code::Unavailable, msg, "WRONG_SHARD", &meta)
 }
@@ -250,5 +276,43 @@ mod tests {
         );
         let s = read_error(&ReadError::Engine(EngineError::ShardIncomplete(4)));
         assert_eq!(s.code(), Code::Unavailable);
+    }
+
+    /// A request that a split routed away: retryable, with the refusing
+    /// shard's range and the entry of the shard that holds the mailbox now.
+    #[test]
+    fn wrong_shard_carries_the_new_map_entry() {
+        let lower = pigeonhole_engine::HashRange {
+            start: 0,
+            end: Some(1 << 62),
+        };
+        let owner = crate::placement::ShardDesc {
+            id: 5,
+            range_start: 1 << 62,
+            range_end: Some(1 << 63),
+            replicas: vec![1, 2, 3],
+            learners: vec![],
+            leader_hint: 2,
+            preferred_leader: 2,
+            epoch: 1,
+            parent: 1,
+        };
+        let s = wrong_shard_owned("moved".into(), 1, lower, Some(&owner));
+        assert_eq!(s.code(), Code::Unavailable);
+        let info = s.get_error_details().error_info().unwrap().clone();
+        assert_eq!(info.reason, "WRONG_SHARD");
+        let m = |k: &str| info.metadata.get(k).cloned();
+        assert_eq!(m("shard").as_deref(), Some("1"));
+        assert_eq!(m("range_end"), Some((1u64 << 62).to_string()));
+        assert_eq!(m("owner_shard").as_deref(), Some("5"));
+        assert_eq!(m("owner_range_start"), Some((1u64 << 62).to_string()));
+        assert_eq!(m("owner_range_end"), Some((1u64 << 63).to_string()));
+        assert_eq!(m("owner_epoch").as_deref(), Some("1"));
+        assert_eq!(m("owner_leader_hint").as_deref(), Some("2"));
+        // Without an owner (not in this node's map yet): the range alone.
+        let s = op_error(&OpError::WrongShard { shard: 1, range: lower });
+        let info = s.get_error_details().error_info().unwrap().clone();
+        assert_eq!(info.reason, "WRONG_SHARD");
+        assert!(!info.metadata.contains_key("owner_shard"));
     }
 }

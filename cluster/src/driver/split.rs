@@ -25,6 +25,7 @@ use crate::error::ClusterError;
 use crate::placement::{shard_record_key, ShardDesc, ShardMap, META_SHARD};
 use pigeonhole_engine::raft::StateRole;
 use pigeonhole_engine::{HashRange, ShardState};
+use pigeonhole_proto::internal::v1::ShardRecord;
 use std::sync::Arc;
 
 /// A split the apply worker applied, that made its new shard here.
@@ -127,21 +128,27 @@ impl Driver {
     /// as its leader (it campaigns), no `handed_index` (it marks no replica
     /// stale), and the new shard's own term here as the version, which its
     /// leaders' later records never go below.
-    pub(super) fn child_record(&self, child: u64) -> Option<pigeonhole_proto::internal::v1::ShardRecord> {
-        let desc = self.map.shard(child)?;
-        let raft = &self.replicas.get(&child)?.raw.raft;
-        let term = raft.term;
+    pub(super) fn child_record(&self, child: u64) -> Option<ShardRecord> {
+        self.shard_record(child, 0)
+    }
+
+    /// `shard`'s record as this node sees it: the map's range, epoch,
+    /// parent and preferred leader, the local replica's configuration and
+    /// term, this node as leader, and `handed_index`.
+    pub(super) fn shard_record(&self, shard: u64, handed_index: u64) -> Option<ShardRecord> {
+        let desc = self.map.shard(shard)?;
+        let raft = &self.replicas.get(&shard)?.raw.raft;
         let conf = raft.prs().conf().to_conf_state();
-        Some(pigeonhole_proto::internal::v1::ShardRecord {
-            shard: child,
+        Some(ShardRecord {
+            shard,
             range_start: desc.range_start,
             range_end: desc.range_end,
             voters: conf.voters,
             learners: conf.learners,
             leader_hint: self.node_id,
             preferred_leader: desc.preferred_leader,
-            term,
-            handed_index: 0,
+            term: raft.term,
+            handed_index,
             voters_outgoing: conf.voters_outgoing,
             learners_next: conf.learners_next,
             epoch: desc.epoch,

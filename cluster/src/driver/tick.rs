@@ -334,25 +334,11 @@ impl Driver {
             if r.raw.raft.state != StateRole::Leader {
                 continue;
             }
-            let Some(desc) = self.map.shard(shard) else { continue };
-            let conf = r.raw.raft.prs().conf().to_conf_state();
-            let term = r.raw.raft.term;
-            let record = ShardRecord {
-                shard,
-                range_start: desc.range_start,
-                range_end: desc.range_end,
-                voters: conf.voters,
-                learners: conf.learners,
-                leader_hint: self.node_id,
-                preferred_leader: desc.preferred_leader,
-                term,
-                // raft-rs's configuration holds every conf change handed
-                // to apply (`apply::hand_off` feeds them in log order).
-                handed_index: r.handed,
-                voters_outgoing: conf.voters_outgoing,
-                learners_next: conf.learners_next,
-                epoch: desc.epoch,
-                parent: desc.parent,
+            // raft-rs's configuration holds every conf change handed to
+            // apply (`apply::hand_off` feeds them in log order).
+            let handed = r.handed;
+            let Some(record) = self.shard_record(shard, handed) else {
+                continue;
             };
             // Each record's version is its own shard's term.
             let put = |shard: u64, record: &ShardRecord| cmd::Op {

@@ -76,23 +76,7 @@ impl Shard {
     /// Applies one entry carrying `ops` at the next index and returns its results.
     pub fn exec(&mut self, ops: Vec<Op>) -> Vec<Result<OpOutput, OpError>> {
         self.index += 1;
-        let bytes = encode(self.time_ms, ops);
-        let out = self
-            .engine()
-            .apply(
-                self.id,
-                &[ApplyEntry {
-                    index: self.index,
-                    term: 1,
-                    kind: EntryKind::Command(&bytes),
-                }],
-                Durability::NoFsync,
-            )
-            .unwrap();
-        match out.into_iter().next().unwrap() {
-            EntryOutcome::Command { results, .. } => results,
-            other => panic!("unexpected outcome {other:?}"),
-        }
+        apply_ops(self.engine(), self.id, self.index, self.time_ms, ops)
     }
 
     pub fn one(&mut self, op: Op) -> Result<OpOutput, OpError> {
@@ -112,6 +96,33 @@ impl Shard {
                 },
             )
             .unwrap()
+    }
+}
+
+/// Applies one entry (term 1) carrying `ops` at `index` of `shard` and
+/// returns the ops' results.
+pub fn apply_ops(
+    engine: &Engine,
+    shard: u64,
+    index: u64,
+    time_ms: u64,
+    ops: Vec<Op>,
+) -> Vec<Result<OpOutput, OpError>> {
+    let bytes = encode(time_ms, ops);
+    let out = engine
+        .apply(
+            shard,
+            &[ApplyEntry {
+                index,
+                term: 1,
+                kind: EntryKind::Command(&bytes),
+            }],
+            Durability::NoFsync,
+        )
+        .unwrap();
+    match out.into_iter().next().unwrap() {
+        EntryOutcome::Command { results, .. } => results,
+        other => panic!("unexpected outcome {other:?}"),
     }
 }
 
