@@ -177,7 +177,17 @@ impl Engine {
         let (start, end) =
             keys::shard_range(space).ok_or_else(|| EngineError::InvalidCall(format!("space {space} is reserved")))?;
         if sharers.is_empty() {
-            wb.delete_range_cf(cf, &start, &end);
+            if space == shard {
+                wb.delete_range_cf(cf, &start, &end);
+            } else {
+                // The space's first key is its owner's meta row: a shard
+                // whose own rows went to a private space after a split in
+                // place (found by a review: deleting the sibling took the
+                // owner's apply state with it). Everything after it goes.
+                let mut after_meta = keys::shard_meta(space);
+                after_meta.push(0);
+                wb.delete_range_cf(cf, &after_meta, &end);
+            }
             return Ok(wb);
         }
         if meta.is_none() || range.is_full() {

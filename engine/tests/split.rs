@@ -374,7 +374,18 @@ fn deleting_either_half_leaves_the_other_whole_and_an_ingest_never_writes_into_a
             let meta = node.e().shard_meta(PARENT).unwrap().unwrap();
             assert!(meta.space >= 1 << 63, "space {}", meta.space);
             check(&node, owner, |_| None, &model);
+            // The child goes; the parent, whose meta row is the first key
+            // of the child's space, stays whole.
             node.e().destroy_shard(CHILD).unwrap();
+            assert_eq!(node.e().shard_ids().unwrap(), vec![PARENT]);
+            let parent_part: BTreeMap<usize, Mailbox> = model
+                .iter()
+                .filter(|(u, _)| owner(**u) == PARENT)
+                .map(|(u, m)| (*u, m.clone()))
+                .collect();
+            check(&node, |_| PARENT, |_| None, &parent_part);
+            node.reopen();
+            check(&node, |_| PARENT, |_| None, &parent_part);
             node.e().destroy_shard(PARENT).unwrap();
         } else {
             node.e().destroy_shard(PARENT).unwrap();

@@ -56,11 +56,16 @@ impl Driver {
     /// A split applied here: the new shard's replica, and the map.
     pub(super) fn on_split(&mut self, s: &SplitMade) -> Result<(), ClusterError> {
         if !self.replicas.contains_key(&s.child) {
-            // Its apply state is in the engine (the split's write); its log
-            // starts at the split entry (`recover_shard` resets an empty
-            // log to an apply state ahead of it, and keeps a log that is
-            // already there: after a crash the split is applied again over
-            // the new shard's own durable log).
+            // Its apply state is in the engine (the split's write, without
+            // the WAL); its log starts at the split entry (`recover_shard`
+            // resets an empty log to an apply state ahead of it, and keeps
+            // a log that is already there). The apply state is made durable
+            // first: a log that starts at the split entry over no durable
+            // apply state could never be replayed if the parent does not
+            // apply the split again after a crash (its leader compacted
+            // past it and sends a snapshot; found by a review). Splits are
+            // rare; the flush stalls this driver turn for one memtable.
+            self.engine.flush_data()?;
             self.recover_shard(s.child)?;
             let Some(meta) = self.engine.shard_meta(s.child)? else {
                 return Ok(());
@@ -129,7 +134,13 @@ impl Driver {
     /// stale), and the new shard's own term here as the version, which its
     /// leaders' later records never go below.
     pub(super) fn child_record(&self, child: u64) -> Option<ShardRecord> {
-        self.shard_record(child, 0)
+        // Never over a record the new shard's own leader wrote (at an equal
+        // term it would win, with this node named as leader).
+        let missing = self
+            .engine
+            .system_scan(META_SHARD, &shard_record_key(child), 1)
+            .is_ok_and(|v| v.is_empty());
+        missing.then(|| self.shard_record(child, 0)).flatten()
     }
 
     /// `shard`'s record as this node sees it: the map's range, epoch,
