@@ -28,9 +28,7 @@ pub struct SplitDone {
 
 /// The middle of a shard's range.
 pub fn middle(desc: &ShardDesc) -> u64 {
-    let end = desc.range_end.map_or(u128::from(u64::MAX) + 1, u128::from);
-    let start = u128::from(desc.range_start);
-    u64::try_from(start + (end - start) / 2).unwrap_or(u64::MAX)
+    pigeonhole_proto::placement::range_middle(desc.range_start, desc.range_end)
 }
 
 /// The split of `shard` at `at`, if `map` shows it done: the shard ends at

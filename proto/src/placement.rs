@@ -35,6 +35,14 @@ fn fmix64(mut k: u64) -> u64 {
     k
 }
 
+/// The middle of the hash range `[start, end)` (`end: None` = through
+/// `u64::MAX`): where a split cuts a shard by default (D38).
+pub fn range_middle(start: u64, end: Option<u64>) -> u64 {
+    let end = end.map_or(u128::from(u64::MAX) + 1, u128::from);
+    let start = u128::from(start);
+    u64::try_from(start + end.saturating_sub(start) / 2).unwrap_or(u64::MAX)
+}
+
 /// Whether `hash` falls in the half-open range `[start, end)`, where
 /// `end = None` means "to `u64::MAX` inclusive" (the last shard's range).
 pub fn range_contains(start: u64, end: Option<u64>, hash: u64) -> bool {

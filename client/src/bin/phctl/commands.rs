@@ -344,11 +344,7 @@ pub async fn shard_split(ctx: &Ctx, id: u64, at: Option<u64>) -> Result<u8, Fail
     let Some(shard) = client.routing().shard(id).cloned() else {
         return Err(failed(format!("no shard {id}")));
     };
-    let at = at.unwrap_or_else(|| {
-        let end = shard.range_end.map_or(u128::from(u64::MAX) + 1, u128::from);
-        let start = u128::from(shard.range_start);
-        u64::try_from(start + (end - start) / 2).unwrap_or(u64::MAX)
-    });
+    let at = at.unwrap_or_else(|| pigeonhole_proto::placement::range_middle(shard.range_start, shard.range_end));
     let r = client.split_shard(id, at).await?;
     let range = |s: &Option<pb::ShardInfo>| {
         s.as_ref().map_or_else(String::new, |s| {
