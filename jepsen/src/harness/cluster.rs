@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 pub const SHARDS: u64 = 4;
 /// The port every node listens on (in its own namespace).
 pub const PORT: u16 = 7070;
+/// The most slots any scenario uses (the membership scenarios' five).
+pub const SLOTS_MAX: u64 = 5;
 
 /// libfaketime's multi-threaded build, from Debian's `faketime` package.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
@@ -333,8 +335,21 @@ pub fn channel(i: u64) -> Result<tonic::transport::Channel, String> {
     )
 }
 
-/// The shard map node `i` serves, or None if it does not answer within 1 s.
+/// The shard map node `i` serves, or, if it serves none (a node without
+/// a replica of the metadata group answers NOT_REPLICA: ask another node,
+/// as the SDK does), the map of the first other slot that answers. None
+/// if no node answers within 1 s each.
 pub async fn shard_map(i: u64) -> Option<pb::GetShardMapResponse> {
+    for n in std::iter::once(i).chain((1..=SLOTS_MAX).filter(|n| *n != i)) {
+        if let Some(map) = shard_map_of(n).await {
+            return Some(map);
+        }
+    }
+    None
+}
+
+/// The shard map node `i` itself serves, or None.
+async fn shard_map_of(i: u64) -> Option<pb::GetShardMapResponse> {
     let mut c = pb::admin_client::AdminClient::new(channel(i).ok()?);
     match tokio::time::timeout(Duration::from_secs(1), c.get_shard_map(pb::GetShardMapRequest {})).await {
         Ok(Ok(r)) => Some(r.into_inner()),

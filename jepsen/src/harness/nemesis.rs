@@ -100,7 +100,7 @@ impl Fault {
     /// Nodes the cluster may grow to (network slots).
     pub fn slots(self) -> u64 {
         match self {
-            Fault::Membership => 5,
+            Fault::Membership => super::cluster::SLOTS_MAX,
             f => f.nodes(),
         }
     }

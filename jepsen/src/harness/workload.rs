@@ -372,7 +372,8 @@ pub async fn final_logs(i: u64, mbs: &[Mailbox]) -> Result<std::collections::BTr
         .iter()
         .map(|r| r.shard)
         .collect();
-    // Where each mailbox is now, by the node's own map (splits, D38).
+    // Where each mailbox is now, by the map the node serves, or another
+    // node's if it has no replica of the metadata group (splits, D38).
     let map = cluster::shard_map(i)
         .await
         .ok_or_else(|| format!("final read: node {i} did not answer GetShardMap"))?;
