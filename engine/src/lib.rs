@@ -39,6 +39,7 @@ mod outcome;
 mod raftlog;
 mod read;
 mod records;
+mod size;
 mod snapshot;
 mod split;
 mod txn;
@@ -51,8 +52,9 @@ pub use limits::{mailbox_fingerprint, Limits};
 pub use raftlog::{
     conf_state_with_voters, LogFilesOptions, LogRecovery, LogStats, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC,
 };
-pub use read::{Cursors, MailboxInfo, ReadMessage, ShardSize, SyncPage, SyncQuery, SystemValue};
+pub use read::{Cursors, MailboxInfo, ReadMessage, SyncPage, SyncQuery, SystemValue};
 pub use records::{HashRange, ShardMeta, ShardState};
+pub use size::{ShardSize, SizeScan};
 pub use snapshot::{SnapshotChunk, SnapshotIngest, SnapshotSummary, CHUNK_BYTES_MAX};
 pub use split::SPACE_PRIVATE_MIN;
 

@@ -13,18 +13,6 @@ use crate::keys::{self, CF_DATA};
 use crate::records::{decode_cursor, MailboxMeta, MessageView, ShardMeta, ShardState};
 use rocksdb::{ReadOptions, SnapshotWithThreadMode, DB};
 
-/// A replica's state-machine size, from [`Engine::shard_size`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShardSize {
-    /// Keys counted.
-    pub keys: u64,
-    /// Key plus value bytes counted (before RocksDB's own compression).
-    pub bytes: u64,
-    /// False when the scan stopped at its key limit: then both figures are
-    /// lower bounds.
-    pub complete: bool,
-}
-
 /// One Sync request, already routed to its shard.
 #[derive(Debug, Clone)]
 pub struct SyncQuery<'a> {
@@ -320,65 +308,6 @@ impl Engine {
         }
         it.status()?;
         Ok(out)
-    }
-
-    /// The state machine's size on this replica: the keys and key+value
-    /// bytes of `shard` in the data CF, counted by a scan that stops after
-    /// `keys_max` keys (then `complete` is false and the figures are lower
-    /// bounds). An operator's view (`phctl shard show`); RocksDB 7.8's
-    /// approximate-size API is not exposed by the rust binding we link, and
-    /// a bounded exact count is better than none.
-    pub fn shard_size(&self, shard: u64, keys_max: u64) -> Result<ShardSize, EngineError> {
-        let snap = self.db().snapshot();
-        let mk = keys::shard_meta(shard);
-        let mut own_meta_bytes = None;
-        let (space, range) = match snap.get_cf(self.cf(CF_DATA)?, &mk)? {
-            Some(raw) => {
-                let m = ShardMeta::decode(&mk, codec::open(CF_DATA, &mk, &raw)?)?;
-                own_meta_bytes = Some(u64::try_from(mk.len() + raw.len()).unwrap_or(u64::MAX));
-                (m.space, m.range)
-            }
-            None => (shard, crate::records::HashRange::FULL),
-        };
-        let (start, end) = keys::shard_range(space).ok_or(EngineError::NoSuchShard(shard))?;
-        let space_meta = keys::shard_meta(space);
-        let mut ro = crate::engine::total_order();
-        ro.set_snapshot(&snap);
-        ro.set_iterate_upper_bound(end);
-        // A one-off scan must not push hot blocks out of the cache.
-        ro.fill_cache(false);
-        let mut it = self.db().raw_iterator_cf_opt(self.cf(CF_DATA)?, ro);
-        it.seek(&start);
-        let mut size = ShardSize {
-            keys: 0,
-            bytes: 0,
-            complete: true,
-        };
-        // The shard's meta row is outside a space that is not its id's.
-        if let (Some(bytes), true) = (own_meta_bytes, space != shard) {
-            size.keys += 1;
-            size.bytes += bytes;
-        }
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if size.keys >= keys_max {
-                size.complete = false;
-                break;
-            }
-            // A space split in place (D38) also holds the other shard's
-            // rows; the space's meta row is its owner's.
-            let mine = if k == space_meta.as_slice() {
-                space == shard
-            } else {
-                crate::split::key_in_range(k, &range)?
-            };
-            if mine {
-                size.keys += 1;
-                size.bytes += u64::try_from(k.len() + v.len()).unwrap_or(u64::MAX);
-            }
-            it.next();
-        }
-        it.status()?;
-        Ok(size)
     }
 
     /// A mailbox's device cursors, ordered by device id.

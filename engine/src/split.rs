@@ -65,20 +65,26 @@ pub(crate) fn key_in_range(key: &[u8], range: &HashRange) -> Result<bool, Engine
     if range.is_full() {
         return Ok(true);
     }
+    Ok(key_hash(key)?.is_none_or(|h| range.contains(h)))
+}
+
+/// The user hash of the mailbox a data-CF key belongs to, or None for a
+/// key that names no mailbox (the shard-wide tags). A per-mailbox key that
+/// does not parse is corruption.
+pub(crate) fn key_hash(key: &[u8]) -> Result<Option<u64>, EngineError> {
     let Some((&tag, rest)) = key.get(8..).and_then(|r| r.split_first()) else {
-        return Ok(true);
+        return Ok(None);
     };
     let mb = match tag {
         keys::tag::MAILBOX | keys::tag::MESSAGE | keys::tag::DEDUP | keys::tag::CURSOR => {
             keys::split_mailbox(rest).map(|(mb, _)| mb)
         }
         keys::tag::DEDUP_EXPIRY => keys::parse_dedup_expiry(key).map(|(_, mb, _)| mb),
-        _ => return Ok(true),
+        _ => return Ok(None),
     };
-    let hash = mb
-        .and_then(mailbox_hash)
-        .ok_or_else(|| EngineError::corruption(CF_DATA, key, "key names no parsable mailbox"))?;
-    Ok(range.contains(hash))
+    mb.and_then(mailbox_hash)
+        .map(Some)
+        .ok_or_else(|| EngineError::corruption(CF_DATA, key, "key names no parsable mailbox"))
 }
 
 /// The command's split op, if it has one: Ok when it is the command's only

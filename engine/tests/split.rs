@@ -493,3 +493,50 @@ fn dedup_expiry_on_a_shared_space_removes_only_its_own_shards_entries() {
     // none of the other half's.
     assert_eq!(removed, trimmed);
 }
+
+/// The size scan's split point halves a shard's bytes, not its hash range:
+/// with the big mailboxes in the top quarter of the hashes, the point moves
+/// up, and a split there leaves each half near half the bytes. A shard of
+/// one mailbox has no such point.
+#[test]
+fn the_size_scan_finds_where_a_split_halves_the_bytes() {
+    let mut node = Node::new();
+    node.e()
+        .bootstrap_shard(PARENT, conf_state_with_voters(&[1, 2, 3]), 0, 0)
+        .unwrap();
+    let top_quarter = 3u64 << 62;
+    for u in 0..400 {
+        let big = hash(&user(u)) >= top_quarter;
+        let payload = vec![b'x'; if big { 2_048 } else { 64 }];
+        for m in 0..4 {
+            let key = format!("k{m}");
+            node.one(PARENT, append(NS, &user(u), key.as_bytes(), &payload))
+                .unwrap();
+        }
+    }
+    let scan = node.e().size_scan(PARENT, u64::MAX, HashRange::FULL).unwrap();
+    assert!(scan.size.complete);
+    assert_eq!(scan.size, node.e().shard_size(PARENT, u64::MAX).unwrap());
+    let at = scan.split_at.expect("a split point");
+    assert!(at > top_quarter, "the point follows the bytes: {at:#x}");
+    node.split(PARENT, CHILD, at).unwrap();
+    let lo = node.e().shard_size(PARENT, u64::MAX).unwrap().bytes;
+    let hi = node.e().shard_size(CHILD, u64::MAX).unwrap().bytes;
+    let total = lo + hi;
+    for half in [lo, hi] {
+        assert!(half * 10 >= total * 4, "halves {lo} and {hi}");
+    }
+
+    let mut one = Node::new();
+    one.e()
+        .bootstrap_shard(PARENT, conf_state_with_voters(&[1, 2, 3]), 0, 0)
+        .unwrap();
+    for m in 0..50 {
+        let key = format!("k{m}");
+        one.one(PARENT, append(NS, &user(1), key.as_bytes(), &[b'y'; 512]))
+            .unwrap();
+    }
+    let scan = one.e().size_scan(PARENT, u64::MAX, HashRange::FULL).unwrap();
+    assert!(scan.size.bytes > 50 * 512);
+    assert_eq!(scan.split_at, None, "one mailbox cannot be split");
+}

@@ -1,0 +1,217 @@
+//! A replica's size, counted by one scan of its rows: what `phctl shard
+//! show` reports, what a shard's leader reports to the placement loop
+//! (which balances by bytes once shards differ in size), and the hash at
+//! which a split would halve the shard's bytes.
+//!
+//! Counted, not estimated: RocksDB 7.8's approximate-size API (what TiKV's
+//! split checker reads from SST properties) is not exposed by the rust
+//! binding we link. A scan is bounded by a key budget, skips the block
+//! cache, and is run rarely by its callers (after the shard has grown by a
+//! fraction of its last size, see the cluster's size checker), so its cost
+//! per write stays small and bounded.
+//!
+//! The split point comes from a histogram of mailbox bytes over
+//! [`HISTOGRAM_BUCKETS`] equal slices of the hash range: memory is fixed
+//! whatever the number of mailboxes, and the point is a slice boundary,
+//! precise to 1/256 of the range, which is all a halving needs.
+
+use crate::codec;
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::keys::{self, CF_DATA};
+use crate::records::{HashRange, ShardMeta};
+
+/// A replica's state-machine size, from [`Engine::shard_size`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardSize {
+    /// Keys counted.
+    pub keys: u64,
+    /// Key plus value bytes counted (before RocksDB's own compression).
+    pub bytes: u64,
+    /// False when the scan stopped at its key limit: then both figures are
+    /// lower bounds.
+    pub complete: bool,
+}
+
+/// A size scan's result: the size, and where a split would halve the
+/// shard's mailbox bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeScan {
+    pub size: ShardSize,
+    /// The hash to split at (strictly inside the range scanned for), or
+    /// None when no slice boundary leaves each side at least
+    /// 1/[`SPLIT_SIDE_MIN_DIV`] of the mailbox bytes (one mailbox, or a
+    /// few close together, hold most of them: splitting would not help).
+    pub split_at: Option<u64>,
+}
+
+/// Slices of the hash range the split point is chosen among.
+pub const HISTOGRAM_BUCKETS: usize = 256;
+/// Each side of a split must keep at least this fraction (1/n) of the
+/// shard's mailbox bytes.
+pub const SPLIT_SIDE_MIN_DIV: u64 = 8;
+
+/// The slice of `[start, end)` (end None: the top of the hash space) that
+/// `hash` falls in; None outside the range.
+fn bucket(hash: u64, start: u64, end: Option<u64>) -> Option<usize> {
+    let end = end.map_or(1u128 << 64, u128::from);
+    let (h, s) = (u128::from(hash), u128::from(start));
+    if h < s || h >= end {
+        return None;
+    }
+    let i = (h - s) * HISTOGRAM_BUCKETS as u128 / (end - s);
+    usize::try_from(i).ok()
+}
+
+/// The hash where slice `i` of `[start, end)` begins.
+fn boundary(i: usize, start: u64, end: Option<u64>) -> Option<u64> {
+    let end = end.map_or(1u128 << 64, u128::from);
+    let s = u128::from(start);
+    let i = u128::try_from(i).ok()?;
+    u64::try_from(s + (end - s) * i / HISTOGRAM_BUCKETS as u128).ok()
+}
+
+/// The slice boundary that splits the histogram's bytes closest to half,
+/// as a hash, if each side keeps at least 1/[`SPLIT_SIDE_MIN_DIV`] of them.
+pub fn middle(hist: &[u64], start: u64, end: Option<u64>) -> Option<u64> {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut left = 0u64;
+    let mut best: Option<(u64, usize)> = None; // (distance from half, boundary)
+    for (i, b) in hist.iter().enumerate().take(hist.len().saturating_sub(1)) {
+        left += b;
+        let off = left.abs_diff(total - left);
+        if best.is_none_or(|(d, _)| off < d) {
+            best = Some((off, i + 1));
+        }
+    }
+    let (_, at) = best?;
+    let left: u64 = hist.iter().take(at).sum();
+    let side_min = total / SPLIT_SIDE_MIN_DIV;
+    if left < side_min.max(1) || total - left < side_min.max(1) {
+        return None;
+    }
+    let hash = boundary(at, start, end)?;
+    (hash > start && end.is_none_or(|e| hash < e)).then_some(hash)
+}
+
+impl Engine {
+    /// The state machine's size on this replica: the keys and key+value
+    /// bytes of `shard` in the data CF, counted by a scan that stops after
+    /// `keys_max` keys (then `complete` is false and the figures are lower
+    /// bounds).
+    pub fn shard_size(&self, shard: u64, keys_max: u64) -> Result<ShardSize, EngineError> {
+        Ok(self.size_scan(shard, keys_max, HashRange::FULL)?.size)
+    }
+
+    /// [`Engine::shard_size`], and the hash within `within` (the shard's
+    /// range in the shard map; a bootstrap shard's engine range is every
+    /// hash) that would split its mailbox bytes in half. With a scan cut
+    /// short by `keys_max`, the point halves what was counted.
+    pub fn size_scan(&self, shard: u64, keys_max: u64, within: HashRange) -> Result<SizeScan, EngineError> {
+        let snap = self.db().snapshot();
+        let mk = keys::shard_meta(shard);
+        let mut own_meta_bytes = None;
+        let (space, range) = match snap.get_cf(self.cf(CF_DATA)?, &mk)? {
+            Some(raw) => {
+                let m = ShardMeta::decode(&mk, codec::open(CF_DATA, &mk, &raw)?)?;
+                own_meta_bytes = Some(u64::try_from(mk.len() + raw.len()).unwrap_or(u64::MAX));
+                (m.space, m.range)
+            }
+            None => (shard, HashRange::FULL),
+        };
+        let (start, end) = keys::shard_range(space).ok_or(EngineError::NoSuchShard(shard))?;
+        let space_meta = keys::shard_meta(space);
+        let mut ro = crate::engine::total_order();
+        ro.set_snapshot(&snap);
+        ro.set_iterate_upper_bound(end);
+        // A one-off scan must not push hot blocks out of the cache.
+        ro.fill_cache(false);
+        let mut it = self.db().raw_iterator_cf_opt(self.cf(CF_DATA)?, ro);
+        it.seek(&start);
+        let mut size = ShardSize {
+            keys: 0,
+            bytes: 0,
+            complete: true,
+        };
+        let mut hist = vec![0u64; HISTOGRAM_BUCKETS];
+        // The shard's meta row is outside a space that is not its id's.
+        if let (Some(bytes), true) = (own_meta_bytes, space != shard) {
+            size.keys += 1;
+            size.bytes += bytes;
+        }
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if size.keys >= keys_max {
+                size.complete = false;
+                break;
+            }
+            // A space split in place (D38) also holds the other shard's
+            // rows; the space's meta row is its owner's.
+            let (mine, hash) = if k == space_meta.as_slice() {
+                (space == shard, None)
+            } else {
+                let hash = crate::split::key_hash(k)?;
+                (hash.is_none_or(|h| range.contains(h)), hash)
+            };
+            if mine {
+                let bytes = u64::try_from(k.len() + v.len()).unwrap_or(u64::MAX);
+                size.keys += 1;
+                size.bytes += bytes;
+                if let Some(slot) = hash
+                    .and_then(|h| bucket(h, within.start, within.end))
+                    .and_then(|i| hist.get_mut(i))
+                {
+                    *slot += bytes;
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(SizeScan {
+            size,
+            split_at: middle(&hist, within.start, within.end),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::indexing_slicing)]
+    use super::*;
+
+    #[test]
+    fn buckets_cover_the_range_evenly() {
+        assert_eq!(bucket(0, 0, None), Some(0));
+        assert_eq!(bucket(u64::MAX, 0, None), Some(HISTOGRAM_BUCKETS - 1));
+        assert_eq!(bucket(1 << 63, 0, None), Some(HISTOGRAM_BUCKETS / 2));
+        assert_eq!(bucket(99, 100, Some(200)), None);
+        assert_eq!(bucket(200, 100, Some(200)), None);
+        assert_eq!(boundary(HISTOGRAM_BUCKETS / 2, 0, None), Some(1 << 63));
+        assert_eq!(boundary(0, 1 << 62, Some(1 << 63)), Some(1 << 62));
+    }
+
+    #[test]
+    fn the_middle_halves_the_bytes_not_the_range() {
+        let mut hist = vec![0u64; HISTOGRAM_BUCKETS];
+        // Most bytes in the top quarter: the point moves there.
+        hist[10] = 100;
+        hist[200] = 300;
+        hist[220] = 300;
+        let at = middle(&hist, 0, None).unwrap();
+        assert_eq!(Some(at), boundary(201, 0, None));
+        // Uniform: the range's midpoint.
+        let flat = vec![7u64; HISTOGRAM_BUCKETS];
+        assert_eq!(middle(&flat, 0, Some(1 << 40)), Some(1 << 39));
+    }
+
+    #[test]
+    fn one_dominant_slice_is_not_split() {
+        let mut hist = vec![0u64; HISTOGRAM_BUCKETS];
+        hist[5] = 1_000;
+        hist[100] = 10;
+        assert_eq!(middle(&hist, 0, None), None);
+        assert_eq!(middle(&[0; HISTOGRAM_BUCKETS], 0, None), None);
+    }
+}
