@@ -7,10 +7,26 @@
 //! `Admin.GetPlacement` (what `phctl cluster balance` shows) compute the
 //! same plan from the same inputs.
 //!
-//! Balance is by replica count: shards of different sizes weigh the same
-//! (D36 says why, and what PD's byte- and rate-based scores add).
+//! Balance is by replica count while the nodes hold little (a mean below
+//! [`BYTES_BALANCE_MIN`] per node), and by bytes beyond: each shard weighs
+//! its size as its leader last counted it (`size/` records, D39), so a
+//! node with a few large shards and one with many small ones can both be
+//! balanced. D36 and D39 say why, and what PD's scores add.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+/// Shard → bytes, as its leader last counted them (a shard without a
+/// count weighs the mean of the counted ones).
+pub type Sizes = BTreeMap<u64, u64>;
+
+/// Balance is by bytes once the up nodes hold this much each on average:
+/// below it, moves by bytes would shuffle shards too small to matter, and
+/// an empty cluster that grows must still spread its replicas (by count).
+pub const BYTES_BALANCE_MIN: u64 = 64 << 20;
+/// By bytes, a node may hold up to 1/n of the mean node's bytes more than
+/// another before a move is planned: sizes are counted now and then, and a
+/// move costs a snapshot, so near-balance is left alone.
+pub const BYTES_TOLERANCE_DIV: u64 = 8;
 
 /// One planned replica move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +77,9 @@ pub fn zone_free(vs: &[u64], from: u64, to: u64, zones: &Zones) -> bool {
 ///    never gets two replicas on one node or, by a move, two in one zone.
 ///
 /// Stops when balanced or when no such move exists. `voters` is shard →
-/// voters.
-pub fn plan(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, zones: &Zones) -> Vec<Move> {
+/// voters. With `sizes` saying the nodes hold [`BYTES_BALANCE_MIN`] or more
+/// on average, step 2 is by bytes instead ([`even_bytes`]).
+pub fn plan(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, zones: &Zones, sizes: &Sizes) -> Vec<Move> {
     let mut voters = voters.clone();
     let mut moves = Vec::new();
     let total: usize = voters.values().map(Vec::len).sum();
@@ -87,6 +104,10 @@ pub fn plan(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, zones: &Zones)
             };
             move_voter(&mut voters, &mut moves, Move { shard, from, to });
         }
+    }
+    if let Some(weights) = byte_weights(&voters, up, sizes) {
+        even_bytes(&mut voters, &mut moves, up, zones, &weights);
+        return moves;
     }
     // Each move lowers the spread's sum of squares, so this bound is never
     // the reason to stop; it only makes the loop's end evident.
@@ -115,6 +136,102 @@ pub fn plan(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, zones: &Zones)
         move_voter(&mut voters, &mut moves, m);
     }
     moves
+}
+
+/// Each shard's weight in bytes (a shard without a count weighs the mean
+/// of the counted ones), or None when nothing is counted.
+pub fn weights(voters: &BTreeMap<u64, Vec<u64>>, sizes: &Sizes) -> Option<Sizes> {
+    let known: Vec<u64> = voters.keys().filter_map(|s| sizes.get(s).copied()).collect();
+    let known_count = u64::try_from(known.len()).ok().filter(|n| *n > 0)?;
+    let mean_shard = known.iter().fold(0u64, |a, b| a.saturating_add(*b)) / known_count;
+    Some(
+        voters
+            .keys()
+            .map(|s| (*s, sizes.get(s).copied().unwrap_or(mean_shard)))
+            .collect(),
+    )
+}
+
+/// Whether balance is by bytes: the up nodes hold [`BYTES_BALANCE_MIN`] or
+/// more on average by `weights`.
+pub fn by_bytes(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, weights: &Sizes) -> bool {
+    let held: u64 = node_bytes(voters, up, weights)
+        .values()
+        .fold(0u64, |a, b| a.saturating_add(*b));
+    u64::try_from(up.len())
+        .ok()
+        .filter(|n| *n > 0)
+        .is_some_and(|n| held / n >= BYTES_BALANCE_MIN)
+}
+
+/// The weights to balance by, when balance is by bytes.
+fn byte_weights(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, sizes: &Sizes) -> Option<Sizes> {
+    weights(voters, sizes).filter(|w| by_bytes(voters, up, w))
+}
+
+/// Bytes per up node (a node with none: 0).
+pub fn node_bytes(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, weights: &Sizes) -> BTreeMap<u64, u64> {
+    let mut b: BTreeMap<u64, u64> = up.iter().map(|n| (*n, 0)).collect();
+    for (shard, vs) in voters {
+        let w = weights.get(shard).copied().unwrap_or(0);
+        for v in vs {
+            if let Some(n) = b.get_mut(v) {
+                *n = n.saturating_add(w);
+            }
+        }
+    }
+    b
+}
+
+/// Step 2 by bytes: repeatedly, from the fullest node to the emptiest one
+/// that holds at least the tolerance (1/[`BYTES_TOLERANCE_DIV`] of the mean
+/// node) less, the largest shard it can take (zones as in [`plan`]) that
+/// weighs at most half the difference, so the receiver never ends fuller
+/// than the giver. Each such move lowers the sum of squared node bytes
+/// (by 2w(d - w) > 0), so it ends; it stops when no pair and shard qualify.
+fn even_bytes(
+    voters: &mut BTreeMap<u64, Vec<u64>>,
+    moves: &mut Vec<Move>,
+    up: &BTreeSet<u64>,
+    zones: &Zones,
+    weights: &Sizes,
+) {
+    let total: usize = voters.values().map(Vec::len).sum();
+    let weight = |s: &u64| weights.get(s).copied().unwrap_or(0);
+    // Each move lowers the sum of squares; the bound only makes the end
+    // evident (a shard moves at most a few times in one plan).
+    for _ in 0..=total.saturating_mul(4) {
+        let b = node_bytes(voters, up, weights);
+        let nodes = u64::try_from(b.len()).unwrap_or(u64::MAX).max(1);
+        let mean = b.values().fold(0u64, |a, x| a.saturating_add(*x)) / nodes;
+        let tolerance = (mean / BYTES_TOLERANCE_DIV).max(1);
+        let mut fulls: Vec<(u64, u64)> = b.iter().map(|(n, x)| (*x, *n)).collect();
+        fulls.sort_unstable_by_key(|(x, n)| (std::cmp::Reverse(*x), *n));
+        let mut empties = fulls.clone();
+        empties.sort_unstable();
+        let next = fulls.iter().find_map(|&(high, full)| {
+            empties
+                .iter()
+                .take_while(|(low, _)| high.saturating_sub(*low) > tolerance)
+                .find_map(|&(low, empty)| {
+                    let half = (high - low) / 2;
+                    voters
+                        .iter()
+                        .filter(|(s, vs)| {
+                            let w = weight(s);
+                            w > 0 && w <= half && vs.contains(&full) && zone_free(vs, full, empty, zones)
+                        })
+                        .max_by_key(|(s, _)| (weight(s), std::cmp::Reverse(**s)))
+                        .map(|(shard, _)| Move {
+                            shard: *shard,
+                            from: full,
+                            to: empty,
+                        })
+                })
+        });
+        let Some(m) = next else { break };
+        move_voter(voters, moves, m);
+    }
 }
 
 fn move_voter(voters: &mut BTreeMap<u64, Vec<u64>>, moves: &mut Vec<Move>, m: Move) {
@@ -231,153 +348,5 @@ pub fn per_node(leaders: &BTreeMap<u64, u64>, up: &BTreeSet<u64>) -> BTreeMap<u6
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn apply(voters: &mut BTreeMap<u64, Vec<u64>>, moves: &[Move]) {
-        for m in moves {
-            let vs = voters.get_mut(&m.shard).unwrap();
-            assert!(vs.contains(&m.from) && !vs.contains(&m.to), "{m:?} on {vs:?}");
-            for v in vs.iter_mut() {
-                if *v == m.from {
-                    *v = m.to;
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn the_plan_evens_replicas_without_doubling_a_shard_on_a_node() {
-        // 8 shards of 3 on nodes 1..=3; nodes 4 and 5 empty.
-        let mut voters: BTreeMap<u64, Vec<u64>> = (1..=8).map(|s| (s, vec![1, 2, 3])).collect();
-        let up: BTreeSet<u64> = (1..=5).collect();
-        let moves = plan(&voters, &up, &Zones::new());
-        apply(&mut voters, &moves);
-        let c = counts(&voters, &up);
-        let (lo, hi) = (c.values().min().unwrap(), c.values().max().unwrap());
-        assert!(hi - lo <= 1, "{c:?}");
-        assert_eq!(c.values().sum::<usize>(), 24);
-        for vs in voters.values() {
-            let distinct: BTreeSet<u64> = vs.iter().copied().collect();
-            assert_eq!(distinct.len(), 3, "{vs:?}");
-        }
-        // Balanced already: nothing to do.
-        assert!(plan(&voters, &up, &Zones::new()).is_empty());
-    }
-
-    #[test]
-    fn leaders_are_spread_within_one_and_stay_where_they_are_on_a_tie() {
-        let voters: BTreeMap<u64, Vec<u64>> = (1..=8)
-            .map(|s| (s, vec![1 + s % 4, 1 + (s + 1) % 4, 1 + (s + 2) % 4]))
-            .collect();
-        let up: BTreeSet<u64> = (1..=4).collect();
-        // Everything led by node 1 where it can be.
-        let current: BTreeMap<u64, u64> = voters.iter().map(|(s, vs)| (*s, *vs.iter().min().unwrap())).collect();
-        let plan = plan_leaders(&voters, &up, &current);
-        assert_eq!(plan.len(), 8);
-        for (s, n) in &plan {
-            assert!(voters[s].contains(n), "shard {s} led by non-voter {n}");
-        }
-        let c = per_node(&plan, &up);
-        assert!(c.values().max().unwrap() - c.values().min().unwrap() <= 1, "{c:?}");
-        // Already balanced: the plan is the current leaders.
-        assert_eq!(plan_leaders(&voters, &up, &plan), plan);
-        // A draining node (not up) leads nothing.
-        let up3: BTreeSet<u64> = (1..=3).collect();
-        assert!(plan_leaders(&voters, &up3, &plan).values().all(|n| *n != 4));
-    }
-
-    /// After two nodes joined and took some shards' replicas: greedy alone
-    /// left node 5 with no leadership and node 2 with three.
-    #[test]
-    fn leaders_reach_nodes_that_hold_only_some_shards() {
-        let mut voters: BTreeMap<u64, Vec<u64>> = BTreeMap::from([
-            (1, vec![3, 4, 5]),
-            (2, vec![2, 4, 5]),
-            (3, vec![1, 4, 5]),
-            (4, vec![3, 4, 5]),
-            (5, vec![1, 2, 4]),
-        ]);
-        for s in 6..=8 {
-            voters.insert(s, vec![1, 2, 3]);
-        }
-        let up: BTreeSet<u64> = (1..=5).collect();
-        let current = BTreeMap::from([(1, 4), (2, 2), (3, 1), (4, 3), (5, 2), (6, 1), (7, 2), (8, 3)]);
-        let plan = plan_leaders(&voters, &up, &current);
-        let c = per_node(&plan, &up);
-        let (min, max) = (c.values().min().unwrap(), c.values().max().unwrap());
-        assert!(max - min <= 1, "{c:?} from {plan:?}");
-        for (shard, leader) in &plan {
-            assert!(voters[shard].contains(leader), "shard {shard} led by a non-voter");
-        }
-    }
-
-    /// A leadership moves along a chain when no single move helps: node 1
-    /// leads two shards whose other voter is node 2; node 2 leads one whose
-    /// other voter is node 3, which leads none.
-    #[test]
-    fn leaderships_shift_along_a_chain() {
-        let voters = BTreeMap::from([(1, vec![1, 2]), (2, vec![1, 2]), (3, vec![2, 3])]);
-        let up: BTreeSet<u64> = (1..=3).collect();
-        let mut plan = BTreeMap::from([(1, 1), (2, 1), (3, 2)]);
-        even_out(&mut plan, &voters, &up);
-        assert_eq!(
-            per_node(&plan, &up).values().copied().collect::<Vec<_>>(),
-            vec![1, 1, 1],
-            "{plan:?}"
-        );
-        // Nothing to do when balanced, and nothing possible without a chain.
-        let mut stuck = BTreeMap::from([(1, 1), (2, 1)]);
-        even_out(&mut stuck, &BTreeMap::from([(1, vec![1]), (2, vec![1])]), &up);
-        assert_eq!(stuck, BTreeMap::from([(1, 1), (2, 1)]));
-    }
-
-    /// Zones: shards of nodes 1 (zone a), 2 (b), 3 (c); nodes 4 (a) and 5
-    /// (b) join. Every move keeps each shard in three zones, and a shard
-    /// that starts with two voters in one zone is spread first.
-    #[test]
-    fn moves_keep_a_shards_replicas_in_different_zones() {
-        let zones: Zones = [(1, "a"), (2, "b"), (3, "c"), (4, "a"), (5, "b")]
-            .into_iter()
-            .map(|(n, z)| (n, z.to_string()))
-            .collect();
-        let mut voters: BTreeMap<u64, Vec<u64>> = (1..=8).map(|s| (s, vec![1, 2, 3])).collect();
-        voters.insert(9, vec![1, 4, 2]); // two in zone a
-        let up: BTreeSet<u64> = (1..=5).collect();
-        let moves = plan(&voters, &up, &zones);
-        let mut after = voters.clone();
-        for m in &moves {
-            let vs = after.get_mut(&m.shard).unwrap();
-            assert!(vs.contains(&m.from) && !vs.contains(&m.to), "{m:?}");
-            *vs.iter_mut().find(|v| **v == m.from).unwrap() = m.to;
-        }
-        for (shard, vs) in &after {
-            let mut zs: Vec<&str> = vs.iter().map(|v| zones[v].as_str()).collect();
-            zs.sort_unstable();
-            zs.dedup();
-            assert_eq!(zs.len(), 3, "shard {shard}: {vs:?} after {moves:?}");
-        }
-        // Shard 9's zone-a pair was split up first: node 3 (zone c) or no
-        // other node could take it; the counts then even out as zones allow.
-        assert_eq!(moves.first().map(|m| m.shard), Some(9), "{moves:?}");
-        let c = counts(&after, &up);
-        assert!(
-            c[&4] >= 3 && c[&5] >= 3,
-            "the zone-a and zone-b newcomers take their share: {c:?}"
-        );
-        // Without zones the same cluster evens out by counts alone.
-        let plain = plan(&voters, &up, &Zones::new());
-        assert!(!plain.is_empty());
-    }
-
-    #[test]
-    fn nodes_that_are_not_up_are_ignored() {
-        // Node 4 is draining (not in `up`): its replica stays, and it gets none.
-        let voters: BTreeMap<u64, Vec<u64>> = [(1, vec![1, 2, 4]), (2, vec![1, 2, 3]), (3, vec![1, 2, 3])].into();
-        let up: BTreeSet<u64> = [1, 2, 3].into();
-        let moves = plan(&voters, &up, &Zones::new());
-        assert!(moves.iter().all(|m| m.to != 4 && m.from != 4), "{moves:?}");
-        // 1 and 2 hold 3 each, 3 holds 2: within one.
-        assert!(moves.is_empty(), "{moves:?}");
-    }
-}
+#[path = "balance_tests.rs"]
+mod tests;

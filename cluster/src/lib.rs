@@ -39,6 +39,7 @@ pub mod nodes;
 pub mod placement;
 pub mod server;
 pub mod settings;
+pub mod sizes;
 pub mod split;
 pub mod transport;
 pub mod watch;

@@ -131,16 +131,28 @@ pub fn decode_targets(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u6
 pub struct Config {
     pub paused: bool,
     pub moves_max: u32,
+    /// A shard is split once its leader counts this many bytes
+    /// ([`SPLIT_NEVER`]: never).
+    pub split_size_bytes: u64,
     pub version: u64,
 }
+
+/// The automatic split threshold when the settings say nothing: a shard
+/// that size still moves within the 60 s a move of 1 GiB is allowed.
+pub const SPLIT_SIZE_BYTES_DEFAULT: u64 = 1 << 30;
+/// The lowest threshold one may set: below it shards would multiply
+/// toward the shard-count limit for little gain.
+pub const SPLIT_SIZE_BYTES_MIN: u64 = 1 << 20;
+/// The threshold that turns automatic splits off.
+pub const SPLIT_NEVER: u64 = u64::MAX;
 
 /// The settings from the metadata group's value, if any; a value that does
 /// not decode reads as the defaults (the loop keeps running).
 pub fn decode_config(value: Option<&pigeonhole_engine::SystemValue>) -> Config {
     let c = value.and_then(|v| PlacementConfig::decode(v.value.as_slice()).ok().map(|c| (c, v.version)));
-    let (paused, moves_max, version) = match c {
-        Some((c, version)) => (c.paused, c.moves_max, version),
-        None => (false, 0, value.map_or(0, |v| v.version)),
+    let (paused, moves_max, split, version) = match c {
+        Some((c, version)) => (c.paused, c.moves_max, c.split_size_bytes, version),
+        None => (false, 0, 0, value.map_or(0, |v| v.version)),
     };
     Config {
         paused,
@@ -148,6 +160,11 @@ pub fn decode_config(value: Option<&pigeonhole_engine::SystemValue>) -> Config {
             MOVES_MAX_DEFAULT
         } else {
             moves_max.min(MOVES_MAX_LIMIT)
+        },
+        split_size_bytes: if split == 0 {
+            SPLIT_SIZE_BYTES_DEFAULT
+        } else {
+            split.max(SPLIT_SIZE_BYTES_MIN)
         },
         version,
     }
@@ -173,6 +190,8 @@ pub struct Inputs<'a> {
     /// Nodes the deciding node hears from (itself included).
     pub alive: &'a BTreeSet<u64>,
     pub zones: &'a Zones,
+    /// Shard → bytes, from the `size/` records its leaders write (D39).
+    pub sizes: &'a crate::balance::Sizes,
     pub targets: &'a BTreeMap<u64, Target>,
     /// (shard, node) learners the caller has seen unowned by any move for
     /// [`STRAY_LEARNER_MS`] (see [`Decision::unowned_learners`]).
@@ -341,7 +360,7 @@ pub fn decide(inp: &Inputs) -> Decision {
             }
         }
     }
-    d.planned = plan(&voters, &d.eligible, inp.zones);
+    d.planned = plan(&voters, &d.eligible, inp.zones, inp.sizes);
     let active = in_flight.values().filter(|t| t.state == MoveState::Active).count();
     let room = usize::try_from(inp.config.moves_max)
         .unwrap_or(usize::MAX)

@@ -28,6 +28,7 @@ fn config() -> Config {
     Config {
         paused: false,
         moves_max: 2,
+        split_size_bytes: SPLIT_SIZE_BYTES_DEFAULT,
         version: 0,
     }
 }
@@ -53,6 +54,7 @@ fn new_nodes_get_moves_up_to_the_limit_one_per_shard() {
         states: &states,
         alive: &alive,
         zones: &Zones::new(),
+        sizes: &crate::balance::Sizes::new(),
         targets: &none,
         stray_learners: &BTreeSet::new(),
         config: config(),
@@ -133,6 +135,7 @@ fn targets_settle_from_the_shard_map() {
         states: &states,
         alive: &alive_wo4,
         zones: &Zones::new(),
+        sizes: &crate::balance::Sizes::new(),
         targets: &targets,
         stray_learners: &BTreeSet::new(),
         config: Config {
@@ -225,6 +228,7 @@ fn the_loop_reaches_balance_with_zones() {
             states: &states,
             alive: &alive,
             zones: &zones,
+            sizes: &crate::balance::Sizes::new(),
             targets: &targets,
             stray_learners: &BTreeSet::new(),
             config: config(),
@@ -307,6 +311,7 @@ fn even_preferred_leaders_are_left_alone_and_stale_ones_replaced() {
             states: &states,
             alive: &alive,
             zones: &Zones::new(),
+            sizes: &crate::balance::Sizes::new(),
             targets: &none,
             stray_learners: &BTreeSet::new(),
             config: config(),
@@ -467,12 +472,14 @@ fn records_round_trip_and_bad_ones_are_skipped() {
     };
     assert_eq!(decode_targets(&[good, wrong_key, garbage]), BTreeMap::from([(9, t)]));
     assert_eq!(decode_config(None).moves_max, MOVES_MAX_DEFAULT);
+    assert_eq!(decode_config(None).split_size_bytes, SPLIT_SIZE_BYTES_DEFAULT);
     let v = pigeonhole_engine::SystemValue {
         key: PLACEMENT_CONFIG_KEY.to_vec(),
         version: 2,
         value: PlacementConfig {
             paused: true,
             moves_max: 1_000,
+            split_size_bytes: 5,
         }
         .encode_to_vec(),
     };
@@ -481,6 +488,7 @@ fn records_round_trip_and_bad_ones_are_skipped() {
         Config {
             paused: true,
             moves_max: MOVES_MAX_LIMIT,
+            split_size_bytes: SPLIT_SIZE_BYTES_MIN,
             version: 2
         }
     );
@@ -516,6 +524,7 @@ fn unowned_learners_are_removed_and_versions_chain_within_a_round() {
         states: &states,
         alive: &alive,
         zones: &Zones::new(),
+        sizes: &crate::balance::Sizes::new(),
         targets: &targets,
         stray_learners: &strays,
         config: config(),

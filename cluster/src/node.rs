@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 mod placement;
+pub use placement::PlacementChange;
+mod weak;
+pub use weak::WeakNode;
 
 /// Index and term every bootstrapped replica starts at (raft-rs's initial
 /// configuration must sit at an index > 0; 5/5 as TiKV uses).

@@ -176,6 +176,9 @@ pub async fn run(
             }
         }
     });
+    // Each shard this node leads is counted now and then, for balance by
+    // bytes and automatic splits (D39).
+    crate::sizes::spawn(&node, crate::sizes::SizeCheck::default());
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<MailboxServer<MailboxService>>().await;
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);

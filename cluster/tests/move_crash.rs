@@ -32,7 +32,14 @@ async fn a_move_held_at_its_learner() -> (TestCluster, Vec<Acked>, (u64, u64, u6
     let mut c = TestCluster::new(3, SHARDS, 3, tuning());
     c.leader(META_SHARD).await;
     // Running, one move at a time.
-    c.node(1).set_placement(Some(false), Some(1)).await.unwrap();
+    c.node(1)
+        .set_placement(pigeonhole_cluster::node::PlacementChange {
+            paused: Some(false),
+            moves_max: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let mut acked = Vec::new();
     for u in 0..24 {
         let user = format!("user-{u}");

@@ -8,6 +8,7 @@ mod common;
 
 use common::placing::*;
 use common::*;
+use pigeonhole_cluster::node::PlacementChange;
 use pigeonhole_cluster::placement::META_SHARD;
 use pigeonhole_cluster::RaftTuning;
 use std::time::Duration;
@@ -80,7 +81,14 @@ async fn a_move_to_a_node_that_dies_is_cancelled_and_its_learner_removed() {
     };
     let mut c = TestCluster::new(3, 4, 3, tuning);
     c.leader(META_SHARD).await;
-    c.node(1).set_placement(Some(true), Some(1)).await.unwrap();
+    c.node(1)
+        .set_placement(PlacementChange {
+            paused: Some(true),
+            moves_max: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     // About 400 KiB per shard: a snapshot takes seconds at 64 KiB/s.
     let payload = vec![7u8; 8 << 10];
     for u in 0..200 {
@@ -89,7 +97,13 @@ async fn a_move_to_a_node_that_dies_is_cancelled_and_its_learner_removed() {
         append_retrying(c.node(1), shard, &user, &format!("k{u}"), &payload, 10).await;
     }
     let d = c.join(1, "127.0.0.1:17004", 21).await;
-    c.node(1).set_placement(Some(false), None).await.unwrap();
+    c.node(1)
+        .set_placement(PlacementChange {
+            paused: Some(false),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let shard = until("node 4 catching up as a learner", 30, || async {
         shards(&c)
             .await

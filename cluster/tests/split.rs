@@ -10,112 +10,12 @@
 mod common;
 
 use common::placing::until;
+use common::routed::*;
 use common::*;
-use pigeonhole_cluster::Node;
-use pigeonhole_engine::{OpError, OpOutput};
-use std::collections::BTreeMap;
+use pigeonhole_engine::OpError;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-const USERS: usize = 48;
-
-fn user(i: usize) -> String {
-    format!("user-{i}")
-}
-
-/// Appends to `user` through `node`, routed by the node's map, retrying
-/// retryable errors and misroutes (WrongShard) with the same key until it
-/// is acknowledged. Returns the seq.
-async fn append_routed(node: &Node, user: &str, key: &str, payload: &[u8]) -> u64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(std::time::Instant::now() < deadline, "append {key} never acknowledged");
-        let shard = node.routing().shard_for_user(user.as_bytes()).unwrap().id;
-        match node.propose(shard, vec![append_op(user, key, payload)]).await {
-            Ok(mut r) => match r.pop() {
-                Some(Ok(OpOutput::Appended { seq, .. })) => return seq,
-                Some(Err(OpError::WrongShard { .. })) => {}
-                other => panic!("append {key}: {other:?}"),
-            },
-            Err(e) if e.is_retryable() => {}
-            Err(e) => panic!("append {key}: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-type Acked = Arc<Mutex<BTreeMap<String, Vec<(u64, Vec<u8>)>>>>;
-
-/// Writers appending to every user through every node until `stop`.
-fn writers(c: &TestCluster, phase: &str, acked: &Acked, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    for (w, node) in c.nodes.values().cloned().enumerate() {
-        let (acked, stop, phase) = (Arc::clone(acked), Arc::clone(stop), phase.to_string());
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let u = user((w * 7 + usize::try_from(n).unwrap()) % USERS);
-                let key = format!("{phase}w{w}-{n}");
-                let payload = key.clone().into_bytes();
-                let seq = append_routed(&node, &u, &key, &payload).await;
-                acked.lock().unwrap().entry(u).or_default().push((seq, payload));
-                n += 1;
-            }
-        }));
-    }
-    tasks
-}
-
-/// Every acknowledged append is on every replica of its mailbox's shard,
-/// exactly once, at its seq; seqs have no gap.
-async fn check_all(c: &TestCluster, acked: &Acked) {
-    let acked = acked.lock().unwrap().clone();
-    for (u, mut want) in acked {
-        want.sort();
-        let shard = c.nodes[&1].routing().shard_for_user(u.as_bytes()).unwrap().id;
-        for (id, node) in &c.nodes {
-            let mut got = read_all(node, shard, &u);
-            for _ in 0..500 {
-                if got.len() >= want.len() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                got = read_all(node, shard, &u);
-            }
-            assert!(
-                got.len() >= want.len(),
-                "node {id}, shard {shard}, {u}: {} stored, {} acked; stored {:?}; acked {:?}; replica {:?}",
-                got.len(),
-                want.len(),
-                got.iter()
-                    .map(|(s, p)| (*s, String::from_utf8_lossy(p).to_string()))
-                    .collect::<Vec<_>>(),
-                want.iter()
-                    .map(|(s, p)| (*s, String::from_utf8_lossy(p).to_string()))
-                    .collect::<Vec<_>>(),
-                c.status(*id, shard).await
-            );
-            let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-            assert_eq!(
-                seqs,
-                (1..=u64::try_from(got.len()).unwrap()).collect::<Vec<_>>(),
-                "{u} on node {id}"
-            );
-            let mut payloads: Vec<&Vec<u8>> = got.iter().map(|(_, p)| p).collect();
-            payloads.sort();
-            payloads.dedup();
-            assert_eq!(payloads.len(), got.len(), "{u} on node {id}: a payload stored twice");
-            for (seq, payload) in &want {
-                assert_eq!(
-                    &got[usize::try_from(*seq - 1).unwrap()].1,
-                    payload,
-                    "{u} seq {seq} on node {id}"
-                );
-            }
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shard_split_under_load_loses_nothing_and_every_node_follows() {
@@ -125,7 +25,7 @@ async fn a_shard_split_under_load_loses_nothing_and_every_node_follows() {
     }
     let acked: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = writers(&c, "a", &acked, &stop);
+    let tasks = writers(&c, "a", 0, &acked, &stop);
     // Throughout, the map each node serves clients tiles the hash space:
     // a parent never shows narrowed without its new shard (D38).
     let watcher = {
@@ -227,7 +127,7 @@ async fn a_shard_split_under_load_loses_nothing_and_every_node_follows() {
         c.leader(s).await;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = writers(&c, "b", &acked, &stop);
+    let tasks = writers(&c, "b", 0, &acked, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {

@@ -115,15 +115,12 @@ impl Client {
         .await
     }
 
-    /// Pauses or resumes the placement loop, or sets how many moves it runs
-    /// at once (`Admin.SetPlacement`); `None` keeps a setting.
-    pub async fn set_placement(
-        &self,
-        paused: Option<bool>,
-        moves_max: Option<u32>,
-    ) -> Result<pb::SetPlacementResponse, Error> {
+    /// Pauses or resumes the placement loop, sets how many moves it runs
+    /// at once, or the size past which shards are split
+    /// (`Admin.SetPlacement`); a field left `None` keeps its setting.
+    pub async fn set_placement(&self, change: pb::SetPlacementRequest) -> Result<pb::SetPlacementResponse, Error> {
         self.call_any(|mut admin, budget| {
-            let req = with_timeout(pb::SetPlacementRequest { paused, moves_max }, budget);
+            let req = with_timeout(change, budget);
             async move { admin.set_placement(req).await.map(tonic::Response::into_inner) }
         })
         .await

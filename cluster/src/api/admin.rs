@@ -269,17 +269,20 @@ impl Admin for AdminService {
             nodes: v
                 .load
                 .iter()
-                .map(|(node, (replicas, leaders, preferred))| pb::NodeLoad {
+                .map(|(node, l)| pb::NodeLoad {
                     node: *node,
-                    replicas: *replicas,
-                    leaders: *leaders,
-                    preferred: *preferred,
+                    replicas: l.replicas,
+                    leaders: l.leaders,
+                    preferred: l.preferred,
                     eligible: d.eligible.contains(node),
+                    bytes: l.bytes,
                 })
                 .collect(),
             balanced,
             answered_by: self.node.id(),
             runs_loop: v.runs_loop,
+            by_bytes: v.by_bytes,
+            split_size_bytes: v.config.split_size_bytes,
         }))
     }
 
@@ -290,12 +293,17 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let c = self
             .node
-            .set_placement(r.paused, r.moves_max)
+            .set_placement(crate::node::PlacementChange {
+                paused: r.paused,
+                moves_max: r.moves_max,
+                split_size_bytes: r.split_size_bytes,
+            })
             .await
             .map_err(|e| cluster_error(&e))?;
         Ok(Response::new(pb::SetPlacementResponse {
             paused: c.paused,
             moves_max: c.moves_max,
+            split_size_bytes: c.split_size_bytes,
         }))
     }
 

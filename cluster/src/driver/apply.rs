@@ -37,6 +37,7 @@ impl Driver {
             let mut w = ShardWork::new(shard);
             for e in &entries {
                 task.bytes += e.data.len() as u64;
+                r.handed_bytes = r.handed_bytes.saturating_add(e.data.len() as u64);
                 let ours = parse_context(&e.context).filter(|(node, _)| *node == self.node_id);
                 match e.get_entry_type() {
                     EntryType::EntryNormal => {

@@ -85,6 +85,9 @@ pub struct ShardStatus {
     pub commit: u64,
     /// Applied index.
     pub applied: u64,
+    /// Bytes of the log entries handed to apply since the replica started
+    /// on this node (a growth signal, not a size).
+    pub handed_bytes: u64,
     /// Last log index.
     pub last_index: u64,
     /// First index still in the log (compaction moves it up).

@@ -32,12 +32,36 @@ use tokio::sync::oneshot;
 pub struct PlacementView {
     pub config: Config,
     pub decision: Decision,
-    /// Data shards per node: (voters, last known leaderships, preferred).
-    pub load: BTreeMap<u64, (u32, u32, u32)>,
+    /// Data shards per node.
+    pub load: BTreeMap<u64, NodeLoad>,
+    /// Balance is by bytes, not replica count (`balance::by_bytes`).
+    pub by_bytes: bool,
     /// This node leads the metadata group (and runs the loop).
     pub runs_loop: bool,
     /// Shard → where its move in flight stands (`moves::step_name`).
     pub steps: BTreeMap<u64, &'static str>,
+}
+
+/// One node's data shards, as `GetPlacement` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeLoad {
+    /// Voters.
+    pub replicas: u32,
+    /// Last known leaderships (the shard map's hints).
+    pub leaders: u32,
+    /// Preferred leaderships.
+    pub preferred: u32,
+    /// Bytes of the shards it holds voters of (`balance::weights`).
+    pub bytes: u64,
+}
+
+/// What one look at the metadata replica gives.
+struct Round {
+    config: Config,
+    decision: Decision,
+    load: BTreeMap<u64, NodeLoad>,
+    by_bytes: bool,
+    steps: BTreeMap<u64, &'static str>,
 }
 
 fn limit() -> usize {
@@ -65,18 +89,7 @@ impl Driver {
 
     /// Everything [`moves::decide`] looks at, from the metadata replica.
     /// Returns the decision and the per-node load, or the engine's error.
-    #[allow(clippy::type_complexity)]
-    fn decide_now(
-        &self,
-    ) -> Result<
-        (
-            Config,
-            Decision,
-            BTreeMap<u64, (u32, u32, u32)>,
-            BTreeMap<u64, &'static str>,
-        ),
-        ClusterError,
-    > {
+    fn decide_now(&self) -> Result<Round, ClusterError> {
         let records = self.engine.system_scan(META_SHARD, SHARD_RECORD_PREFIX, limit())?;
         let map = self.map.overlay(&records);
         let preferred: BTreeMap<u64, (u64, u64)> = self
@@ -134,11 +147,17 @@ impl Driver {
         let now_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let sizes = crate::sizes::decode_sizes(&self.engine.system_scan(
+            META_SHARD,
+            crate::sizes::SIZE_PREFIX,
+            limit(),
+        )?);
         let decision = moves::decide(&Inputs {
             shards: &shards,
             states: &states,
             alive: &alive,
             zones: &zones,
+            sizes: &sizes,
             targets: &targets,
             stray_learners: &stray_learners,
             config,
@@ -148,41 +167,53 @@ impl Driver {
                 .request_timeout_ms
                 .saturating_mul(moves::CANCEL_SETTLE_REQUEST_TIMEOUTS),
         });
-        let mut load: BTreeMap<u64, (u32, u32, u32)> = states
+        let mut load: BTreeMap<u64, NodeLoad> = states
             .iter()
             .filter(|(_, s)| **s != NodeState::Removed)
-            .map(|(n, _)| (*n, (0, 0, 0)))
+            .map(|(n, _)| (*n, NodeLoad::default()))
             .collect();
+        let voters: BTreeMap<u64, Vec<u64>> = shards.iter().map(|(s, v)| (*s, v.voters.clone())).collect();
+        let weights = crate::balance::weights(&voters, &sizes).unwrap_or_default();
         for d in &map.shards {
             for v in &d.replicas {
-                load.entry(*v).or_default().0 += 1;
+                let l = load.entry(*v).or_default();
+                l.replicas += 1;
+                l.bytes = l.bytes.saturating_add(weights.get(&d.id).copied().unwrap_or(0));
             }
             if let Some(l) = load.get_mut(&d.leader_hint) {
-                l.1 += 1;
+                l.leaders += 1;
             }
             if let Some(s) = shards.get(&d.id) {
                 if let Some(l) = load.get_mut(&s.preferred) {
-                    l.2 += 1;
+                    l.preferred += 1;
                 }
             }
         }
+        let by_bytes = crate::balance::by_bytes(&voters, &decision.eligible, &weights);
         let steps = decision
             .in_flight
             .iter()
             .map(|t| (t.shard, moves::step_name(t, shards.get(&t.shard))))
             .collect();
-        Ok((config, decision, load, steps))
+        Ok(Round {
+            config,
+            decision,
+            load,
+            by_bytes,
+            steps,
+        })
     }
 
     /// `Admin.GetPlacement`'s answer, from this node's metadata replica.
     pub(super) fn placement_view(&self) -> Result<PlacementView, ClusterError> {
-        let (config, decision, load, steps) = self.decide_now()?;
+        let r = self.decide_now()?;
         Ok(PlacementView {
-            config,
-            decision,
-            load,
+            config: r.config,
+            decision: r.decision,
+            load: r.load,
+            by_bytes: r.by_bytes,
             runs_loop: self.leads(META_SHARD),
-            steps,
+            steps: r.steps,
         })
     }
 
@@ -211,7 +242,7 @@ impl Driver {
         if !caught_up {
             return;
         }
-        let Ok((_, decision, _, _)) = self.decide_now() else {
+        let Ok(Round { decision, .. }) = self.decide_now() else {
             return; // the engine's failure surfaces on the apply path
         };
         // How long each unowned learner has been seen (this leader's memory

@@ -88,6 +88,9 @@ pub(super) struct Replica {
     /// The last index handed to the apply worker (raft-rs's applied index
     /// catches up to it when the worker reports).
     pub(super) handed: u64,
+    /// Bytes of the log entries handed to the apply worker since this
+    /// replica started here (what the size checker watches for growth).
+    pub(super) handed_bytes: u64,
     /// The index of an applied-to-be conf change that removes this node:
     /// the replica goes once the worker has applied it.
     pub(super) remove_at: Option<u64>,
@@ -115,6 +118,7 @@ impl Replica {
             preferred_leader,
             durable_applied,
             handed: durable_applied,
+            handed_bytes: 0,
             remove_at: None,
             conf_answers: Vec::new(),
         }

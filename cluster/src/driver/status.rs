@@ -31,6 +31,7 @@ impl Driver {
                     term: raft.term,
                     commit: raft.raft_log.committed,
                     applied: raft.raft_log.applied,
+                    handed_bytes: r.handed_bytes,
                     last_index: raft.raft_log.last_index(),
                     first_index: r.raw.store().first_index().unwrap_or(0),
                     joint: !conf.voters_outgoing.is_empty(),

@@ -9,6 +9,7 @@
 )]
 
 pub mod placing;
+pub mod routed;
 
 use pigeonhole_cluster::transport::local::Router;
 use pigeonhole_cluster::{ClusterError, InitialCluster, Node, NodeConfig, RaftTuning, Role, ShardStatus};

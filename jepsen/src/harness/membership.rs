@@ -208,7 +208,7 @@ pub async fn settle(c: &mut Cluster) -> Result<(), String> {
                 let r = admin
                     .set_placement(pb::SetPlacementRequest {
                         paused: Some(true),
-                        moves_max: None,
+                        ..Default::default()
                     })
                     .await;
                 match r {

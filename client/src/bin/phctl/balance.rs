@@ -138,7 +138,8 @@ async fn show(ctx: &Ctx, client: &Client, p: &pb::GetPlacementResponse, ms: Opti
             "moves_max": p.moves_max,
             "balanced": p.balanced,
             "loop_node": if p.runs_loop { Some(p.answered_by) } else { None },
-            "nodes": p.nodes.iter().map(|n| json!({"node": n.node, "replicas": n.replicas,
+            "by_bytes": p.by_bytes,
+            "nodes": p.nodes.iter().map(|n| json!({"node": n.node, "replicas": n.replicas, "bytes": n.bytes,
                 "leaders": n.leaders, "preferred": n.preferred, "eligible": n.eligible})).collect::<Vec<_>>(),
             "in_flight": p.in_flight.iter().zip(&pcts).zip(&details)
                 .map(|((m, pct), d)| move_json(m, Some(*pct), d))
@@ -149,11 +150,12 @@ async fn show(ctx: &Ctx, client: &Client, p: &pb::GetPlacementResponse, ms: Opti
             "ms": ms,
         })),
         Output::Table => {
-            let mut t = render::table(&["NODE", "REPLICAS", "LEADERS", "PREFERRED", "TAKES NEW WORK"]);
+            let mut t = render::table(&["NODE", "REPLICAS", "BYTES", "LEADERS", "PREFERRED", "TAKES NEW WORK"]);
             for n in &p.nodes {
                 t.add_row(vec![
                     n.node.to_string(),
                     n.replicas.to_string(),
+                    render::size(n.bytes),
                     n.leaders.to_string(),
                     n.preferred.to_string(),
                     if n.eligible { "yes" } else { "no" }.to_string(),
@@ -199,7 +201,11 @@ async fn show(ctx: &Ctx, client: &Client, p: &pb::GetPlacementResponse, ms: Opti
             } else {
                 String::new()
             };
-            let summary = if p.balanced {
+            let summary = if p.balanced && p.by_bytes {
+                "balanced: bytes per up node within 1/8 of the mean where shard sizes allow, \
+                 preferred leaders within one of each other"
+                    .to_string()
+            } else if p.balanced {
                 "balanced: replicas and preferred leaders per up node are within one of each other".to_string()
             } else {
                 format!(
@@ -357,12 +363,20 @@ pub async fn balance(
     Ok(0)
 }
 
-/// `cluster placement [--pause | --resume] [--moves-max N]`: prints the
-/// loop's settings after the change (or as they are, given neither).
-pub async fn placement(ctx: &Ctx, pause: bool, resume: bool, moves_max: Option<u32>) -> Result<u8, Failure> {
+/// `cluster placement [--pause | --resume] [--moves-max N] [--split-size
+/// SIZE|off]`: prints the loop's settings after the change (or as they
+/// are, given none).
+pub async fn placement(
+    ctx: &Ctx,
+    pause: bool,
+    resume: bool,
+    moves_max: Option<u32>,
+    split_size: Option<String>,
+) -> Result<u8, Failure> {
     if pause && resume {
         return Err(failed("--pause and --resume exclude each other".into()));
     }
+    let split_size_bytes = split_size.as_deref().map(parse_split_size).transpose()?;
     let client = connect(ctx).await?;
     let paused = if pause {
         Some(true)
@@ -371,19 +385,62 @@ pub async fn placement(ctx: &Ctx, pause: bool, resume: bool, moves_max: Option<u
     } else {
         None
     };
-    let (paused, moves_max) = if paused.is_none() && moves_max.is_none() {
+    let (paused, moves_max, split) = if paused.is_none() && moves_max.is_none() && split_size_bytes.is_none() {
         let p = client.placement().await?;
-        (p.paused, p.moves_max)
+        (p.paused, p.moves_max, p.split_size_bytes)
     } else {
-        let r = client.set_placement(paused, moves_max).await?;
-        (r.paused, r.moves_max)
+        let r = client
+            .set_placement(pb::SetPlacementRequest {
+                paused,
+                moves_max,
+                split_size_bytes,
+            })
+            .await?;
+        (r.paused, r.moves_max, r.split_size_bytes)
     };
+    let never = split == u64::MAX;
     match ctx.output {
-        Output::Json => render::json(&json!({"paused": paused, "moves_max": moves_max})),
+        Output::Json => render::json(&json!({"paused": paused, "moves_max": moves_max,
+            "split_size_bytes": if never { None } else { Some(split) }})),
         Output::Table => out!(
-            "placement loop {}, {moves_max} move(s) at once",
-            if paused { "paused" } else { "running" }
+            "placement loop {}, {moves_max} move(s) at once, {}",
+            if paused { "paused" } else { "running" },
+            if never {
+                "no automatic splits".to_string()
+            } else {
+                format!("shards split at {}", render::size(split))
+            }
         ),
     }
     Ok(0)
+}
+
+/// `--split-size`: "off", or bytes with an optional KiB/MiB/GiB/TiB suffix.
+fn parse_split_size(s: &str) -> Result<u64, Failure> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(u64::MAX);
+    }
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => {
+            return Err(failed(format!(
+                "--split-size {s:?}: a byte count with KiB, MiB, GiB or TiB, or off"
+            )))
+        }
+    };
+    n.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| {
+            failed(format!(
+                "--split-size {s:?}: a byte count with KiB, MiB, GiB or TiB, or off"
+            ))
+        })
 }

@@ -126,6 +126,10 @@ enum ClusterCommand {
         resume: bool,
         #[arg(long)]
         moves_max: Option<u32>,
+        /// Split a shard automatically once its leader counts this many
+        /// bytes (e.g. 512MiB, 2GiB; at least 1MiB), or `off`.
+        #[arg(long)]
+        split_size: Option<String>,
     },
 }
 
@@ -297,8 +301,9 @@ async fn main() -> ExitCode {
                     pause,
                     resume,
                     moves_max,
+                    split_size,
                 },
-        } => balance::placement(&ctx, pause, resume, moves_max).await,
+        } => balance::placement(&ctx, pause, resume, moves_max, split_size).await,
         Command::Node { command } => match command {
             NodeCommand::List => nodes::node_list(&ctx).await,
             NodeCommand::Drain {

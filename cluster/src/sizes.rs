@@ -1,0 +1,282 @@
+//! Shard sizes, counted by each data shard's leader (TiKV's split checker):
+//! now and then the leader counts its shard's rows ([`Engine::size_scan`]),
+//! records the figure in the metadata group (`size/` + shard id, a
+//! [`ShardSizeRecord`]), and, past the placement settings' split threshold,
+//! splits the shard where its bytes halve. The placement loop balances by
+//! the recorded bytes once the nodes hold enough (D39).
+//!
+//! Why a leader counts, and counts rarely: only a leader's apply state is
+//! current, and a count is a scan of every row (RocksDB's approximate sizes
+//! are not exposed by the binding we link). A shard is counted when its
+//! leader has handed to apply at least 1/[`SizeCheck::grow_div`] of its
+//! last size in log bytes since the last count (so a scan's cost per byte
+//! written is bounded), when its range changed (a split), when it was never
+//! counted, or when anything was written and the last count is older than
+//! [`SizeCheck::age_max`] (trims shrink a shard without writing much). One
+//! shard is counted at a time, off the async workers.
+//!
+//! [`Engine::size_scan`]: pigeonhole_engine::Engine::size_scan
+
+use crate::balance::Sizes;
+use crate::moves::{decode_config, PLACEMENT_CONFIG_KEY};
+use crate::node::Node;
+use crate::placement::META_SHARD;
+use crate::Role;
+use pigeonhole_engine::command as cmd;
+use pigeonhole_engine::HashRange;
+use pigeonhole_proto::internal::v1::ShardSizeRecord;
+use prost::Message as _;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// System key prefix of size records in the metadata group.
+pub const SIZE_PREFIX: &[u8] = b"size/";
+
+/// The system key of `shard`'s size record.
+pub fn size_key(shard: u64) -> Vec<u8> {
+    let mut k = SIZE_PREFIX.to_vec();
+    k.extend_from_slice(&shard.to_be_bytes());
+    k
+}
+
+/// Shard → record, from the metadata group's `size/` values; a value that
+/// does not decode, or names another shard than its key, is skipped.
+pub fn decode_records(values: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64, ShardSizeRecord> {
+    values
+        .iter()
+        .filter_map(|v| {
+            let r = ShardSizeRecord::decode(v.value.as_slice()).ok()?;
+            (v.key == size_key(r.shard)).then_some((r.shard, r))
+        })
+        .collect()
+}
+
+/// Shard → bytes, from the metadata group's `size/` values.
+pub fn decode_sizes(values: &[pigeonhole_engine::SystemValue]) -> Sizes {
+    decode_records(values).into_iter().map(|(s, r)| (s, r.bytes)).collect()
+}
+
+/// The size checker's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SizeCheck {
+    /// How often the checker looks at the shards this node leads.
+    pub interval: Duration,
+    /// A count stops after this many keys (its figures are then lower
+    /// bounds): about 4 GiB of 256-byte messages, a few seconds of one core.
+    pub keys_max: u64,
+    /// Counted again once the log bytes handed to apply since the last
+    /// count reach 1/`grow_div` of the last size…
+    pub grow_div: u64,
+    /// …and at least this many bytes.
+    pub grow_bytes_min: u64,
+    /// Counted again after this long if anything was written.
+    pub age_max: Duration,
+}
+
+impl Default for SizeCheck {
+    fn default() -> Self {
+        SizeCheck {
+            interval: Duration::from_secs(10),
+            keys_max: 16 << 20,
+            grow_div: 8,
+            grow_bytes_min: 4 << 20,
+            age_max: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// The last count of a shard this node leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    pub bytes: u64,
+    /// The replica's handed-bytes counter then.
+    pub handed_bytes: u64,
+    /// The shard's map epoch then (a split changes it).
+    pub epoch: u64,
+    pub at: Instant,
+}
+
+/// Whether a shard is due for a count, given its last count (None: never
+/// counted here), its replica's handed-bytes counter and its epoch now.
+pub fn due(last: Option<&Counted>, handed_bytes: u64, epoch: u64, now: Instant, cfg: &SizeCheck) -> bool {
+    let Some(l) = last else { return true };
+    if l.epoch != epoch || handed_bytes < l.handed_bytes {
+        return true; // split, or the replica started again (counter reset)
+    }
+    let grown = handed_bytes - l.handed_bytes;
+    let step = (l.bytes / cfg.grow_div.max(1)).max(cfg.grow_bytes_min);
+    grown >= step || (grown > 0 && now.saturating_duration_since(l.at) >= cfg.age_max)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Starts `node`'s size checker on the current tokio runtime. It holds
+/// the node weakly and ends when the node is dropped or stopped.
+pub fn spawn(node: &Node, cfg: SizeCheck) -> tokio::task::JoinHandle<()> {
+    let weak = node.downgrade();
+    tokio::spawn(async move {
+        let mut counted: BTreeMap<u64, Counted> = BTreeMap::new();
+        loop {
+            tokio::time::sleep(cfg.interval).await;
+            let Some(node) = weak.upgrade() else { return };
+            if round(&node, &cfg, &mut counted).await.is_err() {
+                return; // the node stopped
+            }
+        }
+    })
+}
+
+/// One round: count the due shards this node leads, record each count,
+/// and split a shard past the threshold. Err only when the node stopped.
+async fn round(node: &Node, cfg: &SizeCheck, counted: &mut BTreeMap<u64, Counted>) -> Result<(), ()> {
+    let statuses = node.status().await.map_err(|_| ())?;
+    let map = node.routing();
+    // Without a metadata replica there is nowhere to record, and no
+    // settings to read: wait for one.
+    let Ok(records) = node.meta_scan(
+        SIZE_PREFIX,
+        usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX),
+    ) else {
+        return Ok(());
+    };
+    let records = decode_records(&records);
+    let config_value = node
+        .meta_scan(PLACEMENT_CONFIG_KEY, 1)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.key == PLACEMENT_CONFIG_KEY);
+    let config = decode_config(config_value.as_ref());
+    let leading: Vec<_> = statuses
+        .iter()
+        .filter(|s| s.role == Role::Leader && s.shard != META_SHARD)
+        .collect();
+    counted.retain(|shard, _| leading.iter().any(|s| s.shard == *shard));
+    for st in leading {
+        let Some(desc) = map.shard(st.shard) else { continue };
+        let now = Instant::now();
+        // A leader new here starts from the recorded count if it is recent
+        // and of this range, instead of counting every shard it took over.
+        let age_max_ms = u64::try_from(cfg.age_max.as_millis()).unwrap_or(u64::MAX);
+        if let std::collections::btree_map::Entry::Vacant(e) = counted.entry(st.shard) {
+            let recent = records
+                .get(&st.shard)
+                .filter(|r| r.epoch == desc.epoch && unix_ms().saturating_sub(r.counted_unix_ms) < age_max_ms);
+            if let Some(r) = recent {
+                e.insert(Counted {
+                    bytes: r.bytes,
+                    handed_bytes: st.handed_bytes,
+                    epoch: r.epoch,
+                    at: now,
+                });
+            }
+        }
+        if !due(counted.get(&st.shard), st.handed_bytes, desc.epoch, now, cfg) {
+            continue;
+        }
+        let engine = node.engine().clone();
+        let (shard, keys_max) = (st.shard, cfg.keys_max);
+        let range = HashRange {
+            start: desc.range_start,
+            end: desc.range_end,
+        };
+        let Ok(Ok(scan)) = tokio::task::spawn_blocking(move || engine.size_scan(shard, keys_max, range)).await else {
+            continue; // the replica went meanwhile; the next round sees
+        };
+        counted.insert(
+            shard,
+            Counted {
+                bytes: scan.size.bytes,
+                handed_bytes: st.handed_bytes,
+                epoch: desc.epoch,
+                at: now,
+            },
+        );
+        let record = ShardSizeRecord {
+            shard,
+            keys: scan.size.keys,
+            bytes: scan.size.bytes,
+            complete: scan.size.complete,
+            applied_index: st.applied,
+            counted_unix_ms: unix_ms(),
+            epoch: desc.epoch,
+        };
+        // The version is the leader's term: a deposed leader's late count
+        // loses to its successor's. A lost write is made at the next count.
+        let put = cmd::Op {
+            op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
+                key: size_key(shard),
+                value: record.encode_to_vec(),
+                version: st.term,
+                if_version: None,
+            })),
+        };
+        let _ = node.propose(META_SHARD, vec![put]).await;
+        if !config.paused && scan.size.bytes >= config.split_size_bytes {
+            if let Some(at) = scan.split_at {
+                match node.split_shard(shard, Some(at)).await {
+                    Ok(done) => eprintln!(
+                        "pigeonhole: shard {shard} counted {} bytes (split threshold {}): split at {at:#018x}, \
+                         shard {} takes the upper part",
+                        scan.size.bytes, config.split_size_bytes, done.new_shard.id
+                    ),
+                    // Retried at the next count (a move in flight, no
+                    // leader, the shard-count limit).
+                    Err(e) => eprintln!("pigeonhole: shard {shard} is due a split at {at:#018x}, not made now: {e}"),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_is_counted_again_after_growing_by_a_fraction_of_its_size() {
+        let cfg = SizeCheck::default();
+        let t0 = Instant::now();
+        assert!(due(None, 0, 1, t0, &cfg), "never counted");
+        let last = Counted {
+            bytes: 800 << 20,
+            handed_bytes: 1_000,
+            epoch: 1,
+            at: t0,
+        };
+        // 1/8 of 800 MiB is 100 MiB of log.
+        assert!(!due(Some(&last), 1_000 + (99 << 20), 1, t0, &cfg));
+        assert!(due(Some(&last), 1_000 + (100 << 20), 1, t0, &cfg));
+        // A small shard waits for the minimum step.
+        let small = Counted { bytes: 1_000, ..last };
+        assert!(!due(Some(&small), 1_000 + (3 << 20), 1, t0, &cfg));
+        assert!(due(Some(&small), 1_000 + (4 << 20), 1, t0, &cfg));
+        // A split, or a counter that went back (the replica restarted).
+        assert!(due(Some(&last), 1_000, 2, t0, &cfg));
+        assert!(due(Some(&last), 10, 1, t0, &cfg));
+        // Old: counted again if anything was written, else not.
+        let later = t0 + cfg.age_max;
+        assert!(due(Some(&last), 1_001, 1, later, &cfg));
+        assert!(!due(Some(&last), 1_000, 1, later, &cfg));
+    }
+
+    #[test]
+    fn size_records_decode_under_their_own_key_only() {
+        let rec = |shard: u64, key_shard: u64| pigeonhole_engine::SystemValue {
+            key: size_key(key_shard),
+            version: 1,
+            value: ShardSizeRecord {
+                shard,
+                bytes: shard * 10,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        };
+        let sizes = decode_sizes(&[rec(3, 3), rec(4, 9)]);
+        assert_eq!(sizes, Sizes::from([(3, 30)]));
+    }
+}
