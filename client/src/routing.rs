@@ -129,6 +129,7 @@ mod tests {
                     address: format!("127.0.0.1:{}", 7070 + id),
                     state: pb::NodeState::Up as i32,
                     zone: String::new(),
+                    leaders_only: false,
                 })
                 .collect(),
             shards: vec![

@@ -1,7 +1,8 @@
 //! End to end, a node's life cycle through real processes: `phctl node
-//! drain` under SDK load moves the node's leaderships and replicas away
-//! (the writers see no failed request and every acknowledged append is
-//! stored once, in order), the servers refuse new work for a draining
+//! drain` under SDK load moves the node's leaderships away and follows the
+//! placement loop as it moves the replicas (the writers see no failed
+//! request and every acknowledged append is stored once, in order), a dead
+//! node's replicas are rebuilt by `node remove --force` (the loop again), the servers refuse new work for a draining
 //! node, and `phctl node remove` is refused until the node holds nothing,
 //! after which the removal is final.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -71,8 +72,11 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
 
     // Once the node is draining, the servers' rebalancer no longer hands
     // it back the leadership of a shard it is the bootstrap-preferred
-    // leader of (the drain below would otherwise fight it). First, a shard
-    // the node leads while up: the rebalancer hands each shard to
+    // leader of (the drain below would otherwise fight it). With the
+    // placement loop paused for this part: running, it would empty the
+    // draining node by itself (D40), which the drain below shows.
+    cluster.pause_placement();
+    // First, a shard the node leads while up: the rebalancer hands each shard to
     // its preferred node within a round (5 s) of the cluster's start, so
     // this is one it is preferred for. (Right after start an election may
     // have put it elsewhere: wait for the round.)
@@ -111,9 +115,23 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
         preferred_here.0
     );
 
+    // Up again, the loop running: `node drain` marks it draining, moves
+    // its leaderships, and follows the loop as it moves every replica.
+    client.set_node_state(DRAINED, pb::NodeState::Up).await.unwrap();
+    let out = phctl(&cluster, &["cluster", "placement", "--resume"]);
+    assert!(out.status.success(), "{}", text(&out));
     let users = users();
     let writers = spawn_writers(&client, &users, "d", Duration::from_millis(10));
     let doc = phctl_long_op(&cluster, &["node", "drain", &DRAINED.to_string()]).await;
+    assert!(
+        doc["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s.as_str().unwrap().contains("replica moved"))
+            .all(|s| s.as_str().unwrap().contains("by the placement loop")),
+        "{doc}"
+    );
     let moved = replica_moves(&doc);
     assert_eq!(moved, held.len(), "{doc}");
 

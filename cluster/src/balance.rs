@@ -78,10 +78,19 @@ pub fn zone_free(vs: &[u64], from: u64, to: u64, zones: &Zones) -> bool {
 ///
 /// Stops when balanced or when no such move exists. `voters` is shard →
 /// voters. With `sizes` saying the nodes hold [`BYTES_BALANCE_MIN`] or more
-/// on average, step 2 is by bytes instead ([`even_bytes`]).
-pub fn plan(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, zones: &Zones, sizes: &Sizes) -> Vec<Move> {
+/// on average, step 2 is by bytes instead ([`even_bytes`]). Before both,
+/// every voter on a node of `evacuate_from` (draining, its replicas to go)
+/// moves to an up node ([`evacuate`]).
+pub fn plan(
+    voters: &BTreeMap<u64, Vec<u64>>,
+    up: &BTreeSet<u64>,
+    zones: &Zones,
+    sizes: &Sizes,
+    evacuate_from: &BTreeSet<u64>,
+) -> Vec<Move> {
     let mut voters = voters.clone();
     let mut moves = Vec::new();
+    evacuate(&mut voters, &mut moves, up, zones, evacuate_from);
     let total: usize = voters.values().map(Vec::len).sum();
     let shards: Vec<u64> = voters.keys().copied().collect();
     for shard in shards {
@@ -234,6 +243,47 @@ fn even_bytes(
     }
 }
 
+/// Step 0: each voter on a node of `from` (draining) moves to the up node
+/// with the fewest replicas that lacks the shard, one whose zone the
+/// shard's other voters leave free if there is one (a drain still empties
+/// a node when zones cannot be kept apart, as `phctl node drain` did). A
+/// shard no up node can take keeps its replica there.
+fn evacuate(
+    voters: &mut BTreeMap<u64, Vec<u64>>,
+    moves: &mut Vec<Move>,
+    up: &BTreeSet<u64>,
+    zones: &Zones,
+    from: &BTreeSet<u64>,
+) {
+    let shards: Vec<u64> = voters.keys().copied().collect();
+    for shard in shards {
+        for leaving in from {
+            let Some(vs) = voters.get(&shard).cloned() else { break };
+            if !vs.contains(leaving) {
+                continue;
+            }
+            let c = counts(voters, up);
+            let best = |zone_kept: bool| {
+                up.iter()
+                    .copied()
+                    .filter(|n| !vs.contains(n) && (!zone_kept || zone_free(&vs, *leaving, *n, zones)))
+                    .min_by_key(|n| (c.get(n).copied().unwrap_or(0), *n))
+            };
+            if let Some(to) = best(true).or_else(|| best(false)) {
+                move_voter(
+                    voters,
+                    moves,
+                    Move {
+                        shard,
+                        from: *leaving,
+                        to,
+                    },
+                );
+            }
+        }
+    }
+}
+
 fn move_voter(voters: &mut BTreeMap<u64, Vec<u64>>, moves: &mut Vec<Move>, m: Move) {
     for v in voters.get_mut(&m.shard).into_iter().flatten() {
         if *v == m.from {
@@ -272,6 +322,35 @@ pub fn plan_leaders(
     }
     even_out(&mut plan, voters, up);
     plan
+}
+
+/// New preferred leaders for the shards whose preferred leader (`current`)
+/// is not up (a draining node gives its leaderships up before its replicas
+/// move): each to its up voter with the fewest preferred leaderships so far,
+/// then the lowest id. Other shards keep theirs; a shard without an up
+/// voter gets no entry.
+pub fn leaders_off(
+    voters: &BTreeMap<u64, Vec<u64>>,
+    up: &BTreeSet<u64>,
+    current: &BTreeMap<u64, u64>,
+) -> BTreeMap<u64, u64> {
+    let mut count = per_node(current, up);
+    let mut out = BTreeMap::new();
+    for (shard, vs) in voters {
+        if current.get(shard).is_some_and(|p| up.contains(p)) {
+            continue;
+        }
+        let best = vs
+            .iter()
+            .filter_map(|v| count.get(v).map(|c| (*c, *v)))
+            .min()
+            .map(|(_, v)| v);
+        if let Some(v) = best {
+            *count.entry(v).or_default() += 1;
+            out.insert(*shard, v);
+        }
+    }
+    out
 }
 
 /// Evens `plan` (shard → leader) out: while some node leads at least two

@@ -393,6 +393,7 @@ mod tests {
                 address: format!("10.0.0.{node}:7070"),
                 join_token: token,
                 zone: String::new(),
+                keep_replicas: false,
             },
         )
     }

@@ -190,6 +190,9 @@ pub struct Inputs<'a> {
     /// Nodes the deciding node hears from (itself included).
     pub alive: &'a BTreeSet<u64>,
     pub zones: &'a Zones,
+    /// Draining nodes whose replicas stay (a drain of leaderships only);
+    /// the replicas of every other draining node are moved away.
+    pub keep_replicas: &'a BTreeSet<u64>,
     /// Shard → bytes, from the `size/` records its leaders write (D39).
     pub sizes: &'a crate::balance::Sizes,
     pub targets: &'a BTreeMap<u64, Target>,
@@ -268,9 +271,16 @@ fn settle(t: &Target, s: Option<&ShardView>, inp: &Inputs) -> Option<MoveState> 
             // removing `from` now would leave the shard a replica short.
             let overtaken = s.voters.contains(&t.from) == s.voters.contains(&t.to);
             let target_gone = state_of(inp.states, t.to) != NodeState::Up || !inp.alive.contains(&t.to);
-            // A draining or removed source is `node drain`'s to move: two
-            // movers of one replica could leave the shard a voter too many.
-            let source_draining = state_of(inp.states, t.from) != NodeState::Up;
+            // A removed source is `node remove --force`'s to rebuild, and
+            // a draining one, while the loop is paused, `node drain`'s to
+            // move: two movers of one replica could leave the shard a
+            // voter too many. (Running, the loop itself empties draining
+            // nodes, and phctl only watches.)
+            let source_draining = match state_of(inp.states, t.from) {
+                NodeState::Removed => true,
+                NodeState::Draining => inp.config.paused,
+                NodeState::Up | NodeState::Unspecified => false,
+            };
             let too_long = inp.now_unix_ms.saturating_sub(t.started_unix_ms) > MOVE_DURATION_MS_MAX;
             (overtaken || target_gone || source_draining || too_long).then_some(MoveState::Cancelled)
         }
@@ -360,7 +370,13 @@ pub fn decide(inp: &Inputs) -> Decision {
             }
         }
     }
-    d.planned = plan(&voters, &d.eligible, inp.zones, inp.sizes);
+    let evacuate: BTreeSet<u64> = inp
+        .states
+        .iter()
+        .filter(|(n, s)| **s == NodeState::Draining && !inp.keep_replicas.contains(n))
+        .map(|(n, _)| *n)
+        .collect();
+    d.planned = plan(&voters, &d.eligible, inp.zones, inp.sizes, &evacuate);
     let active = in_flight.values().filter(|t| t.state == MoveState::Active).count();
     let room = usize::try_from(inp.config.moves_max)
         .unwrap_or(usize::MAX)
@@ -373,12 +389,16 @@ pub fn decide(inp: &Inputs) -> Decision {
             }
             let Some(s) = inp.shards.get(&m.shard) else { continue };
             // A shard of one voter is not moved: its leader is the replica
-            // that would leave, with no voter to hand leadership to.
+            // that would leave, with no voter to hand leadership to. The
+            // replica leaving a draining node may be down (the others
+            // still make a quorum of both configurations).
             let ready = !in_flight.contains_key(&m.shard)
                 && !asked.contains(&m.shard)
                 && s.learners.is_empty()
                 && s.voters.len() >= 2
-                && s.voters.iter().all(|v| d.eligible.contains(v));
+                && s.voters
+                    .iter()
+                    .all(|v| d.eligible.contains(v) || (*v == m.from && evacuate.contains(v)));
             if !ready {
                 continue;
             }
@@ -397,17 +417,26 @@ pub fn decide(inp: &Inputs) -> Decision {
         }
     }
     d.in_flight = in_flight.into_values().collect();
-    if d.in_flight.is_empty() && d.planned.is_empty() {
-        d.planned_leaders = leader_changes(inp);
-        if !inp.config.paused {
-            for (shard, node) in &d.planned_leaders {
-                let if_version = inp.shards.get(shard).map_or(0, |s| s.preferred_version);
-                d.writes.push(MetaWrite::Preferred {
-                    shard: *shard,
-                    node: *node,
-                    if_version,
-                });
-            }
+    // Leaderships first: a draining node's preferred leaderships go at
+    // once (the rebalancer then hands the leaderships over within a
+    // round, 5 s), while its replicas move a few at a time (a move off the
+    // leader hands leadership over first, `next_step`); the rest are
+    // evened out once no replica move is left.
+    d.planned_leaders = if d.in_flight.is_empty() && d.planned.is_empty() {
+        leader_changes(inp)
+    } else {
+        let voters: BTreeMap<u64, Vec<u64>> = inp.shards.iter().map(|(s, v)| (*s, v.voters.clone())).collect();
+        let current: BTreeMap<u64, u64> = inp.shards.iter().map(|(s, v)| (*s, v.preferred)).collect();
+        crate::balance::leaders_off(&voters, &up_nodes(inp), &current)
+    };
+    if !inp.config.paused {
+        for (shard, node) in &d.planned_leaders {
+            let if_version = inp.shards.get(shard).map_or(0, |s| s.preferred_version);
+            d.writes.push(MetaWrite::Preferred {
+                shard: *shard,
+                node: *node,
+                if_version,
+            });
         }
     }
     d
@@ -418,12 +447,7 @@ pub fn decide(inp: &Inputs) -> Decision {
 /// are as even as a new plan would be and each names an up voter (no
 /// churn: a fresh plan may differ from an equally good one in force).
 fn leader_changes(inp: &Inputs) -> BTreeMap<u64, u64> {
-    let up: BTreeSet<u64> = inp
-        .states
-        .iter()
-        .filter(|(_, s)| **s == NodeState::Up)
-        .map(|(n, _)| *n)
-        .collect();
+    let up = up_nodes(inp);
     let voters: BTreeMap<u64, Vec<u64>> = inp.shards.iter().map(|(s, v)| (*s, v.voters.clone())).collect();
     let current: BTreeMap<u64, u64> = inp.shards.iter().map(|(s, v)| (*s, v.preferred)).collect();
     let want = plan_leaders(&voters, &up, &current);
@@ -438,6 +462,15 @@ fn leader_changes(inp: &Inputs) -> BTreeMap<u64, u64> {
         return BTreeMap::new();
     }
     want.into_iter().filter(|(s, n)| current.get(s) != Some(n)).collect()
+}
+
+/// Nodes whose state is up (heard from or not).
+fn up_nodes(inp: &Inputs) -> BTreeSet<u64> {
+    inp.states
+        .iter()
+        .filter(|(_, s)| **s == NodeState::Up)
+        .map(|(n, _)| *n)
+        .collect()
 }
 
 /// Where a move in flight stands, from its shard's map entry (what

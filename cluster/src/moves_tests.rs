@@ -55,6 +55,7 @@ fn new_nodes_get_moves_up_to_the_limit_one_per_shard() {
         alive: &alive,
         zones: &Zones::new(),
         sizes: &crate::balance::Sizes::new(),
+        keep_replicas: &BTreeSet::new(),
         targets: &none,
         stray_learners: &BTreeSet::new(),
         config: config(),
@@ -136,6 +137,7 @@ fn targets_settle_from_the_shard_map() {
         alive: &alive_wo4,
         zones: &Zones::new(),
         sizes: &crate::balance::Sizes::new(),
+        keep_replicas: &BTreeSet::new(),
         targets: &targets,
         stray_learners: &BTreeSet::new(),
         config: Config {
@@ -178,7 +180,8 @@ fn targets_settle_from_the_shard_map() {
     )]);
     assert!(targets_of(&decide(&Inputs { targets: &just, ..inp })).is_empty());
 
-    // A draining source: the move is called off (the drain moves it).
+    // A draining source with the loop paused: the move is called off
+    // (`phctl node drain` moves it); running, the loop's own move goes on.
     let mut draining = states.clone();
     draining.insert(1, NodeState::Draining);
     let only2 = BTreeMap::from([(2, t(2, 4, MoveState::Active))]);
@@ -189,6 +192,18 @@ fn targets_settle_from_the_shard_map() {
         ..inp
     });
     assert_eq!(targets_of(&d).first().map(|t| t.state), Some(MoveState::Cancelled));
+    let d = decide(&Inputs {
+        states: &draining,
+        alive: &alive,
+        targets: &only2,
+        config: config(),
+        ..inp
+    });
+    assert!(
+        targets_of(&d).iter().all(|t| t.shard != 2),
+        "running: shard 2's move is not called off: {d:?}"
+    );
+    assert!(d.in_flight.iter().any(|t| t.shard == 2 && t.state == MoveState::Active));
 
     // With node 4 alive, shard 2's move goes on; too old, it is cancelled.
     let inp = Inputs { alive: &alive, ..inp };
@@ -229,6 +244,7 @@ fn the_loop_reaches_balance_with_zones() {
             alive: &alive,
             zones: &zones,
             sizes: &crate::balance::Sizes::new(),
+            keep_replicas: &BTreeSet::new(),
             targets: &targets,
             stray_learners: &BTreeSet::new(),
             config: config(),
@@ -312,6 +328,7 @@ fn even_preferred_leaders_are_left_alone_and_stale_ones_replaced() {
             alive: &alive,
             zones: &Zones::new(),
             sizes: &crate::balance::Sizes::new(),
+            keep_replicas: &BTreeSet::new(),
             targets: &none,
             stray_learners: &BTreeSet::new(),
             config: config(),
@@ -525,6 +542,7 @@ fn unowned_learners_are_removed_and_versions_chain_within_a_round() {
         alive: &alive,
         zones: &Zones::new(),
         sizes: &crate::balance::Sizes::new(),
+        keep_replicas: &BTreeSet::new(),
         targets: &targets,
         stray_learners: &strays,
         config: config(),
@@ -570,4 +588,83 @@ fn unowned_learners_are_removed_and_versions_chain_within_a_round() {
         ..inp
     });
     assert!(targets_of(&d).iter().all(|t| t.shard != 2));
+}
+
+/// A draining node is emptied by the loop: its preferred leaderships go
+/// to up voters at once, and its replicas move to up nodes (two at a
+/// time), also when it is down; a drain of leaderships only keeps its
+/// replicas; paused, nothing is asked for.
+#[test]
+fn the_loop_empties_a_draining_node_leaderships_first() {
+    let s = shards(4, &[1, 2, 3]);
+    let mut states = up(&[1, 2, 3, 4]);
+    states.insert(1, NodeState::Draining);
+    let alive: BTreeSet<u64> = (1..=4).collect();
+    let none = BTreeMap::new();
+    let inp = Inputs {
+        shards: &s,
+        states: &states,
+        alive: &alive,
+        zones: &Zones::new(),
+        sizes: &crate::balance::Sizes::new(),
+        keep_replicas: &BTreeSet::new(),
+        targets: &none,
+        stray_learners: &BTreeSet::new(),
+        config: config(),
+        now_unix_ms: 1_000,
+        cancel_settle_ms: SETTLE_MS,
+    };
+    let d = decide(&inp);
+    // Every shard has a voter on node 1; node 4 is the only up node that
+    // lacks them.
+    assert_eq!(d.planned.len(), 4, "{d:?}");
+    assert!(d.planned.iter().all(|m| m.from == 1 && m.to == 4), "{d:?}");
+    let asked = targets_of(&d);
+    assert_eq!(asked.len(), 2, "moves_max at once: {d:?}");
+    assert!(asked.iter().all(|t| t.from == 1 && t.to == 4));
+    // The shards node 1 is the preferred leader of get another one now,
+    // while the replicas still move.
+    let preferred_on_1: Vec<u64> = s.iter().filter(|(_, v)| v.preferred == 1).map(|(s, _)| *s).collect();
+    assert!(!preferred_on_1.is_empty());
+    assert_eq!(
+        d.planned_leaders.keys().copied().collect::<Vec<_>>(),
+        preferred_on_1,
+        "{d:?}"
+    );
+    assert!(d.planned_leaders.values().all(|n| [2, 3].contains(n)));
+    let preferred_writes = d
+        .writes
+        .iter()
+        .filter(|w| matches!(w, MetaWrite::Preferred { .. }))
+        .count();
+    assert_eq!(preferred_writes, preferred_on_1.len());
+    assert!(!d.balanced());
+
+    // Down, it is emptied all the same.
+    let alive_wo1: BTreeSet<u64> = (2..=4).collect();
+    let down = decide(&Inputs {
+        alive: &alive_wo1,
+        ..inp
+    });
+    assert_eq!(targets_of(&down).len(), 2, "{down:?}");
+
+    // Leaderships only: its replicas stay, its leaderships go.
+    let keep = BTreeSet::from([1]);
+    let d = decide(&Inputs {
+        keep_replicas: &keep,
+        ..inp
+    });
+    assert!(d.planned.iter().all(|m| m.from != 1), "{d:?}");
+    assert!(targets_of(&d).is_empty(), "{d:?}");
+    assert!(d.planned_leaders.values().all(|n| *n != 1) && !d.planned_leaders.is_empty());
+
+    // Paused: shown, not asked for.
+    let paused = decide(&Inputs {
+        config: Config {
+            paused: true,
+            ..config()
+        },
+        ..inp
+    });
+    assert!(paused.writes.is_empty() && paused.planned.len() == 4);
 }

@@ -272,6 +272,19 @@ impl Node {
     /// concurrent calls for one node, the second fails with a retryable
     /// `Busy` and is checked again when retried.
     pub async fn set_node_state(&self, node: u64, state: NodeState) -> Result<(NodeState, NodeState), ClusterError> {
+        self.change_node_state(node, state, false).await
+    }
+
+    /// [`Node::set_node_state`]; with `leaders_only` and DRAINING, the
+    /// placement loop leaves the node's replicas where they are (a drain of
+    /// leaderships for a restart). A full drain over a leaders-only one (or
+    /// back) rewrites the record.
+    pub async fn change_node_state(
+        &self,
+        node: u64,
+        state: NodeState,
+        leaders_only: bool,
+    ) -> Result<(NodeState, NodeState), ClusterError> {
         if !self.shard_map()?.nodes.contains_key(&node) {
             return Err(ClusterError::InvalidArgument {
                 field: "node",
@@ -288,13 +301,18 @@ impl Node {
         let current = self.node_states()?.get(&node).cloned().unwrap_or_default();
         crate::nodes::check_transition(&self.shard_map()?, node, current.state, state)
             .map_err(|reason| ClusterError::Refused { reason })?;
-        if current.state == state {
+        let keep_replicas = leaders_only && state == NodeState::Draining;
+        if current.state == state && current.keep_replicas == keep_replicas {
             return Ok((state, state));
         }
+        let next = crate::nodes::NodeStateEntry {
+            keep_replicas,
+            ..current.clone()
+        };
         let op = cmd::Op {
             op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
                 key: crate::nodes::node_record_key(node),
-                value: crate::nodes::encode_record(node, state, &current),
+                value: crate::nodes::encode_record(node, state, &next),
                 version: current.version.saturating_add(1),
                 // Only over the record the rules were checked against.
                 if_version: Some(current.version),

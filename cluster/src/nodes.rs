@@ -67,6 +67,9 @@ pub struct NodeStateEntry {
     pub join_token: u64,
     /// Failure domain (`--zone`); empty: none.
     pub zone: String,
+    /// Draining of leaderships only: the placement loop keeps its replicas
+    /// where they are (`Admin.SetNodeState`'s `leaders_only`).
+    pub keep_replicas: bool,
 }
 
 impl Default for NodeStateEntry {
@@ -77,6 +80,7 @@ impl Default for NodeStateEntry {
             address: String::new(),
             join_token: 0,
             zone: String::new(),
+            keep_replicas: false,
         }
     }
 }
@@ -102,6 +106,7 @@ pub fn decode_states(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64
                     address: r.address,
                     join_token: r.join_token,
                     zone: r.zone,
+                    keep_replicas: r.keep_replicas && state == NodeState::Draining,
                 },
             ))
         })
@@ -109,7 +114,8 @@ pub fn decode_states(records: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64
 }
 
 /// The encoded record of `node` in `state`, keeping what `current` says of
-/// its address, join token and zone.
+/// its address, join token, zone and (while draining) whether its replicas
+/// stay.
 pub fn encode_record(node: u64, state: NodeState, current: &NodeStateEntry) -> Vec<u8> {
     NodeRecord {
         node,
@@ -117,6 +123,7 @@ pub fn encode_record(node: u64, state: NodeState, current: &NodeStateEntry) -> V
         address: current.address.clone(),
         join_token: current.join_token,
         zone: current.zone.clone(),
+        keep_replicas: current.keep_replicas && state == NodeState::Draining,
     }
     .encode_to_vec()
 }
@@ -330,6 +337,7 @@ mod tests {
                     address: format!("127.0.0.1:{n}"),
                     join_token: *n,
                     zone: String::new(),
+                    keep_replicas: false,
                 },
             );
         }

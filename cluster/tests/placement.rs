@@ -1,7 +1,8 @@
 //! The placement loop in process (issue 13, deliverable 3): the servers
 //! bring a grown cluster to balance with no operator step, a move survives
-//! its shard's leader and the loop's own node restarting, and a move to a
-//! node that dies is cancelled and its learner removed.
+//! its shard's leader and the loop's own node restarting, a move to a
+//! node that dies is cancelled and its learner removed, and a draining
+//! node is emptied (leaderships only, or everything).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
@@ -9,6 +10,7 @@ mod common;
 use common::placing::*;
 use common::*;
 use pigeonhole_cluster::node::PlacementChange;
+use pigeonhole_cluster::nodes::NodeState;
 use pigeonhole_cluster::placement::META_SHARD;
 use pigeonhole_cluster::RaftTuning;
 use std::time::Duration;
@@ -145,4 +147,61 @@ async fn a_move_to_a_node_that_dies_is_cancelled_and_its_learner_removed() {
     c.start(d);
     c.eventually("balance over four nodes", 120, || balanced(&c, 4, &[1, 2, 3, 4]))
         .await;
+}
+
+/// A draining node is emptied by the loop with no operator step (D40).
+/// Drained of leaderships only (a restart), node 4 leads nothing and keeps
+/// its replicas; drained fully, every replica leaves it, and every
+/// acknowledged append is on every voter of its shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_empties_a_draining_node() {
+    let c = TestCluster::new(4, SHARDS, 3, placing());
+    c.leader(META_SHARD).await;
+    let mut acked = Vec::new();
+    for u in 0..24 {
+        let user = format!("user-{u}");
+        let shard = shard_of(c.node(1), &user);
+        let key = format!("k{u}");
+        // With four nodes, not every one holds every shard.
+        let via = c.node(1).shard_map().unwrap().shard(shard).unwrap().replicas[0];
+        let (seq, _) = append_retrying(c.node(via), shard, &user, &key, key.as_bytes(), 10).await;
+        acked.push((user, shard, seq, key));
+    }
+    let on4 = |s: &std::collections::BTreeMap<u64, (u64, Vec<u64>, Vec<u64>)>| {
+        s.values().filter(|(_, v, _)| v.contains(&4)).count()
+    };
+    let held = on4(&all_shards(&c, SHARDS).await);
+    assert!(held > 0, "the bootstrap map puts replicas on node 4");
+    c.eventually("node 4 to lead a shard", 30, || async {
+        shards(&c).await.values().any(|(l, _, _)| *l == 4)
+    })
+    .await;
+
+    c.node(2).change_node_state(4, NodeState::Draining, true).await.unwrap();
+    c.eventually("node 4 to lead nothing", 30, || async {
+        let s = shards(&c).await;
+        s.len() == usize::try_from(SHARDS).unwrap() && s.values().all(|(l, _, _)| *l != 4)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        on4(&all_shards(&c, SHARDS).await),
+        held,
+        "a leaders-only drain keeps the replicas"
+    );
+
+    c.node(3)
+        .change_node_state(4, NodeState::Draining, false)
+        .await
+        .unwrap();
+    c.eventually("node 4 to hold nothing", 90, || async {
+        let s = shards(&c).await;
+        s.len() == usize::try_from(SHARDS).unwrap()
+            && s.values()
+                .all(|(l, v, ls)| *l != 4 && !v.contains(&4) && !ls.contains(&4))
+    })
+    .await;
+    let s = all_shards(&c, SHARDS).await;
+    assert!(s.values().all(|(_, v, _)| v.len() == 3), "{s:?}");
+    acked_on_every_voter(&c, &acked, &s).await;
 }

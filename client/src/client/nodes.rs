@@ -23,14 +23,27 @@ impl Client {
     }
 
     /// Sets `node`'s state (`Admin.SetNodeState`): DRAINING stops new
-    /// replicas and leaderships going to it, UP undoes that, REMOVED takes
-    /// it out for good once it holds no replica. Any node can answer.
+    /// replicas and leaderships going to it (and the placement loop moves
+    /// its replicas away), UP undoes that, REMOVED takes it out for good
+    /// once it holds no replica. Any node can answer.
     pub async fn set_node_state(&self, node: u64, state: pb::NodeState) -> Result<pb::SetNodeStateResponse, Error> {
+        self.change_node_state(node, state, false).await
+    }
+
+    /// [`Client::set_node_state`]; `leaders_only` with DRAINING keeps the
+    /// node's replicas where they are (a drain for a restart).
+    pub async fn change_node_state(
+        &self,
+        node: u64,
+        state: pb::NodeState,
+        leaders_only: bool,
+    ) -> Result<pb::SetNodeStateResponse, Error> {
         self.call_any(|mut admin, budget| {
             let req = with_timeout(
                 pb::SetNodeStateRequest {
                     node,
                     state: state as i32,
+                    leaders_only,
                 },
                 budget,
             );

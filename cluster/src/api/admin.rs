@@ -52,6 +52,7 @@ impl Admin for AdminService {
                     address: address.clone(),
                     state: states.get(id).map_or(pb::NodeState::Up, |e| e.state) as i32,
                     zone: states.get(id).map(|e| e.zone.clone()).unwrap_or_default(),
+                    leaders_only: states.get(id).is_some_and(|e| e.keep_replicas),
                 })
                 .collect(),
             shards: map.shards.into_iter().map(shard_info).collect(),
@@ -316,7 +317,7 @@ impl Admin for AdminService {
             .map_err(|_| invalid("state", format!("{} is not a NodeState", r.state)))?;
         let (previous, state) = self
             .node
-            .set_node_state(r.node, state)
+            .change_node_state(r.node, state, r.leaders_only)
             .await
             .map_err(|e| cluster_error(&e))?;
         Ok(Response::new(pb::SetNodeStateResponse {
@@ -336,6 +337,7 @@ impl Admin for AdminService {
             address: address.clone(),
             state: pb::NodeState::Up as i32,
             zone: String::new(),
+            leaders_only: false,
         };
         Ok(Response::new(pb::JoinNodeResponse {
             node_id,

@@ -126,9 +126,13 @@ impl Driver {
         )?);
         let mut states: BTreeMap<u64, NodeState> = map.nodes.keys().map(|n| (*n, NodeState::Up)).collect();
         let mut zones = crate::balance::Zones::new();
+        let mut keep_replicas = BTreeSet::new();
         for (n, e) in &entries {
             states.insert(*n, e.state);
             zones.insert(*n, e.zone.clone());
+            if e.keep_replicas {
+                keep_replicas.insert(*n);
+            }
         }
         let alive: BTreeSet<u64> = states.keys().copied().filter(|n| self.hears_from(*n)).collect();
         let config_value = self
@@ -157,6 +161,7 @@ impl Driver {
             states: &states,
             alive: &alive,
             zones: &zones,
+            keep_replicas: &keep_replicas,
             sizes: &sizes,
             targets: &targets,
             stray_learners: &stray_learners,

@@ -3,10 +3,12 @@
 //! A node's state (up, draining, removed) lives in the cluster's metadata
 //! group (`Admin.SetNodeState`); the servers refuse new replicas and
 //! leaderships on a draining or removed node, and refuse to remove a node
-//! that still holds a replica. Moving a drained node's leaders and replicas
-//! away is done here, from the operator's terminal, with the same steps as
-//! `phctl shard move` (there is no placement loop in the servers yet), so
-//! like a move, a drain cut short is finished by running it again.
+//! that still holds a replica. A drain moves the node's leaderships here
+//! first (clients keep writing; a leader transfer takes a moment). Its
+//! replicas are then moved by the placement loop in the servers (D40),
+//! which phctl follows; with the loop paused, phctl moves them itself with
+//! `phctl shard move`'s steps, so a drain cut short is finished by running
+//! it again either way.
 
 use crate::commands::{all_status, connect, failed, Ctx, Failure};
 use crate::moves::{move_replica, until, view};
@@ -72,6 +74,7 @@ pub async fn node_list(ctx: &Ctx) -> Result<u8, Failure> {
                 "address": n.address,
                 "zone": n.zone,
                 "state": state_name(n.state),
+                "leaders_only": n.leaders_only,
                 "reachable": !h.unreachable.contains_key(&n.id),
                 "replicas": count(&h.replicas, n.id),
                 "leaders": count(&h.leads, n.id),
@@ -88,7 +91,11 @@ pub async fn node_list(ctx: &Ctx) -> Result<u8, Failure> {
                     n.id.to_string(),
                     n.address.clone(),
                     if n.zone.is_empty() { "-".into() } else { n.zone.clone() },
-                    state_name(n.state).to_string(),
+                    if n.leaders_only {
+                        format!("{} (leaders only)", state_name(n.state))
+                    } else {
+                        state_name(n.state).to_string()
+                    },
                     down.map_or("yes".to_string(), |e| format!("no ({e})")),
                     if down.is_some() {
                         "-".into()
@@ -176,6 +183,14 @@ async fn evacuate(
     }
     let mut moved = 0;
     for &shard in shards {
+        // Resumed meanwhile: the loop moves the rest (two movers of one
+        // replica could leave a shard a voter too many).
+        if !client.placement().await?.paused {
+            steps.tell("the placement loop is running again: it moves the rest".to_string());
+            if follow_loop(client, node, deadline, steps).await? {
+                return Ok(());
+            }
+        }
         let v = until("a leader of the shard", deadline, || view(client, shard)).await?;
         if !v.voters.contains(&node) {
             if v.learners.contains(&node) {
@@ -213,6 +228,87 @@ async fn evacuate(
     Ok(())
 }
 
+/// Takes `node`'s replicas of `shards` away: while the placement loop
+/// runs, it moves them itself (the node is draining) and this follows it,
+/// reporting each replica as it leaves; with the loop paused (or paused
+/// meanwhile), they are moved here ([`evacuate`]), never by both at once.
+async fn move_off(
+    client: &Client,
+    node: u64,
+    shards: &[u64],
+    h: &Holdings,
+    deadline: Instant,
+    steps: &mut Steps,
+) -> Result<(), Failure> {
+    if follow_loop(client, node, deadline, steps).await? {
+        return Ok(());
+    }
+    steps.tell("the placement loop is paused: phctl moves the replicas".to_string());
+    evacuate(client, node, shards, h, deadline, steps).await
+}
+
+/// Follows the placement loop while it empties draining `node`: Ok(true)
+/// once the shard map lists the node in no shard, Ok(false) as soon as the
+/// loop is paused (the caller moves the rest).
+async fn follow_loop(client: &Client, node: u64, deadline: Instant, steps: &mut Steps) -> Result<bool, Failure> {
+    client.refresh().await?;
+    let before: BTreeMap<u64, Vec<u64>> = client
+        .routing()
+        .shards
+        .iter()
+        .filter(|s| s.replicas.contains(&node))
+        .map(|s| (s.id, s.replicas.clone()))
+        .collect();
+    let total = before.len();
+    let mut left: BTreeSet<u64> = before.keys().copied().collect();
+    loop {
+        if client.placement().await?.paused {
+            return Ok(false);
+        }
+        client.refresh().await?;
+        let r = client.routing();
+        let gone: Vec<_> = r
+            .shards
+            .iter()
+            .filter(|s| left.contains(&s.id) && !s.replicas.contains(&node))
+            .collect();
+        for s in gone {
+            left.remove(&s.id);
+            let old = before.get(&s.id).cloned().unwrap_or_default();
+            let to: Vec<String> = s
+                .replicas
+                .iter()
+                .filter(|n| !old.contains(n))
+                .map(u64::to_string)
+                .collect();
+            steps.tell(format!(
+                "shard {}: replica moved to node {} by the placement loop ({}/{total})",
+                s.id,
+                to.join(", "),
+                total - left.len()
+            ));
+        }
+        // Shards split off meanwhile sit on the node too; the loop moves
+        // them as well.
+        if r.shards.iter().all(|s| !s.replicas.contains(&node)) {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            let still: Vec<u64> = r
+                .shards
+                .iter()
+                .filter(|s| s.replicas.contains(&node))
+                .map(|s| s.id)
+                .collect();
+            return Err(failed(format!(
+                "timed out: the placement loop still has node {node}'s replicas of shards {still:?} to move \
+                 (phctl cluster balance shows why); run the same command again to keep following"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Waits until the cluster's shard map lists `node` in no shard's voters:
 /// each shard's leader writes its record to the metadata group after it
 /// applies a change, a moment after the move returned, and a removal is
@@ -230,9 +326,9 @@ async fn until_map_clear(client: &Client, node: u64, deadline: Instant) -> Resul
     .await
 }
 
-/// `node drain N`: marks the node draining, then moves its leaderships,
-/// then (unless `leaders_only`) its replicas, to the up nodes that hold the
-/// fewest replicas.
+/// `node drain N`: marks the node draining (`leaders_only`: its replicas
+/// stay), then moves its leaderships, then (unless `leaders_only`) has
+/// its replicas moved to the up nodes that hold the fewest ([`move_off`]).
 pub async fn node_drain(ctx: &Ctx, node: u64, wait: Duration, leaders_only: bool) -> Result<u8, Failure> {
     let client = connect(ctx).await?;
     let deadline = Instant::now() + wait;
@@ -244,15 +340,18 @@ pub async fn node_drain(ctx: &Ctx, node: u64, wait: Duration, leaders_only: bool
              {node} --force)"
         )));
     }
-    let r = client.set_node_state(node, pb::NodeState::Draining).await?;
+    let r = client
+        .change_node_state(node, pb::NodeState::Draining, leaders_only)
+        .await?;
     let mut steps = Steps {
         output: ctx.output,
         done: Vec::new(),
     };
     steps.tell(format!(
-        "node {node}: {} -> {}",
+        "node {node}: {} -> {}{}",
         state_name(r.previous),
-        state_name(r.state)
+        state_name(r.state),
+        if leaders_only { " (leaderships only)" } else { "" }
     ));
     let up = up_nodes(&client).await?;
     // 1. Leaderships first: clients keep writing while replicas move.
@@ -277,7 +376,7 @@ pub async fn node_drain(ctx: &Ctx, node: u64, wait: Duration, leaders_only: bool
     // 2. Then every replica.
     if !leaders_only {
         let shards: Vec<u64> = h.replicas.get(&node).into_iter().flatten().copied().collect();
-        evacuate(&client, node, &shards, &h, deadline, &mut steps).await?;
+        move_off(&client, node, &shards, &h, deadline, &mut steps).await?;
         until_map_clear(&client, node, deadline).await?;
     }
     let ms = started.elapsed().as_millis();
@@ -324,7 +423,7 @@ pub async fn node_remove_dead(ctx: &Ctx, node: u64, wait: Duration) -> Result<u8
     ));
     // The dead node cannot say what it holds: every data shard is looked at.
     let shards: Vec<u64> = client.routing().shards.iter().map(|s| s.id).collect();
-    evacuate(&client, node, &shards, &h, deadline, &mut steps).await?;
+    move_off(&client, node, &shards, &h, deadline, &mut steps).await?;
     until_map_clear(&client, node, deadline).await?;
     let r = client.set_node_state(node, pb::NodeState::Removed).await?;
     steps.tell(format!(
