@@ -256,13 +256,15 @@ fn evacuate(
     from: &BTreeSet<u64>,
 ) {
     let shards: Vec<u64> = voters.keys().copied().collect();
+    // Counted once and kept up to date: this runs on the metadata leader's
+    // driver thread, and a draining node may hold thousands of shards.
+    let mut c = counts(voters, up);
     for shard in shards {
         for leaving in from {
             let Some(vs) = voters.get(&shard).cloned() else { break };
             if !vs.contains(leaving) {
                 continue;
             }
-            let c = counts(voters, up);
             let best = |zone_kept: bool| {
                 up.iter()
                     .copied()
@@ -270,6 +272,7 @@ fn evacuate(
                     .min_by_key(|n| (c.get(n).copied().unwrap_or(0), *n))
             };
             if let Some(to) = best(true).or_else(|| best(false)) {
+                *c.entry(to).or_default() += 1;
                 move_voter(
                     voters,
                     moves,
@@ -326,12 +329,13 @@ pub fn plan_leaders(
 
 /// New preferred leaders for the shards whose preferred leader (`current`)
 /// is not up (a draining node gives its leaderships up before its replicas
-/// move): each to its up voter with the fewest preferred leaderships so far,
-/// then the lowest id. Other shards keep theirs; a shard without an up
-/// voter gets no entry.
+/// move): each to its `eligible` (up and heard from) voter with the fewest
+/// preferred leaderships so far, then the lowest id. Other shards keep
+/// theirs; a shard without an eligible voter gets no entry.
 pub fn leaders_off(
     voters: &BTreeMap<u64, Vec<u64>>,
     up: &BTreeSet<u64>,
+    eligible: &BTreeSet<u64>,
     current: &BTreeMap<u64, u64>,
 ) -> BTreeMap<u64, u64> {
     let mut count = per_node(current, up);
@@ -342,6 +346,7 @@ pub fn leaders_off(
         }
         let best = vs
             .iter()
+            .filter(|v| eligible.contains(v))
             .filter_map(|v| count.get(v).map(|c| (*c, *v)))
             .min()
             .map(|(_, v)| v);

@@ -235,6 +235,9 @@ pub struct Decision {
     pub unreachable: BTreeSet<u64>,
     /// (shard, node) learners of data shards that no move in flight owns.
     pub unowned_learners: BTreeSet<(u64, u64)>,
+    /// Draining nodes (not drained of leaderships only) that still hold a
+    /// voter, with or without a move planned for it: a drain is not over.
+    pub draining_held: BTreeSet<u64>,
 }
 
 impl Decision {
@@ -244,6 +247,7 @@ impl Decision {
             && self.planned.is_empty()
             && self.planned_leaders.is_empty()
             && self.unreachable.is_empty()
+            && self.draining_held.is_empty()
     }
 }
 
@@ -376,6 +380,11 @@ pub fn decide(inp: &Inputs) -> Decision {
         .filter(|(n, s)| **s == NodeState::Draining && !inp.keep_replicas.contains(n))
         .map(|(n, _)| *n)
         .collect();
+    d.draining_held = evacuate
+        .iter()
+        .copied()
+        .filter(|n| inp.shards.values().any(|s| s.voters.contains(n)))
+        .collect();
     d.planned = plan(&voters, &d.eligible, inp.zones, inp.sizes, &evacuate);
     let active = in_flight.values().filter(|t| t.state == MoveState::Active).count();
     let room = usize::try_from(inp.config.moves_max)
@@ -391,14 +400,18 @@ pub fn decide(inp: &Inputs) -> Decision {
             // A shard of one voter is not moved: its leader is the replica
             // that would leave, with no voter to hand leadership to. The
             // replica leaving a draining node may be down (the others
-            // still make a quorum of both configurations).
+            // still make a quorum of both configurations); every other
+            // voter must be heard from, and up or being emptied itself (a
+            // shard with voters on two draining nodes moves one at a time;
+            // a node drained of leaderships only may be restarting).
             let ready = !in_flight.contains_key(&m.shard)
                 && !asked.contains(&m.shard)
                 && s.learners.is_empty()
                 && s.voters.len() >= 2
-                && s.voters
-                    .iter()
-                    .all(|v| d.eligible.contains(v) || (*v == m.from && evacuate.contains(v)));
+                && s.voters.iter().all(|v| {
+                    let usable = d.eligible.contains(v) || evacuate.contains(v);
+                    usable && (*v == m.from || inp.alive.contains(v))
+                });
             if !ready {
                 continue;
             }
@@ -427,7 +440,8 @@ pub fn decide(inp: &Inputs) -> Decision {
     } else {
         let voters: BTreeMap<u64, Vec<u64>> = inp.shards.iter().map(|(s, v)| (*s, v.voters.clone())).collect();
         let current: BTreeMap<u64, u64> = inp.shards.iter().map(|(s, v)| (*s, v.preferred)).collect();
-        crate::balance::leaders_off(&voters, &up_nodes(inp), &current)
+        // To a voter heard from: the rebalancer hands over to no other.
+        crate::balance::leaders_off(&voters, &up_nodes(inp), &d.eligible, &current)
     };
     if !inp.config.paused {
         for (shard, node) in &d.planned_leaders {

@@ -668,3 +668,58 @@ fn the_loop_empties_a_draining_node_leaderships_first() {
     });
     assert!(paused.writes.is_empty() && paused.planned.len() == 4);
 }
+
+/// Voters on two draining nodes: the shard leaves both, one move at a
+/// time (the other draining voter counts as usable while it is heard
+/// from), and the cluster is not balanced until both are empty. With one
+/// of the two down, only the move off the down one may go (its source
+/// may be down; a down voter that stays would leave the joint
+/// configuration without a quorum margin).
+#[test]
+fn a_shard_on_two_draining_nodes_is_moved_off_both() {
+    let s = shards(1, &[1, 4, 5]);
+    let mut states = up(&[1, 2, 3, 4, 5]);
+    states.insert(4, NodeState::Draining);
+    states.insert(5, NodeState::Draining);
+    let alive: BTreeSet<u64> = (1..=5).collect();
+    let none = BTreeMap::new();
+    let inp = Inputs {
+        shards: &s,
+        states: &states,
+        alive: &alive,
+        zones: &Zones::new(),
+        sizes: &crate::balance::Sizes::new(),
+        keep_replicas: &BTreeSet::new(),
+        targets: &none,
+        stray_learners: &BTreeSet::new(),
+        config: config(),
+        now_unix_ms: 1_000,
+        cancel_settle_ms: SETTLE_MS,
+    };
+    let d = decide(&inp);
+    assert_eq!(d.planned.len(), 2, "{d:?}");
+    assert!(d
+        .planned
+        .iter()
+        .all(|m| [4, 5].contains(&m.from) && [2, 3].contains(&m.to)));
+    let asked = targets_of(&d);
+    assert_eq!(asked.len(), 1, "one move per shard at a time: {d:?}");
+    assert_eq!(asked[0].from, 4);
+    assert_eq!(d.draining_held, BTreeSet::from([4, 5]));
+    assert!(!d.balanced());
+
+    let alive_wo5: BTreeSet<u64> = (1..=4).collect();
+    let d = decide(&Inputs {
+        alive: &alive_wo5,
+        ..inp
+    });
+    let asked = targets_of(&d);
+    assert_eq!(asked.len(), 1, "{d:?}");
+    assert_eq!(asked[0].from, 5, "only the move off the down node: {d:?}");
+
+    // Emptied: balanced once nothing else is left (a drained node holds
+    // nothing; the other up nodes take the shard).
+    let done = shards(1, &[1, 2, 3]);
+    let d = decide(&Inputs { shards: &done, ..inp });
+    assert!(d.draining_held.is_empty() && d.planned.is_empty(), "{d:?}");
+}

@@ -69,7 +69,8 @@ pub struct SizeCheck {
     pub grow_div: u64,
     /// …and at least this many bytes.
     pub grow_bytes_min: u64,
-    /// Counted again after this long if anything was written.
+    /// Counted again after this long if an eighth of the growth step was
+    /// written since (trims shrink a shard while writing little).
     pub age_max: Duration,
 }
 
@@ -105,7 +106,10 @@ pub fn due(last: Option<&Counted>, handed_bytes: u64, epoch: u64, now: Instant, 
     }
     let grown = handed_bytes - l.handed_bytes;
     let step = (l.bytes / cfg.grow_div.max(1)).max(cfg.grow_bytes_min);
-    grown >= step || (grown > 0 && now.saturating_duration_since(l.at) >= cfg.age_max)
+    // An old count is redone after an eighth of the step (trims and expiry
+    // shrink a shard while writing little), never for a trickle: a node of
+    // many large, lightly written shards must not rescan them all.
+    grown >= step || (grown >= step / 8 && now.saturating_duration_since(l.at) >= cfg.age_max)
 }
 
 fn unix_ms() -> u64 {
@@ -150,6 +154,19 @@ async fn round(node: &Node, cfg: &SizeCheck, counted: &mut BTreeMap<u64, Counted
         .into_iter()
         .find(|v| v.key == PLACEMENT_CONFIG_KEY);
     let config = decode_config(config_value.as_ref());
+    // A shard with a replica move in flight is not split: the new shard
+    // would inherit the move's learner, which no move owns.
+    let moving: std::collections::BTreeSet<u64> = node
+        .meta_scan(
+            crate::moves::MOVE_PREFIX,
+            usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX),
+        )
+        .map(|v| crate::moves::decode_targets(&v))
+        .unwrap_or_default()
+        .values()
+        .filter(|t| t.in_flight())
+        .map(|t| t.shard)
+        .collect();
     let leading: Vec<_> = statuses
         .iter()
         .filter(|s| s.role == Role::Leader && s.shard != META_SHARD)
@@ -215,7 +232,10 @@ async fn round(node: &Node, cfg: &SizeCheck, counted: &mut BTreeMap<u64, Counted
             })),
         };
         let _ = node.propose(META_SHARD, vec![put]).await;
-        if !config.paused && scan.size.bytes >= config.split_size_bytes {
+        // A count cut short at its key budget is a lower bound: such a
+        // shard is past any sensible split size.
+        let big = scan.size.bytes >= config.split_size_bytes || !scan.size.complete;
+        if !config.paused && big && !moving.contains(&shard) && config.split_size_bytes != crate::moves::SPLIT_NEVER {
             if let Some(at) = scan.split_at {
                 match node.split_shard(shard, Some(at)).await {
                     Ok(done) => eprintln!(
@@ -258,9 +278,10 @@ mod tests {
         // A split, or a counter that went back (the replica restarted).
         assert!(due(Some(&last), 1_000, 2, t0, &cfg));
         assert!(due(Some(&last), 10, 1, t0, &cfg));
-        // Old: counted again if anything was written, else not.
+        // Old: counted again after an eighth of the step, not for less.
         let later = t0 + cfg.age_max;
-        assert!(due(Some(&last), 1_001, 1, later, &cfg));
+        assert!(due(Some(&last), 1_000 + (100 << 20) / 8, 1, later, &cfg));
+        assert!(!due(Some(&last), 1_000 + (100 << 20) / 8 - 1, 1, later, &cfg));
         assert!(!due(Some(&last), 1_000, 1, later, &cfg));
     }
 

@@ -52,10 +52,20 @@ impl Node {
             });
         }
         self.read_barrier(META_SHARD).await?;
-        // The driver's map: the records, and the splits applied here that
-        // their records may not show yet.
-        let map = self.routing();
+        // The driver's map with the records read now (the driver re-reads
+        // them once a second), and the splits applied here that their
+        // records may not show yet.
+        let map = self.shard_map()?;
         let Some(desc) = map.shard(shard).cloned() else {
+            // An id the counter handed out, whose split's records have not
+            // reached this node (they are written just after the split
+            // applies): it exists, or its split failed; retry either way.
+            if shard < self.stored_next_shard_id()? {
+                return Err(ClusterError::Busy {
+                    shard,
+                    reason: format!("shard {shard} comes from a split whose record this node has not seen yet; retry"),
+                });
+            }
             return Err(ClusterError::NoSuchShard {
                 shard,
                 first: map.shards.first().map_or(0, |s| s.id),
@@ -83,6 +93,21 @@ impl Node {
             return Err(ClusterError::InvalidArgument {
                 field: "split_hash",
                 reason: format!("must lie strictly inside shard {shard}'s hash range {range}, got {at:#018x}"),
+            });
+        }
+        // Only a replica proposes (its proposal reaches the leader): an id
+        // taken on another node would be wasted on a refused proposal, and
+        // such a node may not know the shard yet if a split just made it
+        // (refused as no such shard, which is not retried).
+        if !self.status().await?.iter().any(|s| s.shard == shard) {
+            let mut replicas = desc.replicas.clone();
+            if let Some(i) = replicas.iter().position(|n| *n == desc.leader_hint) {
+                replicas.swap(0, i);
+            }
+            return Err(ClusterError::NotReplica {
+                shard,
+                node: self.id(),
+                replicas,
             });
         }
         let new_shard = self
@@ -140,6 +165,17 @@ impl Node {
 
     /// Takes the next shard id from the metadata group's counter (at least
     /// one above `highest`, the highest id this node's map knows).
+    /// The id counter's stored value (0: never used; ids then start above
+    /// the bootstrap shards).
+    fn stored_next_shard_id(&self) -> Result<u64, ClusterError> {
+        Ok(self
+            .meta_scan(NEXT_SHARD_ID_KEY, 1)?
+            .into_iter()
+            .find(|v| v.key == NEXT_SHARD_ID_KEY)
+            .and_then(|v| v.value.as_slice().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
     async fn next_shard_id(&self, highest: u64) -> Result<u64, ClusterError> {
         let mut last = String::new();
         for _ in 0..ID_TRIES_MAX {

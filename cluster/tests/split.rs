@@ -135,3 +135,36 @@ async fn a_shard_split_under_load_loses_nothing_and_every_node_follows() {
     }
     check_all(&c, &acked).await;
 }
+
+/// A shard made by a split takes its parent's preferred leader, and the
+/// rebalancer hands its leadership back there after it moved away, as for
+/// any shard (its replicas were made before its map entry, and so had no
+/// preferred leader and were never rebalanced until the end-to-end
+/// elasticity test found it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_shard_is_led_by_its_preferred_node_again_after_a_failover() {
+    let tuning = pigeonhole_cluster::RaftTuning {
+        rebalance_every_ticks: 20,
+        ..fast_tuning()
+    };
+    let c = TestCluster::new(3, 2, 3, tuning);
+    let leader = c.leader(1).await;
+    let done = c.nodes[&leader].split_shard(1, None).await.unwrap();
+    let child = done.new_shard.id;
+    let preferred = done.new_shard.preferred_leader;
+    assert_ne!(preferred, 0);
+    c.eventually("the child led by its preferred node", 20, || async {
+        c.leader(child).await == preferred
+    })
+    .await;
+    let other = (1..=3).find(|n| *n != preferred).unwrap();
+    c.nodes[&preferred].transfer_leader(child, other).await.unwrap();
+    c.eventually("the child's leadership away", 10, || async {
+        c.leader(child).await == other
+    })
+    .await;
+    c.eventually("the child's leadership back at its preferred node", 20, || async {
+        c.leader(child).await == preferred
+    })
+    .await;
+}

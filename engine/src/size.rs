@@ -100,8 +100,8 @@ pub fn middle(hist: &[u64], start: u64, end: Option<u64>) -> Option<u64> {
 impl Engine {
     /// The state machine's size on this replica: the keys and key+value
     /// bytes of `shard` in the data CF, counted by a scan that stops after
-    /// `keys_max` keys (then `complete` is false and the figures are lower
-    /// bounds).
+    /// visiting `keys_max` keys, its own or a sibling's in a shared space
+    /// (then `complete` is false and the figures are lower bounds).
     pub fn shard_size(&self, shard: u64, keys_max: u64) -> Result<ShardSize, EngineError> {
         Ok(self.size_scan(shard, keys_max, HashRange::FULL)?.size)
     }
@@ -137,16 +137,20 @@ impl Engine {
             complete: true,
         };
         let mut hist = vec![0u64; HISTOGRAM_BUCKETS];
+        // Every key read counts against the budget, the siblings' too: a
+        // space shared after splits is read whole by each of its shards.
+        let mut visited = 0u64;
         // The shard's meta row is outside a space that is not its id's.
         if let (Some(bytes), true) = (own_meta_bytes, space != shard) {
             size.keys += 1;
             size.bytes += bytes;
         }
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if size.keys >= keys_max {
+            if visited >= keys_max {
                 size.complete = false;
                 break;
             }
+            visited += 1;
             // A space split in place (D38) also holds the other shard's
             // rows; the space's meta row is its owner's.
             let (mine, hash) = if k == space_meta.as_slice() {

@@ -151,11 +151,18 @@ impl Driver {
         let now_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let sizes = crate::sizes::decode_sizes(&self.engine.system_scan(
+        // A count from before the shard's last split (another epoch) is of
+        // a range it no longer has: not counted until its leader counts
+        // again (then it weighs the mean, like a new shard).
+        let sizes: crate::balance::Sizes = crate::sizes::decode_records(&self.engine.system_scan(
             META_SHARD,
             crate::sizes::SIZE_PREFIX,
             limit(),
-        )?);
+        )?)
+        .into_iter()
+        .filter(|(s, r)| map.shard(*s).is_some_and(|d| d.epoch == r.epoch))
+        .map(|(s, r)| (s, r.bytes))
+        .collect();
         let decision = moves::decide(&Inputs {
             shards: &shards,
             states: &states,

@@ -144,9 +144,19 @@ impl Driver {
             // A sleeping leader does not tick, so it would never hand
             // leadership to its preferred node: wake the ones that should.
             let mut wake = Vec::new();
+            let map = self.map.clone();
             for (shard, r) in self.replicas.iter_mut() {
-                if let Some(p) = preferred.get(shard) {
-                    r.preferred_leader = *p;
+                // An operator's or the loop's choice, else the map's (what
+                // the placement loop takes as in force). A shard made by a
+                // split gets its replica before its map entry, so its
+                // replica's own value was 0 (no rebalancing) until this
+                // fallback (found by the end-to-end elasticity test).
+                if let Some(p) = preferred
+                    .get(shard)
+                    .copied()
+                    .or_else(|| map.shard(*shard).map(|d| d.preferred_leader).filter(|p| *p != 0))
+                {
+                    r.preferred_leader = p;
                 }
                 let pref = r.preferred_leader;
                 if r.asleep

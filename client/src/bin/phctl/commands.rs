@@ -98,8 +98,17 @@ pub async fn cluster_status(ctx: &Ctx) -> Result<u8, Failure> {
     let client = connect(ctx).await?;
     let routing = client.routing();
     let statuses = all_status(&client, false).await;
+    // A removed node is out for good (its process is usually stopped):
+    // not listed here, and not counted against health (`node list` shows it).
+    let removed: std::collections::BTreeSet<u64> = client
+        .nodes()
+        .await?
+        .iter()
+        .filter(|n| n.state == pb::NodeState::Removed as i32)
+        .map(|n| n.id)
+        .collect();
     let mut nodes = Vec::new();
-    for (id, addr) in &routing.nodes {
+    for (id, addr) in routing.nodes.iter().filter(|(id, _)| !removed.contains(id)) {
         let v = match statuses.get(id) {
             Some(Ok(s)) => {
                 let meta = s.replicas.iter().find(|r| r.shard == 0);
@@ -136,6 +145,7 @@ pub async fn cluster_status(ctx: &Ctx) -> Result<u8, Failure> {
         "nodes": nodes,
         "shards": shards,
         "shards_with_leader": led,
+        "removed_nodes": removed,
     });
     match ctx.output {
         Output::Json => render::json(&doc),
@@ -172,8 +182,13 @@ pub async fn cluster_status(ctx: &Ctx) -> Result<u8, Failure> {
                 ]);
             }
             out!("{t}");
+            let gone = if removed.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} removed, not listed)", removed.len())
+            };
             out!(
-                "{} of {} nodes up; {led} of {shards} shards have a leader: {}",
+                "{} of {} nodes up{gone}; {led} of {shards} shards have a leader: {}",
                 nodes_up,
                 nodes.len(),
                 if healthy { "healthy" } else { "DEGRADED" }

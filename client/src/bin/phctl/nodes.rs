@@ -191,16 +191,24 @@ async fn evacuate(
                 return Ok(());
             }
         }
+        // A move the loop asked for on this shard before it was paused is
+        // called off; its learner (perhaps on the node this drain would
+        // pick) must be gone before this drain moves the shard, or the
+        // drain could adopt it as its own.
+        until(
+            &format!("the placement loop's cancelled move of shard {shard} to end"),
+            deadline,
+            || async {
+                let p = client.placement().await.ok()?;
+                p.in_flight.iter().all(|m| m.shard != shard).then_some(())
+            },
+        )
+        .await?;
         let v = until("a leader of the shard", deadline, || view(client, shard)).await?;
         if !v.voters.contains(&node) {
             if v.learners.contains(&node) {
                 // A learner left by a move cut short: just drop it.
-                let remove = pb::MembershipChange {
-                    kind: pb::MembershipChangeKind::Remove as i32,
-                    node,
-                };
-                client.change_membership(shard, &[remove]).await?;
-                steps.tell(format!("shard {shard}: learner on node {node} removed"));
+                drop_learner(client, shard, node, steps).await?;
             }
             continue;
         }
@@ -241,11 +249,34 @@ async fn move_off(
     steps: &mut Steps,
 ) -> Result<(), Failure> {
     if follow_loop(client, node, deadline, steps).await? {
+        // A learner on the node no move owns (one cut short) would block
+        // the removal until the loop's stray-learner clean-up (10 min).
+        for &shard in shards {
+            if view(client, shard).await.is_some_and(|v| v.learners.contains(&node)) {
+                drop_learner(client, shard, node, steps).await?;
+            }
+        }
         return Ok(());
     }
     steps.tell("the placement loop is paused: phctl moves the replicas".to_string());
     evacuate(client, node, shards, h, deadline, steps).await
 }
+
+/// Removes `node`'s learner of `shard` (a move cut short left it).
+async fn drop_learner(client: &Client, shard: u64, node: u64, steps: &mut Steps) -> Result<(), Failure> {
+    let remove = pb::MembershipChange {
+        kind: pb::MembershipChangeKind::Remove as i32,
+        node,
+    };
+    client.change_membership(shard, &[remove]).await?;
+    steps.tell(format!("shard {shard}: learner on node {node} removed"));
+    Ok(())
+}
+
+/// Polls (every 500 ms) in which the placement loop plans no move off a
+/// draining node that still holds replicas before a drain gives up: a
+/// few rounds of the loop, for it to see the new state.
+const FOLLOW_IDLE_ROUNDS_MAX: u32 = 10;
 
 /// Follows the placement loop while it empties draining `node`: Ok(true)
 /// once the shard map lists the node in no shard, Ok(false) as soon as the
@@ -261,8 +292,12 @@ async fn follow_loop(client: &Client, node: u64, deadline: Instant, steps: &mut 
         .collect();
     let total = before.len();
     let mut left: BTreeSet<u64> = before.keys().copied().collect();
+    // Rounds in a row in which the loop had no move off the node planned or
+    // in flight while the node still held replicas.
+    let mut idle = 0u32;
     loop {
-        if client.placement().await?.paused {
+        let p = client.placement().await?;
+        if p.paused {
             return Ok(false);
         }
         client.refresh().await?;
@@ -292,6 +327,21 @@ async fn follow_loop(client: &Client, node: u64, deadline: Instant, steps: &mut 
         // them as well.
         if r.shards.iter().all(|s| !s.replicas.contains(&node)) {
             return Ok(true);
+        }
+        let moving = p.planned.iter().chain(&p.in_flight).any(|m| m.from == node);
+        idle = if moving { 0 } else { idle + 1 };
+        if idle >= FOLLOW_IDLE_ROUNDS_MAX {
+            let still: Vec<u64> = r
+                .shards
+                .iter()
+                .filter(|s| s.replicas.contains(&node))
+                .map(|s| s.id)
+                .collect();
+            return Err(failed(format!(
+                "the placement loop plans no move for node {node}'s replicas of shards {still:?}: no up node \
+                 that is heard from and lacks the shard can take them (add a node or undrain one), or a shard \
+                 has no other live voter"
+            )));
         }
         if Instant::now() >= deadline {
             let still: Vec<u64> = r
