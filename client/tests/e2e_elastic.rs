@@ -31,34 +31,7 @@ async fn replicas_per_node(cluster: &Cluster) -> Vec<(u64, u64)> {
 /// `cluster balance --wait` until balanced; then replicas per node are
 /// within one of each other over `nodes`, and sum to `total`.
 async fn balanced(cluster: &Cluster, nodes: &[u64], total: u64) {
-    let endpoints = cluster.endpoints();
-    let out = tokio::task::spawn_blocking(move || {
-        let phctl = |args: &[&str]| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
-                .env("PIGEONHOLE_ENDPOINTS", &endpoints)
-                .args(args)
-                .output()
-                .unwrap()
-        };
-        let out = phctl(&["cluster", "balance", "--wait", "--wait-ms", "180000", "-o", "json"]);
-        if !out.status.success() {
-            // Where it stood when the wait gave up.
-            eprintln!("{}", text(&phctl(&["cluster", "balance"])));
-            eprintln!("{}", text(&phctl(&["shard", "list"])));
-            eprintln!("{}", text(&phctl(&["node", "list"])));
-            for shard in 1..=40 {
-                let out = phctl(&["shard", "show", &shard.to_string()]);
-                if out.status.success() {
-                    eprintln!("{}", text(&out));
-                }
-            }
-        }
-        out
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc = balance_wait(cluster).await;
     assert_eq!(doc["balanced"], true, "{doc}");
     let per = replicas_per_node(cluster).await;
     let ids: Vec<u64> = per.iter().map(|(n, _)| *n).collect();
@@ -144,27 +117,11 @@ async fn grow_split_drain_and_roll_under_load_fail_no_request_and_lose_nothing()
 
     // Roll: each node left, in turn.
     for node in 2..=5u64 {
-        let id = node.to_string();
-        phctl_long_op(&cluster, &["node", "drain", &id, "--leaders-only"]).await;
-        let status = tokio::task::block_in_place(|| cluster.stop(node));
-        assert!(status.success(), "node {node} did not stop cleanly: {status}");
-        cluster.spawn(node);
-        tokio::task::block_in_place(|| cluster.wait_healthy(Duration::from_secs(30)));
-        phctl_json_off_thread(&cluster, &["node", "undrain", &id, "-o", "json"]).await;
+        roll(&mut cluster, node).await;
     }
 
     stop.store(true, Ordering::Relaxed);
     let acked = join_writers(writers, "the joins, splits, drain, removal and rolling restart").await;
     assert!(acked.len() > 200, "the writers made little progress: {}", acked.len());
-    // Each user's log from a node that holds its shard now.
-    for (u, user) in users.iter().enumerate() {
-        let mut got = None;
-        for n in 2..=5 {
-            if let Ok(log) = read_all(&cluster.addr(n), user).await {
-                got = Some(log);
-                break;
-            }
-        }
-        assert_log_matches(u, &got.expect("some node holds the shard"), &acked);
-    }
+    assert_logs_on_some_node(&cluster, &[2, 3, 4, 5], &users, &acked).await;
 }

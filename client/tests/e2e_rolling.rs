@@ -37,14 +37,7 @@ async fn a_rolling_restart_under_load_fails_no_request_and_loses_nothing() {
     let writers = spawn_writers_until(&client, &users, "r", Duration::from_millis(5), usize::MAX, &stop);
 
     for node in 1..=NODES {
-        let id = node.to_string();
-        let doc = phctl_long_op(&cluster, &["node", "drain", &id, "--leaders-only"]).await;
-        assert_eq!(doc["node"], node, "{doc}");
-        let status = tokio::task::block_in_place(|| cluster.stop(node));
-        assert!(status.success(), "node {node} did not stop cleanly: {status}");
-        cluster.spawn(node);
-        tokio::task::block_in_place(|| cluster.wait_healthy(Duration::from_secs(30)));
-        phctl_json_off_thread(&cluster, &["node", "undrain", &id, "-o", "json"]).await;
+        roll(&mut cluster, node).await;
     }
 
     stop.store(true, Ordering::Relaxed);

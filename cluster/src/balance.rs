@@ -8,10 +8,12 @@
 //! same plan from the same inputs.
 //!
 //! Balance is by replica count while the nodes hold little (a mean below
-//! [`BYTES_BALANCE_MIN`] per node), and by bytes beyond: each shard weighs
-//! its size as its leader last counted it (`size/` records, D39), so a
-//! node with a few large shards and one with many small ones can both be
-//! balanced. D36 and D39 say why, and what PD's scores add.
+//! [`BYTES_BALANCE_MIN`] per node) or the shards are of about one size, and
+//! by bytes when they differ (the largest at least [`BYTES_SPREAD_MIN`]
+//! times the smallest): each shard weighs its size as its leader last
+//! counted it (`size/` records, D39), so a node with a few large shards and
+//! one with many small ones can both be balanced. D36 and D39 say why, and
+//! what PD's scores add.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +25,10 @@ pub type Sizes = BTreeMap<u64, u64>;
 /// below it, moves by bytes would shuffle shards too small to matter, and
 /// an empty cluster that grows must still spread its replicas (by count).
 pub const BYTES_BALANCE_MIN: u64 = 64 << 20;
+/// Balance is by bytes only when the largest shard weighs at least this
+/// many times the smallest ("when shards differ in size"); a split halves
+/// a shard, so a cluster that has split some shards qualifies.
+pub const BYTES_SPREAD_MIN: u64 = 2;
 /// By bytes, a node may hold up to 1/n of the mean node's bytes more than
 /// another before a move is planned: sizes are counted now and then, and a
 /// move costs a snapshot, so near-balance is left alone.
@@ -161,9 +167,16 @@ pub fn weights(voters: &BTreeMap<u64, Vec<u64>>, sizes: &Sizes) -> Option<Sizes>
     )
 }
 
-/// Whether balance is by bytes: the up nodes hold [`BYTES_BALANCE_MIN`] or
-/// more on average by `weights`.
+/// Whether balance is by bytes: the shards differ in size (the largest
+/// weighs at least [`BYTES_SPREAD_MIN`] times the smallest; shards of
+/// about one size balance more precisely by count, within one replica) and
+/// the up nodes hold [`BYTES_BALANCE_MIN`] or more on average by `weights`.
 pub fn by_bytes(voters: &BTreeMap<u64, Vec<u64>>, up: &BTreeSet<u64>, weights: &Sizes) -> bool {
+    let sizes = voters.keys().map(|s| weights.get(s).copied().unwrap_or(0));
+    let (lo, hi) = sizes.fold((u64::MAX, 0u64), |(lo, hi), w| (lo.min(w), hi.max(w)));
+    if hi == 0 || hi < lo.saturating_mul(BYTES_SPREAD_MIN) {
+        return false;
+    }
     let held: u64 = node_bytes(voters, up, weights)
         .values()
         .fold(0u64, |a, b| a.saturating_add(*b));

@@ -191,6 +191,26 @@ fn by_bytes_many_small_shards_balance_one_large_one() {
     assert_eq!(weights(&voters, &partial).unwrap()[&5], 200);
 }
 
+/// Shards of about one size balance by count even when the nodes hold a
+/// lot: by bytes, a tolerance of 1/8 of the mean would leave replica
+/// counts several apart.
+#[test]
+fn shards_of_one_size_balance_by_count() {
+    let mut voters: BTreeMap<u64, Vec<u64>> = (1..=16).map(|s| (s, vec![1, 2, 3])).collect();
+    let up: BTreeSet<u64> = (1..=5).collect();
+    let sizes: Sizes = (1..=16).map(|s| (s, (256 << 20) + s * 1_000)).collect();
+    let w = weights(&voters, &sizes).unwrap();
+    assert!(!by_bytes(&voters, &up, &w));
+    let moves = plan(&voters, &up, &Zones::new(), &sizes, &BTreeSet::new());
+    apply(&mut voters, &moves);
+    let c = counts(&voters, &up);
+    assert!(c.values().max().unwrap() - c.values().min().unwrap() <= 1, "{c:?}");
+    // Once one shard is half the others (a split), by bytes.
+    let mut split = sizes.clone();
+    split.insert(16, 128 << 20);
+    assert!(by_bytes(&voters, &up, &weights(&voters, &split).unwrap()));
+}
+
 proptest::proptest! {
     /// Any layout and sizes: the plan never puts two replicas of a shard on
     /// one node, only lowers the spread of node bytes (sum of squares), and

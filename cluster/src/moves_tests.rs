@@ -33,6 +33,35 @@ fn config() -> Config {
     }
 }
 
+static NO_ZONES: Zones = BTreeMap::new();
+static NO_SIZES: crate::balance::Sizes = BTreeMap::new();
+static NO_NODES: BTreeSet<u64> = BTreeSet::new();
+static NO_TARGETS: BTreeMap<u64, Target> = BTreeMap::new();
+static NO_STRAYS: BTreeSet<(u64, u64)> = BTreeSet::new();
+
+/// A round's inputs with nothing but the shards, node states and the nodes
+/// heard from: no zones, sizes, leaders-only drains, targets or stray
+/// learners; the default settings; at 1 s.
+fn inputs<'a>(
+    shards: &'a BTreeMap<u64, ShardView>,
+    states: &'a BTreeMap<u64, NodeState>,
+    alive: &'a BTreeSet<u64>,
+) -> Inputs<'a> {
+    Inputs {
+        shards,
+        states,
+        alive,
+        zones: &NO_ZONES,
+        sizes: &NO_SIZES,
+        keep_replicas: &NO_NODES,
+        targets: &NO_TARGETS,
+        stray_learners: &NO_STRAYS,
+        config: config(),
+        now_unix_ms: 1_000,
+        cancel_settle_ms: SETTLE_MS,
+    }
+}
+
 fn targets_of(d: &Decision) -> Vec<Target> {
     d.writes
         .iter()
@@ -48,20 +77,7 @@ fn new_nodes_get_moves_up_to_the_limit_one_per_shard() {
     let s = shards(8, &[1, 2, 3]);
     let states = up(&[1, 2, 3, 4, 5]);
     let alive: BTreeSet<u64> = (1..=5).collect();
-    let none = BTreeMap::new();
-    let inp = Inputs {
-        shards: &s,
-        states: &states,
-        alive: &alive,
-        zones: &Zones::new(),
-        sizes: &crate::balance::Sizes::new(),
-        keep_replicas: &BTreeSet::new(),
-        targets: &none,
-        stray_learners: &BTreeSet::new(),
-        config: config(),
-        now_unix_ms: 1_000,
-        cancel_settle_ms: SETTLE_MS,
-    };
+    let inp = inputs(&s, &states, &alive);
     let d = decide(&inp);
     let asked = targets_of(&d);
     assert_eq!(asked.len(), 2, "{d:?}");
@@ -600,20 +616,7 @@ fn the_loop_empties_a_draining_node_leaderships_first() {
     let mut states = up(&[1, 2, 3, 4]);
     states.insert(1, NodeState::Draining);
     let alive: BTreeSet<u64> = (1..=4).collect();
-    let none = BTreeMap::new();
-    let inp = Inputs {
-        shards: &s,
-        states: &states,
-        alive: &alive,
-        zones: &Zones::new(),
-        sizes: &crate::balance::Sizes::new(),
-        keep_replicas: &BTreeSet::new(),
-        targets: &none,
-        stray_learners: &BTreeSet::new(),
-        config: config(),
-        now_unix_ms: 1_000,
-        cancel_settle_ms: SETTLE_MS,
-    };
+    let inp = inputs(&s, &states, &alive);
     let d = decide(&inp);
     // Every shard has a voter on node 1; node 4 is the only up node that
     // lacks them.
@@ -682,20 +685,7 @@ fn a_shard_on_two_draining_nodes_is_moved_off_both() {
     states.insert(4, NodeState::Draining);
     states.insert(5, NodeState::Draining);
     let alive: BTreeSet<u64> = (1..=5).collect();
-    let none = BTreeMap::new();
-    let inp = Inputs {
-        shards: &s,
-        states: &states,
-        alive: &alive,
-        zones: &Zones::new(),
-        sizes: &crate::balance::Sizes::new(),
-        keep_replicas: &BTreeSet::new(),
-        targets: &none,
-        stray_learners: &BTreeSet::new(),
-        config: config(),
-        now_unix_ms: 1_000,
-        cancel_settle_ms: SETTLE_MS,
-    };
+    let inp = inputs(&s, &states, &alive);
     let d = decide(&inp);
     assert_eq!(d.planned.len(), 2, "{d:?}");
     assert!(d

@@ -479,3 +479,71 @@ pub async fn sdk(cluster: &Cluster) -> Client {
     cfg.request_timeout = Duration::from_secs(30);
     Client::connect(cfg).await.unwrap()
 }
+
+/// Every user's log, read from the first of `nodes` that holds its shard
+/// (the others answer NOT_REPLICA; after moves that may be any node),
+/// holds exactly its acknowledged appends.
+pub async fn assert_logs_on_some_node(cluster: &Cluster, nodes: &[u64], users: &[pb::MailboxId], acked: &Acked) {
+    for (u, user) in users.iter().enumerate() {
+        let mut got = None;
+        for n in nodes {
+            if let Ok(log) = read_all(&cluster.addr(*n), user).await {
+                got = Some(log);
+                break;
+            }
+        }
+        assert_log_matches(u, &got.expect("some node holds the shard"), acked);
+    }
+}
+
+/// One step of a rolling restart: `node` drained of its leaderships, stopped
+/// with SIGTERM, started again, the cluster healthy, the node undrained.
+pub async fn roll(cluster: &mut Cluster, node: u64) {
+    let id = node.to_string();
+    let doc = phctl_long_op(cluster, &["node", "drain", &id, "--leaders-only"]).await;
+    assert_eq!(doc["node"], node, "{doc}");
+    let status = tokio::task::block_in_place(|| cluster.stop(node));
+    assert!(status.success(), "node {node} did not stop cleanly: {status}");
+    cluster.spawn(node);
+    tokio::task::block_in_place(|| cluster.wait_healthy(Duration::from_secs(30)));
+    phctl_json_off_thread(cluster, &["node", "undrain", &id, "-o", "json"]).await;
+}
+
+/// `phctl cluster balance --wait` (BALANCE_WAIT's, 600 s at most), off the
+/// async workers; expects success and returns its JSON. When the wait gives
+/// up, prints where the cluster stood first (balance, nodes, every shard).
+pub async fn balance_wait(cluster: &Cluster) -> serde_json::Value {
+    let endpoints = cluster.endpoints();
+    let out = tokio::task::spawn_blocking(move || {
+        let phctl = |args: &[&str]| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_phctl"))
+                .env("PIGEONHOLE_ENDPOINTS", &endpoints)
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let out = phctl(BALANCE_WAIT);
+        if !out.status.success() {
+            eprintln!("{}", text(&phctl(&["cluster", "balance"])));
+            eprintln!("{}", text(&phctl(&["node", "list"])));
+            eprintln!("{}", text(&phctl(&["shard", "list"])));
+            let list = phctl(&["shard", "list", "-o", "json"]);
+            let ids: Vec<u64> = serde_json::from_slice::<serde_json::Value>(&list.stdout)
+                .ok()
+                .and_then(|d| {
+                    d["shards"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|s| s["id"].as_u64()).collect())
+                })
+                .unwrap_or_default();
+            for id in ids {
+                eprintln!("{}", text(&phctl(&["shard", "show", &id.to_string()])));
+            }
+        }
+        out
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}

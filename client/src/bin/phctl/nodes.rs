@@ -325,18 +325,18 @@ async fn follow_loop(client: &Client, node: u64, deadline: Instant, steps: &mut 
         }
         // Shards split off meanwhile sit on the node too; the loop moves
         // them as well.
-        if r.shards.iter().all(|s| !s.replicas.contains(&node)) {
+        let still: Vec<u64> = r
+            .shards
+            .iter()
+            .filter(|s| s.replicas.contains(&node))
+            .map(|s| s.id)
+            .collect();
+        if still.is_empty() {
             return Ok(true);
         }
         let moving = p.planned.iter().chain(&p.in_flight).any(|m| m.from == node);
         idle = if moving { 0 } else { idle + 1 };
         if idle >= FOLLOW_IDLE_ROUNDS_MAX {
-            let still: Vec<u64> = r
-                .shards
-                .iter()
-                .filter(|s| s.replicas.contains(&node))
-                .map(|s| s.id)
-                .collect();
             return Err(failed(format!(
                 "the placement loop plans no move for node {node}'s replicas of shards {still:?}: no up node \
                  that is heard from and lacks the shard can take them (add a node or undrain one), or a shard \
@@ -344,12 +344,6 @@ async fn follow_loop(client: &Client, node: u64, deadline: Instant, steps: &mut 
             )));
         }
         if Instant::now() >= deadline {
-            let still: Vec<u64> = r
-                .shards
-                .iter()
-                .filter(|s| s.replicas.contains(&node))
-                .map(|s| s.id)
-                .collect();
             return Err(failed(format!(
                 "timed out: the placement loop still has node {node}'s replicas of shards {still:?} to move \
                  (phctl cluster balance shows why); run the same command again to keep following"
