@@ -243,8 +243,9 @@ async fn round(node: &Node, cfg: &SizeCheck, counted: &mut BTreeMap<u64, Counted
                          shard {} takes the upper part",
                         scan.size.bytes, config.split_size_bytes, done.new_shard.id
                     ),
-                    // Retried at the next count (a move in flight, no
-                    // leader, the shard-count limit).
+                    // Tried again at the shard's next count (a move in
+                    // flight, no leader, the shard-count limit): not every
+                    // round, which would rescan it every 10 s.
                     Err(e) => eprintln!("pigeonhole: shard {shard} is due a split at {at:#018x}, not made now: {e}"),
                 }
             }
