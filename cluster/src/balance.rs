@@ -26,9 +26,11 @@ pub type Sizes = BTreeMap<u64, u64>;
 /// an empty cluster that grows must still spread its replicas (by count).
 pub const BYTES_BALANCE_MIN: u64 = 64 << 20;
 /// Balance is by bytes only when the largest shard weighs at least this
-/// many times the smallest ("when shards differ in size"); a split halves
-/// a shard, so a cluster that has split some shards qualifies.
-pub const BYTES_SPREAD_MIN: u64 = 2;
+/// many times the smallest ("when shards differ in size"). Well above 2:
+/// splits at a size make halves of about half that size, so a spread near
+/// 2 is the normal state of a growing cluster, and a threshold there would
+/// flip between the modes (each undoing the other's moves).
+pub const BYTES_SPREAD_MIN: u64 = 4;
 /// By bytes, a node may hold up to 1/n of the mean node's bytes more than
 /// another before a move is planned: sizes are counted now and then, and a
 /// move costs a snapshot, so near-balance is left alone.
@@ -85,14 +87,14 @@ pub fn zone_free(vs: &[u64], from: u64, to: u64, zones: &Zones) -> bool {
 /// Stops when balanced or when no such move exists. `voters` is shard →
 /// voters. With `sizes` saying the nodes hold [`BYTES_BALANCE_MIN`] or more
 /// on average, step 2 is by bytes instead ([`even_bytes`]). Before both,
-/// every voter on a node of `evacuate_from` (draining, its replicas to go)
-/// moves to an up node ([`evacuate`]).
+/// every voter on a node of `evacuate_from` (draining, its replicas to go;
+/// in the order given) moves to an up node ([`evacuate`]).
 pub fn plan(
     voters: &BTreeMap<u64, Vec<u64>>,
     up: &BTreeSet<u64>,
     zones: &Zones,
     sizes: &Sizes,
-    evacuate_from: &BTreeSet<u64>,
+    evacuate_from: &[u64],
 ) -> Vec<Move> {
     let mut voters = voters.clone();
     let mut moves = Vec::new();
@@ -260,13 +262,17 @@ fn even_bytes(
 /// with the fewest replicas that lacks the shard, one whose zone the
 /// shard's other voters leave free if there is one (a drain still empties
 /// a node when zones cannot be kept apart, as `phctl node drain` did). A
-/// shard no up node can take keeps its replica there.
+/// shard no up node can take keeps its replica there. Leaving nodes are
+/// served in `from`'s order, for each shard: the caller puts the ones that
+/// are down first, so a shard on a down and a live draining node gives the
+/// one free target to the down one's replica, the move that can go (the
+/// other's would need the down voter for its quorum).
 fn evacuate(
     voters: &mut BTreeMap<u64, Vec<u64>>,
     moves: &mut Vec<Move>,
     up: &BTreeSet<u64>,
     zones: &Zones,
-    from: &BTreeSet<u64>,
+    from: &[u64],
 ) {
     let shards: Vec<u64> = voters.keys().copied().collect();
     // Counted once and kept up to date: this runs on the metadata leader's

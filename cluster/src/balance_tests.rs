@@ -17,7 +17,7 @@ fn the_plan_evens_replicas_without_doubling_a_shard_on_a_node() {
     // 8 shards of 3 on nodes 1..=3; nodes 4 and 5 empty.
     let mut voters: BTreeMap<u64, Vec<u64>> = (1..=8).map(|s| (s, vec![1, 2, 3])).collect();
     let up: BTreeSet<u64> = (1..=5).collect();
-    let moves = plan(&voters, &up, &Zones::new(), &Sizes::new(), &BTreeSet::new());
+    let moves = plan(&voters, &up, &Zones::new(), &Sizes::new(), &[]);
     apply(&mut voters, &moves);
     let c = counts(&voters, &up);
     let (lo, hi) = (c.values().min().unwrap(), c.values().max().unwrap());
@@ -28,7 +28,7 @@ fn the_plan_evens_replicas_without_doubling_a_shard_on_a_node() {
         assert_eq!(distinct.len(), 3, "{vs:?}");
     }
     // Balanced already: nothing to do.
-    assert!(plan(&voters, &up, &Zones::new(), &Sizes::new(), &BTreeSet::new()).is_empty());
+    assert!(plan(&voters, &up, &Zones::new(), &Sizes::new(), &[]).is_empty());
 }
 
 #[test]
@@ -110,7 +110,7 @@ fn moves_keep_a_shards_replicas_in_different_zones() {
     let mut voters: BTreeMap<u64, Vec<u64>> = (1..=8).map(|s| (s, vec![1, 2, 3])).collect();
     voters.insert(9, vec![1, 4, 2]); // two in zone a
     let up: BTreeSet<u64> = (1..=5).collect();
-    let moves = plan(&voters, &up, &zones, &Sizes::new(), &BTreeSet::new());
+    let moves = plan(&voters, &up, &zones, &Sizes::new(), &[]);
     let mut after = voters.clone();
     for m in &moves {
         let vs = after.get_mut(&m.shard).unwrap();
@@ -132,7 +132,7 @@ fn moves_keep_a_shards_replicas_in_different_zones() {
         "the zone-a and zone-b newcomers take their share: {c:?}"
     );
     // Without zones the same cluster evens out by counts alone.
-    let plain = plan(&voters, &up, &Zones::new(), &Sizes::new(), &BTreeSet::new());
+    let plain = plan(&voters, &up, &Zones::new(), &Sizes::new(), &[]);
     assert!(!plain.is_empty());
 }
 
@@ -141,7 +141,7 @@ fn nodes_that_are_not_up_are_ignored() {
     // Node 4 is draining (not in `up`): its replica stays, and it gets none.
     let voters: BTreeMap<u64, Vec<u64>> = [(1, vec![1, 2, 4]), (2, vec![1, 2, 3]), (3, vec![1, 2, 3])].into();
     let up: BTreeSet<u64> = [1, 2, 3].into();
-    let moves = plan(&voters, &up, &Zones::new(), &Sizes::new(), &BTreeSet::new());
+    let moves = plan(&voters, &up, &Zones::new(), &Sizes::new(), &[]);
     assert!(moves.iter().all(|m| m.to != 4 && m.from != 4), "{moves:?}");
     // 1 and 2 hold 3 each, 3 holds 2: within one.
     assert!(moves.is_empty(), "{moves:?}");
@@ -155,9 +155,9 @@ fn by_bytes_a_small_shard_leaves_the_node_with_a_large_one() {
     let voters: BTreeMap<u64, Vec<u64>> = BTreeMap::from([(1, vec![1]), (2, vec![1]), (3, vec![2]), (4, vec![2])]);
     let up: BTreeSet<u64> = [1, 2].into();
     let sizes = Sizes::from([(1, 1 << 30), (2, 64 << 20), (3, 64 << 20), (4, 64 << 20)]);
-    assert!(plan(&voters, &up, &Zones::new(), &Sizes::new(), &BTreeSet::new()).is_empty());
+    assert!(plan(&voters, &up, &Zones::new(), &Sizes::new(), &[]).is_empty());
     assert_eq!(
-        plan(&voters, &up, &Zones::new(), &sizes, &BTreeSet::new()),
+        plan(&voters, &up, &Zones::new(), &sizes, &[]),
         vec![Move {
             shard: 2,
             from: 1,
@@ -179,12 +179,12 @@ fn by_bytes_many_small_shards_balance_one_large_one() {
     sizes.insert(1, 1 << 30);
     let w = weights(&voters, &sizes).unwrap();
     assert!(by_bytes(&voters, &up, &w));
-    assert!(plan(&voters, &up, &Zones::new(), &sizes, &BTreeSet::new()).is_empty());
+    assert!(plan(&voters, &up, &Zones::new(), &sizes, &[]).is_empty());
     // Below BYTES_BALANCE_MIN per node: by count.
     let tiny: Sizes = (1..=9).map(|s| (s, 1_000)).collect();
     let w = weights(&voters, &tiny).unwrap();
     assert!(!by_bytes(&voters, &up, &w));
-    let moves = plan(&voters, &up, &Zones::new(), &tiny, &BTreeSet::new());
+    let moves = plan(&voters, &up, &Zones::new(), &tiny, &[]);
     assert_eq!(moves.len(), 3, "{moves:?}");
     // A shard without a count weighs the mean of the counted ones.
     let partial = Sizes::from([(1, 300), (2, 100)]);
@@ -201,13 +201,16 @@ fn shards_of_one_size_balance_by_count() {
     let sizes: Sizes = (1..=16).map(|s| (s, (256 << 20) + s * 1_000)).collect();
     let w = weights(&voters, &sizes).unwrap();
     assert!(!by_bytes(&voters, &up, &w));
-    let moves = plan(&voters, &up, &Zones::new(), &sizes, &BTreeSet::new());
+    let moves = plan(&voters, &up, &Zones::new(), &sizes, &[]);
     apply(&mut voters, &moves);
     let c = counts(&voters, &up);
     assert!(c.values().max().unwrap() - c.values().min().unwrap() <= 1, "{c:?}");
-    // Once one shard is half the others (a split), by bytes.
+    // Halves of a split (about half the others): still by count. One a
+    // quarter of the others: by bytes.
     let mut split = sizes.clone();
     split.insert(16, 128 << 20);
+    assert!(!by_bytes(&voters, &up, &weights(&voters, &split).unwrap()));
+    split.insert(16, 64 << 20);
     assert!(by_bytes(&voters, &up, &weights(&voters, &split).unwrap()));
 }
 
@@ -231,7 +234,7 @@ proptest::proptest! {
             })
             .collect();
         let sizes: Sizes = voters.keys().map(|s| (*s, seed_sizes[usize::try_from(*s).unwrap() - 1])).collect();
-        let moves = plan(&voters, &up, &Zones::new(), &sizes, &BTreeSet::new());
+        let moves = plan(&voters, &up, &Zones::new(), &sizes, &[]);
         let mut after = voters.clone();
         apply(&mut after, &moves);
         for vs in after.values() {
@@ -245,6 +248,6 @@ proptest::proptest! {
             };
             proptest::prop_assert!(squares(&after) <= squares(&voters));
         }
-        proptest::prop_assert!(plan(&after, &up, &Zones::new(), &sizes, &BTreeSet::new()).is_empty(), "{:?}", moves);
+        proptest::prop_assert!(plan(&after, &up, &Zones::new(), &sizes, &[]).is_empty(), "{:?}", moves);
     }
 }

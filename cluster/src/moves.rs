@@ -380,12 +380,15 @@ pub fn decide(inp: &Inputs) -> Decision {
         .filter(|(n, s)| **s == NodeState::Draining && !inp.keep_replicas.contains(n))
         .map(|(n, _)| *n)
         .collect();
+    // The ones not heard from first (see `balance::evacuate`).
+    let mut evacuate_order: Vec<u64> = evacuate.iter().copied().collect();
+    evacuate_order.sort_by_key(|n| (inp.alive.contains(n), *n));
     d.draining_held = evacuate
         .iter()
         .copied()
         .filter(|n| inp.shards.values().any(|s| s.voters.contains(n)))
         .collect();
-    d.planned = plan(&voters, &d.eligible, inp.zones, inp.sizes, &evacuate);
+    d.planned = plan(&voters, &d.eligible, inp.zones, inp.sizes, &evacuate_order);
     let active = in_flight.values().filter(|t| t.state == MoveState::Active).count();
     let room = usize::try_from(inp.config.moves_max)
         .unwrap_or(usize::MAX)

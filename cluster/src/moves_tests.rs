@@ -713,3 +713,27 @@ fn a_shard_on_two_draining_nodes_is_moved_off_both() {
     let d = decide(&Inputs { shards: &done, ..inp });
     assert!(d.draining_held.is_empty() && d.planned.is_empty(), "{d:?}");
 }
+
+/// A shard on two draining nodes, one of them down, with one free target:
+/// the target goes to the down node's replica (that move can go: the live
+/// draining voter and the third make a quorum of both configurations),
+/// not to the live one's, which would wait for the down voter forever.
+#[test]
+fn a_down_draining_voter_gets_the_free_target_first() {
+    let s = shards(1, &[1, 2, 3]);
+    let mut states = up(&[1, 2, 3, 4]);
+    states.insert(1, NodeState::Draining);
+    states.insert(2, NodeState::Draining);
+    let alive_wo2: BTreeSet<u64> = [1, 3, 4].into();
+    let d = decide(&inputs(&s, &states, &alive_wo2));
+    assert_eq!(
+        d.planned,
+        vec![Move {
+            shard: 1,
+            from: 2,
+            to: 4
+        }],
+        "{d:?}"
+    );
+    assert_eq!(targets_of(&d).len(), 1, "{d:?}");
+}

@@ -112,6 +112,17 @@ pub fn due(last: Option<&Counted>, handed_bytes: u64, epoch: u64, now: Instant, 
     grown >= step || (grown >= step / 8 && now.saturating_duration_since(l.at) >= cfg.age_max)
 }
 
+/// Where to split a shard after a count, if it is due one: its bytes
+/// counted reach the split size (not "never"), and a point halves them.
+/// By the bytes counted only: a count cut short is a lower bound, and cut
+/// short by a shared space's siblings it says nothing of this shard's own
+/// size (splitting on it split every shard of a large shared space again
+/// and again: found by a review).
+pub fn split_point(scan: &pigeonhole_engine::SizeScan, config: &crate::moves::Config) -> Option<u64> {
+    let past = config.split_size_bytes != crate::moves::SPLIT_NEVER && scan.size.bytes >= config.split_size_bytes;
+    past.then_some(scan.split_at).flatten()
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -124,10 +135,11 @@ pub fn spawn(node: &Node, cfg: SizeCheck) -> tokio::task::JoinHandle<()> {
     let weak = node.downgrade();
     tokio::spawn(async move {
         let mut counted: BTreeMap<u64, Counted> = BTreeMap::new();
+        let mut due_splits: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
         loop {
             tokio::time::sleep(cfg.interval).await;
             let Some(node) = weak.upgrade() else { return };
-            if round(&node, &cfg, &mut counted).await.is_err() {
+            if round(&node, &cfg, &mut counted, &mut due_splits).await.is_err() {
                 return; // the node stopped
             }
         }
@@ -135,8 +147,14 @@ pub fn spawn(node: &Node, cfg: SizeCheck) -> tokio::task::JoinHandle<()> {
 }
 
 /// One round: count the due shards this node leads, record each count,
-/// and split a shard past the threshold. Err only when the node stopped.
-async fn round(node: &Node, cfg: &SizeCheck, counted: &mut BTreeMap<u64, Counted>) -> Result<(), ()> {
+/// and split the shards past the threshold (`due_splits`: shard → (hash,
+/// epoch, bytes counted), kept until made). Err only when the node stopped.
+async fn round(
+    node: &Node,
+    cfg: &SizeCheck,
+    counted: &mut BTreeMap<u64, Counted>,
+    due_splits: &mut BTreeMap<u64, (u64, u64, u64)>,
+) -> Result<(), ()> {
     let statuses = node.status().await.map_err(|_| ())?;
     let map = node.routing();
     // Without a metadata replica there is nowhere to record, and no
@@ -232,22 +250,39 @@ async fn round(node: &Node, cfg: &SizeCheck, counted: &mut BTreeMap<u64, Counted
             })),
         };
         let _ = node.propose(META_SHARD, vec![put]).await;
-        // A count cut short at its key budget is a lower bound: such a
-        // shard is past any sensible split size.
-        let big = scan.size.bytes >= config.split_size_bytes || !scan.size.complete;
-        if !config.paused && big && !moving.contains(&shard) && config.split_size_bytes != crate::moves::SPLIT_NEVER {
-            if let Some(at) = scan.split_at {
-                match node.split_shard(shard, Some(at)).await {
-                    Ok(done) => eprintln!(
-                        "pigeonhole: shard {shard} counted {} bytes (split threshold {}): split at {at:#018x}, \
-                         shard {} takes the upper part",
-                        scan.size.bytes, config.split_size_bytes, done.new_shard.id
-                    ),
-                    // Tried again at the shard's next count (a move in
-                    // flight, no leader, the shard-count limit): not every
-                    // round, which would rescan it every 10 s.
-                    Err(e) => eprintln!("pigeonhole: shard {shard} is due a split at {at:#018x}, not made now: {e}"),
-                }
+        if let Some(at) = split_point(&scan, &config) {
+            due_splits.insert(shard, (at, desc.epoch, scan.size.bytes));
+        }
+    }
+    // Splits due, tried every round until made (a paused loop, a move in
+    // flight, no leader, the shard-count limit), without counting again;
+    // dropped once the shard is not led here or its range changed.
+    due_splits.retain(|shard, (_, epoch, _)| {
+        statuses.iter().any(|s| s.shard == *shard && s.role == Role::Leader)
+            && map.shard(*shard).is_some_and(|d| d.epoch == *epoch)
+    });
+    if config.paused || config.split_size_bytes == crate::moves::SPLIT_NEVER {
+        return Ok(());
+    }
+    let due: Vec<(u64, u64, u64)> = due_splits
+        .iter()
+        .filter(|(shard, _)| !moving.contains(shard))
+        .map(|(shard, (at, _, bytes))| (*shard, *at, *bytes))
+        .collect();
+    for (shard, at, bytes) in due {
+        match node.split_shard(shard, Some(at)).await {
+            Ok(done) => {
+                due_splits.remove(&shard);
+                eprintln!(
+                    "pigeonhole: shard {shard} counted {bytes} bytes (split threshold {}): split at {at:#018x}, \
+                     shard {} takes the upper part",
+                    config.split_size_bytes, done.new_shard.id
+                );
+            }
+            Err(e) if e.is_retryable() => {}
+            Err(e) => {
+                due_splits.remove(&shard);
+                eprintln!("pigeonhole: shard {shard} is due a split at {at:#018x}, not made: {e}");
             }
         }
     }
@@ -284,6 +319,31 @@ mod tests {
         assert!(due(Some(&last), 1_000 + (100 << 20) / 8, 1, later, &cfg));
         assert!(!due(Some(&last), 1_000 + (100 << 20) / 8 - 1, 1, later, &cfg));
         assert!(!due(Some(&last), 1_000, 1, later, &cfg));
+    }
+
+    #[test]
+    fn a_shard_is_split_by_the_bytes_counted_only() {
+        let config = crate::moves::decode_config(None);
+        let scan = |bytes: u64, complete: bool, at: Option<u64>| pigeonhole_engine::SizeScan {
+            size: pigeonhole_engine::ShardSize {
+                keys: 1,
+                bytes,
+                complete,
+            },
+            split_at: at,
+        };
+        let size = config.split_size_bytes;
+        assert_eq!(split_point(&scan(size, true, Some(7)), &config), Some(7));
+        assert_eq!(split_point(&scan(size - 1, true, Some(7)), &config), None);
+        // Cut short below the size (a shared space's siblings filled the
+        // budget): no split.
+        assert_eq!(split_point(&scan(size - 1, false, Some(7)), &config), None);
+        assert_eq!(split_point(&scan(size, true, None), &config), None, "no point");
+        let never = crate::moves::Config {
+            split_size_bytes: crate::moves::SPLIT_NEVER,
+            ..config
+        };
+        assert_eq!(split_point(&scan(u64::MAX, true, Some(7)), &never), None);
     }
 
     #[test]

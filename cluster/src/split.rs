@@ -57,10 +57,12 @@ impl Node {
         // records may not show yet.
         let map = self.shard_map()?;
         let Some(desc) = map.shard(shard).cloned() else {
-            // An id the counter handed out, whose split's records have not
-            // reached this node (they are written just after the split
-            // applies): it exists, or its split failed; retry either way.
-            if shard < self.stored_next_shard_id()? {
+            // An id the counter handed out above every shard this node
+            // knows, whose split's records have not reached it (they are
+            // written just after the split applies): retry. (An id a failed
+            // split wasted, below a shard made since, is not found.)
+            let known_max = map.shards.iter().map(|s| s.id).max().unwrap_or(0);
+            if shard > known_max && shard < self.stored_next_shard_id()? {
                 return Err(ClusterError::Busy {
                     shard,
                     reason: format!("shard {shard} comes from a split whose record this node has not seen yet; retry"),
@@ -72,6 +74,19 @@ impl Node {
                 last: map.shards.last().map_or(0, |s| s.id),
             });
         };
+        // A replica move the placement loop asked for may not show as a
+        // learner yet: the new shard would inherit it, owned by no move.
+        let moving = self.meta_scan(&crate::moves::move_key(shard), 1)?.iter().any(|v| {
+            crate::moves::decode_targets(std::slice::from_ref(v))
+                .values()
+                .any(|t| t.in_flight())
+        });
+        if moving {
+            return Err(ClusterError::Busy {
+                shard,
+                reason: format!("a replica move of shard {shard} is in flight; split it once the move is done"),
+            });
+        }
         if !desc.learners.is_empty() {
             return Err(ClusterError::Refused {
                 reason: format!(

@@ -50,6 +50,9 @@ pub const HISTOGRAM_BUCKETS: usize = 256;
 /// Each side of a split must keep at least this fraction (1/n) of the
 /// shard's mailbox bytes.
 pub const SPLIT_SIDE_MIN_DIV: u64 = 8;
+/// A scan reads at most this many keys per key of its own budget
+/// (`keys_max`), its siblings' included.
+pub const VISITS_PER_KEY_MAX: u64 = 4;
 
 /// The slice of `[start, end)` (end None: the top of the hash space) that
 /// `hash` falls in; None outside the range.
@@ -100,8 +103,10 @@ pub fn middle(hist: &[u64], start: u64, end: Option<u64>) -> Option<u64> {
 impl Engine {
     /// The state machine's size on this replica: the keys and key+value
     /// bytes of `shard` in the data CF, counted by a scan that stops after
-    /// visiting `keys_max` keys, its own or a sibling's in a shared space
-    /// (then `complete` is false and the figures are lower bounds).
+    /// `keys_max` of its keys, or [`VISITS_PER_KEY_MAX`] times as many read
+    /// in all (its own and, in a space shared after splits, its
+    /// siblings'); then `complete` is false and the figures are lower
+    /// bounds.
     pub fn shard_size(&self, shard: u64, keys_max: u64) -> Result<ShardSize, EngineError> {
         Ok(self.size_scan(shard, keys_max, HashRange::FULL)?.size)
     }
@@ -137,8 +142,10 @@ impl Engine {
             complete: true,
         };
         let mut hist = vec![0u64; HISTOGRAM_BUCKETS];
-        // Every key read counts against the budget, the siblings' too: a
-        // space shared after splits is read whole by each of its shards.
+        // Every key read counts against a budget too, the siblings' as well
+        // (a space shared after splits is read whole by each of its
+        // shards), of a few times `keys_max`, so one scan stays bounded.
+        let visits_max = keys_max.saturating_mul(VISITS_PER_KEY_MAX);
         let mut visited = 0u64;
         // The shard's meta row is outside a space that is not its id's.
         if let (Some(bytes), true) = (own_meta_bytes, space != shard) {
@@ -146,7 +153,7 @@ impl Engine {
             size.bytes += bytes;
         }
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            if visited >= keys_max {
+            if size.keys >= keys_max || visited >= visits_max {
                 size.complete = false;
                 break;
             }

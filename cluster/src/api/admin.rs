@@ -284,6 +284,7 @@ impl Admin for AdminService {
             runs_loop: v.runs_loop,
             by_bytes: v.by_bytes,
             split_size_bytes: v.config.split_size_bytes,
+            draining_held: d.draining_held.iter().copied().collect(),
         }))
     }
 

@@ -139,6 +139,7 @@ async fn show(ctx: &Ctx, client: &Client, p: &pb::GetPlacementResponse, ms: Opti
             "balanced": p.balanced,
             "loop_node": if p.runs_loop { Some(p.answered_by) } else { None },
             "by_bytes": p.by_bytes,
+            "draining_held": p.draining_held,
             "nodes": p.nodes.iter().map(|n| json!({"node": n.node, "replicas": n.replicas, "bytes": n.bytes,
                 "leaders": n.leaders, "preferred": n.preferred, "eligible": n.eligible})).collect::<Vec<_>>(),
             "in_flight": p.in_flight.iter().zip(&pcts).zip(&details)
@@ -207,6 +208,12 @@ async fn show(ctx: &Ctx, client: &Client, p: &pb::GetPlacementResponse, ms: Opti
                     .to_string()
             } else if p.balanced {
                 "balanced: replicas and preferred leaders per up node are within one of each other".to_string()
+            } else if p.in_flight.is_empty() && p.planned.is_empty() && !p.draining_held.is_empty() {
+                format!(
+                    "draining node(s) {:?} still hold replicas that no up node it hears from can take \
+                     (add a node, or undrain one)",
+                    p.draining_held
+                )
             } else {
                 format!(
                     "{} move(s) in flight, {} planned, {} preferred-leader change(s) planned",

@@ -268,7 +268,12 @@ async fn drop_learner(client: &Client, shard: u64, node: u64, steps: &mut Steps)
         kind: pb::MembershipChangeKind::Remove as i32,
         node,
     };
-    client.change_membership(shard, &[remove]).await?;
+    if let Err(e) = client.change_membership(shard, &[remove]).await {
+        // The loop's clean-up of a cancelled move may have removed it first.
+        if view(client, shard).await.is_some_and(|v| v.learners.contains(&node)) {
+            return Err(e.into());
+        }
+    }
     steps.tell(format!("shard {shard}: learner on node {node} removed"));
     Ok(())
 }
@@ -334,8 +339,10 @@ async fn follow_loop(client: &Client, node: u64, deadline: Instant, steps: &mut 
         if still.is_empty() {
             return Ok(true);
         }
+        // Only the loop's own node's answer counts: another node plans over
+        // the peers it hears from, which may leave every target out.
         let moving = p.planned.iter().chain(&p.in_flight).any(|m| m.from == node);
-        idle = if moving { 0 } else { idle + 1 };
+        idle = if moving || !p.runs_loop { 0 } else { idle + 1 };
         if idle >= FOLLOW_IDLE_ROUNDS_MAX {
             return Err(failed(format!(
                 "the placement loop plans no move for node {node}'s replicas of shards {still:?}: no up node \
