@@ -62,9 +62,7 @@ pub const WRITES_PER_ROUND_MAX: usize = 256;
 
 /// The system key of `shard`'s move target.
 pub fn move_key(shard: u64) -> Vec<u8> {
-    let mut k = MOVE_PREFIX.to_vec();
-    k.extend_from_slice(&shard.to_be_bytes());
-    k
+    crate::placement::shard_key(MOVE_PREFIX, shard)
 }
 
 /// A move target with the version of its system value.

@@ -56,11 +56,17 @@ pub const SHARD_RECORD_PREFIX: &[u8] = b"shard/";
 /// one keeps the bootstrap map's preferred leader.
 pub const PREFERRED_LEADER_PREFIX: &[u8] = b"leader/";
 
-/// The system key of `shard`'s preferred-leader choice.
-pub fn preferred_leader_key(shard: u64) -> Vec<u8> {
-    let mut k = PREFERRED_LEADER_PREFIX.to_vec();
+/// A per-shard system key in the metadata group: `prefix | shard_id:
+/// u64be` (storage-format.md lists the prefixes).
+pub fn shard_key(prefix: &[u8], shard: u64) -> Vec<u8> {
+    let mut k = prefix.to_vec();
     k.extend_from_slice(&shard.to_be_bytes());
     k
+}
+
+/// The system key of `shard`'s preferred-leader choice.
+pub fn preferred_leader_key(shard: u64) -> Vec<u8> {
+    shard_key(PREFERRED_LEADER_PREFIX, shard)
 }
 
 /// Shard → preferred leader from the metadata group's choices; a value or
@@ -83,9 +89,7 @@ pub fn decode_preferred_leaders(records: &[pigeonhole_engine::SystemValue]) -> B
 
 /// The system key of `shard`'s record.
 pub fn shard_record_key(shard: u64) -> Vec<u8> {
-    let mut k = SHARD_RECORD_PREFIX.to_vec();
-    k.extend_from_slice(&shard.to_be_bytes());
-    k
+    shard_key(SHARD_RECORD_PREFIX, shard)
 }
 
 /// Voters and learners of the metadata group for these nodes.

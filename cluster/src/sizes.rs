@@ -34,9 +34,7 @@ pub const SIZE_PREFIX: &[u8] = b"size/";
 
 /// The system key of `shard`'s size record.
 pub fn size_key(shard: u64) -> Vec<u8> {
-    let mut k = SIZE_PREFIX.to_vec();
-    k.extend_from_slice(&shard.to_be_bytes());
-    k
+    crate::placement::shard_key(SIZE_PREFIX, shard)
 }
 
 /// Shard → record, from the metadata group's `size/` values; a value that
