@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 /// How long a node that failed at the connection level is tried last.
@@ -68,6 +68,9 @@ pub struct ClientConfig {
     /// How concurrent appends to one node share calls
     /// ([`crate::coalesce`]).
     pub coalesce: CoalesceConfig,
+    /// TLS: the CA the nodes' certificates must chain to, and this client's
+    /// certificate if it authenticates by one. `None`: plaintext.
+    pub tls: Option<pigeonhole_tls::TlsFiles>,
 }
 
 impl ClientConfig {
@@ -83,6 +86,7 @@ impl ClientConfig {
             map_refresh_interval_min: Duration::from_millis(200),
             keepalive_interval: Duration::from_secs(5),
             coalesce: CoalesceConfig::default(),
+            tls: None,
         }
     }
 }
@@ -119,7 +123,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn normalize(addr: &str) -> String {
-    addr.trim_start_matches("http://").trim_end_matches('/').to_string()
+    pigeonhole_tls::client::strip_scheme(addr).to_string()
 }
 
 /// Per-call attempt bookkeeping: the deadline, the attempt count and the
@@ -247,8 +251,8 @@ impl Client {
             return Ok(ch.clone());
         }
         let cfg = &self.inner.config;
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::NoEndpoint(format!("bad endpoint {addr:?}: {e}")))?
+        let ch = pigeonhole_tls::client::endpoint(&addr, cfg.tls.as_ref())
+            .map_err(|e| Error::NoEndpoint(format!("endpoint {addr:?}: {e}")))?
             .connect_timeout(cfg.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(cfg.keepalive_interval)

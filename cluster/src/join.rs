@@ -291,7 +291,13 @@ pub fn load(data_dir: &Path) -> Result<Option<Joined>, ClusterError> {
 /// to [`JOIN_WAIT_MS_MAX`]), unless `data_dir` already joined a cluster:
 /// then that cluster, asking no one. Refusals (a bad address, an address in
 /// use) end it at once with the cluster's reason.
-pub async fn join(data_dir: &Path, advertise: &str, seeds: &[String], zone: &str) -> Result<Joined, ClusterError> {
+pub async fn join(
+    data_dir: &Path,
+    advertise: &str,
+    seeds: &[String],
+    zone: &str,
+    tls: Option<&pigeonhole_tls::TlsFiles>,
+) -> Result<Joined, ClusterError> {
     if let Some(j) = load(data_dir)? {
         return Ok(j);
     }
@@ -304,7 +310,7 @@ pub async fn join(data_dir: &Path, advertise: &str, seeds: &[String], zone: &str
         if Instant::now() >= deadline {
             break;
         }
-        match ask(seed, advertise, token, zone).await {
+        match ask(seed, advertise, token, zone, tls).await {
             Ok(r) => {
                 let joined = Joined::from_response(r)
                     .map_err(|e| ClusterError::Config(format!("{seed} answered JoinNode badly: {e}")))?;
@@ -356,8 +362,14 @@ fn token(data_dir: &Path) -> Result<u64, ClusterError> {
     }
 }
 
-async fn ask(seed: &str, advertise: &str, token: u64, zone: &str) -> Result<pb::JoinNodeResponse, tonic::Status> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{seed}"))
+async fn ask(
+    seed: &str,
+    advertise: &str,
+    token: u64,
+    zone: &str,
+    tls: Option<&pigeonhole_tls::TlsFiles>,
+) -> Result<pb::JoinNodeResponse, tonic::Status> {
+    let endpoint = pigeonhole_tls::client::endpoint(seed, tls)
         .map_err(|e| tonic::Status::invalid_argument(format!("seed {seed:?}: {e}")))?
         .connect_timeout(Duration::from_millis(JOIN_ATTEMPT_MS))
         .timeout(Duration::from_millis(JOIN_ATTEMPT_MS));

@@ -67,6 +67,11 @@ pub struct ServerConfig {
     pub advertise: String,
     /// Failure domain (`--zone`); empty: none. Kept in the node's record.
     pub zone: String,
+    /// TLS for the port and for this node's calls to its peers; `None`:
+    /// plaintext, allowed on a loopback address or with `insecure`.
+    pub tls: Option<pigeonhole_tls::TlsFiles>,
+    /// Serve plaintext on a non-loopback address (`--insecure`).
+    pub insecure: bool,
 }
 
 impl ServerConfig {
@@ -91,7 +96,33 @@ impl ServerConfig {
             join: Vec::new(),
             advertise: listen.to_string(),
             zone: String::new(),
+            tls: None,
+            insecure: false,
         }
+    }
+
+    /// Refuses plaintext on an address other hosts can reach unless
+    /// `insecure` says it is meant; warns when it is. Anyone who can reach
+    /// a plaintext port can read and write every mailbox and join the Raft
+    /// traffic (docs/security.md).
+    pub fn check_transport_security(&self) -> Result<(), ClusterError> {
+        if self.tls.is_some() || self.listen.ip().is_loopback() {
+            return Ok(());
+        }
+        if !self.insecure {
+            return Err(ClusterError::Config(format!(
+                "refusing to serve plaintext on {}, which is not a loopback address: give --tls-ca, \
+                 --tls-cert and --tls-key (scripts/dev-certs makes a set for tests), or --insecure to \
+                 serve plaintext anyway",
+                self.listen
+            )));
+        }
+        eprintln!(
+            "pigeonhole: WARNING: --insecure: serving plaintext on {}; anyone who can reach it can read \
+             and write every mailbox and talk to the cluster as a node",
+            self.listen
+        );
+        Ok(())
     }
 }
 
@@ -100,6 +131,14 @@ pub async fn run(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ClusterError> {
+    cfg.check_transport_security()?;
+    let server_tls = match &cfg.tls {
+        Some(files) => Some(
+            pigeonhole_tls::server::ServerTls::new(files.clone())
+                .map_err(|e| ClusterError::Config(format!("tls: {e}")))?,
+        ),
+        None => None,
+    };
     // Bind before starting (or joining), so a busy port fails fast and
     // cleanly, before the cluster hands out an id.
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -110,7 +149,7 @@ pub async fn run(
     let joined = if cfg.join.is_empty() {
         crate::join::load(&cfg.data_dir)?
     } else {
-        Some(crate::join::join(&cfg.data_dir, &cfg.advertise, &cfg.join, &cfg.zone).await?)
+        Some(crate::join::join(&cfg.data_dir, &cfg.advertise, &cfg.join, &cfg.zone, cfg.tls.as_ref()).await?)
     };
     let (mut node_cfg, peers) = if let Some(j) = joined {
         let mut c = NodeConfig::new(j.node_id, &cfg.data_dir, j.params.initial_cluster.clone());
@@ -143,15 +182,16 @@ pub async fn run(
         );
     }
     node_cfg.validate()?;
-    let transport = GrpcTransport::new(
+    let transport = Arc::new(GrpcTransport::new(
         node_cfg.effective_cluster_id(),
         peers,
         tokio::runtime::Handle::current(),
-    );
+        cfg.tls.clone(),
+    ));
     let node_id = node_cfg.node_id;
     let cluster_ids = node_cfg.initial_cluster.ids();
     let joined = node_cfg.joined;
-    let node = Node::start(node_cfg, Arc::new(transport))?;
+    let node = Node::start(node_cfg, transport.clone())?;
     // The record follows --zone (set, changed or dropped) once the metadata
     // group answers; placement reads zones from the records.
     // Retried with backoff for up to ZONE_RECORD_WAIT_MS_MAX (a joined node
@@ -185,7 +225,13 @@ pub async fn run(
     let mailbox = MailboxServer::new(MailboxService::new(node.clone(), cfg.api.clone(), closing_rx))
         .max_decoding_message_size(cfg.request_bytes_max)
         .max_encoding_message_size(64 << 20);
-    let raft = RaftService::new(node.cluster_id(), node.inbox()).into_server();
+    let mut raft = RaftService::new(node.cluster_id(), node.inbox());
+    if cfg.tls.is_some() {
+        // Over TLS, only a node certificate naming the sender's host may
+        // feed this node's Raft inbox.
+        raft = raft.with_peer_check(transport.clone());
+    }
+    let raft = raft.into_server();
     // Reflection lists the public services only: the Raft transport is for
     // peers, and its contract is internal.
     let reflection = tonic_reflection::server::Builder::configure()
@@ -197,36 +243,48 @@ pub async fn run(
         .build_v1()
         .map_err(|e| ClusterError::Config(format!("reflection descriptors: {e}")))?;
     println!(
-        "pigeonhole: node {node_id} serving on {} ({} cluster {cluster_ids:?}), data in {}",
+        "pigeonhole: node {node_id} serving {} on {} ({} cluster {cluster_ids:?}), data in {}",
+        if server_tls.is_some() { "TLS" } else { "plaintext" },
         listener
             .local_addr()
             .map_or_else(|_| cfg.listen.to_string(), |a| a.to_string()),
         if joined { "joined; initial" } else { "initial" },
         cfg.data_dir.display()
     );
-    // Nagle off on every accepted connection. tonic applies its own
-    // `tcp_nodelay` only to listeners it binds itself; with Nagle on, a
-    // small response queued behind an unacknowledged one waits for the
-    // peer's delayed ACK (~40 ms), which stalls concurrent streams.
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
-        conn.and_then(|c| c.set_nodelay(true).map(|()| c))
-    });
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-    let serve = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(mailbox)
         .add_service(AdminServer::new(AdminService::new(node.clone())))
-        .add_service(raft)
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            // Long-polls and Subscribe streams end now; unary requests in
-            // flight finish normally.
-            let _ = closing_tx.send(true);
-            health.set_not_serving::<MailboxServer<MailboxService>>().await;
-            let _ = stopping_tx.send(true);
-        });
-    tokio::pin!(serve);
+        .add_service(raft);
+    let stopping = async move {
+        shutdown.await;
+        // Long-polls and Subscribe streams end now; unary requests in
+        // flight finish normally.
+        let _ = closing_tx.send(true);
+        health.set_not_serving::<MailboxServer<MailboxService>>().await;
+        let _ = stopping_tx.send(true);
+    };
+    let serve: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match server_tls {
+            Some(tls) => {
+                Box::pin(router.serve_with_incoming_shutdown(pigeonhole_tls::server::incoming(listener, tls), stopping))
+            }
+            None => {
+                // Nagle off on every accepted connection. tonic applies its
+                // own `tcp_nodelay` only to listeners it binds itself; with
+                // Nagle on, a small response queued behind an
+                // unacknowledged one waits for the peer's delayed ACK
+                // (~40 ms), which stalls concurrent streams.
+                let incoming =
+                    tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
+                        conn.and_then(|c| c.set_nodelay(true).map(|()| c))
+                    });
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stopping))
+            }
+        };
+    let mut serve = serve;
     let served = tokio::select! {
         r = &mut serve => r,
         _ = async {

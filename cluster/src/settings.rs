@@ -24,6 +24,12 @@
 //! # join = "10.0.0.1:7070,10.0.0.2:7070"   # instead of node_id, initial_cluster,
 //! #                                          # shards, replication_factor
 //! unsafe_no_fsync = false   # true = NOT durable (benchmarks only)
+//! insecure = false          # true = plaintext on a non-loopback address
+//!
+//! [tls]                     # all three, or none (docs/security.md)
+//! ca = "/etc/pigeonhole/ca.crt"
+//! cert = "/etc/pigeonhole/node.crt"
+//! key = "/etc/pigeonhole/node.key"
 //!
 //! [limits]
 //! request_bytes_max = 16777216
@@ -75,12 +81,30 @@ pub struct Settings {
     pub replication_factor: Option<usize>,
     /// NOT DURABLE: never fsync (benchmarks only).
     pub unsafe_no_fsync: Option<bool>,
+    /// Serve plaintext on a non-loopback address (`--insecure`).
+    pub insecure: Option<bool>,
+    /// TLS files.
+    #[serde(default)]
+    pub tls: TlsSettings,
     /// Request limits.
     #[serde(default)]
     pub limits: LimitSettings,
     /// Raft log compaction.
     #[serde(default)]
     pub raft: RaftSettings,
+}
+
+/// The `[tls]` table: the node's certificate, its key, and the cluster CA
+/// that peers' and clients' certificates must chain to.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The cluster CA certificate(s), PEM.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate chain, PEM.
+    pub cert: Option<PathBuf>,
+    /// This node's private key, PEM.
+    pub key: Option<PathBuf>,
 }
 
 /// The `[raft]` table.
@@ -198,6 +222,12 @@ impl Settings {
             shards: over.shards.or(self.shards),
             replication_factor: over.replication_factor.or(self.replication_factor),
             unsafe_no_fsync: over.unsafe_no_fsync.or(self.unsafe_no_fsync),
+            insecure: over.insecure.or(self.insecure),
+            tls: TlsSettings {
+                ca: over.tls.ca.or(self.tls.ca),
+                cert: over.tls.cert.or(self.tls.cert),
+                key: over.tls.key.or(self.tls.key),
+            },
             limits: LimitSettings {
                 request_bytes_max: o.request_bytes_max.or(l.request_bytes_max),
                 request_timeout_ms: o.request_timeout_ms.or(l.request_timeout_ms),
@@ -265,6 +295,13 @@ impl Settings {
         let nodes = cfg.initial_cluster.nodes.len();
         cfg.replication_factor = self.replication_factor.unwrap_or(if nodes >= 3 { 3 } else { 1 });
         cfg.unsafe_no_fsync = self.unsafe_no_fsync.unwrap_or(false);
+        cfg.insecure = self.insecure.unwrap_or(false);
+        cfg.tls = match pigeonhole_tls::TlsFiles::from_flags(self.tls.ca, self.tls.cert, self.tls.key)? {
+            Some(f) if f.cert.is_none() => {
+                return Err("tls: a node needs its certificate and key (--tls-cert, --tls-key) besides the CA".into())
+            }
+            f => f,
+        };
         let l = self.limits;
         let d = ApiLimits::default();
         cfg.request_bytes_max = check(
@@ -379,6 +416,36 @@ mod tests {
         .into_server_config()
         .unwrap_err();
         assert!(e.contains("node_id 9"), "{e}");
+    }
+
+    #[test]
+    fn tls_settings_are_read_and_checked() {
+        let cfg = Settings::from_toml(
+            "insecure = true\n[tls]\nca = \"/c/ca.crt\"\ncert = \"/c/n.crt\"\nkey = \"/c/n.key\"\n",
+        )
+        .unwrap()
+        .into_server_config()
+        .unwrap();
+        assert!(cfg.insecure);
+        let tls = cfg.tls.unwrap();
+        assert_eq!(tls.ca, PathBuf::from("/c/ca.crt"));
+        assert_eq!(tls.key, Some(PathBuf::from("/c/n.key")));
+        for (text, want) in [
+            ("[tls]\nca = \"/c/ca.crt\"\n", "needs its certificate and key"),
+            ("[tls]\ncert = \"/c/n.crt\"\nkey = \"/c/n.key\"\n", "need --tls-ca"),
+            ("[tls]\nca = \"/c/ca.crt\"\ncert = \"/c/n.crt\"\n", "go together"),
+        ] {
+            let e = Settings::from_toml(text).unwrap().into_server_config().unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        // Plaintext on a routable address needs insecure; loopback does not.
+        let mut cfg = ServerConfig::single_node_default();
+        cfg.check_transport_security().unwrap();
+        cfg.listen = "0.0.0.0:7070".parse().unwrap();
+        let e = cfg.check_transport_security().unwrap_err().to_string();
+        assert!(e.contains("--insecure"), "{e}");
+        cfg.insecure = true;
+        cfg.check_transport_security().unwrap();
     }
 
     #[test]

@@ -21,7 +21,12 @@ struct GrpcNode {
 
 async fn start(cfg: NodeConfig, listener: TcpListener) -> GrpcNode {
     let peers = cfg.initial_cluster.peers_of(cfg.node_id);
-    let transport = GrpcTransport::new(cfg.effective_cluster_id(), peers, tokio::runtime::Handle::current());
+    let transport = GrpcTransport::new(
+        cfg.effective_cluster_id(),
+        peers,
+        tokio::runtime::Handle::current(),
+        None,
+    );
     let node = Node::start(cfg, std::sync::Arc::new(transport)).unwrap();
     let svc = RaftService::new(node.cluster_id(), node.inbox()).into_server();
     let server = tokio::spawn(async move {

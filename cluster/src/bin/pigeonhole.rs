@@ -15,7 +15,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::Parser;
 use pigeonhole_cluster::server::{run, shutdown_signal};
-use pigeonhole_cluster::settings::{LimitSettings, Settings};
+use pigeonhole_cluster::settings::{LimitSettings, Settings, TlsSettings};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +66,22 @@ struct Flags {
     /// power loss can then lose acknowledged writes. For benchmarks only.
     #[arg(long, env = "PIGEONHOLE_UNSAFE_NO_FSYNC")]
     unsafe_no_fsync: bool,
+    /// The cluster CA certificate (PEM) that peers' and clients'
+    /// certificates must chain to. With --tls-cert and --tls-key, the port
+    /// serves TLS only and peers are dialled with mTLS (docs/security.md).
+    #[arg(long, env = "PIGEONHOLE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This node's certificate chain (PEM): common name "node", the hosts it
+    /// is reached at as subject alternative names. Reloaded when it changes.
+    #[arg(long, env = "PIGEONHOLE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM). Reloaded when it changes.
+    #[arg(long, env = "PIGEONHOLE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Serve plaintext on a non-loopback address. Anyone who can reach the
+    /// port can then read and write every mailbox and pose as a node.
+    #[arg(long, env = "PIGEONHOLE_INSECURE")]
+    insecure: bool,
     /// Largest request, in bytes [default: 16777216].
     #[arg(long, env = "PIGEONHOLE_REQUEST_BYTES_MAX")]
     request_bytes_max: Option<usize>,
@@ -103,6 +119,12 @@ fn settings(f: Flags) -> Result<Settings, String> {
         replication_factor: f.replication_factor,
         // A flag can only turn it on; absent, the file decides.
         unsafe_no_fsync: f.unsafe_no_fsync.then_some(true),
+        insecure: f.insecure.then_some(true),
+        tls: TlsSettings {
+            ca: f.tls_ca,
+            cert: f.tls_cert,
+            key: f.tls_key,
+        },
         limits: LimitSettings {
             request_bytes_max: f.request_bytes_max,
             request_timeout_ms: f.request_timeout_ms,

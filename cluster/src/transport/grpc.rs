@@ -9,6 +9,12 @@
 //! - Snapshots use a separate RPC per transfer, streaming engine chunks read
 //!   on a blocking thread, so a large snapshot never delays heartbeats.
 //! - Frames carry the cluster id; frames of another cluster are refused.
+//! - With TLS (docs/security.md) a node dials its peers over TLS, presenting
+//!   its own certificate, re-read at every connect so a rotated certificate
+//!   is used from the next reconnect; and the receiving side
+//!   ([`RaftService::with_peer_check`]) takes frames only from a connection
+//!   whose certificate is a node's and names the host of the member the
+//!   frames claim to come from.
 
 use super::{Envelope, NodeInbox, ShardMsg, SnapshotJob, Transport};
 use pigeonhole_engine::raft::eraftpb::Message;
@@ -43,16 +49,24 @@ pub struct GrpcTransport {
     /// Written only when a node joins (`add_peer`); every send reads it.
     peers: std::sync::RwLock<Peers>,
     runtime: tokio::runtime::Handle,
+    tls: Option<pigeonhole_tls::TlsFiles>,
 }
 
 impl GrpcTransport {
     /// Starts one sender task per peer on `runtime`. `peers` maps node id to
-    /// `host:port` (this node excluded).
-    pub fn new(cluster_id: u64, peers: BTreeMap<u64, String>, runtime: tokio::runtime::Handle) -> Self {
+    /// `host:port` (this node excluded). With `tls`, peers are dialled over
+    /// TLS with this node's certificate.
+    pub fn new(
+        cluster_id: u64,
+        peers: BTreeMap<u64, String>,
+        runtime: tokio::runtime::Handle,
+        tls: Option<pigeonhole_tls::TlsFiles>,
+    ) -> Self {
         let t = GrpcTransport {
             cluster_id,
             peers: std::sync::RwLock::new(BTreeMap::new()),
             runtime,
+            tls,
         };
         for (id, addr) in peers {
             t.add_peer(id, &addr);
@@ -63,10 +77,15 @@ impl GrpcTransport {
     fn peers(&self) -> std::sync::RwLockReadGuard<'_, Peers> {
         self.peers.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// The address a peer is known at.
+    pub fn address_of(&self, node: u64) -> Option<String> {
+        self.peers().get(&node).map(|(a, _)| a.clone())
+    }
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+fn endpoint(addr: &str, tls: Option<&pigeonhole_tls::TlsFiles>) -> Result<Endpoint, String> {
+    Ok(pigeonhole_tls::client::endpoint(addr, tls)?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -97,12 +116,26 @@ fn encode(cluster_id: u64, env: Envelope) -> RaftFrame {
     }
 }
 
-async fn peer_loop(cluster_id: u64, addr: String, mut rx: mpsc::Receiver<Envelope>) {
+async fn peer_loop(
+    cluster_id: u64,
+    addr: String,
+    tls: Option<pigeonhole_tls::TlsFiles>,
+    mut rx: mpsc::Receiver<Envelope>,
+) {
     let mut delay = BACKOFF_MIN;
+    let mut complained = false;
     loop {
-        let client = match endpoint(&addr) {
+        let client = match endpoint(&addr, tls.as_ref()) {
             Ok(ep) => ep.connect().await.ok().map(RaftTransportClient::new),
-            Err(_) => None,
+            Err(e) => {
+                // Unreadable TLS files: say so once, keep retrying (they
+                // may be mid-rotation).
+                if !complained {
+                    complained = true;
+                    eprintln!("pigeonhole: WARNING: cannot dial peer {addr}: {e}");
+                }
+                None
+            }
         };
         if let Some(mut client) = client {
             let (tx, stream_rx) = mpsc::channel::<RaftFrame>(256);
@@ -143,10 +176,12 @@ impl Transport for GrpcTransport {
             return;
         };
         let cluster_id = self.cluster_id;
+        let tls = self.tls.clone();
         self.runtime.spawn(async move {
             let ok = stream_snapshot(
                 cluster_id,
                 &addr,
+                tls.as_ref(),
                 job.from,
                 job.to,
                 job.shard,
@@ -170,7 +205,8 @@ impl Transport for GrpcTransport {
             return;
         }
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-        self.runtime.spawn(peer_loop(self.cluster_id, address.to_string(), rx));
+        self.runtime
+            .spawn(peer_loop(self.cluster_id, address.to_string(), self.tls.clone(), rx));
         peers.insert(node, (address.to_string(), tx));
     }
 }
@@ -179,6 +215,7 @@ impl Transport for GrpcTransport {
 async fn stream_snapshot(
     cluster_id: u64,
     addr: &str,
+    tls: Option<&pigeonhole_tls::TlsFiles>,
     from: u64,
     to: u64,
     shard: u64,
@@ -188,15 +225,9 @@ async fn stream_snapshot(
     rate: std::sync::Arc<super::SendRate>,
     sent_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(), String> {
-    let mut client = RaftTransportClient::new(
-        endpoint(addr)
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?,
-    )
-    .max_decoding_message_size(FRAME_BYTES_MAX)
-    .max_encoding_message_size(FRAME_BYTES_MAX);
+    let mut client = RaftTransportClient::new(endpoint(addr, tls)?.connect().await.map_err(|e| e.to_string())?)
+        .max_decoding_message_size(FRAME_BYTES_MAX)
+        .max_encoding_message_size(FRAME_BYTES_MAX);
     let raft_message = msg.write_to_bytes().map_err(|e| e.to_string())?;
     // A small queue: the exporter runs at most a few chunks ahead of the wire.
     let (tx, rx) = mpsc::channel::<SnapshotFrame>(4);
@@ -231,12 +262,76 @@ async fn stream_snapshot(
 pub struct RaftService {
     cluster_id: u64,
     inbox: NodeInbox,
+    /// With TLS: where members are, to check a sender's certificate.
+    members: Option<std::sync::Arc<GrpcTransport>>,
 }
+
+/// Whether a connection may send frames as a node: `None` when it may
+/// send as any (no TLS), else the verified certificate's names.
+type Sender = Option<pigeonhole_tls::PeerCert>;
 
 impl RaftService {
     /// The service for a node's inbox.
     pub fn new(cluster_id: u64, inbox: NodeInbox) -> Self {
-        RaftService { cluster_id, inbox }
+        RaftService {
+            cluster_id,
+            inbox,
+            members: None,
+        }
+    }
+
+    /// Takes frames only from connections whose verified certificate is a
+    /// node's ([`pigeonhole_tls::NODE_COMMON_NAME`]) and names the host of
+    /// the member each frame claims to come from, as `members` knows it.
+    pub fn with_peer_check(mut self, members: std::sync::Arc<GrpcTransport>) -> Self {
+        self.members = Some(members);
+        self
+    }
+
+    /// The sender's certificate, if this service checks them: a connection
+    /// without one, or with a client's, is refused here.
+    fn sender<T>(&self, req: &Request<T>) -> Result<Sender, Status> {
+        if self.members.is_none() {
+            return Ok(None);
+        }
+        let cert = match pigeonhole_tls::PeerCert::of_request(req) {
+            None => {
+                return Err(Status::unauthenticated(
+                    "the Raft transport needs a node certificate (mTLS); this connection presented none",
+                ))
+            }
+            Some(Err(e)) => return Err(Status::unauthenticated(format!("peer certificate: {e}"))),
+            Some(Ok(c)) => c,
+        };
+        if !cert.is_node() {
+            return Err(Status::permission_denied(format!(
+                "the Raft transport is for nodes: certificate common name {:?} is not {:?}",
+                cert.common_name.as_deref().unwrap_or(""),
+                pigeonhole_tls::NODE_COMMON_NAME
+            )));
+        }
+        Ok(Some(cert))
+    }
+
+    /// Whether `sender` may send as `from`: its certificate names the host
+    /// of `from`'s address.
+    fn check_sender(&self, sender: &Sender, from: u64) -> Result<(), Status> {
+        let (Some(members), Some(cert)) = (&self.members, sender) else {
+            return Ok(());
+        };
+        let Some(addr) = members.address_of(from) else {
+            return Err(Status::permission_denied(format!(
+                "node {from} is not a member this node knows (yet)"
+            )));
+        };
+        let host = pigeonhole_tls::peer::host_of(&addr);
+        if !cert.names_host(host) {
+            return Err(Status::permission_denied(format!(
+                "the certificate does not name {host}, the host of node {from} ({addr}); it names {:?} {:?}",
+                cert.dns_names, cert.ips
+            )));
+        }
+        Ok(())
     }
 
     /// As a tonic server, with the frame size limit set.
@@ -266,9 +361,19 @@ impl RaftService {
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
     async fn send(&self, req: Request<Streaming<RaftFrame>>) -> Result<Response<TransportDone>, Status> {
+        let sender = self.sender(&req)?;
         let mut stream = req.into_inner();
+        // A stream comes from one node; its certificate is checked against
+        // that node once, and again if the claimed sender ever changes.
+        let mut checked_from = None;
         while let Some(frame) = stream.next().await {
             let frame = frame?;
+            // Who is sending first: a stranger learns nothing, not even
+            // this cluster's id.
+            if checked_from != Some(frame.from_node) {
+                self.check_sender(&sender, frame.from_node)?;
+                checked_from = Some(frame.from_node);
+            }
             self.check(frame.cluster_id, frame.to_node)?;
             self.inbox
                 .deliver(decode_frame(frame)?)
@@ -278,10 +383,18 @@ impl RaftTransport for RaftService {
     }
 
     async fn snapshot(&self, req: Request<Streaming<SnapshotFrame>>) -> Result<Response<TransportDone>, Status> {
+        let sender = self.sender(&req)?;
         let mut stream = req.into_inner();
         let mut writer = None;
+        let mut checked_from = None;
         while let Some(frame) = stream.next().await {
             let frame = frame?;
+            // Who is sending first: a stranger learns nothing, not even
+            // this cluster's id.
+            if checked_from != Some(frame.from_node) {
+                self.check_sender(&sender, frame.from_node)?;
+                checked_from = Some(frame.from_node);
+            }
             self.check(frame.cluster_id, frame.to_node)?;
             let w = match writer.as_mut() {
                 Some(w) => w,
@@ -333,6 +446,6 @@ pub fn decode_frame(frame: RaftFrame) -> Result<Envelope, Status> {
 }
 
 /// Connects to a channel lazily (for callers that want to share one).
-pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(addr)?.connect_lazy())
+pub fn lazy_channel(addr: &str) -> Result<Channel, String> {
+    Ok(endpoint(addr, None)?.connect_lazy())
 }

@@ -14,6 +14,7 @@ pub struct Ctx {
     pub endpoints: Vec<String>,
     pub output: Output,
     pub timeout: Duration,
+    pub tls: Option<pigeonhole_tls::TlsFiles>,
 }
 
 /// A failure to report on stderr, with its exit code.
@@ -47,6 +48,7 @@ pub(crate) async fn connect(ctx: &Ctx) -> Result<Client, Failure> {
     let mut cfg = ClientConfig::new(ctx.endpoints.clone());
     cfg.request_timeout = ctx.timeout;
     cfg.attempt_timeout = ctx.timeout.min(cfg.attempt_timeout);
+    cfg.tls = ctx.tls.clone();
     Ok(Client::connect(cfg).await?)
 }
 

@@ -30,6 +30,8 @@ use std::process::ExitCode;
 
 /// Exit code: the cluster refused the request, or the object does not exist.
 pub const EXIT_FAILED: u8 = 1;
+/// Exit code: bad flags (as clap's own usage errors).
+pub const EXIT_USAGE: u8 = 2;
 /// Exit code: the cluster was unreachable or did not answer in time.
 pub const EXIT_UNAVAILABLE: u8 = 3;
 /// Exit code: `cluster status` found the cluster degraded.
@@ -55,6 +57,15 @@ struct Cli {
     /// Deadline of each request to the cluster, retries included, in ms.
     #[arg(long, default_value_t = 5_000, global = true)]
     timeout_ms: u64,
+    /// Talk TLS: the CA (PEM) the nodes' certificates must chain to.
+    #[arg(long, env = "PIGEONHOLE_CLIENT_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// This client's certificate (PEM), to authenticate by it (mTLS).
+    #[arg(long, env = "PIGEONHOLE_CLIENT_TLS_CERT", global = true)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "PIGEONHOLE_CLIENT_TLS_KEY", global = true)]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -268,7 +279,15 @@ enum MailboxCommand {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let tls = match pigeonhole_tls::TlsFiles::from_flags(cli.tls_ca, cli.tls_cert, cli.tls_key) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("phctl: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let ctx = commands::Ctx {
+        tls,
         endpoints: cli.endpoints,
         output: cli.output,
         timeout: std::time::Duration::from_millis(cli.timeout_ms),
