@@ -244,3 +244,68 @@ fn plaintext_on_a_non_loopback_address_needs_insecure() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("WARNING: --insecure"), "{err}");
 }
+
+#[test]
+fn scripts_dev_certs_makes_a_set_a_node_and_phctl_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/dev-certs");
+    let made = Command::new("bash")
+        .arg(&script)
+        .arg(&certs)
+        .args(["--clients", "admin"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _node = Procs(vec![Command::new(server_bin())
+        .args(["--listen", &addr, "--shards", "2"])
+        .arg("--data-dir")
+        .arg(dir.path().join("n1"))
+        .arg("--tls-ca")
+        .arg(certs.join("ca.crt"))
+        .arg("--tls-cert")
+        .arg(certs.join("node.crt"))
+        .arg("--tls-key")
+        .arg(certs.join("node.key"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_phctl"))
+            .args(["--endpoints", &addr, "--timeout-ms", "2000"])
+            .arg("--tls-ca")
+            .arg(certs.join("ca.crt"))
+            .arg("--tls-cert")
+            .arg(certs.join("admin.crt"))
+            .arg("--tls-key")
+            .arg(certs.join("admin.key"))
+            .args(["cluster", "status"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "phctl over TLS with the script's certificates: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A certificate without its key is a usage error, named.
+    let out = Command::new(env!("CARGO_BIN_EXE_phctl"))
+        .args(["--endpoints", &addr])
+        .arg("--tls-ca")
+        .arg(certs.join("ca.crt"))
+        .arg("--tls-cert")
+        .arg(certs.join("admin.crt"))
+        .args(["cluster", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key"));
+}

@@ -56,6 +56,11 @@ struct Flags {
     /// Where histories, server logs and anomaly reports go.
     #[arg(long, default_value = "jepsen-runs")]
     out: PathBuf,
+    /// Run the cluster in plaintext (`--insecure`) instead of TLS. By
+    /// default the harness makes a CA and certificates for the run
+    /// (`<out>/certs`) and every node, client and phctl call uses TLS.
+    #[arg(long)]
+    plaintext: bool,
     /// Internal: run the scenarios (inside the clients' namespace).
     #[arg(long, hide = true)]
     inner: bool,
@@ -174,11 +179,13 @@ async fn inner(f: Flags, seed: u64) -> Result<bool, String> {
         ));
     }
     let time_limit = Duration::from_secs(f.time_limit);
+    pigeonhole_jepsen::harness::cluster::set_tls(!f.plaintext, &f.out.join("certs"))?;
     println!(
-        "pigeonhole-jepsen: seed {seed}, {} scenario(s) of {} s, {} clients; output in {}",
+        "pigeonhole-jepsen: seed {seed}, {} scenario(s) of {} s, {} clients, {}; output in {}",
         list.len(),
         f.time_limit,
         f.concurrency,
+        if f.plaintext { "plaintext (--insecure)" } else { "TLS" },
         f.out.display()
     );
     let mut outcomes = Vec::new();

@@ -54,6 +54,41 @@ pub struct Member {
     pub leaving: bool,
 }
 
+/// The run's TLS material: the nodes' certificate (one for every slot's
+/// address) and the clients'. `None` in the global: plaintext, with
+/// `--insecure` (the nodes listen on the namespaces' addresses, not
+/// loopback).
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// What every node is started with.
+    pub node: pigeonhole_tls::TlsFiles,
+    /// What the harness's clients and phctl present.
+    pub client: pigeonhole_tls::TlsFiles,
+}
+
+static TLS: std::sync::OnceLock<Option<Tls>> = std::sync::OnceLock::new();
+
+/// Sets the run's TLS (once, before any cluster starts): makes a CA and
+/// certificates in `dir` when `on`.
+pub fn set_tls(on: bool, dir: &Path) -> Result<(), String> {
+    let tls = if on {
+        let ca = pigeonhole_tls::dev::DevCa::new("pigeonhole-jepsen CA")?;
+        let hosts: Vec<String> = (1..=SLOTS_MAX).map(net::node_ip).collect();
+        Some(Tls {
+            node: ca.write(dir, "node", &pigeonhole_tls::dev::Leaf::node(hosts))?,
+            client: ca.write(dir, "jepsen", &pigeonhole_tls::dev::Leaf::client("jepsen"))?,
+        })
+    } else {
+        None
+    };
+    TLS.set(tls).map_err(|_| "TLS was set twice".to_string())
+}
+
+/// The run's TLS, if on.
+pub fn tls() -> Option<&'static Tls> {
+    TLS.get().and_then(Option::as_ref)
+}
+
 /// A running test cluster.
 #[derive(Debug)]
 pub struct Cluster {
@@ -221,6 +256,17 @@ impl Cluster {
                 .args(["--initial-cluster", &self.initial_cluster()])
                 .args(["--shards", &SHARDS.to_string()]);
         }
+        match tls() {
+            Some(t) => {
+                cmd.arg("--tls-ca").arg(&t.node.ca);
+                if let (Some(cert), Some(key)) = (&t.node.cert, &t.node.key) {
+                    cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+                }
+            }
+            None => {
+                cmd.arg("--insecure");
+            }
+        }
         cmd.arg("--data-dir")
             .arg(&member.data)
             .stdin(Stdio::null())
@@ -327,8 +373,7 @@ impl Drop for Cluster {
 /// A channel to node `i` (lazy: a dead node fails the call, not this).
 pub fn channel(i: u64) -> Result<tonic::transport::Channel, String> {
     Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{}:{PORT}", net::node_ip(i)))
-            .map_err(|e| e.to_string())?
+        pigeonhole_tls::client::endpoint(&format!("{}:{PORT}", net::node_ip(i)), tls().map(|t| &t.client))?
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(2))
             .connect_lazy(),

@@ -164,9 +164,15 @@ async fn phctl(c: &Cluster, except: u64, args: &[&str]) -> Result<Result<String,
         .filter(|s| *s != except)
         .map(|s| format!("{}:{PORT}", net::node_ip(s)))
         .collect();
-    let out = tokio::process::Command::new(bin)
-        .arg("--endpoints")
-        .arg(endpoints.join(","))
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("--endpoints").arg(endpoints.join(","));
+    if let Some(t) = cluster::tls() {
+        cmd.arg("--tls-ca").arg(&t.client.ca);
+        if let (Some(cert), Some(key)) = (&t.client.cert, &t.client.key) {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+    }
+    let out = cmd
         .args(args)
         .output()
         .await
