@@ -16,7 +16,10 @@
 //! - **No lock is held across an await**: the routing table and the channel
 //!   cache sit behind std mutexes taken for a few instructions.
 
+mod auth;
 mod nodes;
+
+pub use auth::{Conn, Credentials};
 
 use crate::coalesce::{CoalesceConfig, Coalescer};
 use crate::error::{is_retryable, status_detail, Error};
@@ -71,6 +74,10 @@ pub struct ClientConfig {
     /// TLS: the CA the nodes' certificates must chain to, and this client's
     /// certificate if it authenticates by one. `None`: plaintext.
     pub tls: Option<pigeonhole_tls::TlsFiles>,
+    /// A bearer token (`ph_<id>.<secret>`, from `phctl auth token create`),
+    /// sent with every call; it names the identity instead of the client
+    /// certificate. Needs `tls` (connect refuses a token over plaintext).
+    pub token: Option<String>,
 }
 
 impl ClientConfig {
@@ -87,6 +94,7 @@ impl ClientConfig {
             keepalive_interval: Duration::from_secs(5),
             coalesce: CoalesceConfig::default(),
             tls: None,
+            token: None,
         }
     }
 }
@@ -116,6 +124,8 @@ struct Inner {
     suspects: Mutex<HashMap<u64, Instant>>,
     last_refresh: Mutex<Option<Instant>>,
     coalescer: Coalescer,
+    /// The `authorization` header's value, if the client has a token.
+    credentials: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -192,8 +202,27 @@ impl Client {
             return Err(Error::NoEndpoint("no endpoints given".into()));
         }
         let timeout = config.request_timeout;
+        let credentials = match &config.token {
+            None => None,
+            Some(_) if config.tls.is_none() => {
+                // A token over plaintext is a token given away.
+                return Err(Error::NoEndpoint(
+                    "token: a bearer token is sent only over TLS; give the CA (ClientConfig::tls, phctl --tls-ca)"
+                        .into(),
+                ));
+            }
+            Some(t) => {
+                let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| Error::NoEndpoint("token: not printable ASCII".into()))?;
+                // Never put it in HTTP/2's header compression tables.
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
         let c = Client {
             inner: Arc::new(Inner {
+                credentials,
                 config,
                 routing: Mutex::new(Routing::default()),
                 channels: Mutex::new(HashMap::new()),
@@ -244,6 +273,11 @@ impl Client {
         lock(&self.inner.routing).clone()
     }
 
+    /// What every call carries to authenticate (the token, if any).
+    pub fn credentials(&self) -> Credentials {
+        Credentials(self.inner.credentials.clone())
+    }
+
     /// A channel to `addr` (`host:port`), created lazily and cached.
     pub fn channel(&self, addr: &str) -> Result<Channel, Error> {
         let addr = normalize(addr);
@@ -268,21 +302,23 @@ impl Client {
     }
 
     /// A Mailbox stub for `node`.
-    pub(crate) fn mailbox_at(&self, node: u64) -> Result<MailboxClient<Channel>, Error> {
+    pub(crate) fn mailbox_at(&self, node: u64) -> Result<MailboxClient<Conn>, Error> {
         let addr = self
             .node_addr(node)
             .ok_or_else(|| Error::NoEndpoint(format!("node {node} has no address in the shard map")))?;
-        Ok(MailboxClient::new(self.channel(&addr)?)
-            .max_decoding_message_size(RESPONSE_BYTES_MAX)
-            .max_encoding_message_size(REQUEST_BYTES_MAX))
+        Ok(
+            MailboxClient::with_interceptor(self.channel(&addr)?, self.credentials())
+                .max_decoding_message_size(RESPONSE_BYTES_MAX)
+                .max_encoding_message_size(REQUEST_BYTES_MAX),
+        )
     }
 
     /// An Admin stub for `node`.
-    pub fn admin_at(&self, node: u64) -> Result<AdminClient<Channel>, Error> {
+    pub fn admin_at(&self, node: u64) -> Result<AdminClient<Conn>, Error> {
         let addr = self
             .node_addr(node)
             .ok_or_else(|| Error::NoEndpoint(format!("node {node} has no address in the shard map")))?;
-        Ok(AdminClient::new(self.channel(&addr)?))
+        Ok(AdminClient::with_interceptor(self.channel(&addr)?, self.credentials()))
     }
 
     /// Re-reads the shard map from any node that answers (known nodes
@@ -302,7 +338,7 @@ impl Client {
         candidates.rotate_left(start.min(n));
         let mut last = String::from("no candidates");
         for addr in candidates {
-            let mut admin = AdminClient::new(self.channel(&addr)?);
+            let mut admin = AdminClient::with_interceptor(self.channel(&addr)?, self.credentials());
             let mut req = Request::new(pb::GetShardMapRequest {});
             req.set_timeout(self.inner.config.attempt_timeout);
             let answer = tokio::time::timeout(self.inner.config.attempt_timeout, admin.get_shard_map(req)).await;
@@ -383,7 +419,7 @@ impl Client {
     /// time budget (which it must set as the request's timeout).
     pub(crate) async fn run<T, F, Fut>(&self, route: Route<'_>, f: F) -> Result<T, Error>
     where
-        F: FnMut(MailboxClient<Channel>, Duration) -> Fut,
+        F: FnMut(MailboxClient<Conn>, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         self.run_with(route, Duration::ZERO, f).await
@@ -397,7 +433,7 @@ impl Client {
         mut f: F,
     ) -> Result<T, Error>
     where
-        F: FnMut(MailboxClient<Channel>, Duration) -> Fut,
+        F: FnMut(MailboxClient<Conn>, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let cfg = &self.inner.config;
@@ -673,7 +709,7 @@ impl Client {
     /// client's deadline.
     async fn call_leader<T, F, Fut>(&self, shard: u64, mut call: F) -> Result<T, Error>
     where
-        F: FnMut(AdminClient<Channel>, Duration) -> Fut,
+        F: FnMut(AdminClient<Conn>, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let cfg = &self.inner.config;

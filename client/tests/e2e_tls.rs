@@ -59,6 +59,9 @@ async fn a_tls_cluster_replicates_over_mtls_and_lets_in_only_what_it_should() {
     let node = ca
         .write(&certs, "node", &Leaf::node(["127.0.0.1", "localhost"]))
         .unwrap();
+    // The CA holder's superuser writes; "router" has no grants (auth is on
+    // with TLS: e2e_auth.rs tests roles).
+    let root = ca.write(&certs, "root", &Leaf::client("root")).unwrap();
     let router = ca.write(&certs, "router", &Leaf::client("router")).unwrap();
     let stranger = ca.write(&certs, "stranger", &Leaf::node(["10.9.9.9"])).unwrap();
 
@@ -95,7 +98,7 @@ async fn a_tls_cluster_replicates_over_mtls_and_lets_in_only_what_it_should() {
     // to each other over mTLS.
     let deadline = Instant::now() + Duration::from_secs(60);
     let client = loop {
-        match Client::connect(client_config(&endpoints, Some(router.clone()))).await {
+        match Client::connect(client_config(&endpoints, Some(root.clone()))).await {
             Ok(c) => break c,
             Err(e) => assert!(Instant::now() < deadline, "TLS cluster never came up: {e}"),
         }
@@ -120,15 +123,37 @@ async fn a_tls_cluster_replicates_over_mtls_and_lets_in_only_what_it_should() {
             }
         }
     }
-    // A client with the CA only (it would authenticate by token) reads them.
-    let ca_only = Client::connect(client_config(&endpoints, Some(TlsFiles::ca_only(&node.ca))))
+    // A client with the CA only and a bearer token reads them.
+    client.put_identity("reader").await.unwrap();
+    client
+        .grant("reader", "chat", pigeonhole_client::pb::Role::Read)
         .await
         .unwrap();
+    let mut with_token = client_config(&endpoints, Some(TlsFiles::ca_only(&node.ca)));
+    with_token.token = Some(client.create_token("reader", 60, "e2e_tls").await.unwrap().token);
+    // A new token is honoured by every node within a second of its answer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ca_only = loop {
+        match Client::connect(with_token.clone()).await {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "the new token was never honoured: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     for u in &users {
-        let r = ca_only
-            .sync(&mailbox("chat", u.as_bytes()), 0, SyncOptions::default())
-            .await
-            .unwrap();
+        // Every node honours the token within a second of its answer, not
+        // at once: the node a read goes to may not have it yet.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let r = loop {
+            match ca_only
+                .sync(&mailbox("chat", u.as_bytes()), 0, SyncOptions::default())
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) => assert!(Instant::now() < deadline, "{u}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         assert_eq!(r.messages.len(), 5, "{u}");
     }
 
@@ -152,6 +177,10 @@ async fn a_tls_cluster_replicates_over_mtls_and_lets_in_only_what_it_should() {
         .env("PIGEONHOLE_ENDPOINTS", endpoints.join(","))
         .arg("--tls-ca")
         .arg(&node.ca)
+        .arg("--tls-cert")
+        .arg(root.cert.as_ref().unwrap())
+        .arg("--tls-key")
+        .arg(root.key.as_ref().unwrap())
         .args(["cluster", "status"])
         .output()
         .unwrap();
@@ -253,7 +282,7 @@ fn scripts_dev_certs_makes_a_set_a_node_and_phctl_use() {
     let made = Command::new("bash")
         .arg(&script)
         .arg(&certs)
-        .args(["--clients", "admin"])
+        .args(["--clients", "root"])
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
@@ -280,9 +309,9 @@ fn scripts_dev_certs_makes_a_set_a_node_and_phctl_use() {
             .arg("--tls-ca")
             .arg(certs.join("ca.crt"))
             .arg("--tls-cert")
-            .arg(certs.join("admin.crt"))
+            .arg(certs.join("root.crt"))
             .arg("--tls-key")
-            .arg(certs.join("admin.key"))
+            .arg(certs.join("root.key"))
             .args(["cluster", "status"])
             .output()
             .unwrap();
@@ -302,7 +331,7 @@ fn scripts_dev_certs_makes_a_set_a_node_and_phctl_use() {
         .arg("--tls-ca")
         .arg(certs.join("ca.crt"))
         .arg("--tls-cert")
-        .arg(certs.join("admin.crt"))
+        .arg(certs.join("root.crt"))
         .args(["cluster", "status"])
         .output()
         .unwrap();

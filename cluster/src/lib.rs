@@ -18,7 +18,7 @@
 //! - **Idle shards hibernate**; one node-level heartbeat per peer keeps
 //!   failure detection working while they sleep.
 //!
-//! Module map: [`config`] (node and Raft limits), [`settings`] (the
+//! Module map: [`auth`] (who may call what, per namespace), [`config`] (node and Raft limits), [`settings`] (the
 //! server's flags, environment and config file), [`server`], [`api`], [`error`], [`hash`],
 //! [`placement`] (shard map), [`nodes`] (node states), [`join`] (nodes that
 //! join a running cluster), [`balance`] and [`moves`] (the placement
@@ -27,6 +27,7 @@
 //! waiting readers a write or a leader loss concerns).
 
 pub mod api;
+pub mod auth;
 pub mod balance;
 pub mod config;
 pub mod driver;

@@ -222,9 +222,16 @@ pub async fn run(
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<MailboxServer<MailboxService>>().await;
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-    let mailbox = MailboxServer::new(MailboxService::new(node.clone(), cfg.api.clone(), closing_rx))
-        .max_decoding_message_size(cfg.request_bytes_max)
-        .max_encoding_message_size(64 << 20);
+    // Auth is on exactly when the port serves TLS (docs/security.md).
+    let auth = if cfg.tls.is_some() {
+        crate::auth::Auth::on(&node)
+    } else {
+        crate::auth::Auth::off()
+    };
+    let mailbox =
+        MailboxServer::new(MailboxService::new(node.clone(), cfg.api.clone(), closing_rx).with_auth(auth.clone()))
+            .max_decoding_message_size(cfg.request_bytes_max)
+            .max_encoding_message_size(64 << 20);
     let mut raft = RaftService::new(node.cluster_id(), node.inbox());
     if cfg.tls.is_some() {
         // Over TLS, only a node certificate naming the sender's host may
@@ -252,12 +259,30 @@ pub async fn run(
         cfg.data_dir.display()
     );
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-    let router = tonic::transport::Server::builder()
-        .add_service(health_svc)
-        .add_service(reflection)
-        .add_service(mailbox)
-        .add_service(AdminServer::new(AdminService::new(node.clone())))
-        .add_service(raft);
+    let admin = AdminServer::new(AdminService::new(node.clone()).with_auth(auth.clone()));
+    // With auth on, callers are authenticated from headers and connection
+    // before a request body is decoded (crate::auth::check).
+    let router = if auth.is_on() {
+        tonic::transport::Server::builder()
+            .add_service(health_svc)
+            .add_service(reflection)
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                mailbox,
+                auth.interceptor(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                admin,
+                auth.interceptor(),
+            ))
+            .add_service(raft)
+    } else {
+        tonic::transport::Server::builder()
+            .add_service(health_svc)
+            .add_service(reflection)
+            .add_service(mailbox)
+            .add_service(admin)
+            .add_service(raft)
+    };
     let stopping = async move {
         shutdown.await;
         // Long-polls and Subscribe streams end now; unary requests in

@@ -1,7 +1,7 @@
 //! The PEM files a process is given, and reading them.
 //!
 //! Files are read whole each time a config is built: a client builds one
-//! per connection, the server whenever the files' size or modification
+//! per connection, the server whenever the files' inode, size or modification
 //! time changes ([`Fingerprint`]). A certificate rotated by replacing its
 //! files (rename over the old one, as cert-manager and certbot do) is
 //! picked up without a restart.
@@ -95,13 +95,15 @@ impl TlsFiles {
         }
     }
 
-    /// What the files look like now (sizes and modification times). A
-    /// change means they should be read again.
+    /// What the files look like now (inode, size and modification time:
+    /// a file renamed over the old one has a new inode even when its size
+    /// and time are the same). A change means they should be read again.
     pub fn fingerprint(&self) -> Fingerprint {
+        use std::os::unix::fs::MetadataExt as _;
         let stat = |p: &Path| {
             std::fs::metadata(p)
                 .ok()
-                .map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
+                .map(|m| (m.ino(), m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
         };
         Fingerprint([
             stat(&self.ca),
@@ -114,9 +116,9 @@ impl TlsFiles {
 /// A certificate chain and its key, PEM text.
 pub type PemPair = (Vec<u8>, Vec<u8>);
 
-/// Sizes and modification times of a [`TlsFiles`]'s files.
+/// Inodes, sizes and modification times of a [`TlsFiles`]'s files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint([Option<(u64, SystemTime)>; 3]);
+pub struct Fingerprint([Option<(u64, u64, SystemTime)>; 3]);
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     let io = |source| TlsError::Io {

@@ -4,7 +4,7 @@
 //! Why not tonic's own `ServerTlsConfig`: it reads the files once, so a
 //! rotated certificate would need a restart. Here every accepted connection
 //! asks [`ServerTls::acceptor`] for the current config, which re-reads the
-//! files when their size or modification time changed (checked at most once
+//! files when their inode, size or modification time changed (checked at most once
 //! per [`RELOAD_CHECK_MS`]). A reload that fails (a half-written file) keeps
 //! the config that works and says why, once per change.
 //!
@@ -14,10 +14,13 @@
 //! (docs/security.md). A certificate that is offered and does not verify
 //! (another CA, expired, not yet valid) fails the handshake.
 //!
-//! Handshakes run on tasks of their own, at most
-//! [`HANDSHAKES_IN_FLIGHT_MAX`] at once and each for at most
+//! Handshakes run on tasks of their own, each for at most
 //! [`HANDSHAKE_MS_MAX`], so a slow or silent client never holds up the
-//! accept loop.
+//! accept loop. At most [`HANDSHAKES_IN_FLIGHT_MAX`] run at once; a
+//! connection that arrives while all are taken is closed at once rather
+//! than queued (the accept loop never waits, so a flood of silent
+//! connections costs the node a few seconds of those slots, not its
+//! ability to accept). Peers and clients reconnect with backoff.
 
 use crate::files::Fingerprint;
 use crate::{provider, TlsError, TlsFiles};
@@ -35,8 +38,8 @@ use tokio_stream::wrappers::ReceiverStream;
 /// How often, at most, the files are checked for a change.
 pub const RELOAD_CHECK_MS: u64 = 1_000;
 /// The longest a TLS handshake may take before the connection is dropped.
-pub const HANDSHAKE_MS_MAX: u64 = 10_000;
-/// Handshakes in progress at once; further connections wait to start theirs.
+pub const HANDSHAKE_MS_MAX: u64 = 3_000;
+/// Handshakes in progress at once; a connection past it is closed.
 pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 256;
 /// Connections handshaken and not yet taken by the server.
 const ACCEPTED_QUEUE_MAX: usize = 64;
@@ -187,8 +190,13 @@ pub fn incoming(
             };
             // Nagle off, as on the plaintext path (server.rs says why).
             let _ = tcp.set_nodelay(true);
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tls.handshake_failed(
+                    peer,
+                    &format!("{HANDSHAKES_IN_FLIGHT_MAX} handshakes already in progress"),
+                );
+                drop(tcp);
+                continue;
             };
             let acceptor = tls.acceptor();
             let tx = tx.clone();

@@ -148,6 +148,15 @@ struct RunArgs {
     /// Repetition number, copied into the output.
     #[arg(long, default_value_t = 1)]
     rep: u32,
+    /// Pigeonhole only: talk TLS, checking nodes against this CA (PEM).
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Pigeonhole only: the client certificate (its identity needs append).
+    #[arg(long)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Pigeonhole only: the key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 /// Largest latency recorded, µs (60 s); larger values are clamped.
@@ -171,6 +180,8 @@ impl Target {
             System::Pigeonhole => {
                 let mut cfg = pigeonhole_client::ClientConfig::new(a.endpoints.clone());
                 cfg.coalesce.enabled = a.coalesce;
+                cfg.tls =
+                    pigeonhole_client::TlsFiles::from_flags(a.tls_ca.clone(), a.tls_cert.clone(), a.tls_key.clone())?;
                 let c = pigeonhole_client::Client::connect(cfg)
                     .await
                     .map_err(|e| e.to_string())?;

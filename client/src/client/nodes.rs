@@ -8,7 +8,6 @@ use crate::{pb, Error};
 use pigeonhole_proto::v1::admin_client::AdminClient;
 use std::future::Future;
 use std::time::Duration;
-use tonic::transport::Channel;
 use tonic::Status;
 
 impl Client {
@@ -71,9 +70,9 @@ impl Client {
     /// Runs an admin call any node can answer: on the known nodes in turn,
     /// retrying retryable statuses (and UNIMPLEMENTED, from a node of an
     /// older build) within the client's deadline.
-    async fn call_any<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    pub(super) async fn call_any<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
     where
-        F: FnMut(AdminClient<Channel>, Duration) -> Fut,
+        F: FnMut(AdminClient<super::Conn>, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let cfg = &self.inner.config;

@@ -26,12 +26,30 @@ pub const MEMBERSHIP_CHANGES_MAX: usize = 8;
 #[derive(Debug, Clone)]
 pub struct AdminService {
     node: Node,
+    auth: crate::auth::Auth,
 }
 
 impl AdminService {
-    /// The service over `node`.
+    /// The service over `node`, checking nothing (a plaintext node).
     pub fn new(node: Node) -> Self {
-        AdminService { node }
+        AdminService {
+            node,
+            auth: crate::auth::Auth::off(),
+        }
+    }
+
+    /// Checks every request with `auth`: GetShardMap needs any identity
+    /// (clients route by it; it holds no mailbox data), every other RPC the
+    /// admin role.
+    pub fn with_auth(mut self, auth: crate::auth::Auth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.auth
+            .check(req, crate::auth::book::ALL_NAMESPACES, pb::Role::Admin)
+            .map(|_| ())
     }
 }
 
@@ -39,8 +57,10 @@ impl AdminService {
 impl Admin for AdminService {
     async fn get_shard_map(
         &self,
-        _: Request<pb::GetShardMapRequest>,
+        req: Request<pb::GetShardMapRequest>,
     ) -> Result<Response<pb::GetShardMapResponse>, Status> {
+        let caller = self.auth.caller(&req)?;
+        self.auth.known(&caller)?;
         let map = self.node.shard_map().map_err(|e| cluster_error(&e))?;
         let states = self.node.node_states().map_err(|e| cluster_error(&e))?;
         Ok(Response::new(pb::GetShardMapResponse {
@@ -63,6 +83,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::NodeStatusRequest>,
     ) -> Result<Response<pb::NodeStatusResponse>, Status> {
+        self.admin(&req)?;
         if req.get_ref().size_shards.len() > SIZE_SHARDS_MAX {
             return Err(invalid(
                 "size_shards",
@@ -146,6 +167,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        self.admin(&req)?;
         let r = req.into_inner();
         if r.to_node == 0 {
             return Err(invalid("to_node", "is required"));
@@ -164,6 +186,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ChangeMembershipRequest>,
     ) -> Result<Response<pb::ChangeMembershipResponse>, Status> {
+        self.admin(&req)?;
         let r = req.into_inner();
         let nodes = self.node.shard_map().map_err(|e| cluster_error(&e))?.nodes;
         let changes = membership_changes(&r.changes, |n| nodes.contains_key(&n))?;
@@ -196,6 +219,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SplitShardRequest>,
     ) -> Result<Response<pb::SplitShardResponse>, Status> {
+        self.admin(&req)?;
         let r = req.into_inner();
         let at = (r.split_hash != 0).then_some(r.split_hash);
         let done = self
@@ -213,6 +237,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SetPreferredLeaderRequest>,
     ) -> Result<Response<pb::SetPreferredLeaderResponse>, Status> {
+        self.admin(&req)?;
         let r = req.into_inner();
         self.node
             .set_preferred_leader(r.shard, r.node)
@@ -223,8 +248,9 @@ impl Admin for AdminService {
 
     async fn get_placement(
         &self,
-        _: Request<pb::GetPlacementRequest>,
+        req: Request<pb::GetPlacementRequest>,
     ) -> Result<Response<pb::GetPlacementResponse>, Status> {
+        self.admin(&req)?;
         let v = self.node.placement().await.map_err(|e| cluster_error(&e))?;
         let state_name = |s: pigeonhole_proto::internal::v1::MoveState| match s {
             pigeonhole_proto::internal::v1::MoveState::Cancelled => "cancelled",
@@ -292,6 +318,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SetPlacementRequest>,
     ) -> Result<Response<pb::SetPlacementResponse>, Status> {
+        self.admin(&req)?;
         let r = req.into_inner();
         let c = self
             .node
@@ -313,6 +340,7 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::SetNodeStateRequest>,
     ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
+        self.admin(&req)?;
         let r = req.into_inner();
         let state = pb::NodeState::try_from(r.state)
             .map_err(|_| invalid("state", format!("{} is not a NodeState", r.state)))?;
@@ -327,7 +355,67 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn get_auth(&self, req: Request<pb::GetAuthRequest>) -> Result<Response<pb::GetAuthResponse>, Status> {
+        self.admin(&req)?;
+        super::auth_rpc::get_auth(&self.node).await.map(Response::new)
+    }
+
+    async fn put_identity(
+        &self,
+        req: Request<pb::PutIdentityRequest>,
+    ) -> Result<Response<pb::PutIdentityResponse>, Status> {
+        self.admin(&req)?;
+        super::auth_rpc::put_identity(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete_identity(
+        &self,
+        req: Request<pb::DeleteIdentityRequest>,
+    ) -> Result<Response<pb::DeleteIdentityResponse>, Status> {
+        self.admin(&req)?;
+        super::auth_rpc::delete_identity(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn grant(&self, req: Request<pb::GrantRequest>) -> Result<Response<pb::GrantResponse>, Status> {
+        self.admin(&req)?;
+        super::auth_rpc::grant(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
+        self.admin(&req)?;
+        super::auth_rpc::revoke(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        self.admin(&req)?;
+        super::auth_rpc::create_token(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        self.admin(&req)?;
+        super::auth_rpc::revoke_token(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn join_node(&self, req: Request<pb::JoinNodeRequest>) -> Result<Response<pb::JoinNodeResponse>, Status> {
+        self.admin(&req)?;
         let r = req.into_inner();
         let (node_id, nodes) = crate::join::admit(&self.node, &r.address, r.join_token, &r.zone)
             .await

@@ -57,6 +57,8 @@ impl Default for ApiLimits {
 pub struct MailboxService {
     pub(super) node: Node,
     pub(super) limits: ApiLimits,
+    /// Who may do what (off on a plaintext node).
+    pub(super) auth: crate::auth::Auth,
     /// Becomes true when the server starts shutting down: long-polls return
     /// and Subscribe streams end, so a graceful shutdown never waits on them.
     pub(super) closing: tokio::sync::watch::Receiver<bool>,
@@ -65,7 +67,18 @@ pub struct MailboxService {
 impl MailboxService {
     /// The service over `node`; `closing` turns true at shutdown.
     pub fn new(node: Node, limits: ApiLimits, closing: tokio::sync::watch::Receiver<bool>) -> Self {
-        MailboxService { node, limits, closing }
+        MailboxService {
+            node,
+            limits,
+            auth: crate::auth::Auth::off(),
+            closing,
+        }
+    }
+
+    /// Checks every request with `auth`.
+    pub fn with_auth(mut self, auth: crate::auth::Auth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Validates a mailbox id and finds its shard.
@@ -221,8 +234,10 @@ type SubscribeStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Subscr
 impl Mailbox for MailboxService {
     async fn append(&self, req: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
+        let caller = self.auth.caller(&req)?;
         let mut r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.take().as_ref())?;
+        self.auth.allow(&caller, &ns, pb::Role::Append)?;
         let out = self.one(shard, append_op(r, ns, uid), until).await?;
         Ok(Response::new(appended(out)?))
     }
@@ -232,6 +247,7 @@ impl Mailbox for MailboxService {
         req: Request<pb::AppendBatchRequest>,
     ) -> Result<Response<pb::AppendBatchResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
+        let caller = self.auth.caller(&req)?;
         let items = req.into_inner().items;
         if items.is_empty() || items.len() > self.limits.batch_items_max {
             return Err(invalid(
@@ -248,6 +264,9 @@ impl Mailbox for MailboxService {
             let routed = self
                 .route_at(&prefix, item.mailbox.take().as_ref())
                 .and_then(|(ns, uid, shard)| {
+                    // Items are independent: one the caller may not append
+                    // fails alone, as an invalid one does.
+                    self.auth.allow(&caller, &ns, pb::Role::Append)?;
                     let op = append_op(item, ns, uid);
                     self.check(&prefix, &op).map(|()| (op, shard))
                 });
@@ -324,8 +343,10 @@ impl Mailbox for MailboxService {
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<pb::SyncResponse>, Status> {
         let received = Instant::now();
         let until = deadline::of(&req, received);
+        let caller = self.auth.caller(&req)?;
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
+        self.auth.allow(&caller, &ns, pb::Role::Read)?;
         if r.wait_ms > self.limits.wait_ms_max {
             return Err(invalid(
                 "wait_ms",
@@ -350,6 +371,8 @@ impl Mailbox for MailboxService {
             max_messages: r.max_messages,
             max_bytes: r.max_bytes,
         };
+        // 0: the first wait re-checks against the book installed now.
+        let mut book = 0;
         loop {
             watch.take();
             let page = self
@@ -376,6 +399,11 @@ impl Mailbox for MailboxService {
                         continue; // timed out: one last read, then return
                     }
                 }
+                // A revoked token or grant ends the poll within a second.
+                () = self.auth.changed(book) => {
+                    book = self.auth.version();
+                    self.auth.still_allowed(&caller, &ns, pb::Role::Read)?;
+                }
                 _ = closing.wait_for(|c| *c) => {
                     // Shutting down: a retryable error sends the client elsewhere.
                     return Err(Status::unavailable("server shutting down; retry on another node"));
@@ -388,14 +416,25 @@ impl Mailbox for MailboxService {
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let until = deadline::of(&req, Instant::now());
-        let rx = super::subscribe::start(self, req.into_inner(), until).await?;
+        let caller = self.auth.caller(&req)?;
+        let r = req.into_inner();
+        for (i, m) in r.mailboxes.iter().enumerate() {
+            if let Some(mb) = m.mailbox.as_ref() {
+                self.auth
+                    .allow(&caller, &mb.namespace, pb::Role::Read)
+                    .map_err(|s| Status::permission_denied(format!("mailboxes[{i}]: {}", s.message())))?;
+            }
+        }
+        let rx = super::subscribe::start(self, caller, r, until).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
+        let caller = self.auth.caller(&req)?;
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
+        self.auth.allow(&caller, &ns, pb::Role::Read)?;
         let op = cmd::op::Op::Ack(cmd::AckOp {
             namespace: ns,
             user_id: uid,
@@ -413,8 +452,10 @@ impl Mailbox for MailboxService {
         req: Request<pb::GetCursorsRequest>,
     ) -> Result<Response<pb::GetCursorsResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
+        let caller = self.auth.caller(&req)?;
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
+        self.auth.allow(&caller, &ns, pb::Role::Read)?;
         self.barrier(shard, pb::ReadConsistency::Linearizable as i32, until)
             .await?;
         let c = self
@@ -439,8 +480,10 @@ impl Mailbox for MailboxService {
 
     async fn trim(&self, req: Request<pb::TrimRequest>) -> Result<Response<pb::TrimResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
+        let caller = self.auth.caller(&req)?;
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
+        self.auth.allow(&caller, &ns, pb::Role::Trim)?;
         let op = cmd::op::Op::Trim(cmd::TrimOp {
             namespace: ns,
             user_id: uid,
@@ -456,8 +499,10 @@ impl Mailbox for MailboxService {
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
+        let caller = self.auth.caller(&req)?;
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
+        self.auth.allow(&caller, &ns, pb::Role::Trim)?;
         let op = cmd::op::Op::Delete(cmd::DeleteOp {
             namespace: ns,
             user_id: uid,

@@ -1,9 +1,11 @@
 //! The client-facing gRPC API: `pigeonhole.v1.Mailbox` ([`mailbox`]),
 //! `pigeonhole.v1.Admin` ([`admin`]: shard map, node status, leader
-//! transfer), and the mapping of every error to a status with rich details
+//! transfer, access control: [`auth_rpc`]), the check of every call against
+//! the caller's roles ([`crate::auth`]), and the mapping of every error to a status with rich details
 //! ([`status`]). Handlers honour the client's `grpc-timeout` ([`deadline`]).
 
 pub mod admin;
+mod auth_rpc;
 pub mod deadline;
 pub mod mailbox;
 pub mod status;

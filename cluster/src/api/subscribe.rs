@@ -46,9 +46,15 @@ struct Sub {
 /// that feeds the stream; returns the stream's receiving end.
 pub(super) async fn start(
     svc: &MailboxService,
+    caller: crate::auth::Caller,
     r: pb::SubscribeRequest,
     until: Option<Instant>,
 ) -> Result<mpsc::Receiver<Event>, Status> {
+    let namespaces: BTreeSet<String> = r
+        .mailboxes
+        .iter()
+        .filter_map(|m| m.mailbox.as_ref().map(|mb| mb.namespace.clone()))
+        .collect();
     let limits = &svc.limits;
     if r.mailboxes.is_empty() || r.mailboxes.len() > limits.subscribe_mailboxes_max {
         return Err(invalid(
@@ -138,6 +144,9 @@ pub(super) async fn start(
     let (tx, rx) = mpsc::channel(pages);
     let feed = Feed {
         node,
+        auth: svc.auth.clone(),
+        caller,
+        namespaces,
         subs,
         page_max,
         tx,
@@ -150,6 +159,12 @@ pub(super) async fn start(
 /// The task behind one stream.
 struct Feed {
     node: Node,
+    /// Re-checked whenever this node installs a new access-control book:
+    /// a revoked token or grant ends the stream within a second.
+    auth: crate::auth::Auth,
+    caller: crate::auth::Caller,
+    /// The namespaces of the stream's mailboxes, each once.
+    namespaces: BTreeSet<String>,
     subs: Vec<Sub>,
     page_max: u32,
     tx: mpsc::Sender<Event>,
@@ -172,6 +187,9 @@ impl Feed {
     async fn run(mut self, watch: crate::watch::Watch) {
         // Everything is dirty at first: the backlog.
         let mut dirty: BTreeSet<usize> = (0..self.subs.len()).collect();
+        // 0: re-check at once against whatever book is installed now (one
+        // may have come between the handler's check and this task).
+        let mut book = 0;
         let stop = loop {
             if let Err(stop) = self.drain(&mut dirty).await {
                 break stop;
@@ -181,6 +199,17 @@ impl Feed {
                 c = watch.changed() => c,
                 () = self.tx.closed() => break Stop::Gone,
                 _ = closing.wait_for(|c| *c) => break Stop::End(shutting_down()),
+                () = self.auth.changed(book) => {
+                    book = self.auth.version();
+                    if let Some(denied) = self
+                        .namespaces
+                        .iter()
+                        .find_map(|ns| self.auth.still_allowed(&self.caller, ns, pigeonhole_proto::v1::Role::Read).err())
+                    {
+                        break Stop::End(denied);
+                    }
+                    continue;
+                }
             };
             if let Err(stop) = self.mark(&changes, &mut dirty) {
                 break stop;

@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Envelopes queued per peer before new ones are dropped.
@@ -386,14 +386,23 @@ impl RaftTransport for RaftService {
         let sender = self.sender(&req)?;
         let mut stream = req.into_inner();
         let mut writer = None;
-        let mut checked_from = None;
+        // One snapshot, of one shard, from one sender: pinned by the first
+        // frame (checked against the certificate before anything is read).
+        let mut pinned: Option<(u64, u64)> = None;
         while let Some(frame) = stream.next().await {
             let frame = frame?;
-            // Who is sending first: a stranger learns nothing, not even
-            // this cluster's id.
-            if checked_from != Some(frame.from_node) {
-                self.check_sender(&sender, frame.from_node)?;
-                checked_from = Some(frame.from_node);
+            match pinned {
+                None => {
+                    self.check_sender(&sender, frame.from_node)?;
+                    pinned = Some((frame.from_node, frame.shard));
+                }
+                Some(p) if p != (frame.from_node, frame.shard) => {
+                    return Err(Status::invalid_argument(format!(
+                        "a snapshot stream of shard {} from node {} carried a frame of shard {} from node {}",
+                        p.1, p.0, frame.shard, frame.from_node
+                    )));
+                }
+                Some(_) => {}
             }
             self.check(frame.cluster_id, frame.to_node)?;
             let w = match writer.as_mut() {
@@ -408,6 +417,8 @@ impl RaftTransport for RaftService {
                 .map_err(|e| Status::invalid_argument(format!("chunk: {e}")))?;
             if !frame.raft_message.is_empty() {
                 let msg = Message::parse_from_bytes(&frame.raft_message)
+                    .map_err(|e| Status::invalid_argument(format!("raft_message: {e}")))?;
+                check_ends(&msg, frame.from_node, frame.to_node)
                     .map_err(|e| Status::invalid_argument(format!("raft_message: {e}")))?;
                 let w = writer
                     .take()
@@ -436,6 +447,8 @@ pub fn decode_frame(frame: RaftFrame) -> Result<Envelope, Status> {
     for (i, m) in frame.messages.into_iter().enumerate() {
         let msg = Message::parse_from_bytes(&m.message)
             .map_err(|e| Status::invalid_argument(format!("messages[{i}].message: not a raft message: {e}")))?;
+        check_ends(&msg, frame.from_node, frame.to_node)
+            .map_err(|e| Status::invalid_argument(format!("messages[{i}]: {e}")))?;
         msgs.push(ShardMsg { shard: m.shard, msg });
     }
     Ok(Envelope {
@@ -445,7 +458,50 @@ pub fn decode_frame(frame: RaftFrame) -> Result<Envelope, Status> {
     })
 }
 
-/// Connects to a channel lazily (for callers that want to share one).
-pub fn lazy_channel(addr: &str) -> Result<Channel, String> {
-    Ok(endpoint(addr, None)?.connect_lazy())
+/// A raft message inside a frame must be from the frame's sender and to
+/// its receiver (raft ids are node ids): the sender's certificate is
+/// checked against the frame's `from_node` only, so a message claiming
+/// another sender would let one node speak for another.
+fn check_ends(msg: &Message, from: u64, to: u64) -> Result<(), String> {
+    if msg.from != from || msg.to != to {
+        return Err(format!(
+            "a message from {} to {} in a frame from node {from} to node {to}",
+            msg.from, msg.to
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    fn frame(from: u64, to: u64, msg_from: u64, msg_to: u64) -> RaftFrame {
+        let m = Message {
+            from: msg_from,
+            to: msg_to,
+            ..Default::default()
+        };
+        RaftFrame {
+            cluster_id: 1,
+            from_node: from,
+            to_node: to,
+            messages: vec![ShardMessage {
+                shard: 1,
+                message: m.write_to_bytes().unwrap(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_frame_carries_only_its_senders_messages_to_its_receiver() {
+        let env = decode_frame(frame(1, 2, 1, 2)).unwrap();
+        assert_eq!((env.from, env.to, env.msgs.len()), (1, 2, 1));
+        // Node 1's certificate checked for the frame cannot speak for node 3.
+        let e = decode_frame(frame(1, 2, 3, 2)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("from 3 to 2"), "{e:?}");
+        assert!(decode_frame(frame(1, 2, 1, 4)).is_err());
+    }
 }

@@ -76,7 +76,9 @@ pub fn set_tls(on: bool, dir: &Path) -> Result<(), String> {
         let hosts: Vec<String> = (1..=SLOTS_MAX).map(net::node_ip).collect();
         Some(Tls {
             node: ca.write(dir, "node", &pigeonhole_tls::dev::Leaf::node(hosts))?,
-            client: ca.write(dir, "jepsen", &pigeonhole_tls::dev::Leaf::client("jepsen"))?,
+            // The CA holder's superuser: the harness calls every RPC,
+            // admin ones included (auth is on with TLS).
+            client: ca.write(dir, "root", &pigeonhole_tls::dev::Leaf::client("root"))?,
         })
     } else {
         None

@@ -15,6 +15,7 @@ pub struct Ctx {
     pub output: Output,
     pub timeout: Duration,
     pub tls: Option<pigeonhole_tls::TlsFiles>,
+    pub token: Option<String>,
 }
 
 /// A failure to report on stderr, with its exit code.
@@ -49,6 +50,7 @@ pub(crate) async fn connect(ctx: &Ctx) -> Result<Client, Failure> {
     cfg.request_timeout = ctx.timeout;
     cfg.attempt_timeout = ctx.timeout.min(cfg.attempt_timeout);
     cfg.tls = ctx.tls.clone();
+    cfg.token = ctx.token.clone();
     Ok(Client::connect(cfg).await?)
 }
 

@@ -19,6 +19,7 @@ macro_rules! out {
     };
 }
 
+mod auth;
 mod balance;
 mod commands;
 mod moves;
@@ -66,6 +67,10 @@ struct Cli {
     /// The private key of --tls-cert (PEM).
     #[arg(long, env = "PIGEONHOLE_CLIENT_TLS_KEY", global = true)]
     tls_key: Option<std::path::PathBuf>,
+    /// A bearer token (from `phctl auth token create`), instead of a client
+    /// certificate. Prefer the environment variable: flags show in `ps`.
+    #[arg(long, env = "PIGEONHOLE_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,6 +105,11 @@ enum Command {
     Mailbox {
         #[command(subcommand)]
         command: MailboxCommand,
+    },
+    /// Access control: identities, grants, bearer tokens (admin role).
+    Auth {
+        #[command(subcommand)]
+        command: auth::AuthCommand,
     },
 }
 
@@ -288,6 +298,7 @@ async fn main() -> ExitCode {
     };
     let ctx = commands::Ctx {
         tls,
+        token: cli.token,
         endpoints: cli.endpoints,
         output: cli.output,
         timeout: std::time::Duration::from_millis(cli.timeout_ms),
@@ -351,6 +362,7 @@ async fn main() -> ExitCode {
             }
             ShardCommand::Split { id, at } => commands::shard_split(&ctx, id, at).await,
         },
+        Command::Auth { command } => auth::run(&ctx, command).await,
         Command::Mailbox { command } => match command {
             MailboxCommand::Show { mailbox } => commands::mailbox_show(&ctx, &mailbox).await,
             MailboxCommand::Tail { mailbox, from, count } => commands::mailbox_tail(&ctx, &mailbox, from, count).await,

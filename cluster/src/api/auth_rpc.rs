@@ -1,0 +1,160 @@
+//! The access-control Admin RPCs (GetAuth, PutIdentity, DeleteIdentity,
+//! Grant, Revoke, CreateToken, RevokeToken): request checks, the change,
+//! and the answer. The admin role is checked by the caller
+//! ([`super::AdminService`]); the rules live in [`crate::auth::book`].
+
+use super::status::cluster_error;
+use crate::auth::admin::Outcome;
+use crate::auth::book::{Change, Refusal, TOKEN_TTL_S_MAX};
+use crate::auth::check::TOKEN_PREFIX;
+use crate::Node;
+use pigeonhole_proto::internal::v1::{AuthIdentity, AuthState, AuthToken};
+use pigeonhole_proto::v1 as pb;
+use rand::RngCore as _;
+use tonic::Status;
+
+fn refused(r: &Refusal) -> Status {
+    let msg = format!("{}: {}", r.field, r.reason);
+    if r.not_found {
+        Status::not_found(msg)
+    } else if r.full {
+        Status::resource_exhausted(msg)
+    } else {
+        Status::invalid_argument(msg)
+    }
+}
+
+fn identity(i: &AuthIdentity) -> pb::Identity {
+    pb::Identity {
+        name: i.name.clone(),
+        grants: i
+            .grants
+            .iter()
+            .map(|g| pb::Grant {
+                namespace: g.namespace.clone(),
+                role: g.role,
+            })
+            .collect(),
+    }
+}
+
+fn token_info(t: &AuthToken) -> pb::TokenInfo {
+    pb::TokenInfo {
+        token_id: t.token_id.clone(),
+        identity: t.identity.clone(),
+        created_unix_ms: t.created_unix_ms,
+        expires_unix_ms: t.expires_unix_ms,
+        description: t.description.clone(),
+    }
+}
+
+fn named(state: &AuthState, name: &str) -> Result<pb::Identity, Status> {
+    state
+        .identities
+        .iter()
+        .find(|i| i.name == name)
+        .map(identity)
+        .ok_or_else(|| Status::not_found(format!("identity: no identity {name:?}")))
+}
+
+async fn change(node: &Node, c: &Change) -> Result<(AuthState, bool), Status> {
+    match node.change_auth(c).await.map_err(|e| cluster_error(&e))? {
+        Outcome::Done { state, changed } => Ok((state, changed)),
+        Outcome::Refused(r) => Err(refused(&r)),
+    }
+}
+
+pub(super) async fn get_auth(node: &Node) -> Result<pb::GetAuthResponse, Status> {
+    let (_, state) = node.auth_state().await.map_err(|e| cluster_error(&e))?;
+    Ok(pb::GetAuthResponse {
+        identities: state.identities.iter().map(identity).collect(),
+        tokens: state.tokens.iter().map(token_info).collect(),
+    })
+}
+
+pub(super) async fn put_identity(node: &Node, r: pb::PutIdentityRequest) -> Result<pb::PutIdentityResponse, Status> {
+    let (state, created) = change(node, &Change::PutIdentity { name: r.name.clone() }).await?;
+    Ok(pb::PutIdentityResponse {
+        identity: Some(named(&state, &r.name)?),
+        created,
+    })
+}
+
+pub(super) async fn delete_identity(
+    node: &Node,
+    r: pb::DeleteIdentityRequest,
+) -> Result<pb::DeleteIdentityResponse, Status> {
+    let (_, before) = node.auth_state().await.map_err(|e| cluster_error(&e))?;
+    let tokens = before.tokens.iter().filter(|t| t.identity == r.name).count();
+    change(node, &Change::DeleteIdentity { name: r.name }).await?;
+    Ok(pb::DeleteIdentityResponse {
+        tokens_revoked: u32::try_from(tokens).unwrap_or(u32::MAX),
+    })
+}
+
+pub(super) async fn grant(node: &Node, r: pb::GrantRequest) -> Result<pb::GrantResponse, Status> {
+    let (state, _) = change(
+        node,
+        &Change::Grant {
+            identity: r.identity.clone(),
+            namespace: r.namespace,
+            role: r.role,
+        },
+    )
+    .await?;
+    Ok(pb::GrantResponse {
+        identity: Some(named(&state, &r.identity)?),
+    })
+}
+
+pub(super) async fn revoke(node: &Node, r: pb::RevokeRequest) -> Result<pb::RevokeResponse, Status> {
+    let (state, _) = change(
+        node,
+        &Change::Revoke {
+            identity: r.identity.clone(),
+            namespace: r.namespace,
+            role: r.role,
+        },
+    )
+    .await?;
+    Ok(pb::RevokeResponse {
+        identity: Some(named(&state, &r.identity)?),
+    })
+}
+
+pub(super) async fn create_token(node: &Node, r: pb::CreateTokenRequest) -> Result<pb::CreateTokenResponse, Status> {
+    if r.ttl_s > TOKEN_TTL_S_MAX {
+        return Err(Status::invalid_argument(format!(
+            "ttl_s: {} is more than {TOKEN_TTL_S_MAX} (10 years); 0 is never",
+            r.ttl_s
+        )));
+    }
+    // 64 bits of id, 128 of secret, from the OS's generator.
+    let mut rng = rand::rngs::OsRng;
+    let token_id = format!("{:016x}", rng.next_u64());
+    let secret = format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64());
+    let now = crate::auth::now_unix_ms();
+    let t = AuthToken {
+        token_id: token_id.clone(),
+        identity: r.identity,
+        secret_sha256: crate::auth::sha256(secret.as_bytes()),
+        created_unix_ms: now,
+        expires_unix_ms: if r.ttl_s == 0 {
+            0
+        } else {
+            now.saturating_add(r.ttl_s.saturating_mul(1_000))
+        },
+        description: r.description,
+    };
+    let info = token_info(&t);
+    change(node, &Change::AddToken(t)).await?;
+    Ok(pb::CreateTokenResponse {
+        token: format!("{TOKEN_PREFIX}{token_id}.{secret}"),
+        info: Some(info),
+    })
+}
+
+pub(super) async fn revoke_token(node: &Node, r: pb::RevokeTokenRequest) -> Result<pb::RevokeTokenResponse, Status> {
+    change(node, &Change::RevokeToken { token_id: r.token_id }).await?;
+    Ok(pb::RevokeTokenResponse {})
+}
