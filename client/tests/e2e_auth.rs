@@ -8,26 +8,13 @@
 
 mod common;
 
-use common::{free_port, server_bin};
 use pigeonhole_client::{pb, Client, ClientConfig};
 use pigeonhole_proto::v1::admin_client::AdminClient;
 use pigeonhole_proto::v1::mailbox_client::MailboxClient;
 use pigeonhole_tls::dev::{DevCa, Leaf};
 use pigeonhole_tls::TlsFiles;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::{Code, Request, Status};
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// How a test caller presents itself.
 #[derive(Clone, Debug)]
@@ -197,34 +184,7 @@ async fn every_rpc_checks_its_role_on_its_namespace() {
     let ca = DevCa::new("auth test CA").unwrap();
     let node = ca.write(&certs, "node", &Leaf::node(["127.0.0.1"])).unwrap();
     let root = ca.write(&certs, "root", &Leaf::client("root")).unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let endpoints: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let initial = endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut procs = Procs(Vec::new());
-    for (i, addr) in endpoints.iter().enumerate() {
-        procs.0.push(
-            Command::new(server_bin())
-                .args(["--node-id", &(i + 1).to_string(), "--initial-cluster", &initial])
-                .args(["--listen", addr, "--shards", "4"])
-                .arg("--data-dir")
-                .arg(dir.path().join(format!("n{}", i + 1)))
-                .arg("--tls-ca")
-                .arg(&node.ca)
-                .arg("--tls-cert")
-                .arg(node.cert.as_ref().unwrap())
-                .arg("--tls-key")
-                .arg(node.key.as_ref().unwrap())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap(),
-        );
-    }
+    let (_procs, endpoints) = common::start_tls_cluster(dir.path(), &node, 3);
     let mut cfg = ClientConfig::new(endpoints.clone());
     cfg.tls = Some(root.clone());
     cfg.request_timeout = Duration::from_secs(10);

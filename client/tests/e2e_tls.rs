@@ -6,25 +6,14 @@
 
 mod common;
 
-use common::{free_port, server_bin};
+use common::{free_port, server_bin, Procs};
 use pigeonhole_client::{mailbox, Client, ClientConfig, SyncOptions};
 use pigeonhole_proto::internal::v1::raft_transport_client::RaftTransportClient;
 use pigeonhole_proto::internal::v1::RaftFrame;
 use pigeonhole_tls::dev::{DevCa, Leaf};
 use pigeonhole_tls::TlsFiles;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn client_config(endpoints: &[String], tls: Option<TlsFiles>) -> ClientConfig {
     let mut cfg = ClientConfig::new(endpoints.to_vec());
@@ -65,34 +54,7 @@ async fn a_tls_cluster_replicates_over_mtls_and_lets_in_only_what_it_should() {
     let router = ca.write(&certs, "router", &Leaf::client("router")).unwrap();
     let stranger = ca.write(&certs, "stranger", &Leaf::node(["10.9.9.9"])).unwrap();
 
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let endpoints: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let initial = endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut procs = Procs(Vec::new());
-    for (i, addr) in endpoints.iter().enumerate() {
-        procs.0.push(
-            Command::new(server_bin())
-                .args(["--node-id", &(i + 1).to_string(), "--initial-cluster", &initial])
-                .args(["--listen", addr, "--shards", "4"])
-                .arg("--data-dir")
-                .arg(dir.path().join(format!("n{}", i + 1)))
-                .arg("--tls-ca")
-                .arg(&node.ca)
-                .arg("--tls-cert")
-                .arg(node.cert.as_ref().unwrap())
-                .arg("--tls-key")
-                .arg(node.key.as_ref().unwrap())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap(),
-        );
-    }
+    let (_procs, endpoints) = common::start_tls_cluster(dir.path(), &node, 3);
 
     // Appends need a quorum of replicas, so they prove the nodes replicate
     // to each other over mTLS.

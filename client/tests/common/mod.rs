@@ -547,3 +547,48 @@ pub async fn balance_wait(cluster: &Cluster) -> serde_json::Value {
     assert!(out.status.success(), "{}", text(&out));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Server processes killed when dropped (a failing test leaves none).
+pub struct Procs(pub Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `n` nodes on loopback serving TLS (and so access control) with the
+/// node certificate `node`, data under `dir`; their `host:port`s.
+pub fn start_tls_cluster(dir: &std::path::Path, node: &pigeonhole_tls::TlsFiles, n: usize) -> (Procs, Vec<String>) {
+    let endpoints: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let initial = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut procs = Procs(Vec::new());
+    for (i, addr) in endpoints.iter().enumerate() {
+        procs.0.push(
+            Command::new(server_bin())
+                .args(["--node-id", &(i + 1).to_string(), "--initial-cluster", &initial])
+                .args(["--listen", addr, "--shards", "4"])
+                .arg("--data-dir")
+                .arg(dir.join(format!("n{}", i + 1)))
+                .arg("--tls-ca")
+                .arg(&node.ca)
+                .arg("--tls-cert")
+                .arg(node.cert.as_ref().unwrap())
+                .arg("--tls-key")
+                .arg(node.key.as_ref().unwrap())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    (procs, endpoints)
+}
