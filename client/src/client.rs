@@ -17,9 +17,11 @@
 //!   cache sit behind std mutexes taken for a few instructions.
 
 mod auth;
+mod namespaces;
 mod nodes;
 
 pub use auth::{Conn, Credentials};
+pub use namespaces::retry_delay;
 
 use crate::coalesce::{CoalesceConfig, Coalescer};
 use crate::error::{is_retryable, status_detail, Error};
@@ -177,6 +179,20 @@ impl Retry {
         } else {
             Duration::ZERO
         };
+        if Instant::now() + delay >= self.deadline {
+            return Err(Error::Exhausted {
+                attempts: self.attempts,
+                elapsed_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                last,
+            });
+        }
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    /// Waits `delay` (a server's RetryInfo), or gives up if that would pass
+    /// the deadline.
+    pub(crate) async fn pause_for(&mut self, last: Status, delay: Duration) -> Result<(), Error> {
         if Instant::now() + delay >= self.deadline {
             return Err(Error::Exhausted {
                 attempts: self.attempts,
@@ -455,6 +471,12 @@ impl Client {
             };
             match res {
                 Ok(v) => return Ok(v),
+                // A namespace over its limit says when to come back: wait
+                // that long (within the deadline), then retry the same node.
+                Err(s) if namespaces::retry_delay(&s).is_some() => {
+                    let delay = namespaces::retry_delay(&s).unwrap_or_default();
+                    retry.pause_for(s, delay).await?;
+                }
                 Err(s) if !is_retryable(s.code()) => return Err(Error::Rejected(s)),
                 Err(s) => {
                     let hinted = self.learn(shard.id, node, &s);

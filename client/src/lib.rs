@@ -34,7 +34,7 @@ pub mod subscription;
 
 /// Payloads are `Bytes` (a `Vec<u8>` converts without a copy).
 pub use bytes::Bytes;
-pub use client::{new_idempotency_key, Client, ClientConfig, Conn, Credentials, SyncOptions};
+pub use client::{new_idempotency_key, retry_delay, Client, ClientConfig, Conn, Credentials, SyncOptions};
 pub use coalesce::{CoalesceConfig, CoalesceStats};
 pub use error::Error;
 pub use pigeonhole_proto::v1 as pb;

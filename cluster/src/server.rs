@@ -228,10 +228,13 @@ pub async fn run(
     } else {
         crate::auth::Auth::off()
     };
-    let mailbox =
-        MailboxServer::new(MailboxService::new(node.clone(), cfg.api.clone(), closing_rx).with_auth(auth.clone()))
-            .max_decoding_message_size(cfg.request_bytes_max)
-            .max_encoding_message_size(64 << 20);
+    let mailbox = MailboxServer::new(
+        MailboxService::new(node.clone(), cfg.api.clone(), closing_rx)
+            .with_auth(auth.clone())
+            .with_quotas(crate::quota::Quotas::follow(&node)),
+    )
+    .max_decoding_message_size(cfg.request_bytes_max)
+    .max_encoding_message_size(64 << 20);
     let mut raft = RaftService::new(node.cluster_id(), node.inbox());
     if cfg.tls.is_some() {
         // Over TLS, only a node certificate naming the sender's host may

@@ -414,6 +414,40 @@ impl Admin for AdminService {
             .map(Response::new)
     }
 
+    async fn list_namespaces(
+        &self,
+        req: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        self.admin(&req)?;
+        let state = self.node.namespaces().await.map_err(|e| cluster_error(&e))?;
+        Ok(Response::new(pb::ListNamespacesResponse {
+            namespaces: state.namespaces.iter().map(namespace_info).collect(),
+        }))
+    }
+
+    async fn set_namespace(
+        &self,
+        req: Request<pb::SetNamespaceRequest>,
+    ) -> Result<Response<pb::SetNamespaceResponse>, Status> {
+        self.admin(&req)?;
+        let r = req.into_inner();
+        match self
+            .node
+            .set_namespace(&r.name, r.appends_per_s, r.bytes_per_s)
+            .await
+            .map_err(|e| cluster_error(&e))?
+        {
+            Ok((record, created)) => Ok(Response::new(pb::SetNamespaceResponse {
+                namespace: Some(namespace_info(&record)),
+                created,
+            })),
+            Err((field, reason)) if reason.contains("the limit") => {
+                Err(Status::resource_exhausted(format!("{field}: {reason}")))
+            }
+            Err((field, reason)) => Err(super::status::invalid(field, reason)),
+        }
+    }
+
     async fn join_node(&self, req: Request<pb::JoinNodeRequest>) -> Result<Response<pb::JoinNodeResponse>, Status> {
         self.admin(&req)?;
         let r = req.into_inner();
@@ -517,6 +551,14 @@ fn shard_info(s: crate::placement::ShardDesc) -> pb::ShardInfo {
         learners: s.learners,
         leader_hint: s.leader_hint,
         epoch: s.epoch,
+    }
+}
+
+fn namespace_info(r: &pigeonhole_proto::internal::v1::NamespaceRecord) -> pb::NamespaceInfo {
+    pb::NamespaceInfo {
+        name: r.name.clone(),
+        appends_per_s: r.appends_per_s,
+        bytes_per_s: r.bytes_per_s,
     }
 }
 

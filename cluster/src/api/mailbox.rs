@@ -59,6 +59,8 @@ pub struct MailboxService {
     pub(super) limits: ApiLimits,
     /// Who may do what (off on a plaintext node).
     pub(super) auth: crate::auth::Auth,
+    /// Namespaces' rate limits on this node (none until set).
+    pub(super) quotas: crate::quota::Quotas,
     /// Becomes true when the server starts shutting down: long-polls return
     /// and Subscribe streams end, so a graceful shutdown never waits on them.
     pub(super) closing: tokio::sync::watch::Receiver<bool>,
@@ -71,8 +73,15 @@ impl MailboxService {
             node,
             limits,
             auth: crate::auth::Auth::off(),
+            quotas: crate::quota::Quotas::default(),
             closing,
         }
+    }
+
+    /// Limits appends by `quotas`.
+    pub fn with_quotas(mut self, quotas: crate::quota::Quotas) -> Self {
+        self.quotas = quotas;
+        self
     }
 
     /// Checks every request with `auth`.
@@ -238,6 +247,7 @@ impl Mailbox for MailboxService {
         let mut r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.take().as_ref())?;
         self.auth.allow(&caller, &ns, pb::Role::Append)?;
+        self.quotas.take_append(&ns, r.payload.len())?;
         let out = self.one(shard, append_op(r, ns, uid), until).await?;
         Ok(Response::new(appended(out)?))
     }
@@ -267,8 +277,12 @@ impl Mailbox for MailboxService {
                     // Items are independent: one the caller may not append
                     // fails alone, as an invalid one does.
                     self.auth.allow(&caller, &ns, pb::Role::Append)?;
+                    let payload_bytes = item.payload.len();
+                    let quota_ns = ns.clone();
                     let op = append_op(item, ns, uid);
-                    self.check(&prefix, &op).map(|()| (op, shard))
+                    self.check(&prefix, &op)?;
+                    self.quotas.take_append(&quota_ns, payload_bytes)?;
+                    Ok((op, shard))
                 });
             match routed {
                 Ok((op, shard)) => {

@@ -6,9 +6,7 @@
 use super::book::{self, Change, Refusal, STATE_BYTES_MAX};
 use super::check::STATE_KEY;
 use crate::error::ClusterError;
-use crate::placement::META_SHARD;
 use crate::Node;
-use pigeonhole_proto::internal::v1 as cmd;
 use pigeonhole_proto::internal::v1::AuthState;
 use prost::Message as _;
 
@@ -25,14 +23,7 @@ impl Node {
     /// The book and its version, after a read barrier on the metadata group
     /// (so it holds every change acknowledged before the call).
     pub async fn auth_state(&self) -> Result<(u64, AuthState), ClusterError> {
-        self.read_barrier(META_SHARD).await?;
-        let stored = self.meta_scan(STATE_KEY, 1)?.into_iter().find(|v| v.key == STATE_KEY);
-        match stored {
-            None => Ok((0, AuthState::default())),
-            Some(v) => AuthState::decode(v.value.as_slice())
-                .map(|s| (v.version, s))
-                .map_err(|e| ClusterError::Raft(format!("auth/state does not decode: {e}"))),
-        }
+        self.read_meta_value(STATE_KEY).await
     }
 
     /// Applies `change` to the book and writes it back.
@@ -55,15 +46,8 @@ impl Node {
                 full: true,
             }));
         }
-        let op = cmd::Op {
-            op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
-                key: STATE_KEY.to_vec(),
-                value,
-                version: version.saturating_add(1),
-                if_version: Some(version),
-            })),
-        };
-        self.propose_meta_cas(op, "the access-control book").await?;
+        self.write_meta_value(STATE_KEY, version, value, "the access-control book")
+            .await?;
         Ok(Outcome::Done { state, changed: true })
     }
 }

@@ -29,11 +29,10 @@ use pigeonhole_proto::v1 as pb;
 use prost::Message as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Duration;
 use tonic::{Request, Status};
 
 /// How often a node looks for a new book in its metadata replica.
-pub const REFRESH_MS: u64 = 100;
+pub const REFRESH_MS: u64 = crate::meta_poll::POLL_MS;
 /// The metadata group's key of the book.
 pub const STATE_KEY: &[u8] = b"auth/state";
 /// Certificates whose names are remembered (per node; cleared when full).
@@ -102,23 +101,7 @@ impl Auth {
         let auth = Auth {
             inner: Some(inner.clone()),
         };
-        let node = node.clone();
-        let weak = Arc::downgrade(&inner);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(REFRESH_MS));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                // A node without a metadata replica (being removed) keeps
-                // the last book it read.
-                if let Ok(v) = node.meta_scan(STATE_KEY, 1) {
-                    if let Some(v) = v.into_iter().find(|v| v.key == STATE_KEY) {
-                        inner.install(v.version, &v.value);
-                    }
-                }
-            }
-        });
+        crate::meta_poll::follow(node, STATE_KEY, Arc::downgrade(&inner), Inner::install);
         auth
     }
 
@@ -253,9 +236,6 @@ impl Inner {
     }
 
     fn install(&self, version: u64, value: &[u8]) {
-        if self.book().0 == version {
-            return;
-        }
         match AuthState::decode(value) {
             Ok(state) => {
                 *self.book.write().unwrap_or_else(PoisonError::into_inner) = (version, Arc::new(Book::new(&state)));

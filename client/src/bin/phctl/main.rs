@@ -23,6 +23,7 @@ mod auth;
 mod balance;
 mod commands;
 mod moves;
+mod namespace;
 mod nodes;
 mod render;
 
@@ -110,6 +111,11 @@ enum Command {
     Auth {
         #[command(subcommand)]
         command: auth::AuthCommand,
+    },
+    /// Namespaces' limits: appends/s and bytes/s per node.
+    Namespace {
+        #[command(subcommand)]
+        command: namespace::NamespaceCommand,
     },
 }
 
@@ -363,6 +369,7 @@ async fn main() -> ExitCode {
             ShardCommand::Split { id, at } => commands::shard_split(&ctx, id, at).await,
         },
         Command::Auth { command } => auth::run(&ctx, command).await,
+        Command::Namespace { command } => namespace::run(&ctx, command).await,
         Command::Mailbox { command } => match command {
             MailboxCommand::Show { mailbox } => commands::mailbox_show(&ctx, &mailbox).await,
             MailboxCommand::Tail { mailbox, from, count } => commands::mailbox_tail(&ctx, &mailbox, from, count).await,

@@ -1,0 +1,52 @@
+//! Namespaces' limits (`Admin.ListNamespaces`, `Admin.SetNamespace`;
+//! docs/operations.md "Quotas"). A namespace over its limit answers
+//! appends with RESOURCE_EXHAUSTED and a RetryInfo delay, which the
+//! client's retry loop waits out ([`retry_delay`]).
+
+use super::{with_timeout, Client};
+use crate::{pb, Error};
+use std::time::Duration;
+use tonic::Status;
+
+/// The delay a RESOURCE_EXHAUSTED status asks for (its RetryInfo), if any.
+pub fn retry_delay(s: &Status) -> Option<Duration> {
+    if s.code() != tonic::Code::ResourceExhausted {
+        return None;
+    }
+    tonic_types::StatusExt::get_error_details(s)
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+}
+
+impl Client {
+    /// Every namespace record and its limits.
+    pub async fn namespaces(&self) -> Result<Vec<pb::NamespaceInfo>, Error> {
+        self.call_any(|mut admin, budget| {
+            let req = with_timeout(pb::ListNamespacesRequest {}, budget);
+            async move { admin.list_namespaces(req).await.map(|r| r.into_inner().namespaces) }
+        })
+        .await
+    }
+
+    /// Creates a namespace's record or changes its limits (`None` keeps a
+    /// limit, 0 lifts it).
+    pub async fn set_namespace(
+        &self,
+        name: &str,
+        appends_per_s: Option<u32>,
+        bytes_per_s: Option<u64>,
+    ) -> Result<pb::SetNamespaceResponse, Error> {
+        self.call_any(|mut admin, budget| {
+            let req = with_timeout(
+                pb::SetNamespaceRequest {
+                    name: name.to_string(),
+                    appends_per_s,
+                    bytes_per_s,
+                },
+                budget,
+            );
+            async move { admin.set_namespace(req).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+}

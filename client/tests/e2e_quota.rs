@@ -1,0 +1,161 @@
+//! Namespaces' limits end to end on a real node: a namespace over its
+//! appends/s or bytes/s is refused with RESOURCE_EXHAUSTED and a RetryInfo
+//! delay while another namespace on the same shards is not; the SDK waits
+//! the delay out and gets every append through; phctl sets and lists.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use common::{free_port, server_bin, Procs};
+use pigeonhole_client::{pb, retry_delay, Client, ClientConfig};
+use pigeonhole_proto::v1::mailbox_client::MailboxClient;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+fn append(ns: &str, key: String, payload: Vec<u8>) -> pb::AppendRequest {
+    pb::AppendRequest {
+        mailbox: Some(pb::MailboxId {
+            namespace: ns.into(),
+            user_id: b"alice".to_vec(),
+        }),
+        payload: payload.into(),
+        idempotency_key: key.into_bytes(),
+        expected_last_seq: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_over_its_limit_is_refused_with_a_delay_and_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _node = Procs(vec![Command::new(server_bin())
+        .args(["--listen", &addr, "--shards", "2"])
+        .arg("--data-dir")
+        .arg(dir.path().join("n1"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let client = loop {
+        match Client::connect(ClientConfig::new([addr.clone()])).await {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "node never came up: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let r = client.set_namespace("noisy", Some(20), None).await.unwrap();
+    assert!(r.created);
+    client.set_namespace("big", None, Some(10_000)).await.unwrap();
+    let mut raw = MailboxClient::connect(format!("http://{addr}")).await.unwrap();
+
+    // Within a second every node enforces it: hammer until it refuses.
+    let mut n = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        n += 1;
+        match raw.append(append("noisy", format!("w{n}"), b"x".to_vec())).await {
+            Ok(_) => assert!(Instant::now() < deadline, "the limit was never enforced"),
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                break;
+            }
+        }
+    }
+
+    // For 3 s: noisy as fast as one caller goes, quiet alongside.
+    let quiet = {
+        let mut q = raw.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                q.append(append("quiet", format!("q{i}"), b"x".to_vec()))
+                    .await
+                    .unwrap_or_else(|s| panic!("quiet append {i} refused: {s:?}"));
+            }
+        })
+    };
+    let (mut ok, mut refused) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        n += 1;
+        match raw.append(append("noisy", format!("w{n}"), b"x".to_vec())).await {
+            Ok(_) => ok += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                let d = retry_delay(&s).expect("a RetryInfo delay");
+                assert!(d > Duration::ZERO && d <= Duration::from_secs(1), "{d:?}");
+                assert!(
+                    s.message().contains("\"noisy\"") && s.message().contains("appends_per_s"),
+                    "{s:?}"
+                );
+                refused += 1;
+                // Not a spin: a caller that honours nothing still pauses.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    let ms = u64::try_from(start.elapsed().as_millis()).unwrap();
+    assert!(refused > 0);
+    // At most the rate plus one bucket (20) and a rounding's worth.
+    let bound = (20 * ms).div_ceil(1_000) + 20 + 2;
+    assert!(ok <= bound, "{ok} appends in {ms} ms at 20/s");
+    quiet.await.unwrap();
+
+    // The SDK waits out the delays and gets every append through.
+    let mb = pigeonhole_client::mailbox("noisy", b"bob");
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // a full bucket
+    let t = Instant::now();
+    for i in 0..40 {
+        client.append(&mb, b"y".to_vec(), format!("sdk{i}")).await.unwrap();
+    }
+    // 20 from the bucket, 20 more at 20/s: at least about a second.
+    assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
+
+    // Bytes: two 4 KB payloads fit 10,000 bytes/s, a third at once does not.
+    for i in 0..2 {
+        raw.append(append("big", format!("b{i}"), vec![0; 4_000]))
+            .await
+            .unwrap();
+    }
+    let s = raw
+        .append(append("big", "b2".into(), vec![0; 4_000]))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted);
+    assert!(s.message().contains("bytes_per_s"), "{s:?}");
+
+    // phctl lists what was set; a limit lifted lets everything through.
+    let out = Command::new(env!("CARGO_BIN_EXE_phctl"))
+        .args(["--endpoints", &addr, "-o", "json", "namespace", "list"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let noisy = v["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "noisy")
+        .unwrap();
+    assert_eq!(noisy["appends_per_s"], 20);
+    let out = Command::new(env!("CARGO_BIN_EXE_phctl"))
+        .args([
+            "--endpoints",
+            &addr,
+            "namespace",
+            "set",
+            "noisy",
+            "--appends-per-s",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    for i in 0..100 {
+        raw.append(append("noisy", format!("free{i}"), b"x".to_vec()))
+            .await
+            .unwrap();
+    }
+}

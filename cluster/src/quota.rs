@@ -1,0 +1,312 @@
+//! Namespaces' limits: appends per second and payload bytes per second,
+//! enforced on every node (issue 14, part 3; docs/operations.md "Quotas").
+//!
+//! - **Where the limits live.** One system value of the metadata group
+//!   (`ns/state`, a `NamespaceState`), changed by compare-and-set through
+//!   `Admin.SetNamespace`, followed by every node from its own replica
+//!   ([`crate::meta_poll`]), so a change is enforced within a second.
+//! - **What is limited.** Appends (Append, and each AppendBatch item) and
+//!   their payload bytes, per namespace, **per node**: each node lets a
+//!   namespace through at its rate, as Kafka's broker quotas do, so a
+//!   namespace whose writes spread over N nodes can reach N times its rate
+//!   cluster-wide. No coordination on the write path, and a node's own
+//!   limit protects that node.
+//! - **How.** A token bucket per namespace and node (the `governor` crate),
+//!   one second of burst. Over the limit: RESOURCE_EXHAUSTED, reason
+//!   `QUOTA_EXCEEDED`, with a `RetryInfo` saying when the bucket has room;
+//!   nothing is proposed. The SDK waits that long and retries.
+//! - Reads are not limited; neither are namespaces without a record.
+
+use crate::Node;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use pigeonhole_proto::internal::v1::{NamespaceRecord, NamespaceState};
+use prost::Message as _;
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+use tonic::Status;
+
+/// The metadata group's key of every namespace's record.
+pub const STATE_KEY: &[u8] = b"ns/state";
+/// Namespace records, at most.
+pub const NAMESPACES_MAX: usize = 1_024;
+/// Namespace names: 1 to this many bytes (as `MailboxId.namespace`).
+pub const NAME_BYTES_MAX: usize = 64;
+
+/// Sets `name`'s limits in `state` (a field `None` keeps its value; a new
+/// record starts unlimited). `Ok(created)`, or the field and rule broken.
+pub fn set(
+    state: &mut NamespaceState,
+    name: &str,
+    appends_per_s: Option<u32>,
+    bytes_per_s: Option<u64>,
+) -> Result<bool, (&'static str, String)> {
+    if name.is_empty() || name.len() > NAME_BYTES_MAX {
+        return Err(("name", format!("{} bytes; 1 to {NAME_BYTES_MAX}", name.len())));
+    }
+    if let Some(b) = bytes_per_s.filter(|b| *b > u64::from(u32::MAX)) {
+        return Err(("bytes_per_s", format!("{b} is more than {} (0 = unlimited)", u32::MAX)));
+    }
+    let created = !state.namespaces.iter().any(|n| n.name == name);
+    if created {
+        if state.namespaces.len() >= NAMESPACES_MAX {
+            return Err((
+                "name",
+                format!("the cluster holds {NAMESPACES_MAX} namespace records, the limit"),
+            ));
+        }
+        state.namespaces.push(NamespaceRecord {
+            name: name.to_string(),
+            appends_per_s: 0,
+            bytes_per_s: 0,
+        });
+        state.namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    if let Some(r) = state.namespaces.iter_mut().find(|n| n.name == name) {
+        if let Some(a) = appends_per_s {
+            r.appends_per_s = a;
+        }
+        if let Some(b) = bytes_per_s {
+            r.bytes_per_s = b;
+        }
+    }
+    Ok(created)
+}
+
+/// One namespace's buckets on this node.
+#[derive(Debug)]
+struct Buckets {
+    record: NamespaceRecord,
+    appends: Option<DefaultDirectRateLimiter>,
+    bytes: Option<DefaultDirectRateLimiter>,
+}
+
+fn bucket(per_s: u64) -> Option<DefaultDirectRateLimiter> {
+    let n = NonZeroU32::new(u32::try_from(per_s).unwrap_or(u32::MAX))?;
+    Some(RateLimiter::direct(Quota::per_second(n)))
+}
+
+/// This node's limiters. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Quotas {
+    inner: Arc<RwLock<HashMap<String, Arc<Buckets>>>>,
+}
+
+impl Quotas {
+    /// Limiters that follow `node`'s metadata replica.
+    pub fn follow(node: &Node) -> Quotas {
+        let q = Quotas::default();
+        crate::meta_poll::follow(node, STATE_KEY, Arc::downgrade(&q.inner), install);
+        q
+    }
+
+    /// Takes one append of `payload_bytes` for `namespace`, or says when
+    /// to retry: RESOURCE_EXHAUSTED with RetryInfo.
+    pub fn take_append(&self, namespace: &str, payload_bytes: usize) -> Result<(), Status> {
+        let b = {
+            let map = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+            if map.is_empty() {
+                return Ok(());
+            }
+            match map.get(namespace) {
+                Some(b) => b.clone(),
+                None => return Ok(()),
+            }
+        };
+        let clock = DefaultClock::default();
+        if let Some(l) = &b.appends {
+            if let Err(not_until) = l.check() {
+                return Err(exceeded(
+                    namespace,
+                    "appends_per_s",
+                    u64::from(b.record.appends_per_s),
+                    not_until.wait_time_from(clock.now()),
+                ));
+            }
+        }
+        if let Some(l) = &b.bytes {
+            // A payload larger than one second's bytes can never fit the
+            // bucket: take the whole bucket for it instead.
+            let cap = u32::try_from(b.record.bytes_per_s).unwrap_or(u32::MAX);
+            let n = u32::try_from(payload_bytes).unwrap_or(u32::MAX).min(cap);
+            if let Some(n) = NonZeroU32::new(n) {
+                match l.check_n(n) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(not_until)) => {
+                        return Err(exceeded(
+                            namespace,
+                            "bytes_per_s",
+                            b.record.bytes_per_s,
+                            not_until.wait_time_from(clock.now()),
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(exceeded(
+                            namespace,
+                            "bytes_per_s",
+                            b.record.bytes_per_s,
+                            Duration::from_secs(1),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Installs a new `NamespaceState`: keeps the buckets of records that did
+/// not change (their state is the point), makes new ones for the rest.
+fn install(map: &RwLock<HashMap<String, Arc<Buckets>>>, version: u64, value: &[u8]) {
+    let state = match NamespaceState::decode(value) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("pigeonhole: WARNING: ns/state version {version} does not decode: {e}");
+            return;
+        }
+    };
+    let old = map.read().unwrap_or_else(PoisonError::into_inner).clone();
+    let mut next = HashMap::new();
+    for r in state.namespaces {
+        if r.appends_per_s == 0 && r.bytes_per_s == 0 {
+            continue;
+        }
+        let b = match old.get(&r.name) {
+            Some(b) if b.record == r => b.clone(),
+            _ => Arc::new(Buckets {
+                appends: bucket(u64::from(r.appends_per_s)),
+                bytes: bucket(r.bytes_per_s),
+                record: r.clone(),
+            }),
+        };
+        next.insert(r.name, b);
+    }
+    *map.write().unwrap_or_else(PoisonError::into_inner) = next;
+}
+
+fn exceeded(namespace: &str, limit: &str, value: u64, retry_after: Duration) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    // At least a millisecond: a zero delay would have the client spin.
+    let retry_after = retry_after.max(Duration::from_millis(1));
+    let mut d = ErrorDetails::with_retry_info(Some(retry_after));
+    d.set_error_info(
+        "QUOTA_EXCEEDED",
+        "pigeonhole.v1",
+        [
+            ("namespace".to_string(), namespace.to_string()),
+            ("limit".to_string(), limit.to_string()),
+            ("value".to_string(), value.to_string()),
+        ],
+    );
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!(
+            "namespace {namespace:?} is over its {limit} limit ({value} on this node); retry in {} ms",
+            retry_after.as_millis()
+        ),
+        d,
+    )
+}
+
+impl Node {
+    /// Every namespace record (after a read barrier on the metadata group).
+    pub async fn namespaces(&self) -> Result<NamespaceState, crate::ClusterError> {
+        Ok(self.read_meta_value::<NamespaceState>(STATE_KEY).await?.1)
+    }
+
+    /// Sets a namespace's limits ([`set`]); the record after it and whether
+    /// it was created, or the field and rule broken.
+    pub async fn set_namespace(
+        &self,
+        name: &str,
+        appends_per_s: Option<u32>,
+        bytes_per_s: Option<u64>,
+    ) -> Result<Result<(NamespaceRecord, bool), (&'static str, String)>, crate::ClusterError> {
+        let (version, mut state) = self.read_meta_value::<NamespaceState>(STATE_KEY).await?;
+        let created = match set(&mut state, name, appends_per_s, bytes_per_s) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        let record = state
+            .namespaces
+            .iter()
+            .find(|n| n.name == name)
+            .cloned()
+            .unwrap_or_default();
+        self.write_meta_value(STATE_KEY, version, state.encode_to_vec(), "the namespace records")
+            .await?;
+        Ok(Ok((record, created)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    fn quotas(records: &[(&str, u32, u64)]) -> Quotas {
+        let mut s = NamespaceState::default();
+        for (n, a, b) in records {
+            set(&mut s, n, Some(*a), Some(*b)).unwrap();
+        }
+        let q = Quotas::default();
+        install(&q.inner, 1, &s.encode_to_vec());
+        q
+    }
+
+    #[test]
+    fn a_namespace_over_its_rate_is_refused_with_a_retry_delay_and_others_are_not() {
+        let q = quotas(&[("noisy", 10, 0), ("open", 0, 0)]);
+        let taken = (0..100).filter(|_| q.take_append("noisy", 10).is_ok()).count();
+        assert_eq!(taken, 10, "one second of burst, no more");
+        let s = q.take_append("noisy", 10).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        let d = tonic_types::StatusExt::get_error_details(&s);
+        let wait = d.retry_info().and_then(|r| r.retry_delay).unwrap();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
+        assert_eq!(d.error_info().unwrap().reason, "QUOTA_EXCEEDED");
+        for _ in 0..1_000 {
+            q.take_append("open", 1 << 20).unwrap();
+            q.take_append("unknown", 1 << 20).unwrap();
+        }
+    }
+
+    #[test]
+    fn bytes_are_limited_and_a_payload_larger_than_the_bucket_still_fits_alone() {
+        let q = quotas(&[("b", 0, 1_000)]);
+        q.take_append("b", 600).unwrap();
+        assert!(q.take_append("b", 600).is_err());
+        let q = quotas(&[("b", 0, 1_000)]);
+        q.take_append("b", 5_000).unwrap();
+        assert!(q.take_append("b", 1).is_err());
+    }
+
+    #[test]
+    fn an_unchanged_record_keeps_its_bucket_across_installs() {
+        let q = quotas(&[("n", 5, 0)]);
+        for _ in 0..5 {
+            q.take_append("n", 1).unwrap();
+        }
+        let mut s = NamespaceState::default();
+        set(&mut s, "n", Some(5), Some(0)).unwrap();
+        set(&mut s, "other", Some(1), None).unwrap();
+        install(&q.inner, 2, &s.encode_to_vec());
+        assert!(
+            q.take_append("n", 1).is_err(),
+            "the bucket was not refilled by a reinstall"
+        );
+    }
+
+    #[test]
+    fn records_are_checked() {
+        let mut s = NamespaceState::default();
+        assert_eq!(set(&mut s, "", None, None).unwrap_err().0, "name");
+        assert_eq!(set(&mut s, &"x".repeat(65), None, None).unwrap_err().0, "name");
+        assert_eq!(set(&mut s, "a", None, Some(1 << 40)).unwrap_err().0, "bytes_per_s");
+        assert!(set(&mut s, "a", Some(3), None).unwrap());
+        assert!(!set(&mut s, "a", None, Some(7)).unwrap());
+        assert_eq!((s.namespaces[0].appends_per_s, s.namespaces[0].bytes_per_s), (3, 7));
+    }
+}
