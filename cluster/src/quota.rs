@@ -17,6 +17,7 @@
 //!   nothing is proposed. The SDK waits that long and retries.
 //! - Reads are not limited; neither are namespaces without a record.
 
+use crate::auth::book::{bad, full, Refusal};
 use crate::Node;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -42,17 +43,20 @@ pub fn set(
     name: &str,
     appends_per_s: Option<u32>,
     bytes_per_s: Option<u64>,
-) -> Result<bool, (&'static str, String)> {
+) -> Result<bool, Refusal> {
     if name.is_empty() || name.len() > NAME_BYTES_MAX {
-        return Err(("name", format!("{} bytes; 1 to {NAME_BYTES_MAX}", name.len())));
+        return Err(bad("name", format!("{} bytes; 1 to {NAME_BYTES_MAX}", name.len())));
     }
     if let Some(b) = bytes_per_s.filter(|b| *b > u64::from(u32::MAX)) {
-        return Err(("bytes_per_s", format!("{b} is more than {} (0 = unlimited)", u32::MAX)));
+        return Err(bad(
+            "bytes_per_s",
+            format!("{b} is more than {} (0 = unlimited)", u32::MAX),
+        ));
     }
     let created = !state.namespaces.iter().any(|n| n.name == name);
     if created {
         if state.namespaces.len() >= NAMESPACES_MAX {
-            return Err((
+            return Err(full(
                 "name",
                 format!("the cluster holds {NAMESPACES_MAX} namespace records, the limit"),
             ));
@@ -223,7 +227,7 @@ impl Node {
         name: &str,
         appends_per_s: Option<u32>,
         bytes_per_s: Option<u64>,
-    ) -> Result<Result<(NamespaceRecord, bool), (&'static str, String)>, crate::ClusterError> {
+    ) -> Result<Result<(NamespaceRecord, bool), Refusal>, crate::ClusterError> {
         let (version, mut state) = self.read_meta_value::<NamespaceState>(STATE_KEY).await?;
         let created = match set(&mut state, name, appends_per_s, bytes_per_s) {
             Ok(c) => c,
@@ -302,11 +306,20 @@ mod tests {
     #[test]
     fn records_are_checked() {
         let mut s = NamespaceState::default();
-        assert_eq!(set(&mut s, "", None, None).unwrap_err().0, "name");
-        assert_eq!(set(&mut s, &"x".repeat(65), None, None).unwrap_err().0, "name");
-        assert_eq!(set(&mut s, "a", None, Some(1 << 40)).unwrap_err().0, "bytes_per_s");
+        assert_eq!(set(&mut s, "", None, None).unwrap_err().field, "name");
+        assert_eq!(set(&mut s, &"x".repeat(65), None, None).unwrap_err().field, "name");
+        assert_eq!(set(&mut s, "a", None, Some(1 << 40)).unwrap_err().field, "bytes_per_s");
         assert!(set(&mut s, "a", Some(3), None).unwrap());
         assert!(!set(&mut s, "a", None, Some(7)).unwrap());
         assert_eq!((s.namespaces[0].appends_per_s, s.namespaces[0].bytes_per_s), (3, 7));
+        for i in 1..NAMESPACES_MAX {
+            set(&mut s, &format!("ns{i}"), Some(1), None).unwrap();
+        }
+        let e = set(&mut s, "one-more", Some(1), None).unwrap_err();
+        assert!(e.full && e.field == "name", "{e:?}");
+        assert!(
+            !set(&mut s, "ns1", Some(2), None).unwrap(),
+            "a full cluster still changes its records"
+        );
     }
 }

@@ -357,7 +357,7 @@ impl Admin for AdminService {
 
     async fn get_auth(&self, req: Request<pb::GetAuthRequest>) -> Result<Response<pb::GetAuthResponse>, Status> {
         self.admin(&req)?;
-        super::auth_rpc::get_auth(&self.node).await.map(Response::new)
+        super::tenancy_rpc::get_auth(&self.node).await.map(Response::new)
     }
 
     async fn put_identity(
@@ -365,7 +365,7 @@ impl Admin for AdminService {
         req: Request<pb::PutIdentityRequest>,
     ) -> Result<Response<pb::PutIdentityResponse>, Status> {
         self.admin(&req)?;
-        super::auth_rpc::put_identity(&self.node, req.into_inner())
+        super::tenancy_rpc::put_identity(&self.node, req.into_inner())
             .await
             .map(Response::new)
     }
@@ -375,21 +375,21 @@ impl Admin for AdminService {
         req: Request<pb::DeleteIdentityRequest>,
     ) -> Result<Response<pb::DeleteIdentityResponse>, Status> {
         self.admin(&req)?;
-        super::auth_rpc::delete_identity(&self.node, req.into_inner())
+        super::tenancy_rpc::delete_identity(&self.node, req.into_inner())
             .await
             .map(Response::new)
     }
 
     async fn grant(&self, req: Request<pb::GrantRequest>) -> Result<Response<pb::GrantResponse>, Status> {
         self.admin(&req)?;
-        super::auth_rpc::grant(&self.node, req.into_inner())
+        super::tenancy_rpc::grant(&self.node, req.into_inner())
             .await
             .map(Response::new)
     }
 
     async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
         self.admin(&req)?;
-        super::auth_rpc::revoke(&self.node, req.into_inner())
+        super::tenancy_rpc::revoke(&self.node, req.into_inner())
             .await
             .map(Response::new)
     }
@@ -399,7 +399,7 @@ impl Admin for AdminService {
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         self.admin(&req)?;
-        super::auth_rpc::create_token(&self.node, req.into_inner())
+        super::tenancy_rpc::create_token(&self.node, req.into_inner())
             .await
             .map(Response::new)
     }
@@ -409,7 +409,7 @@ impl Admin for AdminService {
         req: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         self.admin(&req)?;
-        super::auth_rpc::revoke_token(&self.node, req.into_inner())
+        super::tenancy_rpc::revoke_token(&self.node, req.into_inner())
             .await
             .map(Response::new)
     }
@@ -419,10 +419,7 @@ impl Admin for AdminService {
         req: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
         self.admin(&req)?;
-        let state = self.node.namespaces().await.map_err(|e| cluster_error(&e))?;
-        Ok(Response::new(pb::ListNamespacesResponse {
-            namespaces: state.namespaces.iter().map(namespace_info).collect(),
-        }))
+        super::tenancy_rpc::list_namespaces(&self.node).await.map(Response::new)
     }
 
     async fn set_namespace(
@@ -430,22 +427,9 @@ impl Admin for AdminService {
         req: Request<pb::SetNamespaceRequest>,
     ) -> Result<Response<pb::SetNamespaceResponse>, Status> {
         self.admin(&req)?;
-        let r = req.into_inner();
-        match self
-            .node
-            .set_namespace(&r.name, r.appends_per_s, r.bytes_per_s)
+        super::tenancy_rpc::set_namespace(&self.node, req.into_inner())
             .await
-            .map_err(|e| cluster_error(&e))?
-        {
-            Ok((record, created)) => Ok(Response::new(pb::SetNamespaceResponse {
-                namespace: Some(namespace_info(&record)),
-                created,
-            })),
-            Err((field, reason)) if reason.contains("the limit") => {
-                Err(Status::resource_exhausted(format!("{field}: {reason}")))
-            }
-            Err((field, reason)) => Err(super::status::invalid(field, reason)),
-        }
+            .map(Response::new)
     }
 
     async fn join_node(&self, req: Request<pb::JoinNodeRequest>) -> Result<Response<pb::JoinNodeResponse>, Status> {
@@ -551,14 +535,6 @@ fn shard_info(s: crate::placement::ShardDesc) -> pb::ShardInfo {
         learners: s.learners,
         leader_hint: s.leader_hint,
         epoch: s.epoch,
-    }
-}
-
-fn namespace_info(r: &pigeonhole_proto::internal::v1::NamespaceRecord) -> pb::NamespaceInfo {
-    pb::NamespaceInfo {
-        name: r.name.clone(),
-        appends_per_s: r.appends_per_s,
-        bytes_per_s: r.bytes_per_s,
     }
 }
 

@@ -37,7 +37,8 @@ pub const RESERVED_NAMES: [&str; 2] = [pigeonhole_tls::NODE_COMMON_NAME, ROOT_NA
 /// name holds every role (it is how the first identities are made).
 pub const ROOT_NAME: &str = "root";
 
-/// A change the book refuses: the field and the rule.
+/// A change the book (or the namespace records, [`crate::quota`])
+/// refuses: the field and the rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     /// The request field at fault.
@@ -51,7 +52,7 @@ pub struct Refusal {
     pub full: bool,
 }
 
-fn bad(field: &'static str, reason: String) -> Refusal {
+pub(crate) fn bad(field: &'static str, reason: String) -> Refusal {
     Refusal {
         field,
         reason,
@@ -69,7 +70,7 @@ fn missing(field: &'static str, reason: String) -> Refusal {
     }
 }
 
-fn full(field: &'static str, reason: String) -> Refusal {
+pub(crate) fn full(field: &'static str, reason: String) -> Refusal {
     Refusal {
         field,
         reason,

@@ -1,7 +1,9 @@
-//! The access-control Admin RPCs (GetAuth, PutIdentity, DeleteIdentity,
-//! Grant, Revoke, CreateToken, RevokeToken): request checks, the change,
-//! and the answer. The admin role is checked by the caller
-//! ([`super::AdminService`]); the rules live in [`crate::auth::book`].
+//! The tenancy Admin RPCs: access control (GetAuth, PutIdentity,
+//! DeleteIdentity, Grant, Revoke, CreateToken, RevokeToken) and namespaces'
+//! limits (ListNamespaces, SetNamespace): request checks, the change, and
+//! the answer. The admin role is checked by the caller
+//! ([`super::AdminService`]); the rules live in [`crate::auth::book`] and
+//! [`crate::quota`].
 
 use super::status::cluster_error;
 use crate::auth::admin::Outcome;
@@ -157,4 +159,33 @@ pub(super) async fn create_token(node: &Node, r: pb::CreateTokenRequest) -> Resu
 pub(super) async fn revoke_token(node: &Node, r: pb::RevokeTokenRequest) -> Result<pb::RevokeTokenResponse, Status> {
     change(node, &Change::RevokeToken { token_id: r.token_id }).await?;
     Ok(pb::RevokeTokenResponse {})
+}
+
+fn namespace_info(r: &pigeonhole_proto::internal::v1::NamespaceRecord) -> pb::NamespaceInfo {
+    pb::NamespaceInfo {
+        name: r.name.clone(),
+        appends_per_s: r.appends_per_s,
+        bytes_per_s: r.bytes_per_s,
+    }
+}
+
+pub(super) async fn list_namespaces(node: &Node) -> Result<pb::ListNamespacesResponse, Status> {
+    let state = node.namespaces().await.map_err(|e| cluster_error(&e))?;
+    Ok(pb::ListNamespacesResponse {
+        namespaces: state.namespaces.iter().map(namespace_info).collect(),
+    })
+}
+
+pub(super) async fn set_namespace(node: &Node, r: pb::SetNamespaceRequest) -> Result<pb::SetNamespaceResponse, Status> {
+    match node
+        .set_namespace(&r.name, r.appends_per_s, r.bytes_per_s)
+        .await
+        .map_err(|e| cluster_error(&e))?
+    {
+        Ok((record, created)) => Ok(pb::SetNamespaceResponse {
+            namespace: Some(namespace_info(&record)),
+            created,
+        }),
+        Err(refusal) => Err(refused(&refusal)),
+    }
 }
