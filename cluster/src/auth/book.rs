@@ -9,7 +9,7 @@
 
 use pigeonhole_proto::internal::v1::{AuthGrant, AuthIdentity, AuthState, AuthToken};
 use pigeonhole_proto::v1 as pb;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// Identities, at most. With [`GRANTS_PER_IDENTITY_MAX`] and
 /// [`TOKENS_MAX`] this keeps the whole book under the 1 MiB a system value
@@ -278,7 +278,9 @@ fn identity_mut<'a>(state: &'a mut AuthState, name: &str) -> Result<&'a mut Auth
 /// namespace, tokens by id.
 #[derive(Debug, Default, Clone)]
 pub struct Book {
-    roles: BTreeMap<String, BTreeSet<(String, i32)>>,
+    /// At most [`GRANTS_PER_IDENTITY_MAX`] grants each: a scan, with no
+    /// allocation on the append path.
+    roles: BTreeMap<String, Vec<(String, i32)>>,
     tokens: BTreeMap<String, AuthToken>,
 }
 
@@ -301,9 +303,11 @@ impl Book {
     /// Whether `identity` holds `role` on `namespace` (directly or on "*").
     pub fn allows(&self, identity: &str, namespace: &str, role: pb::Role) -> bool {
         let r = role as i32;
-        self.roles
-            .get(identity)
-            .is_some_and(|g| g.contains(&(namespace.to_string(), r)) || g.contains(&(ALL_NAMESPACES.to_string(), r)))
+        self.roles.get(identity).is_some_and(|grants| {
+            grants
+                .iter()
+                .any(|(ns, g)| *g == r && (ns == namespace || ns == ALL_NAMESPACES))
+        })
     }
 
     /// Whether `identity` exists.
