@@ -60,7 +60,7 @@ fn mb(ns: &str, user: &str) -> Option<pb::MailboxId> {
 }
 
 /// The RPCs of the matrix and the role each needs.
-const RPCS: [(&str, pb::Role); 9] = [
+const RPCS: [(&str, pb::Role); 10] = [
     ("Append", pb::Role::Append),
     ("AppendBatch", pb::Role::Append),
     ("Sync", pb::Role::Read),
@@ -70,6 +70,7 @@ const RPCS: [(&str, pb::Role); 9] = [
     ("Trim", pb::Role::Trim),
     ("Delete", pb::Role::Trim),
     ("Admin.GetPlacement", pb::Role::Admin),
+    ("Admin.SetMailboxHold", pb::Role::Admin),
 ];
 
 /// Calls `rpc` on namespace `ns` (user "alice"); the status, or Ok.
@@ -149,6 +150,14 @@ async fn call(addr: &str, c: &Creds, rpc: &str, ns: &str) -> Result<(), Status> 
             .await
             .map(|_| ()),
         "Admin.GetPlacement" => a.get_placement(pb::GetPlacementRequest {}).await.map(|_| ()),
+        // A legal hold is a compliance officer's act: admin, not `trim`.
+        "Admin.SetMailboxHold" => a
+            .set_mailbox_hold(pb::SetMailboxHoldRequest {
+                mailbox: mb(ns, "alice"),
+                held: false,
+            })
+            .await
+            .map(|_| ()),
         other => panic!("no rpc {other}"),
     }
 }

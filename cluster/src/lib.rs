@@ -40,6 +40,7 @@ pub mod node;
 pub mod nodes;
 pub mod placement;
 pub mod quota;
+pub mod retention;
 pub mod server;
 pub mod settings;
 pub mod sizes;

@@ -36,21 +36,53 @@ pub const NAMESPACES_MAX: usize = 1_024;
 /// Namespace names: 1 to this many bytes (as `MailboxId.namespace`).
 pub const NAME_BYTES_MAX: usize = 64;
 
-/// Sets `name`'s limits in `state` (a field `None` keeps its value; a new
-/// record starts unlimited). `Ok(created)`, or the field and rule broken.
-pub fn set(
-    state: &mut NamespaceState,
-    name: &str,
-    appends_per_s: Option<u32>,
-    bytes_per_s: Option<u64>,
-) -> Result<bool, Refusal> {
+/// The longest TTL a retention policy may set: 100 years, in ms.
+pub const TTL_MS_MAX: u64 = 100 * 365 * 24 * 3_600 * 1_000;
+/// The shortest non-zero TTL: one second (retention runs about once a
+/// second, so a shorter one would not be kept).
+pub const TTL_MS_MIN: u64 = 1_000;
+
+/// A change to a namespace's record: each field `None` keeps its value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NamespaceChange {
+    pub appends_per_s: Option<u32>,
+    pub bytes_per_s: Option<u64>,
+    pub ttl_ms: Option<u64>,
+    pub messages_per_mailbox_max: Option<u64>,
+    pub trim_acked: Option<bool>,
+    pub legal_hold: Option<bool>,
+    pub dedup_window_ms: Option<u64>,
+}
+
+/// Sets `name`'s limits and retention policy in `state` (a field `None`
+/// keeps its value; a new record starts unlimited, keeping everything).
+/// `Ok(created)`, or the field and rule broken.
+pub fn set(state: &mut NamespaceState, name: &str, c: &NamespaceChange) -> Result<bool, Refusal> {
     if name.is_empty() || name.len() > NAME_BYTES_MAX {
         return Err(bad("name", format!("{} bytes; 1 to {NAME_BYTES_MAX}", name.len())));
     }
-    if let Some(b) = bytes_per_s.filter(|b| *b > u64::from(u32::MAX)) {
+    if let Some(b) = c.bytes_per_s.filter(|b| *b > u64::from(u32::MAX)) {
         return Err(bad(
             "bytes_per_s",
             format!("{b} is more than {} (0 = unlimited)", u32::MAX),
+        ));
+    }
+    if let Some(t) = c.ttl_ms.filter(|t| *t != 0 && !(TTL_MS_MIN..=TTL_MS_MAX).contains(t)) {
+        return Err(bad(
+            "ttl_ms",
+            format!("{t} is outside {TTL_MS_MIN} (1 s) to {TTL_MS_MAX} (100 years); 0 = no TTL"),
+        ));
+    }
+    if let Some(w) = c
+        .dedup_window_ms
+        .filter(|w| *w > pigeonhole_engine::DEDUP_WINDOW_MS_MAX)
+    {
+        return Err(bad(
+            "dedup_window_ms",
+            format!(
+                "{w} is more than {} (366 days); 0 = the default",
+                pigeonhole_engine::DEDUP_WINDOW_MS_MAX
+            ),
         ));
     }
     let created = !state.namespaces.iter().any(|n| n.name == name);
@@ -63,18 +95,27 @@ pub fn set(
         }
         state.namespaces.push(NamespaceRecord {
             name: name.to_string(),
-            appends_per_s: 0,
-            bytes_per_s: 0,
+            ..NamespaceRecord::default()
         });
         state.namespaces.sort_by(|a, b| a.name.cmp(&b.name));
     }
     if let Some(r) = state.namespaces.iter_mut().find(|n| n.name == name) {
-        if let Some(a) = appends_per_s {
-            r.appends_per_s = a;
-        }
-        if let Some(b) = bytes_per_s {
-            r.bytes_per_s = b;
-        }
+        let NamespaceChange {
+            appends_per_s,
+            bytes_per_s,
+            ttl_ms,
+            messages_per_mailbox_max,
+            trim_acked,
+            legal_hold,
+            dedup_window_ms,
+        } = *c;
+        r.appends_per_s = appends_per_s.unwrap_or(r.appends_per_s);
+        r.bytes_per_s = bytes_per_s.unwrap_or(r.bytes_per_s);
+        r.ttl_ms = ttl_ms.unwrap_or(r.ttl_ms);
+        r.messages_per_mailbox_max = messages_per_mailbox_max.unwrap_or(r.messages_per_mailbox_max);
+        r.trim_acked = trim_acked.unwrap_or(r.trim_acked);
+        r.legal_hold = legal_hold.unwrap_or(r.legal_hold);
+        r.dedup_window_ms = dedup_window_ms.unwrap_or(r.dedup_window_ms);
     }
     Ok(created)
 }
@@ -92,10 +133,18 @@ fn bucket(per_s: u64) -> Option<DefaultDirectRateLimiter> {
     Some(RateLimiter::direct(Quota::per_second(n)))
 }
 
-/// This node's limiters. Cheap to clone.
+/// This node's copy of the namespace records: the limiters of the
+/// rate-limited ones, and every record (for retention and legal holds).
+#[derive(Debug, Default)]
+struct Followed {
+    buckets: HashMap<String, Arc<Buckets>>,
+    records: Arc<Vec<NamespaceRecord>>,
+}
+
+/// This node's limiters and namespace records. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Quotas {
-    inner: Arc<RwLock<HashMap<String, Arc<Buckets>>>>,
+    inner: Arc<RwLock<Followed>>,
 }
 
 impl Quotas {
@@ -110,11 +159,11 @@ impl Quotas {
     /// to retry: RESOURCE_EXHAUSTED with RetryInfo.
     pub fn take_append(&self, namespace: &str, payload_bytes: usize) -> Result<(), Status> {
         let b = {
-            let map = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-            if map.is_empty() {
+            let f = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+            if f.buckets.is_empty() {
                 return Ok(());
             }
-            match map.get(namespace) {
+            match f.buckets.get(namespace) {
                 Some(b) => b.clone(),
                 None => return Ok(()),
             }
@@ -161,9 +210,27 @@ impl Quotas {
     }
 }
 
-/// Installs a new `NamespaceState`: keeps the buckets of records that did
-/// not change (their state is the point), makes new ones for the rest.
-fn install(map: &RwLock<HashMap<String, Arc<Buckets>>>, version: u64, value: &[u8]) {
+impl Quotas {
+    /// Every namespace record, as this node last read them.
+    pub fn records(&self) -> Arc<Vec<NamespaceRecord>> {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .records
+            .clone()
+    }
+
+    /// `namespace`'s record, if it has one.
+    pub fn record(&self, namespace: &str) -> Option<NamespaceRecord> {
+        let f = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        f.records.iter().find(|r| r.name == namespace).cloned()
+    }
+}
+
+/// Installs a new `NamespaceState`: keeps the buckets of records whose
+/// rates did not change (their state is the point), makes new ones for
+/// the rest.
+fn install(map: &RwLock<Followed>, version: u64, value: &[u8]) {
     let state = match NamespaceState::decode(value) {
         Ok(s) => s,
         Err(e) => {
@@ -171,23 +238,26 @@ fn install(map: &RwLock<HashMap<String, Arc<Buckets>>>, version: u64, value: &[u
             return;
         }
     };
-    let old = map.read().unwrap_or_else(PoisonError::into_inner).clone();
+    let old = map.read().unwrap_or_else(PoisonError::into_inner).buckets.clone();
     let mut next = HashMap::new();
-    for r in state.namespaces {
+    for r in &state.namespaces {
         if r.appends_per_s == 0 && r.bytes_per_s == 0 {
             continue;
         }
         let b = match old.get(&r.name) {
-            Some(b) if b.record == r => b.clone(),
+            Some(b) if (b.record.appends_per_s, b.record.bytes_per_s) == (r.appends_per_s, r.bytes_per_s) => b.clone(),
             _ => Arc::new(Buckets {
                 appends: bucket(u64::from(r.appends_per_s)),
                 bytes: bucket(r.bytes_per_s),
                 record: r.clone(),
             }),
         };
-        next.insert(r.name, b);
+        next.insert(r.name.clone(), b);
     }
-    *map.write().unwrap_or_else(PoisonError::into_inner) = next;
+    *map.write().unwrap_or_else(PoisonError::into_inner) = Followed {
+        buckets: next,
+        records: Arc::new(state.namespaces),
+    };
 }
 
 fn exceeded(namespace: &str, limit: &str, value: u64, retry_after: Duration) -> Status {
@@ -225,11 +295,10 @@ impl Node {
     pub async fn set_namespace(
         &self,
         name: &str,
-        appends_per_s: Option<u32>,
-        bytes_per_s: Option<u64>,
+        change: &NamespaceChange,
     ) -> Result<Result<(NamespaceRecord, bool), Refusal>, crate::ClusterError> {
         let (version, mut state) = self.read_meta_value::<NamespaceState>(STATE_KEY).await?;
-        let created = match set(&mut state, name, appends_per_s, bytes_per_s) {
+        let created = match set(&mut state, name, change) {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
@@ -250,10 +319,18 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
     use super::*;
 
+    fn rates(appends_per_s: Option<u32>, bytes_per_s: Option<u64>) -> NamespaceChange {
+        NamespaceChange {
+            appends_per_s,
+            bytes_per_s,
+            ..NamespaceChange::default()
+        }
+    }
+
     fn quotas(records: &[(&str, u32, u64)]) -> Quotas {
         let mut s = NamespaceState::default();
         for (n, a, b) in records {
-            set(&mut s, n, Some(*a), Some(*b)).unwrap();
+            set(&mut s, n, &rates(Some(*a), Some(*b))).unwrap();
         }
         let q = Quotas::default();
         install(&q.inner, 1, &s.encode_to_vec());
@@ -294,8 +371,8 @@ mod tests {
             q.take_append("n", 1).unwrap();
         }
         let mut s = NamespaceState::default();
-        set(&mut s, "n", Some(5), Some(0)).unwrap();
-        set(&mut s, "other", Some(1), None).unwrap();
+        set(&mut s, "n", &rates(Some(5), Some(0))).unwrap();
+        set(&mut s, "other", &rates(Some(1), None)).unwrap();
         install(&q.inner, 2, &s.encode_to_vec());
         assert!(
             q.take_append("n", 1).is_err(),
@@ -306,19 +383,73 @@ mod tests {
     #[test]
     fn records_are_checked() {
         let mut s = NamespaceState::default();
-        assert_eq!(set(&mut s, "", None, None).unwrap_err().field, "name");
-        assert_eq!(set(&mut s, &"x".repeat(65), None, None).unwrap_err().field, "name");
-        assert_eq!(set(&mut s, "a", None, Some(1 << 40)).unwrap_err().field, "bytes_per_s");
-        assert!(set(&mut s, "a", Some(3), None).unwrap());
-        assert!(!set(&mut s, "a", None, Some(7)).unwrap());
+        assert_eq!(set(&mut s, "", &rates(None, None)).unwrap_err().field, "name");
+        assert_eq!(
+            set(&mut s, &"x".repeat(65), &rates(None, None)).unwrap_err().field,
+            "name"
+        );
+        assert_eq!(
+            set(&mut s, "a", &rates(None, Some(1 << 40))).unwrap_err().field,
+            "bytes_per_s"
+        );
+        assert!(set(&mut s, "a", &rates(Some(3), None)).unwrap());
+        assert!(!set(&mut s, "a", &rates(None, Some(7))).unwrap());
         assert_eq!((s.namespaces[0].appends_per_s, s.namespaces[0].bytes_per_s), (3, 7));
+        let policy = |c: NamespaceChange| set(&mut s.clone(), "a", &c).map_err(|e| e.field);
+        assert_eq!(
+            policy(NamespaceChange {
+                ttl_ms: Some(999),
+                ..NamespaceChange::default()
+            }),
+            Err("ttl_ms")
+        );
+        assert_eq!(
+            policy(NamespaceChange {
+                ttl_ms: Some(TTL_MS_MAX + 1),
+                ..NamespaceChange::default()
+            }),
+            Err("ttl_ms")
+        );
+        assert_eq!(
+            policy(NamespaceChange {
+                ttl_ms: Some(0),
+                ..NamespaceChange::default()
+            }),
+            Ok(false)
+        );
+        assert_eq!(
+            policy(NamespaceChange {
+                dedup_window_ms: Some(pigeonhole_engine::DEDUP_WINDOW_MS_MAX + 1),
+                ..NamespaceChange::default()
+            }),
+            Err("dedup_window_ms")
+        );
+        set(
+            &mut s,
+            "a",
+            &NamespaceChange {
+                ttl_ms: Some(60_000),
+                trim_acked: Some(true),
+                ..NamespaceChange::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.namespaces[0].ttl_ms,
+                s.namespaces[0].trim_acked,
+                s.namespaces[0].appends_per_s
+            ),
+            (60_000, true, 3),
+            "unset fields keep their value"
+        );
         for i in 1..NAMESPACES_MAX {
-            set(&mut s, &format!("ns{i}"), Some(1), None).unwrap();
+            set(&mut s, &format!("ns{i}"), &rates(Some(1), None)).unwrap();
         }
-        let e = set(&mut s, "one-more", Some(1), None).unwrap_err();
+        let e = set(&mut s, "one-more", &rates(Some(1), None)).unwrap_err();
         assert!(e.full && e.field == "name", "{e:?}");
         assert!(
-            !set(&mut s, "ns1", Some(2), None).unwrap(),
+            !set(&mut s, "ns1", &rates(Some(2), None)).unwrap(),
             "a full cluster still changes its records"
         );
     }

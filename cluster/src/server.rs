@@ -219,6 +219,10 @@ pub async fn run(
     // Each shard this node leads is counted now and then, for balance by
     // bytes and automatic splits (D39).
     crate::sizes::spawn(&node, crate::sizes::SizeCheck::default());
+    // Namespaces' limits and retention policies, as this node reads them;
+    // retention is proposed for the shards this node leads (D43).
+    let quotas = crate::quota::Quotas::follow(&node);
+    crate::retention::spawn(&node, quotas.clone(), crate::retention::RetentionCheck::default());
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<MailboxServer<MailboxService>>().await;
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
@@ -231,7 +235,7 @@ pub async fn run(
     let mailbox = MailboxServer::new(
         MailboxService::new(node.clone(), cfg.api.clone(), closing_rx)
             .with_auth(auth.clone())
-            .with_quotas(crate::quota::Quotas::follow(&node)),
+            .with_quotas(quotas),
     )
     .max_decoding_message_size(cfg.request_bytes_max)
     .max_encoding_message_size(64 << 20);

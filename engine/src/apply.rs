@@ -193,7 +193,7 @@ impl Engine {
 /// A message a trim removes: (key, seq, idempotency key if live, payload bytes).
 type Doomed = (Vec<u8>, u64, Option<Vec<u8>>, u64);
 
-type OpResult = Result<Result<OpOutput, OpError>, EngineError>;
+pub(crate) type OpResult = Result<Result<OpOutput, OpError>, EngineError>;
 
 /// A shard's head cache during one apply batch, and the heads the batch
 /// changed, by mailbox key (they enter the cache only after the batch's
@@ -203,18 +203,18 @@ pub(crate) struct Heads<'c> {
     changed: HashMap<Vec<u8>, MailboxMeta>,
 }
 
-struct StateMachine<'a, 't, 'c> {
-    engine: &'a Engine,
-    txn: &'a mut Txn<'t>,
-    heads: &'a mut Heads<'c>,
-    shard: u64,
+pub(crate) struct StateMachine<'a, 't, 'c> {
+    pub(crate) engine: &'a Engine,
+    pub(crate) txn: &'a mut Txn<'t>,
+    pub(crate) heads: &'a mut Heads<'c>,
+    pub(crate) shard: u64,
     /// The id prefixing the shard's data keys (`ShardMeta::space`).
-    space: u64,
+    pub(crate) space: u64,
     /// The user hashes the shard holds; ops on other mailboxes are refused.
-    range: crate::records::HashRange,
-    now_ms: u64,
+    pub(crate) range: crate::records::HashRange,
+    pub(crate) now_ms: u64,
     /// Fingerprints of the mailboxes changed so far (see `EntryOutcome`).
-    changed: Vec<u64>,
+    pub(crate) changed: Vec<u64>,
 }
 
 /// Returns early with the op's (deterministic) rejection.
@@ -250,6 +250,8 @@ impl StateMachine<'_, '_, '_> {
             Some(Op::Trim(t)) => self.trim(t),
             Some(Op::Delete(d)) => self.delete(d),
             Some(Op::ExpireDedup(x)) => self.expire_dedup(x),
+            Some(Op::Retain(r)) => self.retain(r),
+            Some(Op::Hold(h)) => self.hold(h),
             Some(Op::PutSystem(p)) => self.put_system(p),
             Some(Op::Split(_)) => Ok(Err(OpError::InvalidArgument {
                 field: "split",
@@ -261,7 +263,7 @@ impl StateMachine<'_, '_, '_> {
 
     /// The mailbox's key and head: this batch's change, else the cache,
     /// else rebuilt from the database (and then the cache holds it).
-    fn mailbox(&mut self, ns: &str, uid: &[u8]) -> Result<(Vec<u8>, MailboxMeta), EngineError> {
+    pub(crate) fn mailbox(&mut self, ns: &str, uid: &[u8]) -> Result<(Vec<u8>, MailboxMeta), EngineError> {
         let mb = keys::mailbox(ns, uid);
         if let Some(meta) = self.heads.changed.get(&mb) {
             return Ok((mb, *meta));
@@ -287,7 +289,7 @@ impl StateMachine<'_, '_, '_> {
 
     /// Records the mailbox's new head; `write_row` also writes its head row
     /// (appends do so only every `HEAD_ROW_EVERY_APPENDS` seqs, I9).
-    fn put_mailbox(&mut self, mb: &[u8], meta: &MailboxMeta, write_row: bool) {
+    pub(crate) fn put_mailbox(&mut self, mb: &[u8], meta: &MailboxMeta, write_row: bool) {
         if write_row {
             self.txn.put(keys::mailbox_meta(self.space, mb), &meta.encode());
         }
@@ -411,13 +413,19 @@ impl StateMachine<'_, '_, '_> {
     }
 
     /// Starts the dedup window of a message that stops being stored.
-    fn start_dedup_window(&mut self, mb: &[u8], seq: u64, idem: &[u8]) -> Result<(), EngineError> {
+    /// `window_ms` 0 is the engine's default window.
+    fn start_dedup_window(&mut self, mb: &[u8], seq: u64, idem: &[u8], window_ms: u64) -> Result<(), EngineError> {
+        let window_ms = if window_ms == 0 {
+            self.engine.options().dedup_window_ms
+        } else {
+            window_ms
+        };
         let dk = keys::dedup(self.space, mb, idem);
         if let Some(mut d) = self.dedup(&dk)? {
             // The key may since have been reused for a newer message (after an
             // earlier window ended); only the entry for this seq is ours.
             if d.seq == seq && d.expires_ms == 0 {
-                d.expires_ms = self.now_ms.saturating_add(self.engine.options().dedup_window_ms).max(1);
+                d.expires_ms = self.now_ms.saturating_add(window_ms).max(1);
                 self.txn.put(
                     keys::dedup_expiry(self.space, d.expires_ms, mb, idem),
                     &encode_expiry_marker(),
@@ -430,6 +438,9 @@ impl StateMachine<'_, '_, '_> {
 
     fn trim(&mut self, t: &cmd::TrimOp) -> OpResult {
         let (mb, mut meta) = self.mailbox(&t.namespace, &t.user_id)?;
+        if meta.held {
+            return Ok(Err(OpError::LegalHold));
+        }
         if t.up_to_seq > meta.last_seq {
             return Ok(Err(OpError::TrimBeyondLastSeq {
                 up_to_seq: t.up_to_seq,
@@ -442,8 +453,26 @@ impl StateMachine<'_, '_, '_> {
                 removed: 0,
             }));
         }
-        let start = keys::message(self.space, &mb, meta.low_watermark);
-        let end = keys::message(self.space, &mb, t.up_to_seq + 1);
+        let removed = self.trim_to(&mb, &mut meta, t.up_to_seq, t.dedup_window_ms)?;
+        self.changed.push(crate::mailbox_fingerprint(&t.namespace, &t.user_id));
+        Ok(Ok(OpOutput::Trimmed {
+            low_watermark: meta.low_watermark,
+            removed,
+        }))
+    }
+
+    /// Removes `mb`'s messages `[low_watermark, up_to_seq]` (the caller
+    /// checked `low_watermark <= up_to_seq <= last_seq`), starts their
+    /// keys' dedup windows, and records the new head; returns how many.
+    pub(crate) fn trim_to(
+        &mut self,
+        mb: &[u8],
+        meta: &mut MailboxMeta,
+        up_to_seq: u64,
+        window_ms: u64,
+    ) -> Result<u64, EngineError> {
+        let start = keys::message(self.space, mb, meta.low_watermark);
+        let end = keys::message(self.space, mb, up_to_seq + 1);
         // (key, seq, live idempotency key, payload bytes)
         let mut doomed: Vec<Doomed> = Vec::new();
         self.txn.scan(&start, &end, |k, body| {
@@ -453,7 +482,7 @@ impl StateMachine<'_, '_, '_> {
             doomed.push((k.to_vec(), seq, idem, len_u64(v.payload)));
             Ok(())
         })?;
-        let expected = t.up_to_seq - meta.low_watermark + 1;
+        let expected = up_to_seq - meta.low_watermark + 1;
         if len_u64(&doomed) != expected {
             return Err(EngineError::corruption(
                 CF_DATA,
@@ -466,22 +495,21 @@ impl StateMachine<'_, '_, '_> {
         }
         for (key, seq, idem, bytes) in doomed {
             if let Some(idem) = idem {
-                self.start_dedup_window(&mb, seq, &idem)?;
+                self.start_dedup_window(mb, seq, &idem, window_ms)?;
                 meta.payload_bytes = meta.payload_bytes.saturating_sub(bytes);
             }
             self.txn.delete(key);
         }
-        meta.low_watermark = t.up_to_seq + 1;
-        self.put_mailbox(&mb, &meta, true);
-        self.changed.push(crate::mailbox_fingerprint(&t.namespace, &t.user_id));
-        Ok(Ok(OpOutput::Trimmed {
-            low_watermark: meta.low_watermark,
-            removed: expected,
-        }))
+        meta.low_watermark = up_to_seq + 1;
+        self.put_mailbox(mb, meta, true);
+        Ok(expected)
     }
 
     fn delete(&mut self, d: &cmd::DeleteOp) -> OpResult {
         let (mb, mut meta) = self.mailbox(&d.namespace, &d.user_id)?;
+        if meta.held {
+            return Ok(Err(OpError::LegalHold));
+        }
         if d.seq < meta.low_watermark || d.seq > meta.last_seq {
             return Ok(Err(OpError::SeqNotFound {
                 seq: d.seq,
@@ -506,7 +534,7 @@ impl StateMachine<'_, '_, '_> {
             deleted: true,
         };
         self.txn.put(key, &tomb.encode());
-        self.start_dedup_window(&mb, d.seq, &idem)?;
+        self.start_dedup_window(&mb, d.seq, &idem, d.dedup_window_ms)?;
         self.put_mailbox(&mb, &meta, true);
         self.changed.push(crate::mailbox_fingerprint(&d.namespace, &d.user_id));
         Ok(Ok(OpOutput::Deleted { deleted: true }))

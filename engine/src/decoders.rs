@@ -98,9 +98,12 @@ pub fn sample_data_bodies() -> Vec<Vec<u8>> {
         low_watermark: 3,
         cursor_count: 2,
         payload_bytes: 1_234,
+        held: false,
     };
+    let held = MailboxMeta { held: true, ..mailbox };
     let mut out = vec![
         mailbox.encode(),
+        held.encode(),
         message.encode(),
         dedup.encode(),
         encode_cursor(5),

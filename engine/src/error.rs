@@ -182,6 +182,9 @@ pub enum OpError {
     /// The Raft entry's bytes are not a valid command. Every op of it fails.
     #[error("malformed command: {0}")]
     MalformedCommand(String),
+    /// Trim or Delete of a mailbox under a legal hold (D43).
+    #[error("mailbox is under a legal hold: trims and deletes are refused until it is released")]
+    LegalHold,
     /// The op's mailbox is not in the shard's hash range: a split gave it
     /// to another shard after the caller's map was read. Retryable with a
     /// fresh shard map.

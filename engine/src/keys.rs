@@ -62,6 +62,22 @@ pub(crate) fn split_mailbox(b: &[u8]) -> Option<(&[u8], &[u8])> {
     Some(b.split_at(end))
 }
 
+/// The namespace bytes of an encoded mailbox id.
+pub(crate) fn mailbox_namespace(mb: &[u8]) -> Option<&[u8]> {
+    let ns_len = usize::from(*mb.first()?);
+    mb.get(1..1 + ns_len)
+}
+
+/// The namespace's part of a shard's message keys: `space | 02 | ns_len ns`.
+/// Every message key of every mailbox of the namespace starts with it (the
+/// namespace's length is in it), and no other key does.
+pub(crate) fn namespace_messages(space: u64, ns: &str) -> Vec<u8> {
+    let mut k = shard_tag(space, tag::MESSAGE, 1 + ns.len());
+    k.push(u8::try_from(ns.len()).unwrap_or(u8::MAX));
+    k.extend_from_slice(ns.as_bytes());
+    k
+}
+
 fn shard_tag(shard: u64, tag: u8, extra: usize) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + extra);
     k.extend_from_slice(&shard.to_be_bytes());
@@ -89,7 +105,6 @@ pub(crate) fn mailbox_meta(shard: u64, mb: &[u8]) -> Vec<u8> {
 }
 
 /// `shard | 0x02 | mb`: the prefix of all messages of a mailbox.
-#[cfg(test)]
 pub(crate) fn message_prefix(shard: u64, mb: &[u8]) -> Vec<u8> {
     let mut k = shard_tag(shard, tag::MESSAGE, mb.len() + 8);
     k.extend_from_slice(mb);

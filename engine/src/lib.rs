@@ -39,6 +39,7 @@ mod outcome;
 mod raftlog;
 mod read;
 mod records;
+mod retain;
 mod size;
 mod snapshot;
 mod split;
@@ -48,7 +49,7 @@ pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
 pub use engine::{Durability, Engine, EngineOptions, FORMAT_VERSION, HEADS_CACHED_PER_SHARD_DEFAULT};
 pub use error::{EngineError, HexKey, OpError, ReadError};
 pub use heads::{HEAD_ROW_EVERY_APPENDS, HEAD_ROW_EVERY_APPENDS_MAX};
-pub use limits::{mailbox_fingerprint, Limits};
+pub use limits::{mailbox_fingerprint, Limits, DEDUP_WINDOW_MS_MAX, RETAIN_MAILBOXES_MAX, RETAIN_MESSAGES_MAX};
 pub use raftlog::{
     conf_state_with_voters, LogFilesOptions, LogRecovery, LogStats, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC,
 };

@@ -151,11 +151,68 @@ impl Limits {
                 self.check_mailbox(&a.namespace, &a.user_id)?;
                 self.check_device_id(&a.device_id)
             }
-            Op::Trim(t) => self.check_mailbox(&t.namespace, &t.user_id),
-            Op::Delete(d) => self.check_mailbox(&d.namespace, &d.user_id),
+            Op::Trim(t) => {
+                self.check_mailbox(&t.namespace, &t.user_id)?;
+                check_dedup_window("trim.dedup_window_ms", t.dedup_window_ms)
+            }
+            Op::Delete(d) => {
+                self.check_mailbox(&d.namespace, &d.user_id)?;
+                check_dedup_window("delete.dedup_window_ms", d.dedup_window_ms)
+            }
+            Op::Retain(r) => self.check_retain(r),
+            Op::Hold(h) => self.check_mailbox(&h.namespace, &h.user_id),
             Op::ExpireDedup(_) | Op::PutSystem(_) | Op::Split(_) => Ok(()),
         }
     }
+
+    /// A retention op's bounds: what one op may examine and remove, so that
+    /// one Raft entry's apply stays small whatever the policy.
+    pub fn check_retain(&self, r: &cmd::RetainOp) -> Result<(), OpError> {
+        self.check_namespace(&r.namespace)?;
+        check_dedup_window("retain.dedup_window_ms", r.dedup_window_ms)?;
+        if r.mailboxes_max == 0 || r.mailboxes_max > RETAIN_MAILBOXES_MAX {
+            return Err(invalid(
+                "retain.mailboxes_max",
+                format!("must be 1 to {RETAIN_MAILBOXES_MAX}, got {}", r.mailboxes_max),
+            ));
+        }
+        if r.messages_max == 0 || r.messages_max > RETAIN_MESSAGES_MAX {
+            return Err(invalid(
+                "retain.messages_max",
+                format!("must be 1 to {RETAIN_MESSAGES_MAX}, got {}", r.messages_max),
+            ));
+        }
+        if !r.from_mailbox.is_empty() {
+            let ours = crate::keys::split_mailbox(&r.from_mailbox)
+                .filter(|(_, rest)| rest.is_empty())
+                .and_then(|(mb, _)| crate::keys::mailbox_namespace(mb))
+                == Some(r.namespace.as_bytes());
+            if !ours {
+                return Err(invalid(
+                    "retain.from_mailbox",
+                    "must be empty or an encoded mailbox id of the op's namespace".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Mailboxes one retention op examines, at most.
+pub const RETAIN_MAILBOXES_MAX: u32 = 1_000;
+/// Messages one retention op removes, at most.
+pub const RETAIN_MESSAGES_MAX: u32 = 10_000;
+/// The longest dedup window a policy may set: 366 days, in ms.
+pub const DEDUP_WINDOW_MS_MAX: u64 = 366 * 24 * 3_600 * 1_000;
+
+fn check_dedup_window(field: &'static str, ms: u64) -> Result<(), OpError> {
+    if ms > DEDUP_WINDOW_MS_MAX {
+        return Err(invalid(
+            field,
+            format!("must be at most {DEDUP_WINDOW_MS_MAX} ms (366 days; 0 = the default), got {ms}"),
+        ));
+    }
+    Ok(())
 }
 
 /// A 64-bit fingerprint of a mailbox id (FNV-1a over the namespace, a 0xff

@@ -95,6 +95,23 @@ pub enum OpOutput {
         /// Dedup entries removed.
         removed: u64,
     },
+    /// Retain: what one retention op did (D43).
+    Retained {
+        /// Mailboxes examined.
+        mailboxes: u64,
+        /// Messages removed.
+        removed: u64,
+        /// The encoded mailbox id the next op starts at; None when the pass
+        /// reached the namespace's last mailbox.
+        next: Option<Vec<u8>>,
+    },
+    /// Hold: the mailbox's legal hold after the op.
+    Held {
+        /// Whether the mailbox is held now.
+        held: bool,
+        /// False if it already was in that state.
+        changed: bool,
+    },
     /// Split: the new shard exists on this replica, holding `range`, at
     /// this entry's index.
     Split {

@@ -67,6 +67,8 @@ pub struct MailboxInfo {
     pub cursor_count: u32,
     /// Payload bytes of the stored, non-deleted messages.
     pub payload_bytes: u64,
+    /// Under a legal hold (D43).
+    pub held: bool,
 }
 
 /// One system (cluster metadata) value, as [`Engine::system_scan`] returns it.
@@ -277,6 +279,7 @@ impl Engine {
             low_watermark: m.low_watermark,
             cursor_count: m.cursor_count,
             payload_bytes: m.payload_bytes,
+            held: m.held,
         })
     }
 

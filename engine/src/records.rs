@@ -191,6 +191,9 @@ pub struct MailboxMeta {
     pub cursor_count: u32,
     /// Sum of the payload sizes of the stored, non-deleted messages.
     pub payload_bytes: u64,
+    /// Under a legal hold (D43): Trim and Delete are refused, retention
+    /// passes the mailbox over.
+    pub held: bool,
 }
 
 impl Default for MailboxMeta {
@@ -200,27 +203,43 @@ impl Default for MailboxMeta {
             low_watermark: 1,
             cursor_count: 0,
             payload_bytes: 0,
+            held: false,
         }
     }
 }
 
 impl MailboxMeta {
+    /// V1 (28 bytes) unless the mailbox is held; a held one is V2, V1's
+    /// fields and a flags byte (bit 0: held). So a directory with no hold
+    /// has the bytes format 2 wrote.
     pub(crate) fn encode(&self) -> Vec<u8> {
-        Writer::with_version(V1, 28)
+        let w = Writer::with_version(if self.held { V2 } else { V1 }, 29)
             .u64(self.last_seq)
             .u64(self.low_watermark)
             .u32(self.cursor_count)
-            .u64(self.payload_bytes)
-            .0
+            .u64(self.payload_bytes);
+        if self.held {
+            w.u8(MAILBOX_HELD).0
+        } else {
+            w.0
+        }
     }
     pub(crate) fn decode(key: &[u8], body: &[u8]) -> Result<Self, EngineError> {
-        let mut r = Reader::new(CF_DATA, key, body, V1)?;
-        let m = MailboxMeta {
+        let (mut r, version) = Reader::versioned(CF_DATA, key, body, &[V1, V2])?;
+        let mut m = MailboxMeta {
             last_seq: r.u64()?,
             low_watermark: r.u64()?,
             cursor_count: r.u32()?,
             payload_bytes: r.u64()?,
+            held: false,
         };
+        if version == V2 {
+            let flags = r.u8()?;
+            if flags != MAILBOX_HELD {
+                return Err(r.err(format!("mailbox flags 0x{flags:02x}: only 0x01 (held) is defined")));
+            }
+            m.held = true;
+        }
         if m.low_watermark == 0 || m.low_watermark > m.last_seq.saturating_add(1) {
             return Err(r.err(format!(
                 "low_watermark {} outside [1, last_seq + 1 = {}]",
@@ -234,6 +253,8 @@ impl MailboxMeta {
 }
 
 const FLAG_DELETED: u8 = 1;
+/// `MailboxMeta` V2's flags byte: the mailbox is under a legal hold.
+const MAILBOX_HELD: u8 = 1;
 
 /// Dedup entry: `data` CF, key `shard | 0x03 | mb | idempotency_key`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -41,7 +41,8 @@ pub(crate) fn user_of(op: &Op) -> Option<&[u8]> {
         Op::Ack(a) => Some(&a.user_id),
         Op::Trim(t) => Some(&t.user_id),
         Op::Delete(d) => Some(&d.user_id),
-        Op::ExpireDedup(_) | Op::PutSystem(_) | Op::Split(_) => None,
+        Op::Hold(h) => Some(&h.user_id),
+        Op::ExpireDedup(_) | Op::PutSystem(_) | Op::Split(_) | Op::Retain(_) => None,
     }
 }
 

@@ -68,9 +68,32 @@ impl<'e> Txn<'e> {
         start: &[u8],
         end: &[u8],
         max: usize,
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool, EngineError>,
+    ) -> Result<(), EngineError> {
+        self.scan_with(ReadOptions::default(), start, end, max, f)
+    }
+
+    /// [`Txn::scan_limited`] for a range that crosses memtable buckets
+    /// (several mailboxes): a total-order scan, dearer per seek, so used
+    /// only where a scan must step from mailbox to mailbox (retention).
+    pub(crate) fn scan_across(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        max: usize,
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool, EngineError>,
+    ) -> Result<(), EngineError> {
+        self.scan_with(crate::engine::total_order(), start, end, max, f)
+    }
+
+    fn scan_with(
+        &self,
+        mut ro: ReadOptions,
+        start: &[u8],
+        end: &[u8],
+        max: usize,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, EngineError>,
     ) -> Result<(), EngineError> {
-        let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(end.to_vec());
         let mut it = self.engine.db().raw_iterator_cf_opt(self.cf, ro);
         it.seek(start);

@@ -113,7 +113,35 @@ fn every_limit_is_enforced_and_named_and_writes_nothing() {
         (ack("ns", b"u", &vec![1; l.device_id_bytes_max + 1], 0), "device_id"),
         (expire(0), "expire_dedup.max_entries"),
         (expire(l.expire_dedup_entries_max + 1), "expire_dedup.max_entries"),
+        (retain("ns", b"", 0, 1), "retain.mailboxes_max"),
+        (
+            retain("ns", b"", pigeonhole_engine::RETAIN_MAILBOXES_MAX + 1, 1),
+            "retain.mailboxes_max",
+        ),
+        (retain("ns", b"", 1, 0), "retain.messages_max"),
+        (
+            retain("ns", b"", 1, pigeonhole_engine::RETAIN_MESSAGES_MAX + 1),
+            "retain.messages_max",
+        ),
+        (retain("ns", b"\x02ab\x00\x01u", 1, 1), "retain.from_mailbox"),
+        (retain("ns", b"\x02ns\x00\x01", 1, 1), "retain.from_mailbox"),
+        (retain("Bad", b"", 1, 1), "mailbox.namespace"),
+        (
+            {
+                let mut o = trim("ns", b"u", 0);
+                if let Some(pigeonhole_engine::command::op::Op::Trim(t)) = &mut o.op {
+                    t.dedup_window_ms = pigeonhole_engine::DEDUP_WINDOW_MS_MAX + 1;
+                }
+                o
+            },
+            "trim.dedup_window_ms",
+        ),
     ];
+    // A from_mailbox of the op's namespace is accepted.
+    assert!(matches!(
+        s.one(retain("ns", b"\x02ns\x00\x01u", 1, 1)),
+        Ok(pigeonhole_engine::OpOutput::Retained { .. })
+    ));
     for (op, field) in cases {
         match s.one(op) {
             Err(OpError::InvalidArgument { field: f, reason }) => {

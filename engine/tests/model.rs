@@ -49,6 +49,7 @@ struct Mailbox {
     msgs: BTreeMap<u64, Msg>,
     cursors: BTreeMap<Vec<u8>, u64>,
     dedup: HashMap<Vec<u8>, Dedup>,
+    held: bool,
 }
 
 impl Default for Mailbox {
@@ -59,6 +60,7 @@ impl Default for Mailbox {
             msgs: BTreeMap::new(),
             cursors: BTreeMap::new(),
             dedup: HashMap::new(),
+            held: false,
         }
     }
 }
@@ -81,12 +83,13 @@ fn mb_key(ns: &str, uid: &[u8]) -> Vec<u8> {
 }
 
 impl Model {
-    fn start_window(&mut self, ns: &str, uid: &[u8], seq: u64, key: &[u8]) {
+    fn start_window(&mut self, ns: &str, uid: &[u8], seq: u64, key: &[u8], window: u64) {
         let now = self.time;
+        let window = if window == 0 { WINDOW_MS } else { window };
         let b = self.boxes.get_mut(&(ns.to_string(), uid.to_vec())).unwrap();
         if let Some(d) = b.dedup.get_mut(key) {
             if d.seq == seq && d.expires == 0 {
-                d.expires = now + WINDOW_MS;
+                d.expires = now + window;
             }
         }
     }
@@ -102,7 +105,8 @@ impl Model {
             O::Ack(a) => a.user_id.is_empty(),
             O::Trim(t) => t.user_id.is_empty(),
             O::Delete(d) => d.user_id.is_empty(),
-            O::ExpireDedup(_) | O::PutSystem(_) | O::Split(_) => false,
+            O::Hold(h) => h.user_id.is_empty(),
+            O::ExpireDedup(_) | O::PutSystem(_) | O::Split(_) | O::Retain(_) => false,
         };
         if uid_empty {
             return Err(invalid("mailbox.user_id"));
@@ -190,6 +194,9 @@ impl Model {
             }
             O::Trim(t) => {
                 let b = self.boxes.entry((t.namespace.clone(), t.user_id.clone())).or_default();
+                if b.held {
+                    return Err(OpError::LegalHold);
+                }
                 if t.up_to_seq > b.last_seq {
                     return Err(OpError::TrimBeyondLastSeq {
                         up_to_seq: t.up_to_seq,
@@ -202,20 +209,8 @@ impl Model {
                         removed: 0,
                     });
                 }
-                let removed = t.up_to_seq - b.low + 1;
-                let doomed: Vec<(u64, Msg)> = b.msgs.range(..=t.up_to_seq).map(|(s, m)| (*s, m.clone())).collect();
-                b.low = t.up_to_seq + 1;
-                let low = b.low;
-                for (seq, m) in doomed {
-                    self.boxes
-                        .get_mut(&(t.namespace.clone(), t.user_id.clone()))
-                        .unwrap()
-                        .msgs
-                        .remove(&seq);
-                    if !m.deleted {
-                        self.start_window(&t.namespace, &t.user_id, seq, &m.key);
-                    }
-                }
+                let removed = self.trim_to(&t.namespace, &t.user_id, t.up_to_seq, t.dedup_window_ms);
+                let low = self.boxes[&(t.namespace.clone(), t.user_id.clone())].low;
                 Ok(OpOutput::Trimmed {
                     low_watermark: low,
                     removed,
@@ -223,6 +218,9 @@ impl Model {
             }
             O::Delete(d) => {
                 let b = self.boxes.entry((d.namespace.clone(), d.user_id.clone())).or_default();
+                if b.held {
+                    return Err(OpError::LegalHold);
+                }
                 if d.seq < b.low || d.seq > b.last_seq {
                     return Err(OpError::SeqNotFound {
                         seq: d.seq,
@@ -237,7 +235,7 @@ impl Model {
                 m.deleted = true;
                 m.payload.clear();
                 let key = m.key.clone();
-                self.start_window(&d.namespace, &d.user_id, d.seq, &key);
+                self.start_window(&d.namespace, &d.user_id, d.seq, &key, d.dedup_window_ms);
                 Ok(OpOutput::Deleted { deleted: true })
             }
             O::PutSystem(p) => {
@@ -257,6 +255,13 @@ impl Model {
                 self.system.insert(p.key.clone(), (p.version, p.value.clone()));
                 Ok(OpOutput::SystemPut { version: p.version })
             }
+            O::Hold(h) => {
+                let b = self.boxes.entry((h.namespace.clone(), h.user_id.clone())).or_default();
+                let changed = b.held != h.held;
+                b.held = h.held;
+                Ok(OpOutput::Held { held: h.held, changed })
+            }
+            O::Retain(r) => self.retain(r),
             O::Split(_) => panic!("the model generates no splits (tests/split.rs checks them)"),
             O::ExpireDedup(x) => {
                 let mut expired: Vec<(u64, Vec<u8>, Vec<u8>, (String, Vec<u8>))> = Vec::new();
@@ -280,6 +285,113 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Removes `[low, up_to]` of a mailbox (low <= up_to <= last_seq) and
+    /// starts the removed live messages' windows; returns how many.
+    fn trim_to(&mut self, ns: &str, uid: &[u8], up_to: u64, window: u64) -> u64 {
+        let id = (ns.to_string(), uid.to_vec());
+        let b = self.boxes.get_mut(&id).unwrap();
+        let removed = up_to - b.low + 1;
+        let doomed: Vec<(u64, Msg)> = b.msgs.range(..=up_to).map(|(s, m)| (*s, m.clone())).collect();
+        b.low = up_to + 1;
+        for (seq, m) in doomed {
+            self.boxes.get_mut(&id).unwrap().msgs.remove(&seq);
+            if !m.deleted {
+                self.start_window(ns, uid, seq, &m.key, window);
+            }
+        }
+        removed
+    }
+
+    /// Retention, written from its specification (D43): the namespace's
+    /// mailboxes that store a message key, in encoded-id order from
+    /// `from_mailbox`; held ones visited and passed over; each trimmed up
+    /// to the highest seq the TTL, the maximum and the acks let go, within
+    /// what is left of the op's message budget.
+    fn retain(&mut self, r: &pigeonhole_engine::command::RetainOp) -> Result<OpOutput, OpError> {
+        let invalid = |field: &'static str| OpError::InvalidArgument {
+            field,
+            reason: String::new(),
+        };
+        if r.mailboxes_max == 0 || r.mailboxes_max > pigeonhole_engine::RETAIN_MAILBOXES_MAX {
+            return Err(invalid("retain.mailboxes_max"));
+        }
+        if r.messages_max == 0 || r.messages_max > pigeonhole_engine::RETAIN_MESSAGES_MAX {
+            return Err(invalid("retain.messages_max"));
+        }
+        let ns_key = mb_key(&r.namespace, b"");
+        let ns_prefix = &ns_key[..1 + r.namespace.len()];
+        if !r.from_mailbox.is_empty() && !r.from_mailbox.starts_with(ns_prefix) {
+            return Err(invalid("retain.from_mailbox"));
+        }
+        let mut ids: Vec<(Vec<u8>, Vec<u8>)> = self
+            .boxes
+            .iter()
+            .filter(|((n, _), b)| *n == r.namespace && !b.msgs.is_empty())
+            .map(|((n, u), _)| (mb_key(n, u), u.clone()))
+            .filter(|(k, _)| *k >= r.from_mailbox)
+            .collect();
+        ids.sort();
+        let cutoff = if r.ttl_ms == 0 {
+            None
+        } else {
+            self.time.checked_sub(r.ttl_ms)
+        };
+        let mut budget = u64::from(r.messages_max);
+        let (mut visited, mut removed) = (0, 0);
+        for (k, uid) in ids {
+            if visited == u64::from(r.mailboxes_max) {
+                return Ok(OpOutput::Retained {
+                    mailboxes: visited,
+                    removed,
+                    next: Some(k),
+                });
+            }
+            visited += 1;
+            let b = &self.boxes[&(r.namespace.clone(), uid.clone())];
+            if b.held {
+                continue;
+            }
+            let (low, last) = (b.low, b.last_seq);
+            let mut up = low - 1;
+            if r.messages_per_mailbox_max != 0 && last - up > r.messages_per_mailbox_max {
+                up = up.max(last - r.messages_per_mailbox_max);
+            }
+            if r.trim_acked {
+                if let Some(min) = b.cursors.values().min() {
+                    up = up.max(*min);
+                }
+            }
+            let cap = (low - 1 + budget).min(last);
+            if let Some(cutoff) = cutoff {
+                for (seq, m) in b.msgs.range(low..=cap) {
+                    if m.time <= cutoff {
+                        up = up.max(*seq);
+                    }
+                }
+            }
+            let up = up.min(cap);
+            if up >= low {
+                let n = self.trim_to(&r.namespace, &uid, up, r.dedup_window_ms);
+                removed += n;
+                budget -= n;
+            }
+            if budget == 0 {
+                return Ok(OpOutput::Retained {
+                    mailboxes: visited,
+                    removed,
+                    next: Some(k),
+                });
+            }
+        }
+        Ok(OpOutput::Retained {
+            mailboxes: visited,
+            removed,
+            next: None,
+        })
+    }
+}
+
 /// Invalid-argument reasons are prose; compare the field only.
 fn normalize(r: Result<OpOutput, OpError>) -> Result<OpOutput, OpError> {
     match r {
@@ -297,6 +409,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
     let uid =
         prop_oneof![9 => prop::sample::select(vec![b"u1".to_vec(), b"u2".to_vec(), b"u3".to_vec()]), 1 => Just(vec![])];
     let key = prop_oneof![20 => (0u8..6).prop_map(|k| vec![b'k', k]), 1 => Just(vec![])];
+    let window = prop::sample::select(vec![0u64, 10, 200]);
     let payload = prop_oneof![4 => prop::collection::vec(0u8..3, 0..4), 1 => Just(vec![9u8; 40])];
     prop_oneof![
         10 => (ns.clone(), uid.clone(), key, payload, prop::option::weighted(0.2, 0u64..6)).prop_map(|(n, u, k, p, e)| {
@@ -306,8 +419,42 @@ fn arb_op() -> impl Strategy<Value = Op> {
         }),
         3 => (ns.clone(), uid.clone(), prop::sample::select(vec![b"d1".to_vec(), b"d2".to_vec(), vec![]]), 0u64..8)
             .prop_map(|(n, u, d, s)| ack(n, &u, &d, s)),
-        2 => (ns.clone(), uid.clone(), 0u64..8).prop_map(|(n, u, s)| trim(n, &u, s)),
-        2 => (ns, uid, 0u64..8).prop_map(|(n, u, s)| delete(n, &u, s)),
+        2 => (ns.clone(), uid.clone(), 0u64..8, window.clone()).prop_map(|(n, u, s, w)| {
+            let mut o = trim(n, &u, s);
+            if let Some(O::Trim(t)) = &mut o.op { t.dedup_window_ms = w; }
+            o
+        }),
+        2 => (ns.clone(), uid.clone(), 0u64..8, window.clone()).prop_map(|(n, u, s, w)| {
+            let mut o = delete(n, &u, s);
+            if let Some(O::Delete(d)) = &mut o.op { d.dedup_window_ms = w; }
+            o
+        }),
+        1 => (ns.clone(), uid.clone(), any::<bool>()).prop_map(|(n, u, held)| Op {
+            op: Some(O::Hold(pigeonhole_engine::command::HoldOp { namespace: n.into(), user_id: u, held })),
+        }),
+        3 => (ns, (prop::sample::select(vec![0u64, 5, 20, 100]), prop::sample::select(vec![0u64, 1, 2, 5]), any::<bool>(), window),
+              prop_oneof![4 => Just(None), 2 => prop::sample::select(vec![b"u1".to_vec(), b"u2".to_vec(), b"u3".to_vec()]).prop_map(Some), 1 => Just(Some(vec![]))],
+              0u32..4, 0u32..7)
+            .prop_map(|(n, (ttl, max, acked, w), from, mailboxes_max, messages_max)| {
+                // A from_mailbox of the other namespace checks validation.
+                let from = match from {
+                    None => Vec::new(),
+                    Some(u) if u.is_empty() => mb_key(if n == "a" { "b" } else { "a" }, b"u1"),
+                    Some(u) => mb_key(n, &u),
+                };
+                Op {
+                    op: Some(O::Retain(pigeonhole_engine::command::RetainOp {
+                        namespace: n.into(),
+                        ttl_ms: ttl,
+                        messages_per_mailbox_max: max,
+                        trim_acked: acked,
+                        dedup_window_ms: w,
+                        from_mailbox: from,
+                        mailboxes_max,
+                        messages_max,
+                    })),
+                }
+            }),
         1 => (1u32..4).prop_map(expire),
         1 => (prop::sample::select(vec![b"a".to_vec(), b"b".to_vec(), vec![]]), 0u64..4, 0u8..3, prop::option::weighted(0.3, 0u64..4))
             .prop_map(|(k, v, x, i)| Op {
@@ -357,8 +504,8 @@ fn check_reads(s: &Shard, m: &Model) {
                 .unwrap_or_default();
             let info = s.engine().mailbox_info(s.id, ns, uid).unwrap();
             assert_eq!(
-                (info.last_seq, info.low_watermark),
-                (mb.last_seq, mb.low),
+                (info.last_seq, info.low_watermark, info.held),
+                (mb.last_seq, mb.low, mb.held),
                 "{ns}/{uid:?}"
             );
             let live: u64 = mb.msgs.values().map(|x| u64::try_from(x.payload.len()).unwrap()).sum();

@@ -226,11 +226,28 @@ fn command_seeds() -> Vec<Vec<u8>> {
             namespace: "chat".into(),
             user_id: b"ann".to_vec(),
             up_to_seq: 1,
+            dedup_window_ms: 0,
         })),
         op(cmd::op::Op::Delete(cmd::DeleteOp {
             namespace: "chat".into(),
             user_id: b"ann".to_vec(),
             seq: 1,
+            dedup_window_ms: 60_000,
+        })),
+        op(cmd::op::Op::Retain(cmd::RetainOp {
+            namespace: "chat".into(),
+            ttl_ms: 86_400_000,
+            messages_per_mailbox_max: 1_000,
+            trim_acked: true,
+            dedup_window_ms: 0,
+            from_mailbox: Vec::new(),
+            mailboxes_max: 100,
+            messages_max: 1_000,
+        })),
+        op(cmd::op::Op::Hold(cmd::HoldOp {
+            namespace: "chat".into(),
+            user_id: b"ann".to_vec(),
+            held: true,
         })),
         op(cmd::op::Op::ExpireDedup(cmd::ExpireDedupOp { max_entries: 10 })),
         op(cmd::op::Op::PutSystem(cmd::PutSystemOp {

@@ -1,5 +1,6 @@
-//! Namespaces' limits (`Admin.ListNamespaces`, `Admin.SetNamespace`;
-//! docs/operations.md "Quotas"). A namespace over its limit answers
+//! Namespaces' limits and retention (`Admin.ListNamespaces`,
+//! `Admin.SetNamespace`, `Admin.SetMailboxHold`; docs/operations.md
+//! "Quotas" and "Retention"). A namespace over its limit answers
 //! appends with RESOURCE_EXHAUSTED and a RetryInfo delay, which the
 //! client's retry loop waits out ([`retry_delay`]).
 
@@ -28,24 +29,52 @@ impl Client {
         .await
     }
 
-    /// Creates a namespace's record or changes its limits (`None` keeps a
-    /// limit, 0 lifts it).
+    /// Creates a namespace's record or changes its rate limits (`None`
+    /// keeps a limit, 0 lifts it).
     pub async fn set_namespace(
         &self,
         name: &str,
         appends_per_s: Option<u32>,
         bytes_per_s: Option<u64>,
     ) -> Result<pb::SetNamespaceResponse, Error> {
+        self.set_namespace_fields(pb::SetNamespaceRequest {
+            name: name.to_string(),
+            appends_per_s,
+            bytes_per_s,
+            ..pb::SetNamespaceRequest::default()
+        })
+        .await
+    }
+
+    /// Creates a namespace's record or changes any of its fields, limits
+    /// and retention policy alike (a field left `None` keeps its value).
+    pub async fn set_namespace_fields(&self, r: pb::SetNamespaceRequest) -> Result<pb::SetNamespaceResponse, Error> {
+        self.call_any(|mut admin, budget| {
+            let req = with_timeout(r.clone(), budget);
+            async move { admin.set_namespace(req).await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
+    /// Puts a mailbox under a legal hold (`held`) or releases it.
+    pub async fn set_mailbox_hold(
+        &self,
+        namespace: &str,
+        user_id: &[u8],
+        held: bool,
+    ) -> Result<pb::SetMailboxHoldResponse, Error> {
         self.call_any(|mut admin, budget| {
             let req = with_timeout(
-                pb::SetNamespaceRequest {
-                    name: name.to_string(),
-                    appends_per_s,
-                    bytes_per_s,
+                pb::SetMailboxHoldRequest {
+                    mailbox: Some(pb::MailboxId {
+                        namespace: namespace.to_string(),
+                        user_id: user_id.to_vec(),
+                    }),
+                    held,
                 },
                 budget,
             );
-            async move { admin.set_namespace(req).await.map(tonic::Response::into_inner) }
+            async move { admin.set_mailbox_hold(req).await.map(tonic::Response::into_inner) }
         })
         .await
     }

@@ -432,6 +432,17 @@ impl Admin for AdminService {
             .map(Response::new)
     }
 
+    async fn set_mailbox_hold(
+        &self,
+        req: Request<pb::SetMailboxHoldRequest>,
+    ) -> Result<Response<pb::SetMailboxHoldResponse>, Status> {
+        self.admin(&req)?;
+        let r = req.into_inner();
+        super::tenancy_rpc::set_mailbox_hold(&self.node, r)
+            .await
+            .map(Response::new)
+    }
+
     async fn join_node(&self, req: Request<pb::JoinNodeRequest>) -> Result<Response<pb::JoinNodeResponse>, Status> {
         self.admin(&req)?;
         let r = req.into_inner();

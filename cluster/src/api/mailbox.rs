@@ -114,6 +114,19 @@ impl MailboxService {
         Ok((mb.namespace.clone(), mb.user_id.clone(), shard))
     }
 
+    /// What the namespace's policy says of a Trim or Delete: refused under a
+    /// namespace-wide legal hold (as this node last read the namespace
+    /// records, so within a second of the hold; a mailbox's own hold is
+    /// in its state machine and exact), else the dedup window its keys
+    /// keep (0: the node's default).
+    fn trim_policy(&self, ns: &str) -> Result<u64, Status> {
+        let Some(r) = self.quotas.record(ns) else { return Ok(0) };
+        if r.legal_hold {
+            return Err(op_error(&OpError::LegalHold));
+        }
+        Ok(r.dedup_window_ms)
+    }
+
     /// Checks an op against every limit BEFORE it is proposed: a request
     /// over a limit never reaches the Raft log (apply checks again, D6).
     fn check(&self, prefix: &str, op: &cmd::op::Op) -> Result<(), Status> {
@@ -498,10 +511,12 @@ impl Mailbox for MailboxService {
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
         self.auth.allow(&caller, &ns, pb::Role::Trim)?;
+        let dedup_window_ms = self.trim_policy(&ns)?;
         let op = cmd::op::Op::Trim(cmd::TrimOp {
             namespace: ns,
             user_id: uid,
             up_to_seq: r.up_to_seq,
+            dedup_window_ms,
         });
         match self.one(shard, op, until).await? {
             OpOutput::Trimmed { low_watermark, removed } => {
@@ -517,10 +532,12 @@ impl Mailbox for MailboxService {
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
         self.auth.allow(&caller, &ns, pb::Role::Trim)?;
+        let dedup_window_ms = self.trim_policy(&ns)?;
         let op = cmd::op::Op::Delete(cmd::DeleteOp {
             namespace: ns,
             user_id: uid,
             seq: r.seq,
+            dedup_window_ms,
         });
         match self.one(shard, op, until).await? {
             OpOutput::Deleted { deleted } => Ok(Response::new(pb::DeleteResponse { deleted })),

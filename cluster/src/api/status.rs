@@ -78,6 +78,7 @@ pub fn op_error(e: &OpError) -> Status {
             &[("low_watermark", *low_watermark), ("last_seq", *last_seq)],
         ),
         OpError::WrongShard { shard, range } => wrong_shard(msg, *shard, *range),
+        OpError::LegalHold => info(Code::FailedPrecondition, msg, "LEGAL_HOLD", &[]),
         OpError::StaleVersion { .. } | OpError::VersionConflict { .. } | OpError::MalformedCommand(_) => {
             Status::internal(msg)
         }

@@ -1,6 +1,7 @@
 //! The tenancy Admin RPCs: access control (GetAuth, PutIdentity,
 //! DeleteIdentity, Grant, Revoke, CreateToken, RevokeToken) and namespaces'
-//! limits (ListNamespaces, SetNamespace): request checks, the change, and
+//! limits and retention (ListNamespaces, SetNamespace, SetMailboxHold):
+//! request checks, the change, and
 //! the answer. The admin role is checked by the caller
 //! ([`super::AdminService`]); the rules live in [`crate::auth::book`] and
 //! [`crate::quota`].
@@ -166,6 +167,11 @@ fn namespace_info(r: &pigeonhole_proto::internal::v1::NamespaceRecord) -> pb::Na
         name: r.name.clone(),
         appends_per_s: r.appends_per_s,
         bytes_per_s: r.bytes_per_s,
+        ttl_ms: r.ttl_ms,
+        messages_per_mailbox_max: r.messages_per_mailbox_max,
+        trim_acked: r.trim_acked,
+        legal_hold: r.legal_hold,
+        dedup_window_ms: r.dedup_window_ms,
     }
 }
 
@@ -178,7 +184,18 @@ pub(super) async fn list_namespaces(node: &Node) -> Result<pb::ListNamespacesRes
 
 pub(super) async fn set_namespace(node: &Node, r: pb::SetNamespaceRequest) -> Result<pb::SetNamespaceResponse, Status> {
     match node
-        .set_namespace(&r.name, r.appends_per_s, r.bytes_per_s)
+        .set_namespace(
+            &r.name,
+            &crate::quota::NamespaceChange {
+                appends_per_s: r.appends_per_s,
+                bytes_per_s: r.bytes_per_s,
+                ttl_ms: r.ttl_ms,
+                messages_per_mailbox_max: r.messages_per_mailbox_max,
+                trim_acked: r.trim_acked,
+                legal_hold: r.legal_hold,
+                dedup_window_ms: r.dedup_window_ms,
+            },
+        )
         .await
         .map_err(|e| cluster_error(&e))?
     {
@@ -187,5 +204,44 @@ pub(super) async fn set_namespace(node: &Node, r: pb::SetNamespaceRequest) -> Re
             created,
         }),
         Err(refusal) => Err(refused(&refusal)),
+    }
+}
+
+/// SetMailboxHold: a `HoldOp` through the mailbox's shard, so the hold is
+/// in the state machine of every replica from its answer on.
+pub(super) async fn set_mailbox_hold(
+    node: &Node,
+    r: pb::SetMailboxHoldRequest,
+) -> Result<pb::SetMailboxHoldResponse, Status> {
+    let mb = r
+        .mailbox
+        .ok_or_else(|| super::status::invalid("mailbox", "is required"))?;
+    node.engine()
+        .options()
+        .limits
+        .check_mailbox(&mb.namespace, &mb.user_id)
+        .map_err(|e| super::status::op_error(&e))?;
+    let shard = node
+        .routing()
+        .shard_for_user(&mb.user_id)
+        .map(|s| s.id)
+        .ok_or_else(|| Status::internal("no shard covers this user id"))?;
+    let op = pigeonhole_engine::command::Op {
+        op: Some(pigeonhole_engine::command::op::Op::Hold(
+            pigeonhole_engine::command::HoldOp {
+                namespace: mb.namespace,
+                user_id: mb.user_id,
+                held: r.held,
+            },
+        )),
+    };
+    let mut res = node.propose(shard, vec![op]).await.map_err(|e| cluster_error(&e))?;
+    match res.pop() {
+        Some(Ok(pigeonhole_engine::OpOutput::Held { held, changed })) => {
+            Ok(pb::SetMailboxHoldResponse { held, changed })
+        }
+        Some(Ok(other)) => Err(Status::internal(format!("hold returned {other:?}"))),
+        Some(Err(e)) => Err(super::status::op_error(&e)),
+        None => Err(Status::internal("the state machine returned no result")),
     }
 }

@@ -168,6 +168,7 @@ pub fn trim(ns: &str, uid: &[u8], up_to_seq: u64) -> Op {
             namespace: ns.into(),
             user_id: uid.to_vec(),
             up_to_seq,
+            dedup_window_ms: 0,
         })),
     }
 }
@@ -178,6 +179,7 @@ pub fn delete(ns: &str, uid: &[u8], seq: u64) -> Op {
             namespace: ns.into(),
             user_id: uid.to_vec(),
             seq,
+            dedup_window_ms: 0,
         })),
     }
 }
@@ -185,6 +187,20 @@ pub fn delete(ns: &str, uid: &[u8], seq: u64) -> Op {
 pub fn expire(max_entries: u32) -> Op {
     Op {
         op: Some(op::Op::ExpireDedup(ExpireDedupOp { max_entries })),
+    }
+}
+
+/// A retention op with no policy (it visits and trims nothing), for
+/// argument checks.
+pub fn retain(ns: &str, from_mailbox: &[u8], mailboxes_max: u32, messages_max: u32) -> Op {
+    Op {
+        op: Some(op::Op::Retain(pigeonhole_engine::command::RetainOp {
+            namespace: ns.into(),
+            from_mailbox: from_mailbox.to_vec(),
+            mailboxes_max,
+            messages_max,
+            ..Default::default()
+        })),
     }
 }
 

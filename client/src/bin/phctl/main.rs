@@ -112,7 +112,7 @@ enum Command {
         #[command(subcommand)]
         command: auth::AuthCommand,
     },
-    /// Namespaces' limits: appends/s and bytes/s per node.
+    /// Namespaces: limits, retention policies, legal holds.
     Namespace {
         #[command(subcommand)]
         command: namespace::NamespaceCommand,
