@@ -494,6 +494,59 @@ fn dedup_expiry_on_a_shared_space_removes_only_its_own_shards_entries() {
     assert_eq!(removed, trimmed);
 }
 
+/// Retention in a shared space (D43): each half's retain op visits the
+/// namespace's mailboxes of both halves (they share the keys) but trims
+/// only its own, so the other half's mailboxes stay as they were.
+#[test]
+fn retention_on_a_shared_space_trims_only_its_own_shards_mailboxes() {
+    let (mut node, at, _, _) = before_split(6);
+    let split_index = node.index[&PARENT] + 1;
+    node.split(PARENT, CHILD, at).unwrap();
+    node.index.insert(CHILD, split_index);
+    let owner = |u: usize| if hash(&user(u)) < at { PARENT } else { CHILD };
+    let info = |node: &Node, u: usize| node.e().mailbox_info(owner(u), NS, &user(u)).unwrap();
+    let before: Vec<_> = (0..USERS).map(|u| info(&node, u)).collect();
+    let stored = |i: &pigeonhole_engine::MailboxInfo| (i.last_seq + 1).saturating_sub(i.low_watermark);
+    let expected: u64 = (0..USERS)
+        .filter(|u| owner(*u) == PARENT)
+        .map(|u| stored(&before[u]).saturating_sub(1))
+        .sum();
+    assert!(expected > 0);
+    let keep_one = Op {
+        op: Some(op::Op::Retain(pigeonhole_engine::command::RetainOp {
+            namespace: NS.into(),
+            messages_per_mailbox_max: 1,
+            mailboxes_max: 1_000,
+            messages_max: 10_000,
+            ..Default::default()
+        })),
+    };
+    let results = node.exec(PARENT, vec![keep_one]);
+    let Ok(OpOutput::Retained {
+        mailboxes,
+        removed,
+        next,
+    }) = &results[0]
+    else {
+        panic!("{results:?}")
+    };
+    assert_eq!((*removed, next.clone()), (expected, None));
+    let with_messages = before.iter().filter(|i| stored(i) > 0).count();
+    assert_eq!(
+        *mailboxes,
+        u64::try_from(with_messages).unwrap(),
+        "both halves' mailboxes are visited"
+    );
+    for u in 0..USERS {
+        let after = info(&node, u);
+        if owner(u) == PARENT {
+            assert!(stored(&after) <= 1, "user {u}: {after:?}");
+        } else {
+            assert_eq!(after, before[u], "user {u} of the other half was touched");
+        }
+    }
+}
+
 /// The size scan's split point halves a shard's bytes, not its hash range:
 /// with the big mailboxes in the top quarter of the hashes, the point moves
 /// up, and a split there leaves each half near half the bytes. A shard of
