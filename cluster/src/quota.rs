@@ -52,6 +52,7 @@ pub struct NamespaceChange {
     pub trim_acked: Option<bool>,
     pub legal_hold: Option<bool>,
     pub dedup_window_ms: Option<u64>,
+    pub storage_bytes_max: Option<u64>,
 }
 
 /// Sets `name`'s limits and retention policy in `state` (a field `None`
@@ -108,6 +109,7 @@ pub fn set(state: &mut NamespaceState, name: &str, c: &NamespaceChange) -> Resul
             trim_acked,
             legal_hold,
             dedup_window_ms,
+            storage_bytes_max,
         } = *c;
         r.appends_per_s = appends_per_s.unwrap_or(r.appends_per_s);
         r.bytes_per_s = bytes_per_s.unwrap_or(r.bytes_per_s);
@@ -116,6 +118,7 @@ pub fn set(state: &mut NamespaceState, name: &str, c: &NamespaceChange) -> Resul
         r.trim_acked = trim_acked.unwrap_or(r.trim_acked);
         r.legal_hold = legal_hold.unwrap_or(r.legal_hold);
         r.dedup_window_ms = dedup_window_ms.unwrap_or(r.dedup_window_ms);
+        r.storage_bytes_max = storage_bytes_max.unwrap_or(r.storage_bytes_max);
     }
     Ok(created)
 }
@@ -141,10 +144,47 @@ struct Followed {
     records: Arc<Vec<NamespaceRecord>>,
 }
 
+/// Storage quotas as this node last counted them (D44).
+#[derive(Debug, Default)]
+struct Storage {
+    /// Namespaces at or over their storage quota: name → (stored, max).
+    full: HashMap<String, (u64, u64)>,
+}
+
+/// How often a node sums the namespaces' counted bytes.
+const STORAGE_POLL: Duration = Duration::from_secs(1);
+
 /// This node's limiters and namespace records. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Quotas {
     inner: Arc<RwLock<Followed>>,
+    storage: Arc<RwLock<Storage>>,
+}
+
+/// Bytes stored per namespace: the data shards' last size counts
+/// ([`crate::sizes`]), those of each shard's current map epoch, summed.
+pub fn stored_bytes(node: &Node) -> HashMap<String, u64> {
+    let values = node
+        .meta_scan(
+            crate::sizes::SIZE_PREFIX,
+            usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX),
+        )
+        .unwrap_or_default();
+    let records = crate::sizes::decode_records(&values);
+    let map = node.routing();
+    crate::sizes::namespace_bytes(&records, |s| map.shard(s).map(|d| d.epoch))
+}
+
+/// Namespaces of `records` with a storage quota that `stored` reaches.
+fn over_storage(records: &[NamespaceRecord], stored: &HashMap<String, u64>) -> HashMap<String, (u64, u64)> {
+    records
+        .iter()
+        .filter(|r| r.storage_bytes_max != 0)
+        .filter_map(|r| {
+            let s = stored.get(&r.name).copied().unwrap_or(0);
+            (s >= r.storage_bytes_max).then(|| (r.name.clone(), (s, r.storage_bytes_max)))
+        })
+        .collect()
 }
 
 impl Quotas {
@@ -152,12 +192,37 @@ impl Quotas {
     pub fn follow(node: &Node) -> Quotas {
         let q = Quotas::default();
         crate::meta_poll::follow(node, STATE_KEY, Arc::downgrade(&q.inner), install);
+        let (weak, quotas) = (node.downgrade(), q.clone());
+        let storage = Arc::downgrade(&q.storage);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(STORAGE_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (Some(node), Some(storage)) = (weak.upgrade(), storage.upgrade()) else {
+                    return;
+                };
+                let records = quotas.records();
+                let full = if records.iter().any(|r| r.storage_bytes_max != 0) {
+                    over_storage(&records, &stored_bytes(&node))
+                } else {
+                    HashMap::new()
+                };
+                storage.write().unwrap_or_else(PoisonError::into_inner).full = full;
+            }
+        });
         q
     }
 
     /// Takes one append of `payload_bytes` for `namespace`, or says when
     /// to retry: RESOURCE_EXHAUSTED with RetryInfo.
     pub fn take_append(&self, namespace: &str, payload_bytes: usize) -> Result<(), Status> {
+        {
+            let s = self.storage.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some((stored, max)) = (!s.full.is_empty()).then(|| s.full.get(namespace)).flatten() {
+                return Err(storage_exceeded(namespace, *stored, *max));
+            }
+        }
         let b = {
             let f = self.inner.read().unwrap_or_else(PoisonError::into_inner);
             if f.buckets.is_empty() {
@@ -258,6 +323,32 @@ fn install(map: &RwLock<Followed>, version: u64, value: &[u8]) {
         buckets: next,
         records: Arc::new(state.namespaces),
     };
+}
+
+/// A namespace at its storage quota: no RetryInfo, since waiting does not
+/// help (a trim, retention or a higher quota does), so clients do not
+/// retry it.
+fn storage_exceeded(namespace: &str, stored: u64, max: u64) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let mut d = ErrorDetails::new();
+    d.set_error_info(
+        "STORAGE_QUOTA_EXCEEDED",
+        "pigeonhole.v1",
+        [
+            ("namespace".to_string(), namespace.to_string()),
+            ("limit".to_string(), "storage_bytes_max".to_string()),
+            ("value".to_string(), max.to_string()),
+            ("stored".to_string(), stored.to_string()),
+        ],
+    );
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!(
+            "namespace {namespace:?} stores {stored} bytes, at or over its storage_bytes_max of {max}; \
+             trim, set a retention policy or raise the quota"
+        ),
+        d,
+    )
 }
 
 fn exceeded(namespace: &str, limit: &str, value: u64, retry_after: Duration) -> Status {
@@ -378,6 +469,28 @@ mod tests {
             q.take_append("n", 1).is_err(),
             "the bucket was not refilled by a reinstall"
         );
+    }
+
+    #[test]
+    fn a_namespace_at_its_storage_quota_is_refused_without_a_retry_delay() {
+        let rec = |name: &str, max: u64| NamespaceRecord {
+            name: name.into(),
+            storage_bytes_max: max,
+            ..NamespaceRecord::default()
+        };
+        let stored: HashMap<String, u64> = [("full".to_string(), 100), ("room".to_string(), 99)].into();
+        let full = over_storage(&[rec("full", 100), rec("room", 100), rec("free", 0)], &stored);
+        assert_eq!(full.keys().collect::<Vec<_>>(), ["full"]);
+        let q = Quotas::default();
+        q.storage.write().unwrap().full = full;
+        let s = q.take_append("full", 1).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        let d = tonic_types::StatusExt::get_error_details(&s);
+        assert!(d.retry_info().is_none(), "waiting does not help");
+        let info = d.error_info().unwrap();
+        assert_eq!(info.reason, "STORAGE_QUOTA_EXCEEDED");
+        assert_eq!(info.metadata["stored"], "100");
+        q.take_append("room", 1).unwrap();
     }
 
     #[test]

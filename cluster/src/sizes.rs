@@ -49,6 +49,46 @@ pub fn decode_records(values: &[pigeonhole_engine::SystemValue]) -> BTreeMap<u64
         .collect()
 }
 
+/// Bytes per namespace, summed over the shards' records that are of the
+/// shard's current map epoch (`epoch_of`): a split parent's count from
+/// before the split, which also covers the new half, is left out until
+/// the parent is counted again (D44).
+pub fn namespace_bytes(
+    records: &BTreeMap<u64, ShardSizeRecord>,
+    epoch_of: impl Fn(u64) -> Option<u64>,
+) -> std::collections::HashMap<String, u64> {
+    let mut out = std::collections::HashMap::new();
+    for r in records.values().filter(|r| epoch_of(r.shard) == Some(r.epoch)) {
+        for n in &r.namespaces {
+            *out.entry(n.name.clone()).or_insert(0u64) += n.bytes;
+        }
+    }
+    out
+}
+
+/// Namespaces with a storage quota whose counted bytes are at least half
+/// of it: their shards are counted every round they are written in.
+fn watched_namespaces(node: &Node, records: &BTreeMap<u64, ShardSizeRecord>) -> std::collections::HashSet<String> {
+    let state = node
+        .meta_scan(crate::quota::STATE_KEY, 1)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.key == crate::quota::STATE_KEY)
+        .and_then(|v| pigeonhole_proto::internal::v1::NamespaceState::decode(v.value.as_slice()).ok())
+        .unwrap_or_default();
+    if state.namespaces.iter().all(|r| r.storage_bytes_max == 0) {
+        return std::collections::HashSet::new();
+    }
+    let map = node.routing();
+    let stored = namespace_bytes(records, |s| map.shard(s).map(|d| d.epoch));
+    state
+        .namespaces
+        .into_iter()
+        .filter(|r| r.storage_bytes_max != 0 && stored.get(&r.name).copied().unwrap_or(0) >= r.storage_bytes_max / 2)
+        .map(|r| r.name)
+        .collect()
+}
+
 /// Shard → bytes, from the metadata group's `size/` values.
 pub fn decode_sizes(values: &[pigeonhole_engine::SystemValue]) -> Sizes {
     decode_records(values).into_iter().map(|(s, r)| (s, r.bytes)).collect()
@@ -188,6 +228,7 @@ async fn round(
         .filter(|s| s.role == Role::Leader && s.shard != META_SHARD)
         .collect();
     counted.retain(|shard, _| leading.iter().any(|s| s.shard == *shard));
+    let watched = watched_namespaces(node, &records);
     for st in leading {
         let Some(desc) = map.shard(st.shard) else { continue };
         let now = Instant::now();
@@ -207,7 +248,15 @@ async fn round(
                 });
             }
         }
-        if !due(counted.get(&st.shard), st.handed_bytes, desc.epoch, now, cfg) {
+        // A shard holding a namespace near its storage quota is counted
+        // every round it was written in, so the quota is kept to about a
+        // round's writes (D44).
+        let urgent = !watched.is_empty()
+            && records
+                .get(&st.shard)
+                .is_some_and(|r| r.namespaces.iter().any(|n| watched.contains(&n.name)))
+            && counted.get(&st.shard).is_some_and(|c| st.handed_bytes > c.handed_bytes);
+        if !urgent && !due(counted.get(&st.shard), st.handed_bytes, desc.epoch, now, cfg) {
             continue;
         }
         let engine = node.engine().clone();
@@ -236,6 +285,15 @@ async fn round(
             applied_index: st.applied,
             counted_unix_ms: unix_ms(),
             epoch: desc.epoch,
+            namespaces: scan
+                .namespaces
+                .iter()
+                .map(|(name, bytes)| pigeonhole_proto::internal::v1::NamespaceBytes {
+                    name: name.clone(),
+                    bytes: *bytes,
+                })
+                .collect(),
+            namespaces_complete: scan.namespaces_complete,
         };
         // The version is the leader's term: a deposed leader's late count
         // loses to its successor's. A lost write is made at the next count.
@@ -329,6 +387,8 @@ mod tests {
                 complete,
             },
             split_at: at,
+            namespaces: BTreeMap::new(),
+            namespaces_complete: true,
         };
         let size = config.split_size_bytes;
         assert_eq!(split_point(&scan(size, true, Some(7)), &config), Some(7));
@@ -342,6 +402,40 @@ mod tests {
             ..config
         };
         assert_eq!(split_point(&scan(u64::MAX, true, Some(7)), &never), None);
+    }
+
+    #[test]
+    fn namespace_bytes_sum_the_current_epochs_records_only() {
+        let rec = |shard: u64, epoch: u64, ns: &[(&str, u64)]| ShardSizeRecord {
+            shard,
+            epoch,
+            namespaces: ns
+                .iter()
+                .map(|(n, b)| pigeonhole_proto::internal::v1::NamespaceBytes {
+                    name: (*n).into(),
+                    bytes: *b,
+                })
+                .collect(),
+            ..ShardSizeRecord::default()
+        };
+        let records: BTreeMap<u64, ShardSizeRecord> = [
+            (1, rec(1, 3, &[("a", 10), ("b", 1)])),
+            (2, rec(2, 1, &[("a", 5)])),
+            // Counted before a split (epoch 1, the map says 2): left out.
+            (3, rec(3, 1, &[("a", 1_000)])),
+            // A shard the map no longer has: left out.
+            (4, rec(4, 1, &[("b", 1_000)])),
+        ]
+        .into_iter()
+        .collect();
+        let epochs = |s: u64| match s {
+            1 => Some(3),
+            2 => Some(1),
+            3 => Some(2),
+            _ => None,
+        };
+        let got = namespace_bytes(&records, epochs);
+        assert_eq!((got["a"], got["b"], got.len()), (15, 1, 2));
     }
 
     #[test]

@@ -33,17 +33,30 @@ pub struct ShardSize {
     pub complete: bool,
 }
 
-/// A size scan's result: the size, and where a split would halve the
-/// shard's mailbox bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A size scan's result: the size, where a split would halve the
+/// shard's mailbox bytes, and the bytes of each namespace's mailboxes.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SizeScan {
     pub size: ShardSize,
+    /// Key plus value bytes of each namespace's mailbox rows (messages,
+    /// dedup entries, cursors, heads, expiry markers), by namespace, for
+    /// storage quotas (D44). At most [`NAMESPACES_COUNTED_MAX`]
+    /// namespaces, the first met in key order; past that,
+    /// `namespaces_complete` is false.
+    pub namespaces: std::collections::BTreeMap<String, u64>,
+    /// False when a namespace was left out of `namespaces` (more than
+    /// [`NAMESPACES_COUNTED_MAX`]) or the scan stopped at its key limit.
+    pub namespaces_complete: bool,
     /// The hash to split at (strictly inside the range scanned for), or
     /// None when no slice boundary leaves each side at least
     /// 1/[`SPLIT_SIDE_MIN_DIV`] of the mailbox bytes (one mailbox, or a
     /// few close together, hold most of them: splitting would not help).
     pub split_at: Option<u64>,
 }
+
+/// Namespaces one size scan counts bytes for, at most (as many as a
+/// cluster holds namespace records).
+pub const NAMESPACES_COUNTED_MAX: usize = 1_024;
 
 /// Slices of the hash range the split point is chosen among.
 pub const HISTOGRAM_BUCKETS: usize = 256;
@@ -142,6 +155,8 @@ impl Engine {
             complete: true,
         };
         let mut hist = vec![0u64; HISTOGRAM_BUCKETS];
+        let mut namespaces = std::collections::BTreeMap::<String, u64>::new();
+        let mut namespaces_complete = true;
         // Every key read counts against a budget too, the siblings' as well
         // (a space shared after splits is read whole by each of its
         // shards), of a few times `keys_max`, so one scan stays bounded.
@@ -160,11 +175,12 @@ impl Engine {
             visited += 1;
             // A space split in place (D38) also holds the other shard's
             // rows; the space's meta row is its owner's.
-            let (mine, hash) = if k == space_meta.as_slice() {
-                (space == shard, None)
+            let (mine, hash, mb) = if k == space_meta.as_slice() {
+                (space == shard, None, None)
             } else {
-                let hash = crate::split::key_hash(k)?;
-                (hash.is_none_or(|h| range.contains(h)), hash)
+                let mb = crate::split::key_mailbox(k)?;
+                let hash = mb.map(crate::split::checked_mailbox_hash).transpose()?;
+                (hash.is_none_or(|h| range.contains(h)), hash, mb)
             };
             if mine {
                 let bytes = u64::try_from(k.len() + v.len()).unwrap_or(u64::MAX);
@@ -176,6 +192,16 @@ impl Engine {
                 {
                     *slot += bytes;
                 }
+                if let Some(ns) = mb.and_then(keys::mailbox_namespace) {
+                    let ns = String::from_utf8_lossy(ns);
+                    if let Some(n) = namespaces.get_mut(ns.as_ref()) {
+                        *n += bytes;
+                    } else if namespaces.len() < NAMESPACES_COUNTED_MAX {
+                        namespaces.insert(ns.into_owned(), bytes);
+                    } else {
+                        namespaces_complete = false;
+                    }
+                }
             }
             it.next();
         }
@@ -183,6 +209,8 @@ impl Engine {
         Ok(SizeScan {
             size,
             split_at: middle(&hist, within.start, within.end),
+            namespaces_complete: namespaces_complete && size.complete,
+            namespaces,
         })
     }
 }

@@ -73,6 +73,13 @@ pub(crate) fn key_in_range(key: &[u8], range: &HashRange) -> Result<bool, Engine
 /// key that names no mailbox (the shard-wide tags). A per-mailbox key that
 /// does not parse is corruption.
 pub(crate) fn key_hash(key: &[u8]) -> Result<Option<u64>, EngineError> {
+    key_mailbox(key)?.map(checked_mailbox_hash).transpose()
+}
+
+/// The encoded mailbox id a data-CF key belongs to, or None for a key
+/// that names no mailbox (the shard-wide tags). A per-mailbox key that
+/// does not parse is corruption.
+pub(crate) fn key_mailbox(key: &[u8]) -> Result<Option<&[u8]>, EngineError> {
     let Some((&tag, rest)) = key.get(8..).and_then(|r| r.split_first()) else {
         return Ok(None);
     };
@@ -83,9 +90,13 @@ pub(crate) fn key_hash(key: &[u8]) -> Result<Option<u64>, EngineError> {
         keys::tag::DEDUP_EXPIRY => keys::parse_dedup_expiry(key).map(|(_, mb, _)| mb),
         _ => return Ok(None),
     };
-    mb.and_then(mailbox_hash)
-        .map(Some)
+    mb.map(Some)
         .ok_or_else(|| EngineError::corruption(CF_DATA, key, "key names no parsable mailbox"))
+}
+
+/// [`mailbox_hash`] of a mailbox id taken from a stored key.
+pub(crate) fn checked_mailbox_hash(mb: &[u8]) -> Result<u64, EngineError> {
+    mailbox_hash(mb).ok_or_else(|| EngineError::corruption(CF_DATA, mb, "key names no parsable mailbox"))
 }
 
 /// The command's split op, if it has one: Ok when it is the command's only

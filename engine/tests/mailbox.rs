@@ -696,3 +696,42 @@ fn shard_size_counts_what_appends_write_and_stops_at_its_limit() {
     // Another shard's keys are not counted.
     assert_eq!(s.engine().shard_size(SHARD + 1, 1_000).unwrap().keys, 0);
 }
+
+/// The size scan counts each namespace's mailbox rows (storage quotas,
+/// D44): every byte of a namespace's messages, dedup entries and cursors
+/// lands on that namespace and no other, and the namespaces' bytes add up
+/// to the shard's mailbox bytes.
+#[test]
+fn the_size_scan_counts_bytes_per_namespace() {
+    let mut s = Shard::new();
+    for i in 0..20u32 {
+        let key = format!("k{i}");
+        assert!(appended(u64::from(i) + 1, false)(&s.one(append(
+            "big",
+            b"u",
+            key.as_bytes(),
+            &[7; 1_000]
+        ))));
+    }
+    assert!(appended(1, false)(&s.one(append("small", b"u", b"k", b"tiny"))));
+    s.one(ack("small", b"u", b"phone", 1)).unwrap();
+    let scan = s
+        .engine()
+        .size_scan(s.id, u64::MAX, pigeonhole_engine::HashRange::FULL)
+        .unwrap();
+    assert!(scan.namespaces_complete);
+    let names: Vec<&str> = scan.namespaces.keys().map(String::as_str).collect();
+    assert_eq!(names, ["big", "small"]);
+    let (big, small) = (scan.namespaces["big"], scan.namespaces["small"]);
+    assert!((20_000..22_000 + 20 * 200).contains(&big), "{big}");
+    assert!((4..1_000).contains(&small), "{small}");
+    // Only the shard's own rows (its meta row, system values) are outside.
+    assert!(scan.size.bytes > big + small && scan.size.bytes - big - small < 1_000);
+    // Trimming moves the count down.
+    s.one(trim("big", b"u", 10)).unwrap();
+    let after = s
+        .engine()
+        .size_scan(s.id, u64::MAX, pigeonhole_engine::HashRange::FULL)
+        .unwrap();
+    assert!(after.namespaces["big"] < big - 9_000, "{after:?}");
+}

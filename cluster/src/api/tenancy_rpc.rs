@@ -162,7 +162,10 @@ pub(super) async fn revoke_token(node: &Node, r: pb::RevokeTokenRequest) -> Resu
     Ok(pb::RevokeTokenResponse {})
 }
 
-fn namespace_info(r: &pigeonhole_proto::internal::v1::NamespaceRecord) -> pb::NamespaceInfo {
+fn namespace_info(
+    r: &pigeonhole_proto::internal::v1::NamespaceRecord,
+    stored: &std::collections::HashMap<String, u64>,
+) -> pb::NamespaceInfo {
     pb::NamespaceInfo {
         name: r.name.clone(),
         appends_per_s: r.appends_per_s,
@@ -172,13 +175,18 @@ fn namespace_info(r: &pigeonhole_proto::internal::v1::NamespaceRecord) -> pb::Na
         trim_acked: r.trim_acked,
         legal_hold: r.legal_hold,
         dedup_window_ms: r.dedup_window_ms,
+        storage_bytes_max: r.storage_bytes_max,
+        stored_bytes: stored.get(&r.name).copied().unwrap_or(0),
     }
 }
 
 pub(super) async fn list_namespaces(node: &Node) -> Result<pb::ListNamespacesResponse, Status> {
     let state = node.namespaces().await.map_err(|e| cluster_error(&e))?;
     Ok(pb::ListNamespacesResponse {
-        namespaces: state.namespaces.iter().map(namespace_info).collect(),
+        namespaces: {
+            let stored = crate::quota::stored_bytes(node);
+            state.namespaces.iter().map(|r| namespace_info(r, &stored)).collect()
+        },
     })
 }
 
@@ -194,13 +202,14 @@ pub(super) async fn set_namespace(node: &Node, r: pb::SetNamespaceRequest) -> Re
                 trim_acked: r.trim_acked,
                 legal_hold: r.legal_hold,
                 dedup_window_ms: r.dedup_window_ms,
+                storage_bytes_max: r.storage_bytes_max,
             },
         )
         .await
         .map_err(|e| cluster_error(&e))?
     {
         Ok((record, created)) => Ok(pb::SetNamespaceResponse {
-            namespace: Some(namespace_info(&record)),
+            namespace: Some(namespace_info(&record, &crate::quota::stored_bytes(node))),
             created,
         }),
         Err(refusal) => Err(refused(&refusal)),

@@ -64,6 +64,10 @@ pub struct Fields {
     /// is trimmed or deleted (0: the default, 7 days).
     #[arg(long)]
     dedup_window_s: Option<u64>,
+    /// Refuse appends while the namespace stores this many bytes or more
+    /// (counted, see docs/operations.md "Quotas"; 0: unlimited).
+    #[arg(long)]
+    storage_bytes_max: Option<u64>,
 }
 
 impl Fields {
@@ -77,6 +81,7 @@ impl Fields {
             trim_acked: self.trim_acked,
             legal_hold: self.legal_hold,
             dedup_window_ms: self.dedup_window_s.map(|s| s.saturating_mul(1_000)),
+            storage_bytes_max: self.storage_bytes_max,
         }
     }
 }
@@ -96,6 +101,7 @@ fn print(ctx: &Ctx, list: &[pb::NamespaceInfo]) {
                 "name": n.name, "appends_per_s": n.appends_per_s, "bytes_per_s": n.bytes_per_s,
                 "ttl_ms": n.ttl_ms, "messages_per_mailbox_max": n.messages_per_mailbox_max,
                 "trim_acked": n.trim_acked, "legal_hold": n.legal_hold, "dedup_window_ms": n.dedup_window_ms,
+                "storage_bytes_max": n.storage_bytes_max, "stored_bytes": n.stored_bytes,
             })).collect::<Vec<_>>(),
         })),
         Output::Table => {
@@ -103,6 +109,8 @@ fn print(ctx: &Ctx, list: &[pb::NamespaceInfo]) {
                 "namespace",
                 "appends/s per node",
                 "bytes/s per node",
+                "stored bytes",
+                "storage max",
                 "ttl",
                 "messages per mailbox",
                 "trim acked",
@@ -121,6 +129,8 @@ fn print(ctx: &Ctx, list: &[pb::NamespaceInfo]) {
                     n.name.clone(),
                     limit(u64::from(n.appends_per_s)),
                     limit(n.bytes_per_s),
+                    n.stored_bytes.to_string(),
+                    limit(n.storage_bytes_max),
                     secs(n.ttl_ms, "none"),
                     limit(n.messages_per_mailbox_max),
                     if n.trim_acked { "yes" } else { "no" }.into(),
