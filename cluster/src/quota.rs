@@ -325,12 +325,17 @@ fn install(map: &RwLock<Followed>, version: u64, value: &[u8]) {
     };
 }
 
-/// A namespace at its storage quota: no RetryInfo, since waiting does not
-/// help (a trim, retention or a higher quota does), so clients do not
-/// retry it.
+/// When a namespace at its storage quota may ask again: the size
+/// checker's round, after which a trim or retention can show in the counts.
+pub const STORAGE_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// A namespace at its storage quota. Its RetryInfo is the size checker's
+/// round: no answer can change sooner (only a trim, retention or a higher
+/// quota, seen at a later count, does), so a caller with the default
+/// 10 s deadline fails at once and one with a longer deadline waits a round.
 fn storage_exceeded(namespace: &str, stored: u64, max: u64) -> Status {
     use tonic_types::{ErrorDetails, StatusExt};
-    let mut d = ErrorDetails::new();
+    let mut d = ErrorDetails::with_retry_info(Some(STORAGE_RETRY_AFTER));
     d.set_error_info(
         "STORAGE_QUOTA_EXCEEDED",
         "pigeonhole.v1",
@@ -472,7 +477,7 @@ mod tests {
     }
 
     #[test]
-    fn a_namespace_at_its_storage_quota_is_refused_without_a_retry_delay() {
+    fn a_namespace_at_its_storage_quota_is_refused_until_the_next_count() {
         let rec = |name: &str, max: u64| NamespaceRecord {
             name: name.into(),
             storage_bytes_max: max,
@@ -486,7 +491,11 @@ mod tests {
         let s = q.take_append("full", 1).unwrap_err();
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
         let d = tonic_types::StatusExt::get_error_details(&s);
-        assert!(d.retry_info().is_none(), "waiting does not help");
+        assert_eq!(
+            d.retry_info().and_then(|r| r.retry_delay),
+            Some(STORAGE_RETRY_AFTER),
+            "no sooner than the next count"
+        );
         let info = d.error_info().unwrap();
         assert_eq!(info.reason, "STORAGE_QUOTA_EXCEEDED");
         assert_eq!(info.metadata["stored"], "100");

@@ -21,9 +21,7 @@ use crate::error::{EngineError, OpError};
 use crate::heads::{append_writes_head_row, HeadCache, HeadRebuild};
 use crate::keys::len_u64;
 use crate::keys::{self, CF_DATA};
-use crate::records::{
-    decode_cursor, encode_cursor, encode_expiry_marker, DedupEntry, MailboxMeta, MessageView, ShardMeta,
-};
+use crate::records::{decode_cursor, encode_cursor, DedupEntry, MailboxMeta, MessageView, ShardMeta};
 use crate::txn::Txn;
 use pigeonhole_proto::internal::v1 as cmd;
 use prost::Message as _;
@@ -190,9 +188,6 @@ impl Engine {
     }
 }
 
-/// A message a trim removes: (key, seq, idempotency key if live, payload bytes).
-type Doomed = (Vec<u8>, u64, Option<Vec<u8>>, u64);
-
 pub(crate) type OpResult = Result<Result<OpOutput, OpError>, EngineError>;
 
 /// A shard's head cache during one apply batch, and the heads the batch
@@ -296,7 +291,7 @@ impl StateMachine<'_, '_, '_> {
         self.heads.changed.insert(mb.to_vec(), *meta);
     }
 
-    fn dedup(&self, key: &[u8]) -> Result<Option<DedupEntry>, EngineError> {
+    pub(crate) fn dedup(&self, key: &[u8]) -> Result<Option<DedupEntry>, EngineError> {
         self.txn.get(key)?.map(|b| DedupEntry::decode(key, &b)).transpose()
     }
 
@@ -410,134 +405,6 @@ impl StateMachine<'_, '_, '_> {
             cursor: a.seq,
             advanced: a.seq > 0,
         }))
-    }
-
-    /// Starts the dedup window of a message that stops being stored.
-    /// `window_ms` 0 is the engine's default window.
-    fn start_dedup_window(&mut self, mb: &[u8], seq: u64, idem: &[u8], window_ms: u64) -> Result<(), EngineError> {
-        let window_ms = if window_ms == 0 {
-            self.engine.options().dedup_window_ms
-        } else {
-            window_ms
-        };
-        let dk = keys::dedup(self.space, mb, idem);
-        if let Some(mut d) = self.dedup(&dk)? {
-            // The key may since have been reused for a newer message (after an
-            // earlier window ended); only the entry for this seq is ours.
-            if d.seq == seq && d.expires_ms == 0 {
-                d.expires_ms = self.now_ms.saturating_add(window_ms).max(1);
-                self.txn.put(
-                    keys::dedup_expiry(self.space, d.expires_ms, mb, idem),
-                    &encode_expiry_marker(),
-                );
-                self.txn.put(dk, &d.encode());
-            }
-        }
-        Ok(())
-    }
-
-    fn trim(&mut self, t: &cmd::TrimOp) -> OpResult {
-        let (mb, mut meta) = self.mailbox(&t.namespace, &t.user_id)?;
-        if meta.held {
-            return Ok(Err(OpError::LegalHold));
-        }
-        if t.up_to_seq > meta.last_seq {
-            return Ok(Err(OpError::TrimBeyondLastSeq {
-                up_to_seq: t.up_to_seq,
-                last_seq: meta.last_seq,
-            }));
-        }
-        if t.up_to_seq < meta.low_watermark {
-            return Ok(Ok(OpOutput::Trimmed {
-                low_watermark: meta.low_watermark,
-                removed: 0,
-            }));
-        }
-        let removed = self.trim_to(&mb, &mut meta, t.up_to_seq, t.dedup_window_ms)?;
-        self.changed.push(crate::mailbox_fingerprint(&t.namespace, &t.user_id));
-        Ok(Ok(OpOutput::Trimmed {
-            low_watermark: meta.low_watermark,
-            removed,
-        }))
-    }
-
-    /// Removes `mb`'s messages `[low_watermark, up_to_seq]` (the caller
-    /// checked `low_watermark <= up_to_seq <= last_seq`), starts their
-    /// keys' dedup windows, and records the new head; returns how many.
-    pub(crate) fn trim_to(
-        &mut self,
-        mb: &[u8],
-        meta: &mut MailboxMeta,
-        up_to_seq: u64,
-        window_ms: u64,
-    ) -> Result<u64, EngineError> {
-        let start = keys::message(self.space, mb, meta.low_watermark);
-        let end = keys::message(self.space, mb, up_to_seq + 1);
-        // (key, seq, live idempotency key, payload bytes)
-        let mut doomed: Vec<Doomed> = Vec::new();
-        self.txn.scan(&start, &end, |k, body| {
-            let v = MessageView::decode(k, body)?;
-            let seq = keys::checked_message_seq(k)?;
-            let idem = (!v.deleted).then(|| v.idempotency_key.to_vec());
-            doomed.push((k.to_vec(), seq, idem, len_u64(v.payload)));
-            Ok(())
-        })?;
-        let expected = up_to_seq - meta.low_watermark + 1;
-        if len_u64(&doomed) != expected {
-            return Err(EngineError::corruption(
-                CF_DATA,
-                &start,
-                format!(
-                    "mailbox should store {expected} messages in the trimmed range, found {}",
-                    doomed.len()
-                ),
-            ));
-        }
-        for (key, seq, idem, bytes) in doomed {
-            if let Some(idem) = idem {
-                self.start_dedup_window(mb, seq, &idem, window_ms)?;
-                meta.payload_bytes = meta.payload_bytes.saturating_sub(bytes);
-            }
-            self.txn.delete(key);
-        }
-        meta.low_watermark = up_to_seq + 1;
-        self.put_mailbox(mb, meta, true);
-        Ok(expected)
-    }
-
-    fn delete(&mut self, d: &cmd::DeleteOp) -> OpResult {
-        let (mb, mut meta) = self.mailbox(&d.namespace, &d.user_id)?;
-        if meta.held {
-            return Ok(Err(OpError::LegalHold));
-        }
-        if d.seq < meta.low_watermark || d.seq > meta.last_seq {
-            return Ok(Err(OpError::SeqNotFound {
-                seq: d.seq,
-                low_watermark: meta.low_watermark,
-                last_seq: meta.last_seq,
-            }));
-        }
-        let key = keys::message(self.space, &mb, d.seq);
-        let body = self.txn.get(&key)?.ok_or_else(|| {
-            EngineError::corruption(CF_DATA, &key, "message inside [low_watermark, last_seq] is missing")
-        })?;
-        let v = MessageView::decode(&key, &body)?;
-        if v.deleted {
-            return Ok(Ok(OpOutput::Deleted { deleted: false }));
-        }
-        let idem = v.idempotency_key.to_vec();
-        meta.payload_bytes = meta.payload_bytes.saturating_sub(len_u64(v.payload));
-        let tomb = MessageView {
-            time_ms: v.time_ms,
-            idempotency_key: &idem,
-            payload: &[],
-            deleted: true,
-        };
-        self.txn.put(key, &tomb.encode());
-        self.start_dedup_window(&mb, d.seq, &idem, d.dedup_window_ms)?;
-        self.put_mailbox(&mb, &meta, true);
-        self.changed.push(crate::mailbox_fingerprint(&d.namespace, &d.user_id));
-        Ok(Ok(OpOutput::Deleted { deleted: true }))
     }
 
     fn put_system(&mut self, p: &cmd::PutSystemOp) -> OpResult {

@@ -39,10 +39,10 @@ mod outcome;
 mod raftlog;
 mod read;
 mod records;
-mod retain;
 mod size;
 mod snapshot;
 mod split;
+mod trim;
 mod txn;
 
 pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
