@@ -30,23 +30,7 @@ fn append(ns: &str, key: String, payload: Vec<u8>) -> pb::AppendRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_over_its_limit_is_refused_with_a_delay_and_others_are_not() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let _node = Procs(vec![Command::new(server_bin())
-        .args(["--listen", &addr, "--shards", "2"])
-        .arg("--data-dir")
-        .arg(dir.path().join("n1"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let client = loop {
-        match Client::connect(ClientConfig::new([addr.clone()])).await {
-            Ok(c) => break c,
-            Err(e) => assert!(Instant::now() < deadline, "node never came up: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (_node, addr, client) = one_node(dir.path(), 2).await;
     let r = client.set_namespace("noisy", Some(20), None).await.unwrap();
     assert!(r.created);
     client.set_namespace("big", None, Some(10_000)).await.unwrap();
@@ -162,11 +146,12 @@ async fn a_namespace_over_its_limit_is_refused_with_a_delay_and_others_are_not()
     }
 }
 
-/// Starts one node with one data shard; its address and an SDK client.
-async fn one_node(dir: &std::path::Path) -> (Procs, String, Client) {
+/// Starts one node with `shards` data shards; its address and an SDK
+/// client.
+async fn one_node(dir: &std::path::Path, shards: u32) -> (Procs, String, Client) {
     let addr = format!("127.0.0.1:{}", free_port());
     let node = Procs(vec![Command::new(server_bin())
-        .args(["--listen", &addr, "--shards", "1"])
+        .args(["--listen", &addr, "--shards", &shards.to_string()])
         .arg("--data-dir")
         .arg(dir.join("n1"))
         .stdout(Stdio::null())
@@ -188,7 +173,7 @@ async fn one_node(dir: &std::path::Path) -> (Procs, String, Client) {
 async fn a_namespace_at_its_storage_quota_is_refused_until_trimmed() {
     const QUOTA: u64 = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
-    let (_node, addr, client) = one_node(dir.path()).await;
+    let (_node, addr, client) = one_node(dir.path(), 1).await;
     client
         .set_namespace_fields(pb::SetNamespaceRequest {
             name: "capped".into(),
