@@ -42,18 +42,9 @@ pub const TTL_MS_MAX: u64 = 100 * 365 * 24 * 3_600 * 1_000;
 /// second, so a shorter one would not be kept).
 pub const TTL_MS_MIN: u64 = 1_000;
 
-/// A change to a namespace's record: each field `None` keeps its value.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct NamespaceChange {
-    pub appends_per_s: Option<u32>,
-    pub bytes_per_s: Option<u64>,
-    pub ttl_ms: Option<u64>,
-    pub messages_per_mailbox_max: Option<u64>,
-    pub trim_acked: Option<bool>,
-    pub legal_hold: Option<bool>,
-    pub dedup_window_ms: Option<u64>,
-    pub storage_bytes_max: Option<u64>,
-}
+/// A change to a namespace's record: the API's request, whose fields
+/// left `None` keep their value (its `name` is not read here).
+pub type NamespaceChange = pigeonhole_proto::v1::SetNamespaceRequest;
 
 /// Sets `name`'s limits and retention policy in `state` (a field `None`
 /// keeps its value; a new record starts unlimited, keeping everything).
@@ -102,6 +93,7 @@ pub fn set(state: &mut NamespaceState, name: &str, c: &NamespaceChange) -> Resul
     }
     if let Some(r) = state.namespaces.iter_mut().find(|n| n.name == name) {
         let NamespaceChange {
+            name: _,
             appends_per_s,
             bytes_per_s,
             ttl_ms,
@@ -110,7 +102,7 @@ pub fn set(state: &mut NamespaceState, name: &str, c: &NamespaceChange) -> Resul
             legal_hold,
             dedup_window_ms,
             storage_bytes_max,
-        } = *c;
+        } = c.clone();
         r.appends_per_s = appends_per_s.unwrap_or(r.appends_per_s);
         r.bytes_per_s = bytes_per_s.unwrap_or(r.bytes_per_s);
         r.ttl_ms = ttl_ms.unwrap_or(r.ttl_ms);

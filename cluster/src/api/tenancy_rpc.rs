@@ -191,23 +191,7 @@ pub(super) async fn list_namespaces(node: &Node) -> Result<pb::ListNamespacesRes
 }
 
 pub(super) async fn set_namespace(node: &Node, r: pb::SetNamespaceRequest) -> Result<pb::SetNamespaceResponse, Status> {
-    match node
-        .set_namespace(
-            &r.name,
-            &crate::quota::NamespaceChange {
-                appends_per_s: r.appends_per_s,
-                bytes_per_s: r.bytes_per_s,
-                ttl_ms: r.ttl_ms,
-                messages_per_mailbox_max: r.messages_per_mailbox_max,
-                trim_acked: r.trim_acked,
-                legal_hold: r.legal_hold,
-                dedup_window_ms: r.dedup_window_ms,
-                storage_bytes_max: r.storage_bytes_max,
-            },
-        )
-        .await
-        .map_err(|e| cluster_error(&e))?
-    {
+    match node.set_namespace(&r.name, &r).await.map_err(|e| cluster_error(&e))? {
         Ok((record, created)) => Ok(pb::SetNamespaceResponse {
             namespace: Some(namespace_info(&record, &crate::quota::stored_bytes(node))),
             created,
