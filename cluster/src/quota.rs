@@ -53,6 +53,13 @@ pub fn set(state: &mut NamespaceState, name: &str, c: &NamespaceChange) -> Resul
     if name.is_empty() || name.len() > NAME_BYTES_MAX {
         return Err(bad("name", format!("{} bytes; 1 to {NAME_BYTES_MAX}", name.len())));
     }
+    // A namespace's rules apply to mailboxes of that name, so the name
+    // follows the mailboxes' rule ([a-z0-9._-]).
+    if let Err(pigeonhole_engine::OpError::InvalidArgument { reason, .. }) =
+        pigeonhole_engine::Limits::default().check_namespace(name)
+    {
+        return Err(bad("name", reason));
+    }
     if let Some(b) = c.bytes_per_s.filter(|b| *b > u64::from(u32::MAX)) {
         return Err(bad(
             "bytes_per_s",
@@ -502,6 +509,7 @@ mod tests {
             set(&mut s, &"x".repeat(65), &rates(None, None)).unwrap_err().field,
             "name"
         );
+        assert_eq!(set(&mut s, "Foo", &rates(None, None)).unwrap_err().field, "name");
         assert_eq!(
             set(&mut s, "a", &rates(None, Some(1 << 40))).unwrap_err().field,
             "bytes_per_s"

@@ -3,9 +3,9 @@
 //!
 //! A namespace's policy (TTL, messages per mailbox, trimming what every
 //! device acked, a namespace-wide legal hold, the dedup window) is part of
-//! its record in the metadata group, which every node follows
-//! ([`crate::quota::Quotas`]). About once a second each node, for every
-//! data shard it leads and every namespace with a policy, proposes a
+//! its record in the metadata group. About once a second each node reads
+//! the records (after a read barrier, so a lagging metadata replica does
+//! not lag the policy) and, for every data shard it leads and every namespace with a policy, proposes a
 //! `RetainOp` carrying that policy; the state machine trims what the policy
 //! lets go, the same on every replica at the same index, with the shard's
 //! clock (pigeonhole_engine's `retain`). So a TTL survives leader changes
@@ -17,16 +17,18 @@
 //! messages, and a round proposes at most [`RetentionCheck::ops_per_round`]
 //! of them per shard and namespace, resuming where the last op stopped. A
 //! pass that found nothing to trim waits [`RetentionCheck::idle_every`]
-//! before the next, so an idle shard is not woken every second.
+//! before the next, so an idle shard gets one small entry per namespace
+//! with a policy every 10 s, not every second (it does not hibernate while
+//! a policy applies to it).
 //!
-//! What it does not do: a namespace-wide hold stops proposals on each
-//! node as soon as it reads the new record (within a second); a retain op
-//! proposed just before that still applies. A mailbox's own hold is in its
-//! state machine and is exact.
+//! What it does not do: a namespace-wide hold stops proposals at each
+//! node's next round (each round reads the records after a barrier); a
+//! retain op proposed just before the hold still applies, so a hold takes
+//! effect within about a second. A mailbox's own hold is in its state
+//! machine and is exact.
 
 use crate::node::Node;
 use crate::placement::META_SHARD;
-use crate::quota::Quotas;
 use crate::Role;
 use pigeonhole_engine::command as cmd;
 use pigeonhole_engine::OpOutput;
@@ -95,28 +97,29 @@ pub fn retain_op(r: &NamespaceRecord, from: Vec<u8>, cfg: &RetentionCheck) -> cm
     }
 }
 
-/// Starts the loop on `node`, with the namespace records `quotas` follows.
-pub fn spawn(node: &Node, quotas: Quotas, cfg: RetentionCheck) -> tokio::task::JoinHandle<()> {
+/// Starts the loop on `node`.
+pub fn spawn(node: &Node, cfg: RetentionCheck) -> tokio::task::JoinHandle<()> {
     let weak = node.downgrade();
     tokio::spawn(async move {
         let mut passes: BTreeMap<(u64, String), Pass> = BTreeMap::new();
         loop {
             tokio::time::sleep(cfg.interval).await;
             let Some(node) = weak.upgrade() else { return };
-            if round(&node, &quotas, &cfg, &mut passes).await.is_err() {
+            if round(&node, &cfg, &mut passes).await.is_err() {
                 return; // the node stopped
             }
         }
     })
 }
 
-async fn round(
-    node: &Node,
-    quotas: &Quotas,
-    cfg: &RetentionCheck,
-    passes: &mut BTreeMap<(u64, String), Pass>,
-) -> Result<(), ()> {
-    let records = quotas.records();
+async fn round(node: &Node, cfg: &RetentionCheck, passes: &mut BTreeMap<(u64, String), Pass>) -> Result<(), ()> {
+    // The records after a read barrier on the metadata group, not this
+    // node's copy: a node whose metadata replica lags must not go on
+    // trimming a namespace put under a legal hold.
+    let Ok(state) = node.namespaces().await else {
+        return Ok(()); // no metadata leader now: the next round
+    };
+    let records = state.namespaces;
     let policies: Vec<&NamespaceRecord> = records.iter().filter(|r| has_policy(r)).collect();
     if policies.is_empty() {
         passes.clear();
@@ -141,7 +144,7 @@ async fn round(
             }
             pass.not_before = None;
             for _ in 0..cfg.ops_per_round {
-                let op = retain_op(r, std::mem::take(&mut pass.from), cfg);
+                let op = retain_op(r, pass.from.clone(), cfg);
                 let next = match node.propose(shard, vec![op]).await {
                     Ok(mut res) => match res.pop() {
                         Some(Ok(OpOutput::Retained { removed, next, .. })) => {
@@ -157,9 +160,10 @@ async fn round(
                         }
                         _ => None,
                     },
-                    // Not the leader any more, or no quorum: the next round
-                    // (on whichever node leads) starts a new pass.
-                    Err(_) => None,
+                    // A timeout, no quorum, or not the leader any more: the
+                    // pass resumes where it stood at the next round (here,
+                    // or dropped if another node leads by then).
+                    Err(_) => break,
                 };
                 match next {
                     Some(from) => pass.from = from,

@@ -222,7 +222,7 @@ pub async fn run(
     // Namespaces' limits and retention policies, as this node reads them;
     // retention is proposed for the shards this node leads (D43).
     let quotas = crate::quota::Quotas::follow(&node);
-    crate::retention::spawn(&node, quotas.clone(), crate::retention::RetentionCheck::default());
+    crate::retention::spawn(&node, crate::retention::RetentionCheck::default());
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<MailboxServer<MailboxService>>().await;
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);

@@ -66,16 +66,28 @@ pub fn namespace_bytes(
     out
 }
 
-/// Namespaces with a storage quota whose counted bytes are at least half
-/// of it: their shards are counted every round they are written in.
-fn watched_namespaces(node: &Node, records: &BTreeMap<u64, ShardSizeRecord>) -> std::collections::HashSet<String> {
-    let state = node
-        .meta_scan(crate::quota::STATE_KEY, 1)
+/// A shard holding a namespace near its storage quota is counted again
+/// once this much log was handed to its apply since its last count: not
+/// for retention's own small entries, which do not grow a shard.
+const URGENT_GROWTH_BYTES_MIN: u64 = 64 << 10;
+
+/// The namespace records as this node's metadata replica has them.
+fn namespace_state(node: &Node) -> pigeonhole_proto::internal::v1::NamespaceState {
+    node.meta_scan(crate::quota::STATE_KEY, 1)
         .unwrap_or_default()
         .into_iter()
         .find(|v| v.key == crate::quota::STATE_KEY)
         .and_then(|v| pigeonhole_proto::internal::v1::NamespaceState::decode(v.value.as_slice()).ok())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Namespaces with a storage quota whose counted bytes are at least half
+/// of it: their shards are counted every round they grew in.
+fn watched_namespaces(
+    node: &Node,
+    state: &pigeonhole_proto::internal::v1::NamespaceState,
+    records: &BTreeMap<u64, ShardSizeRecord>,
+) -> std::collections::HashSet<String> {
     if state.namespaces.iter().all(|r| r.storage_bytes_max == 0) {
         return std::collections::HashSet::new();
     }
@@ -83,9 +95,9 @@ fn watched_namespaces(node: &Node, records: &BTreeMap<u64, ShardSizeRecord>) -> 
     let stored = namespace_bytes(records, |s| map.shard(s).map(|d| d.epoch));
     state
         .namespaces
-        .into_iter()
+        .iter()
         .filter(|r| r.storage_bytes_max != 0 && stored.get(&r.name).copied().unwrap_or(0) >= r.storage_bytes_max / 2)
-        .map(|r| r.name)
+        .map(|r| r.name.clone())
         .collect()
 }
 
@@ -228,7 +240,9 @@ async fn round(
         .filter(|s| s.role == Role::Leader && s.shard != META_SHARD)
         .collect();
     counted.retain(|shard, _| leading.iter().any(|s| s.shard == *shard));
-    let watched = watched_namespaces(node, &records);
+    let ns_state = namespace_state(node);
+    let watched = watched_namespaces(node, &ns_state, &records);
+    let count: std::collections::BTreeSet<String> = ns_state.namespaces.iter().map(|r| r.name.clone()).collect();
     for st in leading {
         let Some(desc) = map.shard(st.shard) else { continue };
         let now = Instant::now();
@@ -249,13 +263,15 @@ async fn round(
             }
         }
         // A shard holding a namespace near its storage quota is counted
-        // every round it was written in, so the quota is kept to about a
+        // every round it grew by 64 KiB, so the quota is kept to about a
         // round's writes (D44).
         let urgent = !watched.is_empty()
             && records
                 .get(&st.shard)
                 .is_some_and(|r| r.namespaces.iter().any(|n| watched.contains(&n.name)))
-            && counted.get(&st.shard).is_some_and(|c| st.handed_bytes > c.handed_bytes);
+            && counted
+                .get(&st.shard)
+                .is_some_and(|c| st.handed_bytes >= c.handed_bytes.saturating_add(URGENT_GROWTH_BYTES_MIN));
         if !urgent && !due(counted.get(&st.shard), st.handed_bytes, desc.epoch, now, cfg) {
             continue;
         }
@@ -265,7 +281,9 @@ async fn round(
             start: desc.range_start,
             end: desc.range_end,
         };
-        let Ok(Ok(scan)) = tokio::task::spawn_blocking(move || engine.size_scan(shard, keys_max, range)).await else {
+        let count = count.clone();
+        let Ok(Ok(scan)) = tokio::task::spawn_blocking(move || engine.size_scan(shard, keys_max, range, &count)).await
+        else {
             continue; // the replica went meanwhile; the next round sees
         };
         counted.insert(

@@ -351,6 +351,11 @@ impl StateMachine<'_, '_, '_> {
             deleted: false,
         };
         self.txn.put(keys::message(self.space, &mb, seq), &msg.encode());
+        if seq == 1 {
+            // The mailbox's first message: it enters the directory (D43).
+            self.txn
+                .put(keys::mailbox_dir(self.space, &mb), &crate::records::encode_marker());
+        }
         let entry = DedupEntry {
             seq,
             time_ms: self.now_ms,
@@ -460,7 +465,7 @@ impl StateMachine<'_, '_, '_> {
         let max = usize::try_from(x.max_entries).unwrap_or(usize::MAX);
         let range = self.range;
         self.txn.scan_limited(&start, &end, max, |k, body| {
-            crate::records::check_expiry_marker(k, body)?;
+            crate::records::check_marker(k, body)?;
             // A shared space (D38) holds the other half's entries too: only
             // this shard's count, so every replica removes the same ones.
             if !crate::split::key_in_range(k, &range)? {

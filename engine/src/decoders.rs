@@ -13,8 +13,8 @@ use crate::codec;
 use crate::error::EngineError;
 use crate::keys::CF_DATA;
 use crate::records::{
-    check_expiry_marker, decode_cursor, decode_system, encode_cursor, encode_expiry_marker, encode_system, DedupEntry,
-    MailboxMeta, MessageView, ShardMeta, ShardState,
+    check_marker, decode_cursor, decode_system, encode_cursor, encode_marker, encode_system, DedupEntry, MailboxMeta,
+    MessageView, ShardMeta, ShardState,
 };
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, HardState};
@@ -37,7 +37,7 @@ pub fn data_value(key: &[u8], value: &[u8]) -> Vec<Result<(), EngineError>> {
         MessageView::decode(key, body).map(drop),
         DedupEntry::decode(key, body).map(drop),
         decode_cursor(key, body).map(drop),
-        check_expiry_marker(key, body),
+        check_marker(key, body),
         decode_system(key, body).map(drop),
     ]
 }
@@ -107,7 +107,7 @@ pub fn sample_data_bodies() -> Vec<Vec<u8>> {
         message.encode(),
         dedup.encode(),
         encode_cursor(5),
-        encode_expiry_marker(),
+        encode_marker(),
         encode_system(4, b"a shard record"),
     ];
     out.extend(meta.encode().ok());

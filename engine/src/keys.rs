@@ -27,6 +27,7 @@ pub(crate) mod tag {
     pub const CURSOR: u8 = 0x04;
     pub const DEDUP_EXPIRY: u8 = 0x05;
     pub const SYSTEM: u8 = 0x06;
+    pub const DIRECTORY: u8 = 0x07;
 }
 
 /// Node meta CF: the on-disk format version.
@@ -68,11 +69,22 @@ pub(crate) fn mailbox_namespace(mb: &[u8]) -> Option<&[u8]> {
     mb.get(1..1 + ns_len)
 }
 
-/// The namespace's part of a shard's message keys: `space | 02 | ns_len ns`.
-/// Every message key of every mailbox of the namespace starts with it (the
-/// namespace's length is in it), and no other key does.
-pub(crate) fn namespace_messages(space: u64, ns: &str) -> Vec<u8> {
-    let mut k = shard_tag(space, tag::MESSAGE, 1 + ns.len());
+/// `shard | 0x07 | mb`: the mailbox directory (D43): one key per mailbox
+/// that ever had a message, written with its first append, in one
+/// shard-wide memtable bucket (as the expiry index), so retention steps
+/// through a namespace's mailboxes with a prefix-mode scan instead of a
+/// total-order one (which copies the whole hash memtable).
+pub(crate) fn mailbox_dir(shard: u64, mb: &[u8]) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::DIRECTORY, mb.len());
+    k.extend_from_slice(mb);
+    k
+}
+
+/// `shard | 0x07 | ns_len ns`: every directory key of the namespace's
+/// mailboxes starts with it (the namespace's length is in it), and no
+/// other key does.
+pub(crate) fn namespace_dir(shard: u64, ns: &str) -> Vec<u8> {
+    let mut k = shard_tag(shard, tag::DIRECTORY, 1 + ns.len());
     k.push(u8::try_from(ns.len()).unwrap_or(u8::MAX));
     k.extend_from_slice(ns.as_bytes());
     k

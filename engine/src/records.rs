@@ -308,12 +308,13 @@ pub(crate) fn decode_cursor(key: &[u8], body: &[u8]) -> Result<u64, EngineError>
     Ok(seq)
 }
 
-/// The (empty) body of a dedup expiry index entry.
-pub(crate) fn encode_expiry_marker() -> Vec<u8> {
+/// The (empty) body of an index entry whose key says everything: the
+/// dedup expiry index (`05`) and the mailbox directory (`07`).
+pub(crate) fn encode_marker() -> Vec<u8> {
     vec![V1]
 }
 
-pub(crate) fn check_expiry_marker(key: &[u8], body: &[u8]) -> Result<(), EngineError> {
+pub(crate) fn check_marker(key: &[u8], body: &[u8]) -> Result<(), EngineError> {
     Reader::new(CF_DATA, key, body, V1)?.finish()
 }
 

@@ -38,14 +38,13 @@ pub struct ShardSize {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SizeScan {
     pub size: ShardSize,
-    /// Key plus value bytes of each namespace's mailbox rows (messages,
-    /// dedup entries, cursors, heads, expiry markers), by namespace, for
-    /// storage quotas (D44). At most [`NAMESPACES_COUNTED_MAX`]
-    /// namespaces, the first met in key order; past that,
-    /// `namespaces_complete` is false.
+    /// Key plus value bytes of the mailbox rows (messages, dedup entries,
+    /// cursors, heads, expiry markers, directory keys) of each namespace
+    /// the scan was asked to count, for storage quotas (D44); a namespace
+    /// with no rows is absent.
     pub namespaces: std::collections::BTreeMap<String, u64>,
-    /// False when a namespace was left out of `namespaces` (more than
-    /// [`NAMESPACES_COUNTED_MAX`]) or the scan stopped at its key limit.
+    /// False when the scan stopped at its key limit (the namespaces'
+    /// figures are then lower bounds).
     pub namespaces_complete: bool,
     /// The hash to split at (strictly inside the range scanned for), or
     /// None when no slice boundary leaves each side at least
@@ -53,10 +52,6 @@ pub struct SizeScan {
     /// few close together, hold most of them: splitting would not help).
     pub split_at: Option<u64>,
 }
-
-/// Namespaces one size scan counts bytes for, at most (as many as a
-/// cluster holds namespace records).
-pub const NAMESPACES_COUNTED_MAX: usize = 1_024;
 
 /// Slices of the hash range the split point is chosen among.
 pub const HISTOGRAM_BUCKETS: usize = 256;
@@ -121,14 +116,25 @@ impl Engine {
     /// siblings'); then `complete` is false and the figures are lower
     /// bounds.
     pub fn shard_size(&self, shard: u64, keys_max: u64) -> Result<ShardSize, EngineError> {
-        Ok(self.size_scan(shard, keys_max, HashRange::FULL)?.size)
+        Ok(self
+            .size_scan(shard, keys_max, HashRange::FULL, &std::collections::BTreeSet::new())?
+            .size)
     }
 
     /// [`Engine::shard_size`], and the hash within `within` (the shard's
     /// range in the shard map; a bootstrap shard's engine range is every
     /// hash) that would split its mailbox bytes in half. With a scan cut
-    /// short by `keys_max`, the point halves what was counted.
-    pub fn size_scan(&self, shard: u64, keys_max: u64, within: HashRange) -> Result<SizeScan, EngineError> {
+    /// short by `keys_max`, the point halves what was counted. The bytes
+    /// of the namespaces in `count` are added up on the way (callers pass
+    /// the namespaces with records, a bounded set, not every namespace a
+    /// caller may have named).
+    pub fn size_scan(
+        &self,
+        shard: u64,
+        keys_max: u64,
+        within: HashRange,
+        count: &std::collections::BTreeSet<String>,
+    ) -> Result<SizeScan, EngineError> {
         let snap = self.db().snapshot();
         let mk = keys::shard_meta(shard);
         let mut own_meta_bytes = None;
@@ -156,7 +162,6 @@ impl Engine {
         };
         let mut hist = vec![0u64; HISTOGRAM_BUCKETS];
         let mut namespaces = std::collections::BTreeMap::<String, u64>::new();
-        let mut namespaces_complete = true;
         // Every key read counts against a budget too, the siblings' as well
         // (a space shared after splits is read whole by each of its
         // shards), of a few times `keys_max`, so one scan stays bounded.
@@ -192,14 +197,15 @@ impl Engine {
                 {
                     *slot += bytes;
                 }
-                if let Some(ns) = mb.and_then(keys::mailbox_namespace) {
-                    let ns = String::from_utf8_lossy(ns);
-                    if let Some(n) = namespaces.get_mut(ns.as_ref()) {
+                if let Some(ns) = (!count.is_empty())
+                    .then(|| mb.and_then(keys::mailbox_namespace))
+                    .flatten()
+                    .and_then(|ns| std::str::from_utf8(ns).ok())
+                {
+                    if let Some(n) = namespaces.get_mut(ns) {
                         *n += bytes;
-                    } else if namespaces.len() < NAMESPACES_COUNTED_MAX {
-                        namespaces.insert(ns.into_owned(), bytes);
-                    } else {
-                        namespaces_complete = false;
+                    } else if count.contains(ns) {
+                        namespaces.insert(ns.to_string(), bytes);
                     }
                 }
             }
@@ -209,7 +215,7 @@ impl Engine {
         Ok(SizeScan {
             size,
             split_at: middle(&hist, within.start, within.end),
-            namespaces_complete: namespaces_complete && size.complete,
+            namespaces_complete: size.complete,
             namespaces,
         })
     }

@@ -240,11 +240,44 @@ impl Engine {
             next_seq_no: 0,
             records: 0,
             last_key: None,
+            last_dir: None,
             meta: None,
             wb: WriteBatch::default(),
             done: false,
         })
     }
+}
+
+/// Puts the mailbox directory key (D43) of a message key or of a head row
+/// with `last_seq >= 1` (body `body`), once per mailbox (`last` is the
+/// last one put): a stream from a node whose data predates the directory
+/// carries none, and every replica must list the same mailboxes (those
+/// that ever had a message, as format 3's conversion does).
+fn directory(
+    last: &mut Option<Vec<u8>>,
+    wb: &mut WriteBatch,
+    cf: &rocksdb::ColumnFamily,
+    k: &[u8],
+    body: &[u8],
+) -> Result<(), EngineError> {
+    let (Some(&tag), Some(space)) = (k.get(8), k.get(..8)) else {
+        return Ok(());
+    };
+    let Some((mb, _)) = k.get(9..).and_then(keys::split_mailbox) else {
+        return Ok(()); // a shard-wide key
+    };
+    let entered = match tag {
+        keys::tag::MESSAGE => true,
+        keys::tag::MAILBOX => crate::records::MailboxMeta::decode(k, body)?.last_seq >= 1,
+        _ => false,
+    };
+    let space = u64::from_be_bytes(space.try_into().unwrap_or([0; 8]));
+    let dir = keys::mailbox_dir(space, mb);
+    if entered && last.as_ref() != Some(&dir) {
+        wb.put_cf(cf, &dir, codec::seal(&dir, &crate::records::encode_marker()));
+        *last = Some(dir);
+    }
+    Ok(())
 }
 
 fn push_record(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
@@ -268,6 +301,8 @@ pub struct SnapshotIngest {
     next_seq_no: u32,
     records: u64,
     last_key: Option<Vec<u8>>,
+    /// The directory key written for the last message key (D43).
+    last_dir: Option<Vec<u8>>,
     meta: Option<ShardMeta>,
     wb: WriteBatch,
     done: bool,
@@ -347,9 +382,11 @@ impl SnapshotIngest {
                 self.meta = Some(meta);
             } else if self.space == self.shard {
                 self.wb.put_cf(cf, k, v);
+                directory(&mut self.last_dir, &mut self.wb, cf, k, body)?;
             } else {
-                let (k, v) = crate::split::rekey(self.space, k, body);
-                self.wb.put_cf(cf, k, v);
+                let (k2, v) = crate::split::rekey(self.space, k, body);
+                self.wb.put_cf(cf, &k2, v);
+                directory(&mut self.last_dir, &mut self.wb, cf, &k2, body)?;
             }
             if self.wb.size_in_bytes() >= INGEST_BATCH_BYTES_MAX {
                 self.engine

@@ -84,7 +84,7 @@ pub(crate) fn key_mailbox(key: &[u8]) -> Result<Option<&[u8]>, EngineError> {
         return Ok(None);
     };
     let mb = match tag {
-        keys::tag::MAILBOX | keys::tag::MESSAGE | keys::tag::DEDUP | keys::tag::CURSOR => {
+        keys::tag::MAILBOX | keys::tag::MESSAGE | keys::tag::DEDUP | keys::tag::CURSOR | keys::tag::DIRECTORY => {
             keys::split_mailbox(rest).map(|(mb, _)| mb)
         }
         keys::tag::DEDUP_EXPIRY => keys::parse_dedup_expiry(key).map(|(_, mb, _)| mb),

@@ -13,16 +13,19 @@
 //! returns where the next op starts, so one entry's apply is bounded
 //! whatever the policy and the mailboxes' sizes.
 //!
-//! Which mailboxes a pass sees: those with at least one stored message
-//! key (a live message or a tombstone), found by stepping through the
-//! namespace's message keys one mailbox at a time (one seek each). A
-//! mailbox with none has nothing to trim.
+//! Which mailboxes a pass sees: every mailbox of the namespace that ever
+//! had a message, from the mailbox directory (`shard | 07 | mb`, written
+//! by a mailbox's first append), read with one prefix-mode scan per op.
+//! Why a directory: the data CF's memtable is a hash of per-mailbox
+//! buckets, so stepping from mailbox to mailbox through message keys needs
+//! a total-order iterator, which RocksDB builds by copying the whole
+//! memtable (D33), once per step; the directory is one bucket per shard.
 
 use crate::apply::{OpResult, StateMachine};
 use crate::error::{EngineError, OpError};
 use crate::keys::{self, len_u64, CF_DATA};
 use crate::outcome::OpOutput;
-use crate::records::{decode_cursor, encode_expiry_marker, MailboxMeta, MessageView};
+use crate::records::{decode_cursor, encode_marker, MailboxMeta, MessageView};
 use pigeonhole_proto::internal::v1 as cmd;
 
 /// A message a trim removes: (key, seq, idempotency key if live, payload bytes).
@@ -43,10 +46,8 @@ impl StateMachine<'_, '_, '_> {
             // earlier window ended); only the entry for this seq is ours.
             if d.seq == seq && d.expires_ms == 0 {
                 d.expires_ms = self.now_ms.saturating_add(window_ms).max(1);
-                self.txn.put(
-                    keys::dedup_expiry(self.space, d.expires_ms, mb, idem),
-                    &encode_expiry_marker(),
-                );
+                self.txn
+                    .put(keys::dedup_expiry(self.space, d.expires_ms, mb, idem), &encode_marker());
                 self.txn.put(dk, &d.encode());
             }
         }
@@ -158,39 +159,43 @@ impl StateMachine<'_, '_, '_> {
     }
 
     pub(crate) fn retain(&mut self, r: &cmd::RetainOp) -> OpResult {
-        let ns_start = keys::namespace_messages(self.space, &r.namespace);
-        let done = |mailboxes, removed, next| {
-            Ok(Ok(OpOutput::Retained {
-                mailboxes,
-                removed,
-                next,
-            }))
-        };
+        let ns_start = keys::namespace_dir(self.space, &r.namespace);
         let Some(ns_end) = keys::prefix_end(&ns_start) else {
-            return done(0, 0, None);
+            return Ok(Ok(OpOutput::Retained {
+                mailboxes: 0,
+                removed: 0,
+                next: None,
+            }));
         };
-        let mut at = if r.from_mailbox.is_empty() {
+        let at = if r.from_mailbox.is_empty() {
             ns_start
         } else {
-            keys::message_prefix(self.space, &r.from_mailbox)
+            keys::mailbox_dir(self.space, &r.from_mailbox)
         };
+        // The op's mailboxes, and the one the next op starts at: one scan
+        // of the directory's bucket (prefix mode), through the batch's
+        // pending writes, before any trim of this op writes.
+        let visit_max = usize::try_from(r.mailboxes_max).unwrap_or(usize::MAX);
+        let mut mailboxes: Vec<Vec<u8>> = Vec::with_capacity(visit_max.min(1_024) + 1);
+        self.txn
+            .scan_limited(&at, &ns_end, visit_max.saturating_add(1), |k, _| {
+                let mb = k
+                    .get(9..)
+                    .filter(|mb| crate::split::mailbox_hash(mb).is_some())
+                    .ok_or_else(|| EngineError::corruption(CF_DATA, k, "directory key names no parsable mailbox"))?;
+                mailboxes.push(mb.to_vec());
+                Ok(true)
+            })?;
+        let mut next = (mailboxes.len() > visit_max).then(|| mailboxes.pop()).flatten();
         // Messages appended at or before `cutoff` are past the TTL.
         let cutoff = (r.ttl_ms != 0).then(|| self.now_ms.checked_sub(r.ttl_ms)).flatten();
         let mut budget = u64::from(r.messages_max);
         let (mut visited, mut removed) = (0u64, 0u64);
-        loop {
-            let Some(mb) = self.next_mailbox(&at, &ns_end)? else {
-                return done(visited, removed, None);
-            };
-            if visited == u64::from(r.mailboxes_max) {
-                return done(visited, removed, Some(mb));
-            }
+        for mb in mailboxes {
             visited += 1;
-            at = keys::prefix_end(&keys::message_prefix(self.space, &mb)).unwrap_or_else(|| ns_end.clone());
             // A shared space (D38) holds the other half's mailboxes too:
             // visited (so the op stays bounded) but not touched.
-            let hash = crate::split::mailbox_hash(&mb)
-                .ok_or_else(|| EngineError::corruption(CF_DATA, &mb, "message key names no parsable mailbox"))?;
+            let hash = crate::split::checked_mailbox_hash(&mb)?;
             if !self.range.is_full() && !self.range.contains(hash) {
                 continue;
             }
@@ -207,25 +212,15 @@ impl StateMachine<'_, '_, '_> {
             }
             if budget == 0 {
                 // It may have more past the budget: the next op starts here.
-                return done(visited, removed, Some(mbk));
+                next = Some(mbk);
+                break;
             }
         }
-    }
-
-    /// The first mailbox with a message key in `[at, end)`, as its encoded
-    /// id.
-    fn next_mailbox(&self, at: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        let mut found = None;
-        self.txn.scan_across(at, end, 1, |k, _| {
-            let mb = k
-                .get(9..)
-                .and_then(keys::split_mailbox)
-                .map(|(mb, _)| mb.to_vec())
-                .ok_or_else(|| EngineError::corruption(CF_DATA, k, "message key names no parsable mailbox"))?;
-            found = Some(mb);
-            Ok(true)
-        })?;
-        Ok(found)
+        Ok(Ok(OpOutput::Retained {
+            mailboxes: visited,
+            removed,
+            next,
+        }))
     }
 
     /// The seq the policy trims `mb` up to, if it trims anything: the
@@ -262,28 +257,17 @@ impl StateMachine<'_, '_, '_> {
         let cap = (low - 1).saturating_add(budget).min(last);
         if let Some(cutoff) = cutoff {
             // Times never fall along a mailbox (the shard clock is
-            // monotonic), so the first message says whether any is old
-            // enough, and the old ones are a prefix.
+            // monotonic), so the old messages are a prefix: read up to the
+            // first one that is not.
             let start = keys::message(self.space, mb, low);
             let end = keys::message(self.space, mb, cap.saturating_add(1));
-            let mut first_old = false;
-            self.txn.scan_limited(
-                &start,
-                &keys::message(self.space, mb, low.saturating_add(1)),
-                1,
-                |k, body| {
-                    first_old = MessageView::decode(k, body)?.time_ms <= cutoff;
-                    Ok(true)
-                },
-            )?;
-            if first_old {
-                self.txn.scan(&start, &end, |k, body| {
-                    if MessageView::decode(k, body)?.time_ms <= cutoff {
-                        up_to = up_to.max(keys::checked_message_seq(k)?);
-                    }
-                    Ok(())
-                })?;
-            }
+            self.txn.scan_while(&start, &end, |k, body| {
+                if MessageView::decode(k, body)?.time_ms > cutoff {
+                    return Ok(false);
+                }
+                up_to = up_to.max(keys::checked_message_seq(k)?);
+                Ok(true)
+            })?;
         }
         let up_to = up_to.min(cap);
         Ok((up_to >= low).then_some(up_to))

@@ -13,6 +13,16 @@ use crate::keys::CF_DATA;
 use rocksdb::{ColumnFamily, ReadOptions, WriteBatch};
 use std::collections::BTreeMap;
 
+/// What a scan callback says of the key it was given.
+enum Step {
+    /// Counts towards the scan's maximum.
+    Counted,
+    /// Passed over.
+    Skipped,
+    /// Ends the scan.
+    Stop,
+}
+
 /// Pending writes of one apply batch over the database.
 pub(crate) struct Txn<'e> {
     engine: &'e Engine,
@@ -68,32 +78,34 @@ impl<'e> Txn<'e> {
         start: &[u8],
         end: &[u8],
         max: usize,
-        f: impl FnMut(&[u8], &[u8]) -> Result<bool, EngineError>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, EngineError>,
     ) -> Result<(), EngineError> {
-        self.scan_with(ReadOptions::default(), start, end, max, f)
+        self.scan_with(start, end, max, |k, v| {
+            Ok(if f(k, v)? { Step::Counted } else { Step::Skipped })
+        })
     }
 
-    /// [`Txn::scan_limited`] for a range that crosses memtable buckets
-    /// (several mailboxes): a total-order scan, dearer per seek, so used
-    /// only where a scan must step from mailbox to mailbox (retention).
-    pub(crate) fn scan_across(
+    /// Calls `f(key, body)` on live keys in `[start, end)` in key order,
+    /// as [`Txn::scan_limited`], until `f` returns false. Same bucket rule.
+    pub(crate) fn scan_while(
         &self,
         start: &[u8],
         end: &[u8],
-        max: usize,
-        f: impl FnMut(&[u8], &[u8]) -> Result<bool, EngineError>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, EngineError>,
     ) -> Result<(), EngineError> {
-        self.scan_with(crate::engine::total_order(), start, end, max, f)
+        self.scan_with(start, end, usize::MAX, |k, v| {
+            Ok(if f(k, v)? { Step::Counted } else { Step::Stop })
+        })
     }
 
     fn scan_with(
         &self,
-        mut ro: ReadOptions,
         start: &[u8],
         end: &[u8],
         max: usize,
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, EngineError>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<Step, EngineError>,
     ) -> Result<(), EngineError> {
+        let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(end.to_vec());
         let mut it = self.engine.db().raw_iterator_cf_opt(self.cf, ro);
         it.seek(start);
@@ -117,16 +129,20 @@ impl<'e> Txn<'e> {
                     it.next(); // the pending write shadows the stored value
                 }
                 if let Some(v) = v {
-                    if f(k, codec::open(CF_DATA, k, v)?)? {
-                        seen += 1;
+                    match f(k, codec::open(CF_DATA, k, v)?)? {
+                        Step::Counted => seen += 1,
+                        Step::Skipped => {}
+                        Step::Stop => break,
                     }
                 }
             } else {
                 let (Some(k), Some(v)) = (it.key(), it.value()) else {
                     break;
                 };
-                if f(k, codec::open(CF_DATA, k, v)?)? {
-                    seen += 1;
+                match f(k, codec::open(CF_DATA, k, v)?)? {
+                    Step::Counted => seen += 1,
+                    Step::Skipped => {}
+                    Step::Stop => break,
                 }
                 it.next();
             }

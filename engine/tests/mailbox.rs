@@ -715,9 +715,10 @@ fn the_size_scan_counts_bytes_per_namespace() {
     }
     assert!(appended(1, false)(&s.one(append("small", b"u", b"k", b"tiny"))));
     s.one(ack("small", b"u", b"phone", 1)).unwrap();
+    let count: std::collections::BTreeSet<String> = ["big", "small", "absent"].map(String::from).into();
     let scan = s
         .engine()
-        .size_scan(s.id, u64::MAX, pigeonhole_engine::HashRange::FULL)
+        .size_scan(s.id, u64::MAX, pigeonhole_engine::HashRange::FULL, &count)
         .unwrap();
     assert!(scan.namespaces_complete);
     let names: Vec<&str> = scan.namespaces.keys().map(String::as_str).collect();
@@ -731,7 +732,14 @@ fn the_size_scan_counts_bytes_per_namespace() {
     s.one(trim("big", b"u", 10)).unwrap();
     let after = s
         .engine()
-        .size_scan(s.id, u64::MAX, pigeonhole_engine::HashRange::FULL)
+        .size_scan(s.id, u64::MAX, pigeonhole_engine::HashRange::FULL, &count)
         .unwrap();
+    // Only the namespaces asked for are counted.
+    let only_big: std::collections::BTreeSet<String> = ["big".to_string()].into();
+    let one = s
+        .engine()
+        .size_scan(s.id, u64::MAX, pigeonhole_engine::HashRange::FULL, &only_big)
+        .unwrap();
+    assert_eq!(one.namespaces.keys().collect::<Vec<_>>(), ["big"]);
     assert!(after.namespaces["big"] < big - 9_000, "{after:?}");
 }

@@ -24,7 +24,10 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 
 const WINDOW_MS: u64 = 50;
-const NAMESPACES: [&str; 2] = ["a", "b"];
+/// Of two lengths, so that the length byte of the encoded ids is exercised.
+const NAMESPACES: [&str; 2] = ["a", "bb"];
+/// User ids; one of 0xff bytes, so that a key successor carries.
+const USERS: [&[u8]; 4] = [b"u1", b"u2", b"u3", &[0xff, 0xff]];
 
 #[derive(Clone, Debug, Default)]
 struct Msg {
@@ -304,7 +307,7 @@ impl Model {
     }
 
     /// Retention, written from its specification (D43): the namespace's
-    /// mailboxes that store a message key, in encoded-id order from
+    /// mailboxes that ever had a message, in encoded-id order from
     /// `from_mailbox`; held ones visited and passed over; each trimmed up
     /// to the highest seq the TTL, the maximum and the acks let go, within
     /// what is left of the op's message budget.
@@ -327,7 +330,8 @@ impl Model {
         let mut ids: Vec<(Vec<u8>, Vec<u8>)> = self
             .boxes
             .iter()
-            .filter(|((n, _), b)| *n == r.namespace && !b.msgs.is_empty())
+            // Every mailbox that ever had a message (the directory).
+            .filter(|((n, _), b)| *n == r.namespace && b.last_seq >= 1)
             .map(|((n, u), _)| (mb_key(n, u), u.clone()))
             .filter(|(k, _)| *k >= r.from_mailbox)
             .collect();
@@ -353,6 +357,9 @@ impl Model {
                 continue;
             }
             let (low, last) = (b.low, b.last_seq);
+            if last < low {
+                continue; // everything trimmed already
+            }
             let mut up = low - 1;
             if r.messages_per_mailbox_max != 0 && last - up > r.messages_per_mailbox_max {
                 up = up.max(last - r.messages_per_mailbox_max);
@@ -384,6 +391,26 @@ impl Model {
                 });
             }
         }
+        // The specification, said independently of the steps above: the
+        // op stays within its bounds, and a pass that reached the end left
+        // nothing its policy lets go in a mailbox it may trim.
+        assert!(removed <= u64::from(r.messages_max) && visited <= u64::from(r.mailboxes_max));
+        for ((n, u), b) in &self.boxes {
+            if *n != r.namespace || b.held || b.last_seq == 0 || mb_key(n, u) < r.from_mailbox {
+                continue;
+            }
+            let stored = b.last_seq + 1 - b.low;
+            assert!(
+                r.messages_per_mailbox_max == 0 || stored <= r.messages_per_mailbox_max,
+                "{b:?}"
+            );
+            if let Some(cutoff) = cutoff {
+                assert!(b.msgs.values().all(|m| m.time > cutoff), "{b:?}");
+            }
+            if let (true, Some(min)) = (r.trim_acked, b.cursors.values().min()) {
+                assert!(b.low > *min, "{b:?}");
+            }
+        }
         Ok(OpOutput::Retained {
             mailboxes: visited,
             removed,
@@ -407,7 +434,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
     let ns = prop::sample::select(NAMESPACES.to_vec());
     // Mostly valid user ids; the empty one checks validation.
     let uid =
-        prop_oneof![9 => prop::sample::select(vec![b"u1".to_vec(), b"u2".to_vec(), b"u3".to_vec()]), 1 => Just(vec![])];
+        prop_oneof![9 => prop::sample::select(USERS.iter().map(|u| u.to_vec()).collect::<Vec<_>>()), 1 => Just(vec![])];
     let key = prop_oneof![20 => (0u8..6).prop_map(|k| vec![b'k', k]), 1 => Just(vec![])];
     let window = prop::sample::select(vec![0u64, 10, 200]);
     let payload = prop_oneof![4 => prop::collection::vec(0u8..3, 0..4), 1 => Just(vec![9u8; 40])];
@@ -433,13 +460,13 @@ fn arb_op() -> impl Strategy<Value = Op> {
             op: Some(O::Hold(pigeonhole_engine::command::HoldOp { namespace: n.into(), user_id: u, held })),
         }),
         3 => (ns, (prop::sample::select(vec![0u64, 5, 20, 100]), prop::sample::select(vec![0u64, 1, 2, 5]), any::<bool>(), window),
-              prop_oneof![4 => Just(None), 2 => prop::sample::select(vec![b"u1".to_vec(), b"u2".to_vec(), b"u3".to_vec()]).prop_map(Some), 1 => Just(Some(vec![]))],
+              prop_oneof![4 => Just(None), 2 => prop::sample::select(USERS.iter().map(|u| u.to_vec()).collect::<Vec<_>>()).prop_map(Some), 1 => Just(Some(vec![]))],
               0u32..4, 0u32..7)
             .prop_map(|(n, (ttl, max, acked, w), from, mailboxes_max, messages_max)| {
                 // A from_mailbox of the other namespace checks validation.
                 let from = match from {
                     None => Vec::new(),
-                    Some(u) if u.is_empty() => mb_key(if n == "a" { "b" } else { "a" }, b"u1"),
+                    Some(u) if u.is_empty() => mb_key(if n == "a" { "bb" } else { "a" }, b"u1"),
                     Some(u) => mb_key(n, &u),
                 };
                 Op {
@@ -496,7 +523,7 @@ fn check_reads(s: &Shard, m: &Model) {
         .collect();
     assert_eq!(got, sys);
     for ns in NAMESPACES {
-        for uid in [&b"u1"[..], b"u2", b"u3"] {
+        for uid in USERS {
             let mb = m
                 .boxes
                 .get(&(ns.to_string(), uid.to_vec()))

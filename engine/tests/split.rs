@@ -567,7 +567,10 @@ fn the_size_scan_finds_where_a_split_halves_the_bytes() {
                 .unwrap();
         }
     }
-    let scan = node.e().size_scan(PARENT, u64::MAX, HashRange::FULL).unwrap();
+    let scan = node
+        .e()
+        .size_scan(PARENT, u64::MAX, HashRange::FULL, &Default::default())
+        .unwrap();
     assert!(scan.size.complete);
     assert_eq!(scan.size, node.e().shard_size(PARENT, u64::MAX).unwrap());
     let at = scan.split_at.expect("a split point");
@@ -589,7 +592,10 @@ fn the_size_scan_finds_where_a_split_halves_the_bytes() {
         one.one(PARENT, append(NS, &user(1), key.as_bytes(), &[b'y'; 512]))
             .unwrap();
     }
-    let scan = one.e().size_scan(PARENT, u64::MAX, HashRange::FULL).unwrap();
+    let scan = one
+        .e()
+        .size_scan(PARENT, u64::MAX, HashRange::FULL, &Default::default())
+        .unwrap();
     assert!(scan.size.bytes > 50 * 512);
     assert_eq!(scan.split_at, None, "one mailbox cannot be split");
 }
