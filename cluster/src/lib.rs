@@ -35,6 +35,7 @@ pub mod error;
 pub mod hash;
 pub mod join;
 pub mod meta_poll;
+pub mod metrics;
 pub mod moves;
 pub mod node;
 pub mod nodes;

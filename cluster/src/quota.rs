@@ -141,6 +141,8 @@ fn bucket(per_s: u64) -> Option<DefaultDirectRateLimiter> {
 struct Followed {
     buckets: HashMap<String, Arc<Buckets>>,
     records: Arc<Vec<NamespaceRecord>>,
+    /// The records' names, for a constant-time "has a record".
+    names: std::collections::HashSet<String>,
 }
 
 /// Storage quotas as this node last counted them (D44).
@@ -216,6 +218,20 @@ impl Quotas {
     /// Takes one append of `payload_bytes` for `namespace`, or says when
     /// to retry: RESOURCE_EXHAUSTED with RetryInfo.
     pub fn take_append(&self, namespace: &str, payload_bytes: usize) -> Result<(), Status> {
+        self.check_append(namespace, payload_bytes)?;
+        // Labelled by namespace only for namespaces with a record (a
+        // bounded set): any caller may name any namespace.
+        let known = self
+            .inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .names
+            .contains(namespace);
+        crate::metrics::namespace_append(if known { namespace } else { "other" }, payload_bytes);
+        Ok(())
+    }
+
+    fn check_append(&self, namespace: &str, payload_bytes: usize) -> Result<(), Status> {
         {
             let s = self.storage.read().unwrap_or_else(PoisonError::into_inner);
             if let Some((stored, max)) = (!s.full.is_empty()).then(|| s.full.get(namespace)).flatten() {
@@ -320,6 +336,7 @@ fn install(map: &RwLock<Followed>, version: u64, value: &[u8]) {
     }
     *map.write().unwrap_or_else(PoisonError::into_inner) = Followed {
         buckets: next,
+        names: state.namespaces.iter().map(|r| r.name.clone()).collect(),
         records: Arc::new(state.namespaces),
     };
 }

@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub tls: Option<pigeonhole_tls::TlsFiles>,
     /// Serve plaintext on a non-loopback address (`--insecure`).
     pub insecure: bool,
+    /// Where the Prometheus endpoint listens (`--metrics-listen`); `None`:
+    /// no endpoint, and no metrics are recorded.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -98,6 +101,7 @@ impl ServerConfig {
             zone: String::new(),
             tls: None,
             insecure: false,
+            metrics_listen: None,
         }
     }
 
@@ -144,6 +148,10 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| ClusterError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    if let Some(addr) = cfg.metrics_listen {
+        crate::metrics::install(addr).map_err(ClusterError::Config)?;
+        println!("pigeonhole: metrics on http://{addr}/metrics");
+    }
     // A data dir that joined a cluster belongs to it: a restart without
     // --join reads what it was handed, as one with --join does.
     let joined = if cfg.join.is_empty() {
@@ -223,6 +231,9 @@ pub async fn run(
     // retention is proposed for the shards this node leads (D43).
     let quotas = crate::quota::Quotas::follow(&node);
     crate::retention::spawn(&node, crate::retention::RetentionCheck::default());
+    if cfg.metrics_listen.is_some() {
+        crate::metrics::spawn_sampler(&node);
+    }
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<MailboxServer<MailboxService>>().await;
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
@@ -271,6 +282,7 @@ pub async fn run(
     // before a request body is decoded (crate::auth::check).
     let router = if auth.is_on() {
         tonic::transport::Server::builder()
+            .layer(crate::metrics::GrpcMetricsLayer)
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(tonic::service::interceptor::InterceptedService::new(
@@ -284,6 +296,7 @@ pub async fn run(
             .add_service(raft)
     } else {
         tonic::transport::Server::builder()
+            .layer(crate::metrics::GrpcMetricsLayer)
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(mailbox)

@@ -25,6 +25,7 @@
 //! #                                          # shards, replication_factor
 //! unsafe_no_fsync = false   # true = NOT durable (benchmarks only)
 //! insecure = false          # true = plaintext on a non-loopback address
+//! metrics_listen = "127.0.0.1:9090"   # Prometheus endpoint; absent: none
 //!
 //! [tls]                     # all three, or none (docs/security.md)
 //! ca = "/etc/pigeonhole/ca.crt"
@@ -83,6 +84,8 @@ pub struct Settings {
     pub unsafe_no_fsync: Option<bool>,
     /// Serve plaintext on a non-loopback address (`--insecure`).
     pub insecure: Option<bool>,
+    /// Where the Prometheus endpoint listens.
+    pub metrics_listen: Option<SocketAddr>,
     /// TLS files.
     #[serde(default)]
     pub tls: TlsSettings,
@@ -223,6 +226,7 @@ impl Settings {
             replication_factor: over.replication_factor.or(self.replication_factor),
             unsafe_no_fsync: over.unsafe_no_fsync.or(self.unsafe_no_fsync),
             insecure: over.insecure.or(self.insecure),
+            metrics_listen: over.metrics_listen.or(self.metrics_listen),
             tls: TlsSettings {
                 ca: over.tls.ca.or(self.tls.ca),
                 cert: over.tls.cert.or(self.tls.cert),
@@ -296,6 +300,10 @@ impl Settings {
         cfg.replication_factor = self.replication_factor.unwrap_or(if nodes >= 3 { 3 } else { 1 });
         cfg.unsafe_no_fsync = self.unsafe_no_fsync.unwrap_or(false);
         cfg.insecure = self.insecure.unwrap_or(false);
+        cfg.metrics_listen = self.metrics_listen;
+        if cfg.metrics_listen.is_some_and(|m| m == cfg.listen) {
+            return Err("metrics_listen: must differ from listen (the metrics endpoint is plain HTTP)".into());
+        }
         cfg.tls = match pigeonhole_tls::TlsFiles::from_flags(self.tls.ca, self.tls.cert, self.tls.key)? {
             Some(f) if f.cert.is_none() => {
                 return Err("tls: a node needs its certificate and key (--tls-cert, --tls-key) besides the CA".into())

@@ -179,12 +179,29 @@ enum Stop {
     End(Status),
 }
 
+/// Counts an open stream and its mailboxes in the metrics while it lives.
+struct OpenStream(usize);
+
+impl OpenStream {
+    fn new(mailboxes: usize) -> OpenStream {
+        crate::metrics::subscribe_stream(1.0, mailboxes);
+        OpenStream(mailboxes)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        crate::metrics::subscribe_stream(-1.0, self.0);
+    }
+}
+
 impl Feed {
     /// Delivers the backlog of every mailbox after its cursor, then what
     /// apply changes, in per-mailbox seq order, until the client goes, the
     /// node stops, or a shard loses its leader here. `watch` is dropped
     /// (unregistered) when it returns.
     async fn run(mut self, watch: crate::watch::Watch) {
+        let _open = OpenStream::new(self.subs.len());
         // Everything is dirty at first: the backlog.
         let mut dirty: BTreeSet<usize> = (0..self.subs.len()).collect();
         // 0: re-check at once against whatever book is installed now (one

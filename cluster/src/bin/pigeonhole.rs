@@ -82,6 +82,10 @@ struct Flags {
     /// port can then read and write every mailbox and pose as a node.
     #[arg(long, env = "PIGEONHOLE_INSECURE")]
     insecure: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`, plain
+    /// HTTP: bind it to a management network) [default: no endpoint].
+    #[arg(long, env = "PIGEONHOLE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Largest request, in bytes [default: 16777216].
     #[arg(long, env = "PIGEONHOLE_REQUEST_BYTES_MAX")]
     request_bytes_max: Option<usize>,
@@ -120,6 +124,7 @@ fn settings(f: Flags) -> Result<Settings, String> {
         // A flag can only turn it on; absent, the file decides.
         unsafe_no_fsync: f.unsafe_no_fsync.then_some(true),
         insecure: f.insecure.then_some(true),
+        metrics_listen: f.metrics_listen,
         tls: TlsSettings {
             ca: f.tls_ca,
             cert: f.tls_cert,

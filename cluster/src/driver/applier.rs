@@ -227,12 +227,17 @@ fn apply(engine: &Engine, watchers: &Watchers, work: Vec<ShardWork>) -> Result<A
     drop(batches);
     let mut applied = Vec::with_capacity(work.len());
     let mut splits = Vec::new();
+    let (mut entries_applied, mut dedup_hits) = (0usize, 0u64);
     for (w, outcomes) in work.into_iter().zip(outcomes) {
         let mut pending = w.pending.into_iter().peekable();
+        entries_applied += w.entries.len();
         for (e, outcome) in w.entries.iter().zip(outcomes) {
             if let EntryOutcome::Command { changed, results, .. } = &outcome {
                 watchers.mailboxes_changed(changed);
                 for r in results {
+                    if let Ok(OpOutput::Appended { duplicate: true, .. }) = r {
+                        dedup_hits += 1;
+                    }
                     if let Ok(OpOutput::Split {
                         new_shard,
                         range,
@@ -259,6 +264,7 @@ fn apply(engine: &Engine, watchers: &Watchers, work: Vec<ShardWork>) -> Result<A
             applied.push((w.shard, last.index));
         }
     }
+    crate::metrics::applied(entries_applied, dedup_hits);
     Ok((applied, splits))
 }
 

@@ -31,6 +31,7 @@ impl Driver {
             let Some(last) = entries.last().map(|e| e.index) else {
                 continue;
             };
+            crate::metrics::committed(entries.len());
             let Some(r) = self.replicas.get_mut(&shard) else {
                 continue;
             };

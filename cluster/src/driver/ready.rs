@@ -65,6 +65,7 @@ impl Driver {
                 let data = command.encode_to_vec();
                 match r.raw.propose(context(node_id, id), data) {
                     Ok(()) => {
+                        crate::metrics::proposed(1);
                         self.pending.insert(
                             id,
                             Pending {
@@ -133,6 +134,7 @@ impl Driver {
         let mut readies = Vec::new();
         let mut snapshots = Vec::new();
         let mut must_sync = false;
+        let mut entries_written = 0usize;
         let mut late = Vec::new();
         for shard in dirty {
             let Some(r) = self.replicas.get_mut(&shard) else {
@@ -143,6 +145,15 @@ impl Driver {
             }
             let mut rd = r.raw.ready();
             must_sync |= rd.must_sync();
+            if let Some(ss) = rd.ss() {
+                if matches!(ss.raft_state, StateRole::Candidate | StateRole::PreCandidate) {
+                    crate::metrics::election(shard);
+                }
+                if ss.leader_id != 0 && ss.leader_id != r.leader_seen {
+                    r.leader_seen = ss.leader_id;
+                    crate::metrics::leader_changed(shard);
+                }
+            }
             // A leader may send before its fsync, but not messages of a term
             // or vote it has not made durable yet (a single voter becomes
             // leader inside one Ready): those wait for the fsync.
@@ -166,6 +177,7 @@ impl Driver {
                 r.log_bytes = 0;
             }
             if !rd.entries().is_empty() {
+                entries_written += rd.entries().len();
                 rb.append(r.raw.store(), rd.entries())?;
                 r.log_bytes += rd.entries().iter().map(|e| e.data.len() as u64).sum::<u64>();
             }
@@ -198,7 +210,9 @@ impl Driver {
             } else {
                 Durability::NoFsync
             };
+            let started = Instant::now();
             self.engine.write_raft(rb, durability)?;
+            crate::metrics::log_written(durability == Durability::Fsync, entries_written, started.elapsed());
         }
         for (shard, msgs) in late {
             route(&mut self.outbox, shard, msgs, &mut snapshots);

@@ -78,6 +78,9 @@ pub(super) struct Replica {
     pub(super) leaderless_ticks: u32,
     pub(super) quiet_ticks: u32,
     pub(super) asleep: bool,
+    /// The last leader this replica learned of (for the leader-change
+    /// metric; 0: none yet).
+    pub(super) leader_seen: u64,
     pub(super) log_bytes: u64,
     pub(super) preferred_leader: u64,
     /// The applied index the state machine is known to hold on disk (as of
@@ -112,6 +115,7 @@ impl Replica {
             reads_ready: Vec::new(),
             reads_resend: false,
             leaderless_ticks: 0,
+            leader_seen: 0,
             quiet_ticks: 0,
             asleep: false,
             log_bytes: 0,

@@ -167,6 +167,14 @@ impl Driver {
     }
 
     pub(super) fn ingest_file(&self, shard: u64, path: &std::path::Path) -> Result<(), ClusterError> {
+        let started = std::time::Instant::now();
+        let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+        let done = self.ingest_spooled(shard, path);
+        crate::metrics::snapshot_ingested(done.is_ok(), bytes, started.elapsed());
+        done
+    }
+
+    fn ingest_spooled(&self, shard: u64, path: &std::path::Path) -> Result<(), ClusterError> {
         let mut ingest = self.engine.ingest_snapshot(shard)?;
         let mut done = false;
         let mut failure: Option<ClusterError> = None;
@@ -199,6 +207,7 @@ impl Driver {
         let sent_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         // A new send to the same follower replaces the old one's counter.
         self.snapshot_sends.insert((shard, to), Arc::clone(&sent_bytes));
+        let (started, counted) = (std::time::Instant::now(), Arc::clone(&sent_bytes));
         self.transport.send_snapshot(SnapshotJob {
             from: self.node_id,
             to,
@@ -209,6 +218,8 @@ impl Driver {
             rate: Arc::clone(&self.snapshot_rate),
             sent_bytes,
             report: Box::new(move |ok| {
+                let bytes = counted.load(std::sync::atomic::Ordering::Relaxed);
+                crate::metrics::snapshot_sent(ok, bytes, started.elapsed());
                 // Never silently lost: a failed transfer left unreported would
                 // keep the follower in raft-rs's Snapshot state. The report
                 // comes from a transport thread, so waiting a moment for room

@@ -104,6 +104,21 @@ impl Driver {
         let rebalance = self.tuning.rebalance_every_ticks != 0 && self.ticks % self.tuning.rebalance_every_ticks == 0;
         if self.ticks % LEARN_PEERS_EVERY_TICKS == 0 {
             self.learn_peers();
+            // The gauges that need a walk over the replicas, about once a
+            // second (at the default tick).
+            let asleep = self.replicas.values().filter(|r| r.asleep).count();
+            let lag: u64 = self
+                .replicas
+                .values()
+                .map(|r| {
+                    r.raw
+                        .raft
+                        .raft_log
+                        .committed
+                        .saturating_sub(r.raw.raft.raft_log.applied)
+                })
+                .sum();
+            crate::metrics::replicas(self.replicas.len() - asleep, asleep, lag);
         }
         let collect =
             self.tuning.expire_dedup_every_ticks != 0 && self.ticks % self.tuning.expire_dedup_every_ticks == 0;

@@ -89,6 +89,10 @@ struct Writer {
     /// The active segment when segment GC last ran: it runs at most once
     /// per segment, so a GC that cannot help costs nothing per append.
     gc_ran_at_seg: u64,
+    /// Record bytes written since the log was opened (for metrics).
+    bytes_written: u64,
+    /// fdatasyncs of appended records since the log was opened.
+    fsyncs: u64,
 }
 
 /// What recovery found and did, for logs and tests.
@@ -129,6 +133,11 @@ pub struct LogStats {
     pub housekeeping_failures: u64,
     /// The last such failure.
     pub last_housekeeping_error: Option<String>,
+    /// Record bytes appended since the log was opened (segment GC's
+    /// rewrites included).
+    pub bytes_written: u64,
+    /// fdatasyncs of appended records since the log was opened.
+    pub fsyncs: u64,
 }
 
 fn segment_path(dir: &Path, seg: u64) -> PathBuf {
@@ -263,6 +272,8 @@ impl LogFiles {
                 size,
                 broken: None,
                 gc_ran_at_seg: 0,
+                bytes_written: 0,
+                fsyncs: 0,
             }),
             index: Mutex::new(index),
             recovery,
@@ -410,7 +421,10 @@ impl LogFiles {
 
     /// Segments, the newest segment's number, and housekeeping failures.
     pub(crate) fn stats(&self) -> LogStats {
-        let newest_segment = lock(&self.writer).seg;
+        let (newest_segment, bytes_written, fsyncs) = {
+            let w = lock(&self.writer);
+            (w.seg, w.bytes_written, w.fsyncs)
+        };
         let segments = lock(&self.index).segments.len();
         let (housekeeping_failures, last_housekeeping_error) = lock(&self.housekeeping).clone();
         LogStats {
@@ -418,6 +432,8 @@ impl LogFiles {
             newest_segment,
             housekeeping_failures,
             last_housekeeping_error,
+            bytes_written,
+            fsyncs,
         }
     }
 
@@ -461,6 +477,8 @@ impl LogFiles {
             return Err(err);
         }
         w.size += bytes.len() as u64;
+        w.bytes_written += bytes.len() as u64;
+        w.fsyncs += u64::from(durability == Durability::Fsync);
         let mut ix = lock(&self.index);
         for mut op in ops.drain(..) {
             op.rebase(at);

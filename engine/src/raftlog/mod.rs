@@ -129,9 +129,17 @@ impl Engine {
     }
 
     /// The Raft log's files now: segments, the newest, housekeeping
-    /// failures.
+    /// failures, bytes written and fsyncs.
     pub fn raft_log_stats(&self) -> LogStats {
         self.inner.log.stats()
+    }
+
+    /// An integer property of RocksDB for the state machine's column
+    /// family (e.g. `rocksdb.estimate-pending-compaction-bytes`), for
+    /// metrics; None if RocksDB has no such property.
+    pub fn data_property(&self, name: &str) -> Option<u64> {
+        let cf = self.cf(crate::keys::CF_DATA).ok()?;
+        self.db().property_int_value_cf(cf, name).ok().flatten()
     }
 
     fn load_log_cache(&self, shard: u64) -> LogCache {
