@@ -381,9 +381,87 @@ where
     }
 }
 
+/// Every metric name this module exports.
+pub const NAMES: [&str; 29] = [
+    GRPC_REQUESTS,
+    GRPC_DURATION,
+    PROPOSALS,
+    COMMITTED,
+    APPLIED,
+    APPLY_LAG,
+    LOG_WRITE_DURATION,
+    FSYNC_BATCH,
+    LOG_BYTES,
+    LOG_FSYNCS,
+    LEADER_CHANGES,
+    ELECTIONS,
+    SHARDS,
+    SNAPSHOTS_SENT,
+    SNAPSHOT_SENT_BYTES,
+    SNAPSHOT_SEND_DURATION,
+    SNAPSHOTS_RECEIVED,
+    SNAPSHOT_RECEIVED_BYTES,
+    SNAPSHOT_INGEST_DURATION,
+    SUBSCRIBE_STREAMS,
+    SUBSCRIBE_MAILBOXES,
+    DEDUP_HITS,
+    NAMESPACE_APPENDS,
+    NAMESPACE_BYTES,
+    COMPACTION_PENDING,
+    WRITE_STOPPED,
+    WRITE_DELAYED_RATE,
+    MEMTABLE_BYTES,
+    SST_BYTES,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The dashboard in deploy/ uses only names this module exports (a
+    /// histogram's `_bucket`, `_sum` and `_count` series included), and
+    /// shows every one: a renamed metric cannot leave a dead panel, and a
+    /// new one is not forgotten.
+    #[test]
+    fn the_dashboard_uses_exactly_the_exported_names() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/pigeonhole.json"
+        ))
+        .unwrap_or_default();
+        assert!(!text.is_empty(), "deploy/grafana/pigeonhole.json is missing");
+        let mut used = std::collections::BTreeSet::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("pigeonhole_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            used.insert(&tail[..end]);
+            rest = &tail[end..];
+        }
+        let base = |n: &str| -> String {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s))
+                .unwrap_or(n)
+                .to_string()
+        };
+        let exported: std::collections::BTreeSet<String> = NAMES.iter().map(|n| base(n)).collect();
+        for n in &used {
+            // "pigeonhole_" alone is the dashboard's uid or title prefix.
+            if n.len() > "pigeonhole_".len() {
+                assert!(
+                    exported.contains(&base(n)),
+                    "the dashboard uses {n}, which is not exported"
+                );
+            }
+        }
+        let shown: std::collections::BTreeSet<String> = used.iter().map(|n| base(n)).collect();
+        for n in &exported {
+            assert!(shown.contains(n), "{n} is exported but not on the dashboard");
+        }
+    }
 
     #[test]
     fn methods_the_server_lacks_mint_no_labels() {
