@@ -42,6 +42,7 @@ pub mod nodes;
 pub mod placement;
 pub mod quota;
 pub mod retention;
+pub mod systemd;
 pub mod server;
 pub mod settings;
 pub mod sizes;

@@ -303,8 +303,11 @@ pub async fn run(
             .add_service(admin)
             .add_service(raft)
     };
+    // Health says SERVING and the router is built: systemd may go on.
+    crate::systemd::ready(&node);
     let stopping = async move {
         shutdown.await;
+        crate::systemd::stopping();
         // Long-polls and Subscribe streams end now; unary requests in
         // flight finish normally.
         let _ = closing_tx.send(true);

@@ -534,4 +534,15 @@ mod tests {
             );
         }
     }
+
+    /// The example config shipped with the systemd unit is a valid one.
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/systemd/pigeonhole.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let cfg = Settings::from_toml(&text).unwrap().into_server_config().unwrap();
+        assert_eq!(cfg.node_id, 1);
+        assert!(cfg.tls.is_some() && cfg.metrics_listen.is_some());
+    }
+
 }

@@ -24,6 +24,7 @@ mod balance;
 mod commands;
 mod moves;
 mod namespace;
+mod health;
 mod nodes;
 mod render;
 
@@ -180,6 +181,10 @@ enum NodeCommand {
         #[arg(long)]
         leaders_only: bool,
     },
+    /// Ask the first endpoint's node whether it serves (grpc.health.v1
+    /// Check of pigeonhole.v1.Mailbox): exit 0 if SERVING, 1 if not or no
+    /// answer. For container and load-balancer health checks.
+    Health,
     /// Mark a draining node up again (its replicas stay where they went).
     Undrain {
         /// The node id.
@@ -342,6 +347,7 @@ async fn main() -> ExitCode {
         } => balance::placement(&ctx, pause, resume, moves_max, split_size).await,
         Command::Node { command } => match command {
             NodeCommand::List => nodes::node_list(&ctx).await,
+            NodeCommand::Health => health::check(&ctx).await,
             NodeCommand::Drain {
                 id,
                 wait_ms,
