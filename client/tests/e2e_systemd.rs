@@ -49,10 +49,7 @@ fn the_node_tells_systemd_it_is_ready_alive_and_stopping() {
         pings += 1;
     }
     assert!(pings >= 5, "{pings} pings in 2 s");
-    let term = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    let term = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     assert!(term.success());
     let deadline = Instant::now() + Duration::from_secs(10);
     let stopping = loop {

@@ -310,14 +310,27 @@ pub fn namespace_append(label: &str, payload_bytes: usize) {
 
 // ---- gRPC requests: a tower layer around every service --------------------
 
-/// Counts and times every gRPC request by method and status code.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcMetricsLayer;
+/// Counts and times every gRPC request by method and status code, runs it
+/// in a `request` span (method, request id; the handler adds namespace and
+/// shard), and logs it if it took longer than the slow-request threshold.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcMetricsLayer {
+    slow: Duration,
+}
+
+impl GrpcMetricsLayer {
+    /// Requests slower than `slow_ms` are logged at WARN.
+    pub fn new(slow_ms: u64) -> GrpcMetricsLayer {
+        GrpcMetricsLayer {
+            slow: Duration::from_millis(slow_ms),
+        }
+    }
+}
 
 impl<S> tower_layer::Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
     fn layer(&self, inner: S) -> GrpcMetrics<S> {
-        GrpcMetrics { inner }
+        GrpcMetrics { inner, slow: self.slow }
     }
 }
 
@@ -325,6 +338,17 @@ impl<S> tower_layer::Layer<S> for GrpcMetricsLayer {
 #[derive(Debug, Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
+    slow: Duration,
+}
+
+/// The request id: the caller's `x-request-id` if it sent a short printable
+/// one, else a fresh random one (so logs of one request can be found).
+fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_string)
 }
 
 /// The status code of a response: `grpc-status` in its headers (an error
@@ -364,20 +388,39 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        use tracing::Instrument as _;
         let path = req.uri().path().to_string();
+        let span = tracing::info_span!(
+            "request",
+            method = %path.trim_start_matches('/'),
+            id = %request_id(req.headers()),
+            namespace = tracing::field::Empty,
+            shard = tracing::field::Empty,
+        );
         let start = Instant::now();
+        let slow = self.slow;
         let fut = self.inner.call(req);
-        Box::pin(async move {
-            let res = fut.await;
-            let code = match &res {
-                Ok(r) => code_of(r.headers()),
-                Err(_) => tonic::Code::Unknown,
-            };
-            let labels = [("method", method_label(&path, code)), ("code", format!("{code:?}"))];
-            counter!(GRPC_REQUESTS, &labels).increment(1);
-            histogram!(GRPC_DURATION, &labels).record(start.elapsed().as_secs_f64());
-            res
-        })
+        Box::pin(
+            async move {
+                let res = fut.await;
+                let code = match &res {
+                    Ok(r) => code_of(r.headers()),
+                    Err(_) => tonic::Code::Unknown,
+                };
+                let took = start.elapsed();
+                let labels = [("method", method_label(&path, code)), ("code", format!("{code:?}"))];
+                counter!(GRPC_REQUESTS, &labels).increment(1);
+                histogram!(GRPC_DURATION, &labels).record(took.as_secs_f64());
+                // A stream's headers come at its start and a long-poll asked
+                // for its wait: only other calls count as slow here.
+                if took > slow && !path.ends_with("/Subscribe") && !path.ends_with("/Sync") {
+                    let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+                    tracing::warn!(took_ms, code = ?code, "slow request");
+                }
+                res
+            }
+            .instrument(span),
+        )
     }
 }
 

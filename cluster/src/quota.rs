@@ -314,7 +314,7 @@ fn install(map: &RwLock<Followed>, version: u64, value: &[u8]) {
     let state = match NamespaceState::decode(value) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("pigeonhole: WARNING: ns/state version {version} does not decode: {e}");
+            tracing::warn!("ns/state version {version} does not decode: {e}");
             return;
         }
     };

@@ -152,10 +152,7 @@ async fn round(node: &Node, cfg: &RetentionCheck, passes: &mut BTreeMap<(u64, St
                             next
                         }
                         Some(Err(e)) => {
-                            eprintln!(
-                                "pigeonhole: retention of namespace {:?} on shard {shard} refused: {e}",
-                                r.name
-                            );
+                            tracing::warn!("retention of namespace {:?} on shard {shard} refused: {e}", r.name);
                             None
                         }
                         _ => None,

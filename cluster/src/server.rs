@@ -75,6 +75,13 @@ pub struct ServerConfig {
     /// Where the Prometheus endpoint listens (`--metrics-listen`); `None`:
     /// no endpoint, and no metrics are recorded.
     pub metrics_listen: Option<SocketAddr>,
+    /// How log lines are written (`crate::logging::init`, done by the
+    /// binary before `run`).
+    pub log_format: crate::logging::LogFormat,
+    /// The log filter directive at start.
+    pub log_level: String,
+    /// Requests slower than this are logged with their timings.
+    pub slow_request_ms: u64,
 }
 
 impl ServerConfig {
@@ -102,6 +109,9 @@ impl ServerConfig {
             tls: None,
             insecure: false,
             metrics_listen: None,
+            log_format: crate::logging::LogFormat::Text,
+            log_level: crate::logging::DEFAULT_FILTER.to_string(),
+            slow_request_ms: 1_000,
         }
     }
 
@@ -121,8 +131,8 @@ impl ServerConfig {
                 self.listen
             )));
         }
-        eprintln!(
-            "pigeonhole: WARNING: --insecure: serving plaintext on {}; anyone who can reach it can read \
+        tracing::warn!(
+            "--insecure: serving plaintext on {}; anyone who can reach it can read \
              and write every mailbox and talk to the cluster as a node",
             self.listen
         );
@@ -150,7 +160,7 @@ pub async fn run(
         .map_err(|e| ClusterError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
     if let Some(addr) = cfg.metrics_listen {
         crate::metrics::install(addr).map_err(ClusterError::Config)?;
-        println!("pigeonhole: metrics on http://{addr}/metrics");
+        tracing::info!("metrics on http://{addr}/metrics");
     }
     // A data dir that joined a cluster belongs to it: a restart without
     // --join reads what it was handed, as one with --join does.
@@ -184,8 +194,8 @@ pub async fn run(
     node_cfg.raft.log_retain_entries = cfg.log_retain_entries;
     node_cfg.raft.snapshot_send_bytes_per_s = cfg.snapshot_send_bytes_per_s;
     if cfg.unsafe_no_fsync {
-        eprintln!(
-            "pigeonhole: WARNING: --unsafe-no-fsync: writes are acknowledged without fsync; \
+        tracing::warn!(
+            "--unsafe-no-fsync: writes are acknowledged without fsync; \
              a machine crash or power loss can lose acknowledged writes"
         );
     }
@@ -218,7 +228,7 @@ pub async fn run(
                     delay = (delay * 2).min(std::time::Duration::from_secs(30));
                 }
                 Err(e) => {
-                    eprintln!("pigeonhole: WARNING: zone {zone:?} not recorded (it is retried at the next start): {e}");
+                    tracing::warn!("zone {zone:?} not recorded (it is retried at the next start): {e}");
                     return;
                 }
             }
@@ -267,8 +277,8 @@ pub async fn run(
         .with_service_name("grpc.health.v1.Health")
         .build_v1()
         .map_err(|e| ClusterError::Config(format!("reflection descriptors: {e}")))?;
-    println!(
-        "pigeonhole: node {node_id} serving {} on {} ({} cluster {cluster_ids:?}), data in {}",
+    tracing::info!(
+        "node {node_id} serving {} on {} ({} cluster {cluster_ids:?}), data in {}",
         if server_tls.is_some() { "TLS" } else { "plaintext" },
         listener
             .local_addr()
@@ -282,7 +292,7 @@ pub async fn run(
     // before a request body is decoded (crate::auth::check).
     let router = if auth.is_on() {
         tonic::transport::Server::builder()
-            .layer(crate::metrics::GrpcMetricsLayer)
+            .layer(crate::metrics::GrpcMetricsLayer::new(cfg.slow_request_ms))
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(tonic::service::interceptor::InterceptedService::new(
@@ -296,7 +306,7 @@ pub async fn run(
             .add_service(raft)
     } else {
         tonic::transport::Server::builder()
-            .layer(crate::metrics::GrpcMetricsLayer)
+            .layer(crate::metrics::GrpcMetricsLayer::new(cfg.slow_request_ms))
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(mailbox)
@@ -350,7 +360,7 @@ pub async fn run(
     served.map_err(|e| ClusterError::Io(std::io::Error::other(e)))?;
     stopped?;
     flushed?;
-    println!("pigeonhole: node {node_id} stopped cleanly");
+    tracing::info!("node {node_id} stopped cleanly");
     Ok(())
 }
 

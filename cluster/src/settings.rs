@@ -26,6 +26,9 @@
 //! unsafe_no_fsync = false   # true = NOT durable (benchmarks only)
 //! insecure = false          # true = plaintext on a non-loopback address
 //! metrics_listen = "127.0.0.1:9090"   # Prometheus endpoint; absent: none
+//! log_format = "text"       # or "json": one object per line
+//! log_level = "info"        # a tracing filter: "info,raft=debug"
+//! slow_request_ms = 1000    # requests slower than this are logged
 //!
 //! [tls]                     # all three, or none (docs/security.md)
 //! ca = "/etc/pigeonhole/ca.crt"
@@ -86,6 +89,12 @@ pub struct Settings {
     pub insecure: Option<bool>,
     /// Where the Prometheus endpoint listens.
     pub metrics_listen: Option<SocketAddr>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+    /// The log filter directive (`info`, `info,raft=debug`, ...).
+    pub log_level: Option<String>,
+    /// Requests slower than this are logged with their timings, ms.
+    pub slow_request_ms: Option<u64>,
     /// TLS files.
     #[serde(default)]
     pub tls: TlsSettings,
@@ -145,6 +154,7 @@ pub struct LimitSettings {
 /// was not designed or tested for.
 const REQUEST_BYTES: RangeInclusive<usize> = 4_096..=(64 << 20);
 const REQUEST_TIMEOUT_MS: RangeInclusive<u64> = 100..=60_000;
+const SLOW_REQUEST_MS: RangeInclusive<u64> = 0..=3_600_000;
 /// At most one Raft entry's worth of ops (`RaftTuning::ops_per_entry_max`).
 const BATCH_ITEMS: RangeInclusive<usize> = 1..=4_096;
 const SYNC_WAIT_MS: RangeInclusive<u32> = 0..=600_000;
@@ -227,6 +237,9 @@ impl Settings {
             unsafe_no_fsync: over.unsafe_no_fsync.or(self.unsafe_no_fsync),
             insecure: over.insecure.or(self.insecure),
             metrics_listen: over.metrics_listen.or(self.metrics_listen),
+            log_format: over.log_format.or(self.log_format),
+            log_level: over.log_level.or(self.log_level),
+            slow_request_ms: over.slow_request_ms.or(self.slow_request_ms),
             tls: TlsSettings {
                 ca: over.tls.ca.or(self.tls.ca),
                 cert: over.tls.cert.or(self.tls.cert),
@@ -301,6 +314,18 @@ impl Settings {
         cfg.unsafe_no_fsync = self.unsafe_no_fsync.unwrap_or(false);
         cfg.insecure = self.insecure.unwrap_or(false);
         cfg.metrics_listen = self.metrics_listen;
+        cfg.log_format = match self.log_format.as_deref() {
+            Some(f) => f.parse().map_err(|e| format!("log_format: {e}"))?,
+            None => crate::logging::LogFormat::Text,
+        };
+        cfg.log_level = self
+            .log_level
+            .unwrap_or_else(|| crate::logging::DEFAULT_FILTER.to_string());
+        cfg.slow_request_ms = check(
+            "slow_request_ms",
+            self.slow_request_ms.unwrap_or(cfg.slow_request_ms),
+            &SLOW_REQUEST_MS,
+        )?;
         if cfg.metrics_listen.is_some_and(|m| m == cfg.listen) {
             return Err("metrics_listen: must differ from listen (the metrics endpoint is plain HTTP)".into());
         }
@@ -544,5 +569,4 @@ mod tests {
         assert_eq!(cfg.node_id, 1);
         assert!(cfg.tls.is_some() && cfg.metrics_listen.is_some());
     }
-
 }

@@ -347,16 +347,17 @@ async fn round(
         match node.split_shard(shard, Some(at)).await {
             Ok(done) => {
                 due_splits.remove(&shard);
-                eprintln!(
-                    "pigeonhole: shard {shard} counted {bytes} bytes (split threshold {}): split at {at:#018x}, \
+                tracing::info!(
+                    "shard {shard} counted {bytes} bytes (split threshold {}): split at {at:#018x}, \
                      shard {} takes the upper part",
-                    config.split_size_bytes, done.new_shard.id
+                    config.split_size_bytes,
+                    done.new_shard.id
                 );
             }
             Err(e) if e.is_retryable() => {}
             Err(e) => {
                 due_splits.remove(&shard);
-                eprintln!("pigeonhole: shard {shard} is due a split at {at:#018x}, not made: {e}");
+                tracing::warn!("shard {shard} is due a split at {at:#018x}, not made: {e}");
             }
         }
     }

@@ -482,8 +482,8 @@ fn check_format_version(db: &DB) -> Result<(), EngineError> {
             if found == FORMAT_CONVERTED {
                 let mailboxes = build_directory(db)?;
                 set_format_version(db)?;
-                eprintln!(
-                    "pigeonhole: converted the data directory from format {found} to {FORMAT_VERSION}: \
+                tracing::info!(
+                    "converted the data directory from format {found} to {FORMAT_VERSION}: \
                      {mailboxes} mailbox directory keys written"
                 );
             } else if found != FORMAT_VERSION {

@@ -102,13 +102,15 @@ impl ServerTls {
                         s.fingerprint = now;
                         s.failed = None;
                         self.reloads.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("pigeonhole: TLS certificate files changed; reloaded");
+                        tracing::info!("TLS certificate files changed; reloaded");
                     }
                     Err(e) => {
                         // Keep serving with what works; say so once per
                         // change of the files.
                         s.failed = Some(now);
-                        eprintln!("pigeonhole: WARNING: TLS files changed but cannot be used ({e}); still serving the previous certificate");
+                        tracing::warn!(
+                            "TLS files changed but cannot be used ({e}); still serving the previous certificate"
+                        );
                     }
                 }
             }
@@ -131,8 +133,8 @@ impl ServerTls {
         let mut last = self.handshake_logged.lock().unwrap_or_else(PoisonError::into_inner);
         if last.is_none_or(|t| t.elapsed() >= Duration::from_millis(HANDSHAKE_LOG_INTERVAL_MS)) {
             *last = Some(Instant::now());
-            eprintln!(
-                "pigeonhole: TLS handshake from {peer} refused: {why} ({} refused so far)",
+            tracing::warn!(
+                "TLS handshake from {peer} refused: {why} ({} refused so far)",
                 self.handshakes_failed()
             );
         }

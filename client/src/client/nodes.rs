@@ -11,6 +11,23 @@ use std::time::Duration;
 use tonic::Status;
 
 impl Client {
+    /// Sets `node`'s log filter (`Admin.SetLogLevel`, that node only);
+    /// returns the filter it replaced.
+    pub async fn set_log_level(&self, node: u64, filter: &str) -> Result<pb::SetLogLevelResponse, Error> {
+        let mut admin = self.admin_at(node)?;
+        let req = with_timeout(
+            pb::SetLogLevelRequest {
+                filter: filter.to_string(),
+            },
+            self.timeout,
+        );
+        admin
+            .set_log_level(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Error::Rejected)
+    }
+
     /// The cluster's nodes with their addresses and states, from any node
     /// that answers (its replica of the metadata group).
     pub async fn nodes(&self) -> Result<Vec<pb::NodeInfo>, Error> {

@@ -432,6 +432,17 @@ impl Admin for AdminService {
             .map(Response::new)
     }
 
+    async fn set_log_level(
+        &self,
+        req: Request<pb::SetLogLevelRequest>,
+    ) -> Result<Response<pb::SetLogLevelResponse>, Status> {
+        self.admin(&req)?;
+        let filter = req.into_inner().filter;
+        let previous = crate::logging::set_filter(&filter).map_err(|e| invalid("filter", e))?;
+        tracing::info!(%previous, %filter, "log filter changed");
+        Ok(Response::new(pb::SetLogLevelResponse { previous, filter }))
+    }
+
     async fn set_mailbox_hold(
         &self,
         req: Request<pb::SetMailboxHoldRequest>,

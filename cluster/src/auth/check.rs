@@ -244,7 +244,7 @@ impl Inner {
             Err(e) => {
                 // Written by this code only; a value that does not decode is
                 // a bug. Keep enforcing the last good book.
-                eprintln!("pigeonhole: WARNING: auth/state version {version} does not decode: {e}");
+                tracing::warn!("auth/state version {version} does not decode: {e}");
             }
         }
     }

@@ -86,6 +86,17 @@ struct Flags {
     /// HTTP: bind it to a management network) [default: no endpoint].
     #[arg(long, env = "PIGEONHOLE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Log lines as `text` or `json` (one object per line) [default: text].
+    #[arg(long, env = "PIGEONHOLE_LOG_FORMAT")]
+    log_format: Option<String>,
+    /// Log filter: a level, or per-target directives such as
+    /// `info,raft=debug`; changeable at run time (`phctl node log-level`)
+    /// [default: info].
+    #[arg(long, env = "PIGEONHOLE_LOG")]
+    log_level: Option<String>,
+    /// Requests slower than this are logged (0: every request) [default: 1000].
+    #[arg(long, env = "PIGEONHOLE_SLOW_REQUEST_MS")]
+    slow_request_ms: Option<u64>,
     /// Largest request, in bytes [default: 16777216].
     #[arg(long, env = "PIGEONHOLE_REQUEST_BYTES_MAX")]
     request_bytes_max: Option<usize>,
@@ -125,6 +136,9 @@ fn settings(f: Flags) -> Result<Settings, String> {
         unsafe_no_fsync: f.unsafe_no_fsync.then_some(true),
         insecure: f.insecure.then_some(true),
         metrics_listen: f.metrics_listen,
+        log_format: f.log_format,
+        log_level: f.log_level,
+        slow_request_ms: f.slow_request_ms,
         tls: TlsSettings {
             ca: f.tls_ca,
             cert: f.tls_cert,
@@ -152,6 +166,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = pigeonhole_cluster::logging::init(cfg.log_format, &cfg.log_level) {
+        eprintln!("pigeonhole: {e}");
+        return ExitCode::from(2);
+    }
     match run(cfg, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -268,7 +268,7 @@ impl Driver {
             outbox: BTreeMap::new(),
             peers,
             ticks: 0,
-            logger: slog::Logger::root(slog::Discard, slog::o!()),
+            logger: crate::logging::raft_logger(),
             watchers,
             counters,
         };

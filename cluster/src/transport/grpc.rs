@@ -132,7 +132,7 @@ async fn peer_loop(
                 // may be mid-rotation).
                 if !complained {
                     complained = true;
-                    eprintln!("pigeonhole: WARNING: cannot dial peer {addr}: {e}");
+                    tracing::warn!("cannot dial peer {addr}: {e}");
                 }
                 None
             }

@@ -1,7 +1,8 @@
-//! `phctl node health`: one node's grpc.health.v1 status, as an exit code,
-//! for container HEALTHCHECKs and load balancers (deploy/Dockerfile). It
-//! asks the first `--endpoints` entry only: the question is whether THIS
-//! node serves, not whether the cluster does (`phctl cluster status`).
+//! One node's own state, asked of that node: `phctl node health` (its
+//! grpc.health.v1 status as an exit code, for container HEALTHCHECKs and
+//! load balancers, deploy/Dockerfile; the first `--endpoints` entry only:
+//! whether THIS node serves, not the cluster, which is `phctl cluster
+//! status`) and `phctl node log-level` (its log filter).
 
 use crate::commands::{failed, Ctx, Failure};
 use crate::{render, Output};
@@ -40,4 +41,15 @@ pub async fn check(ctx: &Ctx) -> Result<u8, Failure> {
         Output::Table => out!("{addr}: {}", status.as_str_name()),
     }
     Ok(u8::from(!serving))
+}
+
+/// `phctl node log-level ID FILTER`: that node's log filter (`Admin.SetLogLevel`).
+pub async fn log_level(ctx: &Ctx, node: u64, filter: &str) -> Result<u8, Failure> {
+    let client = crate::commands::connect(ctx).await?;
+    let r = client.set_log_level(node, filter).await?;
+    match ctx.output {
+        Output::Json => render::json(&json!({"node": node, "previous": r.previous, "filter": r.filter})),
+        Output::Table => out!("node {node}: log filter {:?} (was {:?})", r.filter, r.previous),
+    }
+    Ok(0)
 }

@@ -22,9 +22,9 @@ macro_rules! out {
 mod auth;
 mod balance;
 mod commands;
+mod health;
 mod moves;
 mod namespace;
-mod health;
 mod nodes;
 mod render;
 
@@ -185,6 +185,15 @@ enum NodeCommand {
     /// Check of pigeonhole.v1.Mailbox): exit 0 if SERVING, 1 if not or no
     /// answer. For container and load-balancer health checks.
     Health,
+    /// Change one node's log filter while it runs: a level (`debug`) or
+    /// per-target directives (`info,raft=debug`). Not kept across a
+    /// restart (start with --log-level for that).
+    LogLevel {
+        /// The node id.
+        id: u64,
+        /// The new filter.
+        filter: String,
+    },
     /// Mark a draining node up again (its replicas stay where they went).
     Undrain {
         /// The node id.
@@ -348,6 +357,7 @@ async fn main() -> ExitCode {
         Command::Node { command } => match command {
             NodeCommand::List => nodes::node_list(&ctx).await,
             NodeCommand::Health => health::check(&ctx).await,
+            NodeCommand::LogLevel { id, filter } => health::log_level(&ctx, id, &filter).await,
             NodeCommand::Drain {
                 id,
                 wait_ms,
