@@ -10,7 +10,7 @@
 mod common;
 
 use common::{free_port, server_bin, Procs};
-use pigeonhole_client::{mailbox, Client, ClientConfig};
+use pigeonhole_client::mailbox;
 use std::io::BufRead as _;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -75,14 +75,7 @@ async fn json_lines_spans_and_a_filter_changed_at_run_time() {
             }
         });
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let client = loop {
-        match Client::connect(ClientConfig::new([addr.clone()])).await {
-            Ok(c) => break c,
-            Err(e) => assert!(Instant::now() < deadline, "node never came up: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let client = common::connect_when_up(std::slice::from_ref(&addr), Duration::from_secs(30)).await;
     // raft-rs's own records, through tracing.
     let raft = wait_for(&lines, "from raft", |l| l["target"] == "raft");
     assert!(raft["level"] == "INFO" && raft["message"].is_string(), "{raft}");

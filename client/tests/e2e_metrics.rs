@@ -9,10 +9,10 @@
 mod common;
 
 use common::{free_port, server_bin, Procs};
-use pigeonhole_client::{mailbox, Client, ClientConfig};
+use pigeonhole_client::mailbox;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `GET /metrics` on `addr`: every sample line, `name{labels}` → value.
@@ -70,14 +70,7 @@ async fn the_metrics_endpoint_names_what_moves() {
     );
     let endpoints: Vec<String> = ports.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
     let metrics: Vec<String> = ports.iter().map(|(_, m)| format!("127.0.0.1:{m}")).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let client = loop {
-        match Client::connect(ClientConfig::new(endpoints.clone())).await {
-            Ok(c) => break c,
-            Err(e) => assert!(Instant::now() < deadline, "cluster never came up: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let client = common::connect_when_up(&endpoints, Duration::from_secs(60)).await;
     client.set_namespace("chat", None, None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await; // every node reads the record
     let alice = mailbox("chat", b"alice");

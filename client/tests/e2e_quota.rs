@@ -9,7 +9,7 @@
 mod common;
 
 use common::{free_port, server_bin, Procs};
-use pigeonhole_client::{pb, retry_delay, Client, ClientConfig};
+use pigeonhole_client::{pb, retry_delay, Client};
 use pigeonhole_proto::v1::mailbox_client::MailboxClient;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -158,14 +158,7 @@ async fn one_node(dir: &std::path::Path, shards: u32) -> (Procs, String, Client)
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap()]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let client = loop {
-        match Client::connect(ClientConfig::new([addr.clone()])).await {
-            Ok(c) => break c,
-            Err(e) => assert!(Instant::now() < deadline, "node never came up: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let client = common::connect_when_up(std::slice::from_ref(&addr), Duration::from_secs(30)).await;
     (node, addr, client)
 }
 

@@ -592,3 +592,15 @@ pub fn start_tls_cluster(dir: &std::path::Path, node: &pigeonhole_tls::TlsFiles,
     }
     (procs, endpoints)
 }
+
+/// An SDK client of `endpoints`, once one of them answers (at most `within`).
+pub async fn connect_when_up(endpoints: &[String], within: Duration) -> Client {
+    let deadline = Instant::now() + within;
+    loop {
+        match Client::connect(pigeonhole_client::ClientConfig::new(endpoints.iter().cloned())).await {
+            Ok(c) => return c,
+            Err(e) => assert!(Instant::now() < deadline, "no node came up: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
