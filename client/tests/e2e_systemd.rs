@@ -30,7 +30,7 @@ fn the_node_tells_systemd_it_is_ready_alive_and_stopping() {
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env("NOTIFY_SOCKET", &path)
-        .env("WATCHDOG_USEC", "400000")
+        .env("WATCHDOG_USEC", "1000000")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -40,15 +40,16 @@ fn the_node_tells_systemd_it_is_ready_alive_and_stopping() {
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     // The port answers by then.
     assert!(std::net::TcpStream::connect(&addr).is_ok());
-    // Pings come at least once per period (400 ms), here for 2 s.
+    // Pings come at least once per period (1 s; every half period when
+    // the driver answers at once), here for 3 s.
     let start = Instant::now();
     let mut pings = 0;
-    while start.elapsed() < Duration::from_secs(2) {
-        let m = next(&sock, Duration::from_millis(400)).expect("a watchdog period passed without a ping");
+    while start.elapsed() < Duration::from_secs(3) {
+        let m = next(&sock, Duration::from_secs(1)).expect("a watchdog period passed without a ping");
         assert_eq!(m.trim(), "WATCHDOG=1");
         pings += 1;
     }
-    assert!(pings >= 5, "{pings} pings in 2 s");
+    assert!(pings >= 3, "{pings} pings in 3 s");
     let term = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     assert!(term.success());
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -92,14 +92,16 @@ pub fn set_filter(filter: &str) -> Result<String, String> {
     let installed = INSTALLED
         .get()
         .ok_or_else(|| "this process logs through no reloadable filter".to_string())?;
-    installed
-        .handle
-        .reload(parsed)
-        .map_err(|e| format!("filter {filter:?}: {e}"))?;
+    // Under the lock, so the filter reported is the one in force even when
+    // two changes race.
     let mut current = installed
         .current
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    installed
+        .handle
+        .reload(parsed)
+        .map_err(|e| format!("filter {filter:?}: {e}"))?;
     Ok(std::mem::replace(&mut *current, filter.to_string()))
 }
 

@@ -362,13 +362,137 @@ fn code_of(headers: &http::HeaderMap) -> tonic::Code {
         .map_or(tonic::Code::Ok, tonic::Code::from_i32)
 }
 
-/// The `method` label: the request path, unless the server has no such
-/// method (UNIMPLEMENTED), so a caller cannot mint labels.
-fn method_label(path: &str, code: tonic::Code) -> String {
-    if code == tonic::Code::Unimplemented || path.len() > 128 {
-        "unknown".into()
-    } else {
-        path.trim_start_matches('/').to_string()
+/// The methods the node serves, by service: the only `method` label
+/// values besides `unknown` (a unit test checks them against the protos).
+const SERVED: [(&str, &[&str]); 5] = [
+    (
+        "pigeonhole.v1.Mailbox",
+        &[
+            "Append",
+            "AppendBatch",
+            "Sync",
+            "Subscribe",
+            "Ack",
+            "GetCursors",
+            "Trim",
+            "Delete",
+        ],
+    ),
+    (
+        "pigeonhole.v1.Admin",
+        &[
+            "GetShardMap",
+            "NodeStatus",
+            "TransferLeader",
+            "ChangeMembership",
+            "SetNodeState",
+            "SetPreferredLeader",
+            "JoinNode",
+            "GetPlacement",
+            "SetPlacement",
+            "SplitShard",
+            "GetAuth",
+            "PutIdentity",
+            "DeleteIdentity",
+            "Grant",
+            "Revoke",
+            "CreateToken",
+            "RevokeToken",
+            "ListNamespaces",
+            "SetNamespace",
+            "SetMailboxHold",
+            "SetLogLevel",
+        ],
+    ),
+    ("pigeonhole.internal.v1.RaftTransport", &["Send", "Snapshot"]),
+    ("grpc.health.v1.Health", &["Check", "Watch"]),
+    ("grpc.reflection.v1.ServerReflection", &["ServerReflectionInfo"]),
+];
+
+/// Every `service/method` label, built once.
+fn labels() -> &'static std::collections::HashMap<String, &'static str> {
+    static LABELS: std::sync::OnceLock<std::collections::HashMap<String, &'static str>> = std::sync::OnceLock::new();
+    LABELS.get_or_init(|| {
+        SERVED
+            .iter()
+            .flat_map(|(s, ms)| ms.iter().map(move |m| format!("{s}/{m}")))
+            .map(|l| (l.clone(), &*Box::leak(l.into_boxed_str())))
+            .collect()
+    })
+}
+
+/// The `method` label: `service/method` if the node serves it, else
+/// `unknown`, whatever the answer was (an unauthenticated call to a
+/// made-up method is refused before routing), so no caller can mint
+/// labels.
+fn method_label(path: &str) -> &'static str {
+    labels().get(path.trim_start_matches('/')).copied().unwrap_or("unknown")
+}
+
+/// Records a request once: when it is answered, or, if its future is
+/// dropped first (the caller's `grpc-timeout` expired, or it went away),
+/// as `Cancelled`.
+struct Recorder {
+    method: &'static str,
+    start: Instant,
+    done: bool,
+}
+
+impl Recorder {
+    fn record(&mut self, code: tonic::Code) -> Duration {
+        self.done = true;
+        let took = self.start.elapsed();
+        let labels = [("method", self.method), ("code", code_name(code))];
+        counter!(GRPC_REQUESTS, &labels).increment(1);
+        // Streams are answered with headers at their start (Subscribe) or
+        // their end (the peers' Raft streams): their time is no latency.
+        if !STREAMS.contains(&self.method) {
+            histogram!(GRPC_DURATION, &labels).record(took.as_secs_f64());
+        }
+        took
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(tonic::Code::Cancelled);
+        }
+    }
+}
+
+/// Methods whose calls are streams, or long-polls that wait on purpose:
+/// not timed, and never "slow".
+const STREAMS: [&str; 6] = [
+    "pigeonhole.v1.Mailbox/Subscribe",
+    "pigeonhole.v1.Mailbox/Sync",
+    "pigeonhole.internal.v1.RaftTransport/Send",
+    "pigeonhole.internal.v1.RaftTransport/Snapshot",
+    "grpc.health.v1.Health/Watch",
+    "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+];
+
+/// A code's label: tonic's name for it (`Ok`, `Unavailable`, ...).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "Ok",
+        C::Cancelled => "Cancelled",
+        C::Unknown => "Unknown",
+        C::InvalidArgument => "InvalidArgument",
+        C::DeadlineExceeded => "DeadlineExceeded",
+        C::NotFound => "NotFound",
+        C::AlreadyExists => "AlreadyExists",
+        C::PermissionDenied => "PermissionDenied",
+        C::ResourceExhausted => "ResourceExhausted",
+        C::FailedPrecondition => "FailedPrecondition",
+        C::Aborted => "Aborted",
+        C::OutOfRange => "OutOfRange",
+        C::Unimplemented => "Unimplemented",
+        C::Internal => "Internal",
+        C::Unavailable => "Unavailable",
+        C::DataLoss => "DataLoss",
+        C::Unauthenticated => "Unauthenticated",
     }
 }
 
@@ -397,7 +521,11 @@ where
             namespace = tracing::field::Empty,
             shard = tracing::field::Empty,
         );
-        let start = Instant::now();
+        let mut recorder = Recorder {
+            method: method_label(&path),
+            start: Instant::now(),
+            done: false,
+        };
         let slow = self.slow;
         let fut = self.inner.call(req);
         Box::pin(
@@ -407,13 +535,8 @@ where
                     Ok(r) => code_of(r.headers()),
                     Err(_) => tonic::Code::Unknown,
                 };
-                let took = start.elapsed();
-                let labels = [("method", method_label(&path, code)), ("code", format!("{code:?}"))];
-                counter!(GRPC_REQUESTS, &labels).increment(1);
-                histogram!(GRPC_DURATION, &labels).record(took.as_secs_f64());
-                // A stream's headers come at its start and a long-poll asked
-                // for its wait: only other calls count as slow here.
-                if took > slow && !path.ends_with("/Subscribe") && !path.ends_with("/Sync") {
+                let took = recorder.record(code);
+                if took > slow && !STREAMS.contains(&recorder.method) {
                     let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
                     tracing::warn!(took_ms, code = ?code, "slow request");
                 }
@@ -509,18 +632,73 @@ mod tests {
     #[test]
     fn methods_the_server_lacks_mint_no_labels() {
         assert_eq!(
-            method_label("/pigeonhole.v1.Mailbox/Append", tonic::Code::Ok),
+            method_label("/pigeonhole.v1.Mailbox/Append"),
             "pigeonhole.v1.Mailbox/Append"
         );
         assert_eq!(
-            method_label("/pigeonhole.v1.Mailbox/Append", tonic::Code::InvalidArgument),
-            "pigeonhole.v1.Mailbox/Append"
+            method_label("/pigeonhole.v1.Admin/SetLogLevel"),
+            "pigeonhole.v1.Admin/SetLogLevel"
         );
-        assert_eq!(method_label("/x/y-123", tonic::Code::Unimplemented), "unknown");
-        assert_eq!(
-            method_label(&format!("/{}", "a".repeat(200)), tonic::Code::Ok),
-            "unknown"
-        );
+        for made_up in [
+            "/pigeonhole.v1.Mailbox/Append2",
+            "/x/y-123",
+            "/pigeonhole.v1.Mailbox",
+            "",
+            "/",
+        ] {
+            assert_eq!(method_label(made_up), "unknown", "{made_up}");
+        }
+    }
+
+    /// The served methods are exactly the protos' rpcs (a new rpc left
+    /// out would count as `unknown`).
+    #[test]
+    fn the_served_methods_are_the_protos_rpcs() {
+        let rpcs = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix("rpc "))
+                .filter_map(|l| l.split('(').next())
+                .map(|m| m.trim().to_string())
+                .collect()
+        };
+        for (service, proto) in [
+            (
+                "pigeonhole.v1.Mailbox",
+                include_str!("../../proto/pigeonhole/v1/mailbox.proto"),
+            ),
+            (
+                "pigeonhole.v1.Admin",
+                include_str!("../../proto/pigeonhole/v1/admin.proto"),
+            ),
+            (
+                "pigeonhole.internal.v1.RaftTransport",
+                include_str!("../../proto/pigeonhole/internal/v1/raft.proto"),
+            ),
+        ] {
+            let served: Vec<String> = SERVED
+                .iter()
+                .find(|(s, _)| *s == service)
+                .map(|(_, ms)| ms.iter().map(|m| (*m).to_string()).collect())
+                .unwrap_or_default();
+            assert_eq!(served, rpcs(proto), "{service}");
+        }
+    }
+
+    #[test]
+    fn an_answered_request_is_recorded_once() {
+        let mut r = Recorder {
+            method: method_label("/pigeonhole.v1.Mailbox/Append"),
+            start: Instant::now(),
+            done: false,
+        };
+        r.record(tonic::Code::Ok);
+        assert!(r.done, "answered: its drop records nothing more");
+        let dropped = Recorder {
+            method: "unknown",
+            start: Instant::now(),
+            done: false,
+        };
+        assert!(!dropped.done, "dropped unanswered: recorded as Cancelled");
     }
 
     #[test]

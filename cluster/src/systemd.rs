@@ -31,11 +31,30 @@ pub fn ready(node: &Node) {
         loop {
             tick.tick().await;
             let Some(node) = weak.upgrade() else { return };
-            if let Ok(Ok(_)) = tokio::time::timeout(every, node.status()).await {
+            if driver_answers(&node, every).await {
                 let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
             }
         }
     });
+}
+
+/// Whether the driver answers a status request within `within`. A full
+/// inbox (a busy driver) refuses at once: asked again until `within` ends,
+/// so only a driver that answers nothing in the whole period misses a ping.
+async fn driver_answers(node: &Node, within: Duration) -> bool {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(until, node.status()).await {
+            Ok(Ok(_)) => return true,
+            Err(_) => return false,
+            Ok(Err(_)) => {
+                if tokio::time::Instant::now() + Duration::from_millis(20) >= until {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 /// The watchdog period the unit asked for, as sd_watchdog_enabled(3) reads

@@ -111,10 +111,13 @@ impl MailboxService {
             .shard_for_user(&mb.user_id)
             .map(|s| s.id)
             .ok_or_else(|| Status::internal("no shard covers this user id"))?;
-        // The request's span (crate::metrics) names what it touches.
-        tracing::Span::current()
-            .record("namespace", mb.namespace.as_str())
-            .record("shard", shard);
+        // The request's span (crate::metrics) names what it touches; a
+        // batch's items (prefixed) would each overwrite it: not recorded.
+        if prefix.is_empty() {
+            tracing::Span::current()
+                .record("namespace", mb.namespace.as_str())
+                .record("shard", shard);
+        }
         Ok((mb.namespace.clone(), mb.user_id.clone(), shard))
     }
 

@@ -152,7 +152,11 @@ pub(super) async fn start(
         tx,
         closing: svc.closing.clone(),
     };
-    tokio::spawn(feed.run(watch));
+    // The feed logs in the request's span (method, id, namespaces).
+    tokio::spawn(tracing::Instrument::instrument(
+        feed.run(watch),
+        tracing::Span::current(),
+    ));
     Ok(rx)
 }
 

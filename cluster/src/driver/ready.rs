@@ -146,7 +146,9 @@ impl Driver {
             let mut rd = r.raw.ready();
             must_sync |= rd.must_sync();
             if let Some(ss) = rd.ss() {
-                if matches!(ss.raft_state, StateRole::Candidate | StateRole::PreCandidate) {
+                // An election proper (pre-vote's probe is not counted: it
+                // precedes every election and most fail harmlessly).
+                if ss.raft_state == StateRole::Candidate {
                     crate::metrics::election(shard);
                 }
                 if ss.leader_id != 0 && ss.leader_id != r.leader_seen {
