@@ -233,7 +233,10 @@ fn plaintext_on_a_non_loopback_address_needs_insecure() {
     let _ = c.0[0].kill();
     let out = c.0.pop().unwrap().wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("WARNING: --insecure"), "{err}");
+    assert!(
+        err.contains("WARN") && err.contains("--insecure: serving plaintext"),
+        "{err}"
+    );
 }
 
 #[test]
