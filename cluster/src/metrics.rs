@@ -108,14 +108,25 @@ const BATCH_BUCKETS: [f64; 12] = [
 /// address cannot be bound or a recorder is already installed in this
 /// process (one node per process; in-process test clusters install none).
 pub fn install(addr: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
+    let installed = PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS_S)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FSYNC_BATCH.into()), &BATCH_BUCKETS))
         .and_then(PrometheusBuilder::install)
-        .map_err(|e| format!("metrics endpoint on {addr}: {e}"))?;
+        .map_err(|e| format!("metrics endpoint on {addr}: {e}"));
+    installed?;
+    INSTALLED.store(true, std::sync::atomic::Ordering::Release);
     describe();
     Ok(())
+}
+
+/// Set once the exporter is installed: recordings whose labels cost an
+/// allocation per call (per-namespace appends) are skipped before it.
+static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process exports metrics.
+pub fn enabled() -> bool {
+    INSTALLED.load(std::sync::atomic::Ordering::Acquire)
 }
 
 fn describe() {
