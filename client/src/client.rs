@@ -17,6 +17,8 @@
 //!   cache sit behind std mutexes taken for a few instructions.
 
 mod auth;
+mod backup;
+pub use backup::BACKUP_FRAME_BYTES_MAX;
 mod namespaces;
 mod nodes;
 

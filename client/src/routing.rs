@@ -141,6 +141,7 @@ mod tests {
                     learners: vec![],
                     leader_hint: leaders[1],
                     epoch: 0,
+                    parent: 0,
                 },
                 pb::ShardInfo {
                     id: 1,
@@ -150,6 +151,7 @@ mod tests {
                     learners: vec![],
                     leader_hint: leaders[0],
                     epoch: 0,
+                    parent: 0,
                 },
             ],
         }

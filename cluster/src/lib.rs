@@ -23,7 +23,7 @@
 //! [`placement`] (shard map), [`nodes`] (node states), [`join`] (nodes that
 //! join a running cluster), [`balance`] and [`moves`] (the placement
 //! loop's plans and replica moves), [`driver`] (the loop), [`node`] (the handle),
-//! [`transport`] (`local`, `grpc`, snapshot spool), [`watch`] (which
+//! [`transport`] (`local`, `grpc`, snapshot spool), [`restore`] (seeding a new cluster from a backup), [`watch`] (which
 //! waiting readers a write or a leader loss concerns).
 
 pub mod api;
@@ -42,6 +42,7 @@ pub mod node;
 pub mod nodes;
 pub mod placement;
 pub mod quota;
+pub mod restore;
 pub mod retention;
 pub mod server;
 pub mod settings;

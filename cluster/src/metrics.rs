@@ -413,6 +413,7 @@ const SERVED: [(&str, &[&str]); 5] = [
             "SetNamespace",
             "SetMailboxHold",
             "SetLogLevel",
+            "BackupShard",
         ],
     ),
     ("pigeonhole.internal.v1.RaftTransport", &["Send", "Snapshot"]),
@@ -474,8 +475,9 @@ impl Drop for Recorder {
 
 /// Methods whose calls are streams, or long-polls that wait on purpose:
 /// not timed, and never "slow".
-const STREAMS: [&str; 6] = [
+const STREAMS: [&str; 7] = [
     "pigeonhole.v1.Mailbox/Subscribe",
+    "pigeonhole.v1.Admin/BackupShard",
     "pigeonhole.v1.Mailbox/Sync",
     "pigeonhole.internal.v1.RaftTransport/Send",
     "pigeonhole.internal.v1.RaftTransport/Snapshot",

@@ -112,6 +112,12 @@ impl Node {
     pub fn start(cfg: NodeConfig, transport: Arc<dyn Transport>) -> Result<Node, ClusterError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir)?;
+        if cfg.data_dir.join(crate::restore::RESTORE_MARKER).exists() {
+            return Err(ClusterError::Config(format!(
+                "data dir {}: a restore into it did not finish; run `pigeonhole restore` again",
+                cfg.data_dir.display()
+            )));
+        }
         let cluster_id = cfg.effective_cluster_id();
         check_identity(&cfg, cluster_id)?;
         let engine = Engine::open(cfg.data_dir.join("db"), cfg.engine.clone())?;
@@ -593,7 +599,7 @@ impl Node {
 
 /// The identity file pins the node id, cluster id and shard layout to the
 /// data dir, so restarting with other flags fails instead of corrupting.
-fn check_identity(cfg: &NodeConfig, cluster_id: u64) -> Result<(), ClusterError> {
+pub(crate) fn check_identity(cfg: &NodeConfig, cluster_id: u64) -> Result<(), ClusterError> {
     let path = cfg.data_dir.join(IDENTITY_FILE);
     let want = format!(
         "node_id={}\ncluster_id={cluster_id}\nshard_count={}\nreplication_factor={}\n",

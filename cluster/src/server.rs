@@ -140,6 +140,18 @@ impl ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// The node config of a node of the initial cluster (not one that
+    /// joined), before the Raft tuning is laid over it; `pigeonhole
+    /// restore` seeds its data dir from it.
+    pub fn initial_node_config(&self) -> NodeConfig {
+        let mut c = NodeConfig::new(self.node_id, &self.data_dir, self.initial_cluster.clone());
+        c.shard_count = self.shard_count;
+        c.replication_factor = self.replication_factor;
+        c
+    }
+}
+
 /// Runs a node until `shutdown` resolves.
 pub async fn run(
     cfg: ServerConfig,
@@ -183,10 +195,7 @@ pub async fn run(
             .collect();
         (c, peers)
     } else {
-        let mut c = NodeConfig::new(cfg.node_id, &cfg.data_dir, cfg.initial_cluster.clone());
-        c.shard_count = cfg.shard_count;
-        c.replication_factor = cfg.replication_factor;
-        (c, cfg.initial_cluster.peers_of(cfg.node_id))
+        (cfg.initial_node_config(), cfg.initial_cluster.peers_of(cfg.node_id))
     };
     node_cfg.raft.request_timeout_ms = cfg.request_timeout_ms;
     node_cfg.raft.unsafe_no_fsync = cfg.unsafe_no_fsync;

@@ -39,6 +39,7 @@ mod outcome;
 mod raftlog;
 mod read;
 mod records;
+mod restore;
 mod size;
 mod snapshot;
 mod split;
@@ -55,6 +56,7 @@ pub use raftlog::{
 };
 pub use read::{Cursors, MailboxInfo, ReadMessage, SyncPage, SyncQuery, SystemValue};
 pub use records::{HashRange, ShardMeta, ShardState};
+pub use restore::RESTORE_SYSTEM_VALUES_MAX;
 pub use size::{ShardSize, SizeScan};
 pub use snapshot::{SnapshotChunk, SnapshotIngest, SnapshotSummary, CHUNK_BYTES_MAX};
 pub use split::SPACE_PRIVATE_MIN;

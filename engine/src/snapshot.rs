@@ -131,6 +131,8 @@ pub struct SnapshotSummary {
     pub chunks: u32,
     /// Key-value records in the stream.
     pub records: u64,
+    /// The shard's hash range in the state (a split narrows it).
+    pub range: crate::records::HashRange,
 }
 
 impl Engine {
@@ -182,6 +184,7 @@ impl Engine {
             term: meta.applied_term,
             chunks: 0,
             records: 0,
+            range: meta.range,
         };
         let mut emit = |chunk: &mut SnapshotChunk, k: &[u8], v: &[u8]| -> Result<(), E> {
             if chunk.records > 0 && chunk.data.len() + k.len() + v.len() + 8 > chunk_bytes {
@@ -242,6 +245,7 @@ impl Engine {
             last_key: None,
             last_dir: None,
             meta: None,
+            conf_state: None,
             wb: WriteBatch::default(),
             done: false,
         })
@@ -304,6 +308,9 @@ pub struct SnapshotIngest {
     /// The directory key written for the last message key (D43).
     last_dir: Option<Vec<u8>>,
     meta: Option<ShardMeta>,
+    /// A restore's new configuration, written instead of the stream's
+    /// (`Engine::restore_shard`).
+    pub(crate) conf_state: Option<raft::eraftpb::ConfState>,
     wb: WriteBatch,
     done: bool,
 }
@@ -406,6 +413,10 @@ impl SnapshotIngest {
             .ok_or_else(|| self.err("stream ended without the shard's apply state".into()))?;
         // The sender's space is the sender's; here the rows are in ours.
         meta.space = self.space;
+        if let Some(conf) = self.conf_state.take() {
+            meta.conf_state = conf;
+        }
+        let range = meta.range;
         let mut wb = std::mem::take(&mut self.wb);
         wb.put_cf(cf, &mk, codec::seal(&mk, &meta.encode()?));
         // Durable (flushed) before the caller resets the Raft log to the
@@ -418,6 +429,7 @@ impl SnapshotIngest {
             term: chunk.term,
             chunks: self.next_seq_no,
             records: self.records,
+            range,
         }))
     }
 

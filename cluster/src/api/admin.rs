@@ -443,6 +443,18 @@ impl Admin for AdminService {
         Ok(Response::new(pb::SetLogLevelResponse { previous, filter }))
     }
 
+    type BackupShardStream = super::backup::BackupStream;
+
+    async fn backup_shard(
+        &self,
+        req: Request<pb::BackupShardRequest>,
+    ) -> Result<Response<Self::BackupShardStream>, Status> {
+        self.admin(&req)?;
+        super::backup::backup_shard(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn set_mailbox_hold(
         &self,
         req: Request<pb::SetMailboxHoldRequest>,
@@ -557,6 +569,7 @@ fn shard_info(s: crate::placement::ShardDesc) -> pb::ShardInfo {
         learners: s.learners,
         leader_hint: s.leader_hint,
         epoch: s.epoch,
+        parent: s.parent,
     }
 }
 

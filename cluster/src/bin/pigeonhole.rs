@@ -14,7 +14,7 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::Parser;
-use pigeonhole_cluster::server::{run, shutdown_signal};
+use pigeonhole_cluster::server::{run, shutdown_signal, ServerConfig};
 use pigeonhole_cluster::settings::{LimitSettings, Settings, TlsSettings};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,7 +25,30 @@ use std::process::ExitCode;
 /// Every setting can come from a flag, its PIGEONHOLE_* environment
 /// variable, or the TOML file given by --config, in that order of precedence.
 #[derive(Debug, Parser)]
-#[command(name = "pigeonhole", version)]
+#[command(name = "pigeonhole", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    flags: Flags,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Seed this node's data dir for a NEW cluster from a backup (`phctl
+    /// backup create`), then exit. Run it on every node of the new cluster,
+    /// with the flags the node will serve with (--shards as the backup's
+    /// cluster had), before the node first starts. Any node count works.
+    Restore {
+        /// The backup directory.
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        flags: Flags,
+    },
+}
+
+#[derive(Debug, clap::Args)]
 struct Flags {
     /// A TOML config file (keys as in docs/operations.md).
     #[arg(long, env = "PIGEONHOLE_CONFIG")]
@@ -159,7 +182,12 @@ fn settings(f: Flags) -> Result<Settings, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cfg = match settings(Flags::parse()).and_then(Settings::into_server_config) {
+    let cli = Cli::parse();
+    let (flags, restore_from) = match cli.command {
+        Some(Command::Restore { from, flags }) => (flags, Some(from)),
+        None => (cli.flags, None),
+    };
+    let cfg = match settings(flags).and_then(Settings::into_server_config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pigeonhole: {e}");
@@ -170,10 +198,43 @@ async fn main() -> ExitCode {
         eprintln!("pigeonhole: {e}");
         return ExitCode::from(2);
     }
+    if let Some(from) = restore_from {
+        return restore(&cfg, &from);
+    }
     match run(cfg, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pigeonhole: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pigeonhole restore`: seeds the data dir, prints what it did, exits.
+fn restore(cfg: &ServerConfig, from: &std::path::Path) -> ExitCode {
+    if !cfg.join.is_empty() {
+        eprintln!("pigeonhole restore: --join adds an empty node to a running cluster; a restore seeds the nodes of --initial-cluster");
+        return ExitCode::from(2);
+    }
+    let node_cfg = cfg.initial_node_config();
+    let started = std::time::Instant::now();
+    let done = pigeonhole_cluster::restore::restore(&node_cfg, from, |s| {
+        tracing::info!(shard = s.id, records = s.records, bytes = s.bytes, "shard restored");
+    });
+    match done {
+        Ok(r) => {
+            println!(
+                "restored {} of the backup's {} shards ({} records) into {} in {:.1} s; start the node with the same flags",
+                r.replicas,
+                r.shards,
+                r.records,
+                node_cfg.data_dir.display(),
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pigeonhole restore: {e}");
             ExitCode::FAILURE
         }
     }

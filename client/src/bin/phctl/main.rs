@@ -20,6 +20,7 @@ macro_rules! out {
 }
 
 mod auth;
+mod backup;
 mod balance;
 mod commands;
 mod health;
@@ -117,6 +118,12 @@ enum Command {
     Namespace {
         #[command(subcommand)]
         command: namespace::NamespaceCommand,
+    },
+    /// Backups: take one while the cluster serves, check one offline
+    /// (`pigeonhole restore --from DIR` seeds a new cluster from it).
+    Backup {
+        #[command(subcommand)]
+        command: backup::BackupCommand,
     },
 }
 
@@ -386,6 +393,7 @@ async fn main() -> ExitCode {
         },
         Command::Auth { command } => auth::run(&ctx, command).await,
         Command::Namespace { command } => namespace::run(&ctx, command).await,
+        Command::Backup { command } => backup::run(&ctx, command).await,
         Command::Mailbox { command } => match command {
             MailboxCommand::Show { mailbox } => commands::mailbox_show(&ctx, &mailbox).await,
             MailboxCommand::Tail { mailbox, from, count } => commands::mailbox_tail(&ctx, &mailbox, from, count).await,
