@@ -92,6 +92,18 @@ async fn json_lines_spans_and_a_filter_changed_at_run_time() {
     assert!(slow["span"]["shard"].is_number(), "{slow}");
     assert_eq!(slow["span"]["id"].as_str().unwrap().len(), 16, "{slow}");
     assert!(slow["took_ms"].is_number());
+    // With its stages, each reached, in order.
+    let stages = slow["stages"].as_str().unwrap_or_else(|| panic!("no stages: {slow}"));
+    let names: Vec<&str> = stages
+        .split(' ')
+        .filter_map(|s| s.split_once('=').map(|(n, _)| n))
+        .collect();
+    assert_eq!(
+        names,
+        ["handle", "queue", "propose", "commit", "apply", "reply"],
+        "{slow}"
+    );
+    assert!(!stages.contains("not reached") && stages.contains("ms"), "{slow}");
     // The caller's request id is kept.
     let mut raw_client = pigeonhole_proto::v1::mailbox_client::MailboxClient::connect(format!("http://{addr}"))
         .await

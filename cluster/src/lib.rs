@@ -23,7 +23,7 @@
 //! [`placement`] (shard map), [`nodes`] (node states), [`join`] (nodes that
 //! join a running cluster), [`balance`] and [`moves`] (the placement
 //! loop's plans and replica moves), [`driver`] (the loop), [`node`] (the handle),
-//! [`transport`] (`local`, `grpc`, snapshot spool), [`restore`] (seeding a new cluster from a backup), [`watch`] (which
+//! [`transport`] (`local`, `grpc`, snapshot spool), [`restore`] (seeding a new cluster from a backup), [`stages`] (where a slow write spent its time), [`watch`] (which
 //! waiting readers a write or a leader loss concerns).
 
 pub mod api;
@@ -48,6 +48,7 @@ pub mod server;
 pub mod settings;
 pub mod sizes;
 pub mod split;
+pub mod stages;
 pub mod systemd;
 pub mod transport;
 pub mod watch;

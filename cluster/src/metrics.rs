@@ -541,17 +541,27 @@ where
         };
         let slow = self.slow;
         let fut = self.inner.call(req);
+        // Unary calls collect the stages of the proposals they make
+        // (`crate::stages`); streams are never "slow".
+        let staged = !STREAMS.contains(&recorder.method);
+        let stages = staged.then(|| std::sync::Arc::new(crate::stages::Stages::default()));
         Box::pin(
             async move {
-                let res = fut.await;
+                let res = match &stages {
+                    Some(s) => crate::stages::scope(s.clone(), fut).await,
+                    None => fut.await,
+                };
                 let code = match &res {
                     Ok(r) => code_of(r.headers()),
                     Err(_) => tonic::Code::Unknown,
                 };
                 let took = recorder.record(code);
-                if took > slow && !STREAMS.contains(&recorder.method) {
+                if took > slow && staged {
                     let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
-                    tracing::warn!(took_ms, code = ?code, "slow request");
+                    match stages.and_then(|s| s.describe(recorder.start, Instant::now())) {
+                        Some(stages) => tracing::warn!(took_ms, code = ?code, %stages, "slow request"),
+                        None => tracing::warn!(took_ms, code = ?code, "slow request"),
+                    }
                 }
                 res
             }

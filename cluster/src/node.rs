@@ -517,11 +517,14 @@ impl Node {
             });
         }
         let deadline = self.deadline_until(until);
+        let stages = crate::stages::current();
+        crate::stages::stamp(stages.as_ref(), crate::stages::Stage::Sent);
         let call = self.call(|reply| Inbound::Propose {
             shard,
             ops,
             reply,
             deadline,
+            stages,
         });
         within(shard, "proposal", until, call).await
     }

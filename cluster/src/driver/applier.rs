@@ -26,7 +26,7 @@
 //! ([`APPLY_LAG_BYTES_MAX`]).
 
 use super::ms_since;
-use super::replica::Pending;
+use super::replica::{Part, Pending};
 use crate::error::ClusterError;
 use crate::watch::Watchers;
 use crossbeam_channel::{Receiver, Sender};
@@ -272,18 +272,20 @@ pub(super) fn answer(p: Pending, outcome: EntryOutcome) {
     match outcome {
         EntryOutcome::Command { results, .. } => {
             let mut it = results.into_iter();
-            for (reply, n) in p.parts {
-                let _ = reply.send(Ok(it.by_ref().take(n).collect()));
+            for part in p.parts {
+                part.stamp(crate::stages::Stage::Applied);
+                let _ = part.reply.send(Ok(it.by_ref().take(part.ops).collect()));
             }
         }
         EntryOutcome::Rejected(e) => {
-            for (reply, n) in p.parts {
-                let _ = reply.send(Ok(vec![Err(e.clone()); n]));
+            for part in p.parts {
+                part.stamp(crate::stages::Stage::Applied);
+                let _ = part.reply.send(Ok(vec![Err(e.clone()); part.ops]));
             }
         }
         // Applied before (via a snapshot): the results are not known here.
         EntryOutcome::AlreadyApplied | EntryOutcome::Applied => {
-            for (reply, _) in p.parts {
+            for Part { reply, .. } in p.parts {
                 let _ = reply.send(Err(ClusterError::Timeout {
                     shard: p.shard,
                     what: "proposal (applied by snapshot, result unknown)",
@@ -467,7 +469,11 @@ mod tests {
         let mut rxs = Vec::new();
         for n in sizes {
             let (tx, rx) = oneshot::channel();
-            parts.push((tx, *n));
+            parts.push(Part {
+                reply: tx,
+                ops: *n,
+                stages: None,
+            });
             rxs.push(rx);
         }
         let p = Pending {

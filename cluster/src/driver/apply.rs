@@ -43,6 +43,7 @@ impl Driver {
                 match e.get_entry_type() {
                     EntryType::EntryNormal => {
                         if let Some(p) = ours.and_then(|(_, id)| self.pending.remove(&id)) {
+                            p.parts.iter().for_each(|p| p.stamp(crate::stages::Stage::Committed));
                             w.pending.push((e.index, p));
                         }
                     }

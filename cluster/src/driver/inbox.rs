@@ -23,7 +23,9 @@ impl Driver {
                 ops,
                 reply,
                 deadline,
+                stages,
             } => {
+                crate::stages::stamp(stages.as_ref(), crate::stages::Stage::Dequeued);
                 if ops.is_empty() {
                     let _ = reply.send(Ok(Vec::new()));
                     return Ok(true);
@@ -36,6 +38,7 @@ impl Driver {
                         reply,
                         deadline,
                         queued_at: Instant::now(),
+                        stages,
                     });
                 });
             }

@@ -456,7 +456,7 @@ impl Driver {
             fail_all(shard, r, |_| ClusterError::Stopped);
         }
         for (_, p) in self.pending.drain() {
-            for (reply, _) in p.parts {
+            for replica::Part { reply, .. } in p.parts {
                 let _ = reply.send(Err(ClusterError::Stopped));
             }
         }

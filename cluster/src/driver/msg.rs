@@ -22,6 +22,8 @@ pub(crate) enum Inbound {
         ops: Vec<cmd::Op>,
         reply: oneshot::Sender<ProposeResult>,
         deadline: Instant,
+        /// The request's stage stamps (`crate::stages`), if it is staged.
+        stages: Option<std::sync::Arc<crate::stages::Stages>>,
     },
     Read {
         shard: u64,

@@ -285,6 +285,7 @@ impl Driver {
             reply,
             deadline: now + Duration::from_millis(self.tuning.request_timeout_ms),
             queued_at: now,
+            stages: None,
         });
         self.waiting.insert(META_SHARD);
         self.wake(META_SHARD, true);

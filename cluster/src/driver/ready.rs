@@ -4,7 +4,7 @@
 //! sending messages (early for a leader's appends, after the fsync for the
 //! rest), batched per destination node.
 
-use super::replica::{context, parse_context, release_reads, InflightRead, Pending};
+use super::replica::{context, parse_context, release_reads, InflightRead, Part, Pending};
 use super::{now_ms, raft_err, Driver};
 use crate::error::ClusterError;
 use crate::placement::META_SHARD;
@@ -58,7 +58,11 @@ impl Driver {
                     let Some(q) = r.queued.pop_front() else { break };
                     bytes += q.bytes;
                     deadline = deadline.max(q.deadline);
-                    parts.push((q.reply, q.ops.len(), q.ops.len()));
+                    parts.push(Part {
+                        reply: q.reply,
+                        ops: q.ops.len(),
+                        stages: q.stages,
+                    });
                     ops.extend(q.ops);
                 }
                 let command = cmd::Command { time_ms: now_ms(), ops };
@@ -66,11 +70,12 @@ impl Driver {
                 match r.raw.propose(context(node_id, id), data) {
                     Ok(()) => {
                         crate::metrics::proposed(1);
+                        parts.iter().for_each(|p| p.stamp(crate::stages::Stage::Proposed));
                         self.pending.insert(
                             id,
                             Pending {
                                 shard,
-                                parts: parts.into_iter().map(|(reply, n, _)| (reply, n)).collect(),
+                                parts,
                                 deadline,
                                 proposed_at: Instant::now(),
                             },
@@ -81,7 +86,7 @@ impl Driver {
                         // Dropped (no leader yet, a transfer under way, or
                         // the uncommitted-size bound): fail these callers
                         // with a retryable error rather than hold them.
-                        for (reply, _, _) in parts {
+                        for Part { reply, .. } in parts {
                             let _ = reply.send(Err(match e {
                                 raft::Error::ProposalDropped => ClusterError::Dropped { shard },
                                 ref other => ClusterError::Raft(other.to_string()),

@@ -19,6 +19,7 @@ pub(super) struct QueuedProposal {
     pub(super) reply: oneshot::Sender<ProposeResult>,
     pub(super) deadline: Instant,
     pub(super) queued_at: Instant,
+    pub(super) stages: Option<std::sync::Arc<crate::stages::Stages>>,
 }
 
 pub(super) struct ReadWaiter {
@@ -52,9 +53,23 @@ pub(super) const LEADERLESS_TICKS_MAX: u32 = 1;
 /// A proposed entry this node waits on: callers and how many ops each owns.
 pub(super) struct Pending {
     pub(super) shard: u64,
-    pub(super) parts: Vec<(oneshot::Sender<ProposeResult>, usize)>,
+    pub(super) parts: Vec<Part>,
     pub(super) deadline: Instant,
     pub(super) proposed_at: Instant,
+}
+
+/// One caller's share of an entry: its first `ops` results are its answer.
+pub(super) struct Part {
+    pub(super) reply: oneshot::Sender<ProposeResult>,
+    pub(super) ops: usize,
+    pub(super) stages: Option<std::sync::Arc<crate::stages::Stages>>,
+}
+
+impl Part {
+    /// Stamps the caller's request, if it is staged.
+    pub(super) fn stamp(&self, stage: crate::stages::Stage) {
+        crate::stages::stamp(self.stages.as_ref(), stage);
+    }
 }
 
 /// A conf change's caller: answered with the configuration once applied.
@@ -360,6 +375,7 @@ mod tests {
             reply,
             deadline,
             queued_at: Instant::now(),
+            stages: None,
         };
         (q, rx)
     }

@@ -99,7 +99,8 @@ fn propose(d: &mut Driver, shard: u64, ops: Vec<cmd::Op>) -> oneshot::Receiver<P
             shard,
             ops,
             reply,
-            deadline
+            deadline,
+            stages: None,
         })
         .unwrap());
     rx

@@ -229,6 +229,7 @@ impl Driver {
                     reply,
                     deadline: now + timeout,
                     queued_at: now,
+                    stages: None,
                 });
                 self.waiting.insert(*shard);
             }
@@ -265,7 +266,7 @@ impl Driver {
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
                 let waited_ms = ms_since(p.proposed_at);
-                for (reply, _) in p.parts {
+                for super::replica::Part { reply, .. } in p.parts {
                     let _ = reply.send(Err(ClusterError::Timeout {
                         shard: p.shard,
                         what: "proposal",
@@ -397,6 +398,7 @@ impl Driver {
                     reply,
                     deadline: Instant::now() + timeout,
                     queued_at: Instant::now(),
+                    stages: None,
                 });
                 self.waiting.insert(META_SHARD);
                 self.map_writes.push((shard, rx));
