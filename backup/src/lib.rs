@@ -32,7 +32,7 @@ mod shard_file;
 
 pub use frame::{parse_frame, FrameHeader, FRAME_BYTES_MAX};
 pub use manifest::{
-    file_name, Manifest, ShardEntry, FORMAT, FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SUM_FILE, SHARDS_MAX,
+    file_name, Manifest, ShardEntry, FORMAT, FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SUM_FILE, SHARDS_MAX, SHARD_ID_MAX,
 };
 pub use shard_file::{read_shard, verify, ShardFileWriter, VerifyReport, WrittenShard};
 
@@ -87,11 +87,35 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 pub(crate) fn write_durably(path: &std::path::Path, bytes: &[u8]) -> Result<(), BackupError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| BackupError::io(&tmp, e))?;
+    let mut f = create_private(&tmp)?;
     f.write_all(bytes).map_err(|e| BackupError::io(&tmp, e))?;
     f.sync_all().map_err(|e| BackupError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| BackupError::io(path, e))?;
     sync_dir(path)
+}
+
+/// Creates (or truncates) `path` readable by its owner only: a backup
+/// holds every message and the access-control state.
+pub(crate) fn create_private(path: &std::path::Path) -> Result<std::fs::File, BackupError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| BackupError::io(path, e))
+}
+
+/// Creates `dir` (and its parents) for a backup, readable by its owner
+/// only.
+pub fn create_backup_dir(dir: &std::path::Path) -> Result<(), BackupError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| BackupError::io(dir, e))
 }
 
 pub(crate) fn sync_dir(path: &std::path::Path) -> Result<(), BackupError> {

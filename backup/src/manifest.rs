@@ -18,6 +18,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Shards in one backup, at most: the cluster's 65,536 data shards and
 /// the metadata group.
 pub const SHARDS_MAX: usize = 65_537;
+/// The largest shard id (the cluster's ids are below 2^63; the ids above
+/// are the storage engine's private data spaces).
+pub const SHARD_ID_MAX: u64 = (1 << 63) - 1;
 /// The largest manifest read (about 300 bytes per shard).
 const MANIFEST_BYTES_MAX: u64 = 64 << 20;
 
@@ -130,8 +133,18 @@ impl Manifest {
         if self.shards.len() > SHARDS_MAX {
             return bad(format!("{} shards exceed the limit of {SHARDS_MAX}", self.shards.len()));
         }
+        if self.bootstrap_shard_count == 0 || self.bootstrap_shard_count > self.shards.len() as u64 {
+            return bad(format!(
+                "bootstrap_shard_count {} is outside 1..={} (the data shards listed)",
+                self.bootstrap_shard_count,
+                self.shards.len().saturating_sub(1)
+            ));
+        }
         let mut ids = BTreeSet::new();
         for s in &self.shards {
+            if s.id > SHARD_ID_MAX {
+                return bad(format!("shard id {} is above the limit of {SHARD_ID_MAX}", s.id));
+            }
             if !ids.insert(s.id) {
                 return bad(format!("shard {} is listed twice", s.id));
             }
@@ -248,6 +261,14 @@ mod tests {
                 "bootstrap shards",
             ),
         ];
+        let huge = manifest(vec![meta.clone(), entry(1, 0, None, 0)], u64::MAX);
+        let high_id = manifest(
+            vec![meta.clone(), entry(1, 0, Some(5), 0), entry(1 << 63, 5, None, 1)],
+            1,
+        );
+        let cases = cases
+            .into_iter()
+            .chain([(huge, "outside"), (high_id, "above the limit")]);
         for (m, want) in cases {
             let e = m.check(d).unwrap_err().to_string();
             assert!(e.contains(want), "{e} lacks {want}");

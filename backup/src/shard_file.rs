@@ -47,7 +47,7 @@ impl ShardFileWriter {
     /// Creates (or truncates) `shard`'s file in `dir`.
     pub fn create(dir: &Path, shard: u64) -> Result<ShardFileWriter, BackupError> {
         let path = dir.join(file_name(shard));
-        let file = std::fs::File::create(&path).map_err(|e| BackupError::io(&path, e))?;
+        let file = crate::create_private(&path)?;
         let mut w = ShardFileWriter {
             path,
             out: BufWriter::with_capacity(1 << 20, file),

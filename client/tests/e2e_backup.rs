@@ -188,12 +188,17 @@ async fn a_backup_under_load_restores_into_a_new_cluster_of_another_size() {
         assert!(out.status.success(), "restore of node {}: {}", i + 1, text(&out));
         assert!(text(&out).contains("restored"), "{}", text(&out));
     }
-    let mut procs = Procs(Vec::new());
-    for (i, addr) in addrs.iter().enumerate() {
-        let mut c = server(&initial, i + 1, addr, &dir.path().join(format!("n{}", i + 1)), None);
+    // Both restored nodes are in one new cluster, named by the backup: a
+    // node started on an empty dir with the same flags is not in it.
+    let identity = |i: usize| std::fs::read_to_string(dir.path().join(format!("n{i}/cluster-identity"))).unwrap();
+    let cluster_id = |text: &str| text.lines().find(|l| l.starts_with("cluster_id=")).unwrap().to_string();
+    assert_eq!(cluster_id(&identity(1)), cluster_id(&identity(2)));
+    let spawn = |i: usize| {
+        let mut c = server(&initial, i, &addrs[i - 1], &dir.path().join(format!("n{i}")), None);
         c.stdout(Stdio::null()).stderr(Stdio::inherit());
-        procs.0.push(c.spawn().unwrap());
-    }
+        c.spawn().unwrap()
+    };
+    let mut procs = Procs(vec![spawn(1), spawn(2)]);
     let mut cfg = pigeonhole_client::ClientConfig::new(addrs.iter().cloned());
     cfg.request_timeout = Duration::from_secs(30);
     let restored = {
@@ -240,7 +245,15 @@ async fn a_backup_under_load_restores_into_a_new_cluster_of_another_size() {
         .await
         .unwrap();
     assert_eq!(fresh.seq, whole_log(&restored, &users[u]).await.len() as u64);
-    // The split and the namespace record came along.
+    // The split and the namespace record came along, and the records the
+    // new leaders write keep the split's epochs and ranges.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let map = restored.shard_map().await.unwrap();
+    let epochs: Vec<(u64, u64, u64)> = map.shards.iter().map(|s| (s.id, s.epoch, s.parent)).collect();
+    assert!(
+        epochs.contains(&(1, 1, 0)) && epochs.contains(&(new_shard, 1, 1)),
+        "{epochs:?}"
+    );
     let endpoints = addrs.join(",");
     let list = phctl(&endpoints, &["shard", "list", "-o", "json"]);
     assert!(list.status.success(), "{}", text(&list));
@@ -255,6 +268,22 @@ async fn a_backup_under_load_restores_into_a_new_cluster_of_another_size() {
     assert!(ids.contains(&new_shard), "{list}");
     let ns = phctl(&endpoints, &["namespace", "show", "chat", "-o", "json"]);
     assert!(ns.status.success() && text(&ns).contains("86400"), "{}", text(&ns));
+    // A restart of a restored node keeps everything.
+    let _ = procs.0[1].kill();
+    let _ = procs.0[1].wait();
+    procs.0[1] = spawn(2);
+    for (u, mb) in users.iter().enumerate() {
+        let log = whole_log(&restored, mb).await;
+        assert!(
+            log.len() >= before.iter().filter(|a| a.0 == u).count(),
+            "user {u} after a restart"
+        );
+        assert_eq!(
+            log.last().map(|m| m.seq),
+            Some(log.len() as u64),
+            "user {u} after a restart"
+        );
+    }
     drop(procs);
 
     // One flipped byte in a data shard's file: refused by both.

@@ -265,6 +265,12 @@ pub struct NodeConfig {
     pub raft: RaftTuning,
     /// Storage engine options.
     pub engine: pigeonhole_engine::EngineOptions,
+    /// The backup this node's data dir was restored from (its manifest's
+    /// SHA-256, `crate::restore::RESTORED_FROM_FILE`): part of the cluster
+    /// id, so a node started on an empty data dir beside restored ones
+    /// (a forgotten restore) is refused on the wire instead of serving
+    /// empty shards to the restored cluster.
+    pub restored_from: Option<String>,
 }
 
 /// Shards per cluster, at most (each costs a Raft group on 3 nodes).
@@ -283,6 +289,7 @@ impl NodeConfig {
             replication_factor: 3,
             raft: RaftTuning::default(),
             engine: pigeonhole_engine::EngineOptions::default(),
+            restored_from: None,
         }
     }
 
@@ -345,6 +352,9 @@ impl NodeConfig {
                 s.push_str(&format!("{id}={addr};"));
             }
             s.push_str(&format!("shards={}", self.shard_count));
+            if let Some(backup) = &self.restored_from {
+                s.push_str(&format!(";restored={backup}"));
+            }
             crate::hash::user_hash(s.as_bytes())
         })
     }

@@ -37,16 +37,45 @@ use std::path::Path;
 /// The file that marks a data directory whose restore has not finished.
 pub const RESTORE_MARKER: &str = "RESTORE-INCOMPLETE";
 
-/// System keys of the metadata group a restore keeps: the data's, not the
-/// old nodes'. Anything else (node records, preferred leaders, moves,
-/// shard records, and any kind a newer version adds) is dropped.
-const KEPT_SYSTEM_PREFIXES: [&[u8]; 5] = [
+/// The file that names the backup a data dir was restored from (its
+/// manifest's SHA-256), which is part of the cluster id
+/// (`NodeConfig::restored_from`).
+pub const RESTORED_FROM_FILE: &str = "restored-from";
+
+/// The backup `data_dir` was restored from, if it was.
+pub fn restored_from(data_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(data_dir.join(RESTORED_FROM_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// System keys of the metadata group a restore keeps: the data's.
+const KEPT_SYSTEM_KEYS: [&[u8]; 4] = [
     crate::quota::STATE_KEY,
     crate::auth::check::STATE_KEY,
     crate::moves::PLACEMENT_CONFIG_KEY,
-    crate::sizes::SIZE_PREFIX,
     crate::split::NEXT_SHARD_ID_KEY,
 ];
+/// Prefixes of kept system keys (one value per shard).
+const KEPT_SYSTEM_PREFIXES: [&[u8]; 1] = [crate::sizes::SIZE_PREFIX];
+/// Prefixes of the system keys that belonged to the old nodes: dropped
+/// (the shard records are written anew). Any key that is neither kept nor
+/// dropped is of a kind this build does not know (a backup of a newer
+/// version): the restore refuses it rather than lose it silently.
+const DROPPED_SYSTEM_PREFIXES: [&[u8]; 4] = [
+    crate::nodes::NODE_RECORD_PREFIX,
+    crate::placement::PREFERRED_LEADER_PREFIX,
+    crate::moves::MOVE_PREFIX,
+    crate::placement::SHARD_RECORD_PREFIX,
+];
+
+fn kept(key: &[u8]) -> bool {
+    KEPT_SYSTEM_KEYS.contains(&key) || KEPT_SYSTEM_PREFIXES.iter().any(|p| key.starts_with(p))
+}
+
+fn dropped(key: &[u8]) -> bool {
+    DROPPED_SYSTEM_PREFIXES.iter().any(|p| key.starts_with(p))
+}
 
 /// What a restore did on this node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,7 +115,7 @@ pub fn restore(
     from: &Path,
     mut progress: impl FnMut(&ShardEntry),
 ) -> Result<RestoreReport, ClusterError> {
-    let backup = |e: pigeonhole_backup::BackupError| ClusterError::Config(format!("backup refused: {e}"));
+    let backup = ClusterError::from;
     if cfg.joined {
         return Err(ClusterError::Config(
             "restore seeds the nodes of a new cluster from --initial-cluster; --join adds an empty node to a running one"
@@ -106,6 +135,16 @@ pub fn restore(
     prepare_dir(&cfg.data_dir)?;
     let marker = cfg.data_dir.join(RESTORE_MARKER);
     crate::node::write_durably(&marker, b"a restore into this directory has not finished\n")?;
+    // The manifest's SHA-256 (checked against it by the load above).
+    let sum_path = from.join(pigeonhole_backup::MANIFEST_SUM_FILE);
+    let sum = std::fs::read_to_string(&sum_path)
+        .map_err(|e| ClusterError::Config(format!("backup unreadable: {}: {e}", sum_path.display())))?;
+    let sum = sum.trim().to_string();
+    crate::node::write_durably(&cfg.data_dir.join(RESTORED_FROM_FILE), format!("{sum}\n").as_bytes())?;
+    let cfg = &NodeConfig {
+        restored_from: Some(sum),
+        ..cfg.clone()
+    };
     crate::node::check_identity(cfg, cfg.effective_cluster_id())?;
     let engine = Engine::open(cfg.data_dir.join("db"), cfg.engine.clone())?;
     let layout = restored_layout(cfg, &m);
@@ -127,12 +166,18 @@ pub fn restore(
     report.records += restore_one(&engine, from, meta, meta_conf)?;
     report.replicas += 1;
     progress(meta);
+    if let Some(v) = engine
+        .system_scan(META_SHARD, b"", usize::MAX)?
+        .iter()
+        .find(|v| !kept(&v.key) && !dropped(&v.key))
+    {
+        return Err(ClusterError::Config(format!(
+            "backup refused: its metadata holds a kind this build does not know (key {:?}); restore it with the version that took it",
+            String::from_utf8_lossy(&v.key)
+        )));
+    }
     let records: Vec<SystemValue> = layout.iter().map(|(s, replicas)| shard_record(s, replicas)).collect();
-    engine.restore_system_values(
-        META_SHARD,
-        |k| KEPT_SYSTEM_PREFIXES.iter().any(|p| k.starts_with(p)),
-        &records,
-    )?;
+    engine.restore_system_values(META_SHARD, kept, &records)?;
     for (s, replicas) in &layout {
         if !replicas.contains(&cfg.node_id) {
             continue;
@@ -239,6 +284,51 @@ fn shard_record(s: &ShardEntry, replicas: &[u64]) -> SystemValue {
 
 impl From<pigeonhole_backup::BackupError> for ClusterError {
     fn from(e: pigeonhole_backup::BackupError) -> Self {
-        ClusterError::Config(format!("backup refused: {e}"))
+        match e {
+            // Not the backup's fault: a permission, a missing mount.
+            pigeonhole_backup::BackupError::Io { .. } => ClusterError::Config(format!("backup unreadable: {e}")),
+            _ => ClusterError::Config(format!("backup refused: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node on an empty data dir beside restored ones has another cluster
+    /// id, so the restored nodes refuse its frames.
+    #[test]
+    fn a_restored_node_is_in_another_cluster_than_a_fresh_one() {
+        let fresh = NodeConfig::single_node("/tmp/x", "127.0.0.1:1");
+        let restored = NodeConfig {
+            restored_from: Some("ab".repeat(32)),
+            ..fresh.clone()
+        };
+        let other = NodeConfig {
+            restored_from: Some("cd".repeat(32)),
+            ..fresh.clone()
+        };
+        assert_ne!(fresh.effective_cluster_id(), restored.effective_cluster_id());
+        assert_ne!(restored.effective_cluster_id(), other.effective_cluster_id());
+    }
+
+    #[test]
+    fn metadata_kinds_are_kept_dropped_or_unknown() {
+        for k in [
+            &b"ns/state"[..],
+            b"auth/state",
+            b"config/placement",
+            b"shard-id/next",
+            b"size/\0\0\0\0\0\0\0\x01",
+        ] {
+            assert!(kept(k) && !dropped(k), "{k:?}");
+        }
+        for k in [&b"node/\0\0\0\0\0\0\0\x01"[..], b"leader/x", b"move/x", b"shard/x"] {
+            assert!(dropped(k) && !kept(k), "{k:?}");
+        }
+        for k in [&b"ns/other"[..], b"future/kind"] {
+            assert!(!kept(k) && !dropped(k), "{k:?}");
+        }
     }
 }

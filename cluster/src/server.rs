@@ -148,6 +148,7 @@ impl ServerConfig {
         let mut c = NodeConfig::new(self.node_id, &self.data_dir, self.initial_cluster.clone());
         c.shard_count = self.shard_count;
         c.replication_factor = self.replication_factor;
+        c.restored_from = crate::restore::restored_from(&self.data_dir);
         c
     }
 }

@@ -28,6 +28,15 @@ pub const BACKUP_CHUNK_BYTES_DEFAULT: usize = 1 << 20;
 pub const BACKUP_CHUNK_BYTES_MAX: usize = 16 << 20;
 /// Frames exported ahead of the client, at most.
 const FRAMES_AHEAD_MAX: usize = 4;
+/// Exports a node serves at once, at most: each holds a RocksDB snapshot
+/// (old SST files cannot be deleted while it lives) and a blocking thread
+/// for as long as its client reads. More are UNAVAILABLE (reason BUSY).
+pub const BACKUP_EXPORTS_MAX: usize = 4;
+
+fn exports() -> &'static std::sync::Arc<tokio::sync::Semaphore> {
+    static EXPORTS: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    EXPORTS.get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(BACKUP_EXPORTS_MAX)))
+}
 
 /// The response stream.
 pub type BackupStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::BackupShardResponse, Status>> + Send>>;
@@ -45,12 +54,19 @@ pub async fn backup_shard(node: &Node, r: pb::BackupShardRequest) -> Result<Back
         n => n,
     };
     let shard = r.shard;
+    let permit = exports().clone().try_acquire_owned().map_err(|_| {
+        cluster_error(&ClusterError::Busy {
+            shard,
+            reason: format!("{BACKUP_EXPORTS_MAX} backup exports are under way on this node"),
+        })
+    })?;
     // NOT_FOUND for a shard the cluster does not have, UNAVAILABLE
     // (NOT_REPLICA) on a node without a replica: the driver answers both.
     node.read_barrier(shard).await.map_err(|e| cluster_error(&e))?;
     let engine = node.engine().clone();
     let (tx, rx) = mpsc::channel::<Result<pb::BackupShardResponse, Status>>(FRAMES_AHEAD_MAX);
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let mut pending: Option<Vec<u8>> = None;
         let res = engine.export_snapshot(shard, chunk_bytes, |chunk| {
             // Each frame is sent once the next one exists, so the summary
@@ -73,6 +89,11 @@ pub async fn backup_shard(node: &Node, r: pb::BackupShardRequest) -> Result<Back
                     range_end: s.range.end,
                 }),
             }),
+            // The client went away (it gave up, or asks another replica).
+            Err(_) if tx.is_closed() => {
+                tracing::info!(shard, "backup export ended: the client left");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(shard, "backup export failed: {e}");
                 Err(cluster_error(&ClusterError::from(e)))

@@ -272,8 +272,30 @@ impl Driver {
             watchers,
             counters,
         };
-        for shard in d.engine.shard_ids()? {
+        let ids = d.engine.shard_ids()?;
+        for &shard in &ids {
             d.recover_shard(shard)?;
+        }
+        // The shard records of this node's metadata replica, laid over the
+        // bootstrap map before any replica starts: a leader's first record
+        // is built from the map, and a split shard's bootstrap entry (the
+        // range before the split, epoch 0; a split child missing) would
+        // overwrite its true record (found by a review of restores, whose
+        // replicas all start from records; a restart has the same race).
+        let limit = usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX);
+        match d
+            .engine
+            .system_scan(META_SHARD, crate::placement::SHARD_RECORD_PREFIX, limit)
+        {
+            Ok(records) => d.refresh_map(&records),
+            // No metadata replica (a node that joined and has none yet), or
+            // one still to be filled by a snapshot: the bootstrap map.
+            Err(
+                pigeonhole_engine::EngineError::NoSuchShard(_) | pigeonhole_engine::EngineError::ShardIncomplete(_),
+            ) => {}
+            Err(e) => return Err(e.into()),
+        }
+        for shard in ids {
             let Some(meta) = d.engine.shard_meta(shard)? else {
                 continue;
             };

@@ -83,14 +83,13 @@ fn layout(map: &pb::GetShardMapResponse) -> Vec<(u64, u64, Option<u64>, u64)> {
 }
 
 async fn create(ctx: &Ctx, to: &Path, chunk_bytes: u32) -> Result<u8, Failure> {
-    let io = |e: std::io::Error| failed(format!("{}: {e}", to.display()));
     if std::fs::read_dir(to).map(|mut d| d.next().is_some()).unwrap_or(false) {
         return Err(failed(format!(
             "{} is not empty: a backup goes into a new directory",
             to.display()
         )));
     }
-    std::fs::create_dir_all(to).map_err(io)?;
+    pigeonhole_backup::create_backup_dir(to).map_err(|e| failed(e.to_string()))?;
     let started = Instant::now();
     let started_unix_ms = unix_ms();
     let client = connect(ctx).await?;
@@ -106,8 +105,8 @@ async fn create(ctx: &Ctx, to: &Path, chunk_bytes: u32) -> Result<u8, Failure> {
     for s in &map.shards {
         let mut nodes = vec![s.leader_hint];
         nodes.extend(s.replicas.iter().chain(&s.learners).copied());
-        nodes.retain(|n| *n != 0);
-        nodes.dedup();
+        let mut seen = std::collections::BTreeSet::new();
+        nodes.retain(|n| *n != 0 && seen.insert(*n));
         jobs.push((s.clone(), nodes));
     }
     let progress = bar(jobs.len() as u64, "shards");
@@ -206,14 +205,13 @@ async fn export(
     chunk_bytes: u32,
 ) -> Result<ShardEntry, Export> {
     let wait = ctx.timeout.max(MESSAGE_WAIT_MIN);
+    // NOT_FOUND is not final: a replica whose map does not know the shard
+    // yet (a split's new shard) says so; another replica may serve it.
     let retry = |e: Error| match &e {
         Error::Rejected(s)
             if matches!(
                 s.code(),
-                tonic::Code::NotFound
-                    | tonic::Code::InvalidArgument
-                    | tonic::Code::PermissionDenied
-                    | tonic::Code::Unauthenticated
+                tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
             ) =>
         {
             Export::Fatal(failed(format!("shard {}: {}", info.id, s.message())))
