@@ -9,7 +9,9 @@
 //! - [`checker`]: the properties, checked per mailbox by sort and sweep
 //!   (the server assigns seqs, so nothing is NP-hard);
 //! - the harness (`src/bin/pigeonhole-jepsen.rs` and `harness/`): network
-//!   namespaces, the nemesis, the workload, the run loop.
+//!   namespaces, the nemesis, the workload, the run loop;
+//! - [`lostfs`]: a FUSE file system that loses unsynced writes at a
+//!   simulated power cut.
 //!
 //! The checker is a library with its own tests (`tests/checker.rs`) that
 //! feed it broken histories: a checker that cannot fail proves nothing.
@@ -17,3 +19,4 @@
 pub mod checker;
 pub mod harness;
 pub mod history;
+pub mod lostfs;
