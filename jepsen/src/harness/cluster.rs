@@ -14,6 +14,12 @@
 //! place, so the child's pid is the server's: SIGKILL, SIGSTOP and SIGCONT
 //! go straight to it. Pids are also written to `pids` in the run directory
 //! so that the outer harness can kill strays after an interrupted run.
+//!
+//! A cluster started for a power-loss scenario puts each node's data dir
+//! on its own lost-write file system ([`crate::lostfs`]), mounted by this
+//! process over `n<slot>` with the bytes in `n<slot>.disk`;
+//! [`Cluster::power_loss`] kills the node and drops what it had not made
+//! durable.
 
 use super::net;
 use pigeonhole_proto::v1 as pb;
@@ -107,6 +113,11 @@ pub struct Cluster {
     joins: u64,
     /// The phctl binary, for the membership fault.
     pub phctl: Option<PathBuf>,
+    /// Data dirs on lost-write file systems (power-loss scenarios only).
+    lostfs: bool,
+    /// Slot → its mounted file system. Declared last: unmounted after the
+    /// nodes are killed (`Drop`).
+    disks: BTreeMap<u64, crate::lostfs::Mounted>,
 }
 
 impl Cluster {
@@ -121,6 +132,12 @@ impl Cluster {
     /// Starts `nodes` servers, in slots `1..=nodes`; the cluster may grow
     /// to `slots` nodes.
     pub fn start(nodes: u64, slots: u64, server: &Path, dir: &Path) -> Result<Cluster, String> {
+        Cluster::start_on(nodes, slots, server, dir, false)
+    }
+
+    /// [`Cluster::start`], with every data dir on a lost-write file system
+    /// when `lostfs`.
+    pub fn start_on(nodes: u64, slots: u64, server: &Path, dir: &Path, lostfs: bool) -> Result<Cluster, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut c = Cluster {
             initial: nodes,
@@ -131,6 +148,8 @@ impl Cluster {
             members: BTreeMap::new(),
             joins: 0,
             phctl: None,
+            lostfs,
+            disks: BTreeMap::new(),
         };
         for i in 1..=nodes {
             c.members.insert(
@@ -235,6 +254,12 @@ impl Cluster {
             .get(&i)
             .cloned()
             .ok_or_else(|| format!("slot {i} holds no node"))?;
+        if self.lostfs && !self.disks.contains_key(&i) {
+            let disk = self.dir.join(format!("n{i}.disk"));
+            let fs = crate::lostfs::Mounted::mount(&disk, &member.data)
+                .map_err(|e| format!("mount lostfs at {}: {e}", member.data.display()))?;
+            self.disks.insert(i, fs);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -316,6 +341,19 @@ impl Cluster {
             }
             p.paused = false;
         }
+    }
+
+    /// A power cut on node `i`: SIGKILL, then everything it had not made
+    /// durable is dropped, one dirty page torn per `tear` (see
+    /// [`crate::lostfs::Mounted::power_loss`]). `recover` restarts it.
+    pub fn power_loss(&mut self, i: u64, tear: Option<(u64, u64)>) -> Result<crate::lostfs::Loss, String> {
+        self.kill(i);
+        let disk = self
+            .disks
+            .get(&i)
+            .ok_or_else(|| format!("node {i} is not on a lost-write file system"))?;
+        disk.power_loss(tear)
+            .map_err(|e| format!("power loss on node {i}: {e}"))
     }
 
     /// SIGSTOP node `i`.

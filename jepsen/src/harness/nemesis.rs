@@ -45,10 +45,16 @@ pub enum Fault {
     Transfer,
     Move,
     Membership,
+    /// A power cut on one node (its unsynced writes are lost).
+    PowerLoss,
+    /// A power cut on a minority of the nodes at once.
+    PowerLossMinority,
+    /// A power cut on every node at once: the whole cluster.
+    PowerLossAll,
 }
 
 /// Every fault, in the order scenarios run.
-pub const ALL: [Fault; 12] = [
+pub const ALL: [Fault; 15] = [
     Fault::PartitionLeader,
     Fault::PartitionMajority,
     Fault::PartitionOneWay,
@@ -61,6 +67,9 @@ pub const ALL: [Fault; 12] = [
     Fault::Transfer,
     Fault::Move,
     Fault::Membership,
+    Fault::PowerLoss,
+    Fault::PowerLossMinority,
+    Fault::PowerLossAll,
 ];
 
 impl Fault {
@@ -79,7 +88,15 @@ impl Fault {
             Fault::Transfer => "transfer",
             Fault::Move => "move",
             Fault::Membership => "membership",
+            Fault::PowerLoss => "power-loss",
+            Fault::PowerLossMinority => "power-loss-minority",
+            Fault::PowerLossAll => "power-loss-all",
         }
+    }
+
+    /// Whether the fault needs the nodes' data on lost-write file systems.
+    pub fn loses_writes(self) -> bool {
+        matches!(self, Fault::PowerLoss | Fault::PowerLossMinority | Fault::PowerLossAll)
     }
 
     /// Parses a name.
@@ -183,6 +200,35 @@ async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, St
             let n = pick(rng);
             c.kill(n);
             format!("kill -9 node {n}")
+        }
+        Fault::PowerLoss | Fault::PowerLossMinority | Fault::PowerLossAll => {
+            let mut hit = nodes.clone();
+            hit.shuffle(rng);
+            hit.truncate(match f {
+                Fault::PowerLoss => 1,
+                Fault::PowerLossMinority => (nodes.len().saturating_sub(1) / 2).max(1),
+                _ => nodes.len(),
+            });
+            // Every machine goes dark before any disk is cut: no node
+            // writes in between.
+            for n in &hit {
+                c.kill(*n);
+            }
+            let mut what = Vec::new();
+            for n in &hit {
+                let tear = Some((rng.gen::<u64>(), rng.gen_range(0..4096)));
+                let l = c.power_loss(*n, tear)?;
+                what.push(format!(
+                    "node {n}: {} files, {} pages, {} names lost{}",
+                    l.files,
+                    l.pages,
+                    l.names,
+                    l.torn
+                        .map(|(p, page, b)| format!(", page {page} of {} torn at {b} bytes", p.display()))
+                        .unwrap_or_default()
+                ));
+            }
+            format!("power cut: {}", what.join("; "))
         }
         Fault::Pause => {
             let n = pick(rng);

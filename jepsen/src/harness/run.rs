@@ -113,7 +113,8 @@ async fn inner(
     out: &mut Outcome,
 ) -> Result<Vec<Anomaly>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut c = Cluster::start(s.nodes, s.slots, &s.server, dir)?;
+    let lostfs = s.faults.iter().any(|f| f.loses_writes());
+    let mut c = Cluster::start_on(s.nodes, s.slots, &s.server, dir, lostfs)?;
     c.phctl = s.phctl.clone();
     cluster::wait_ready(&c.occupied(), Duration::from_secs(60)).await?;
     let map = {
