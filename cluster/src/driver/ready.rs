@@ -212,7 +212,7 @@ impl Driver {
             // not: a lost commit index is learned again from the leader (and
             // recovery raises it to the applied index), so it skips the fsync
             // that would otherwise sit between commit and apply.
-            let durability = if must_sync && !self.tuning.unsafe_no_fsync {
+            let durability = if must_sync && !self.tuning.unsafe_no_fsync && !planted_lazy_fsync() {
                 Durability::Fsync
             } else {
                 Durability::NoFsync
@@ -323,6 +323,22 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// The planted bug `planted-bug-lazy-fsync` (test builds only, see
+/// cluster/Cargo.toml): whether to skip this fsync, because one ran less
+/// than 2 s ago. Always false in a real build.
+fn planted_lazy_fsync() -> bool {
+    if !cfg!(feature = "planted-bug-lazy-fsync") {
+        return false;
+    }
+    static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(2)) {
+        return true;
+    }
+    *last = Some(Instant::now());
+    false
 }
 
 /// Ops that the state machine takes only as the sole op of a command.

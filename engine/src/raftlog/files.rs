@@ -232,7 +232,10 @@ impl LogFiles {
                         at = next;
                     }
                     Found::End if at == len => break,
-                    Found::End | Found::Torn(_) if is_newest && record::nothing_after(&bytes, at) => {
+                    Found::End | Found::Torn(_)
+                        if is_newest
+                            && (record::nothing_after(&bytes, at) || !record::intact_record_after(&bytes, at)) =>
+                    {
                         cut(&path, at)?;
                         recovery.torn_bytes += len - at;
                         break;

@@ -32,10 +32,16 @@ struct Flags {
     /// a scenario that passes only if the checker catches it.
     #[arg(long)]
     planted_server: Option<PathBuf>,
+    /// A server built with the planted lazy fsync (appends acknowledged
+    /// before their fsync; scripts/jepsen builds one): adds a whole-cluster
+    /// power-cut scenario that passes only if the checker catches it.
+    #[arg(long)]
+    planted_lazy_fsync: Option<PathBuf>,
     /// Faults: `all`, `none`, or a comma-separated list of
     /// partition-leader, partition-majority, partition-one-way,
     /// partition-bridge, partition-ring, kill, pause, pause-kill, clock,
-    /// transfer, move, membership. Each fault is its own scenario; `all`
+    /// transfer, move, membership, power-loss, power-loss-minority,
+    /// power-loss-all. Each fault is its own scenario; `all`
     /// adds a `mixed` one (the 3-node faults) and a `membership-mixed` one
     /// (node-set changes among kills and partitions).
     #[arg(long, default_value = "all")]
@@ -131,6 +137,17 @@ fn scenarios(f: &Flags, server: &std::path::Path, phctl: &std::path::Path) -> Re
         out.push(Scenario {
             name: "planted-skip-dedup".into(),
             faults: vec![Fault::Kill],
+            nodes: 3,
+            slots: 3,
+            phctl: None,
+            server: p.clone(),
+            expect_anomalies: true,
+        });
+    }
+    if let Some(p) = &f.planted_lazy_fsync {
+        out.push(Scenario {
+            name: "planted-lazy-fsync".into(),
+            faults: vec![Fault::PowerLossAll],
             nodes: 3,
             slots: 3,
             phctl: None,
