@@ -182,6 +182,17 @@ fn settings(f: Flags) -> Result<Settings, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // A panic on any thread ends the process (after the usual message and
+    // backtrace), as TiKV's and Go servers' do: a node whose Raft driver or
+    // apply thread died must not stay up answering `Stopped`, nor hide
+    // behind a half-working port; its supervisor restarts it and recovery
+    // runs. Found when a planted Raft bug panicked the driver thread and
+    // the process lived on.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
     let cli = Cli::parse();
     let (flags, restore_from) = match cli.command {
         Some(Command::Restore { from, flags }) => (flags, Some(from)),

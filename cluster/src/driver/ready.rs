@@ -238,6 +238,9 @@ impl Driver {
             let mut light = r.raw.advance_append(rd);
             route(&mut self.outbox, shard, light.take_messages(), &mut snapshots);
             committed.extend(light.take_committed_entries());
+            if planted_answer_before_commit(&mut r.raw.raft) {
+                self.dirty.insert(shard);
+            }
             if let Some(index) = snapshot_index {
                 // The engine already holds the snapshot's state (ingested
                 // before raft-rs was allowed to step it) and nothing older
@@ -339,6 +342,24 @@ fn planted_lazy_fsync() -> bool {
     }
     *last = Some(Instant::now());
     false
+}
+
+/// The planted bug `planted-bug-answer-before-commit` (test builds only,
+/// see cluster/Cargo.toml): a leader pretends every voter has its whole
+/// log, so it commits, applies and answers what only it holds. Returns
+/// whether the commit index moved. Always false in a real build.
+fn planted_answer_before_commit(raft: &mut raft::Raft<pigeonhole_engine::RaftLogStore>) -> bool {
+    if !cfg!(feature = "planted-bug-answer-before-commit") || raft.state != StateRole::Leader {
+        return false;
+    }
+    let last = raft.raft_log.last_index();
+    let ids: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
+    for id in ids {
+        if let Some(pr) = raft.mut_prs().get_mut(id) {
+            pr.maybe_update(last);
+        }
+    }
+    raft.maybe_commit()
 }
 
 /// Ops that the state machine takes only as the sole op of a command.

@@ -37,6 +37,11 @@ struct Flags {
     /// power-cut scenario that passes only if the checker catches it.
     #[arg(long)]
     planted_lazy_fsync: Option<PathBuf>,
+    /// A server built with the planted early answer (a leader commits what
+    /// only it holds; scripts/jepsen builds one): adds a leader-isolation
+    /// scenario that passes only if the checker catches it.
+    #[arg(long)]
+    planted_answer_before_commit: Option<PathBuf>,
     /// Faults: `all`, `none`, or a comma-separated list of
     /// partition-leader, partition-majority, partition-one-way,
     /// partition-bridge, partition-ring, kill, pause, pause-kill, clock,
@@ -148,6 +153,17 @@ fn scenarios(f: &Flags, server: &std::path::Path, phctl: &std::path::Path) -> Re
         out.push(Scenario {
             name: "planted-lazy-fsync".into(),
             faults: vec![Fault::PowerLossAll],
+            nodes: 3,
+            slots: 3,
+            phctl: None,
+            server: p.clone(),
+            expect_anomalies: true,
+        });
+    }
+    if let Some(p) = &f.planted_answer_before_commit {
+        out.push(Scenario {
+            name: "planted-answer-before-commit".into(),
+            faults: vec![Fault::PartitionLeader],
             nodes: 3,
             slots: 3,
             phctl: None,

@@ -374,6 +374,31 @@ impl Cluster {
         Ok(())
     }
 
+    /// Nodes whose process exited on its own (a start that failed, a
+    /// crash), with how: a node must come back from every fault.
+    pub fn exited(&mut self) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        for (i, p) in &mut self.procs {
+            if let Some(c) = p.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    let log = std::fs::read_to_string(self.dir.join(format!("n{i}.log"))).unwrap_or_default();
+                    // Its panic, else its last error line.
+                    let lines: Vec<&str> = log.lines().collect();
+                    let last = match lines.iter().rposition(|l| l.contains("panicked at")) {
+                        Some(at) => lines.get(at..(at + 2).min(lines.len())).unwrap_or_default().join(" "),
+                        None => lines
+                            .iter()
+                            .rev()
+                            .find(|l| !l.contains(" INFO ") && !l.contains(" WARN "))
+                            .map_or(String::new(), |l| (*l).to_string()),
+                    };
+                    out.push((*i, format!("{status}: {last}")));
+                }
+            }
+        }
+        out
+    }
+
     /// Whether node `i` has a process (running or paused).
     pub fn is_up(&self, i: u64) -> bool {
         self.procs.get(&i).is_some_and(|p| p.child.is_some())

@@ -166,6 +166,22 @@ async fn inner(
     }
     nem?;
     healed?;
+    // Every node must be back: one that exits on its own after the heal
+    // (it cannot recover its disk, it crashes) is an anomaly, and the
+    // final reads cannot be made.
+    let exited = c.exited();
+    if !exited.is_empty() {
+        c.stop();
+        count(out, &rec.ops());
+        return Ok(exited
+            .into_iter()
+            .map(|(i, why)| Anomaly {
+                kind: "node-lost",
+                mailbox: None,
+                detail: format!("node {i} did not come back after the faults were healed: {why}"),
+            })
+            .collect());
+    }
     if s.faults.contains(&Fault::Membership) {
         membership::settle(&mut c).await?;
     }
@@ -203,7 +219,13 @@ async fn inner(
     }
     c.stop();
     let ops = rec.ops();
-    for o in &ops {
+    count(out, &ops);
+    Ok(check(&ops, &finals))
+}
+
+/// The outcome's operation and fault counts.
+fn count(out: &mut Outcome, ops: &[crate::history::Op]) {
+    for o in ops {
         match (o.f, o.kind) {
             (F::Nemesis, Kind::Invoke) => out.faults += 1,
             (F::Nemesis, _) | (_, Kind::Invoke) => {}
@@ -212,5 +234,4 @@ async fn inner(
             (_, Kind::Info) => out.info += 1,
         }
     }
-    Ok(check(&ops, &finals))
 }
