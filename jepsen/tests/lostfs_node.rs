@@ -67,7 +67,7 @@ fn mailbox(u: usize) -> pb::MailboxId {
 /// Runs four rounds of 60 appends, each ended by a power cut, on a node
 /// started with `extra` flags; returns the appends acknowledged and, per
 /// user, the log after the last cut.
-async fn power_cuts(extra: &[&str]) -> (Vec<(usize, Vec<u8>, u64)>, Vec<Vec<pb::Message>>) {
+async fn power_cuts(extra: &[&str], tear: bool) -> (Vec<(usize, Vec<u8>, u64)>, Vec<Vec<pb::Message>>) {
     let tmp = tempfile::tempdir().unwrap();
     let fs = Mounted::mount(&tmp.path().join("backing"), &tmp.path().join("mnt")).unwrap();
     let data = tmp.path().join("mnt/node");
@@ -111,7 +111,7 @@ async fn power_cuts(extra: &[&str]) -> (Vec<(usize, Vec<u8>, u64)>, Vec<Vec<pb::
         // The cut: the node dies with its machine, then the disk keeps only
         // what was made durable, a page torn.
         drop(server);
-        let loss = fs.power_loss(Some((round * 7 + 3, 1_000))).unwrap();
+        let loss = fs.power_loss(tear.then_some((round * 7 + 3, 1_000))).unwrap();
         eprintln!("round {round}: {loss:?}");
         losses.push(loss);
     }
@@ -148,7 +148,7 @@ async fn power_cuts(extra: &[&str]) -> (Vec<(usize, Vec<u8>, u64)>, Vec<Vec<pb::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_appends_survive_power_cuts() {
-    let (acked, logs) = power_cuts(&[]).await;
+    let (acked, logs) = power_cuts(&[], true).await;
     for (u, log) in logs.iter().enumerate() {
         let mine: Vec<&(usize, Vec<u8>, u64)> = acked.iter().filter(|a| a.0 == u).collect();
         let seqs: Vec<u64> = log.iter().map(|m| m.seq).collect();
@@ -170,7 +170,10 @@ async fn acknowledged_appends_survive_power_cuts() {
 /// (`--unsafe-no-fsync`, named so) loses acknowledged appends to the cuts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_skips_fsync_loses_acknowledged_appends() {
-    let (acked, logs) = power_cuts(&["--unsafe-no-fsync"]).await;
+    // No torn page here: with nothing fsync'd, a page torn in after a lost
+    // one can leave whole records after a hole, which recovery rightly
+    // calls damage (the node would not start; D48).
+    let (acked, logs) = power_cuts(&["--unsafe-no-fsync"], false).await;
     let kept = |u: usize, key: &[u8], seq: u64| {
         logs.get(u)
             .and_then(|l| l.get(usize::try_from(seq).ok()?.checked_sub(1)?))

@@ -232,10 +232,7 @@ impl LogFiles {
                         at = next;
                     }
                     Found::End if at == len => break,
-                    Found::End | Found::Torn(_)
-                        if is_newest
-                            && (record::nothing_after(&bytes, at) || !record::intact_record_after(&bytes, at)) =>
-                    {
+                    Found::End | Found::Torn(_) if is_newest && !durable_after(&bytes, at, &index) => {
                         cut(&path, at)?;
                         recovery.torn_bytes += len - at;
                         break;
@@ -256,6 +253,14 @@ impl LogFiles {
         for seg in stale {
             let path = segment_path(dir, seg);
             std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
+        }
+        // The replayed newest segment may end in commit-only records never
+        // fsync'd; the new segment makes it an older one, whose damage
+        // recovery does not forgive.
+        if let Some((&last, s)) = index.segments.iter().next_back() {
+            s.file
+                .sync_data()
+                .map_err(|e| io_err("fsync", &segment_path(dir, last), e))?;
         }
         let seg = index.segments.keys().next_back().map_or(1, |s| s + 1);
         let (file, size) = create_segment(dir, seg, &index)?;
@@ -448,6 +453,13 @@ impl LogFiles {
         }
         let (bytes, mut ops) = rec.finish().map_err(EngineError::InvalidCall)?;
         if w.size >= self.options.segment_bytes {
+            // Its commit-only tail (written without fsync) becomes durable
+            // before it stops being the newest segment: recovery forgives
+            // a torn tail in the newest segment only.
+            w.file
+                .sync_data()
+                .map_err(|e| io_err("fsync", &segment_path(&self.dir, w.seg), e))
+                .inspect_err(|e| w.broken = Some(e.to_string()))?;
             let seg = w.seg + 1;
             let (file, size) = {
                 let ix = lock(&self.index);
@@ -574,6 +586,25 @@ fn cut(path: &Path, at: u64) -> Result<(), EngineError> {
 
 /// Creates segment `seg` holding its header and a checkpoint of every shard
 /// in `ix`, durable (file and directory) before it returns.
+/// Whether something made durable follows the bad spot at `at` of the
+/// newest segment (`record::durable_record_after`): any record but one
+/// that only moves commit indexes, keeping each shard's term and vote as
+/// the records before the bad spot left them. Such records are written
+/// without fsync, so they can stand whole after a torn hole; a vote or a
+/// term is fsync'd before anyone hears of it, and with it everything
+/// before it.
+fn durable_after(bytes: &[u8], at: u64, index: &Index) -> bool {
+    record::durable_record_after(bytes, at, |ops| {
+        ops.iter().any(|op| match op {
+            record::IndexOp::HardState { shard, hard } => index
+                .shards
+                .get(shard)
+                .is_none_or(|s| s.hard.term != hard.term || s.hard.vote != hard.vote),
+            _ => true,
+        })
+    })
+}
+
 fn create_segment(dir: &Path, seg: u64, ix: &Index) -> Result<(Arc<File>, u64), EngineError> {
     let path = segment_path(dir, seg);
     let mut rec = RecordBuilder::default();

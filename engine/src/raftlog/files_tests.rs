@@ -200,6 +200,91 @@ fn a_last_record_whose_first_page_was_lost_but_a_later_one_landed_is_cut() {
     );
 }
 
+/// A log of two fsync'd entries, a hard state at term 1 with vote 1, then
+/// `tail` hard-state records written without fsync: (term, vote, commit).
+/// Returns the offset of each tail record.
+fn log_with_hard_state_tail(dir: &Path, tail: &[(u64, u64, u64)]) -> Vec<usize> {
+    let files = one_shard_log(dir, 2);
+    let mut rec = RecordBuilder::default();
+    rec.hard_state(
+        1,
+        &HardState {
+            term: 1,
+            vote: 1,
+            commit: 1,
+            ..Default::default()
+        },
+    );
+    files.append(rec, Durability::Fsync).unwrap();
+    let path = newest(dir);
+    let mut at = Vec::new();
+    for (term, vote, commit) in tail {
+        at.push(usize::try_from(std::fs::metadata(&path).unwrap().len()).unwrap());
+        let mut rec = RecordBuilder::default();
+        let hard = HardState {
+            term: *term,
+            vote: *vote,
+            commit: *commit,
+            ..Default::default()
+        };
+        rec.hard_state(1, &hard);
+        files.append(rec, Durability::NoFsync).unwrap();
+    }
+    at
+}
+
+/// Commit-only records (written without fsync) can stand whole after a
+/// hole a power cut left in the unsynced tail: the hole and everything
+/// after it is cut. A term or vote after the hole would have been fsync'd,
+/// and with it the hole: damage.
+#[test]
+fn commit_only_records_after_a_hole_are_a_torn_tail_but_a_vote_is_not() {
+    for (vote_after, fails) in [(1u64, false), (2, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let at = log_with_hard_state_tail(dir.path(), &[(1, 1, 2), (1, vote_after, 2)]);
+        let path = newest(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at[0]..at[0] + 8].fill(0); // the first tail record's header lost
+        std::fs::write(&path, &bytes).unwrap();
+        match LogFiles::open(dir.path(), OPTS) {
+            Ok(files) => {
+                assert!(!fails, "a vote after the hole was cut away");
+                assert!(files.recovery().torn_bytes > 0);
+                assert_eq!(files.shard(1).last, (2, 1));
+                assert_eq!(
+                    files.shard(1).hard.commit,
+                    1,
+                    "the commit moves after the hole are gone"
+                );
+            }
+            Err(e) => assert!(fails, "commit-only records after a hole failed the open: {e}"),
+        }
+    }
+}
+
+/// A damaged length field in the middle of the newest segment that claims
+/// more bytes than the file has is damage, not a torn tail: fsync'd
+/// records follow it (before, the claim past the end read as "nothing
+/// after" and they were cut; found by a review).
+#[test]
+fn a_damaged_length_before_fsynced_records_fails_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(one_shard_log(dir.path(), 3));
+    let path = newest(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    // After the segment header comes the checkpoint record, then entry 1's.
+    let header = usize::try_from(SEGMENT_HEADER_BYTES).unwrap();
+    let checkpoint_len = u32::from_be_bytes(bytes[header..header + 4].try_into().unwrap());
+    let first = header + 8 + usize::try_from(checkpoint_len).unwrap();
+    assert!(bytes[first..].windows(7).position(|w| w == b"payload").unwrap() < 100);
+    bytes[first] = 0x01; // its length now runs past the end of the file
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(
+        LogFiles::open(dir.path(), OPTS).is_err(),
+        "fsync'd records after a damaged length were cut"
+    );
+}
+
 #[test]
 fn a_damaged_record_with_data_after_it_fails_the_open() {
     let dir = tempfile::tempdir().unwrap();

@@ -395,39 +395,32 @@ pub(crate) fn read_record(file: &[u8], offset: u64) -> Found {
     }
 }
 
-/// Whether a bad record at `offset` can be a torn write: nothing but zeros
-/// follows the space its header claims (or the header itself, if that is
-/// not plausible). A torn write is the last thing in the file; a bad record
-/// with data after it is damage.
-pub(crate) fn nothing_after(file: &[u8], offset: u64) -> bool {
-    let Ok(start) = usize::try_from(offset) else {
-        return false;
-    };
-    let claimed = file
-        .get(start..)
-        .and_then(|r| r.first_chunk::<4>())
-        .map(|h| u64::from(u32::from_be_bytes(*h)))
-        .filter(|len| *len <= RECORD_BODY_BYTES_MAX)
-        .map_or(0, |len| RECORD_HEADER_BYTES + len);
-    let end = usize::try_from(offset.saturating_add(claimed)).unwrap_or(usize::MAX);
-    file.get(end..).unwrap_or_default().iter().all(|b| *b == 0)
-}
+/// Bytes `durable_record_after` may hash in one scan, at most: past it
+/// the scan gives up and answers `true` (damage), the safe side.
+const SCAN_HASH_BYTES_MAX: u64 = 256 << 20;
 
-/// Whether an intact record (a header whose length fits and whose crc
-/// matches its body) starts anywhere after `offset` of `file`. Every
-/// record is one group commit, written after the one before it was
-/// fsync'd (or, for a commit-only write without fsync, after it was
-/// written), so bytes after a bad spot that hold no intact record are
-/// what a power cut left of the last, unsynced write: its pages may reach
-/// the disk in any order, a later one torn in after an earlier one lost
-/// (found by the lost-write file system of the Jepsen harness, issue 16).
-/// An intact record after the bad spot means the bad spot was made
-/// durable before it: damage. Garbage rarely has a length that fits, so
-/// the scan is about linear.
-pub(crate) fn intact_record_after(file: &[u8], offset: u64) -> bool {
+/// Whether a record that must have been made durable starts after
+/// `offset` of `file`: an intact record (plausible body start, a length
+/// that fits, a matching crc) for which `durable(ops)` says so, or one
+/// whose crc matches but whose body does not decode.
+///
+/// Why: every record is one group commit, written after the previous
+/// fsync (or, for a commit-only write, with no fsync at all), so bytes
+/// after a bad spot are, in a power cut, what is left of the unsynced
+/// writes: their pages reach the disk in any order, a later one torn in
+/// after an earlier one lost (found by the Jepsen harness's lost-write
+/// file system, issue 16). Commit-only records may stand whole after such
+/// a hole; the caller's `durable` tells those from records whose fsync
+/// made the bad spot durable too (then the bad spot is damage).
+///
+/// Cost: candidates must start a body (version byte, a plausible op
+/// count, a known first tag) before their crc is computed, and the bytes
+/// hashed are bounded (`SCAN_HASH_BYTES_MAX`).
+pub(crate) fn durable_record_after(file: &[u8], offset: u64, mut durable: impl FnMut(&[IndexOp]) -> bool) -> bool {
     let Ok(start) = usize::try_from(offset) else {
-        return false;
+        return true;
     };
+    let mut hashed = 0u64;
     let mut p = start.saturating_add(1);
     while let Some(head) = file.get(p..).and_then(|r| r.first_chunk::<8>()) {
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
@@ -435,10 +428,29 @@ pub(crate) fn intact_record_after(file: &[u8], offset: u64) -> bool {
         let body = usize::try_from(len)
             .ok()
             .and_then(|n| file.get(p.saturating_add(8)..p.saturating_add(8).saturating_add(n)));
-        if len > 0 && u64::from(len) <= RECORD_BODY_BYTES_MAX {
-            if let Some(body) = body {
-                if record_crc(len, body) == crc {
-                    return true;
+        let plausible = body.is_some_and(|b| {
+            let ops = b
+                .get(1..5)
+                .and_then(|c| <[u8; 4]>::try_from(c).ok())
+                .map_or(0, u32::from_be_bytes);
+            b.first() == Some(&BODY_VERSION)
+                && ops >= 1
+                && u64::from(ops) <= u64::from(len) / 9
+                && b.get(5).is_some_and(|t| (1..=6).contains(t))
+        });
+        if let (true, Some(body)) = (plausible && u64::from(len) <= RECORD_BODY_BYTES_MAX, body) {
+            hashed += u64::from(len);
+            if hashed > SCAN_HASH_BYTES_MAX {
+                return true;
+            }
+            if record_crc(len, body) == crc {
+                match decode_body(body, p as u64 + RECORD_HEADER_BYTES) {
+                    Ok(ops) if !durable(&ops) => {
+                        // A commit-only record of the unsynced tail: look on.
+                        p += 8 + body.len();
+                        continue;
+                    }
+                    _ => return true,
                 }
             }
         }
