@@ -138,38 +138,28 @@ fn scenarios(f: &Flags, server: &std::path::Path, phctl: &std::path::Path) -> Re
             expect_anomalies: false,
         });
     }
-    if let Some(p) = &f.planted_server {
-        out.push(Scenario {
-            name: "planted-skip-dedup".into(),
-            faults: vec![Fault::Kill],
-            nodes: 3,
-            slots: 3,
-            phctl: None,
-            server: p.clone(),
-            expect_anomalies: true,
-        });
-    }
-    if let Some(p) = &f.planted_lazy_fsync {
-        out.push(Scenario {
-            name: "planted-lazy-fsync".into(),
-            faults: vec![Fault::PowerLossAll],
-            nodes: 3,
-            slots: 3,
-            phctl: None,
-            server: p.clone(),
-            expect_anomalies: true,
-        });
-    }
-    if let Some(p) = &f.planted_answer_before_commit {
-        out.push(Scenario {
-            name: "planted-answer-before-commit".into(),
-            faults: vec![Fault::PartitionLeader],
-            nodes: 3,
-            slots: 3,
-            phctl: None,
-            server: p.clone(),
-            expect_anomalies: true,
-        });
+    // Each planted server, with the fault that must expose its bug.
+    let planted = [
+        (&f.planted_server, "planted-skip-dedup", Fault::Kill),
+        (&f.planted_lazy_fsync, "planted-lazy-fsync", Fault::PowerLossAll),
+        (
+            &f.planted_answer_before_commit,
+            "planted-answer-before-commit",
+            Fault::PartitionLeader,
+        ),
+    ];
+    for (path, name, fault) in planted {
+        if let Some(p) = path {
+            out.push(Scenario {
+                name: name.into(),
+                faults: vec![fault],
+                nodes: 3,
+                slots: 3,
+                phctl: None,
+                server: p.clone(),
+                expect_anomalies: true,
+            });
+        }
     }
     if !f.only.is_empty() {
         let unknown: Vec<&String> = f.only.iter().filter(|n| !out.iter().any(|s| &s.name == *n)).collect();
