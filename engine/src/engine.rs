@@ -226,7 +226,28 @@ impl Engine {
         // be refused by the version check below, with a message.
         let db = DB::open_cf_descriptors(&db_opts, path.as_ref(), [cf(CF_META), cf(CF_RAFT), cf(CF_DATA)])?;
         check_format_version(&db)?;
-        let log = crate::raftlog::files::LogFiles::open(&path.as_ref().join("raft-log"), options.raft_log)?;
+        // Damage in the log (§8.5): the shards that may have lost what they
+        // acknowledged are marked, durably, before the salvaged log is
+        // (D49), so a crash in between finds them again.
+        let log = crate::raftlog::files::LogFiles::open_with(
+            &path.as_ref().join("raft-log"),
+            options.raft_log,
+            &mut |recovery, known| {
+                let suspect = recovery.suspect_shards(known);
+                let reason = format!(
+                    "Raft log damage: {}",
+                    recovery.damage.first().map_or("", String::as_str)
+                );
+                tracing::error!(
+                    damage = ?recovery.damage,
+                    cut_shards = ?recovery.cut_shards,
+                    catching_up = ?suspect,
+                    "the Raft log is damaged: the damage was skipped, the shards that lost entries cut \
+                     before it, and these replicas will catch up from their peers before they vote again"
+                );
+                crate::catchup::mark(&db, &suspect, &reason)
+            },
+        )?;
         let found_segments = log.recovery().segments;
         let engine = Engine {
             inner: Arc::new(Inner {

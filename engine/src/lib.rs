@@ -28,6 +28,7 @@
 //! is documented byte by byte in docs/storage-format.md.
 
 mod apply;
+mod catchup;
 mod codec;
 pub mod decoders;
 mod engine;
@@ -47,6 +48,7 @@ mod trim;
 mod txn;
 
 pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
+pub use catchup::CATCH_UP_REASON_BYTES_MAX;
 pub use engine::{Durability, Engine, EngineOptions, FORMAT_VERSION, HEADS_CACHED_PER_SHARD_DEFAULT};
 pub use error::{EngineError, HexKey, OpError, ReadError};
 pub use heads::{HEAD_ROW_EVERY_APPENDS, HEAD_ROW_EVERY_APPENDS_MAX};

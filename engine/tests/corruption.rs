@@ -159,7 +159,7 @@ fn flipped_mailbox_meta_fails_apply_instead_of_misnumbering() {
 }
 
 #[test]
-fn flipped_raft_log_entry_fails_the_open_instead_of_being_dropped() {
+fn flipped_raft_log_entry_is_skipped_its_shard_cut_and_marked_catching_up() {
     let mut s = Shard::new();
     let store = s.engine().raft_log(s.id).unwrap();
     let mut b = pigeonhole_engine::RaftBatch::default();
@@ -199,11 +199,30 @@ fn flipped_raft_log_entry_fails_the_open_instead_of_being_dropped() {
         }
     }
     assert!(flipped);
-    let err = pigeonhole_engine::Engine::open(s.dir.path(), pigeonhole_engine::EngineOptions::default()).unwrap_err();
-    assert!(
-        matches!(err, EngineError::Corruption { .. }) && err.to_string().contains("checksum mismatch"),
-        "{err}"
+    // The open skips the damage, cuts the shard's log before it (entries
+    // 2 and 3 follow the hole), and marks the shard as catching up, durably
+    // (D49): it must not vote until its peers have filled it in again.
+    let engine = pigeonhole_engine::Engine::open(s.dir.path(), pigeonhole_engine::EngineOptions::default()).unwrap();
+    let marks = engine.catching_up().unwrap();
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert_eq!(marks[0].0, s.id);
+    assert!(marks[0].1.contains("checksum mismatch"), "{marks:?}");
+    let store = engine.raft_log(s.id).unwrap();
+    assert_eq!(
+        pigeonhole_engine::raft::Storage::last_index(&store).unwrap(),
+        0,
+        "entries after the hole are cut"
     );
+    drop(store);
+    drop(engine);
+    // The mark survives a restart (the damage no longer shows: the new
+    // segment's checkpoint states the cut log), and clearing it is durable.
+    let engine = pigeonhole_engine::Engine::open(s.dir.path(), pigeonhole_engine::EngineOptions::default()).unwrap();
+    assert_eq!(engine.catching_up().unwrap().len(), 1);
+    engine.caught_up(s.id).unwrap();
+    drop(engine);
+    let engine = pigeonhole_engine::Engine::open(s.dir.path(), pigeonhole_engine::EngineOptions::default()).unwrap();
+    assert!(engine.catching_up().unwrap().is_empty());
 }
 
 #[test]

@@ -107,6 +107,32 @@ pub struct LogRecovery {
     /// Segments older than a gap in the numbering (left by an interrupted
     /// purge), deleted.
     pub stale_segments: usize,
+    /// Damage found and skipped (salvage, §8.5): which file, where, what.
+    /// Empty for a log that opened whole.
+    pub damage: Vec<String>,
+    /// Shards whose log lost live entries to the damage, cut to the whole
+    /// run after their truncation point (ascending).
+    pub cut_shards: Vec<u64>,
+    /// Damage reached the newest segment, after which no checkpoint
+    /// restates the shards' state: any shard may have lost entries or its
+    /// hard state there, not only `cut_shards`.
+    pub newest_damaged: bool,
+}
+
+impl LogRecovery {
+    /// The shards that must catch up from their peers before they vote
+    /// again (D49): every shard the log knows when the newest segment was
+    /// damaged, else the shards cut.
+    pub fn suspect_shards(&self, known: &[u64]) -> Vec<u64> {
+        if self.newest_damaged {
+            let mut all: Vec<u64> = known.iter().chain(&self.cut_shards).copied().collect();
+            all.sort_unstable();
+            all.dedup();
+            all
+        } else {
+            self.cut_shards.clone()
+        }
+    }
 }
 
 /// The segment files and their index.
@@ -150,11 +176,30 @@ fn sync_dir(dir: &Path) -> Result<(), EngineError> {
         .map_err(|e| io_err("fsync directory", dir, e))
 }
 
+/// What [`LogFiles::open_with`] calls on damage: what recovery found, and
+/// every shard the log knows.
+pub(crate) type OnDamage<'a> = dyn FnMut(&LogRecovery, &[u64]) -> Result<(), EngineError> + 'a;
+
 impl LogFiles {
     /// Opens the log in `dir` (created if missing): replays every segment,
     /// cuts a torn tail, checks every shard's log is whole, and starts a new
     /// segment for appends.
+    #[cfg(test)]
     pub(crate) fn open(dir: &Path, options: LogFilesOptions) -> Result<LogFiles, EngineError> {
+        Self::open_with(dir, options, &mut |_, _| Ok(()))
+    }
+
+    /// [`LogFiles::open`], calling `on_damage` with what recovery found and
+    /// every shard the log knows when it found damage, before the new
+    /// segment's checkpoint makes the salvaged state durable: what the
+    /// caller records there (which shards must catch up, D49) is then on
+    /// disk before the damage stops being visible (a later open would find
+    /// the cut shards whole, as the checkpoint states them).
+    pub(crate) fn open_with(
+        dir: &Path,
+        options: LogFilesOptions,
+        on_damage: &mut OnDamage<'_>,
+    ) -> Result<LogFiles, EngineError> {
         if options.segment_bytes < 4096 || options.segments_soft_max < 2 {
             return Err(EngineError::InvalidCall(format!(
                 "raft log: segment_bytes must be >= 4096 and segments_soft_max >= 2, got {options:?}"
@@ -205,7 +250,14 @@ impl LogFiles {
                     recovery.torn_bytes += bytes.len() as u64;
                     continue;
                 }
-                return Err(log_corruption(format!("{}: {e}", path.display())));
+                // Damage: the whole segment is skipped (left on disk, never
+                // replayed), and the shards that had live entries in it
+                // are found below.
+                recovery
+                    .damage
+                    .push(format!("{}: {e}; the segment was skipped", path.display()));
+                recovery.newest_damaged |= is_newest;
+                continue;
             }
             let file = OpenOptions::new()
                 .read(true)
@@ -237,19 +289,47 @@ impl LogFiles {
                         recovery.torn_bytes += len - at;
                         break;
                     }
-                    Found::End => {
-                        return Err(log_corruption(format!(
-                            "{} at offset {at}: zeros where a record should be",
-                            path.display()
-                        )))
-                    }
-                    Found::Torn(why) | Found::Corrupt(why) => {
-                        return Err(log_corruption(format!("{} at offset {at}: {why}", path.display())))
+                    Found::End | Found::Torn(_) | Found::Corrupt(_) => {
+                        // Damage to acknowledged writes: skip to the next
+                        // whole record (or the segment's end) and go on;
+                        // the shards that lost live entries are found by
+                        // the check below, and caught up from their peers.
+                        let why = match record::read_record(&bytes, at) {
+                            Found::Torn(why) | Found::Corrupt(why) => why,
+                            _ => "zeros where a record should be".to_string(),
+                        };
+                        let resume = record::next_record_after(&bytes, at);
+                        recovery.damage.push(format!(
+                            "{} at offset {at}: {why}; {}",
+                            path.display(),
+                            match resume {
+                                Some(n) => format!("{} bytes skipped", n - at),
+                                None => format!("the rest of the segment ({} bytes) skipped", len - at),
+                            }
+                        ));
+                        recovery.newest_damaged |= is_newest;
+                        match resume {
+                            Some(n) => at = n,
+                            None => break,
+                        }
                     }
                 }
             }
         }
-        index.validate()?;
+        let damage_seen = !recovery.damage.is_empty();
+        for (shard, why) in index.salvage() {
+            // A shard that lost live entries: a segment was damaged, or is
+            // missing (a missing one is damage too, named by its shards).
+            if !damage_seen {
+                recovery.damage.push(why);
+            }
+            recovery.cut_shards.push(shard);
+        }
+        if !recovery.damage.is_empty() {
+            let mut known: Vec<u64> = index.shards.keys().copied().collect();
+            known.sort_unstable();
+            on_damage(&recovery, &known)?;
+        }
         for seg in stale {
             let path = segment_path(dir, seg);
             std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;

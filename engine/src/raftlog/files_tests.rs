@@ -238,7 +238,7 @@ fn log_with_hard_state_tail(dir: &Path, tail: &[(u64, u64, u64)]) -> Vec<usize> 
 /// after it is cut. A term or vote after the hole would have been fsync'd,
 /// and with it the hole: damage.
 #[test]
-fn commit_only_records_after_a_hole_are_a_torn_tail_but_a_vote_is_not() {
+fn commit_only_records_after_a_hole_are_a_torn_tail_but_a_vote_is_damage() {
     for (vote_after, fails) in [(1u64, false), (2, true)] {
         let dir = tempfile::tempdir().unwrap();
         let at = log_with_hard_state_tail(dir.path(), &[(1, 1, 2), (1, vote_after, 2)]);
@@ -246,18 +246,24 @@ fn commit_only_records_after_a_hole_are_a_torn_tail_but_a_vote_is_not() {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[at[0]..at[0] + 8].fill(0); // the first tail record's header lost
         std::fs::write(&path, &bytes).unwrap();
-        match LogFiles::open(dir.path(), OPTS) {
-            Ok(files) => {
-                assert!(!fails, "a vote after the hole was cut away");
-                assert!(files.recovery().torn_bytes > 0);
-                assert_eq!(files.shard(1).last, (2, 1));
-                assert_eq!(
-                    files.shard(1).hard.commit,
-                    1,
-                    "the commit moves after the hole are gone"
-                );
-            }
-            Err(e) => assert!(fails, "commit-only records after a hole failed the open: {e}"),
+        let files = LogFiles::open(dir.path(), OPTS).unwrap();
+        let rec = files.recovery();
+        if fails {
+            assert_eq!(rec.torn_bytes, 0, "a vote after the hole was cut away as torn");
+            assert!(rec.newest_damaged && !rec.damage.is_empty(), "{rec:?}");
+            assert_eq!(files.shard(1).hard.vote, 2, "the vote after the hole is kept");
+        } else {
+            assert!(
+                rec.damage.is_empty(),
+                "commit-only records after a hole are damage: {rec:?}"
+            );
+            assert!(rec.torn_bytes > 0);
+            assert_eq!(files.shard(1).last, (2, 1));
+            assert_eq!(
+                files.shard(1).hard.commit,
+                1,
+                "the commit moves after the hole are gone"
+            );
         }
     }
 }
@@ -265,9 +271,10 @@ fn commit_only_records_after_a_hole_are_a_torn_tail_but_a_vote_is_not() {
 /// A damaged length field in the middle of the newest segment that claims
 /// more bytes than the file has is damage, not a torn tail: fsync'd
 /// records follow it (before, the claim past the end read as "nothing
-/// after" and they were cut; found by a review).
+/// after" and they were cut; found by a review). Salvage skips it and
+/// cuts the shard's log before the hole (D49).
 #[test]
-fn a_damaged_length_before_fsynced_records_fails_the_open() {
+fn a_damaged_length_before_fsynced_records_is_damage_not_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     drop(one_shard_log(dir.path(), 3));
     let path = newest(dir.path());
@@ -279,14 +286,21 @@ fn a_damaged_length_before_fsynced_records_fails_the_open() {
     assert!(bytes[first..].windows(7).position(|w| w == b"payload").unwrap() < 100);
     bytes[first] = 0x01; // its length now runs past the end of the file
     std::fs::write(&path, &bytes).unwrap();
-    assert!(
-        LogFiles::open(dir.path(), OPTS).is_err(),
-        "fsync'd records after a damaged length were cut"
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    let rec = files.recovery();
+    assert_eq!(
+        rec.torn_bytes, 0,
+        "fsync'd records after a damaged length were cut as torn"
     );
+    assert_eq!(rec.damage.len(), 1, "{rec:?}");
+    assert!(rec.newest_damaged);
+    assert_eq!(rec.cut_shards, vec![1]);
+    assert_eq!(files.shard(1).last, (0, 0), "entries 2 and 3 follow a hole: cut");
+    assert!(lock(&files.index).shards[&1].entries.is_empty());
 }
 
 #[test]
-fn a_damaged_record_with_data_after_it_fails_the_open() {
+fn a_damaged_record_with_data_after_it_is_skipped_and_its_shard_cut() {
     let dir = tempfile::tempdir().unwrap();
     drop(one_shard_log(dir.path(), 3));
     let path = newest(dir.path());
@@ -296,12 +310,90 @@ fn a_damaged_record_with_data_after_it_fails_the_open() {
     let at = bytes.windows(7).position(|w| w == b"payload").unwrap();
     bytes[at] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
-    let err = LogFiles::open(dir.path(), OPTS).unwrap_err();
-    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    let rec = files.recovery().clone();
+    assert!(rec.damage[0].contains("checksum mismatch"), "{rec:?}");
+    assert!(rec.damage[0].contains("bytes skipped"), "{rec:?}");
+    assert_eq!(rec.suspect_shards(&[1]), vec![1]);
+    assert_eq!(files.shard(1).last, (0, 0));
+    // The cut shard takes appends again (a snapshot's reset, then entries
+    // after it), and a reopen finds it whole: the checkpoint of the
+    // segment the salvage started states it.
+    let mut r = RecordBuilder::default();
+    r.reset(1, 3, 1);
+    r.entries(1, false, &[entry(4, 2, b"after")]).unwrap();
+    files.append(r, Durability::Fsync).unwrap();
+    drop(files);
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    assert_eq!(files.shard(1).last, (4, 2));
+    assert_eq!(files.read(1, 4, 5, None).unwrap().len(), 1);
+    assert!(files.recovery().cut_shards.is_empty(), "{:?}", files.recovery());
+}
+
+/// Damage in an older segment: the next segment's checkpoint restates
+/// every shard, so only the shards that lost live entries are cut, each
+/// to the run before its hole, and the damage does not reach the newest
+/// segment. Shard 2, written in the same segments, is whole.
+#[test]
+fn damage_in_an_older_segment_cuts_only_the_shards_that_lost_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    for i in 1..=60u64 {
+        let mut rec = RecordBuilder::default();
+        rec.entries(
+            1,
+            false,
+            &[entry(i, 1, &[b"one-payload".as_slice(), &[b'.'; 60]].concat())],
+        )
+        .unwrap();
+        files.append(rec, Durability::Fsync).unwrap();
+        let mut rec = RecordBuilder::default();
+        rec.entries(
+            2,
+            false,
+            &[entry(i, 1, &[b"two-payload".as_slice(), &[b'.'; 60]].concat())],
+        )
+        .unwrap();
+        files.append(rec, Durability::Fsync).unwrap();
+    }
+    drop(files);
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    assert!(segs.len() >= 3, "{segs:?}");
+    // Flip a byte of one of shard 1's entries in the first segment.
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    let hits: Vec<usize> = bytes
+        .windows(11)
+        .enumerate()
+        .filter(|(_, w)| *w == b"one-payload")
+        .map(|(i, _)| i)
+        .collect();
+    let at = hits[hits.len() / 2];
+    bytes[at] ^= 0x40;
+    std::fs::write(&segs[0], &bytes).unwrap();
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    let rec = files.recovery().clone();
+    assert!(!rec.newest_damaged, "{rec:?}");
+    assert_eq!(rec.cut_shards, vec![1]);
+    assert_eq!(rec.suspect_shards(&[1, 2]), vec![1]);
+    let one = files.shard(1);
+    assert!(one.last.0 >= 1 && one.last.0 < 60, "{:?}", one.last);
+    assert!(one.hard.commit <= one.last.0);
+    assert_eq!(
+        lock(&files.index).shards[&1].entries.len() as u64,
+        one.last.0,
+        "the entries after the hole are no longer indexed"
+    );
+    assert_eq!(files.read(1, 1, one.last.0 + 1, None).unwrap().len() as u64, one.last.0);
+    assert_eq!(files.shard(2).last, (60, 1), "shard 2 lost nothing");
+    assert_eq!(files.read(2, 1, 61, None).unwrap().len(), 60);
 }
 
 #[test]
-fn a_lost_segment_with_live_entries_fails_the_open_and_a_purge_leftover_is_dropped() {
+fn a_lost_segment_with_live_entries_is_damage_and_a_purge_leftover_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     // Enough records for several segments; nothing is compacted, so
     // every segment holds live entries.
@@ -312,12 +404,26 @@ fn a_lost_segment_with_live_entries_fails_the_open_and_a_purge_leftover_is_dropp
         .collect();
     segs.sort();
     assert!(segs.len() >= 3, "{segs:?}");
-    let saved = std::fs::read(&segs[1]).unwrap();
+    let saved: Vec<(PathBuf, Vec<u8>)> = segs.iter().map(|p| (p.clone(), std::fs::read(p).unwrap())).collect();
     std::fs::remove_file(&segs[1]).unwrap();
-    let err = LogFiles::open(dir.path(), OPTS).unwrap_err();
-    assert!(err.to_string().contains("is missing or damaged"), "{err}");
-    std::fs::write(&segs[1], saved).unwrap();
-
+    {
+        let files = LogFiles::open(dir.path(), OPTS).unwrap();
+        let rec = files.recovery();
+        assert!(rec.damage[0].contains("is missing or damaged"), "{rec:?}");
+        assert_eq!(rec.cut_shards, vec![1]);
+        assert_eq!(
+            files.shard(1).last,
+            (0, 0),
+            "the entries before the gap are gone with it"
+        );
+    }
+    // Put the log back as it was (the salvage started a segment after it).
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    for (p, bytes) in &saved {
+        std::fs::write(p, bytes).unwrap();
+    }
     // Compact everything: the purge deletes every old segment. Then put
     // back an old one, as if its unlink had not reached the disk while a
     // later one's had: it sits before a gap, and is dropped.

@@ -9,7 +9,6 @@
 //! shard's whole index, since this runs on every append.
 
 use super::record::{EntryLoc, IndexOp};
-use crate::error::EngineError;
 use raft::eraftpb::HardState;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -163,9 +162,11 @@ impl Index {
         }
     }
 
-    /// Every shard's log must hold exactly the entries after its truncation
-    /// up to its last index, the last with the last term.
-    pub fn validate(&self) -> Result<(), EngineError> {
+    /// The shards whose log does not hold exactly the entries after its
+    /// truncation up to its last index, the last with the last term, each
+    /// with what is wrong; ascending.
+    fn broken(&self) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
         for (shard, s) in &self.shards {
             let expect = s.last.0.saturating_sub(s.truncated.0);
             let ok = s.entries.len() as u64 == expect
@@ -177,15 +178,46 @@ impl Index {
                     (Some(a), Some(b)) => format!("{} entries, {a}..={b}", s.entries.len()),
                     _ => "no entries".to_string(),
                 };
-                return Err(super::files::log_corruption(format!(
-                    "shard {shard}: the log should hold entries {}..={} (last term {}) but holds {held}: \
-                     a segment holding live entries is missing or damaged",
-                    s.truncated.0 + 1,
-                    s.last.0,
-                    s.last.1
-                )));
+                out.push((
+                    *shard,
+                    format!(
+                        "shard {shard}: the log should hold entries {}..={} (last term {}) but holds {held}: \
+                         a segment holding live entries is missing or damaged",
+                        s.truncated.0 + 1,
+                        s.last.0,
+                        s.last.1
+                    ),
+                ));
             }
         }
-        Ok(())
+        out.sort_unstable_by_key(|(shard, _)| *shard);
+        out
+    }
+
+    /// Salvage after damage (§8.5): every shard whose log is not whole
+    /// keeps the run of entries that follows its truncation point without
+    /// a gap, and nothing after it; its last index becomes the end of
+    /// that run, and its commit index is lowered to it (raft-rs refuses a
+    /// commit index past the last entry). What it lost is caught up from
+    /// its peers, and the replica must not vote until then (D49).
+    /// Returns the shards cut, each with what was wrong.
+    pub fn salvage(&mut self) -> Vec<(u64, String)> {
+        let broken = self.broken();
+        for (shard, _) in &broken {
+            let Some(s) = self.shards.get(shard) else { continue };
+            let mut keep = s.truncated;
+            for (i, loc) in &s.entries {
+                if *i != keep.0.saturating_add(1) || (*i == s.last.0 && loc.term != s.last.1) {
+                    break;
+                }
+                keep = (*i, loc.term);
+            }
+            self.drop_from(*shard, keep.0.saturating_add(1));
+            if let Some(s) = self.shards.get_mut(shard) {
+                s.last = keep;
+                s.hard.commit = s.hard.commit.min(keep.0);
+            }
+        }
+        broken
     }
 }

@@ -423,27 +423,12 @@ pub(crate) fn durable_record_after(file: &[u8], offset: u64, mut durable: impl F
     let mut hashed = 0u64;
     let mut p = start.saturating_add(1);
     while let Some(head) = file.get(p..).and_then(|r| r.first_chunk::<8>()) {
-        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-        let crc = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-        let body = usize::try_from(len)
-            .ok()
-            .and_then(|n| file.get(p.saturating_add(8)..p.saturating_add(8).saturating_add(n)));
-        let plausible = body.is_some_and(|b| {
-            let ops = b
-                .get(1..5)
-                .and_then(|c| <[u8; 4]>::try_from(c).ok())
-                .map_or(0, u32::from_be_bytes);
-            b.first() == Some(&BODY_VERSION)
-                && ops >= 1
-                && u64::from(ops) <= u64::from(len) / 9
-                && b.get(5).is_some_and(|t| (1..=6).contains(t))
-        });
-        if let (true, Some(body)) = (plausible && u64::from(len) <= RECORD_BODY_BYTES_MAX, body) {
+        if let Some((len, body)) = plausible_record(file, p, head) {
             hashed += u64::from(len);
             if hashed > SCAN_HASH_BYTES_MAX {
                 return true;
             }
-            if record_crc(len, body) == crc {
+            if record_crc(len, body) == u32::from_be_bytes([head[4], head[5], head[6], head[7]]) {
                 match decode_body(body, p as u64 + RECORD_HEADER_BYTES) {
                     Ok(ops) if !durable(&ops) => {
                         // A commit-only record of the unsynced tail: look on.
@@ -457,6 +442,56 @@ pub(crate) fn durable_record_after(file: &[u8], offset: u64, mut durable: impl F
         p += 1;
     }
     false
+}
+
+/// The body of the record whose header `head` starts at `p`, if it looks
+/// like one: a length that fits the file and the limit, and a body that
+/// starts with the version, a plausible op count and a known tag. The
+/// prefilter that keeps a scan from hashing at every byte.
+fn plausible_record<'a>(file: &'a [u8], p: usize, head: &[u8; 8]) -> Option<(u32, &'a [u8])> {
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    if u64::from(len) > RECORD_BODY_BYTES_MAX {
+        return None;
+    }
+    let body = usize::try_from(len)
+        .ok()
+        .and_then(|n| file.get(p.saturating_add(8)..p.saturating_add(8).saturating_add(n)))?;
+    let ops = body
+        .get(1..5)
+        .and_then(|c| <[u8; 4]>::try_from(c).ok())
+        .map_or(0, u32::from_be_bytes);
+    let ok = body.first() == Some(&BODY_VERSION)
+        && ops >= 1
+        && u64::from(ops) <= u64::from(len) / 9
+        && body.get(5).is_some_and(|t| (1..=6).contains(t));
+    ok.then_some((len, body))
+}
+
+/// Where the first whole, intact record after a bad spot at `offset`
+/// starts (a plausible header, a matching crc, a body that decodes), if
+/// any: where recovery of a damaged segment picks up again (salvage,
+/// §8.5). Hashes at most `SCAN_HASH_BYTES_MAX`, then gives up (`None`:
+/// the rest of the segment is skipped, the safe side, since every shard
+/// that loses entries by it is found and caught up from its peers).
+pub(crate) fn next_record_after(file: &[u8], offset: u64) -> Option<u64> {
+    let start = usize::try_from(offset).ok()?;
+    let mut hashed = 0u64;
+    let mut p = start.saturating_add(1);
+    while let Some(head) = file.get(p..).and_then(|r| r.first_chunk::<8>()) {
+        if let Some((len, body)) = plausible_record(file, p, head) {
+            hashed += u64::from(len);
+            if hashed > SCAN_HASH_BYTES_MAX {
+                return None;
+            }
+            if record_crc(len, body) == u32::from_be_bytes([head[4], head[5], head[6], head[7]])
+                && decode_body(body, p as u64 + RECORD_HEADER_BYTES).is_ok()
+            {
+                return Some(p as u64);
+            }
+        }
+        p += 1;
+    }
+    None
 }
 
 struct Reader<'a> {
