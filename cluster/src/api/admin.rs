@@ -118,7 +118,13 @@ impl Admin for AdminService {
             std::collections::HashMap::new()
         };
         let watching = self.node.watchers().counts();
+        let catching_up_shards = replicas
+            .iter()
+            .filter(|s| s.catching_up.is_some())
+            .map(|s| s.shard)
+            .collect();
         Ok(Response::new(pb::NodeStatusResponse {
+            catching_up_shards,
             subscribe_streams: watching.streams,
             subscribed_mailboxes: watching.stream_mailboxes,
             sync_waiters: watching.polls,
@@ -150,6 +156,7 @@ impl Admin for AdminService {
                     voters: s.voters,
                     learners: s.learners,
                     asleep: s.asleep,
+                    catching_up: s.catching_up.unwrap_or_default(),
                     snapshot_sends: s
                         .snapshot_sends
                         .iter()

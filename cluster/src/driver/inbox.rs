@@ -128,6 +128,15 @@ impl Driver {
                 self.wake(shard, true);
             }
             Inbound::Campaign { shard, reply } => {
+                if self.is_catching_up(shard) {
+                    let _ = reply.send(Err(ClusterError::Refused {
+                        reason: format!(
+                            "shard {shard}: this replica is catching up after storage damage and does not campaign \
+                             until it holds what its shard had committed"
+                        ),
+                    }));
+                    return Ok(true);
+                }
                 let Some(r) = self.replicas.get_mut(&shard) else {
                     let _ = reply.send(Err(self.not_replica(shard)));
                     return Ok(true);
@@ -257,6 +266,11 @@ impl Driver {
                 continue;
             }
             if !self.replicas.contains_key(&shard) && !self.maybe_create(shard, &msg)? {
+                continue;
+            }
+            if self.is_catching_up(shard) && super::catchup::blocked(msg.get_msg_type()) {
+                // It must not vote or campaign until it holds what its
+                // shard had committed (D49); the candidate times out.
                 continue;
             }
             self.heard_from_leader(shard, &msg);

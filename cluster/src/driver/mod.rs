@@ -58,6 +58,7 @@
 
 mod applier;
 mod apply;
+mod catchup;
 mod flush;
 mod gc;
 mod inbox;
@@ -172,6 +173,9 @@ pub(crate) struct Driver {
     /// mailboxes apply changed, and which shards lost their leader.
     watchers: Arc<Watchers>,
     counters: Arc<DriverCounters>,
+    /// Replicas catching up after storage damage, which do not vote
+    /// (`catchup`, D49).
+    catching_up: BTreeMap<u64, catchup::CatchUp>,
 }
 
 /// What ended the driver's wait.
@@ -271,7 +275,9 @@ impl Driver {
             logger: crate::logging::raft_logger(),
             watchers,
             counters,
+            catching_up: BTreeMap::new(),
         };
+        d.catching_up = d.load_catch_up()?;
         let ids = d.engine.shard_ids()?;
         for &shard in &ids {
             d.recover_shard(shard)?;
@@ -317,7 +323,7 @@ impl Driver {
         for shard in ids {
             if let Some(r) = d.replicas.get_mut(&shard) {
                 let voter = r.raw.raft.prs().conf().voters().contains(node_id);
-                if r.preferred_leader == node_id && voter {
+                if r.preferred_leader == node_id && voter && !d.catching_up.contains_key(&shard) {
                     r.raw.campaign().map_err(raft_err)?;
                     d.dirty.insert(shard);
                 }

@@ -104,6 +104,9 @@ pub struct ShardStatus {
     pub asleep: bool,
     /// Snapshots this replica is sending: (follower, bytes sent so far).
     pub snapshot_sends: Vec<(u64, u64)>,
+    /// Catching up after damage to this node's storage, and why: it does
+    /// not vote until it holds what its shard had committed (D49).
+    pub catching_up: Option<String>,
 }
 
 /// A replica's Raft role.

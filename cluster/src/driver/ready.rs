@@ -192,6 +192,11 @@ impl Driver {
                 rb.set_hard_state(r.raw.store(), hs)?;
             }
             for rs in rd.take_read_states() {
+                if let Some((_, id)) = parse_context(&rs.request_ctx) {
+                    if super::catchup::answered(&mut self.catching_up, shard, id, rs.index) {
+                        continue;
+                    }
+                }
                 if let Some(pos) = r
                     .reads_inflight
                     .iter()

@@ -43,6 +43,7 @@ impl Driver {
                         .range((*shard, 0)..=(*shard, u64::MAX))
                         .map(|((_, to), n)| (*to, n.load(std::sync::atomic::Ordering::Relaxed)))
                         .collect(),
+                    catching_up: self.catching_up.get(shard).map(|c| c.reason.clone()),
                 }
             })
             .collect()

@@ -193,7 +193,12 @@ impl Driver {
             if r.asleep {
                 continue;
             }
-            r.raw.tick();
+            let catching_up = self.catching_up.contains_key(shard);
+            if !catching_up {
+                // A catching-up replica is not ticked: its election timer
+                // would have it campaign (D49). It only follows.
+                r.raw.tick();
+            }
             self.dirty.insert(*shard);
             if r.raw.raft.leader_id == 0 {
                 r.leaderless_ticks = r.leaderless_ticks.saturating_add(1);
@@ -233,7 +238,7 @@ impl Driver {
                 });
                 self.waiting.insert(*shard);
             }
-            if hibernate != 0 && is_quiet(r) {
+            if hibernate != 0 && is_quiet(r) && !catching_up {
                 r.quiet_ticks += 1;
                 if r.quiet_ticks >= hibernate {
                     r.asleep = true;
@@ -244,6 +249,7 @@ impl Driver {
             // Reads and proposals that waited too long.
             expire_queued(*shard, r, now);
         }
+        self.catch_up_tick();
         if rebalance {
             self.reconcile_meta();
         }

@@ -129,6 +129,7 @@ pub async fn cluster_status(ctx: &Ctx) -> Result<u8, Failure> {
                     "subscribed_mailboxes": s.subscribed_mailboxes,
                     "sync_waiters": s.sync_waiters,
                     "stale_replicas_deleted": s.stale_replicas_deleted,
+                    "catching_up_shards": s.catching_up_shards,
                 })
             }
             Some(Err(e)) => json!({"id": id, "address": addr, "healthy": false, "error": e}),
@@ -143,7 +144,12 @@ pub async fn cluster_status(ctx: &Ctx) -> Result<u8, Failure> {
         .filter(|s| leader_of(&statuses, s.id).is_some())
         .count();
     let nodes_up = nodes.iter().filter(|n| n["healthy"] == true).count();
-    let healthy = nodes_up == nodes.len() && led == shards;
+    // A replica catching up after storage damage does not vote: its shard
+    // would not survive another failure, so the cluster is not healthy.
+    let catching_up = nodes
+        .iter()
+        .any(|n| n["catching_up_shards"].as_array().is_some_and(|a| !a.is_empty()));
+    let healthy = nodes_up == nodes.len() && led == shards && !catching_up;
     let doc = json!({
         "healthy": healthy,
         "nodes": nodes,
@@ -167,7 +173,11 @@ pub async fn cluster_status(ctx: &Ctx) -> Result<u8, Failure> {
                 "FOLLOWED",
             ]);
             for n in &nodes {
-                let health = if n["healthy"] == true {
+                let repairing = n["catching_up_shards"].as_array().filter(|a| !a.is_empty());
+                let health = if let (true, Some(shards)) = (n["healthy"] == true, repairing) {
+                    let list: Vec<String> = shards.iter().map(|v| v.to_string()).collect();
+                    format!("up, catching up after storage damage: shards {}", list.join(","))
+                } else if n["healthy"] == true {
                     "up".to_string()
                 } else {
                     format!("DOWN: {}", n["error"].as_str().unwrap_or("?"))
