@@ -178,9 +178,34 @@ fn damage_log(dir: &Path, needle: &[u8]) -> PathBuf {
     panic!("{} not found in {}", String::from_utf8_lossy(needle), logdir.display());
 }
 
+/// Waits until `n` reports no replica catching up (it must have seen one).
+async fn wait_caught_up(n: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = n.status().await {
+            if s.catching_up_shards.is_empty() {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} never caught up: {:?}",
+            n.id,
+            n.status().await.map(|s| s.replicas)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_replica_does_not_vote_until_caught_up_and_no_ack_is_lost() {
     let tmp = tempfile::tempdir().unwrap();
+    // DAMAGE_KEEP=1 keeps the nodes' dirs and logs (in /tmp) for a look.
+    let base: PathBuf = if std::env::var_os("DAMAGE_KEEP").is_some() {
+        tempfile::TempDir::new_in("/tmp").unwrap().keep()
+    } else {
+        tmp.path().to_path_buf()
+    };
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let initial = (1..=3)
         .map(|i| format!("{i}=127.0.0.1:{}", ports[i - 1]))
@@ -190,7 +215,7 @@ async fn a_damaged_replica_does_not_vote_until_caught_up_and_no_ack_is_lost() {
         .map(|id| Node {
             id,
             port: ports[usize::try_from(id).unwrap() - 1],
-            dir: tmp.path().join(format!("n{id}")),
+            dir: base.join(format!("n{id}")),
             initial: initial.clone(),
             child: None,
         })
@@ -200,6 +225,23 @@ async fn a_damaged_replica_does_not_vote_until_caught_up_and_no_ack_is_lost() {
     }
     let l = leader(&nodes, Duration::from_secs(30)).await;
     append(&nodes[l], "before", b"before-damage").await;
+    let x = (l + 1) % 3;
+    let b = (l + 2) % 3;
+
+    // First, X's copy damaged while the leader stays up: the leader still
+    // believes X holds what it acknowledged, so it must notice the shorter
+    // log and replicate from its end (`reset_lost_follower`), and X must
+    // not stop on a heartbeat's commit index past its log
+    // (`clamp_heartbeat`; found by the Jepsen corrupt fault: raft-rs
+    // panicked "to_commit 108 is out of range [last_index 22]").
+    for i in 0..20 {
+        append(&nodes[l], &format!("p{i}"), format!("PHASE-ONE-{i:03}").as_bytes()).await;
+    }
+    nodes[x].kill();
+    damage_log(&nodes[x].dir, b"PHASE-ONE-000");
+    nodes[x].start();
+    wait_caught_up(&nodes[x]).await;
+    let l = leader(&nodes, Duration::from_secs(30)).await;
     let x = (l + 1) % 3;
     let b = (l + 2) % 3;
 
@@ -214,6 +256,7 @@ async fn a_damaged_replica_does_not_vote_until_caught_up_and_no_ack_is_lost() {
         .await;
     }
     let expected: Vec<Vec<u8>> = std::iter::once(b"before-damage".to_vec())
+        .chain((0..20).map(|i| format!("PHASE-ONE-{i:03}").into_bytes()))
         .chain((0..40).map(|i| format!("ACKED-BY-L-AND-X-{i:03}").into_bytes()))
         .collect();
 
@@ -259,16 +302,7 @@ async fn a_damaged_replica_does_not_vote_until_caught_up_and_no_ack_is_lost() {
     nodes[l].start();
     let now_leader = leader(&nodes, Duration::from_secs(30)).await;
     assert_eq!(payloads(&nodes[now_leader]).await, expected);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(s) = nodes[x].status().await {
-            if s.catching_up_shards.is_empty() {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "X never caught up");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_caught_up(&nodes[x]).await;
 
     // Now X votes, and holds what it lost: with L down again, B and X
     // elect a leader that has every acknowledged append.

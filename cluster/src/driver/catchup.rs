@@ -22,9 +22,11 @@
 //! (durable), and the replica is an ordinary one again. A restart before
 //! that starts over with a new ReadIndex.
 
-use super::replica::context;
+use super::replica::{context, Replica};
 use super::Driver;
-use pigeonhole_engine::raft::eraftpb::MessageType;
+use crate::transport::ShardMsg;
+use pigeonhole_engine::raft::eraftpb::{Message, MessageType};
+use pigeonhole_engine::raft::{ProgressState, StateRole};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -38,7 +40,8 @@ const CATCH_UP_READ_RETRY_TICKS: u64 = 10;
 pub(super) struct CatchUp {
     /// Why (the damage found), for NodeStatus and logs.
     pub(super) reason: String,
-    /// The ReadIndex in flight: its id and the tick it was sent at.
+    /// The ReadIndex in flight: its id and the tick it was sent at (id 0:
+    /// the last wake probe, sent while no leader was known).
     read: Option<(u64, u64)>,
     /// The index the replica must hold before it votes again, once a
     /// leader has answered.
@@ -64,6 +67,69 @@ pub(super) fn blocked(msg: MessageType) -> bool {
         msg,
         MessageType::MsgRequestVote | MessageType::MsgRequestPreVote | MessageType::MsgTimeoutNow
     )
+}
+
+/// Before a catching-up replica steps `msg`: a heartbeat's commit index
+/// is lowered to the replica's last index. The leader sends
+/// min(matched, commit), and its `matched` for this replica may still be
+/// what the replica acknowledged before it lost entries; raft-rs stops the
+/// node on a commit index past its log. The lowered index is safe: the
+/// replica's log is a prefix of what it acknowledged to this leader, so
+/// it agrees with the leader's up to its end.
+///
+/// A commit index past the log also says the leader's `matched` is stale:
+/// it sends nothing more (it thinks this replica holds it all), so the
+/// replica answers with a rejection naming its real end, which the leader
+/// takes to replicate from there (`reset_lost_follower`). Returns it.
+pub(super) fn clamp_heartbeat(r: &Replica, msg: &mut Message) -> Option<Message> {
+    let last = r.raw.raft.raft_log.last_index();
+    if msg.get_msg_type() != MessageType::MsgHeartbeat || msg.commit <= last {
+        return None;
+    }
+    let mut reject = Message::default();
+    reject.set_msg_type(MessageType::MsgAppendResponse);
+    reject.from = msg.to;
+    reject.to = msg.from;
+    reject.term = msg.term;
+    reject.reject = true;
+    reject.index = msg.commit;
+    reject.reject_hint = last;
+    msg.commit = last;
+    Some(reject)
+}
+
+/// On a leader, before it steps `msg`: a follower that rejects an append
+/// with a log ending below what the leader believes it matched has lost
+/// entries (damage, D49; a follower's log never shrinks below the
+/// leader's own entries otherwise). raft-rs takes that rejection for a
+/// stale one and would keep sending after `matched` forever, so the
+/// follower's progress goes back to its real end and probes from there.
+/// A truly stale rejection costs only a resend. Returns whether it reset.
+pub(super) fn reset_lost_follower(r: &mut Replica, msg: &Message) -> bool {
+    if msg.get_msg_type() != MessageType::MsgAppendResponse || !msg.reject || r.raw.raft.state != StateRole::Leader {
+        return false;
+    }
+    let Some(pr) = r.raw.raft.mut_prs().get_mut(msg.from) else {
+        return false;
+    };
+    if pr.state == ProgressState::Snapshot || msg.reject_hint >= pr.matched {
+        return false;
+    }
+    pr.matched = msg.reject_hint;
+    pr.become_probe();
+    true
+}
+
+/// A message that only wakes the receiving replica (the driver wakes a
+/// shard on any message): a heartbeat response of term 1, below every
+/// term in use (replicas start at term 5), which raft-rs ignores as stale.
+fn wake_probe(from: u64, to: u64) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgHeartbeatResponse);
+    m.from = from;
+    m.to = to;
+    m.term = 1;
+    m
 }
 
 /// Whether a replica that has persisted and committed up to `held` (the
@@ -124,7 +190,26 @@ impl Driver {
                 self.catching_up.remove(&shard);
                 continue;
             }
-            if c.target.is_some() || r.raw.raft.leader_id == 0 {
+            if c.target.is_some() {
+                continue;
+            }
+            if r.raw.raft.leader_id == 0 {
+                // It does not tick, so it never campaigns, and an idle
+                // shard's leader may be asleep (hibernation) and send
+                // nothing: poke the other voters, which wakes them; the
+                // leader's next heartbeat then names itself.
+                if c.read
+                    .is_none_or(|(_, sent)| ticks.saturating_sub(sent) >= CATCH_UP_READ_RETRY_TICKS)
+                {
+                    c.read = Some((0, ticks));
+                    for to in r.raw.raft.prs().conf().voters().ids().iter().filter(|v| *v != node_id) {
+                        self.outbox.entry(to).or_default().push(ShardMsg {
+                            shard,
+                            msg: wake_probe(node_id, to),
+                        });
+                    }
+                    self.dirty.insert(shard);
+                }
                 continue;
             }
             if c.read

@@ -268,10 +268,35 @@ impl Driver {
             if !self.replicas.contains_key(&shard) && !self.maybe_create(shard, &msg)? {
                 continue;
             }
-            if self.is_catching_up(shard) && super::catchup::blocked(msg.get_msg_type()) {
-                // It must not vote or campaign until it holds what its
-                // shard had committed (D49); the candidate times out.
-                continue;
+            let mut msg = msg;
+            if self.is_catching_up(shard) {
+                if super::catchup::blocked(msg.get_msg_type()) {
+                    // It must not vote or campaign until it holds what its
+                    // shard had committed (D49); the candidate times out.
+                    continue;
+                }
+                if let Some(reject) = self
+                    .replicas
+                    .get(&shard)
+                    .and_then(|r| super::catchup::clamp_heartbeat(r, &mut msg))
+                {
+                    self.outbox
+                        .entry(reject.to)
+                        .or_default()
+                        .push(ShardMsg { shard, msg: reject });
+                    self.dirty.insert(shard);
+                }
+            }
+            if let Some(r) = self.replicas.get_mut(&shard) {
+                if super::catchup::reset_lost_follower(r, &msg) {
+                    tracing::warn!(
+                        shard,
+                        follower = msg.from,
+                        log_ends_at = msg.reject_hint,
+                        "a follower's log ends before what it had acknowledged (storage damage there): \
+                         replicating to it again from its end"
+                    );
+                }
             }
             self.heard_from_leader(shard, &msg);
             let quiet_msg = matches!(

@@ -5,6 +5,7 @@
 //! the history recorder ([`recorder`]) and the scenario loop ([`run`]).
 
 pub mod cluster;
+pub mod corrupt;
 pub mod membership;
 pub mod nemesis;
 pub mod net;

@@ -14,6 +14,7 @@
 //! | `clock` | skew a random node's wall clock by up to ±60 s (libfaketime), or jump it |
 //! | `transfer` | move a random shard's leadership to another voter |
 //! | `move` | (4 nodes) move a random shard's replica to the node without one: learner, catch-up, leadership away, one joint change (the old node then deletes its copy); a move cut short is finished by the next |
+//! | `corrupt` | SIGKILL a random node, damage its Raft log (bits flipped, a range zeroed, a segment cut short; [`super::corrupt`]), restart it at heal |
 //! | `membership` | (3 nodes, room for 5) a node joins, or one is drained and removed, or one is killed and removed with `--force` ([`super::membership`]); the servers' placement loop moves replicas meanwhile |
 //!
 //! Clients stay connected to every node throughout (the rules drop traffic
@@ -51,10 +52,12 @@ pub enum Fault {
     PowerLossMinority,
     /// A power cut on every node at once: the whole cluster.
     PowerLossAll,
+    /// Damage to one node's Raft log while it is down (a minority).
+    Corrupt,
 }
 
 /// Every fault, in the order scenarios run.
-pub const ALL: [Fault; 15] = [
+pub const ALL: [Fault; 16] = [
     Fault::PartitionLeader,
     Fault::PartitionMajority,
     Fault::PartitionOneWay,
@@ -70,6 +73,7 @@ pub const ALL: [Fault; 15] = [
     Fault::PowerLoss,
     Fault::PowerLossMinority,
     Fault::PowerLossAll,
+    Fault::Corrupt,
 ];
 
 impl Fault {
@@ -91,6 +95,7 @@ impl Fault {
             Fault::PowerLoss => "power-loss",
             Fault::PowerLossMinority => "power-loss-minority",
             Fault::PowerLossAll => "power-loss-all",
+            Fault::Corrupt => "corrupt",
         }
     }
 
@@ -200,6 +205,17 @@ async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, St
             let n = pick(rng);
             c.kill(n);
             format!("kill -9 node {n}")
+        }
+        Fault::Corrupt => {
+            // One node: a minority of three. Restarted at heal.
+            let n = pick(rng);
+            c.kill(n);
+            let data = c
+                .member(n)
+                .map(|m| m.data.clone())
+                .ok_or_else(|| format!("node {n} has no data dir"))?;
+            let what = super::corrupt::damage_log(&data, rng)?;
+            format!("kill -9 node {n}, then damage: {what}")
         }
         Fault::PowerLoss | Fault::PowerLossMinority | Fault::PowerLossAll => {
             let mut hit = nodes.clone();

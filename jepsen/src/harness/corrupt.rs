@@ -1,0 +1,90 @@
+//! The `corrupt` fault's damage: bytes of a stopped node's Raft log
+//! segments flipped, zeroed or cut off, as a failing disk or a bad
+//! controller would leave them (issue 16). The node is then restarted; it
+//! must find the damage by its checksums, keep its replica out of
+//! elections until it has caught up from its peers, and lose no
+//! acknowledged append (docs/decisions.md D49).
+//!
+//! What is damaged, and why not more:
+//! - any byte range of any segment, except the last quarter of the newest
+//!   segment, and the newest segment is never cut short. A bad spot with
+//!   nothing durable after it is exactly what a power cut's torn write
+//!   leaves, so recovery cuts it as one; no checksum can tell the two
+//!   apart, and the replica then silently lacks what it lost (storage-
+//!   format.md §8.5 names this case);
+//! - not RocksDB's files (SSTs, WAL, MANIFEST) or the snapshot spool: the
+//!   node detects that damage by RocksDB's block checksums and its own
+//!   value and chunk checksums, but does not repair it by itself yet
+//!   (docs/operations.md, "Disk damage").
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Damages one of the Raft log segments under `data` (a node's data dir,
+/// the node stopped). Returns what was done, for the history.
+pub fn damage_log(data: &Path, rng: &mut StdRng) -> Result<String, String> {
+    let dir = data.join("db").join("raft-log");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "phlog"))
+        .collect();
+    segs.sort();
+    let Some(newest) = segs.last().cloned() else {
+        return Ok(format!("no segment in {}", dir.display()));
+    };
+    let path = segs.choose(rng).cloned().unwrap_or(newest.clone());
+    let len = std::fs::metadata(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    let is_newest = path == newest;
+    // The 20-byte header and the checkpoint record may be hit too.
+    let span = if is_newest { len * 3 / 4 } else { len };
+    if span < 64 {
+        return Ok(format!("{} too short to damage ({len} bytes)", path.display()));
+    }
+    let at = rng.gen_range(0..span);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let kind = if is_newest {
+        rng.gen_range(0..2)
+    } else {
+        rng.gen_range(0..3)
+    };
+    let what = match kind {
+        0 => {
+            let n = rng.gen_range(1..=8u64).min(span - at);
+            let mut buf = vec![0u8; usize::try_from(n).unwrap_or(1)];
+            file.read_exact_at(&mut buf, at).map_err(|e| format!("read: {e}"))?;
+            for b in &mut buf {
+                *b ^= 1 << rng.gen_range(0..8);
+            }
+            file.write_all_at(&buf, at).map_err(|e| format!("write: {e}"))?;
+            format!("flipped a bit in each of {n} bytes at offset {at}")
+        }
+        1 => {
+            let n = rng.gen_range(512..=8192u64).min(span - at);
+            file.write_all_at(&vec![0u8; usize::try_from(n).unwrap_or(512)], at)
+                .map_err(|e| format!("write: {e}"))?;
+            format!("zeroed {n} bytes at offset {at}")
+        }
+        _ => {
+            file.set_len(at).map_err(|e| format!("truncate: {e}"))?;
+            format!("cut the file at offset {at} ({} bytes lost)", len - at)
+        }
+    };
+    file.sync_all().map_err(|e| format!("fsync: {e}"))?;
+    Ok(format!(
+        "{} ({} of {} segments{}, {len} bytes): {what}",
+        path.display(),
+        segs.iter().position(|p| *p == path).map_or(0, |i| i + 1),
+        segs.len(),
+        if is_newest { ", the newest" } else { "" }
+    ))
+}
