@@ -226,7 +226,6 @@ async fn a_damaged_replica_does_not_vote_until_caught_up_and_no_ack_is_lost() {
     let l = leader(&nodes, Duration::from_secs(30)).await;
     append(&nodes[l], "before", b"before-damage").await;
     let x = (l + 1) % 3;
-    let b = (l + 2) % 3;
 
     // First, X's copy damaged while the leader stays up: the leader still
     // believes X holds what it acknowledged, so it must notice the shorter
