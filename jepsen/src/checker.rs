@@ -49,6 +49,44 @@ pub struct Anomaly {
 /// Final logs: node id → mailbox → messages.
 pub type Finals = BTreeMap<u64, BTreeMap<String, Vec<Msg>>>;
 
+/// Replicas read during the run, after each power loss and corruption was
+/// healed: (when, node, its log of each mailbox it holds).
+pub type Interim = Vec<(String, u64, BTreeMap<String, Vec<Msg>>)>;
+
+/// Every replica read during the run must be a prefix of (or equal to) the
+/// final agreed log of each mailbox: a replica may lag, but never holds a
+/// message the cluster later does not, or holds one at another place
+/// (issue 16). A replica that, after a power cut or damage, served a log
+/// the cluster then overwrote, is found here even when its final log
+/// agrees.
+pub fn check_interim(finals: &Finals, interim: &Interim) -> Vec<Anomaly> {
+    let reference = agree(finals, &mut Vec::new());
+    let mut out = Vec::new();
+    for (when, node, logs) in interim {
+        for (mb, log) in logs {
+            let Some(fin) = reference.get(mb) else { continue };
+            if !fin.starts_with(log) {
+                let at = fin
+                    .iter()
+                    .zip(log)
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(fin.len().min(log.len()));
+                anomaly(
+                    &mut out,
+                    "replica-not-prefix",
+                    mb,
+                    format!(
+                        "{when}: node {node}'s replica held {} messages, the final log {}; they differ from index {at}",
+                        log.len(),
+                        fin.len()
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
 /// Checks a history against the replicas' final logs.
 pub fn check(history: &[Op], finals: &Finals) -> Vec<Anomaly> {
     let mut out = Vec::new();

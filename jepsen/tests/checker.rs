@@ -293,3 +293,30 @@ fn subscribe_deliveries_across_resumes_are_checked() {
     h.deliver(7, &[(1, "a"), (2, "c")]);
     assert_eq!(kinds(&h, &f), vec!["divergent-read"]);
 }
+
+/// Replicas read after a power cut or damage must each be a prefix of the
+/// final agreed log: lagging is fine, a message the cluster later lost or
+/// placed elsewhere is not.
+#[test]
+fn interim_replicas_must_be_prefixes_of_the_final_log() {
+    let (_, f) = good();
+    let read = |log: &[(u64, &str)]| BTreeMap::from([(MB.to_string(), log.iter().map(|(s, k)| msg(*s, k)).collect())]);
+    let fine: pigeonhole_jepsen::checker::Interim = vec![
+        ("after power-loss".into(), 1, read(&[])),
+        ("after power-loss".into(), 2, read(&[(1, "a")])),
+        ("after corrupt".into(), 3, read(&[(1, "a"), (2, "b"), (3, "c")])),
+    ];
+    assert!(pigeonhole_jepsen::checker::check_interim(&f, &fine).is_empty());
+    for bad in [
+        // A message the final log does not have at that place.
+        read(&[(1, "a"), (2, "x")]),
+        // Longer than the final log: a message the cluster later lost.
+        read(&[(1, "a"), (2, "b"), (3, "c"), (4, "e")]),
+    ] {
+        let found = pigeonhole_jepsen::checker::check_interim(&f, &vec![("after corrupt".into(), 2, bad)]);
+        assert_eq!(
+            found.iter().map(|a| a.kind).collect::<Vec<_>>(),
+            vec!["replica-not-prefix"]
+        );
+    }
+}

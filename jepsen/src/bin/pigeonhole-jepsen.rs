@@ -46,7 +46,7 @@ struct Flags {
     /// partition-leader, partition-majority, partition-one-way,
     /// partition-bridge, partition-ring, kill, pause, pause-kill, clock,
     /// transfer, move, membership, power-loss, power-loss-minority,
-    /// power-loss-all. Each fault is its own scenario; `all`
+    /// power-loss-all, corrupt. Each fault is its own scenario; `all`
     /// adds a `mixed` one (the 3-node faults) and a `membership-mixed` one
     /// (node-set changes among kills and partitions).
     #[arg(long, default_value = "all")]
@@ -216,7 +216,7 @@ async fn inner(f: Flags, seed: u64) -> Result<bool, String> {
         let dir = f.out.join(format!("{:02}-{}", i + 1, s.name));
         let o = run::scenario(s, seed.wrapping_add(i as u64), time_limit, f.concurrency, &dir).await;
         println!(
-            "  {:<20} {:<4} ok {:>6}  fail {:>4}  info {:>4}  faults {:>3}  converged in {:>5.1} s  stale replicas deleted {}  anomalies {}",
+            "  {:<20} {:<4} ok {:>6}  fail {:>4}  info {:>4}  faults {:>3}  converged in {:>5.1} s  stale replicas deleted {}  replica reads {}  anomalies {}",
             o.name,
             if o.passed { "PASS" } else { "FAIL" },
             o.ok,
@@ -225,6 +225,7 @@ async fn inner(f: Flags, seed: u64) -> Result<bool, String> {
             o.faults,
             o.converge_s,
             o.stale_deleted,
+            o.interim_reads,
             o.anomalies.len()
         );
         for a in o.anomalies.iter().take(5) {

@@ -418,12 +418,19 @@ pub fn heal(c: &mut Cluster) -> Result<(), String> {
 }
 
 /// Runs fault cycles from `faults` until `until`.
+///
+/// After each heal of a fault that hits disks (power loss, corruption),
+/// every node's replicas are read as they stand (STALE reads of what each
+/// has applied) into `interim`: the checker requires each to be a prefix
+/// of the final agreed log ([`crate::checker::check_interim`]).
 pub async fn run(
     faults: &[Fault],
     c: &mut Cluster,
     rec: &Recorder,
     rng: &mut StdRng,
     until: std::time::Instant,
+    mbs: &[super::workload::Mailbox],
+    interim: &mut crate::checker::Interim,
 ) -> Result<(), String> {
     while std::time::Instant::now() < until {
         let quiet = Duration::from_millis(rng.gen_range(1_000..3_000));
@@ -439,6 +446,30 @@ pub async fn run(
         tokio::time::sleep(hold).await;
         heal(c)?;
         event(rec, Kind::Info, format!("heal {}", f.name()));
+        if f.loses_writes() || f == Fault::Corrupt {
+            for i in c.occupied() {
+                if let Some(logs) = replica_logs(i, mbs).await {
+                    interim.push((format!("after {} (event {})", f.name(), rec.ops().len()), i, logs));
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// Node `i`'s replicas of every mailbox, as it has applied them, once it
+/// answers after a restart (within 20 s; `None` if it never does: the
+/// final checks then catch a node that does not come back).
+async fn replica_logs(
+    i: u64,
+    mbs: &[super::workload::Mailbox],
+) -> Option<std::collections::BTreeMap<String, Vec<crate::history::Msg>>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(logs) = super::workload::final_logs(i, mbs).await {
+            return Some(logs);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
 }

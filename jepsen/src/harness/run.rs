@@ -66,6 +66,9 @@ pub struct Outcome {
     /// away), summed over the nodes left at the end, each counted since its
     /// last start (NodeStatus `stale_replicas_deleted`).
     pub stale_deleted: u64,
+    /// Replica reads after power losses and corruption, each checked to
+    /// be a prefix of the final log (`checker::check_interim`).
+    pub interim_reads: usize,
 }
 
 /// Runs one scenario in `dir`.
@@ -80,6 +83,7 @@ pub async fn scenario(s: &Scenario, seed: u64, time_limit: Duration, concurrency
         passed: false,
         converge_s: 0.0,
         stale_deleted: 0,
+        interim_reads: 0,
     };
     match inner(s, seed, time_limit, concurrency, dir, &mut out).await {
         Ok(anomalies) => out.anomalies = anomalies,
@@ -154,7 +158,9 @@ async fn inner(
     }
     let until = Instant::now() + time_limit;
     let mut rng = StdRng::seed_from_u64(seed);
-    let nem = nemesis::run(&s.faults, &mut c, &rec, &mut rng, until).await;
+    let mut interim = crate::checker::Interim::new();
+    let nem = nemesis::run(&s.faults, &mut c, &rec, &mut rng, until, &mbs, &mut interim).await;
+    out.interim_reads = interim.len();
     // Whatever happened, heal before stopping the clients, so their last
     // operations can complete.
     let healed = nemesis::heal(&mut c);
@@ -220,7 +226,9 @@ async fn inner(
     c.stop();
     let ops = rec.ops();
     count(out, &ops);
-    Ok(check(&ops, &finals))
+    let mut anomalies = check(&ops, &finals);
+    anomalies.extend(crate::checker::check_interim(&finals, &interim));
+    Ok(anomalies)
 }
 
 /// The outcome's operation and fault counts.
