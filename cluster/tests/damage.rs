@@ -25,6 +25,7 @@ struct Node {
     port: u16,
     dir: PathBuf,
     initial: String,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -41,6 +42,7 @@ impl Node {
             .args(["--initial-cluster", &self.initial])
             .args(["--shards", "1", "--insecure", "--log-level", "info"])
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(&self.extra)
             .arg("--data-dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -141,24 +143,32 @@ async fn append(n: &Node, key: &str, payload: &[u8]) {
 /// Every payload of the mailbox, in seq order, read from `n` (the leader).
 async fn payloads(n: &Node) -> Vec<Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut out: Vec<Vec<u8>> = Vec::new();
     loop {
-        if let Ok(mut c) = MailboxClient::connect(n.url()).await {
-            let req = pb::SyncRequest {
-                mailbox: mailbox(),
-                after_seq: 0,
-                max_messages: 0,
-                max_bytes: 0,
-                wait_ms: 0,
-                consistency: 0,
-            };
-            if let Ok(page) = c.sync(req).await {
-                let page = page.into_inner();
-                assert!(!page.has_more);
-                return page.messages.into_iter().map(|m| m.payload.to_vec()).collect();
+        let req = pb::SyncRequest {
+            mailbox: mailbox(),
+            after_seq: out.len() as u64,
+            max_messages: 0,
+            max_bytes: 0,
+            wait_ms: 0,
+            consistency: 0,
+        };
+        let page = match MailboxClient::connect(n.url()).await {
+            Ok(mut c) => c.sync(req).await.ok().map(|p| p.into_inner()),
+            Err(_) => None,
+        };
+        match page {
+            Some(page) => {
+                out.extend(page.messages.into_iter().map(|m| m.payload.to_vec()));
+                if !page.has_more {
+                    return out;
+                }
+            }
+            None => {
+                assert!(Instant::now() < deadline, "the mailbox could not be read");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        assert!(Instant::now() < deadline, "the mailbox could not be read");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -197,6 +207,62 @@ async fn wait_caught_up(n: &Node) {
     }
 }
 
+/// Three nodes (not started) under `base`, each with `extra` flags.
+fn three_nodes(base: &Path, extra: &[String]) -> Vec<Node> {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let initial = (1..=3)
+        .map(|i| format!("{i}=127.0.0.1:{}", ports[i - 1]))
+        .collect::<Vec<_>>()
+        .join(",");
+    (1..=3u64)
+        .map(|id| Node {
+            id,
+            port: ports[usize::try_from(id).unwrap() - 1],
+            dir: base.join(format!("n{id}")),
+            initial: initial.clone(),
+            extra: extra.to_vec(),
+            child: None,
+        })
+        .collect()
+}
+
+/// The leader's log is compacted past everything the damaged replica
+/// lost, so it catches up by snapshot (its Raft log was cut far behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_replica_behind_the_leaders_compacted_log_catches_up_by_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("pigeonhole.toml");
+    std::fs::write(&config, "[raft]\nlog_entries_max = 32\nlog_retain_entries = 0\n").unwrap();
+    let mut nodes = three_nodes(tmp.path(), &["--config".to_string(), config.display().to_string()]);
+    for n in &mut nodes {
+        n.start();
+    }
+    let l = leader(&nodes, Duration::from_secs(30)).await;
+    let x = (l + 1) % 3;
+    let mut expected = Vec::new();
+    for i in 0..10 {
+        let p = format!("EARLY-{i:03}").into_bytes();
+        append(&nodes[l], &format!("e{i}"), &p).await;
+        expected.push(p);
+    }
+    for i in 0..150 {
+        let p = format!("LATER-{i:03}").into_bytes();
+        append(&nodes[l], &format!("l{i}"), &p).await;
+        expected.push(p);
+    }
+    nodes[x].kill();
+    // A recent record (the log keeps at most 32 entries): X's log is cut
+    // before it, which may be behind the leader's first index.
+    damage_log(&nodes[x].dir, b"LATER-140");
+    nodes[x].start();
+    wait_caught_up(&nodes[x]).await;
+    // X holds it all: with the old leader down, X and the third node
+    // elect a leader that has every acknowledged append.
+    nodes[l].kill();
+    let now = leader(&nodes, Duration::from_secs(30)).await;
+    assert_eq!(payloads(&nodes[now]).await, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_replica_does_not_vote_until_caught_up_and_no_ack_is_lost() {
     let tmp = tempfile::tempdir().unwrap();
@@ -206,20 +272,7 @@ async fn a_damaged_replica_does_not_vote_until_caught_up_and_no_ack_is_lost() {
     } else {
         tmp.path().to_path_buf()
     };
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let initial = (1..=3)
-        .map(|i| format!("{i}=127.0.0.1:{}", ports[i - 1]))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut nodes: Vec<Node> = (1..=3u64)
-        .map(|id| Node {
-            id,
-            port: ports[usize::try_from(id).unwrap() - 1],
-            dir: base.join(format!("n{id}")),
-            initial: initial.clone(),
-            child: None,
-        })
-        .collect();
+    let mut nodes = three_nodes(&base, &[]);
     for n in &mut nodes {
         n.start();
     }
