@@ -207,8 +207,17 @@ async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, St
             format!("kill -9 node {n}")
         }
         Fault::Corrupt => {
-            // One node: a minority of three. Restarted at heal.
-            let n = pick(rng);
+            // One node: a minority of three. Restarted at heal. A node
+            // still catching up from an earlier damage is damaged again
+            // rather than a second one: damage stays on a minority until
+            // it is repaired (two replicas of a shard catching up at once
+            // leave it without a majority that may vote, by design, D49).
+            let mut n = pick(rng);
+            for i in &nodes {
+                if cluster::status(*i).await.is_some_and(|s| !s.catching_up_shards.is_empty()) {
+                    n = *i;
+                }
+            }
             c.kill(n);
             let data = c
                 .member(n)
