@@ -569,6 +569,13 @@ impl Node {
         self.call(|reply| Inbound::Campaign { shard, reply }).await
     }
 
+    /// Clears the catching-up mark of this node's replica of `shard`
+    /// (D49), accepting that writes it lost may be lost; answers why it
+    /// was set.
+    pub async fn accept_replica_loss(&self, shard: u64) -> Result<String, ClusterError> {
+        self.call(|reply| Inbound::AcceptReplicaLoss { shard, reply }).await
+    }
+
     /// The state of every replica on this node.
     pub async fn status(&self) -> Result<Vec<ShardStatus>, ClusterError> {
         let (reply, rx) = oneshot::channel();

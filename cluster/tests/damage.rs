@@ -343,6 +343,51 @@ async fn a_damaged_replica_does_not_vote_until_caught_up_and_no_ack_is_lost() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // The operator's way out (`phctl node repair --accept-loss`), shown
+    // on the metadata group, whose log lost nothing here: refused without
+    // accept_loss, then X votes for it again at once and it gets a leader
+    // from B and X alone.
+    let mut admin = AdminClient::connect(nodes[x].url()).await.unwrap();
+    let refused = admin
+        .accept_replica_loss(pb::AcceptReplicaLossRequest {
+            shard: 0,
+            accept_loss: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let was = admin
+        .accept_replica_loss(pb::AcceptReplicaLossRequest {
+            shard: 0,
+            accept_loss: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(was.reason.contains("Raft log damage"), "{was:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    'meta: loop {
+        for i in [b, x] {
+            let st = nodes[i].status().await;
+            if st
+                .iter()
+                .flat_map(|s| &s.replicas)
+                .any(|r| r.shard == 0 && r.role == pb::ReplicaRole::Leader as i32)
+            {
+                break 'meta;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the metadata group got no leader after its mark was cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let st = nodes[x].status().await.unwrap();
+    assert!(
+        !st.catching_up_shards.contains(&0) && st.catching_up_shards.contains(&1),
+        "{st:?}"
+    );
     assert!(
         seen_catching_up,
         "node {} never reported shard 1 catching up after {} was damaged",

@@ -28,6 +28,25 @@ impl Client {
             .map_err(Error::Rejected)
     }
 
+    /// Clears `node`'s catching-up mark on its replica of `shard`
+    /// (`Admin.AcceptReplicaLoss`): it votes again before it caught up,
+    /// and writes it lost may be lost for good. Answers why it was marked.
+    pub async fn accept_replica_loss(&self, node: u64, shard: u64) -> Result<pb::AcceptReplicaLossResponse, Error> {
+        let mut admin = self.admin_at(node)?;
+        let req = with_timeout(
+            pb::AcceptReplicaLossRequest {
+                shard,
+                accept_loss: true,
+            },
+            self.timeout,
+        );
+        admin
+            .accept_replica_loss(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Error::Rejected)
+    }
+
     /// The cluster's nodes with their addresses and states, from any node
     /// that answers (its replica of the metadata group).
     pub async fn nodes(&self) -> Result<Vec<pb::NodeInfo>, Error> {

@@ -450,6 +450,26 @@ impl Admin for AdminService {
         Ok(Response::new(pb::SetLogLevelResponse { previous, filter }))
     }
 
+    async fn accept_replica_loss(
+        &self,
+        req: Request<pb::AcceptReplicaLossRequest>,
+    ) -> Result<Response<pb::AcceptReplicaLossResponse>, Status> {
+        self.admin(&req)?;
+        let r = req.into_inner();
+        if !r.accept_loss {
+            return Err(invalid(
+                "accept_loss",
+                "must be true: a replica that votes before it caught up may help elect a leader without writes it lost",
+            ));
+        }
+        let reason = self
+            .node
+            .accept_replica_loss(r.shard)
+            .await
+            .map_err(|e| cluster_error(&e))?;
+        Ok(Response::new(pb::AcceptReplicaLossResponse { reason }))
+    }
+
     type BackupShardStream = super::backup::BackupStream;
 
     async fn backup_shard(

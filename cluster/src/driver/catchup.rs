@@ -158,6 +158,27 @@ impl Driver {
         self.catching_up.contains_key(&shard)
     }
 
+    /// Clears `shard`'s mark at an operator's word (`phctl node repair
+    /// --accept-loss`): the replica votes again at once, accepting that
+    /// writes it lost may be lost for good. Answers why it was marked.
+    pub(super) fn accept_replica_loss(&mut self, shard: u64) -> Result<String, crate::error::ClusterError> {
+        let Some(c) = self.catching_up.get(&shard) else {
+            return Err(crate::error::ClusterError::Refused {
+                reason: format!("shard {shard}: the replica on node {} is not catching up", self.node_id),
+            });
+        };
+        let reason = c.reason.clone();
+        self.engine.caught_up(shard)?;
+        self.catching_up.remove(&shard);
+        tracing::warn!(
+            shard,
+            reason = reason.as_str(),
+            "catching-up mark cleared by an operator: the replica votes again before it caught up, and writes \
+             it lost may be lost for good"
+        );
+        Ok(reason)
+    }
+
     /// Once a tick: sends (or sends again) each catch-up's ReadIndex, and
     /// clears the marks of replicas that now hold their target.
     pub(super) fn catch_up_tick(&mut self) {

@@ -145,6 +145,9 @@ impl Driver {
                 let _ = reply.send(res);
                 self.wake(shard, true);
             }
+            Inbound::AcceptReplicaLoss { shard, reply } => {
+                let _ = reply.send(self.accept_replica_loss(shard));
+            }
             Inbound::Status { reply } => {
                 let _ = reply.send(self.status());
             }

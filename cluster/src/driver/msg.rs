@@ -45,6 +45,11 @@ pub(crate) enum Inbound {
         shard: u64,
         reply: oneshot::Sender<Result<(), ClusterError>>,
     },
+    /// Clears a replica's catching-up mark (D49); answers why it was set.
+    AcceptReplicaLoss {
+        shard: u64,
+        reply: oneshot::Sender<Result<String, ClusterError>>,
+    },
     Status {
         reply: oneshot::Sender<Vec<ShardStatus>>,
     },

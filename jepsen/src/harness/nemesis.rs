@@ -214,7 +214,10 @@ async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, St
             // leave it without a majority that may vote, by design, D49).
             let mut n = pick(rng);
             for i in &nodes {
-                if cluster::status(*i).await.is_some_and(|s| !s.catching_up_shards.is_empty()) {
+                if cluster::status(*i)
+                    .await
+                    .is_some_and(|s| !s.catching_up_shards.is_empty())
+                {
                     n = *i;
                 }
             }

@@ -2,7 +2,8 @@
 //! grpc.health.v1 status as an exit code, for container HEALTHCHECKs and
 //! load balancers, deploy/Dockerfile; the first `--endpoints` entry only:
 //! whether THIS node serves, not the cluster, which is `phctl cluster
-//! status`) and `phctl node log-level` (its log filter).
+//! status`), `phctl node log-level` (its log filter) and `phctl node
+//! repair` (its replicas catching up after storage damage, D49).
 
 use crate::commands::{failed, Ctx, Failure};
 use crate::{render, Output};
@@ -52,4 +53,62 @@ pub async fn log_level(ctx: &Ctx, node: u64, filter: &str) -> Result<u8, Failure
         Output::Table => out!("node {node}: log filter {:?} (was {:?})", r.filter, r.previous),
     }
     Ok(0)
+}
+
+/// `node repair`: the node's catching-up replicas, or, with
+/// `accept_loss`, clear one's mark.
+pub async fn repair(ctx: &Ctx, node: u64, accept_loss: Option<u64>) -> Result<u8, Failure> {
+    let client = crate::commands::connect(ctx).await?;
+    if let Some(shard) = accept_loss {
+        let r = client.accept_replica_loss(node, shard).await?;
+        match ctx.output {
+            Output::Json => render::json(&json!({"node": node, "shard": shard, "was": r.reason})),
+            Output::Table => out!(
+                "node {node}, shard {shard}: votes again; it was catching up after: {}\n\
+                 writes that replica lost may be lost for good if it helps elect a leader without them",
+                r.reason
+            ),
+        }
+        return Ok(0);
+    }
+    let s = client.node_status(node, false).await?;
+    let catching: Vec<_> = s.replicas.iter().filter(|r| !r.catching_up.is_empty()).collect();
+    match ctx.output {
+        Output::Json => render::json(&json!({
+            "node": node,
+            "catching_up": catching.iter().map(|r| json!({
+                "shard": r.shard,
+                "reason": r.catching_up,
+                "leader": r.leader,
+                "commit_index": r.commit_index,
+                "last_index": r.last_index,
+            })).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            if catching.is_empty() {
+                out!("node {node}: no replica is catching up");
+            } else {
+                let mut t = render::table(&["SHARD", "LEADER", "COMMIT", "LAST", "WHY"]);
+                for r in &catching {
+                    t.add_row(vec![
+                        r.shard.to_string(),
+                        if r.leader == 0 {
+                            "none".to_string()
+                        } else {
+                            r.leader.to_string()
+                        },
+                        r.commit_index.to_string(),
+                        r.last_index.to_string(),
+                        r.catching_up.clone(),
+                    ]);
+                }
+                out!("{t}");
+                out!(
+                    "these replicas do not vote until they hold what their shard had committed; a shard \
+                     with no leader may have two replicas catching up (--accept-loss SHARD, knowingly)"
+                );
+            }
+        }
+    }
+    Ok(u8::from(!catching.is_empty()))
 }

@@ -201,6 +201,20 @@ enum NodeCommand {
         /// The new filter.
         filter: String,
     },
+    /// A node's replicas that are catching up after damage to its storage
+    /// (they do not vote until they hold what their shard had committed;
+    /// docs/operations.md "Disk damage"): why, and how far each has come.
+    /// Exit 0 when none is, 1 when some are. With --accept-loss SHARD, the
+    /// way out when two replicas of a shard were damaged at once and it
+    /// has no leader: that replica votes again at once, and writes it lost
+    /// may be lost for good.
+    Repair {
+        /// The node id.
+        id: u64,
+        /// Clear this shard's catching-up mark on the node.
+        #[arg(long, value_name = "SHARD")]
+        accept_loss: Option<u64>,
+    },
     /// Mark a draining node up again (its replicas stay where they went).
     Undrain {
         /// The node id.
@@ -365,6 +379,7 @@ async fn main() -> ExitCode {
             NodeCommand::List => nodes::node_list(&ctx).await,
             NodeCommand::Health => health::check(&ctx).await,
             NodeCommand::LogLevel { id, filter } => health::log_level(&ctx, id, &filter).await,
+            NodeCommand::Repair { id, accept_loss } => health::repair(&ctx, id, accept_loss).await,
             NodeCommand::Drain {
                 id,
                 wait_ms,
