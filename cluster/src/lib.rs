@@ -30,6 +30,7 @@ pub mod api;
 pub mod auth;
 pub mod balance;
 pub mod config;
+pub mod damage;
 pub mod driver;
 pub mod error;
 pub mod hash;

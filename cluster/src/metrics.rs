@@ -413,6 +413,7 @@ const SERVED: [(&str, &[&str]); 5] = [
             "SetNamespace",
             "SetMailboxHold",
             "SetLogLevel",
+            "AcceptReplicaLoss",
             "BackupShard",
         ],
     ),

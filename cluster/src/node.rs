@@ -120,7 +120,27 @@ impl Node {
         }
         let cluster_id = cfg.effective_cluster_id();
         check_identity(&cfg, cluster_id)?;
-        let engine = Engine::open(cfg.data_dir.join("db"), cfg.engine.clone())?;
+        // State-machine damage found before (a marker) or by RocksDB at
+        // this open: the state machine is rebuilt from the peers (D50).
+        let mut rebuilt = crate::damage::rebuild_if_marked(&cfg.data_dir)?;
+        let engine = match Engine::open(cfg.data_dir.join("db"), cfg.engine.clone()) {
+            Ok(e) => e,
+            Err(e) if e.is_state_damage() && rebuilt.is_none() => {
+                crate::damage::mark(&cfg.data_dir, &e.to_string())?;
+                rebuilt = crate::damage::rebuild_if_marked(&cfg.data_dir)?;
+                Engine::open(cfg.data_dir.join("db"), cfg.engine.clone())?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(reason) = &rebuilt {
+            // Every replica this node is a Raft peer of starts over empty,
+            // keeping its term and vote, and does not vote until caught up.
+            for shard in engine.raft_log_shard_ids() {
+                engine.mark_catching_up(shard, &format!("state machine rebuilt after: {reason}"))?;
+                engine.destroy_shard(shard)?;
+            }
+            crate::damage::finish(&cfg.data_dir)?;
+        }
         let map = Arc::new(ShardMap::bootstrap(
             &cfg.initial_cluster,
             cfg.shard_count,
@@ -128,7 +148,9 @@ impl Node {
         ));
         // A node that joined starts empty: the metadata group's leader adds
         // its learner there, and data replicas are moved to it.
-        if !cfg.joined && engine.shard_ids()?.is_empty() {
+        // (A node whose Raft log knows shards is not new, even with no
+        // state: its state machine was rebuilt, D50.)
+        if !cfg.joined && engine.shard_ids()?.is_empty() && engine.raft_log_shard_ids().is_empty() {
             let (voters, learners) = meta_members(&cfg.initial_cluster);
             let meta_conf = ConfState {
                 voters,
@@ -173,6 +195,10 @@ impl Node {
             .spawn(move || {
                 let res = driver.run_loop();
                 driver.shutdown();
+                if let Err(ClusterError::Engine(e)) = &res {
+                    // Damage to this node's files: rebuilt, not served (D50).
+                    crate::damage::check(e);
+                }
                 res
             })?;
         Ok(Node {

@@ -296,6 +296,9 @@ pub async fn run(
         if joined { "joined; initial" } else { "initial" },
         cfg.data_dir.display()
     );
+    // This process restarts itself to rebuild damaged state (D50); only
+    // the server arms that, never a library user or a test.
+    crate::damage::watch(&cfg.data_dir);
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let admin = AdminServer::new(AdminService::new(node.clone()).with_auth(auth.clone()));
     // With auth on, callers are authenticated from headers and connection

@@ -413,3 +413,120 @@ async fn a_damaged_replica_does_not_vote_until_caught_up_and_no_ack_is_lost() {
         }
     }
 }
+
+/// SIGTERM: a clean stop, which flushes the state machine to SSTs.
+fn stop_cleanly(n: &mut Node) {
+    let pid = n.child.as_ref().unwrap().id();
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    n.child.as_mut().unwrap().wait().unwrap();
+    n.child = None;
+}
+
+/// The SST files of the node's state machine that hold `needle`.
+fn ssts_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    std::fs::read_dir(dir.join("db"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sst"))
+        .filter(|p| std::fs::read(p).unwrap().windows(needle.len()).any(|w| w == needle))
+        .collect()
+}
+
+/// The node's own replica of the mailbox (a STALE read), once it serves
+/// all of `want` (within 60 s).
+async fn wait_replica_holds(n: &Node, want: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(mut c) = MailboxClient::connect(n.url()).await {
+            let req = pb::SyncRequest {
+                mailbox: mailbox(),
+                after_seq: 0,
+                max_messages: 0,
+                max_bytes: 0,
+                wait_ms: 0,
+                consistency: pb::ReadConsistency::Stale as i32,
+            };
+            match c.sync(req).await {
+                Ok(p) => {
+                    let p = p.into_inner();
+                    if p.messages.len() >= want.min(100) && u64::try_from(want).is_ok_and(|w| p.last_seq == w) {
+                        return;
+                    }
+                    last = format!("{} messages, last seq {}", p.messages.len(), p.last_seq);
+                }
+                Err(e) => last = format!("{e:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("node {}'s replica never held {want} messages: {last}", n.id);
+}
+
+/// Damage to the state machine's files (an SST), found by a read while
+/// running and, the second time, by RocksDB at the open: the node moves
+/// them aside, keeps its Raft log, and rebuilds every replica from its
+/// peers, in the same process (it restarts itself; D50). It never serves
+/// the damaged bytes: the read that finds the damage fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_state_machine_files_are_rebuilt_from_the_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(tmp.path(), &[]);
+    for n in &mut nodes {
+        n.start();
+    }
+    let l = leader(&nodes, Duration::from_secs(30)).await;
+    for i in 0..200 {
+        append(&nodes[l], &format!("s{i}"), format!("SST-PAYLOAD-{i:04}").as_bytes()).await;
+    }
+    let x = (l + 1) % 3;
+    stop_cleanly(&mut nodes[x]);
+    let ssts = ssts_holding(&nodes[x].dir, b"SST-PAYLOAD-0100");
+    assert!(!ssts.is_empty(), "a clean stop left no SST with the payloads");
+    for p in &ssts {
+        let mut b = std::fs::read(p).unwrap();
+        let at = b.windows(16).position(|w| w == b"SST-PAYLOAD-0100").unwrap();
+        b[at + 3] ^= 0x10;
+        std::fs::write(p, &b).unwrap();
+    }
+    nodes[x].start();
+    let pid = nodes[x].child.as_ref().unwrap().id();
+    wait_replica_holds(&nodes[x], 200).await;
+    let aside: Vec<_> = std::fs::read_dir(&nodes[x].dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged files were not moved aside: {aside:?}");
+    assert!(
+        nodes[x].child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "it exited"
+    );
+    assert_eq!(nodes[x].child.as_ref().unwrap().id(), pid);
+    wait_caught_up(&nodes[x]).await;
+
+    // Again, with the SST cut short: RocksDB refuses it at the open.
+    stop_cleanly(&mut nodes[x]);
+    let ssts = ssts_holding(&nodes[x].dir, b"SST-PAYLOAD-0100");
+    assert!(
+        !ssts.is_empty(),
+        "the rebuilt state machine left no SST with the payloads"
+    );
+    for p in &ssts {
+        let len = std::fs::metadata(p).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+    }
+    nodes[x].start();
+    wait_replica_holds(&nodes[x], 200).await;
+    wait_caught_up(&nodes[x]).await;
+    // And it holds it all: with the old leader down, X and the third node
+    // elect a leader with every acknowledged append.
+    nodes[l].kill();
+    let now = leader(&nodes, Duration::from_secs(30)).await;
+    assert_eq!(payloads(&nodes[now]).await.len(), 200);
+}

@@ -238,6 +238,27 @@ pub enum ReadError {
     Engine(#[from] EngineError),
 }
 
+impl EngineError {
+    /// Whether this is damage to the state machine's files (RocksDB's
+    /// checksums, or a value's own, failed): the node cannot serve that
+    /// state, and rebuilds it from its peers (docs/decisions.md D50).
+    /// Damage to the Raft log is not this: the log's recovery skips it at
+    /// the next open (D49).
+    pub fn is_state_damage(&self) -> bool {
+        match self {
+            EngineError::Rocks(e) => e.kind() == rocksdb::ErrorKind::Corruption,
+            EngineError::Corruption { cf, .. } => *cf != "raft-log",
+            _ => false,
+        }
+    }
+
+    /// Whether this is damage to the Raft log's files found after the
+    /// open (a restart's recovery salvages it, D49).
+    pub fn is_log_damage(&self) -> bool {
+        matches!(self, EngineError::Corruption { cf, .. } if *cf == "raft-log")
+    }
+}
+
 impl From<rocksdb::Error> for ReadError {
     fn from(e: rocksdb::Error) -> Self {
         ReadError::Engine(EngineError::Rocks(e))

@@ -132,6 +132,11 @@ pub fn op_error_at(prefix: &str, e: &OpError) -> Status {
 
 /// The status of a failed read.
 pub fn read_error(e: &ReadError) -> Status {
+    if let ReadError::Engine(engine) = e {
+        // Damage to this node's files: the read fails, and the node
+        // rebuilds them from its peers (D50).
+        crate::damage::check(engine);
+    }
     let msg = e.to_string();
     match e {
         ReadError::CursorTrimmed { low_watermark, .. } => info(

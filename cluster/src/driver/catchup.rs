@@ -190,6 +190,26 @@ impl Driver {
         let shards: Vec<u64> = self.catching_up.keys().copied().collect();
         for shard in shards {
             let id = self.next_id();
+            if !self.replicas.contains_key(&shard) {
+                // No replica yet (the state machine was rebuilt, D50): it
+                // is created when the leader first sends, so wake the
+                // shard's other replicas, whose leader may be asleep.
+                let peers = self.replicas_of(shard);
+                if let Some(c) = self.catching_up.get_mut(&shard) {
+                    if c.read
+                        .is_none_or(|(_, sent)| ticks.saturating_sub(sent) >= CATCH_UP_READ_RETRY_TICKS)
+                    {
+                        c.read = Some((0, ticks));
+                        for to in peers.into_iter().filter(|p| *p != node_id) {
+                            self.outbox.entry(to).or_default().push(ShardMsg {
+                                shard,
+                                msg: wake_probe(node_id, to),
+                            });
+                        }
+                    }
+                }
+                continue;
+            }
             let Some(r) = self.replicas.get_mut(&shard) else {
                 continue;
             };
@@ -241,6 +261,10 @@ impl Driver {
                 r.asleep = false;
                 self.dirty.insert(shard);
             }
+        }
+        if !self.outbox.is_empty() {
+            // Wake probes of replicas not created yet go with no Ready.
+            self.flush_outbox();
         }
     }
 }

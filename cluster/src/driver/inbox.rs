@@ -234,7 +234,7 @@ impl Driver {
     /// bootstrap layout alone: after a move it names the node that lost the
     /// replica, and a client sent back to it would spin (the Jepsen
     /// membership run saw one node answer so 1,673 times in 40 s).
-    fn replicas_of(&self, shard: u64) -> Vec<u64> {
+    pub(super) fn replicas_of(&self, shard: u64) -> Vec<u64> {
         let record = self
             .engine
             .system_scan(META_SHARD, &crate::placement::shard_record_key(shard), 1)

@@ -374,6 +374,13 @@ impl LogFiles {
         Ok(files)
     }
 
+    /// Every shard the log holds state for, ascending.
+    pub(crate) fn shard_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = lock(&self.index).shards.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// What the last open found.
     pub(crate) fn recovery(&self) -> &LogRecovery {
         &self.recovery

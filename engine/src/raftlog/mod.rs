@@ -128,6 +128,13 @@ impl Engine {
         self.inner.log.recovery().clone()
     }
 
+    /// Every shard the Raft log holds state for (a hard state, entries or
+    /// a truncation point), ascending: after the state machine was lost
+    /// (D50), the replicas this node still is a Raft peer of.
+    pub fn raft_log_shard_ids(&self) -> Vec<u64> {
+        self.inner.log.shard_ids()
+    }
+
     /// The Raft log's files now: segments, the newest, housekeeping
     /// failures, bytes written and fsyncs.
     pub fn raft_log_stats(&self) -> LogStats {

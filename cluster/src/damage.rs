@@ -1,0 +1,191 @@
+//! Damage to the state machine's files (RocksDB: SSTs, WAL, MANIFEST;
+//! a value's own checksum), found at the open or while running
+//! (docs/decisions.md D50): the node rebuilds its state machine from its
+//! peers instead of serving it or stopping for good.
+//!
+//! Why the whole state machine and not the damaged shards: one RocksDB
+//! holds every replica of the node, and a damaged SST cannot be taken out
+//! of it (RocksDB leaves level-0 files in `DeleteFilesInRange`, and any
+//! compaction that reads the damaged block fails and stops all writes).
+//! The Raft log, in its own files, is kept: it holds each replica's term
+//! and vote, which a Raft peer must never forget.
+//!
+//! How:
+//! 1. Damage found while running ([`check`]): a marker file naming it is
+//!    written durably, and the process restarts itself (exec of its own
+//!    binary with the same arguments: the same pid, so a supervisor sees
+//!    no exit, and every file, lock and socket is closed on exec). At the
+//!    open, damage RocksDB reports is marked the same way.
+//! 2. At the start, with the marker present ([`rebuild_if_marked`]): every
+//!    entry of `db/` but `raft-log/` moves to `damaged-<unix ms>/` in the
+//!    data dir (kept for a post-mortem; the operator deletes it), and a
+//!    fresh database is opened. Then `Node::start` marks every shard the
+//!    Raft log knows as catching up (D49) and empties its log, keeping
+//!    term and vote, and removes the marker ([`finish`]). A crash in
+//!    between does it again (each step can be repeated).
+//! 3. The replicas are created empty when their leaders first send, and
+//!    filled by snapshots; they do not vote until caught up (D49).
+//!
+//! A node whose damage comes back right after a rebuild (a disk failing
+//! as it is written) would restart forever; after
+//! [`RESTARTS_MAX`] restarts in one process lineage it stops instead, with
+//! the damage in its last log line.
+
+use crate::error::ClusterError;
+use pigeonhole_engine::EngineError;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The marker file in the data dir: the state machine must be rebuilt.
+pub const STATE_DAMAGED_MARKER: &str = "STATE-DAMAGED";
+/// Self-restarts for damage in one process lineage, at most.
+pub const RESTARTS_MAX: u32 = 3;
+/// The environment variable that counts them across exec.
+const RESTARTS_ENV: &str = "PIGEONHOLE_DAMAGE_RESTARTS";
+/// Bytes of a damage description kept in the marker, at most.
+const REASON_BYTES_MAX: usize = 1024;
+
+static DATA_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Arms [`check`] for this process: where its marker goes.
+pub fn watch(data_dir: &Path) {
+    let _ = DATA_DIR.set(data_dir.to_path_buf());
+}
+
+/// Called with an engine error wherever one ends a request or the driver:
+/// damage to the state machine marks it for a rebuild and restarts the
+/// process; damage to the Raft log restarts it (its open salvages the
+/// log, D49). Anything else returns. Does nothing before [`watch`].
+pub fn check(e: &EngineError) {
+    let Some(dir) = DATA_DIR.get() else { return };
+    if e.is_state_damage() {
+        if let Err(w) = mark(dir, &e.to_string()) {
+            tracing::error!(error = %w, damage = %e, "could not write the damage marker; stopping");
+            std::process::abort();
+        }
+        restart(&format!("state machine damage: {e}"));
+    } else if e.is_log_damage() {
+        restart(&format!("Raft log damage: {e}"));
+    }
+}
+
+/// Writes the marker (durably: temp file, fsync, rename, fsync the dir).
+pub fn mark(data_dir: &Path, reason: &str) -> std::io::Result<()> {
+    let mut cut = reason.len().min(REASON_BYTES_MAX);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let tmp = data_dir.join(format!("{STATE_DAMAGED_MARKER}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(reason.get(..cut).unwrap_or_default().as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, data_dir.join(STATE_DAMAGED_MARKER))?;
+    std::fs::File::open(data_dir)?.sync_all()
+}
+
+/// Restarts the process in place (exec), or stops it after
+/// [`RESTARTS_MAX`] restarts. Never returns.
+fn restart(why: &str) -> ! {
+    let n: u32 = std::env::var(RESTARTS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if n >= RESTARTS_MAX {
+        tracing::error!(
+            restarts = n,
+            "storage damage again after {n} restarts to repair it: stopping; the disk may be failing ({why})"
+        );
+        std::process::exit(75);
+    }
+    tracing::error!("{why}: restarting this process to rebuild from the peers");
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let err = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new("/proc/self/exe")
+            .args(args)
+            .env(RESTARTS_ENV, (n + 1).to_string()),
+    );
+    tracing::error!(error = %err, "could not restart the process; stopping");
+    std::process::exit(75);
+}
+
+/// At the start, before the engine opens: if the marker is there, moves
+/// the state machine's files aside and answers the damage it names.
+pub fn rebuild_if_marked(data_dir: &Path) -> Result<Option<String>, ClusterError> {
+    let marker = data_dir.join(STATE_DAMAGED_MARKER);
+    let reason = match std::fs::read(&marker) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let db = data_dir.join("db");
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let aside = data_dir.join(format!("damaged-{millis}"));
+    let mut moved = 0usize;
+    if db.exists() {
+        std::fs::create_dir_all(&aside)?;
+        for ent in std::fs::read_dir(&db)? {
+            let ent = ent?;
+            if ent.file_name() == "raft-log" {
+                continue;
+            }
+            std::fs::rename(ent.path(), aside.join(ent.file_name()))?;
+            moved += 1;
+        }
+        std::fs::File::open(&db)?.sync_all()?;
+        std::fs::File::open(&aside)?.sync_all()?;
+        std::fs::File::open(data_dir)?.sync_all()?;
+    }
+    tracing::error!(
+        damage = reason.as_str(),
+        moved,
+        aside = %aside.display(),
+        "the state machine's files are damaged: they were moved aside, and every replica here is rebuilt \
+         from its peers (it does not vote until caught up)"
+    );
+    Ok(Some(reason))
+}
+
+/// Removes the marker once the rebuild's marks and log resets are durable.
+pub fn finish(data_dir: &Path) -> Result<(), ClusterError> {
+    std::fs::remove_file(data_dir.join(STATE_DAMAGED_MARKER))?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_marked_dir_keeps_its_raft_log_and_moves_the_rest_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(rebuild_if_marked(dir.path()).unwrap(), None, "no marker: nothing to do");
+        let db = dir.path().join("db");
+        std::fs::create_dir_all(db.join("raft-log")).unwrap();
+        std::fs::write(db.join("raft-log").join("0000000000000001.phlog"), b"log").unwrap();
+        std::fs::write(db.join("000012.sst"), b"sst").unwrap();
+        std::fs::write(db.join("MANIFEST-000005"), b"manifest").unwrap();
+        mark(dir.path(), "Corruption: block checksum mismatch in 000012.sst").unwrap();
+        let reason = rebuild_if_marked(dir.path()).unwrap().unwrap();
+        assert!(reason.contains("000012.sst"));
+        let left: Vec<_> = std::fs::read_dir(&db)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("raft-log")]);
+        assert!(db.join("raft-log").join("0000000000000001.phlog").exists());
+        let aside: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("damaged-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(std::fs::read(aside[0].join("000012.sst")).unwrap(), b"sst");
+        finish(dir.path()).unwrap();
+        assert_eq!(rebuild_if_marked(dir.path()).unwrap(), None);
+    }
+}
