@@ -1,21 +1,27 @@
-//! The `corrupt` fault's damage: bytes of a stopped node's Raft log
-//! segments flipped, zeroed or cut off, as a failing disk or a bad
+//! The `corrupt` fault's damage: bytes of a stopped node's files flipped,
+//! zeroed or cut off, as a failing disk or a bad
 //! controller would leave them (issue 16). The node is then restarted; it
 //! must find the damage by its checksums, keep its replica out of
 //! elections until it has caught up from its peers, and lose no
 //! acknowledged append (docs/decisions.md D49).
 //!
 //! What is damaged, and why not more:
-//! - any byte range of any segment, except the last quarter of the newest
-//!   segment, and the newest segment is never cut short. A bad spot with
-//!   nothing durable after it is exactly what a power cut's torn write
-//!   leaves, so recovery cuts it as one; no checksum can tell the two
-//!   apart, and the replica then silently lacks what it lost (storage-
-//!   format.md §8.5 names this case);
-//! - not RocksDB's files (SSTs, WAL, MANIFEST) or the snapshot spool: the
-//!   node detects that damage by RocksDB's block checksums and its own
-//!   value and chunk checksums, but does not repair it by itself yet
-//!   (docs/operations.md, "Disk damage").
+//! - a Raft log segment (two times in three): any byte range of any
+//!   segment, except the last quarter of the newest segment, and the
+//!   newest segment is never cut short. A bad spot with nothing durable
+//!   after it is exactly what a power cut's torn write leaves, so recovery
+//!   cuts it as one; no checksum can tell the two apart, and the replica
+//!   then silently lacks what it lost (storage-format.md §8.5 names this
+//!   case);
+//! - else one of RocksDB's SSTs or its MANIFEST: bits flipped, a range
+//!   zeroed, or the file cut short. The node finds it at the open or on
+//!   the first read of the block, and rebuilds its state machine from its
+//!   peers (D50);
+//! - not RocksDB's WAL (it holds only the format version and the
+//!   catching-up marks, written with a sync; RocksDB's point-in-time
+//!   recovery stops at a bad record, docs/operations.md "Disk damage"),
+//!   and not the snapshot spool (files live only while a snapshot is in
+//!   flight; each chunk has its own crc).
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -23,9 +29,38 @@ use rand::Rng;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// Damages one of the Raft log segments under `data` (a node's data dir,
-/// the node stopped). Returns what was done, for the history.
-pub fn damage_log(data: &Path, rng: &mut StdRng) -> Result<String, String> {
+/// Damages one of the node's files under `data` (its data dir, the node
+/// stopped): a Raft log segment, or an SST or the MANIFEST. Returns what
+/// was done, for the history.
+pub fn damage(data: &Path, rng: &mut StdRng) -> Result<String, String> {
+    let db = data.join("db");
+    let state: Vec<PathBuf> = std::fs::read_dir(&db)
+        .map_err(|e| format!("{}: {e}", db.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            name.ends_with(".sst") || name.starts_with("MANIFEST-")
+        })
+        .collect();
+    if state.is_empty() || rng.gen_range(0..3) < 2 {
+        return damage_log(data, rng);
+    }
+    let path = state.choose(rng).cloned().unwrap_or_else(|| db.join("none"));
+    let len = std::fs::metadata(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if len < 64 {
+        return Ok(format!("{} too short to damage ({len} bytes)", path.display()));
+    }
+    let what = hit(&path, len, rng.gen_range(0..len), true, rng)?;
+    Ok(format!("{} ({len} bytes): {what}", path.display()))
+}
+
+/// Damages one of the Raft log segments under `data`.
+fn damage_log(data: &Path, rng: &mut StdRng) -> Result<String, String> {
     let dir = data.join("db").join("raft-log");
     let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
@@ -46,16 +81,28 @@ pub fn damage_log(data: &Path, rng: &mut StdRng) -> Result<String, String> {
     if span < 64 {
         return Ok(format!("{} too short to damage ({len} bytes)", path.display()));
     }
-    let at = rng.gen_range(0..span);
+    let what = hit(&path, span, rng.gen_range(0..span), !is_newest, rng)?;
+    Ok(format!(
+        "{} ({} of {} segments{}, {len} bytes): {what}",
+        path.display(),
+        segs.iter().position(|p| *p == path).map_or(0, |i| i + 1),
+        segs.len(),
+        if is_newest { ", the newest" } else { "" }
+    ))
+}
+
+/// Flips bits in, zeroes, or (when `may_cut`) cuts `path` at `at`, within
+/// its first `span` bytes; fsync'd. Returns what it did.
+fn hit(path: &Path, span: u64, at: u64, may_cut: bool, rng: &mut StdRng) -> Result<String, String> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .read(true)
-        .open(&path)
+        .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let kind = if is_newest {
-        rng.gen_range(0..2)
-    } else {
+    let kind = if may_cut {
         rng.gen_range(0..3)
+    } else {
+        rng.gen_range(0..2)
     };
     let what = match kind {
         0 => {
@@ -75,16 +122,11 @@ pub fn damage_log(data: &Path, rng: &mut StdRng) -> Result<String, String> {
             format!("zeroed {n} bytes at offset {at}")
         }
         _ => {
+            let len = file.metadata().map_err(|e| format!("stat: {e}"))?.len();
             file.set_len(at).map_err(|e| format!("truncate: {e}"))?;
             format!("cut the file at offset {at} ({} bytes lost)", len - at)
         }
     };
     file.sync_all().map_err(|e| format!("fsync: {e}"))?;
-    Ok(format!(
-        "{} ({} of {} segments{}, {len} bytes): {what}",
-        path.display(),
-        segs.iter().position(|p| *p == path).map_or(0, |i| i + 1),
-        segs.len(),
-        if is_newest { ", the newest" } else { "" }
-    ))
+    Ok(what)
 }

@@ -14,7 +14,7 @@
 //! | `clock` | skew a random node's wall clock by up to ±60 s (libfaketime), or jump it |
 //! | `transfer` | move a random shard's leadership to another voter |
 //! | `move` | (4 nodes) move a random shard's replica to the node without one: learner, catch-up, leadership away, one joint change (the old node then deletes its copy); a move cut short is finished by the next |
-//! | `corrupt` | SIGKILL a random node, damage its Raft log (bits flipped, a range zeroed, a segment cut short; [`super::corrupt`]), restart it at heal |
+//! | `corrupt` | SIGKILL a random node (one still repairing, if any), damage a Raft log segment, an SST or the MANIFEST (bits flipped, a range zeroed, a file cut short; [`super::corrupt`]), restart it at heal |
 //! | `membership` | (3 nodes, room for 5) a node joins, or one is drained and removed, or one is killed and removed with `--force` ([`super::membership`]); the servers' placement loop moves replicas meanwhile |
 //!
 //! Clients stay connected to every node throughout (the rules drop traffic
@@ -226,7 +226,7 @@ async fn apply(f: Fault, c: &mut Cluster, rng: &mut StdRng) -> Result<String, St
                 .member(n)
                 .map(|m| m.data.clone())
                 .ok_or_else(|| format!("node {n} has no data dir"))?;
-            let what = super::corrupt::damage_log(&data, rng)?;
+            let what = super::corrupt::damage(&data, rng)?;
             format!("kill -9 node {n}, then damage: {what}")
         }
         Fault::PowerLoss | Fault::PowerLossMinority | Fault::PowerLossAll => {
@@ -460,7 +460,7 @@ pub async fn run(
         event(rec, Kind::Info, format!("heal {}", f.name()));
         if f.loses_writes() || f == Fault::Corrupt {
             for i in c.occupied() {
-                if let Some(logs) = replica_logs(i, mbs).await {
+                if let Ok(logs) = replica_logs(i, mbs, Duration::from_secs(20)).await {
                     interim.push((format!("after {} (event {})", f.name(), rec.ops().len()), i, logs));
                 }
             }
@@ -470,18 +470,20 @@ pub async fn run(
 }
 
 /// Node `i`'s replicas of every mailbox, as it has applied them, once it
-/// answers after a restart (within 20 s; `None` if it never does: the
-/// final checks then catch a node that does not come back).
-async fn replica_logs(
+/// answers after a restart, or after it repaired damage it found (a read
+/// that finds damage fails, and the node rebuilds): within `within`, else
+/// the last error.
+pub async fn replica_logs(
     i: u64,
     mbs: &[super::workload::Mailbox],
-) -> Option<std::collections::BTreeMap<String, Vec<crate::history::Msg>>> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::time::Instant::now() < deadline {
-        if let Ok(logs) = super::workload::final_logs(i, mbs).await {
-            return Some(logs);
+    within: Duration,
+) -> Result<std::collections::BTreeMap<String, Vec<crate::history::Msg>>, String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match super::workload::final_logs(i, mbs).await {
+            Ok(logs) => return Ok(logs),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    None
 }
