@@ -27,9 +27,11 @@
 //!    filled by snapshots; they do not vote until caught up (D49).
 //!
 //! A node whose damage comes back right after a rebuild (a disk failing
-//! as it is written) would restart forever; after
-//! [`RESTARTS_MAX`] restarts in one process lineage it stops instead, with
-//! the damage in its last log line.
+//! as it is written) would restart forever; after [`RESTARTS_MAX`]
+//! restarts in one process lineage, each within an hour of the one
+//! before, it exits with status 75 instead (the systemd unit does not
+//! restart that), with the damage in its last log line. Several threads
+//! finding damage at once: the first restarts, the others wait for it.
 
 use crate::error::ClusterError;
 use pigeonhole_engine::EngineError;
@@ -47,6 +49,10 @@ const RESTARTS_ENV: &str = "PIGEONHOLE_DAMAGE_RESTARTS";
 const REASON_BYTES_MAX: usize = 1024;
 
 static DATA_DIR: OnceLock<PathBuf> = OnceLock::new();
+static RESTARTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// A restart more than this long after the previous one starts the count
+/// again: three repaired damages months apart are not a failing disk.
+const RESTARTS_WINDOW_SECS: u64 = 3_600;
 
 /// Arms [`check`] for this process: where its marker goes.
 pub fn watch(data_dir: &Path) {
@@ -59,6 +65,16 @@ pub fn watch(data_dir: &Path) {
 /// log, D49). Anything else returns. Does nothing before [`watch`].
 pub fn check(e: &EngineError) {
     let Some(dir) = DATA_DIR.get() else { return };
+    if !e.is_state_damage() && !e.is_log_damage() {
+        return;
+    }
+    // One thread restarts the process; any other that finds damage
+    // meanwhile (several readers of one bad block) waits for it.
+    if RESTARTING.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
     if e.is_state_damage() {
         if let Err(w) = mark(dir, &e.to_string()) {
             tracing::error!(error = %w, damage = %e, "could not write the damage marker; stopping");
@@ -87,9 +103,21 @@ pub fn mark(data_dir: &Path, reason: &str) -> std::io::Result<()> {
 /// Restarts the process in place (exec), or stops it after
 /// [`RESTARTS_MAX`] restarts. Never returns.
 fn restart(why: &str) -> ! {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // "<count>@<unix secs of the last restart>"
     let n: u32 = std::env::var(RESTARTS_ENV)
         .ok()
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| {
+            let (n, at) = v.split_once('@')?;
+            let at: u64 = at.parse().ok()?;
+            if now.saturating_sub(at) < RESTARTS_WINDOW_SECS {
+                n.parse().ok()
+            } else {
+                None
+            }
+        })
         .unwrap_or(0);
     if n >= RESTARTS_MAX {
         tracing::error!(
@@ -103,7 +131,7 @@ fn restart(why: &str) -> ! {
     let err = std::os::unix::process::CommandExt::exec(
         std::process::Command::new("/proc/self/exe")
             .args(args)
-            .env(RESTARTS_ENV, (n + 1).to_string()),
+            .env(RESTARTS_ENV, format!("{}@{now}", n + 1)),
     );
     tracing::error!(error = %err, "could not restart the process; stopping");
     std::process::exit(75);

@@ -121,11 +121,21 @@ impl Node {
         let cluster_id = cfg.effective_cluster_id();
         check_identity(&cfg, cluster_id)?;
         // State-machine damage found before (a marker) or by RocksDB at
-        // this open: the state machine is rebuilt from the peers (D50).
+        // this open: the state machine is rebuilt from the peers (D50),
+        // when there are peers to rebuild from.
+        let marker = cfg.data_dir.join(crate::damage::STATE_DAMAGED_MARKER);
+        if cfg.replication_factor <= 1 && marker.exists() {
+            return Err(ClusterError::Config(format!(
+                "the state machine in {} is damaged ({}) and its shards have no other replica to rebuild \
+                 from: restore the data dir from a backup (`pigeonhole restore`)",
+                cfg.data_dir.display(),
+                std::fs::read_to_string(&marker).unwrap_or_default()
+            )));
+        }
         let mut rebuilt = crate::damage::rebuild_if_marked(&cfg.data_dir)?;
         let engine = match Engine::open(cfg.data_dir.join("db"), cfg.engine.clone()) {
             Ok(e) => e,
-            Err(e) if e.is_state_damage() && rebuilt.is_none() => {
+            Err(e) if e.is_state_damage() && rebuilt.is_none() && cfg.replication_factor > 1 => {
                 crate::damage::mark(&cfg.data_dir, &e.to_string())?;
                 rebuilt = crate::damage::rebuild_if_marked(&cfg.data_dir)?;
                 Engine::open(cfg.data_dir.join("db"), cfg.engine.clone())?
@@ -136,6 +146,15 @@ impl Node {
             // Every replica this node is a Raft peer of starts over empty,
             // keeping its term and vote, and does not vote until caught up.
             for shard in engine.raft_log_shard_ids() {
+                // A replica deleted here before keeps only term and vote,
+                // at (0, 0): nothing to catch up.
+                let store = engine.raft_log(shard)?;
+                if pigeonhole_engine::raft::Storage::last_index(&store)
+                    .map_err(|e| ClusterError::Raft(e.to_string()))?
+                    == 0
+                {
+                    continue;
+                }
                 engine.mark_catching_up(shard, &format!("state machine rebuilt after: {reason}"))?;
                 engine.destroy_shard(shard)?;
             }

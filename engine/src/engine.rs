@@ -233,7 +233,13 @@ impl Engine {
             &path.as_ref().join("raft-log"),
             options.raft_log,
             &mut |recovery, known| {
-                let suspect = recovery.suspect_shards(known);
+                // Shards with state but nothing in the log: damage took
+                // the only record of them (an idle shard's checkpoint), and
+                // with it their term and vote.
+                let mut suspect = recovery.suspect_shards(known);
+                suspect.extend(data_shard_ids(&db)?.into_iter().filter(|s| !known.contains(s)));
+                suspect.sort_unstable();
+                suspect.dedup();
                 let reason = format!(
                     "Raft log damage: {}",
                     recovery.damage.first().map_or("", String::as_str)
@@ -453,29 +459,7 @@ impl Engine {
 
     /// Ids of every shard with state on this node, ascending.
     pub fn shard_ids(&self) -> Result<Vec<u64>, EngineError> {
-        let cf = self.cf(CF_DATA)?;
-        let mut out = Vec::new();
-        let mut it = self.inner.db.raw_iterator_cf_opt(cf, total_order());
-        it.seek_to_first();
-        while let Some(key) = it.key() {
-            let shard = u64::from_be_bytes(
-                key.get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| EngineError::corruption(CF_DATA, key, "key shorter than a shard id"))?,
-            );
-            // A shard's meta row is the first key of its id's prefix; a
-            // prefix without one is a data space only (D38: the rows of a
-            // shard split from a shard now gone, or a private space).
-            if key == keys::shard_meta(shard).as_slice() {
-                out.push(shard);
-            }
-            match shard.checked_add(1) {
-                Some(next) => it.seek(next.to_be_bytes()),
-                None => break,
-            }
-        }
-        it.status()?;
-        Ok(out)
+        data_shard_ids(&self.inner.db)
     }
 
     /// Flushes memtables to SST files (for tests and clean shutdown; the WAL
@@ -486,6 +470,35 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Ids of every shard with state in the `data` CF of `db`, ascending.
+fn data_shard_ids(db: &DB) -> Result<Vec<u64>, EngineError> {
+    let cf = db
+        .cf_handle(CF_DATA)
+        .ok_or_else(|| EngineError::InvalidCall(format!("column family {CF_DATA} is missing")))?;
+    let mut out = Vec::new();
+    let mut it = db.raw_iterator_cf_opt(cf, total_order());
+    it.seek_to_first();
+    while let Some(key) = it.key() {
+        let shard = u64::from_be_bytes(
+            key.get(..8)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| EngineError::corruption(CF_DATA, key, "key shorter than a shard id"))?,
+        );
+        // A shard's meta row is the first key of its id's prefix; a
+        // prefix without one is a data space only (D38: the rows of a
+        // shard split from a shard now gone, or a private space).
+        if key == keys::shard_meta(shard).as_slice() {
+            out.push(shard);
+        }
+        match shard.checked_add(1) {
+            Some(next) => it.seek(next.to_be_bytes()),
+            None => break,
+        }
+    }
+    it.status()?;
+    Ok(out)
 }
 
 fn check_format_version(db: &DB) -> Result<(), EngineError> {

@@ -202,6 +202,11 @@ impl Driver {
     pub(super) fn destroy_replica(&mut self, shard: u64) -> Result<(), ClusterError> {
         self.engine.destroy_shard(shard)?;
         self.spool.remove_all(shard)?;
+        // A replica that is gone catches nothing up; one added back later
+        // starts as a learner, which does not vote (D49).
+        if self.catching_up.remove(&shard).is_some() {
+            self.engine.caught_up(shard)?;
+        }
         Ok(())
     }
 }

@@ -40,12 +40,15 @@ const CATCH_UP_READ_RETRY_TICKS: u64 = 10;
 pub(super) struct CatchUp {
     /// Why (the damage found), for NodeStatus and logs.
     pub(super) reason: String,
-    /// The ReadIndex in flight: its id and the tick it was sent at (id 0:
-    /// the last wake probe, sent while no leader was known).
+    /// The ReadIndex in flight: its id and the tick it was sent at.
     read: Option<(u64, u64)>,
     /// The index the replica must hold before it votes again, once a
     /// leader has answered.
     pub(super) target: Option<u64>,
+    /// When the leader was last told (or the peers woken).
+    signalled: Option<u64>,
+    /// The leader (and its term) last told that this replica catches up.
+    told: Option<(u64, u64)>,
     since: Instant,
 }
 
@@ -55,6 +58,8 @@ impl CatchUp {
             reason,
             read: None,
             target: None,
+            signalled: None,
+            told: None,
             since: Instant::now(),
         }
     }
@@ -120,12 +125,34 @@ pub(super) fn reset_lost_follower(r: &mut Replica, msg: &Message) -> bool {
     true
 }
 
+/// The context that marks a catching-up replica's word to its leader.
+pub(super) const CATCHING_UP: &[u8] = b"pigeonhole/catching-up";
+
+/// A catching-up replica's word to its leader: an append rejection naming
+/// its log's end (`reject_hint`, and `index` the same, so raft-rs probes
+/// from there once `reset_lost_follower` has lowered a stale `matched`),
+/// marked [`CATCHING_UP`] so the leader hands it no leadership meanwhile.
+fn catching_up_word(from: u64, to: u64, term: u64, last: u64) -> Message {
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgAppendResponse);
+    m.from = from;
+    m.to = to;
+    m.term = term;
+    m.reject = true;
+    m.index = last;
+    m.reject_hint = last;
+    m.context = CATCHING_UP.to_vec().into();
+    m
+}
+
 /// A message that only wakes the receiving replica (the driver wakes a
-/// shard on any message): a heartbeat response of term 1, below every
-/// term in use (replicas start at term 5), which raft-rs ignores as stale.
+/// shard on any message, and keeps it awake for the hibernation delay on
+/// any but a heartbeat or its response): an append response of term 1,
+/// below every term in use (replicas start at term 5), which raft-rs
+/// ignores as stale.
 fn wake_probe(from: u64, to: u64) -> Message {
     let mut m = Message::default();
-    m.set_msg_type(MessageType::MsgHeartbeatResponse);
+    m.set_msg_type(MessageType::MsgAppendResponse);
     m.from = from;
     m.to = to;
     m.term = 1;
@@ -179,14 +206,20 @@ impl Driver {
         Ok(reason)
     }
 
-    /// Once a tick: sends (or sends again) each catch-up's ReadIndex, and
-    /// clears the marks of replicas that now hold their target.
+    /// Once a tick, for each catching-up replica: every
+    /// `CATCH_UP_READ_RETRY_TICKS`, tells its leader (a rejection naming
+    /// its log's end, marked [`CATCHING_UP`]: the leader lowers a stale
+    /// `matched` and hands it no leadership) or, with no leader known,
+    /// wakes the shard's other replicas; after the first such word to the
+    /// current leader, sends (or sends again) its ReadIndex; and clears
+    /// the mark once the replica holds the answered index.
     pub(super) fn catch_up_tick(&mut self) {
         if self.catching_up.is_empty() {
             return;
         }
         let node_id = self.node_id;
         let ticks = self.ticks;
+        let due = |at: Option<u64>| at.is_none_or(|t| ticks.saturating_sub(t) >= CATCH_UP_READ_RETRY_TICKS);
         let shards: Vec<u64> = self.catching_up.keys().copied().collect();
         for shard in shards {
             let id = self.next_id();
@@ -196,10 +229,8 @@ impl Driver {
                 // shard's other replicas, whose leader may be asleep.
                 let peers = self.replicas_of(shard);
                 if let Some(c) = self.catching_up.get_mut(&shard) {
-                    if c.read
-                        .is_none_or(|(_, sent)| ticks.saturating_sub(sent) >= CATCH_UP_READ_RETRY_TICKS)
-                    {
-                        c.read = Some((0, ticks));
+                    if due(c.signalled) {
+                        c.signalled = Some(ticks);
                         for to in peers.into_iter().filter(|p| *p != node_id) {
                             self.outbox.entry(to).or_default().push(ShardMsg {
                                 shard,
@@ -231,26 +262,36 @@ impl Driver {
                 self.catching_up.remove(&shard);
                 continue;
             }
-            if c.target.is_some() {
-                continue;
-            }
-            if r.raw.raft.leader_id == 0 {
-                // It does not tick, so it never campaigns, and an idle
-                // shard's leader may be asleep (hibernation) and send
-                // nothing: poke the other voters, which wakes them; the
-                // leader's next heartbeat then names itself.
-                if c.read
-                    .is_none_or(|(_, sent)| ticks.saturating_sub(sent) >= CATCH_UP_READ_RETRY_TICKS)
-                {
-                    c.read = Some((0, ticks));
+            let leader = r.raw.raft.leader_id;
+            if due(c.signalled) {
+                c.signalled = Some(ticks);
+                if leader == 0 {
+                    // It does not tick, so it never campaigns, and an idle
+                    // shard's leader may be asleep (hibernation) and send
+                    // nothing: poke the other voters, which wakes them;
+                    // the leader's next heartbeat then names itself.
                     for to in r.raw.raft.prs().conf().voters().ids().iter().filter(|v| *v != node_id) {
                         self.outbox.entry(to).or_default().push(ShardMsg {
                             shard,
                             msg: wake_probe(node_id, to),
                         });
                     }
-                    self.dirty.insert(shard);
+                } else {
+                    let last = r.raw.raft.raft_log.last_index();
+                    self.outbox.entry(leader).or_default().push(ShardMsg {
+                        shard,
+                        msg: catching_up_word(node_id, leader, r.raw.raft.term, last),
+                    });
+                    c.told = Some((leader, r.raw.raft.term));
                 }
+                self.dirty.insert(shard);
+            }
+            // The ReadIndex goes only after the leader was told (on the
+            // same connection, so it is handled after the word): its
+            // `matched` for this replica is then no longer what the
+            // replica acknowledged before the damage, and no commit counts
+            // a lost acknowledgement from then on.
+            if leader == 0 || c.target.is_some() || c.told != Some((leader, r.raw.raft.term)) {
                 continue;
             }
             if c.read
@@ -263,7 +304,7 @@ impl Driver {
             }
         }
         if !self.outbox.is_empty() {
-            // Wake probes of replicas not created yet go with no Ready.
+            // Words and wake probes of replicas with nothing else to send.
             self.flush_outbox();
         }
     }

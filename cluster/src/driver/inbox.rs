@@ -272,22 +272,31 @@ impl Driver {
                 continue;
             }
             let mut msg = msg;
-            if self.is_catching_up(shard) {
-                if super::catchup::blocked(msg.get_msg_type()) {
-                    // It must not vote or campaign until it holds what its
-                    // shard had committed (D49); the candidate times out.
-                    continue;
-                }
-                if let Some(reject) = self
-                    .replicas
-                    .get(&shard)
-                    .and_then(|r| super::catchup::clamp_heartbeat(r, &mut msg))
+            if self.is_catching_up(shard) && super::catchup::blocked(msg.get_msg_type()) {
+                // It must not vote or campaign until it holds what its
+                // shard had committed (D49); the candidate times out.
+                continue;
+            }
+            // A heartbeat committing past this replica's log (its leader's
+            // `matched` is stale: the replica lost entries to damage, or an
+            // operator accepted the loss) is lowered, on every replica:
+            // raft-rs would stop the node on it.
+            if let Some(reject) = self
+                .replicas
+                .get(&shard)
+                .and_then(|r| super::catchup::clamp_heartbeat(r, &mut msg))
+            {
+                self.outbox
+                    .entry(reject.to)
+                    .or_default()
+                    .push(ShardMsg { shard, msg: reject });
+                self.dirty.insert(shard);
+            }
+            if let Some(r) = self.replicas.get_mut(&shard) {
+                if msg.get_msg_type() == MessageType::MsgAppendResponse
+                    && msg.get_context() == super::catchup::CATCHING_UP
                 {
-                    self.outbox
-                        .entry(reject.to)
-                        .or_default()
-                        .push(ShardMsg { shard, msg: reject });
-                    self.dirty.insert(shard);
+                    r.peers_catching_up.insert(msg.from, Instant::now());
                 }
             }
             if let Some(r) = self.replicas.get_mut(&shard) {

@@ -42,6 +42,10 @@ pub(super) struct InflightRead {
     pub(super) waiters: Vec<ReadWaiter>,
 }
 
+/// How long a follower's word that it is catching up keeps leadership
+/// away from it (it repeats the word every second while it is).
+pub(super) const PEER_CATCHING_UP_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Ticks an unanswered ReadIndex waits before it is sent again.
 pub(super) const READ_RETRY_TICKS: u64 = 2;
 
@@ -116,6 +120,11 @@ pub(super) struct Replica {
     /// (entry index, caller, resulting configuration), answered when the
     /// worker reports that index applied.
     pub(super) conf_answers: Vec<(u64, ConfReply, ConfState)>,
+    /// On a leader: followers that said they are catching up after
+    /// storage damage, and when they last said so (D49). They get no
+    /// leadership transfer: they would drop its TimeoutNow, and raft-rs
+    /// refuses proposals while a transfer is pending.
+    pub(super) peers_catching_up: BTreeMap<u64, Instant>,
 }
 
 impl Replica {
@@ -140,6 +149,7 @@ impl Replica {
             handed_bytes: 0,
             remove_at: None,
             conf_answers: Vec::new(),
+            peers_catching_up: BTreeMap::new(),
         }
     }
 }
@@ -311,6 +321,12 @@ pub(super) fn maybe_rebalance(node_id: u64, shard: u64, r: &mut Replica, peers: 
         return;
     }
     if !raft.prs().conf().voters().contains(pref) || peers.get(&pref).is_none_or(|p| p.down) {
+        return;
+    }
+    if r.peers_catching_up
+        .get(&pref)
+        .is_some_and(|at| at.elapsed() < PEER_CATCHING_UP_FOR)
+    {
         return;
     }
     let caught_up = raft
@@ -490,5 +506,98 @@ mod tests {
         r.queued.push_back(q);
         assert!(!is_quiet(&r), "queued work keeps it awake");
         assert_eq!(r.raw.store().last_index().unwrap(), last);
+    }
+
+    /// A leader of node 1 in a shard of voters 1, 2, 3 with `entries`
+    /// entries after its own, which follower 2 has acknowledged.
+    fn leader_with_acked_follower(entries: usize) -> (tempfile::TempDir, Engine, Replica) {
+        let (dir, engine, mut r) = replica(&[1, 2, 3]);
+        r.raw.campaign().unwrap();
+        settle(&engine, &mut r);
+        let term = r.raw.raft.term;
+        let mut vote = raft::eraftpb::Message::default();
+        vote.set_msg_type(raft::eraftpb::MessageType::MsgRequestVoteResponse);
+        vote.from = 2;
+        vote.to = 1;
+        vote.term = term;
+        r.raw.step(vote).unwrap();
+        settle(&engine, &mut r);
+        assert_eq!(r.raw.raft.state, StateRole::Leader);
+        for _ in 0..entries {
+            r.raw.propose(vec![], b"x".to_vec()).unwrap();
+        }
+        settle(&engine, &mut r);
+        let last = r.raw.raft.raft_log.last_index();
+        let mut ack = raft::eraftpb::Message::default();
+        ack.set_msg_type(raft::eraftpb::MessageType::MsgAppendResponse);
+        ack.from = 2;
+        ack.to = 1;
+        ack.term = term;
+        ack.index = last;
+        r.raw.step(ack).unwrap();
+        settle(&engine, &mut r);
+        assert_eq!(r.raw.raft.prs().get(2).unwrap().matched, last);
+        (dir, engine, r)
+    }
+
+    /// A follower that lost entries to damage says so with a rejection
+    /// naming its log's end: the leader's `matched` for it comes down to
+    /// that end (raft-rs alone takes a rejection below `matched` for a
+    /// stale one and would count the lost acknowledgement on), and it is
+    /// handed no leadership while it catches up (D49).
+    #[test]
+    fn a_follower_that_lost_entries_is_replicated_again_and_gets_no_leadership() {
+        let (_dir, _engine, mut r) = leader_with_acked_follower(10);
+        let term = r.raw.raft.term;
+        let mut word = raft::eraftpb::Message::default();
+        word.set_msg_type(raft::eraftpb::MessageType::MsgAppendResponse);
+        word.from = 2;
+        word.to = 1;
+        word.term = term;
+        word.reject = true;
+        word.index = 3;
+        word.reject_hint = 3;
+        assert!(crate::driver::catchup::reset_lost_follower(&mut r, &word));
+        r.raw.step(word.clone()).unwrap();
+        let pr = r.raw.raft.prs().get(2).unwrap();
+        assert_eq!(pr.matched, 3, "matched comes down to the follower's end");
+        assert!(
+            pr.next_idx <= 4,
+            "it probes from the follower's end: next {}",
+            pr.next_idx
+        );
+        // The same word again (its log now ends at or after matched) changes nothing.
+        assert!(!crate::driver::catchup::reset_lost_follower(&mut r, &word));
+
+        // Preferred leader 2 is caught up by raft-rs's count, but said it
+        // is catching up: no transfer.
+        r.preferred_leader = 2;
+        let mut ack = raft::eraftpb::Message::default();
+        ack.set_msg_type(raft::eraftpb::MessageType::MsgAppendResponse);
+        ack.from = 2;
+        ack.to = 1;
+        ack.term = term;
+        ack.index = r.raw.raft.raft_log.last_index();
+        r.raw.step(ack).unwrap();
+        let peers = BTreeMap::from([(
+            2,
+            PeerLiveness {
+                last_seen: Instant::now(),
+                down: false,
+            },
+        )]);
+        r.peers_catching_up.insert(2, Instant::now());
+        maybe_rebalance(1, SHARD, &mut r, &peers);
+        assert_eq!(
+            r.raw.raft.lead_transferee, None,
+            "leadership went to a replica catching up"
+        );
+        r.peers_catching_up.clear();
+        maybe_rebalance(1, SHARD, &mut r, &peers);
+        assert_eq!(
+            r.raw.raft.lead_transferee,
+            Some(2),
+            "the test's transfer never happens at all"
+        );
     }
 }

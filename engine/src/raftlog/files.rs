@@ -234,6 +234,9 @@ impl LogFiles {
         let kept: Vec<u64> = numbers.get(keep_from..).unwrap_or_default().to_vec();
 
         let mut index = Index::default();
+        // Where the last damage was (segment, offset): any live entry
+        // stored before it may have been overwritten by what was lost.
+        let mut last_damage: Option<(u64, u64)> = None;
         let mut recovery = LogRecovery {
             stale_segments: stale.len(),
             ..Default::default()
@@ -257,6 +260,7 @@ impl LogFiles {
                     .damage
                     .push(format!("{}: {e}; the segment was skipped", path.display()));
                 recovery.newest_damaged |= is_newest;
+                last_damage = Some((seg, 0));
                 continue;
             }
             let file = OpenOptions::new()
@@ -308,6 +312,7 @@ impl LogFiles {
                             }
                         ));
                         recovery.newest_damaged |= is_newest;
+                        last_damage = Some((seg, at));
                         match resume {
                             Some(n) => at = n,
                             None => break,
@@ -317,7 +322,7 @@ impl LogFiles {
             }
         }
         let damage_seen = !recovery.damage.is_empty();
-        for (shard, why) in index.salvage() {
+        for (shard, why) in index.salvage(last_damage) {
             // A shard that lost live entries: a segment was damaged, or is
             // missing (a missing one is damage too, named by its shards).
             if !damage_seen {
@@ -326,7 +331,15 @@ impl LogFiles {
             recovery.cut_shards.push(shard);
         }
         if !recovery.damage.is_empty() {
-            let mut known: Vec<u64> = index.shards.keys().copied().collect();
+            // Shards with a log: a replica deleted here (replica GC, D37)
+            // keeps only its term and vote, at (0, 0), and is no one's to
+            // catch up.
+            let mut known: Vec<u64> = index
+                .shards
+                .iter()
+                .filter(|(_, s)| s.last.0 > 0 || s.truncated.0 > 0)
+                .map(|(id, _)| *id)
+                .collect();
             known.sort_unstable();
             on_damage(&recovery, &known)?;
         }
@@ -342,7 +355,13 @@ impl LogFiles {
                 .sync_data()
                 .map_err(|e| io_err("fsync", &segment_path(dir, last), e))?;
         }
-        let seg = index.segments.keys().next_back().map_or(1, |s| s + 1);
+        // Past every file kept, replayed or not: a skipped segment (a bad
+        // header) stays on disk under its number.
+        let seg = kept
+            .last()
+            .copied()
+            .max(index.segments.keys().next_back().copied())
+            .map_or(1, |s| s + 1);
         let (file, size) = create_segment(dir, seg, &index)?;
         index.segments.insert(
             seg,

@@ -330,12 +330,12 @@ fn a_damaged_record_with_data_after_it_is_skipped_and_its_shard_cut() {
     assert!(files.recovery().cut_shards.is_empty(), "{:?}", files.recovery());
 }
 
-/// Damage in an older segment: the next segment's checkpoint restates
-/// every shard, so only the shards that lost live entries are cut, each
-/// to the run before its hole, and the damage does not reach the newest
-/// segment. Shard 2, written in the same segments, is whole.
+/// Damage in an older segment: every live entry stored before it is
+/// dropped (a lost record may have overwritten any of them), so both
+/// shards are cut, each to the run after its truncation point (nothing:
+/// their later entries start after a hole), with commit lowered to it.
 #[test]
-fn damage_in_an_older_segment_cuts_only_the_shards_that_lost_entries() {
+fn damage_in_an_older_segment_drops_every_entry_stored_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let files = LogFiles::open(dir.path(), OPTS).unwrap();
     for i in 1..=60u64 {
@@ -356,6 +356,17 @@ fn damage_in_an_older_segment_cuts_only_the_shards_that_lost_entries() {
         .unwrap();
         files.append(rec, Durability::Fsync).unwrap();
     }
+    let mut rec = RecordBuilder::default();
+    rec.hard_state(
+        1,
+        &HardState {
+            term: 1,
+            vote: 1,
+            commit: 60,
+            ..Default::default()
+        },
+    );
+    files.append(rec, Durability::Fsync).unwrap();
     drop(files);
     let mut segs: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -377,19 +388,109 @@ fn damage_in_an_older_segment_cuts_only_the_shards_that_lost_entries() {
     let files = LogFiles::open(dir.path(), OPTS).unwrap();
     let rec = files.recovery().clone();
     assert!(!rec.newest_damaged, "{rec:?}");
-    assert_eq!(rec.cut_shards, vec![1]);
-    assert_eq!(rec.suspect_shards(&[1, 2]), vec![1]);
-    let one = files.shard(1);
-    assert!(one.last.0 >= 1 && one.last.0 < 60, "{:?}", one.last);
-    assert!(one.hard.commit <= one.last.0);
-    assert_eq!(
-        lock(&files.index).shards[&1].entries.len() as u64,
-        one.last.0,
-        "the entries after the hole are no longer indexed"
+    assert_eq!(rec.cut_shards, vec![1, 2]);
+    for shard in [1, 2] {
+        let s = files.shard(shard);
+        assert_eq!(s.last, (0, 0), "shard {shard}");
+        assert!(lock(&files.index).shards[&shard].entries.is_empty());
+    }
+    assert_eq!(files.shard(1).hard.commit, 0, "commit lowered to the last index");
+    assert_eq!(files.shard(1).hard.vote, 1, "the vote stays");
+    // A reopen cuts nothing more: the new segment's checkpoint states the
+    // cut logs (and purge has deleted the damaged segment, which no live
+    // entry needs any more).
+    drop(files);
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    assert!(files.recovery().cut_shards.is_empty(), "{:?}", files.recovery());
+}
+
+/// Found by a review: a lost record that overwrote entries (a new
+/// leader's 6 and 7 over an uncommitted tail) left the old ones under the
+/// new last index and term, a log that looked whole. Every entry stored
+/// before damage is now dropped; and a commit index past what is left is
+/// lowered (raft-rs refuses it).
+#[test]
+fn a_lost_overwrite_never_leaves_the_old_entries_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    let write = |entries: &[Entry], durability| {
+        let mut rec = RecordBuilder::default();
+        rec.entries(1, false, entries).unwrap();
+        files.append(rec, durability).unwrap();
+    };
+    write(
+        &(1..=4).map(|i| entry(i, 1, b"first")).collect::<Vec<_>>(),
+        Durability::Fsync,
     );
-    assert_eq!(files.read(1, 1, one.last.0 + 1, None).unwrap().len() as u64, one.last.0);
-    assert_eq!(files.shard(2).last, (60, 1), "shard 2 lost nothing");
-    assert_eq!(files.read(2, 1, 61, None).unwrap().len(), 60);
+    write(
+        &(5..=7).map(|i| entry(i, 2, b"old-tail")).collect::<Vec<_>>(),
+        Durability::Fsync,
+    );
+    let overwrite_at = std::fs::metadata(newest(dir.path())).unwrap().len();
+    write(
+        &(6..=7).map(|i| entry(i, 3, b"OVERWRITE")).collect::<Vec<_>>(),
+        Durability::Fsync,
+    );
+    write(&[entry(8, 3, b"after")], Durability::Fsync);
+    let mut rec = RecordBuilder::default();
+    rec.hard_state(
+        1,
+        &HardState {
+            term: 3,
+            vote: 2,
+            commit: 8,
+            ..Default::default()
+        },
+    );
+    files.append(rec, Durability::Fsync).unwrap();
+    drop(files);
+    let path = newest(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.windows(9).position(|w| w == b"OVERWRITE").unwrap();
+    assert!(at as u64 > overwrite_at);
+    bytes[at] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    let rec = files.recovery().clone();
+    assert!(rec.newest_damaged && rec.cut_shards == vec![1], "{rec:?}");
+    for i in 1..=8 {
+        assert_ne!(
+            files.term(1, i),
+            Some(2),
+            "entry {i} of the overwritten tail is still served"
+        );
+    }
+    let s = files.shard(1);
+    assert!(
+        s.hard.commit <= s.last.0,
+        "commit {} past the last index {:?}",
+        s.hard.commit,
+        s.last
+    );
+    assert_eq!((s.hard.term, s.hard.vote), (3, 2));
+}
+
+/// Found by a review: a newest segment whose header is damaged was
+/// skipped but kept, and the new segment took its number ("file
+/// exists"), so the node could never open again.
+#[test]
+fn a_damaged_newest_header_is_skipped_and_the_log_opens_again() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(one_shard_log(dir.path(), 5));
+    let path = newest(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[..8].fill(0xee);
+    std::fs::write(&path, &bytes).unwrap();
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    assert!(files.recovery().newest_damaged, "{:?}", files.recovery());
+    let mut rec = RecordBuilder::default();
+    rec.reset(1, 10, 2);
+    files.append(rec, Durability::Fsync).unwrap();
+    drop(files);
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    assert_eq!(files.shard(1).last, (10, 2));
+    drop(files);
+    assert!(LogFiles::open(dir.path(), OPTS).is_ok());
 }
 
 #[test]

@@ -194,30 +194,70 @@ impl Index {
         out
     }
 
-    /// Salvage after damage (§8.5): every shard whose log is not whole
-    /// keeps the run of entries that follows its truncation point without
-    /// a gap, and nothing after it; its last index becomes the end of
-    /// that run, and its commit index is lowered to it (raft-rs refuses a
-    /// commit index past the last entry). What it lost is caught up from
-    /// its peers, and the replica must not vote until then (D49).
-    /// Returns the shards cut, each with what was wrong.
-    pub fn salvage(&mut self) -> Vec<(u64, String)> {
-        let broken = self.broken();
-        for (shard, _) in &broken {
-            let Some(s) = self.shards.get(shard) else { continue };
-            let mut keep = s.truncated;
-            for (i, loc) in &s.entries {
-                if *i != keep.0.saturating_add(1) || (*i == s.last.0 && loc.term != s.last.1) {
-                    break;
+    /// Salvage after damage (§8.5), `damage` the position (segment,
+    /// offset) of the last damage found, if any:
+    ///
+    /// - every live entry stored before it is dropped: a lost record may
+    ///   have overwritten it (a new leader's entries replacing an
+    ///   uncommitted tail), and a replay without that record would keep
+    ///   the old entry under the new last index and term;
+    /// - every shard whose log is then not whole keeps the run of entries
+    ///   that follows its truncation point without a gap, and nothing
+    ///   after it; its last index becomes the end of that run;
+    /// - every shard's commit index is lowered to its last index (raft-rs
+    ///   refuses a commit index past the last entry).
+    ///
+    /// What a shard lost is caught up from its peers, and the replica must
+    /// not vote until then (D49). Returns the shards changed, each with why.
+    pub fn salvage(&mut self, damage: Option<(u64, u64)>) -> Vec<(u64, String)> {
+        let mut changed: BTreeMap<u64, String> = BTreeMap::new();
+        if let Some((dseg, dat)) = damage {
+            let mut stale: Vec<(u64, u64, u64)> = Vec::new();
+            for (shard, s) in &self.shards {
+                for (i, loc) in &s.entries {
+                    if (loc.seg, loc.offset) < (dseg, dat) {
+                        stale.push((*shard, *i, loc.seg));
+                    }
                 }
-                keep = (*i, loc.term);
             }
-            self.drop_from(*shard, keep.0.saturating_add(1));
-            if let Some(s) = self.shards.get_mut(shard) {
-                s.last = keep;
-                s.hard.commit = s.hard.commit.min(keep.0);
+            for (shard, i, seg) in stale {
+                if let Some(s) = self.shards.get_mut(&shard) {
+                    s.entries.remove(&i);
+                }
+                self.count(seg, -1);
+                changed
+                    .entry(shard)
+                    .or_insert_with(|| format!("shard {shard}: entries stored before the damage were dropped"));
             }
         }
-        broken
+        for (shard, why) in self.broken() {
+            changed.entry(shard).or_insert(why);
+        }
+        let ids: Vec<u64> = self.shards.keys().copied().collect();
+        for shard in ids {
+            let Some(s) = self.shards.get(&shard) else { continue };
+            let truncated = s.truncated;
+            if changed.contains_key(&shard) {
+                let mut keep = truncated;
+                for (i, loc) in &s.entries {
+                    if *i <= truncated.0 {
+                        continue;
+                    }
+                    if *i != keep.0.saturating_add(1) || (*i == s.last.0 && loc.term != s.last.1) {
+                        break;
+                    }
+                    keep = (*i, loc.term);
+                }
+                self.drop_through(shard, truncated.0);
+                self.drop_from(shard, keep.0.saturating_add(1));
+                if let Some(s) = self.shards.get_mut(&shard) {
+                    s.last = keep;
+                }
+            }
+            if let Some(s) = self.shards.get_mut(&shard) {
+                s.hard.commit = s.hard.commit.min(s.last.0);
+            }
+        }
+        changed.into_iter().collect()
     }
 }
