@@ -417,8 +417,41 @@ const SCAN_HASH_BYTES_MAX: u64 = 256 << 20;
 /// count, a known first tag) before their crc is computed, and the bytes
 /// hashed are bounded (`SCAN_HASH_BYTES_MAX`).
 pub(crate) fn durable_record_after(file: &[u8], offset: u64, mut durable: impl FnMut(&[IndexOp]) -> bool) -> bool {
+    let end = scan_after(file, offset, |p, body| {
+        match decode_body(body, p as u64 + RECORD_HEADER_BYTES) {
+            // A commit-only record of the unsynced tail: look on.
+            Ok(ops) if !durable(&ops) => Step::SkipRecord,
+            _ => Step::Found,
+        }
+    });
+    !matches!(end, ScanEnd::End)
+}
+
+/// What a scan does at an intact record (a plausible header, a matching
+/// crc) it met.
+enum Step {
+    /// Stop here.
+    Found,
+    /// Go on after this record.
+    SkipRecord,
+    /// Go on at the next byte.
+    Next,
+}
+
+/// How a scan ended.
+enum ScanEnd {
+    Found(u64),
+    /// It hashed `SCAN_HASH_BYTES_MAX` without an answer.
+    Limit,
+    End,
+}
+
+/// Walks `file` from the byte after `offset`, calling `at` with the offset
+/// and body of every intact record it meets (bodies are prefiltered by
+/// `plausible_record`, so hashing is not done at every byte).
+fn scan_after(file: &[u8], offset: u64, mut at: impl FnMut(usize, &[u8]) -> Step) -> ScanEnd {
     let Ok(start) = usize::try_from(offset) else {
-        return true;
+        return ScanEnd::Limit;
     };
     let mut hashed = 0u64;
     let mut p = start.saturating_add(1);
@@ -426,22 +459,22 @@ pub(crate) fn durable_record_after(file: &[u8], offset: u64, mut durable: impl F
         if let Some((len, body)) = plausible_record(file, p, head) {
             hashed += u64::from(len);
             if hashed > SCAN_HASH_BYTES_MAX {
-                return true;
+                return ScanEnd::Limit;
             }
             if record_crc(len, body) == u32::from_be_bytes([head[4], head[5], head[6], head[7]]) {
-                match decode_body(body, p as u64 + RECORD_HEADER_BYTES) {
-                    Ok(ops) if !durable(&ops) => {
-                        // A commit-only record of the unsynced tail: look on.
+                match at(p, body) {
+                    Step::Found => return ScanEnd::Found(p as u64),
+                    Step::SkipRecord => {
                         p += 8 + body.len();
                         continue;
                     }
-                    _ => return true,
+                    Step::Next => {}
                 }
             }
         }
         p += 1;
     }
-    false
+    ScanEnd::End
 }
 
 /// The body of the record whose header `head` starts at `p`, if it looks
@@ -474,24 +507,15 @@ fn plausible_record<'a>(file: &'a [u8], p: usize, head: &[u8; 8]) -> Option<(u32
 /// the rest of the segment is skipped, the safe side, since every shard
 /// that loses entries by it is found and caught up from its peers).
 pub(crate) fn next_record_after(file: &[u8], offset: u64) -> Option<u64> {
-    let start = usize::try_from(offset).ok()?;
-    let mut hashed = 0u64;
-    let mut p = start.saturating_add(1);
-    while let Some(head) = file.get(p..).and_then(|r| r.first_chunk::<8>()) {
-        if let Some((len, body)) = plausible_record(file, p, head) {
-            hashed += u64::from(len);
-            if hashed > SCAN_HASH_BYTES_MAX {
-                return None;
-            }
-            if record_crc(len, body) == u32::from_be_bytes([head[4], head[5], head[6], head[7]])
-                && decode_body(body, p as u64 + RECORD_HEADER_BYTES).is_ok()
-            {
-                return Some(p as u64);
-            }
+    match scan_after(file, offset, |p, body| {
+        match decode_body(body, p as u64 + RECORD_HEADER_BYTES) {
+            Ok(_) => Step::Found,
+            Err(_) => Step::Next,
         }
-        p += 1;
+    }) {
+        ScanEnd::Found(p) => Some(p),
+        ScanEnd::Limit | ScanEnd::End => None,
     }
-    None
 }
 
 struct Reader<'a> {
