@@ -91,14 +91,7 @@ pub(super) fn clamp_heartbeat(r: &Replica, msg: &mut Message) -> Option<Message>
     if msg.get_msg_type() != MessageType::MsgHeartbeat || msg.commit <= last {
         return None;
     }
-    let mut reject = Message::default();
-    reject.set_msg_type(MessageType::MsgAppendResponse);
-    reject.from = msg.to;
-    reject.to = msg.from;
-    reject.term = msg.term;
-    reject.reject = true;
-    reject.index = msg.commit;
-    reject.reject_hint = last;
+    let reject = end_rejection(msg.to, msg.from, msg.term, msg.commit, last);
     msg.commit = last;
     Some(reject)
 }
@@ -133,16 +126,38 @@ pub(super) const CATCHING_UP: &[u8] = b"pigeonhole/catching-up";
 /// from there once `reset_lost_follower` has lowered a stale `matched`),
 /// marked [`CATCHING_UP`] so the leader hands it no leadership meanwhile.
 fn catching_up_word(from: u64, to: u64, term: u64, last: u64) -> Message {
+    let mut m = end_rejection(from, to, term, last, last);
+    m.context = CATCHING_UP.to_vec().into();
+    m
+}
+
+/// An append rejection of `index` that names the sender's log end `last`
+/// (what `reset_lost_follower` reads on the leader).
+fn end_rejection(from: u64, to: u64, term: u64, index: u64, last: u64) -> Message {
     let mut m = Message::default();
     m.set_msg_type(MessageType::MsgAppendResponse);
     m.from = from;
     m.to = to;
     m.term = term;
     m.reject = true;
-    m.index = last;
+    m.index = index;
     m.reject_hint = last;
-    m.context = CATCHING_UP.to_vec().into();
     m
+}
+
+/// Queues a wake probe for each of `peers` but `from`.
+fn wake_peers(
+    outbox: &mut std::collections::BTreeMap<u64, Vec<ShardMsg>>,
+    shard: u64,
+    from: u64,
+    peers: impl IntoIterator<Item = u64>,
+) {
+    for to in peers.into_iter().filter(|p| *p != from) {
+        outbox.entry(to).or_default().push(ShardMsg {
+            shard,
+            msg: wake_probe(from, to),
+        });
+    }
 }
 
 /// A message that only wakes the receiving replica (the driver wakes a
@@ -231,12 +246,7 @@ impl Driver {
                 if let Some(c) = self.catching_up.get_mut(&shard) {
                     if due(c.signalled) {
                         c.signalled = Some(ticks);
-                        for to in peers.into_iter().filter(|p| *p != node_id) {
-                            self.outbox.entry(to).or_default().push(ShardMsg {
-                                shard,
-                                msg: wake_probe(node_id, to),
-                            });
-                        }
+                        wake_peers(&mut self.outbox, shard, node_id, peers);
                     }
                 }
                 continue;
@@ -270,12 +280,12 @@ impl Driver {
                     // shard's leader may be asleep (hibernation) and send
                     // nothing: poke the other voters, which wakes them;
                     // the leader's next heartbeat then names itself.
-                    for to in r.raw.raft.prs().conf().voters().ids().iter().filter(|v| *v != node_id) {
-                        self.outbox.entry(to).or_default().push(ShardMsg {
-                            shard,
-                            msg: wake_probe(node_id, to),
-                        });
-                    }
+                    wake_peers(
+                        &mut self.outbox,
+                        shard,
+                        node_id,
+                        r.raw.raft.prs().conf().voters().ids().iter(),
+                    );
                 } else {
                     let last = r.raw.raft.raft_log.last_index();
                     self.outbox.entry(leader).or_default().push(ShardMsg {
