@@ -33,8 +33,9 @@
 //! restart that), with the damage in its last log line. Several threads
 //! finding damage at once: the first restarts, the others wait for it.
 
+use crate::config::NodeConfig;
 use crate::error::ClusterError;
-use pigeonhole_engine::EngineError;
+use pigeonhole_engine::{Engine, EngineError};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -174,6 +175,130 @@ pub fn rebuild_if_marked(data_dir: &Path) -> Result<Option<String>, ClusterError
          from its peers (it does not vote until caught up)"
     );
     Ok(Some(reason))
+}
+
+/// Opens the node's engine, rebuilding its state machine from the peers
+/// when it is damaged: a marker left by a run before, RocksDB's own checks
+/// at this open, or a state machine gone from under a Raft log that still
+/// holds its shards' entries (RocksDB cannot always tell: a MANIFEST
+/// whose middle reads as zeros opens as a shorter, valid one). A rebuild's
+/// replicas are marked catching up and emptied, keeping term and vote.
+///
+/// `bootstrap_shards` are the shards a first start creates here, at
+/// `bootstrap_index`: bootstrap writes a shard's log before its state, so
+/// one of those with a log at that point and no state is an interrupted
+/// bootstrap (`Node::start` finishes it), not damage.
+pub fn open_engine(cfg: &NodeConfig, bootstrap_shards: &[u64], bootstrap_index: u64) -> Result<Engine, ClusterError> {
+    let no_peers = |what: &str| {
+        ClusterError::Config(format!(
+            "the state machine in {} is damaged ({what}) and its shards have no other replica to rebuild \
+             from: restore the data dir from a backup (`pigeonhole restore`)",
+            cfg.data_dir.display(),
+        ))
+    };
+    let marker = cfg.data_dir.join(STATE_DAMAGED_MARKER);
+    if cfg.replication_factor <= 1 && marker.exists() {
+        return Err(no_peers(&std::fs::read_to_string(&marker).unwrap_or_default()));
+    }
+    let open = || Engine::open(cfg.data_dir.join("db"), cfg.engine.clone());
+    let mut rebuilt = rebuild_if_marked(&cfg.data_dir)?;
+    let mut engine = match open() {
+        Ok(e) => e,
+        Err(e) if e.is_state_damage() && rebuilt.is_none() && cfg.replication_factor > 1 => {
+            mark(&cfg.data_dir, &e.to_string())?;
+            rebuilt = rebuild_if_marked(&cfg.data_dir)?;
+            open()?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if rebuilt.is_none() {
+        let bootstrapping = if cfg.joined { &[][..] } else { bootstrap_shards };
+        let lost = state_lost_under_log(&engine, bootstrapping, bootstrap_index)?;
+        if !lost.is_empty() {
+            let reason = format!("the Raft log holds entries of shards {lost:?}, whose state machine is gone");
+            if cfg.replication_factor <= 1 {
+                return Err(no_peers(&reason));
+            }
+            drop(engine);
+            mark(&cfg.data_dir, &reason)?;
+            rebuilt = rebuild_if_marked(&cfg.data_dir)?;
+            engine = open()?;
+        }
+    }
+    if let Some(reason) = &rebuilt {
+        // Every replica this node is a Raft peer of starts over empty,
+        // keeping its term and vote, and does not vote until caught up.
+        for shard in engine.raft_log_shard_ids() {
+            // A replica deleted here before keeps only term and vote, at
+            // (0, 0): nothing to catch up.
+            if last_index(&engine, shard)? == 0 {
+                continue;
+            }
+            engine.mark_catching_up(shard, &format!("state machine rebuilt after: {reason}"))?;
+            engine.destroy_shard(shard)?;
+        }
+        finish(&cfg.data_dir)?;
+    }
+    Ok(engine)
+}
+
+/// The shards whose Raft log holds entries (or a compaction point) while
+/// the state machine has no apply state for them. Every way a replica
+/// gets a log past index 0 makes its apply state durable first (a
+/// snapshot is ingested before the log is reset to it, a split flushes
+/// the new shard's state before its log starts), except bootstrap, whose
+/// shards at the bootstrap point are left out. A log that holds a term
+/// and vote only (last index 0) has nothing to lose.
+fn state_lost_under_log(
+    engine: &Engine,
+    bootstrap_shards: &[u64],
+    bootstrap_index: u64,
+) -> Result<Vec<u64>, ClusterError> {
+    let with_state = engine.shard_ids()?;
+    let mut lost = Vec::new();
+    for shard in engine.raft_log_shard_ids() {
+        if with_state.contains(&shard) || last_index(engine, shard)? == 0 {
+            continue;
+        }
+        if bootstrap_shards.contains(&shard) && at_bootstrap_point(engine, shard, bootstrap_index)? {
+            continue;
+        }
+        lost.push(shard);
+    }
+    Ok(lost)
+}
+
+/// Of `bootstrap_shards`, those whose bootstrap a crash cut short: a log
+/// at the bootstrap point and no state (bootstrap writes the log first).
+pub fn interrupted_bootstrap(
+    engine: &Engine,
+    bootstrap_shards: &[u64],
+    bootstrap_index: u64,
+) -> Result<Vec<u64>, ClusterError> {
+    let with_state = engine.shard_ids()?;
+    let in_log = engine.raft_log_shard_ids();
+    let mut out = Vec::new();
+    for &shard in bootstrap_shards {
+        if !with_state.contains(&shard)
+            && in_log.contains(&shard)
+            && at_bootstrap_point(engine, shard, bootstrap_index)?
+        {
+            out.push(shard);
+        }
+    }
+    Ok(out)
+}
+
+fn at_bootstrap_point(engine: &Engine, shard: u64, bootstrap_index: u64) -> Result<bool, ClusterError> {
+    let store = engine.raft_log(shard)?;
+    let first = pigeonhole_engine::raft::Storage::first_index(&store).map_err(|e| ClusterError::Raft(e.to_string()))?;
+    let last = pigeonhole_engine::raft::Storage::last_index(&store).map_err(|e| ClusterError::Raft(e.to_string()))?;
+    Ok(last == bootstrap_index && first == bootstrap_index.saturating_add(1))
+}
+
+fn last_index(engine: &Engine, shard: u64) -> Result<u64, ClusterError> {
+    let store = engine.raft_log(shard)?;
+    pigeonhole_engine::raft::Storage::last_index(&store).map_err(|e| ClusterError::Raft(e.to_string()))
 }
 
 /// Removes the marker once the rebuild's marks and log resets are durable.

@@ -120,72 +120,41 @@ impl Node {
         }
         let cluster_id = cfg.effective_cluster_id();
         check_identity(&cfg, cluster_id)?;
-        // State-machine damage found before (a marker) or by RocksDB at
-        // this open: the state machine is rebuilt from the peers (D50),
-        // when there are peers to rebuild from.
-        let marker = cfg.data_dir.join(crate::damage::STATE_DAMAGED_MARKER);
-        if cfg.replication_factor <= 1 && marker.exists() {
-            return Err(ClusterError::Config(format!(
-                "the state machine in {} is damaged ({}) and its shards have no other replica to rebuild \
-                 from: restore the data dir from a backup (`pigeonhole restore`)",
-                cfg.data_dir.display(),
-                std::fs::read_to_string(&marker).unwrap_or_default()
-            )));
-        }
-        let mut rebuilt = crate::damage::rebuild_if_marked(&cfg.data_dir)?;
-        let engine = match Engine::open(cfg.data_dir.join("db"), cfg.engine.clone()) {
-            Ok(e) => e,
-            Err(e) if e.is_state_damage() && rebuilt.is_none() && cfg.replication_factor > 1 => {
-                crate::damage::mark(&cfg.data_dir, &e.to_string())?;
-                rebuilt = crate::damage::rebuild_if_marked(&cfg.data_dir)?;
-                Engine::open(cfg.data_dir.join("db"), cfg.engine.clone())?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if let Some(reason) = &rebuilt {
-            // Every replica this node is a Raft peer of starts over empty,
-            // keeping its term and vote, and does not vote until caught up.
-            for shard in engine.raft_log_shard_ids() {
-                // A replica deleted here before keeps only term and vote,
-                // at (0, 0): nothing to catch up.
-                let store = engine.raft_log(shard)?;
-                if pigeonhole_engine::raft::Storage::last_index(&store)
-                    .map_err(|e| ClusterError::Raft(e.to_string()))?
-                    == 0
-                {
-                    continue;
-                }
-                engine.mark_catching_up(shard, &format!("state machine rebuilt after: {reason}"))?;
-                engine.destroy_shard(shard)?;
-            }
-            crate::damage::finish(&cfg.data_dir)?;
-        }
         let map = Arc::new(ShardMap::bootstrap(
             &cfg.initial_cluster,
             cfg.shard_count,
             cfg.replication_factor,
         ));
+        // What a first start creates here: the metadata shard, then this
+        // node's data shards.
+        let mut bootstrap_shards = vec![META_SHARD];
+        bootstrap_shards.extend(map.shards_on(cfg.node_id));
+        let engine = crate::damage::open_engine(&cfg, &bootstrap_shards, BOOTSTRAP_INDEX)?;
         // A node that joined starts empty: the metadata group's leader adds
         // its learner there, and data replicas are moved to it.
-        // (A node whose Raft log knows shards is not new, even with no
-        // state: its state machine was rebuilt, D50.)
-        if !cfg.joined && engine.shard_ids()?.is_empty() && engine.raft_log_shard_ids().is_empty() {
-            let (voters, learners) = meta_members(&cfg.initial_cluster);
-            let meta_conf = ConfState {
-                voters,
-                learners,
-                ..Default::default()
+        // A new node bootstraps every shard it starts with; one whose first
+        // bootstrap a crash cut short, the shards it left at the log only.
+        // (A node whose Raft log knows shards otherwise is not new, even
+        // with no state: its state machine was rebuilt, D50.)
+        let bootstrap = if cfg.joined {
+            Vec::new()
+        } else if engine.shard_ids()?.is_empty() && engine.raft_log_shard_ids().is_empty() {
+            bootstrap_shards
+        } else {
+            crate::damage::interrupted_bootstrap(&engine, &bootstrap_shards, BOOTSTRAP_INDEX)?
+        };
+        for shard in bootstrap {
+            let conf = if shard == META_SHARD {
+                let (voters, learners) = meta_members(&cfg.initial_cluster);
+                ConfState {
+                    voters,
+                    learners,
+                    ..Default::default()
+                }
+            } else {
+                conf_state_with_voters(&map.shard(shard).ok_or(ClusterError::Stopped)?.replicas)
             };
-            engine.bootstrap_shard(META_SHARD, meta_conf, BOOTSTRAP_INDEX, BOOTSTRAP_TERM)?;
-            for shard in map.shards_on(cfg.node_id) {
-                let desc = map.shard(shard).ok_or(ClusterError::Stopped)?;
-                engine.bootstrap_shard(
-                    shard,
-                    conf_state_with_voters(&desc.replicas),
-                    BOOTSTRAP_INDEX,
-                    BOOTSTRAP_TERM,
-                )?;
-            }
+            engine.bootstrap_shard(shard, conf, BOOTSTRAP_INDEX, BOOTSTRAP_TERM)?;
         }
         let spool = Arc::new(SnapshotSpool::open(cfg.data_dir.join("snap"))?);
         let (tx, rx) = bounded(cfg.raft.inbox_capacity);
@@ -214,6 +183,9 @@ impl Node {
             .spawn(move || {
                 let res = driver.run_loop();
                 driver.shutdown();
+                if let Err(e) = &res {
+                    tracing::error!(error = %e, "the Raft driver stopped: this node serves nothing until it restarts");
+                }
                 if let Err(ClusterError::Engine(e)) = &res {
                     // Damage to this node's files: rebuilt, not served (D50).
                     crate::damage::check(e);

@@ -153,7 +153,11 @@ impl ServerConfig {
     }
 }
 
-/// Runs a node until `shutdown` resolves.
+/// How often the server checks that the Raft driver still runs.
+const DRIVER_CHECK_MS: u64 = 500;
+
+/// Runs a node until `shutdown` resolves, or its Raft driver stops on an
+/// error (returned).
 pub async fn run(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -356,8 +360,23 @@ pub async fn run(
             }
         };
     let mut serve = serve;
+    // A driver that stopped on an error (one that is not damage, which
+    // restarts the process, D50) leaves nothing to serve: the server stops
+    // too and the process exits with that error, for its supervisor to
+    // see and restart, rather than answer UNAVAILABLE while health says
+    // SERVING.
+    let driver = node.clone();
+    let driver_stopped = async move {
+        while driver.is_running() {
+            tokio::time::sleep(std::time::Duration::from_millis(DRIVER_CHECK_MS)).await;
+        }
+    };
     let served = tokio::select! {
         r = &mut serve => r,
+        () = driver_stopped => {
+            tracing::error!("node {node_id}: the Raft driver stopped; stopping the server");
+            Ok(())
+        }
         _ = async {
             let _ = stopping_rx.wait_for(|s| *s).await;
             tokio::time::sleep(std::time::Duration::from_millis(SHUTDOWN_GRACE_MS)).await;

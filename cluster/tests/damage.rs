@@ -530,3 +530,97 @@ async fn damaged_state_machine_files_are_rebuilt_from_the_peers() {
     let now = leader(&nodes, Duration::from_secs(30)).await;
     assert_eq!(payloads(&nodes[now]).await.len(), 200);
 }
+
+/// Zeroes the node's current MANIFEST after its first three records (the
+/// default column family's: comparator, log number, file numbers), as the
+/// Jepsen `corrupt` fault once did: RocksDB reads zeros as the
+/// preallocated end of the file, so it opens with those edits only and
+/// forgets the rest, the creation of the other column families among them.
+fn zero_manifest_after_default_cf(dir: &Path) {
+    let db = dir.join("db");
+    let current = std::fs::read_to_string(db.join("CURRENT")).unwrap();
+    let path = db.join(current.trim());
+    let mut b = std::fs::read(&path).unwrap();
+    // A record: checksum (4), length (2, little-endian), type (1), body.
+    let mut at = 0;
+    for _ in 0..3 {
+        at += 7 + usize::from(u16::from_le_bytes([b[at + 4], b[at + 5]]));
+    }
+    assert!(
+        b[at..].iter().any(|&x| x != 0),
+        "the MANIFEST holds nothing after the default column family"
+    );
+    for byte in &mut b[at..] {
+        *byte = 0;
+    }
+    std::fs::write(&path, &b).unwrap();
+}
+
+/// A MANIFEST whose later edits read as zeros (the column families'
+/// creation among them): RocksDB opens the rest without an error, with the
+/// state machine's column families gone. The node must see that its
+/// state machine vanished under a Raft log that knows its shards, and
+/// rebuild it from the peers, not stop or serve an empty replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_that_forgot_the_column_families_is_rebuilt_from_the_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(tmp.path(), &[]);
+    for n in &mut nodes {
+        n.start();
+    }
+    let l = leader(&nodes, Duration::from_secs(30)).await;
+    for i in 0..200 {
+        append(
+            &nodes[l],
+            &format!("m{i}"),
+            format!("MANIFEST-PAYLOAD-{i:04}").as_bytes(),
+        )
+        .await;
+    }
+    let x = (l + 1) % 3;
+    nodes[x].kill();
+    zero_manifest_after_default_cf(&nodes[x].dir);
+    nodes[x].start();
+    let pid = nodes[x].child.as_ref().unwrap().id();
+    wait_replica_holds(&nodes[x], 200).await;
+    assert!(
+        nodes[x].child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "it exited"
+    );
+    assert_eq!(nodes[x].child.as_ref().unwrap().id(), pid);
+    wait_caught_up(&nodes[x]).await;
+    nodes[l].kill();
+    let now = leader(&nodes, Duration::from_secs(30)).await;
+    assert_eq!(payloads(&nodes[now]).await.len(), 200);
+}
+
+/// The state machine's files gone (every file of `db/` but the Raft log's
+/// directory): a fresh database opens without complaint under a log that
+/// holds every shard's entries. The node must rebuild from its peers, not
+/// stop on shards it has no state for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_machine_gone_under_its_raft_log_is_rebuilt_from_the_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(tmp.path(), &[]);
+    for n in &mut nodes {
+        n.start();
+    }
+    let l = leader(&nodes, Duration::from_secs(30)).await;
+    for i in 0..200 {
+        append(&nodes[l], &format!("g{i}"), format!("GONE-PAYLOAD-{i:04}").as_bytes()).await;
+    }
+    let x = (l + 1) % 3;
+    nodes[x].kill();
+    for e in std::fs::read_dir(nodes[x].dir.join("db")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "raft-log" {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    nodes[x].start();
+    wait_replica_holds(&nodes[x], 200).await;
+    wait_caught_up(&nodes[x]).await;
+    nodes[l].kill();
+    let now = leader(&nodes, Duration::from_secs(30)).await;
+    assert_eq!(payloads(&nodes[now]).await.len(), 200);
+}

@@ -224,6 +224,11 @@ impl Engine {
         // Column family `raft` held the log in format 1; it is still opened
         // (and stays empty) so that a format-1 directory opens far enough to
         // be refused by the version check below, with a message.
+        // Which column families an existing database holds, read before
+        // the open creates any that are missing (see `check_column_families`).
+        if path.as_ref().join("CURRENT").exists() {
+            check_column_families(path.as_ref())?;
+        }
         let db = DB::open_cf_descriptors(&db_opts, path.as_ref(), [cf(CF_META), cf(CF_RAFT), cf(CF_DATA)])?;
         check_format_version(&db)?;
         // Damage in the log (§8.5): the shards that may have lost what they
@@ -499,6 +504,52 @@ fn data_shard_ids(db: &DB) -> Result<Vec<u64>, EngineError> {
     }
     it.status()?;
     Ok(out)
+}
+
+/// Refuses a database whose MANIFEST forgot a column family that it once
+/// held, as damage to the state machine (docs/decisions.md D50). Runs
+/// before the open, which would create the missing family and so hide
+/// the damage from the next open.
+///
+/// RocksDB reads zeros in a MANIFEST as the end of its preallocated space,
+/// so damage that zeroes the middle of one opens without an error and
+/// with every later edit gone: the creation of the `data` column family
+/// among them, whose rows then silently vanish (the WAL's records for a
+/// family it does not know are skipped), while the Raft log, in its own
+/// files, still knows every shard. A missing family is legitimate only
+/// when the first open of a new directory crashed before creating it; that
+/// open had not yet written the format version nor created the Raft log's
+/// directory, so either one's presence means the family was lost.
+fn check_column_families(path: &Path) -> Result<(), EngineError> {
+    let before = DB::list_cf(&Options::default(), path)?;
+    let missing: Vec<&str> = [CF_RAFT, CF_DATA]
+        .into_iter()
+        .filter(|name| !before.iter().any(|b| b == name))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let lost = |why: &str| {
+        Err(EngineError::corruption(
+            CF_META,
+            b"MANIFEST",
+            format!(
+                "the database's MANIFEST no longer lists column families {missing:?}, yet {why}: \
+                 their rows are lost"
+            ),
+        ))
+    };
+    if path.join("raft-log").exists() {
+        return lost("the Raft log directory exists");
+    }
+    let db = DB::open_cf_for_read_only(&Options::default(), path, &before, false)?;
+    let cf = db
+        .cf_handle(CF_META)
+        .ok_or_else(|| EngineError::InvalidCall(format!("column family {CF_META} is missing")))?;
+    if db.get_cf(cf, keys::FORMAT_VERSION_KEY)?.is_some() {
+        return lost("the format version was written");
+    }
+    Ok(())
 }
 
 fn check_format_version(db: &DB) -> Result<(), EngineError> {

@@ -233,3 +233,56 @@ fn a_lost_raft_log_directory_fails_the_open() {
     let err = pigeonhole_engine::Engine::open(s.dir.path(), pigeonhole_engine::EngineOptions::default()).unwrap_err();
     assert!(err.to_string().contains("the log was lost"), "{err}");
 }
+
+/// Zeroes the current MANIFEST after its first three records (the default
+/// column family's), which RocksDB reads as the preallocated end of the
+/// file: the later edits, the other column families' creation among
+/// them, are forgotten without an error.
+fn zero_manifest_after_default_cf(db: &std::path::Path) {
+    let current = std::fs::read_to_string(db.join("CURRENT")).unwrap();
+    let path = db.join(current.trim());
+    let mut b = std::fs::read(&path).unwrap();
+    // A record: checksum (4), length (2, little-endian), type (1), body.
+    let mut at = 0;
+    for _ in 0..3 {
+        at += 7 + usize::from(u16::from_le_bytes([b[at + 4], b[at + 5]]));
+    }
+    assert!(
+        b[at..].iter().any(|&x| x != 0),
+        "nothing after the default column family"
+    );
+    b[at..].fill(0);
+    std::fs::write(&path, &b).unwrap();
+}
+
+#[test]
+fn a_manifest_that_forgot_the_column_families_fails_the_open_as_state_damage() {
+    let mut s = Shard::new();
+    fill(&mut s, 5);
+    s.close();
+    zero_manifest_after_default_cf(s.dir.path());
+    // Refused every time: the open must not create the missing families
+    // and so hide the loss from the next one.
+    for _ in 0..2 {
+        let err =
+            pigeonhole_engine::Engine::open(s.dir.path(), pigeonhole_engine::EngineOptions::default()).unwrap_err();
+        assert!(err.is_state_damage(), "{err}");
+        assert!(err.to_string().contains("no longer lists column families"), "{err}");
+    }
+}
+
+/// The one legitimate way to lack the column families: the first open of
+/// a new directory crashed after RocksDB created the database and before
+/// it created them (nothing was stored yet).
+#[test]
+fn a_first_open_that_crashed_before_creating_the_column_families_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = rocksdb::Options::default();
+    o.create_if_missing(true);
+    drop(rocksdb::DB::open(&o, dir.path()).unwrap());
+    let engine = pigeonhole_engine::Engine::open(dir.path(), pigeonhole_engine::EngineOptions::default()).unwrap();
+    engine
+        .bootstrap_shard(7, pigeonhole_engine::conf_state_with_voters(&[1]), 0, 0)
+        .unwrap();
+    assert_eq!(engine.shard_ids().unwrap(), vec![7]);
+}
