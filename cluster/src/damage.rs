@@ -215,7 +215,8 @@ pub fn open_engine(cfg: &NodeConfig, bootstrap_shards: &[u64], bootstrap_index: 
         let bootstrapping = if cfg.joined { &[][..] } else { bootstrap_shards };
         let lost = state_lost_under_log(&engine, bootstrapping, bootstrap_index)?;
         if !lost.is_empty() {
-            let reason = format!("the Raft log holds entries of shards {lost:?}, whose state machine is gone");
+            let reason =
+                format!("the Raft log of shards {lost:?} starts after their state machine ends (or it is gone)");
             if cfg.replication_factor <= 1 {
                 return Err(no_peers(&reason));
             }
@@ -243,7 +244,8 @@ pub fn open_engine(cfg: &NodeConfig, bootstrap_shards: &[u64], bootstrap_index: 
 }
 
 /// The shards whose Raft log holds entries (or a compaction point) while
-/// the state machine has no apply state for them. Every way a replica
+/// the state machine has no apply state for them, or one older than the
+/// log's first entry. Every way a replica
 /// gets a log past index 0 makes its apply state durable first (a
 /// snapshot is ingested before the log is reset to it, a split flushes
 /// the new shard's state before its log starts), except bootstrap, whose
@@ -257,7 +259,21 @@ fn state_lost_under_log(
     let with_state = engine.shard_ids()?;
     let mut lost = Vec::new();
     for shard in engine.raft_log_shard_ids() {
-        if with_state.contains(&shard) || last_index(engine, shard)? == 0 {
+        if with_state.contains(&shard) {
+            // State older than the log's start: the entries between were
+            // applied and compacted away (only ever up to a durable apply
+            // index), so the state lost them (a flush the MANIFEST forgot,
+            // old files put back).
+            let store = engine.raft_log(shard)?;
+            let first =
+                pigeonhole_engine::raft::Storage::first_index(&store).map_err(|e| ClusterError::Raft(e.to_string()))?;
+            let applied = engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
+            if applied.saturating_add(1) < first {
+                lost.push(shard);
+            }
+            continue;
+        }
+        if last_index(engine, shard)? == 0 {
             continue;
         }
         if bootstrap_shards.contains(&shard) && at_bootstrap_point(engine, shard, bootstrap_index)? {

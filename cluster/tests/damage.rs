@@ -624,3 +624,60 @@ async fn a_state_machine_gone_under_its_raft_log_is_rebuilt_from_the_peers() {
     let now = leader(&nodes, Duration::from_secs(30)).await;
     assert_eq!(payloads(&nodes[now]).await.len(), 200);
 }
+
+/// Every file of `db/` but the Raft log's directory, copied to `to`.
+fn copy_state_machine(dir: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(dir.join("db")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "raft-log" {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A state machine rolled back under its Raft log (older, valid files put
+/// back; or a flush the MANIFEST forgot): it opens without complaint, but
+/// its apply index is before the log's first entry, whose predecessors
+/// were compacted away. The node must rebuild from its peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_machine_older_than_its_raft_log_is_rebuilt_from_the_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("pigeonhole.toml");
+    std::fs::write(&config, "[raft]\nlog_entries_max = 32\nlog_retain_entries = 0\n").unwrap();
+    let mut nodes = three_nodes(tmp.path(), &["--config".to_string(), config.display().to_string()]);
+    for n in &mut nodes {
+        n.start();
+    }
+    let l = leader(&nodes, Duration::from_secs(30)).await;
+    let x = (l + 1) % 3;
+    for i in 0..20 {
+        append(&nodes[l], &format!("o{i}"), format!("OLD-{i:03}").as_bytes()).await;
+    }
+    stop_cleanly(&mut nodes[x]);
+    let old = tmp.path().join("old-state");
+    copy_state_machine(&nodes[x].dir, &old);
+    nodes[x].start();
+    for i in 0..150 {
+        append(&nodes[l], &format!("n{i}"), format!("NEW-{i:03}").as_bytes()).await;
+    }
+    wait_replica_holds(&nodes[x], 170).await;
+    stop_cleanly(&mut nodes[x]);
+    let db = nodes[x].dir.join("db");
+    for e in std::fs::read_dir(&db).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "raft-log" {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    for e in std::fs::read_dir(&old).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), db.join(e.file_name())).unwrap();
+    }
+    nodes[x].start();
+    wait_replica_holds(&nodes[x], 170).await;
+    wait_caught_up(&nodes[x]).await;
+    nodes[l].kill();
+    let now = leader(&nodes, Duration::from_secs(30)).await;
+    assert_eq!(payloads(&nodes[now]).await.len(), 170);
+}
