@@ -267,8 +267,16 @@ fn state_lost_under_log(
             let store = engine.raft_log(shard)?;
             let first =
                 pigeonhole_engine::raft::Storage::first_index(&store).map_err(|e| ClusterError::Raft(e.to_string()))?;
-            let applied = engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
-            if applied.saturating_add(1) < first {
+            // An ingest cut short (its placeholder state says applied 0) is
+            // not this: the start ingests its spooled snapshot again
+            // (`recover_shard`).
+            let Some(meta) = engine.shard_meta(shard)? else {
+                continue;
+            };
+            if meta.state == pigeonhole_engine::ShardState::Ingesting {
+                continue;
+            }
+            if meta.applied_index.saturating_add(1) < first {
                 lost.push(shard);
             }
             continue;

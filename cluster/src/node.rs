@@ -143,6 +143,9 @@ impl Node {
         } else {
             crate::damage::interrupted_bootstrap(&engine, &bootstrap_shards, BOOTSTRAP_INDEX)?
         };
+        // All in one write (one log record, then one state batch): a crash
+        // leaves every shard's log or none, never some shards missing.
+        let mut confs = Vec::with_capacity(bootstrap.len());
         for shard in bootstrap {
             let conf = if shard == META_SHARD {
                 let (voters, learners) = meta_members(&cfg.initial_cluster);
@@ -154,7 +157,10 @@ impl Node {
             } else {
                 conf_state_with_voters(&map.shard(shard).ok_or(ClusterError::Stopped)?.replicas)
             };
-            engine.bootstrap_shard(shard, conf, BOOTSTRAP_INDEX, BOOTSTRAP_TERM)?;
+            confs.push((shard, conf));
+        }
+        if !confs.is_empty() {
+            engine.bootstrap_shards(confs, BOOTSTRAP_INDEX, BOOTSTRAP_TERM)?;
         }
         let spool = Arc::new(SnapshotSpool::open(cfg.data_dir.join("snap"))?);
         let (tx, rx) = bounded(cfg.raft.inbox_capacity);

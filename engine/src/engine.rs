@@ -390,31 +390,55 @@ impl Engine {
         index: u64,
         term: u64,
     ) -> Result<(), EngineError> {
-        if shard >= crate::split::SPACE_PRIVATE_MIN {
-            return Err(EngineError::InvalidCall(format!(
-                "shard ids are below {}, got {shard}",
-                crate::split::SPACE_PRIVATE_MIN
-            )));
-        }
-        let handles = self.shard(shard)?;
-        let _apply = lock(&handles.apply);
-        if self.shard_meta(shard)?.is_some() {
-            return Err(EngineError::InvalidCall(format!("shard {shard} already exists")));
-        }
-        let meta = ShardMeta {
-            applied_index: index,
-            applied_term: term,
-            conf_state,
-            ..ShardMeta::new_own(shard, ShardState::Ready)
-        };
+        self.bootstrap_shards(vec![(shard, conf_state)], index, term)
+    }
+
+    /// [`Engine::bootstrap_shard`] for several shards in one write: one Raft
+    /// log record holds every shard's log (so a crash leaves all of them or
+    /// none), then one RocksDB batch every shard's apply state. A crash
+    /// between the two leaves every log at `index` and no state, which the
+    /// caller can tell from damage and bootstrap again. Fails, writing
+    /// nothing, if any shard already exists here.
+    pub fn bootstrap_shards(
+        &self,
+        shards: Vec<(u64, raft::eraftpb::ConfState)>,
+        index: u64,
+        term: u64,
+    ) -> Result<(), EngineError> {
         let mut rb = crate::raftlog::RaftBatch::default();
-        rb.put_shard_meta(self, shard, &meta)?;
-        rb.reset_log(self, shard, index, term)?;
-        let store = self.raft_log(shard)?;
-        let mut hs = store.hard_state()?;
-        hs.term = hs.term.max(term);
-        hs.commit = hs.commit.max(index);
-        rb.set_hard_state(&store, &hs)?;
+        // Shard ids ascending, each lock held to the write: nothing else
+        // creates these shards meanwhile.
+        let mut shards = shards;
+        shards.sort_unstable_by_key(|(shard, _)| *shard);
+        let mut handles = Vec::with_capacity(shards.len());
+        for (shard, _) in &shards {
+            if *shard >= crate::split::SPACE_PRIVATE_MIN {
+                return Err(EngineError::InvalidCall(format!(
+                    "shard ids are below {}, got {shard}",
+                    crate::split::SPACE_PRIVATE_MIN
+                )));
+            }
+            handles.push(self.shard(*shard)?);
+        }
+        let _applies: Vec<_> = handles.iter().map(|h| lock(&h.apply)).collect();
+        for (shard, conf_state) in shards {
+            if self.shard_meta(shard)?.is_some() {
+                return Err(EngineError::InvalidCall(format!("shard {shard} already exists")));
+            }
+            let meta = ShardMeta {
+                applied_index: index,
+                applied_term: term,
+                conf_state,
+                ..ShardMeta::new_own(shard, ShardState::Ready)
+            };
+            rb.put_shard_meta(self, shard, &meta)?;
+            rb.reset_log(self, shard, index, term)?;
+            let store = self.raft_log(shard)?;
+            let mut hs = store.hard_state()?;
+            hs.term = hs.term.max(term);
+            hs.commit = hs.commit.max(index);
+            rb.set_hard_state(&store, &hs)?;
+        }
         self.write_raft(rb, Durability::Fsync)
     }
 

@@ -382,3 +382,36 @@ fn a_raw_node_commits_through_the_store() {
     assert_eq!(page.messages.len(), 1);
     assert_eq!(page.messages[0].payload, b"hello");
 }
+
+/// Bootstrapping several shards is one write: all of them or, when one
+/// already exists, none (a first start cut short must find every shard's
+/// log at the bootstrap point or none, never some).
+#[test]
+fn bootstrap_shards_writes_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(dir.path(), EngineOptions::default()).unwrap();
+    engine
+        .bootstrap_shards(
+            vec![(2, conf_state_with_voters(&[1])), (1, conf_state_with_voters(&[1]))],
+            5,
+            5,
+        )
+        .unwrap();
+    let err = engine
+        .bootstrap_shards(
+            vec![(2, conf_state_with_voters(&[1])), (0, conf_state_with_voters(&[1]))],
+            5,
+            5,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("shard 2 already exists"), "{err}");
+    drop(engine);
+    let engine = Engine::open(dir.path(), EngineOptions::default()).unwrap();
+    assert_eq!(engine.shard_ids().unwrap(), vec![1, 2]);
+    assert_eq!(engine.raft_log_shard_ids(), vec![1, 2]);
+    for shard in [1, 2] {
+        let store = engine.raft_log(shard).unwrap();
+        assert_eq!((store.first_index().unwrap(), store.last_index().unwrap()), (6, 5));
+        assert_eq!(store.hard_state().unwrap().commit, 5);
+    }
+}
