@@ -601,6 +601,20 @@ async fn bad_requests_get_clear_errors() {
 
 #[tokio::test]
 async fn a_crash_in_the_middle_of_an_ingest_is_repaired_at_start() {
+    crash_in_the_middle_of_an_ingest(false).await;
+}
+
+/// The same, with the spooled snapshot damaged too (a disk fault): the
+/// ingest cannot run again, so the start empties the replica (catching
+/// up, D49) and its leader sends a new snapshot, instead of refusing to
+/// start.
+#[tokio::test]
+async fn a_crash_mid_ingest_with_a_damaged_spool_catches_up_from_the_leader() {
+    crash_in_the_middle_of_an_ingest(true).await;
+}
+
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+async fn crash_in_the_middle_of_an_ingest(damage_spool: bool) {
     let mut c = TestCluster::new(3, 1, 3, fast_tuning());
     let shard = 1;
     let leader = c.leader(shard).await;
@@ -626,7 +640,13 @@ async fn a_crash_in_the_middle_of_an_ingest_is_repaired_at_start() {
     for ch in &chunks {
         w.write_chunk(&ch.encode()).unwrap();
     }
-    w.finish().unwrap();
+    let (_, _, spooled) = w.finish().unwrap();
+    if damage_spool {
+        let mut b = std::fs::read(&spooled).unwrap();
+        let at = b.len() / 2;
+        b[at] ^= 0x40;
+        std::fs::write(&spooled, &b).unwrap();
+    }
     {
         let engine = pigeonhole_engine::Engine::open(dir.join("db"), Default::default()).unwrap();
         let mut ingest = engine.ingest_snapshot(shard).unwrap();
@@ -636,8 +656,14 @@ async fn a_crash_in_the_middle_of_an_ingest_is_repaired_at_start() {
         assert_eq!(meta.state, pigeonhole_engine::ShardState::Ingesting);
     }
     c.start(victim);
-    let meta = c.node(victim).engine().shard_meta(shard).unwrap().unwrap();
-    assert_eq!(meta.state, pigeonhole_engine::ShardState::Ready, "re-ingested at start");
+    if damage_spool {
+        let marks = c.node(victim).engine().catching_up().unwrap();
+        assert_eq!(marks.len(), 1, "{marks:?}");
+        assert!(marks[0].1.contains("could not be finished"), "{marks:?}");
+    } else {
+        let meta = c.node(victim).engine().shard_meta(shard).unwrap().unwrap();
+        assert_eq!(meta.state, pigeonhole_engine::ShardState::Ready, "re-ingested at start");
+    }
     assert!(spool.complete(shard).unwrap().is_empty(), "spool removed once durable");
     c.eventually("victim catches up", 10, || async {
         c.status(victim, shard).await.is_some_and(|s| s.applied >= 40 + 5)
@@ -646,6 +672,12 @@ async fn a_crash_in_the_middle_of_an_ingest_is_repaired_at_start() {
     append(c.node(leader), shard, "max", "after", b"v").await.unwrap();
     c.node(victim).read_barrier(shard).await.unwrap();
     assert_eq!(read_all(c.node(victim), shard, "max").len(), 41);
+    if damage_spool {
+        c.eventually("victim votes again", 10, || async {
+            c.node(victim).engine().catching_up().unwrap().is_empty()
+        })
+        .await;
+    }
 }
 
 #[tokio::test]

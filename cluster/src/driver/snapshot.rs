@@ -17,8 +17,9 @@ use std::time::Duration;
 
 impl Driver {
     /// Repairs what a crash can leave: a snapshot ingest cut short (re-run
-    /// from the spooled file) and an apply state ahead of the Raft log (the
-    /// ingest finished, the log reset did not).
+    /// from the spooled file, or, when that file is damaged or gone, the
+    /// replica emptied to catch up from its leader) and an apply state
+    /// ahead of the Raft log (the ingest finished, the log reset did not).
     pub(super) fn recover_shard(&mut self, shard: u64) -> Result<(), ClusterError> {
         let Some(meta) = self.engine.shard_meta(shard)? else {
             return Ok(());
@@ -26,12 +27,13 @@ impl Driver {
         let meta = if meta.state == ShardState::Ingesting {
             // The newest complete spooled snapshot: any complete snapshot of
             // committed state newer than what the shard had will do.
-            let (_, path) = self.spool.complete(shard)?.into_iter().next().ok_or_else(|| {
-                ClusterError::Config(format!(
-                    "shard {shard} was cut off during a snapshot ingest and no spooled snapshot is left"
-                ))
-            })?;
-            self.ingest_file(shard, &path)?;
+            let again = match self.spool.complete(shard)?.into_iter().next() {
+                Some((_, path)) => self.ingest_file(shard, &path).map_err(|e| e.to_string()),
+                None => Err("no complete spooled snapshot is left".to_string()),
+            };
+            if let Err(why) = again {
+                return self.abandon_ingest(shard, &why);
+            }
             self.engine.shard_meta(shard)?.ok_or(ClusterError::Stopped)?
         } else {
             meta
@@ -65,6 +67,28 @@ impl Driver {
             rb.apply_snapshot(&store, &md)?;
         }
         self.engine.write_raft(rb, Durability::Fsync)?;
+        Ok(())
+    }
+
+    /// A snapshot ingest cut short that cannot be run again (its spooled
+    /// file is damaged or gone; the replica's old state is already
+    /// deleted): the replica is marked catching up (D49; its log may hold
+    /// entries it acknowledged), then emptied, keeping its term and vote.
+    /// Its leader's next message creates it again and a new snapshot fills
+    /// it; it does not vote until caught up. The mark is durable before
+    /// the state goes, so a crash in between repeats this.
+    fn abandon_ingest(&mut self, shard: u64, why: &str) -> Result<(), ClusterError> {
+        tracing::error!(
+            shard,
+            why,
+            "a snapshot ingest cut short cannot be finished: the replica is emptied and its leader sends \
+             a new snapshot"
+        );
+        let reason = format!("a snapshot ingest cut short could not be finished: {why}");
+        self.engine.mark_catching_up(shard, &reason)?;
+        self.spool.remove_all(shard)?;
+        self.engine.destroy_shard(shard)?;
+        self.catching_up.insert(shard, super::catchup::CatchUp::new(reason));
         Ok(())
     }
 
@@ -138,8 +162,8 @@ impl Driver {
                     // this replica cannot serve. Stop loudly, and KEEP the
                     // spooled file: the next start re-runs the ingest from it
                     // (`recover_shard`), which repairs a transient failure
-                    // (an I/O error); a deterministic one keeps the node from
-                    // starting until an operator replaces the replica.
+                    // (an I/O error); if the file fails again (damaged), the
+                    // start empties the replica to catch up from its leader.
                     return Err(e);
                 }
                 // Refused before anything changed (e.g. older than our

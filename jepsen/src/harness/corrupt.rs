@@ -17,11 +17,14 @@
 //!   zeroed, or the file cut short. The node finds it at the open or on
 //!   the first read of the block, and rebuilds its state machine from its
 //!   peers (D50);
+//! - a spooled snapshot (`snap/*.snap`), when the node was stopped with
+//!   one (only while a snapshot is in flight, so rarely), one time in two:
+//!   bits flipped, zeroed or cut. Each chunk has its own crc; an ingest cut
+//!   short whose file fails is abandoned at the start, and the replica
+//!   catches up from its leader;
 //! - not RocksDB's WAL (it holds only the format version and the
 //!   catching-up marks, written with a sync; RocksDB's point-in-time
-//!   recovery stops at a bad record, docs/operations.md "Disk damage"),
-//!   and not the snapshot spool (files live only while a snapshot is in
-//!   flight; each chunk has its own crc).
+//!   recovery stops at a bad record, docs/operations.md "Disk damage").
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -30,9 +33,27 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Damages one of the node's files under `data` (its data dir, the node
-/// stopped): a Raft log segment, or an SST or the MANIFEST. Returns what
+/// stopped): a spooled snapshot, a Raft log segment, or an SST or the
+/// MANIFEST. Returns what
 /// was done, for the history.
 pub fn damage(data: &Path, rng: &mut StdRng) -> Result<String, String> {
+    let spooled: Vec<PathBuf> = std::fs::read_dir(data.join("snap"))
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !spooled.is_empty() && rng.gen_range(0..2) == 0 {
+        let path = spooled.choose(rng).cloned().unwrap_or_else(|| data.join("snap"));
+        let len = std::fs::metadata(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        if len >= 64 {
+            let what = hit(&path, len, rng.gen_range(0..len), true, rng)?;
+            return Ok(format!("{} (spooled snapshot, {len} bytes): {what}", path.display()));
+        }
+    }
     let db = data.join("db");
     let state: Vec<PathBuf> = std::fs::read_dir(&db)
         .map_err(|e| format!("{}: {e}", db.display()))?
