@@ -177,6 +177,14 @@ impl Engine {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(2);
+        // The WAL carries only synced writes (the format version, bootstrap,
+        // catching-up marks): a torn last record is a write that was never
+        // acknowledged, and is dropped; a bad record anywhere else is
+        // damage, and fails the open as corruption, which rebuilds the state
+        // machine (D50). Point-in-time recovery, RocksDB's default, would
+        // silently drop every record after it: a catching-up mark among
+        // them, and the replica would vote with a log that lost writes.
+        db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
         // Fewer, larger WAL syncs are what group commit is for; RocksDB's own
         // background syncing of SSTs is spread out to avoid stalls.
         db_opts.set_bytes_per_sync(1 << 20);

@@ -286,3 +286,58 @@ fn a_first_open_that_crashed_before_creating_the_column_families_opens() {
         .unwrap();
     assert_eq!(engine.shard_ids().unwrap(), vec![7]);
 }
+
+const WAL_CHILD_ENV: &str = "PIGEONHOLE_WAL_CHILD_DIR";
+
+/// Child of `a_bad_record_inside_the_wal_fails_the_open_as_state_damage`:
+/// writes catching-up marks (each a synced WAL record), says so, and
+/// waits to be killed, so the records stay in the WAL.
+#[test]
+#[ignore = "run as a child process by the WAL damage test"]
+fn wal_child() {
+    let Some(dir) = std::env::var_os(WAL_CHILD_ENV) else {
+        return;
+    };
+    let engine = pigeonhole_engine::Engine::open(&dir, pigeonhole_engine::EngineOptions::default()).unwrap();
+    for shard in 1..=20 {
+        engine
+            .mark_catching_up(shard, "a reason long enough to fill the WAL")
+            .unwrap();
+    }
+    println!("marked");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+}
+
+/// A bad record in the middle of RocksDB's WAL (not a torn tail) must fail
+/// the open as state damage (the node rebuilds, D50), not be skipped with
+/// every record after it, catching-up marks among them.
+#[test]
+fn a_bad_record_inside_the_wal_fails_the_open_as_state_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut printed = Vec::new();
+    for _ in 0..20 {
+        printed = run_child_then_sigkill(
+            "wal_child",
+            WAL_CHILD_ENV,
+            dir.path(),
+            std::time::Duration::from_millis(1500),
+        );
+        if printed.iter().any(|l| l == "marked") {
+            break;
+        }
+    }
+    assert!(printed.iter().any(|l| l == "marked"), "{printed:?}");
+    let wal = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut b = std::fs::read(&wal).unwrap();
+    assert!(b.len() > 1000, "the WAL holds {} bytes", b.len());
+    let at = b.len() / 3;
+    b[at] ^= 0x08;
+    std::fs::write(&wal, &b).unwrap();
+    let err = pigeonhole_engine::Engine::open(dir.path(), pigeonhole_engine::EngineOptions::default()).unwrap_err();
+    assert!(err.is_state_damage(), "{err}");
+}

@@ -13,7 +13,7 @@
 //!   cuts it as one; no checksum can tell the two apart, and the replica
 //!   then silently lacks what it lost (storage-format.md §8.5 names this
 //!   case);
-//! - else one of RocksDB's SSTs or its MANIFEST: bits flipped, a range
+//! - else one of RocksDB's SSTs, its MANIFEST or its WAL: bits flipped, a range
 //!   zeroed, or the file cut short. The node finds it at the open or on
 //!   the first read of the block, and rebuilds its state machine from its
 //!   peers (D50);
@@ -22,9 +22,12 @@
 //!   bits flipped, zeroed or cut. Each chunk has its own crc; an ingest cut
 //!   short whose file fails is abandoned at the start, and the replica
 //!   catches up from its leader;
-//! - not RocksDB's WAL (it holds only the format version and the
-//!   catching-up marks, written with a sync; RocksDB's point-in-time
-//!   recovery stops at a bad record, docs/operations.md "Disk damage").
+//! - RocksDB's WAL (`db/*.log`) among the SSTs, when it holds anything
+//!   (it carries only synced writes: the format version, bootstrap,
+//!   catching-up marks, so it is mostly empty): a bad record fails the
+//!   open as damage and the state machine is rebuilt (D50). Its last
+//!   quarter is spared and it is never cut, as the newest Raft log
+//!   segment's: RocksDB drops a bad tail as a torn write.
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -63,7 +66,9 @@ pub fn damage(data: &Path, rng: &mut StdRng) -> Result<String, String> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            name.ends_with(".sst") || name.starts_with("MANIFEST-")
+            name.ends_with(".sst")
+                || name.starts_with("MANIFEST-")
+                || (name.ends_with(".log") && std::fs::metadata(p).is_ok_and(|m| m.len() >= 64))
         })
         .collect();
     if state.is_empty() || rng.gen_range(0..3) < 2 {
@@ -73,10 +78,15 @@ pub fn damage(data: &Path, rng: &mut StdRng) -> Result<String, String> {
     let len = std::fs::metadata(&path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .len();
-    if len < 64 {
+    // The WAL's tail is spared and it is never cut, as the newest Raft
+    // log segment's: damage at its end is what a torn write leaves, which
+    // recovery drops as one (only unacknowledged writes can be torn).
+    let wal = path.extension().is_some_and(|x| x == "log");
+    let span = if wal { len * 3 / 4 } else { len };
+    if span < 64 {
         return Ok(format!("{} too short to damage ({len} bytes)", path.display()));
     }
-    let what = hit(&path, len, rng.gen_range(0..len), true, rng)?;
+    let what = hit(&path, span, rng.gen_range(0..span), !wal, rng)?;
     Ok(format!("{} ({len} bytes): {what}", path.display()))
 }
 
