@@ -471,14 +471,7 @@ async fn wait_replica_holds(n: &Node, want: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_state_machine_files_are_rebuilt_from_the_peers() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = three_nodes(tmp.path(), &[]);
-    for n in &mut nodes {
-        n.start();
-    }
-    let l = leader(&nodes, Duration::from_secs(30)).await;
-    for i in 0..200 {
-        append(&nodes[l], &format!("s{i}"), format!("SST-PAYLOAD-{i:04}").as_bytes()).await;
-    }
+    let (mut nodes, l) = three_nodes_with_appends(tmp.path(), &[], "SST", 200).await;
     let x = (l + 1) % 3;
     stop_cleanly(&mut nodes[x]);
     let ssts = ssts_holding(&nodes[x].dir, b"SST-PAYLOAD-0100");
@@ -522,13 +515,9 @@ async fn damaged_state_machine_files_are_rebuilt_from_the_peers() {
             .unwrap();
     }
     nodes[x].start();
-    wait_replica_holds(&nodes[x], 200).await;
-    wait_caught_up(&nodes[x]).await;
     // And it holds it all: with the old leader down, X and the third node
     // elect a leader with every acknowledged append.
-    nodes[l].kill();
-    let now = leader(&nodes, Duration::from_secs(30)).await;
-    assert_eq!(payloads(&nodes[now]).await.len(), 200);
+    rebuilt_and_holds(&mut nodes, x, l, 200).await;
 }
 
 /// Zeroes the node's current MANIFEST after its first three records (the
@@ -556,27 +545,55 @@ fn zero_manifest_after_default_cf(dir: &Path) {
     std::fs::write(&path, &b).unwrap();
 }
 
+/// Three nodes started, `n` appends through the leader (payloads
+/// `{tag}-PAYLOAD-{i:04}`); returns them and the leader's index.
+async fn three_nodes_with_appends(base: &Path, extra: &[String], tag: &str, n: usize) -> (Vec<Node>, usize) {
+    let mut nodes = three_nodes(base, extra);
+    for node in &mut nodes {
+        node.start();
+    }
+    let l = leader(&nodes, Duration::from_secs(30)).await;
+    for i in 0..n {
+        append(
+            &nodes[l],
+            &format!("{tag}{i}"),
+            format!("{tag}-PAYLOAD-{i:04}").as_bytes(),
+        )
+        .await;
+    }
+    (nodes, l)
+}
+
+/// Node `x` came back holding all `n` appends, caught up; and with the
+/// leader `l` down, `x` and the third node elect a leader holding them.
+async fn rebuilt_and_holds(nodes: &mut [Node], x: usize, l: usize, n: usize) {
+    wait_replica_holds(&nodes[x], n).await;
+    wait_caught_up(&nodes[x]).await;
+    nodes[l].kill();
+    let now = leader(nodes, Duration::from_secs(30)).await;
+    assert_eq!(payloads(&nodes[now]).await.len(), n);
+}
+
+/// Removes every file of `db/` but the Raft log's directory.
+fn remove_state_machine(dir: &Path) {
+    for e in std::fs::read_dir(dir.join("db")).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "raft-log" {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+}
+
 /// A MANIFEST whose later edits read as zeros (the column families'
 /// creation among them): RocksDB opens the rest without an error, with the
 /// state machine's column families gone. The node must see that its
 /// state machine vanished under a Raft log that knows its shards, and
-/// rebuild it from the peers, not stop or serve an empty replica.
+/// rebuild it from the peers, in the same process (D50), not stop or
+/// serve an empty replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_that_forgot_the_column_families_is_rebuilt_from_the_peers() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = three_nodes(tmp.path(), &[]);
-    for n in &mut nodes {
-        n.start();
-    }
-    let l = leader(&nodes, Duration::from_secs(30)).await;
-    for i in 0..200 {
-        append(
-            &nodes[l],
-            &format!("m{i}"),
-            format!("MANIFEST-PAYLOAD-{i:04}").as_bytes(),
-        )
-        .await;
-    }
+    let (mut nodes, l) = three_nodes_with_appends(tmp.path(), &[], "MANIFEST", 200).await;
     let x = (l + 1) % 3;
     nodes[x].kill();
     zero_manifest_after_default_cf(&nodes[x].dir);
@@ -588,10 +605,7 @@ async fn a_manifest_that_forgot_the_column_families_is_rebuilt_from_the_peers() 
         "it exited"
     );
     assert_eq!(nodes[x].child.as_ref().unwrap().id(), pid);
-    wait_caught_up(&nodes[x]).await;
-    nodes[l].kill();
-    let now = leader(&nodes, Duration::from_secs(30)).await;
-    assert_eq!(payloads(&nodes[now]).await.len(), 200);
+    rebuilt_and_holds(&mut nodes, x, l, 200).await;
 }
 
 /// The state machine's files gone (every file of `db/` but the Raft log's
@@ -601,39 +615,12 @@ async fn a_manifest_that_forgot_the_column_families_is_rebuilt_from_the_peers() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_machine_gone_under_its_raft_log_is_rebuilt_from_the_peers() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = three_nodes(tmp.path(), &[]);
-    for n in &mut nodes {
-        n.start();
-    }
-    let l = leader(&nodes, Duration::from_secs(30)).await;
-    for i in 0..200 {
-        append(&nodes[l], &format!("g{i}"), format!("GONE-PAYLOAD-{i:04}").as_bytes()).await;
-    }
+    let (mut nodes, l) = three_nodes_with_appends(tmp.path(), &[], "GONE", 200).await;
     let x = (l + 1) % 3;
     nodes[x].kill();
-    for e in std::fs::read_dir(nodes[x].dir.join("db")).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() != "raft-log" {
-            std::fs::remove_file(e.path()).unwrap();
-        }
-    }
+    remove_state_machine(&nodes[x].dir);
     nodes[x].start();
-    wait_replica_holds(&nodes[x], 200).await;
-    wait_caught_up(&nodes[x]).await;
-    nodes[l].kill();
-    let now = leader(&nodes, Duration::from_secs(30)).await;
-    assert_eq!(payloads(&nodes[now]).await.len(), 200);
-}
-
-/// Every file of `db/` but the Raft log's directory, copied to `to`.
-fn copy_state_machine(dir: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(dir.join("db")).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() != "raft-log" {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
+    rebuilt_and_holds(&mut nodes, x, l, 200).await;
 }
 
 /// A state machine rolled back under its Raft log (older, valid files put
@@ -645,39 +632,31 @@ async fn a_state_machine_older_than_its_raft_log_is_rebuilt_from_the_peers() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("pigeonhole.toml");
     std::fs::write(&config, "[raft]\nlog_entries_max = 32\nlog_retain_entries = 0\n").unwrap();
-    let mut nodes = three_nodes(tmp.path(), &["--config".to_string(), config.display().to_string()]);
-    for n in &mut nodes {
-        n.start();
-    }
-    let l = leader(&nodes, Duration::from_secs(30)).await;
+    let extra = ["--config".to_string(), config.display().to_string()];
+    let (mut nodes, l) = three_nodes_with_appends(tmp.path(), &extra, "OLD", 20).await;
     let x = (l + 1) % 3;
-    for i in 0..20 {
-        append(&nodes[l], &format!("o{i}"), format!("OLD-{i:03}").as_bytes()).await;
-    }
     stop_cleanly(&mut nodes[x]);
+    // The state machine as it was after 20 appends.
     let old = tmp.path().join("old-state");
-    copy_state_machine(&nodes[x].dir, &old);
+    std::fs::create_dir_all(&old).unwrap();
+    let db = nodes[x].dir.join("db");
+    for e in std::fs::read_dir(&db).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "raft-log" {
+            std::fs::copy(e.path(), old.join(e.file_name())).unwrap();
+        }
+    }
     nodes[x].start();
     for i in 0..150 {
         append(&nodes[l], &format!("n{i}"), format!("NEW-{i:03}").as_bytes()).await;
     }
     wait_replica_holds(&nodes[x], 170).await;
     stop_cleanly(&mut nodes[x]);
-    let db = nodes[x].dir.join("db");
-    for e in std::fs::read_dir(&db).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() != "raft-log" {
-            std::fs::remove_file(e.path()).unwrap();
-        }
-    }
+    remove_state_machine(&nodes[x].dir);
     for e in std::fs::read_dir(&old).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), db.join(e.file_name())).unwrap();
     }
     nodes[x].start();
-    wait_replica_holds(&nodes[x], 170).await;
-    wait_caught_up(&nodes[x]).await;
-    nodes[l].kill();
-    let now = leader(&nodes, Duration::from_secs(30)).await;
-    assert_eq!(payloads(&nodes[now]).await.len(), 170);
+    rebuilt_and_holds(&mut nodes, x, l, 170).await;
 }
