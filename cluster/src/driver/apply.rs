@@ -11,7 +11,7 @@
 //! deleting its data (replica GC) once the worker holds nothing more of it.
 
 use super::applier::{ApplyReport, ApplyTask, ShardWork, APPLY_LAG_BYTES_MAX};
-use super::replica::{fail_all, is_member, parse_context, release_reads, trim_entry_cache};
+use super::replica::{fail_all, is_member, parse_context, release_reads, step_down_if_removed, trim_entry_cache};
 use super::Driver;
 use crate::error::ClusterError;
 use crate::placement::META_SHARD;
@@ -66,6 +66,7 @@ impl Driver {
                         if shard != META_SHARD && r.raw.raft.state == StateRole::Leader {
                             self.map_dirty.insert(shard);
                         }
+                        step_down_if_removed(r, &cs, self.node_id);
                         // The replica goes once the worker has applied the
                         // change that removed it (a later change in the same
                         // run may add it back).

@@ -180,6 +180,22 @@ pub(super) fn is_member(cs: &ConfState, node: u64) -> bool {
         || cs.learners_next.contains(&node)
 }
 
+/// A leader that applied its own removal steps down at once, as etcd's
+/// raft does with `StepDownOnRemoval` (raft-rs 0.7 has no such option):
+/// raft-rs keeps no progress for a removed leader, and the next append
+/// response or proposal it handles unwraps that missing progress and
+/// panics (`maybe_commit`, raft.rs:943; seen in CI while node 1 was
+/// drained). Its queued proposals then fail as on any lost leadership.
+/// Returns whether it stepped down.
+pub(super) fn step_down_if_removed(r: &mut Replica, cs: &ConfState, node: u64) -> bool {
+    if r.raw.raft.state != StateRole::Leader || is_member(cs, node) {
+        return false;
+    }
+    let term = r.raw.raft.term;
+    r.raw.raft.become_follower(term, pigeonhole_engine::raft::INVALID_ID);
+    true
+}
+
 /// Cached log entries are needed until applied here and, on a leader, until
 /// every follower has them; older ones are read from disk if ever needed.
 pub(super) fn trim_entry_cache(r: &mut Replica) {
@@ -428,6 +444,34 @@ mod tests {
             assert!(is_member(&cs, n), "node {n}");
         }
         assert!(!is_member(&cs, 5));
+    }
+
+    #[test]
+    fn a_leader_that_applied_its_own_removal_steps_down_and_survives_late_acks() {
+        use pigeonhole_engine::raft::eraftpb::{ConfChange, ConfChangeType, Message, MessageType};
+        let (_d, engine, mut r) = replica(&[1, 2]);
+        r.raw.campaign().unwrap();
+        let term = r.raw.raft.term;
+        let mut vote = Message::default();
+        vote.set_msg_type(MessageType::MsgRequestVoteResponse);
+        (vote.from, vote.to, vote.term) = (2, 1, term);
+        r.raw.step(vote).unwrap();
+        settle(&engine, &mut r);
+        assert_eq!(r.raw.raft.state, StateRole::Leader);
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::RemoveNode);
+        cc.node_id = 1;
+        let cs = r.raw.apply_conf_change(&cc).unwrap();
+        assert!(step_down_if_removed(&mut r, &cs, 1));
+        assert_eq!(r.raw.raft.state, StateRole::Follower);
+        // A follower's ack of what the old leader sent: raft-rs panicked
+        // on it (no progress of its own) while this replica still led.
+        let mut ack = Message::default();
+        ack.set_msg_type(MessageType::MsgAppendResponse);
+        (ack.from, ack.to, ack.term, ack.index) = (2, 1, term, r.raw.raft.raft_log.last_index());
+        r.raw.step(ack).unwrap();
+        // A member, or a replica that does not lead, is left alone.
+        assert!(!step_down_if_removed(&mut r, &cs, 2));
     }
 
     #[test]
