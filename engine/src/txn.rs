@@ -11,7 +11,7 @@ use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::keys::CF_DATA;
 use rocksdb::{ColumnFamily, ReadOptions, WriteBatch};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// What a scan callback says of the key it was given.
 enum Step {
@@ -29,6 +29,12 @@ pub(crate) struct Txn<'e> {
     cf: &'e ColumnFamily,
     /// key -> sealed value, or None for a delete.
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// key -> checked body in the database (None: absent), read ahead in
+    /// one batched lookup by [`Txn::prefetch`]. Valid for the whole batch:
+    /// the caller holds the apply locks of every shard whose keys it
+    /// prefetches, and only those shards' applies write those keys.
+    /// Pending writes shadow it.
+    prefetched: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl<'e> Txn<'e> {
@@ -37,16 +43,48 @@ impl<'e> Txn<'e> {
             engine,
             cf: engine.cf(CF_DATA)?,
             writes: BTreeMap::new(),
+            prefetched: HashMap::new(),
         })
     }
 
-    /// The checked body at `key`, pending writes first.
+    /// The checked body at `key`: pending writes first, then what
+    /// [`Txn::prefetch`] read, then the database.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         match self.writes.get(key) {
             Some(Some(v)) => Ok(Some(codec::open(CF_DATA, key, v)?.to_vec())),
             Some(None) => Ok(None),
-            None => self.engine.get_body(CF_DATA, key),
+            None => match self.prefetched.get(key) {
+                Some(body) => Ok(body.clone()),
+                None => self.engine.get_body(CF_DATA, key),
+            },
         }
+    }
+
+    /// Reads the stored bodies of `keys` in one batched lookup (RocksDB's
+    /// MultiGet: one pass over the memtables and each SST file's filter
+    /// for all keys, instead of one whole lookup per key), for later
+    /// [`Txn::get`]s. Keys with a pending write or already read are
+    /// skipped. Call it only for keys of shards whose apply lock the
+    /// caller holds (see `prefetched`).
+    pub(crate) fn prefetch(&mut self, keys: Vec<Vec<u8>>) -> Result<(), EngineError> {
+        let mut keys: Vec<Vec<u8>> = keys
+            .into_iter()
+            .filter(|k| !self.writes.contains_key(k) && !self.prefetched.contains_key(k))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let values = self.engine.db().batched_multi_get_cf(self.cf, &keys, true);
+        for (key, value) in keys.into_iter().zip(values) {
+            let body = match value? {
+                Some(v) => Some(codec::open(CF_DATA, &key, &v)?.to_vec()),
+                None => None,
+            };
+            self.prefetched.insert(key, body);
+        }
+        Ok(())
     }
 
     pub(crate) fn put(&mut self, key: Vec<u8>, body: &[u8]) {

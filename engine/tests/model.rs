@@ -575,8 +575,11 @@ fn check_reads(s: &Shard, m: &Model) {
 /// `head_row_every` and `heads_cached` are small so that short runs cross
 /// head-row writes (I9) and rebuild heads from disk in apply, not only
 /// after a reopen.
-fn run(steps: Vec<Step>, head_row_every: u64, heads_cached: usize) {
+/// `prefetch_min` 1 sends every apply's dedup probes through the batched
+/// lookup (D51), the default almost none of this test's small batches.
+fn run(steps: Vec<Step>, head_row_every: u64, heads_cached: usize, prefetch_min: usize) {
     let mut opts = EngineOptions::default();
+    opts.dedup_prefetch_min_appends = prefetch_min;
     opts.dedup_window_ms = WINDOW_MS;
     opts.head_row_every_appends = head_row_every;
     opts.heads_cached_per_shard_max = heads_cached;
@@ -645,7 +648,8 @@ proptest! {
         steps in prop::collection::vec(arb_step(), 1..40),
         head_row_every in prop_oneof![1u64..=4, Just(pigeonhole_engine::HEAD_ROW_EVERY_APPENDS)],
         heads_cached in prop_oneof![0usize..=3, Just(pigeonhole_engine::HEADS_CACHED_PER_SHARD_DEFAULT)],
+        prefetch_min in prop_oneof![Just(1usize), Just(pigeonhole_engine::DEDUP_PREFETCH_MIN_APPENDS_DEFAULT)],
     ) {
-        run(steps, head_row_every, heads_cached);
+        run(steps, head_row_every, heads_cached, prefetch_min);
     }
 }
