@@ -84,7 +84,7 @@ impl Engine {
         if appends >= self.options().dedup_prefetch_min_appends.max(1) {
             let probes = prepared
                 .iter()
-                .flat_map(|(meta, commands)| dedup_keys(meta.space, commands))
+                .flat_map(|(meta, commands)| dedup_keys(meta.space, commands, &self.options().limits))
                 .collect();
             txn.prefetch(probes)?;
         }
@@ -121,6 +121,9 @@ impl Engine {
                         EntryOutcome::Applied
                     }
                     EntryKind::Command(bytes) => {
+                        // Always decoded above (its index is past the
+                        // applied index); decoding here again is only a
+                        // fallback that keeps the code free of unwraps.
                         let command = match command.take() {
                             Some(c) => c,
                             None => cmd::Command::decode((*bytes).clone()),
@@ -238,19 +241,27 @@ fn decode_commands(entries: &[ApplyEntry<'_>], applied: u64) -> Vec<Decoded> {
 }
 
 /// The dedup keys the appends of `commands` will probe, in the shard's
-/// data space `space`. A split in the batch may move later appends to
-/// another space; their keys here are then unused, and their probes read
-/// the database (`Txn::get`), so the result is the same either way.
-fn dedup_keys(space: u64, commands: &[Decoded]) -> Vec<Vec<u8>> {
+/// data space `space`: only of appends that pass the op checks `apply_op`
+/// makes before its probe (a key is never built from a name past its
+/// limit). An append that a split earlier in the batch moved out of the
+/// shard's range is refused before its probe, so its key here is unused.
+/// Prefetched values stay correct because every op's range and limit
+/// checks come before its dedup probe (D51).
+fn dedup_keys(space: u64, commands: &[Decoded], limits: &crate::limits::Limits) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for c in commands.iter().flatten().flatten() {
-        for op in &c.ops {
-            if let Some(cmd::op::Op::Append(a)) = &op.op {
-                out.push(keys::dedup(
-                    space,
-                    &keys::mailbox(&a.namespace, &a.user_id),
-                    &a.idempotency_key,
-                ));
+        if c.ops.len() > limits.ops_per_command_max {
+            continue; // refused whole
+        }
+        for op in c.ops.iter().filter_map(|op| op.op.as_ref()) {
+            if let cmd::op::Op::Append(a) = op {
+                if limits.check_op(op).is_ok() {
+                    out.push(keys::dedup(
+                        space,
+                        &keys::mailbox(&a.namespace, &a.user_id),
+                        &a.idempotency_key,
+                    ));
+                }
             }
         }
     }

@@ -89,6 +89,33 @@ fn expected_last_seq_is_checked_after_dedup() {
     assert!(appended(2, false)(&s.one(append_if("ns", b"u", b"b", b"2", 1))));
 }
 
+/// Apply builds the dedup keys of a call's appends before it runs their
+/// ops, to read them in one lookup (D51); an append past a limit must still
+/// be a rejection naming the field, never a key built from it (a namespace
+/// past 255 bytes or a user id past 65,535 has no key encoding).
+#[test]
+fn appends_past_a_limit_in_a_batched_call_are_rejections() {
+    let mut opts = EngineOptions::default();
+    opts.dedup_prefetch_min_appends = 1;
+    let mut s = Shard::with_options(opts);
+    let r = s.exec(vec![
+        append(&"a".repeat(300), b"u", b"k", b"p"),
+        append("ns", &vec![1; 70_000], b"k", b"p"),
+        append("ns", b"u", &vec![1; 300], b"p"),
+        append("ns", b"u", b"k", b"p"),
+    ]);
+    let fields: Vec<_> = r
+        .iter()
+        .take(3)
+        .map(|x| match x {
+            Err(OpError::InvalidArgument { field, .. }) => *field,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(fields, vec!["mailbox.namespace", "mailbox.user_id", "idempotency_key"]);
+    assert!(appended(1, false)(&r[3]));
+}
+
 #[test]
 fn every_limit_is_enforced_and_named_and_writes_nothing() {
     let mut s = Shard::new();

@@ -52,10 +52,20 @@ struct Node {
     index: BTreeMap<u64, u64>,
 }
 
+/// Every apply reads its dedup probes in one batched lookup (D51), so that
+/// these tests cover it with shared spaces and splits in a batch; the
+/// single-lookup path is the model test's default.
+fn options() -> EngineOptions {
+    EngineOptions {
+        dedup_prefetch_min_appends: 1,
+        ..EngineOptions::default()
+    }
+}
+
 impl Node {
     fn new() -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(dir.path(), EngineOptions::default()).unwrap();
+        let engine = Engine::open(dir.path(), options()).unwrap();
         Node {
             dir,
             engine: Some(engine),
@@ -96,7 +106,7 @@ impl Node {
     fn reopen(&mut self) {
         self.e().flush().unwrap();
         self.engine = None;
-        self.engine = Some(Engine::open(self.dir.path(), EngineOptions::default()).unwrap());
+        self.engine = Some(Engine::open(self.dir.path(), options()).unwrap());
     }
 
     /// What a replica shows of a mailbox: every stored message and cursor.
