@@ -270,28 +270,31 @@ pub async fn append_retrying(node: &Node, shard: u64, user: &str, key: &str, pay
 
 /// Every message of `user`'s mailbox on `node`'s replica, as (seq, payload).
 pub fn read_all(node: &Node, shard: u64, user: &str) -> Vec<(u64, Vec<u8>)> {
+    try_read_all(node, shard, user).unwrap()
+}
+
+/// [`read_all`], or the replica's error (a shard that split after the
+/// caller looked up its route answers `WrongShard`).
+pub fn try_read_all(node: &Node, shard: u64, user: &str) -> Result<Vec<(u64, Vec<u8>)>, pigeonhole_engine::ReadError> {
     let mut out = Vec::new();
     let mut after = 0;
     loop {
-        let page = node
-            .engine()
-            .sync(
-                shard,
-                &SyncQuery {
-                    namespace: "app",
-                    user_id: user.as_bytes(),
-                    after_seq: after,
-                    max_messages: 1000,
-                    max_bytes: 0,
-                },
-            )
-            .unwrap();
+        let page = node.engine().sync(
+            shard,
+            &SyncQuery {
+                namespace: "app",
+                user_id: user.as_bytes(),
+                after_seq: after,
+                max_messages: 1000,
+                max_bytes: 0,
+            },
+        )?;
         for m in &page.messages {
             out.push((m.seq, m.payload.clone()));
             after = m.seq;
         }
         if !page.has_more {
-            return out;
+            return Ok(out);
         }
     }
 }

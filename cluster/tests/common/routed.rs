@@ -67,21 +67,39 @@ pub fn writers(
     tasks
 }
 
+/// `user`'s messages on `node`'s replica of the shard node 1's routing
+/// names, and that shard. Splits may still be under way (a placement loop
+/// splits halves that are still past the split size after the writers
+/// stop), so a replica that applied a split the route does not know yet
+/// answers `WrongShard`: the route is looked up again, for up to 10 s.
+async fn read_routed(c: &TestCluster, node: &Node, user: &str) -> (u64, Vec<(u64, Vec<u8>)>) {
+    let mut last = None;
+    for _ in 0..500 {
+        let shard = c.nodes[&1].routing().shard_for_user(user.as_bytes()).unwrap().id;
+        match try_read_all(node, shard, user) {
+            Ok(got) => return (shard, got),
+            Err(e @ pigeonhole_engine::ReadError::WrongShard { .. }) => last = Some(e),
+            Err(e) => panic!("{user} on shard {shard}: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{user}: no route settled in 10 s: {last:?}");
+}
+
 /// Every acknowledged append is on every replica of its mailbox's shard,
 /// exactly once, at its seq; seqs have no gap.
 pub async fn check_all(c: &TestCluster, acked: &Acked) {
     let acked = acked.lock().unwrap().clone();
     for (u, mut want) in acked {
         want.sort();
-        let shard = c.nodes[&1].routing().shard_for_user(u.as_bytes()).unwrap().id;
         for (id, node) in &c.nodes {
-            let mut got = read_all(node, shard, &u);
+            let (mut shard, mut got) = read_routed(c, node, &u).await;
             for _ in 0..500 {
                 if got.len() >= want.len() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                got = read_all(node, shard, &u);
+                (shard, got) = read_routed(c, node, &u).await;
             }
             assert!(
                 got.len() >= want.len(),
