@@ -623,6 +623,43 @@ async fn a_state_machine_gone_under_its_raft_log_is_rebuilt_from_the_peers() {
     rebuilt_and_holds(&mut nodes, x, l, 200).await;
 }
 
+/// A node rebuilt while its peers are down has no replica yet (a leader's
+/// first message creates each one), but every replica the Raft log knows is
+/// marked catching up, and NodeStatus must say so: an operator, and the
+/// Jepsen `corrupt` fault, read it to keep damage on one node at a time
+/// (two replicas of a shard catching up leave it with no majority that may
+/// vote, D49). It once listed only live replicas: a CI run's nemesis saw an
+/// empty list on a node rebuilt 1.3 s earlier, damaged a second node, and
+/// three shards had no leader for the rest of the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_node_reports_its_replicas_catching_up_before_any_leader_reaches_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut nodes, l) = three_nodes_with_appends(tmp.path(), &[], "ALONE", 20).await;
+    let x = (l + 1) % 3;
+    for n in nodes.iter_mut() {
+        n.kill();
+    }
+    remove_state_machine(&nodes[x].dir);
+    nodes[x].start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = nodes[x].status().await {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} never answered NodeStatus",
+            nodes[x].id
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status.replicas.is_empty(), "no peer is up, yet: {:?}", status.replicas);
+    assert!(
+        !status.catching_up_shards.is_empty(),
+        "a rebuilt node reports no replica catching up"
+    );
+}
+
 /// A state machine rolled back under its Raft log (older, valid files put
 /// back; or a flush the MANIFEST forgot): it opens without complaint, but
 /// its apply index is before the log's first entry, whose predecessors

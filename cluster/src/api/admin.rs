@@ -118,11 +118,24 @@ impl Admin for AdminService {
             std::collections::HashMap::new()
         };
         let watching = self.node.watchers().counts();
-        let catching_up_shards = replicas
+        // The engine's marks, not only the live replicas: after a rebuild a
+        // replica exists only once its leader's first message arrived, and
+        // until then it is catching up all the same. Reporting it is what
+        // tells an operator (and the Jepsen nemesis) that this node may not
+        // vote for that shard, so taking another of its replicas down would
+        // leave the shard without a majority that may vote (D49).
+        let mut catching_up_shards: std::collections::BTreeSet<u64> = replicas
             .iter()
             .filter(|s| s.catching_up.is_some())
             .map(|s| s.shard)
             .collect();
+        let marks = self
+            .node
+            .engine()
+            .catching_up()
+            .map_err(|e| Status::internal(format!("catching-up marks: {e}")))?;
+        catching_up_shards.extend(marks.into_iter().map(|(shard, _)| shard));
+        let catching_up_shards = catching_up_shards.into_iter().collect();
         Ok(Response::new(pb::NodeStatusResponse {
             catching_up_shards,
             subscribe_streams: watching.streams,
