@@ -89,6 +89,10 @@ pub const WRITE_STOPPED: &str = "pigeonhole_rocksdb_write_stopped";
 pub const WRITE_DELAYED_RATE: &str = "pigeonhole_rocksdb_delayed_write_rate_bytes";
 /// Bytes in the state machine's memtables.
 pub const MEMTABLE_BYTES: &str = "pigeonhole_rocksdb_memtable_bytes";
+/// 1 when the RocksDB library this node loaded keeps RocksDB's debug
+/// assertions (Debian's package), 0 for a build with `NDEBUG` (D52). Set at
+/// start.
+pub const ROCKSDB_DEBUG_ASSERTS: &str = "pigeonhole_rocksdb_debug_asserts";
 /// Bytes of the state machine's live SST files.
 pub const SST_BYTES: &str = "pigeonhole_rocksdb_sst_bytes";
 
@@ -211,6 +215,11 @@ fn describe() {
             "RocksDB's delayed write rate while it slows writes, bytes/s",
         ),
         (MEMTABLE_BYTES, Unit::Bytes, "bytes in the state machine's memtables"),
+        (
+            ROCKSDB_DEBUG_ASSERTS,
+            Unit::Count,
+            "1 when the loaded RocksDB library keeps its debug assertions (Debian's build)",
+        ),
         (SST_BYTES, Unit::Bytes, "bytes of the state machine's live SST files"),
     ] {
         describe_gauge!(name, unit, help);

@@ -35,6 +35,7 @@ mod engine;
 mod error;
 mod heads;
 pub mod keys;
+mod library;
 mod limits;
 mod outcome;
 mod raftlog;
@@ -55,6 +56,7 @@ pub use engine::{
 };
 pub use error::{EngineError, HexKey, OpError, ReadError};
 pub use heads::{HEAD_ROW_EVERY_APPENDS, HEAD_ROW_EVERY_APPENDS_MAX};
+pub use library::{rocksdb_library, RocksDbLibrary};
 pub use limits::{mailbox_fingerprint, Limits, DEDUP_WINDOW_MS_MAX, RETAIN_MAILBOXES_MAX, RETAIN_MESSAGES_MAX};
 pub use raftlog::{
     conf_state_with_voters, LogFilesOptions, LogRecovery, LogStats, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC,
