@@ -5,10 +5,10 @@ mod common;
 
 use common::*;
 use pigeonhole_cluster::transport::local::{DropMessageTypes, DropRate, DropSnapshots, Isolate, Partition};
-use pigeonhole_cluster::{ClusterError, MembershipChange, Role};
+use pigeonhole_cluster::{ClusterError, MembershipChange, RaftTuning, Role};
 use pigeonhole_engine::raft::eraftpb::MessageType;
 use pigeonhole_engine::raft::Storage as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn writes_replicate_and_leaders_spread() {
@@ -81,6 +81,79 @@ async fn follower_forwards_proposals_and_answers_from_its_own_apply() {
         "200 proposals took {} entries: not batched",
         after - before
     );
+}
+
+/// A follower answers a forwarded proposal from its own apply, so it must
+/// learn the commit index at once. With `skip_bcast_commit` it learned it
+/// only from the next append or heartbeat: one append at a time through a
+/// follower of a quiet shard took a heartbeat interval each (200 ms by
+/// default; a benchmark client stuck on a follower after a leader change
+/// fell from ~900 to ~40 appends/s). Heartbeats here come every 500 ms, so
+/// ten appends without the broadcast take at least ~4.5 s.
+#[tokio::test]
+async fn a_follower_answers_a_forwarded_append_without_waiting_for_a_heartbeat() {
+    let tuning = RaftTuning {
+        election_ticks: 200,
+        heartbeat_ticks: 50,
+        hibernate_after_ticks: 0,
+        ..fast_tuning()
+    };
+    let c = TestCluster::new(3, 1, 3, tuning);
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    append(c.node(leader), shard, "carol", "warm", b"x").await.unwrap();
+    let started = Instant::now();
+    for i in 0..10 {
+        let (seq, dup) = append(c.node(follower), shard, "carol", &format!("f{i}"), b"y")
+            .await
+            .unwrap();
+        assert_eq!((seq, dup), (i + 2, false));
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2_500),
+        "10 appends through a follower took {took:?}: it waited for heartbeats to learn each commit"
+    );
+}
+
+/// A caller that routes by itself (the SDK, through `NO_FORWARD_HEADER`)
+/// is told the leader by a follower instead of being forwarded: a forwarded
+/// write answers OK, so the caller would never learn that its map is stale.
+#[tokio::test]
+async fn a_follower_redirects_a_caller_that_routes_by_itself() {
+    let c = TestCluster::new(3, 1, 3, fast_tuning());
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    let redirected = c
+        .node(follower)
+        .propose_routed(shard, vec![append_op("dave", "k1", b"x")], None, true)
+        .await;
+    match redirected {
+        Err(ClusterError::NotLeader { shard: s, leader: l }) => assert_eq!((s, l), (shard, leader)),
+        other => panic!("expected NotLeader naming node {leader}, got {other:?}"),
+    }
+    // Nothing was proposed: the key is new at the leader.
+    let out = c
+        .node(leader)
+        .propose_routed(shard, vec![append_op("dave", "k1", b"x")], None, true)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Ok(pigeonhole_engine::OpOutput::Appended {
+                seq: 1,
+                duplicate: false,
+                ..
+            })]
+        ),
+        "{out:?}"
+    );
+    // Without the flag the follower still forwards.
+    let (seq, dup) = append(c.node(follower), shard, "dave", "k2", b"y").await.unwrap();
+    assert_eq!((seq, dup), (2, false));
 }
 
 #[tokio::test]

@@ -79,6 +79,7 @@ impl Driver {
                 }
             }
             r.handed = r.handed.max(last);
+            super::replica::bcast_commit_done(r, last);
             w.entries = entries;
             task.shards.push(w);
         }

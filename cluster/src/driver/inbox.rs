@@ -24,6 +24,7 @@ impl Driver {
                 reply,
                 deadline,
                 stages,
+                redirect,
             } => {
                 crate::stages::stamp(stages.as_ref(), crate::stages::Stage::Dequeued);
                 if ops.is_empty() {
@@ -39,6 +40,7 @@ impl Driver {
                         deadline,
                         queued_at: Instant::now(),
                         stages,
+                        redirect,
                     });
                 });
             }
@@ -317,9 +319,13 @@ impl Driver {
             );
             self.wake(shard, !quiet_msg);
             if let Some(r) = self.replicas.get_mut(&shard) {
+                let forwarded = msg.get_msg_type() == MessageType::MsgPropose;
                 // Step errors are stale or foreign messages; raft-rs already
                 // ignores what it must, so they are not fatal.
                 let _ = r.raw.step(msg);
+                if forwarded && r.raw.raft.state == StateRole::Leader {
+                    super::replica::bcast_commit_until(r, r.raw.raft.raft_log.last_index());
+                }
             }
         }
         Ok(())

@@ -20,6 +20,9 @@ pub(super) struct QueuedProposal {
     pub(super) deadline: Instant,
     pub(super) queued_at: Instant,
     pub(super) stages: Option<std::sync::Arc<crate::stages::Stages>>,
+    /// On a follower, answer `NotLeader` (naming the leader) instead of
+    /// forwarding: the caller routes by itself (`NO_FORWARD_HEADER`, D53).
+    pub(super) redirect: bool,
 }
 
 pub(super) struct ReadWaiter {
@@ -125,6 +128,13 @@ pub(super) struct Replica {
     /// leadership transfer: they would drop its TimeoutNow, and raft-rs
     /// refuses proposals while a transfer is pending.
     pub(super) peers_catching_up: BTreeMap<u64, Instant>,
+    /// On a leader: the last index of a proposal a follower forwarded
+    /// (0: none waiting). Until it is committed, commits are broadcast
+    /// (`skip_bcast_commit` off): the forwarding follower answers its
+    /// caller from its own apply, and would otherwise learn the commit
+    /// only from the next append or heartbeat, a heartbeat interval
+    /// (200 ms by default) when the shard is quiet.
+    pub(super) bcast_commit_until: u64,
 }
 
 impl Replica {
@@ -148,6 +158,7 @@ impl Replica {
             handed: durable_applied,
             handed_bytes: 0,
             remove_at: None,
+            bcast_commit_until: 0,
             conf_answers: Vec::new(),
             peers_catching_up: BTreeMap::new(),
         }
@@ -285,6 +296,28 @@ pub(super) fn fail_all(shard: u64, mut r: Replica, err: impl Fn(u64) -> ClusterE
 
 /// A shard may sleep when nothing is in flight: no queued work, the log fully
 /// committed and applied, and (for a leader) every follower caught up.
+/// A follower's proposal was appended on this leader up to `index`:
+/// broadcast commits until it is committed, so the follower that forwarded
+/// it learns the commit at once (`Replica::bcast_commit_until`).
+pub(super) fn bcast_commit_until(r: &mut Replica, index: u64) {
+    if index > r.bcast_commit_until {
+        r.bcast_commit_until = index;
+        r.raw.skip_bcast_commit(false);
+    }
+}
+
+/// Entries up to `committed` were committed (and handed to apply): once
+/// that covers every forwarded proposal, commits ride on appends and
+/// heartbeats again. The broadcast of that commit has already been queued:
+/// raft-rs queues it when the commit index moves, before the entries
+/// reach a Ready.
+pub(super) fn bcast_commit_done(r: &mut Replica, committed: u64) {
+    if r.bcast_commit_until != 0 && committed >= r.bcast_commit_until {
+        r.bcast_commit_until = 0;
+        r.raw.skip_bcast_commit(true);
+    }
+}
+
 pub(super) fn is_quiet(r: &Replica) -> bool {
     if !r.queued.is_empty() || !r.reads_queued.is_empty() || !r.reads_inflight.is_empty() || !r.reads_ready.is_empty() {
         return false;
@@ -408,6 +441,7 @@ mod tests {
             deadline,
             queued_at: Instant::now(),
             stages: None,
+            redirect: false,
         };
         (q, rx)
     }

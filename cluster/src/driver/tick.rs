@@ -235,6 +235,7 @@ impl Driver {
                     deadline: now + timeout,
                     queued_at: now,
                     stages: None,
+                    redirect: false,
                 });
                 self.waiting.insert(*shard);
             }
@@ -405,6 +406,7 @@ impl Driver {
                     deadline: Instant::now() + timeout,
                     queued_at: Instant::now(),
                     stages: None,
+                    redirect: false,
                 });
                 self.waiting.insert(META_SHARD);
                 self.map_writes.push((shard, rx));
