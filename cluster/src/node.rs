@@ -517,20 +517,6 @@ impl Node {
     /// `Timeout`: the entry may still commit, which is why writes carry
     /// idempotency keys.
     pub async fn propose_until(&self, shard: u64, ops: Vec<cmd::Op>, until: Option<Instant>) -> ProposeResult {
-        self.propose_routed(shard, ops, until, false).await
-    }
-
-    /// [`Node::propose_until`] for a caller that routes by itself: with
-    /// `redirect`, a node that does not lead `shard` answers
-    /// [`ClusterError::NotLeader`] naming the leader (when it knows one)
-    /// instead of forwarding the proposal (D53).
-    pub async fn propose_routed(
-        &self,
-        shard: u64,
-        ops: Vec<cmd::Op>,
-        until: Option<Instant>,
-        redirect: bool,
-    ) -> ProposeResult {
         // One request must fit one Raft entry: it is never split, so an
         // oversized one is refused here, naming the limit.
         if ops.len() > self.inner.ops_per_entry_max {
@@ -562,7 +548,6 @@ impl Node {
             reply,
             deadline,
             stages,
-            redirect,
         });
         within(shard, "proposal", until, call).await
     }

@@ -117,45 +117,6 @@ async fn a_follower_answers_a_forwarded_append_without_waiting_for_a_heartbeat()
     );
 }
 
-/// A caller that routes by itself (the SDK, through `NO_FORWARD_HEADER`)
-/// is told the leader by a follower instead of being forwarded: a forwarded
-/// write answers OK, so the caller would never learn that its map is stale.
-#[tokio::test]
-async fn a_follower_redirects_a_caller_that_routes_by_itself() {
-    let c = TestCluster::new(3, 1, 3, fast_tuning());
-    let shard = 1;
-    let leader = c.leader(shard).await;
-    let follower = (1..=3).find(|n| *n != leader).unwrap();
-    let redirected = c
-        .node(follower)
-        .propose_routed(shard, vec![append_op("dave", "k1", b"x")], None, true)
-        .await;
-    match redirected {
-        Err(ClusterError::NotLeader { shard: s, leader: l }) => assert_eq!((s, l), (shard, leader)),
-        other => panic!("expected NotLeader naming node {leader}, got {other:?}"),
-    }
-    // Nothing was proposed: the key is new at the leader.
-    let out = c
-        .node(leader)
-        .propose_routed(shard, vec![append_op("dave", "k1", b"x")], None, true)
-        .await
-        .unwrap();
-    assert!(
-        matches!(
-            out.as_slice(),
-            [Ok(pigeonhole_engine::OpOutput::Appended {
-                seq: 1,
-                duplicate: false,
-                ..
-            })]
-        ),
-        "{out:?}"
-    );
-    // Without the flag the follower still forwards.
-    let (seq, dup) = append(c.node(follower), shard, "dave", "k2", b"y").await.unwrap();
-    assert_eq!((seq, dup), (2, false));
-}
-
 #[tokio::test]
 async fn leader_failover_keeps_acknowledged_writes() {
     let mut c = TestCluster::new(3, 2, 3, fast_tuning());

@@ -35,13 +35,5 @@ pub mod internal {
 
 pub use prost;
 
-/// Request metadata a client sends to be told the leader instead of being
-/// forwarded: an Append or AppendBatch that reaches a follower of its shard
-/// is answered `UNAVAILABLE` / `NOT_LEADER` with the leader's id in
-/// `leader_hint`, instead of being proposed through the follower (which
-/// answers OK, so a routing client would never learn that its map is
-/// stale). Any value; the Rust SDK sends it on every call (docs/api.md).
-pub const NO_FORWARD_HEADER: &str = "pigeonhole-no-forward";
-
 pub mod codec;
 pub mod placement;

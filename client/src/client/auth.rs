@@ -36,12 +36,6 @@ impl tonic::service::Interceptor for Credentials {
         if let Some(v) = &self.0 {
             req.metadata_mut().insert("authorization", v.clone());
         }
-        // The SDK routes to leaders itself: a write that reaches a follower
-        // should come back with the leader's id, not be forwarded (D53).
-        req.metadata_mut().insert(
-            pigeonhole_proto::NO_FORWARD_HEADER,
-            tonic::metadata::MetadataValue::from_static("1"),
-        );
         Ok(req)
     }
 }

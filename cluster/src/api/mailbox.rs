@@ -146,20 +146,12 @@ impl MailboxService {
     }
 
     /// Checks and proposes one op and returns its result; gives up at `until`.
-    /// Proposes one op; `redirect`: the caller routes by itself and is told
-    /// the leader instead of being forwarded (`NO_FORWARD_HEADER`, D53).
-    async fn one(
-        &self,
-        shard: u64,
-        op: cmd::op::Op,
-        until: Option<Instant>,
-        redirect: bool,
-    ) -> Result<OpOutput, Status> {
+    async fn one(&self, shard: u64, op: cmd::op::Op, until: Option<Instant>) -> Result<OpOutput, Status> {
         self.check("", &op)?;
         let hash = op_user(&op).map(pigeonhole_proto::placement::user_hash);
         let mut res = self
             .node
-            .propose_routed(shard, vec![cmd::Op { op: Some(op) }], until, redirect)
+            .propose_until(shard, vec![cmd::Op { op: Some(op) }], until)
             .await
             .map_err(|e| cluster_error(&e))?;
         match res.pop() {
@@ -271,13 +263,12 @@ type SubscribeStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Subscr
 impl Mailbox for MailboxService {
     async fn append(&self, req: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
-        let redirect = no_forward(&req);
         let caller = self.auth.caller(&req)?;
         let mut r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.take().as_ref())?;
         self.auth.allow(&caller, &ns, pb::Role::Append)?;
         self.quotas.take_append(&ns, r.payload.len())?;
-        let out = self.one(shard, append_op(r, ns, uid), until, redirect).await?;
+        let out = self.one(shard, append_op(r, ns, uid), until).await?;
         Ok(Response::new(appended(out)?))
     }
 
@@ -286,7 +277,6 @@ impl Mailbox for MailboxService {
         req: Request<pb::AppendBatchRequest>,
     ) -> Result<Response<pb::AppendBatchResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
-        let redirect = no_forward(&req);
         let caller = self.auth.caller(&req)?;
         let items = req.into_inner().items;
         if items.is_empty() || items.len() > self.limits.batch_items_max {
@@ -344,7 +334,7 @@ impl Mailbox for MailboxService {
                 let node = self.node.clone();
                 set.spawn(async move {
                     let (idx, ops): (Vec<usize>, Vec<cmd::Op>) = chunk.into_iter().unzip();
-                    (idx, node.propose_routed(shard, ops, until, redirect).await)
+                    (idx, node.propose_until(shard, ops, until).await)
                 });
             }
         }
@@ -475,7 +465,6 @@ impl Mailbox for MailboxService {
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
-        let redirect = no_forward(&req);
         let caller = self.auth.caller(&req)?;
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
@@ -486,7 +475,7 @@ impl Mailbox for MailboxService {
             device_id: r.device_id,
             seq: r.seq,
         });
-        match self.one(shard, op, until, redirect).await? {
+        match self.one(shard, op, until).await? {
             OpOutput::Acked { cursor, advanced } => Ok(Response::new(pb::AckResponse { cursor, advanced })),
             other => Err(Status::internal(format!("ack returned {other:?}"))),
         }
@@ -525,7 +514,6 @@ impl Mailbox for MailboxService {
 
     async fn trim(&self, req: Request<pb::TrimRequest>) -> Result<Response<pb::TrimResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
-        let redirect = no_forward(&req);
         let caller = self.auth.caller(&req)?;
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
@@ -537,7 +525,7 @@ impl Mailbox for MailboxService {
             up_to_seq: r.up_to_seq,
             dedup_window_ms,
         });
-        match self.one(shard, op, until, redirect).await? {
+        match self.one(shard, op, until).await? {
             OpOutput::Trimmed { low_watermark, removed } => {
                 Ok(Response::new(pb::TrimResponse { low_watermark, removed }))
             }
@@ -547,7 +535,6 @@ impl Mailbox for MailboxService {
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let until = deadline::of(&req, Instant::now());
-        let redirect = no_forward(&req);
         let caller = self.auth.caller(&req)?;
         let r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.as_ref())?;
@@ -559,15 +546,9 @@ impl Mailbox for MailboxService {
             seq: r.seq,
             dedup_window_ms,
         });
-        match self.one(shard, op, until, redirect).await? {
+        match self.one(shard, op, until).await? {
             OpOutput::Deleted { deleted } => Ok(Response::new(pb::DeleteResponse { deleted })),
             other => Err(Status::internal(format!("delete returned {other:?}"))),
         }
     }
-}
-
-/// Whether the caller asked to be told the leader rather than be forwarded
-/// (`pigeonhole_proto::NO_FORWARD_HEADER`; the Rust SDK always does).
-fn no_forward<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(pigeonhole_proto::NO_FORWARD_HEADER)
 }

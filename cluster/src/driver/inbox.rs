@@ -24,7 +24,6 @@ impl Driver {
                 reply,
                 deadline,
                 stages,
-                redirect,
             } => {
                 crate::stages::stamp(stages.as_ref(), crate::stages::Stage::Dequeued);
                 if ops.is_empty() {
@@ -40,7 +39,6 @@ impl Driver {
                         deadline,
                         queued_at: Instant::now(),
                         stages,
-                        redirect,
                     });
                 });
             }
@@ -322,8 +320,8 @@ impl Driver {
                 let forwarded = msg.get_msg_type() == MessageType::MsgPropose;
                 // Step errors are stale or foreign messages; raft-rs already
                 // ignores what it must, so they are not fatal.
-                let _ = r.raw.step(msg);
-                if forwarded && r.raw.raft.state == StateRole::Leader {
+                let stepped = r.raw.step(msg).is_ok();
+                if forwarded && stepped && r.raw.raft.state == StateRole::Leader {
                     super::replica::bcast_commit_until(r, r.raw.raft.raft_log.last_index());
                 }
             }

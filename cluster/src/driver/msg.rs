@@ -24,8 +24,6 @@ pub(crate) enum Inbound {
         deadline: Instant,
         /// The request's stage stamps (`crate::stages`), if it is staged.
         stages: Option<std::sync::Arc<crate::stages::Stages>>,
-        /// On a follower, answer `NotLeader` instead of forwarding (D53).
-        redirect: bool,
     },
     Read {
         shard: u64,

@@ -286,7 +286,6 @@ impl Driver {
             deadline: now + Duration::from_millis(self.tuning.request_timeout_ms),
             queued_at: now,
             stages: None,
-            redirect: false,
         });
         self.waiting.insert(META_SHARD);
         self.wake(META_SHARD, true);

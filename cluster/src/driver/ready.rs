@@ -32,9 +32,6 @@ impl Driver {
             if self.replicas.get(&shard).is_none_or(|r| r.raw.raft.leader_id == 0) {
                 continue;
             }
-            if let Some(r) = self.replicas.get_mut(&shard) {
-                redirect_to_leader(shard, r);
-            }
             loop {
                 let id = self.next_id();
                 let Some(r) = self.replicas.get_mut(&shard) else { break };
@@ -389,23 +386,6 @@ pub(super) fn route(
         } else {
             outbox.entry(msg.to).or_default().push(ShardMsg { shard, msg });
         }
-    }
-}
-
-/// On a follower that knows its leader: answers the queued proposals of
-/// callers that route by themselves with `NotLeader` (the leader's id is
-/// their redirect), instead of forwarding them. The others stay queued and
-/// go through this replica to the leader (D53).
-fn redirect_to_leader(shard: u64, r: &mut super::replica::Replica) {
-    let leader = r.raw.raft.leader_id;
-    if r.raw.raft.state == StateRole::Leader || leader == 0 || !r.queued.iter().any(|q| q.redirect) {
-        return;
-    }
-    let (redirect, keep): (std::collections::VecDeque<_>, _) =
-        std::mem::take(&mut r.queued).into_iter().partition(|q| q.redirect);
-    r.queued = keep;
-    for q in redirect {
-        let _ = q.reply.send(Err(ClusterError::NotLeader { shard, leader }));
     }
 }
 

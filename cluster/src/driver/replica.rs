@@ -20,9 +20,6 @@ pub(super) struct QueuedProposal {
     pub(super) deadline: Instant,
     pub(super) queued_at: Instant,
     pub(super) stages: Option<std::sync::Arc<crate::stages::Stages>>,
-    /// On a follower, answer `NotLeader` (naming the leader) instead of
-    /// forwarding: the caller routes by itself (`NO_FORWARD_HEADER`, D53).
-    pub(super) redirect: bool,
 }
 
 pub(super) struct ReadWaiter {
@@ -294,8 +291,6 @@ pub(super) fn fail_all(shard: u64, mut r: Replica, err: impl Fn(u64) -> ClusterE
     }
 }
 
-/// A shard may sleep when nothing is in flight: no queued work, the log fully
-/// committed and applied, and (for a leader) every follower caught up.
 /// A follower's proposal was appended on this leader up to `index`:
 /// broadcast commits until it is committed, so the follower that forwarded
 /// it learns the commit at once (`Replica::bcast_commit_until`).
@@ -318,6 +313,8 @@ pub(super) fn bcast_commit_done(r: &mut Replica, committed: u64) {
     }
 }
 
+/// A shard may sleep when nothing is in flight: no queued work, the log fully
+/// committed and applied, and (for a leader) every follower caught up.
 pub(super) fn is_quiet(r: &Replica) -> bool {
     if !r.queued.is_empty() || !r.reads_queued.is_empty() || !r.reads_inflight.is_empty() || !r.reads_ready.is_empty() {
         return false;
@@ -441,7 +438,6 @@ mod tests {
             deadline,
             queued_at: Instant::now(),
             stages: None,
-            redirect: false,
         };
         (q, rx)
     }
@@ -554,6 +550,21 @@ mod tests {
         assert!(later_rx.try_recv().is_err(), "index {} is not applied yet", applied + 1);
         fail_all(SHARD, r, |_| ClusterError::Stopped);
         assert!(matches!(later_rx.try_recv(), Ok(Err(ClusterError::Stopped))));
+    }
+
+    #[test]
+    fn commits_are_broadcast_until_the_last_forwarded_proposal_is_committed() {
+        let (_d, _engine, mut r) = replica(&[1, 2, 3]);
+        r.raw.skip_bcast_commit(true); // as the driver configures it (D25)
+        assert!(!r.raw.raft.should_bcast_commit());
+        bcast_commit_until(&mut r, 7);
+        bcast_commit_until(&mut r, 5); // an older index does not lower it
+        assert!(r.raw.raft.should_bcast_commit());
+        bcast_commit_done(&mut r, 6);
+        assert!(r.raw.raft.should_bcast_commit(), "index 7 is not committed yet");
+        bcast_commit_done(&mut r, 7);
+        assert!(!r.raw.raft.should_bcast_commit());
+        assert_eq!(r.bcast_commit_until, 0);
     }
 
     #[test]

@@ -101,7 +101,6 @@ fn propose(d: &mut Driver, shard: u64, ops: Vec<cmd::Op>) -> oneshot::Receiver<P
             reply,
             deadline,
             stages: None,
-            redirect: false,
         })
         .unwrap());
     rx

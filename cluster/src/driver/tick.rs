@@ -235,7 +235,6 @@ impl Driver {
                     deadline: now + timeout,
                     queued_at: now,
                     stages: None,
-                    redirect: false,
                 });
                 self.waiting.insert(*shard);
             }
@@ -406,7 +405,6 @@ impl Driver {
                     deadline: Instant::now() + timeout,
                     queued_at: Instant::now(),
                     stages: None,
-                    redirect: false,
                 });
                 self.waiting.insert(META_SHARD);
                 self.map_writes.push((shard, rx));
