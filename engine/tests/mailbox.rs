@@ -724,6 +724,59 @@ fn shard_size_counts_what_appends_write_and_stops_at_its_limit() {
     assert_eq!(s.engine().shard_size(SHARD + 1, 1_000).unwrap().keys, 0);
 }
 
+/// Several shards counted through one iterator (`size_scans`, D54) get
+/// what each gets counted alone, in any order: a scan stops at its own
+/// shard's end, and a seek back to an earlier shard finds its rows, in
+/// the memtable and in SSTs alike.
+#[test]
+fn shards_counted_together_get_what_each_gets_alone() {
+    let mut s = Shard::new();
+    let full = pigeonhole_engine::HashRange::FULL;
+    let none = std::collections::BTreeSet::new();
+    for (shard, n) in [(SHARD + 1, 3u64), (SHARD + 2, 5)] {
+        s.engine()
+            .bootstrap_shard(shard, pigeonhole_engine::conf_state_with_voters(&[1]), 0, 0)
+            .unwrap();
+        for i in 1..=n {
+            let op = append("chat", b"u", format!("k{i}").as_bytes(), &[1; 300]);
+            assert!(appended(i, false)(&apply_ops(s.engine(), shard, i, 1_000, vec![op])[0]));
+        }
+    }
+    for i in 0..4u32 {
+        s.one(append("chat", b"v", format!("k{i}").as_bytes(), &[2; 500]))
+            .unwrap();
+    }
+    for flushed in [false, true] {
+        if flushed {
+            s.engine().flush_data().unwrap();
+        }
+        let alone: Vec<_> = [SHARD, SHARD + 1, SHARD + 2]
+            .iter()
+            .map(|&id| s.engine().size_scan(id, u64::MAX, full, &none).unwrap())
+            .collect();
+        // More appends, more rows: the shards' counts differ, and none is
+        // another's.
+        assert!(
+            alone[1].size.keys < alone[0].size.keys && alone[0].size.keys < alone[2].size.keys,
+            "{alone:?}"
+        );
+        let together = s
+            .engine()
+            .size_scans(
+                &[(SHARD + 2, full), (SHARD, full), (SHARD + 1, full), (SHARD + 2, full)],
+                u64::MAX,
+                &none,
+            )
+            .unwrap();
+        let together: Vec<_> = together.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            together,
+            [&alone[2], &alone[0], &alone[1], &alone[2]].map(Clone::clone),
+            "flushed {flushed}"
+        );
+    }
+}
+
 /// The size scan counts each namespace's mailbox rows (storage quotas,
 /// D44): every byte of a namespace's messages, dedup entries and cursors
 /// lands on that namespace and no other, and the namespaces' bytes add up
