@@ -116,12 +116,16 @@ pub(crate) async fn append_batch(
                     items: chunk.iter().filter_map(|i| items.get(*i).cloned()).collect(),
                 };
                 let stub = client.mailbox_at(node);
+                let learner = client.clone();
                 calls.spawn(async move {
                     let answer = match stub {
                         Ok(mut c) => {
                             let call = c.append_batch(crate::client::with_timeout(req, budget));
                             match tokio::time::timeout(budget + Duration::from_millis(100), call).await {
-                                Ok(r) => r.map(tonic::Response::into_inner),
+                                Ok(r) => r.map(|a| {
+                                    learner.learn_leaders(a.metadata());
+                                    a.into_inner()
+                                }),
                                 Err(_) => Err(Status::deadline_exceeded(format!("no answer from node {node}"))),
                             }
                         }

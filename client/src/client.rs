@@ -432,6 +432,28 @@ impl Client {
         false
     }
 
+    /// Learns from a write's OK answer the leaders of shards the answering
+    /// node does not lead (it forwarded the write; header
+    /// [`pigeonhole_proto::hints::LEADERS_HEADER`]), so the next write goes
+    /// to the leader. A hint naming a node the map does not have as a
+    /// replica of that shard means the map is old: it is refreshed in the
+    /// background (at most every `map_refresh_interval_min`). No request
+    /// is retried on a hint: the write it came with is done.
+    pub(crate) fn learn_leaders(&self, md: &tonic::metadata::MetadataMap) {
+        let Some(v) = md
+            .get(pigeonhole_proto::hints::LEADERS_HEADER)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        let hints = pigeonhole_proto::hints::parse(v);
+        let stale = lock(&self.inner.routing).apply_leader_hints(&hints);
+        if let (true, Ok(rt)) = (stale, tokio::runtime::Handle::try_current()) {
+            let c = self.clone();
+            rt.spawn(async move { c.maybe_refresh().await });
+        }
+    }
+
     /// Runs `f` against the shard's best node until it succeeds, fails for
     /// good, or the deadline passes. `f` gets a stub and the attempt's
     /// time budget (which it must set as the request's timeout).
@@ -530,7 +552,12 @@ impl Client {
         self.with_timeout(timeout)
             .run(Route::User(&uid), |mut c, t| {
                 let r = with_timeout(req.clone(), t);
-                async move { c.append(r).await.map(tonic::Response::into_inner) }
+                async move {
+                    c.append(r).await.map(|a| {
+                        self.learn_leaders(a.metadata());
+                        a.into_inner()
+                    })
+                }
             })
             .await
     }
@@ -586,7 +613,12 @@ impl Client {
         };
         self.run(Route::User(&mailbox.user_id), |mut c, t| {
             let r = with_timeout(req.clone(), t);
-            async move { c.ack(r).await.map(tonic::Response::into_inner) }
+            async move {
+                c.ack(r).await.map(|a| {
+                    self.learn_leaders(a.metadata());
+                    a.into_inner()
+                })
+            }
         })
         .await
     }
@@ -611,7 +643,12 @@ impl Client {
         };
         self.run(Route::User(&mailbox.user_id), |mut c, t| {
             let r = with_timeout(req.clone(), t);
-            async move { c.trim(r).await.map(tonic::Response::into_inner) }
+            async move {
+                c.trim(r).await.map(|a| {
+                    self.learn_leaders(a.metadata());
+                    a.into_inner()
+                })
+            }
         })
         .await
     }
@@ -625,7 +662,12 @@ impl Client {
         };
         self.run(Route::User(&mailbox.user_id), |mut c, t| {
             let r = with_timeout(req.clone(), t);
-            async move { c.delete(r).await.map(tonic::Response::into_inner) }
+            async move {
+                c.delete(r).await.map(|a| {
+                    self.learn_leaders(a.metadata());
+                    a.into_inner()
+                })
+            }
         })
         .await
     }

@@ -6,8 +6,10 @@
 //! server places mailboxes with. A request goes to the shard's leader when
 //! one is known (one hop: a follower would forward a write to the leader
 //! anyway), else to its replicas in turn. The map is refreshed from
-//! `Admin.GetShardMap` when requests fail, and a leader hint in an
-//! UNAVAILABLE status updates one shard at once.
+//! `Admin.GetShardMap` when requests fail; a leader hint in an
+//! UNAVAILABLE status updates one shard at once, and so do the leader
+//! hints a node adds to a write it answered for a shard it does not lead
+//! (`pigeonhole_proto::hints`, D55).
 
 use pigeonhole_proto::placement::{range_contains, user_hash};
 use pigeonhole_proto::v1 as pb;
@@ -96,6 +98,26 @@ impl Routing {
         }
     }
 
+    /// Applies the leader hints of a write's answer (`(shard, leader)`,
+    /// from `pigeonhole_proto::hints`). Returns true when one names a node
+    /// this map does not hold as a replica of that shard, or a shard it
+    /// does not have: the map is old and worth refreshing. Such a hint is
+    /// not applied (the map could not route to that node, or would route
+    /// a split-off range wrongly).
+    pub fn apply_leader_hints(&mut self, hints: &[(u64, u64)]) -> bool {
+        let mut stale = false;
+        for &(shard, leader) in hints {
+            let known =
+                self.nodes.contains_key(&leader) && self.shard(shard).is_some_and(|s| s.replicas.contains(&leader));
+            if known {
+                self.set_leader(shard, leader);
+            } else {
+                stale = true;
+            }
+        }
+        stale
+    }
+
     /// The node to try on attempt `attempt` (0-based) for `shard`: the known
     /// leader first, then every replica in turn, skipping nodes in `avoid`
     /// (recently unreachable) unless all are. `None` if the shard has no
@@ -120,6 +142,21 @@ impl Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leader_hints_move_known_leaders_and_flag_an_old_map() {
+        let mut r = Routing::from_map(&map([1, 2])).unwrap();
+        let (a, b) = (r.shards[0].id, r.shards[1].id);
+        assert!(!r.apply_leader_hints(&[(a, 3), (b, 1)]));
+        assert_eq!((r.shard(a).unwrap().leader, r.shard(b).unwrap().leader), (3, 1));
+        // A node the map does not know, one that is not the shard's
+        // replica, a shard it does not have: not applied, the map is old.
+        r.shards[0].replicas.retain(|n| *n != 2);
+        for hint in [(a, 9), (a, 2), (99, 1)] {
+            assert!(r.apply_leader_hints(&[hint]), "{hint:?}");
+        }
+        assert_eq!(r.shard(a).unwrap().leader, 3, "kept");
+    }
 
     fn map(leaders: [u64; 2]) -> pb::GetShardMapResponse {
         pb::GetShardMapResponse {

@@ -552,3 +552,81 @@ async fn a_move_cut_short_and_a_node_killed_is_finished_by_running_it_again() {
         "node {from} still holds shard {shard}"
     );
 }
+
+/// A client whose map names a follower (the leader moved since it read
+/// the map) learns the leader from the OK answer of its next write (the
+/// `pigeonhole-leaders` header, D55), through each way the SDK writes:
+/// a unary append, an append that went through the coalescer, and an
+/// AppendBatch. No error is needed for it, and the write is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_a_follower_tells_the_client_the_leader() {
+    let cluster = Cluster::start();
+    cluster.wait_healthy(Duration::from_secs(30));
+    // No rebalancing under the test: the leader stays where it is put.
+    cluster.pause_placement();
+    let probe = sdk(&cluster).await;
+    let user = b"hinted-user";
+    let shard = probe.routing().shard_for(user).unwrap().clone();
+    let leader = leader_of(&probe, shard.id).await;
+    // Clients whose maps name the leader now (a fresh map may name none
+    // yet: the leader's shard record lags its election).
+    let connect = |coalesce: bool| {
+        let cluster = &cluster;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let mut cfg = ClientConfig::new(cluster.endpoints().split(','));
+                cfg.coalesce.enabled = coalesce;
+                let c = Client::connect(cfg).await.unwrap();
+                if c.routing().shard(shard.id).unwrap().leader == leader {
+                    return c;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no map names node {leader} as shard {}'s leader",
+                    shard.id
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let (unary, coalescing, batcher) = (connect(false).await, connect(true).await, connect(true).await);
+    let to = shard.replicas.iter().copied().find(|n| *n != leader).unwrap();
+    probe.transfer_leader(shard.id, to).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while leader_of(&probe, shard.id).await != to {
+        assert!(
+            Instant::now() < deadline,
+            "shard {} did not move to node {to}",
+            shard.id
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mb = mailbox("hints", user);
+    for (name, c) in [("unary", &unary), ("coalescing", &coalescing), ("batch", &batcher)] {
+        assert_eq!(
+            c.routing().shard(shard.id).unwrap().leader,
+            leader,
+            "{name}: a stale map"
+        );
+        let key = format!("{name}-1").into_bytes();
+        if name == "batch" {
+            let req = pb::AppendRequest {
+                mailbox: Some(mb.clone()),
+                payload: b"m".to_vec().into(),
+                idempotency_key: key,
+                expected_last_seq: None,
+            };
+            let mut out = c.append_batch(vec![req]).await;
+            out.pop().unwrap().unwrap();
+        } else {
+            c.append(&mb, b"m".to_vec(), key).await.unwrap();
+        }
+        assert_eq!(
+            c.routing().shard(shard.id).unwrap().leader,
+            to,
+            "{name}: the answer of a write through node {leader} named the leader"
+        );
+    }
+    assert_eq!(leader_of(&probe, shard.id).await, to, "the leader stayed put");
+}

@@ -451,6 +451,12 @@ impl Node {
         self.inner.routing.get()
     }
 
+    /// The leader of `shard` as its replica here last heard (0: none, or no
+    /// replica here). A hint for clients, not a promise.
+    pub fn leader_hint(&self, shard: u64) -> u64 {
+        self.inner.routing.leader(shard)
+    }
+
     /// The registry of waiting readers: a long-poll or Subscribe stream
     /// registers the mailboxes it follows and is woken when apply changes
     /// one of them, or when a shard of them loses its leader here.

@@ -25,21 +25,52 @@ use std::sync::{Arc, PoisonError, RwLock};
 /// bootstrap layout, the shard records of this node's metadata replica, and
 /// the splits this node applied before their records arrived), published
 /// by the driver whenever it changes, read by the API on every request.
+/// Beside it, the leader each local replica last heard of, which the API
+/// hands to clients that wrote through a follower
+/// (`pigeonhole_proto::hints`).
 #[derive(Debug)]
-pub struct Routing(RwLock<Arc<ShardMap>>);
+pub struct Routing {
+    map: RwLock<Arc<ShardMap>>,
+    /// Shard → the leader its replica here last learned of (never 0).
+    /// Written by the driver when a replica learns of a new leader (rare),
+    /// read by the API once per write.
+    leaders: RwLock<std::collections::HashMap<u64, u64>>,
+}
 
 impl Routing {
     pub fn new(map: Arc<ShardMap>) -> Routing {
-        Routing(RwLock::new(map))
+        Routing {
+            map: RwLock::new(map),
+            leaders: RwLock::new(std::collections::HashMap::new()),
+        }
     }
 
     /// The map now.
     pub fn get(&self) -> Arc<ShardMap> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.map.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     pub(crate) fn set(&self, map: Arc<ShardMap>) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = map;
+        *self.map.write().unwrap_or_else(PoisonError::into_inner) = map;
+    }
+
+    /// The leader of `shard` its replica here last learned of; 0 when
+    /// none (no replica here, or no leader heard of yet). A hint: the
+    /// leader may have changed since.
+    pub fn leader(&self, shard: u64) -> u64 {
+        let leaders = self.leaders.read().unwrap_or_else(PoisonError::into_inner);
+        leaders.get(&shard).copied().unwrap_or(0)
+    }
+
+    /// Records that `shard`'s replica here learned of `leader` (0: its
+    /// replica went; the entry is dropped).
+    pub(crate) fn set_leader(&self, shard: u64, leader: u64) {
+        let mut leaders = self.leaders.write().unwrap_or_else(PoisonError::into_inner);
+        if leader == 0 {
+            leaders.remove(&shard);
+        } else {
+            leaders.insert(shard, leader);
+        }
     }
 }
 

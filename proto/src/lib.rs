@@ -9,6 +9,8 @@
 //! - [`placement`] is the placement hash, which clients route with.
 //! - [`codec`] is the public API's gRPC codec: a request that cannot be
 //!   decoded is INVALID_ARGUMENT naming the field, not INTERNAL.
+//! - [`hints`] is the leader hint a node adds to a write it answered for a
+//!   shard it does not lead, so clients route the next write to the leader.
 //!
 //! The generated code is kept in its own crate so that the engine, the cluster
 //! and the client all depend on one copy of the contract and nothing else.
@@ -36,4 +38,5 @@ pub mod internal {
 pub use prost;
 
 pub mod codec;
+pub mod hints;
 pub mod placement;

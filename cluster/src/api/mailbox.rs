@@ -162,6 +162,23 @@ impl MailboxService {
         }
     }
 
+    /// `msg` as a write's answer, with the leader hints of the `shards` it
+    /// wrote that this node does not lead ([`pigeonhole_proto::hints`]):
+    /// the write was forwarded, and the caller can send the next one to
+    /// the leader.
+    fn hinted<T>(&self, msg: T, shards: impl IntoIterator<Item = u64>) -> Response<T> {
+        let me = self.node.id();
+        let pairs = shards.into_iter().filter_map(|shard| {
+            let leader = self.node.leader_hint(shard);
+            (leader != 0 && leader != me).then_some((shard, leader))
+        });
+        let mut resp = Response::new(msg);
+        if let Some(v) = pigeonhole_proto::hints::format(pairs).and_then(|v| v.parse().ok()) {
+            resp.metadata_mut().insert(pigeonhole_proto::hints::LEADERS_HEADER, v);
+        }
+        resp
+    }
+
     /// WRONG_SHARD for a mailbox (of user hash `hash`) that a split moved
     /// out of `shard`, with the entry of the shard holding it now.
     fn moved(&self, shard: u64, range: pigeonhole_engine::HashRange, hash: Option<u64>) -> Status {
@@ -269,7 +286,7 @@ impl Mailbox for MailboxService {
         self.auth.allow(&caller, &ns, pb::Role::Append)?;
         self.quotas.take_append(&ns, r.payload.len())?;
         let out = self.one(shard, append_op(r, ns, uid), until).await?;
-        Ok(Response::new(appended(out)?))
+        Ok(self.hinted(appended(out)?, [shard]))
     }
 
     async fn append_batch(
@@ -288,7 +305,9 @@ impl Mailbox for MailboxService {
         let mut results: Vec<Option<pb::AppendResult>> = vec![None; items.len()];
         // Group by shard, keeping request order inside each group; each group
         // is split so one proposal stays well inside one Raft entry.
-        let mut groups: BTreeMap<u64, Vec<Vec<(usize, cmd::Op)>>> = BTreeMap::new();
+        // Each chunk keeps its encoded bytes so far, so sizing an item is
+        // O(1), not a sum over the chunk (O(n^2) over a batch).
+        let mut groups: BTreeMap<u64, Vec<(usize, Vec<(usize, cmd::Op)>)>> = BTreeMap::new();
         for (i, mut item) in items.into_iter().enumerate() {
             let prefix = format!("items[{i}].");
             let routed = self
@@ -308,15 +327,15 @@ impl Mailbox for MailboxService {
                 Ok((op, shard)) => {
                     let op = cmd::Op { op: Some(op) };
                     let chunks = groups.entry(shard).or_default();
-                    let fits = chunks.last().is_some_and(|c| {
-                        c.iter().map(|(_, o)| prost::Message::encoded_len(o)).sum::<usize>()
-                            + prost::Message::encoded_len(&op)
-                            <= self.limits.batch_group_bytes_max
-                    });
+                    let op_bytes = prost::Message::encoded_len(&op);
+                    let fits = chunks
+                        .last()
+                        .is_some_and(|(bytes, _)| bytes + op_bytes <= self.limits.batch_group_bytes_max);
                     if !fits {
-                        chunks.push(Vec::new());
+                        chunks.push((0, Vec::new()));
                     }
-                    if let Some(c) = chunks.last_mut() {
+                    if let Some((bytes, c)) = chunks.last_mut() {
+                        *bytes += op_bytes;
                         c.push((i, op));
                     }
                 }
@@ -327,10 +346,11 @@ impl Mailbox for MailboxService {
                 }
             }
         }
+        let shards: Vec<u64> = groups.keys().copied().collect();
         // Different shards (and chunks) commit in parallel.
         let mut set = tokio::task::JoinSet::new();
         for (shard, chunks) in groups {
-            for chunk in chunks {
+            for (_, chunk) in chunks {
                 let node = self.node.clone();
                 set.spawn(async move {
                     let (idx, ops): (Vec<usize>, Vec<cmd::Op>) = chunk.into_iter().unzip();
@@ -371,7 +391,7 @@ impl Mailbox for MailboxService {
             .into_iter()
             .map(|r| r.ok_or_else(|| Status::internal("a batch item got no result")))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Response::new(pb::AppendBatchResponse { results }))
+        Ok(self.hinted(pb::AppendBatchResponse { results }, shards))
     }
 
     async fn sync(&self, req: Request<pb::SyncRequest>) -> Result<Response<pb::SyncResponse>, Status> {
@@ -476,7 +496,7 @@ impl Mailbox for MailboxService {
             seq: r.seq,
         });
         match self.one(shard, op, until).await? {
-            OpOutput::Acked { cursor, advanced } => Ok(Response::new(pb::AckResponse { cursor, advanced })),
+            OpOutput::Acked { cursor, advanced } => Ok(self.hinted(pb::AckResponse { cursor, advanced }, [shard])),
             other => Err(Status::internal(format!("ack returned {other:?}"))),
         }
     }
@@ -527,7 +547,7 @@ impl Mailbox for MailboxService {
         });
         match self.one(shard, op, until).await? {
             OpOutput::Trimmed { low_watermark, removed } => {
-                Ok(Response::new(pb::TrimResponse { low_watermark, removed }))
+                Ok(self.hinted(pb::TrimResponse { low_watermark, removed }, [shard]))
             }
             other => Err(Status::internal(format!("trim returned {other:?}"))),
         }
@@ -547,7 +567,7 @@ impl Mailbox for MailboxService {
             dedup_window_ms,
         });
         match self.one(shard, op, until).await? {
-            OpOutput::Deleted { deleted } => Ok(Response::new(pb::DeleteResponse { deleted })),
+            OpOutput::Deleted { deleted } => Ok(self.hinted(pb::DeleteResponse { deleted }, [shard])),
             other => Err(Status::internal(format!("delete returned {other:?}"))),
         }
     }

@@ -183,6 +183,7 @@ impl Driver {
     /// after the delete would write into a shard that no longer exists).
     pub(super) fn remove_replica(&mut self, shard: u64) -> Result<(), ClusterError> {
         self.watchers.leader_lost(shard);
+        self.routing.set_leader(shard, 0);
         let Some(r) = self.replicas.remove(&shard) else {
             return Ok(());
         };

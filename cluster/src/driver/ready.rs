@@ -159,6 +159,8 @@ impl Driver {
                 if ss.leader_id != 0 && ss.leader_id != r.leader_seen {
                     r.leader_seen = ss.leader_id;
                     crate::metrics::leader_changed(shard);
+                    // For the leader hints of writes answered here.
+                    self.routing.set_leader(shard, ss.leader_id);
                 }
             }
             // A leader may send before its fsync, but not messages of a term
