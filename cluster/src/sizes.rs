@@ -297,13 +297,17 @@ async fn round(
             (st.shard, range)
         })
         .collect();
-    if shards.is_empty() {
-        return due_splits_round(node, &statuses, &map, &config, &moving, due_splits).await;
-    }
-    let engine = node.engine().clone();
-    let keys_max = cfg.keys_max;
-    let Ok(Ok(scans)) = tokio::task::spawn_blocking(move || engine.size_scans(&shards, keys_max, &count)).await else {
-        return Ok(()); // the node is stopping; the next round sees
+    // No iterator at all when nothing is due (making one copies too).
+    let scans = if shards.is_empty() {
+        Vec::new()
+    } else {
+        let engine = node.engine().clone();
+        let keys_max = cfg.keys_max;
+        // An error (the node stopping) counts nothing; the next round sees.
+        match tokio::task::spawn_blocking(move || engine.size_scans(&shards, keys_max, &count)).await {
+            Ok(Ok(scans)) => scans,
+            _ => Vec::new(),
+        }
     };
     for ((st, desc, now), scan) in to_count.into_iter().zip(scans) {
         let Ok(scan) = scan else {

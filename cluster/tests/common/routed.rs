@@ -71,14 +71,19 @@ pub fn writers(
 /// names, and that shard. Splits may still be under way (a placement loop
 /// splits halves that are still past the split size after the writers
 /// stop), so a replica that applied a split the route does not know yet
-/// answers `WrongShard`: the route is looked up again, for up to 10 s.
+/// answers `WrongShard`, and a node that has not applied a split node 1's
+/// route already names has no replica of the new shard yet
+/// (`NoSuchShard`): the route is looked up again, for up to 10 s.
 async fn read_routed(c: &TestCluster, node: &Node, user: &str) -> (u64, Vec<(u64, Vec<u8>)>) {
     let mut last = None;
     for _ in 0..500 {
         let shard = c.nodes[&1].routing().shard_for_user(user.as_bytes()).unwrap().id;
         match try_read_all(node, shard, user) {
             Ok(got) => return (shard, got),
-            Err(e @ pigeonhole_engine::ReadError::WrongShard { .. }) => last = Some(e),
+            Err(
+                e @ (pigeonhole_engine::ReadError::WrongShard { .. }
+                | pigeonhole_engine::ReadError::Engine(pigeonhole_engine::EngineError::NoSuchShard(_))),
+            ) => last = Some(e),
             Err(e) => panic!("{user} on shard {shard}: {e:?}"),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
