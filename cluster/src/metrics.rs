@@ -53,6 +53,10 @@ pub const LOG_BYTES: &str = "pigeonhole_raft_log_written_bytes_total";
 pub const LOG_FSYNCS: &str = "pigeonhole_raft_log_fsyncs_total";
 /// Times a replica learned of a new leader, by `shard`.
 pub const LEADER_CHANGES: &str = "pigeonhole_raft_leader_changes_total";
+/// Writes this node answered for a shard it does not lead (Raft forwarded
+/// them to the leader; the answer named it), by `shard`: clients routing
+/// through followers (D55).
+pub const FORWARDED_WRITES: &str = "pigeonhole_forwarded_writes_total";
 /// Times a replica started an election (or pre-election), by `shard`.
 pub const ELECTIONS: &str = "pigeonhole_raft_elections_total";
 /// Replicas by `state`: awake or asleep (hibernating).
@@ -147,6 +151,11 @@ fn describe() {
             "new leaders a replica learned of, by shard",
         ),
         (ELECTIONS, Unit::Count, "elections a replica started, by shard"),
+        (
+            FORWARDED_WRITES,
+            Unit::Count,
+            "writes answered for a shard another node leads, by shard",
+        ),
         (SNAPSHOTS_SENT, Unit::Count, "snapshots sent, by result"),
         (SNAPSHOT_SENT_BYTES, Unit::Bytes, "snapshot bytes sent"),
         (
@@ -285,6 +294,11 @@ pub fn log_written(fsync: bool, entries: usize, took: Duration) {
 /// A replica of `shard` learned of a new leader.
 pub fn leader_changed(shard: u64) {
     counter!(LEADER_CHANGES, "shard" => shard.to_string()).increment(1);
+}
+
+/// This node answered a write of `shard`, which another node leads.
+pub fn forwarded_write(shard: u64) {
+    counter!(FORWARDED_WRITES, "shard" => shard.to_string()).increment(1);
 }
 
 /// A replica of `shard` started an election.
@@ -581,7 +595,7 @@ where
 }
 
 /// Every metric name this module exports.
-pub const NAMES: [&str; 29] = [
+pub const NAMES: [&str; 30] = [
     GRPC_REQUESTS,
     GRPC_DURATION,
     PROPOSALS,
@@ -594,6 +608,7 @@ pub const NAMES: [&str; 29] = [
     LOG_FSYNCS,
     LEADER_CHANGES,
     ELECTIONS,
+    FORWARDED_WRITES,
     SHARDS,
     SNAPSHOTS_SENT,
     SNAPSHOT_SENT_BYTES,

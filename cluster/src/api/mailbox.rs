@@ -170,7 +170,11 @@ impl MailboxService {
         let me = self.node.id();
         let pairs = shards.into_iter().filter_map(|shard| {
             let leader = self.node.leader_hint(shard);
-            (leader != 0 && leader != me).then_some((shard, leader))
+            let forwarded = leader != 0 && leader != me;
+            if forwarded {
+                crate::metrics::forwarded_write(shard);
+            }
+            forwarded.then_some((shard, leader))
         });
         let mut resp = Response::new(msg);
         if let Some(v) = pigeonhole_proto::hints::format(pairs).and_then(|v| v.parse().ok()) {
