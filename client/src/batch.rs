@@ -122,10 +122,7 @@ pub(crate) async fn append_batch(
                         Ok(mut c) => {
                             let call = c.append_batch(crate::client::with_timeout(req, budget));
                             match tokio::time::timeout(budget + Duration::from_millis(100), call).await {
-                                Ok(r) => r.map(|a| {
-                                    learner.learn_leaders(a.metadata());
-                                    a.into_inner()
-                                }),
+                                Ok(r) => r.map(|a| learner.write_answer(a)),
                                 Err(_) => Err(Status::deadline_exceeded(format!("no answer from node {node}"))),
                             }
                         }

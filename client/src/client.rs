@@ -439,7 +439,7 @@ impl Client {
     /// replica of that shard means the map is old: it is refreshed in the
     /// background (at most every `map_refresh_interval_min`). No request
     /// is retried on a hint: the write it came with is done.
-    pub(crate) fn learn_leaders(&self, md: &tonic::metadata::MetadataMap) {
+    fn learn_leaders(&self, md: &tonic::metadata::MetadataMap) {
         let Some(v) = md
             .get(pigeonhole_proto::hints::LEADERS_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -452,6 +452,12 @@ impl Client {
             let c = self.clone();
             rt.spawn(async move { c.maybe_refresh().await });
         }
+    }
+
+    /// A write's answer, its leader hints learned ([`Client::learn_leaders`]).
+    pub(crate) fn write_answer<T>(&self, answer: tonic::Response<T>) -> T {
+        self.learn_leaders(answer.metadata());
+        answer.into_inner()
     }
 
     /// Runs `f` against the shard's best node until it succeeds, fails for
@@ -552,12 +558,7 @@ impl Client {
         self.with_timeout(timeout)
             .run(Route::User(&uid), |mut c, t| {
                 let r = with_timeout(req.clone(), t);
-                async move {
-                    c.append(r).await.map(|a| {
-                        self.learn_leaders(a.metadata());
-                        a.into_inner()
-                    })
-                }
+                async move { c.append(r).await.map(|a| self.write_answer(a)) }
             })
             .await
     }
@@ -613,12 +614,7 @@ impl Client {
         };
         self.run(Route::User(&mailbox.user_id), |mut c, t| {
             let r = with_timeout(req.clone(), t);
-            async move {
-                c.ack(r).await.map(|a| {
-                    self.learn_leaders(a.metadata());
-                    a.into_inner()
-                })
-            }
+            async move { c.ack(r).await.map(|a| self.write_answer(a)) }
         })
         .await
     }
@@ -643,12 +639,7 @@ impl Client {
         };
         self.run(Route::User(&mailbox.user_id), |mut c, t| {
             let r = with_timeout(req.clone(), t);
-            async move {
-                c.trim(r).await.map(|a| {
-                    self.learn_leaders(a.metadata());
-                    a.into_inner()
-                })
-            }
+            async move { c.trim(r).await.map(|a| self.write_answer(a)) }
         })
         .await
     }
@@ -662,12 +653,7 @@ impl Client {
         };
         self.run(Route::User(&mailbox.user_id), |mut c, t| {
             let r = with_timeout(req.clone(), t);
-            async move {
-                c.delete(r).await.map(|a| {
-                    self.learn_leaders(a.metadata());
-                    a.into_inner()
-                })
-            }
+            async move { c.delete(r).await.map(|a| self.write_answer(a)) }
         })
         .await
     }

@@ -307,10 +307,7 @@ impl Client {
             let Some(it) = items.into_iter().next() else { return };
             let call = stub.append(with_timeout(it.req, budget));
             let res = match tokio::time::timeout(backstop, call).await {
-                Ok(r) => r.map(|a| {
-                    self.learn_leaders(a.metadata());
-                    a.into_inner()
-                }),
+                Ok(r) => r.map(|a| self.write_answer(a)),
                 Err(_) => Err(late()),
             };
             if let Err(s) = &res {
@@ -322,10 +319,7 @@ impl Client {
         let (reqs, waiting): (Vec<_>, Vec<_>) = items.into_iter().map(|it| (it.req, (it.shard, it.reply))).unzip();
         let call = stub.append_batch(with_timeout(pb::AppendBatchRequest { items: reqs }, budget));
         let res = match tokio::time::timeout(backstop, call).await {
-            Ok(r) => r.map(|a| {
-                self.learn_leaders(a.metadata());
-                a.into_inner()
-            }),
+            Ok(r) => r.map(|a| self.write_answer(a)),
             Err(_) => Err(late()),
         };
         match res {
