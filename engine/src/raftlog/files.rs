@@ -46,7 +46,6 @@ use super::record::{self, Found, RecordBuilder, RECORD_HEADER_BYTES, SEGMENT_HEA
 use crate::engine::{lock, Durability};
 use crate::error::EngineError;
 use raft::eraftpb::Entry;
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -414,7 +413,7 @@ impl LogFiles {
                 hard: s.hard.clone(),
                 truncated: s.truncated,
                 last: s.last,
-                entries: BTreeMap::new(),
+                entries: Default::default(),
             })
             .unwrap_or_default()
     }
@@ -424,7 +423,7 @@ impl LogFiles {
         lock(&self.index)
             .shards
             .get(&shard)
-            .and_then(|s| s.entries.get(&index))
+            .and_then(|s| s.entries.get(index))
             .map(|l| l.term)
     }
 
@@ -451,7 +450,7 @@ impl LogFiles {
             for i in low..high {
                 let loc = *s
                     .entries
-                    .get(&i)
+                    .get(i)
                     .ok_or_else(|| log_corruption(format!("shard {shard}: entry {i} is not in the log")))?;
                 size += u64::from(loc.len);
                 if !plan.is_empty() && max_bytes.is_some_and(|m| size > m) {
@@ -648,14 +647,14 @@ impl LogFiles {
             }
             let mut bytes = 0u64;
             for (&shard, s) in &ix.shards {
-                let Some((&first, loc)) = s.entries.first_key_value() else {
+                let Some((first, loc)) = s.entries.first() else {
                     continue;
                 };
                 if loc.seg != oldest {
                     continue;
                 }
                 let mut last = first;
-                for (&i, l) in s.entries.range(first..) {
+                for (i, l) in s.entries.iter_from(first) {
                     if l.seg >= w.seg {
                         break;
                     }

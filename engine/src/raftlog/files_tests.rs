@@ -12,6 +12,7 @@ use super::*;
 use crate::raftlog::record::tests::entry;
 use raft::eraftpb::HardState;
 use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
 
 const OPTS: LogFilesOptions = LogFilesOptions {
     segment_bytes: 4096,

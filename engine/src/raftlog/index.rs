@@ -5,9 +5,10 @@
 //! Why one `apply` for both: a record's ops change the index through
 //! [`Index::apply`] when the record is written and again when it is
 //! replayed at start-up, so a live log and a recovered one cannot disagree.
-//! Entries are dropped with `BTreeMap::split_off`, never by scanning a
-//! shard's whole index, since this runs on every append.
+//! Entries are dropped from either end of a shard's run ([`EntryLocs`]),
+//! never by scanning a shard's whole index, since this runs on every append.
 
+use super::locs::EntryLocs;
 use super::record::{EntryLoc, IndexOp};
 use raft::eraftpb::HardState;
 use std::collections::{BTreeMap, HashMap};
@@ -15,7 +16,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 /// Where one live entry is.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Loc {
     pub seg: u64,
     pub offset: u64,
@@ -31,7 +32,7 @@ pub(crate) struct ShardIndex {
     pub truncated: (u64, u64),
     /// The last entry: (index, term); equal to `truncated` when empty.
     pub last: (u64, u64),
-    pub(super) entries: BTreeMap<u64, Loc>,
+    pub(super) entries: EntryLocs,
 }
 
 #[derive(Debug)]
@@ -39,6 +40,29 @@ pub(super) struct Segment {
     pub file: Arc<File>,
     /// Live entries stored in this segment.
     pub live: u64,
+}
+
+/// Adds `delta` to segment `seg`'s live entries.
+fn count(segments: &mut BTreeMap<u64, Segment>, seg: u64, delta: i64) {
+    if let Some(s) = segments.get_mut(&seg) {
+        s.live = s.live.saturating_add_signed(delta);
+    }
+}
+
+/// Holds `entries`, stored in segment `seg`, in shard `s`'s index.
+fn insert(segments: &mut BTreeMap<u64, Segment>, s: &mut ShardIndex, entries: &[EntryLoc], seg: u64) {
+    for e in entries {
+        let loc = Loc {
+            seg,
+            offset: e.offset,
+            len: e.len,
+            term: e.term,
+        };
+        if let Some(old) = s.entries.insert(e.index, loc) {
+            count(segments, old.seg, -1);
+        }
+    }
+    count(segments, seg, i64::try_from(entries.len()).unwrap_or(i64::MAX));
 }
 
 #[derive(Debug, Default)]
@@ -49,52 +73,22 @@ pub(super) struct Index {
 
 impl Index {
     fn count(&mut self, seg: u64, delta: i64) {
-        if let Some(s) = self.segments.get_mut(&seg) {
-            s.live = s.live.saturating_add_signed(delta);
-        }
+        count(&mut self.segments, seg, delta);
     }
 
     /// Drops the shard's entries at and above `from` (split, not a scan:
     /// this runs on every append).
     fn drop_from(&mut self, shard: u64, from: u64) {
         let Some(s) = self.shards.get_mut(&shard) else { return };
-        if s.entries.last_key_value().is_none_or(|(i, _)| *i < from) {
-            return; // the common case, an append after the last entry
-        }
-        let dropped = s.entries.split_off(&from);
-        for loc in dropped.values() {
-            self.count(loc.seg, -1);
-        }
+        let segments = &mut self.segments;
+        s.entries.drop_from(from, |loc| count(segments, loc.seg, -1));
     }
 
     /// Drops the shard's entries at and below `through`.
     fn drop_through(&mut self, shard: u64, through: u64) {
         let Some(s) = self.shards.get_mut(&shard) else { return };
-        if s.entries.first_key_value().is_none_or(|(i, _)| *i > through) {
-            return;
-        }
-        let kept = match through.checked_add(1) {
-            Some(next) => s.entries.split_off(&next),
-            None => BTreeMap::new(),
-        };
-        let dropped = std::mem::replace(&mut s.entries, kept);
-        for loc in dropped.values() {
-            self.count(loc.seg, -1);
-        }
-    }
-
-    fn insert(&mut self, shard: u64, e: &EntryLoc, seg: u64) {
-        let loc = Loc {
-            seg,
-            offset: e.offset,
-            len: e.len,
-            term: e.term,
-        };
-        let old = self.shards.entry(shard).or_default().entries.insert(e.index, loc);
-        if let Some(old) = old {
-            self.count(old.seg, -1);
-        }
-        self.count(seg, 1);
+        let segments = &mut self.segments;
+        s.entries.drop_through(through, |loc| count(segments, loc.seg, -1));
     }
 
     /// Applies one op, written to or read from segment `seg`. The same code
@@ -107,24 +101,25 @@ impl Index {
                 entries,
                 rewrite: false,
             } => {
-                self.drop_from(shard, first);
-                for e in &entries {
-                    self.insert(shard, e, seg);
-                }
                 let s = self.shards.entry(shard).or_default();
+                let segments = &mut self.segments;
+                s.entries.drop_from(first, |loc| count(segments, loc.seg, -1));
+                insert(segments, s, &entries, seg);
                 if let Some(l) = entries.last() {
                     s.last = (l.index, l.term);
                 }
             }
             IndexOp::Entries {
                 shard,
-                entries,
+                mut entries,
                 rewrite: true,
                 ..
             } => {
                 let truncated = self.shards.get(&shard).map_or(0, |s| s.truncated.0);
-                for e in entries.iter().filter(|e| e.index > truncated) {
-                    self.insert(shard, e, seg);
+                entries.retain(|e| e.index > truncated);
+                if !entries.is_empty() {
+                    let s = self.shards.entry(shard).or_default();
+                    insert(&mut self.segments, s, &entries, seg);
                 }
             }
             IndexOp::HardState { shard, hard } => self.shards.entry(shard).or_default().hard = hard,
@@ -170,11 +165,12 @@ impl Index {
         for (shard, s) in &self.shards {
             let expect = s.last.0.saturating_sub(s.truncated.0);
             let ok = s.entries.len() as u64 == expect
-                && s.entries.keys().next().is_none_or(|i| *i == s.truncated.0 + 1)
-                && s.entries.keys().next_back().is_none_or(|i| *i == s.last.0)
-                && s.entries.values().next_back().is_none_or(|l| l.term == s.last.1);
+                && s.entries.first().is_none_or(|(i, _)| i == s.truncated.0 + 1)
+                && s.entries
+                    .last()
+                    .is_none_or(|(i, l)| i == s.last.0 && l.term == s.last.1);
             if !ok {
-                let held = match (s.entries.keys().next(), s.entries.keys().next_back()) {
+                let held = match (s.entries.first().map(|(i, _)| i), s.entries.last().map(|(i, _)| i)) {
                     (Some(a), Some(b)) => format!("{} entries, {a}..={b}", s.entries.len()),
                     _ => "no entries".to_string(),
                 };
@@ -214,15 +210,15 @@ impl Index {
         if let Some((dseg, dat)) = damage {
             let mut stale: Vec<(u64, u64, u64)> = Vec::new();
             for (shard, s) in &self.shards {
-                for (i, loc) in &s.entries {
+                for (i, loc) in s.entries.iter() {
                     if (loc.seg, loc.offset) < (dseg, dat) {
-                        stale.push((*shard, *i, loc.seg));
+                        stale.push((*shard, i, loc.seg));
                     }
                 }
             }
             for (shard, i, seg) in stale {
                 if let Some(s) = self.shards.get_mut(&shard) {
-                    s.entries.remove(&i);
+                    s.entries.remove(i);
                 }
                 self.count(seg, -1);
                 changed
@@ -239,14 +235,14 @@ impl Index {
             let truncated = s.truncated;
             if changed.contains_key(&shard) {
                 let mut keep = truncated;
-                for (i, loc) in &s.entries {
-                    if *i <= truncated.0 {
+                for (i, loc) in s.entries.iter() {
+                    if i <= truncated.0 {
                         continue;
                     }
-                    if *i != keep.0.saturating_add(1) || (*i == s.last.0 && loc.term != s.last.1) {
+                    if i != keep.0.saturating_add(1) || (i == s.last.0 && loc.term != s.last.1) {
                         break;
                     }
-                    keep = (*i, loc.term);
+                    keep = (i, loc.term);
                 }
                 self.drop_through(shard, truncated.0);
                 self.drop_from(shard, keep.0.saturating_add(1));

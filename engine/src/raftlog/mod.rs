@@ -25,6 +25,7 @@
 mod cache;
 pub(crate) mod files;
 mod index;
+mod locs;
 pub(crate) mod record;
 
 pub(crate) use cache::EntryCache;
