@@ -72,10 +72,6 @@ pub(super) struct Index {
 }
 
 impl Index {
-    fn count(&mut self, seg: u64, delta: i64) {
-        count(&mut self.segments, seg, delta);
-    }
-
     /// Drops the shard's entries at and above `from` (split, not a scan:
     /// this runs on every append).
     fn drop_from(&mut self, shard: u64, from: u64) {
@@ -208,22 +204,24 @@ impl Index {
     pub fn salvage(&mut self, damage: Option<(u64, u64)>) -> Vec<(u64, String)> {
         let mut changed: BTreeMap<u64, String> = BTreeMap::new();
         if let Some((dseg, dat)) = damage {
-            let mut stale: Vec<(u64, u64, u64)> = Vec::new();
-            for (shard, s) in &self.shards {
-                for (i, loc) in s.entries.iter() {
-                    if (loc.seg, loc.offset) < (dseg, dat) {
-                        stale.push((*shard, i, loc.seg));
+            // One pass per shard: removing entries one at a time from the
+            // middle of a shard's run would cost O(n) each.
+            let segments = &mut self.segments;
+            for (shard, s) in &mut self.shards {
+                let mut dropped = false;
+                s.entries.retain(|_, loc| {
+                    let keep = (loc.seg, loc.offset) >= (dseg, dat);
+                    if !keep {
+                        count(segments, loc.seg, -1);
+                        dropped = true;
                     }
+                    keep
+                });
+                if dropped {
+                    changed
+                        .entry(*shard)
+                        .or_insert_with(|| format!("shard {shard}: entries stored before the damage were dropped"));
                 }
-            }
-            for (shard, i, seg) in stale {
-                if let Some(s) = self.shards.get_mut(&shard) {
-                    s.entries.remove(i);
-                }
-                self.count(seg, -1);
-                changed
-                    .entry(shard)
-                    .or_insert_with(|| format!("shard {shard}: entries stored before the damage were dropped"));
             }
         }
         for (shard, why) in self.broken() {

@@ -102,7 +102,14 @@ impl EntryLocs {
         }
     }
 
-    /// Removes entry `index`; returns its location.
+    /// Keeps only the entries for which `keep` is true, in one pass.
+    pub fn retain(&mut self, mut keep: impl FnMut(u64, &Loc) -> bool) {
+        self.run.retain(|(i, l)| keep(*i, l));
+    }
+
+    /// Removes entry `index`; returns its location (O(n) unless at an end;
+    /// use [`EntryLocs::retain`] to remove many).
+    #[cfg(test)]
     pub fn remove(&mut self, index: u64) -> Option<Loc> {
         let p = self.position(index).ok()?;
         self.run.remove(p).map(|(_, l)| l)
@@ -141,6 +148,7 @@ mod tests {
         DropFrom(u64),
         DropThrough(u64),
         Remove(u64),
+        RetainSegAtLeast(u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -151,6 +159,7 @@ mod tests {
             1 => (0u64..70).prop_map(Op::DropFrom),
             1 => (0u64..70).prop_map(Op::DropThrough),
             1 => (0u64..70).prop_map(Op::Remove),
+            1 => (0u64..200).prop_map(Op::RetainSegAtLeast),
         ]
     }
 
@@ -183,6 +192,10 @@ mod tests {
                     }
                     Op::Remove(i) => {
                         prop_assert_eq!(locs.remove(i).map(|l| l.seg), model.remove(&i).map(|l| l.seg));
+                    }
+                    Op::RetainSegAtLeast(min) => {
+                        locs.retain(|_, l| l.seg >= min);
+                        model.retain(|_, l| l.seg >= min);
                     }
                 }
                 prop_assert_eq!(locs.len(), model.len());
