@@ -141,10 +141,53 @@ fn one_shard_log(dir: &Path, records: u64) -> LogFiles {
     files
 }
 
+/// Where a segment's last whole record ends: its length on disk is the
+/// preallocated size (`preallocate`), the rest zeros.
+fn data_end(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    let mut at = record::SEGMENT_HEADER_BYTES;
+    while let Found::Record { next, .. } = record::read_record(&bytes, at) {
+        at = next;
+    }
+    at
+}
+
 fn newest(dir: &Path) -> PathBuf {
     let mut segs: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     segs.sort();
     segs.pop().unwrap()
+}
+
+/// Segments are allocated to their full size ahead of the appends; a
+/// reopen cuts the unwritten zeros from the segment it replays (which
+/// becomes an older one) without calling them torn, and the log opens
+/// whole again and again.
+#[test]
+fn a_preallocated_segment_is_cut_to_its_data_at_reopen_and_not_called_torn() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(one_shard_log(dir.path(), 3));
+    let first = newest(dir.path());
+    let end = data_end(&first);
+    assert!(end < OPTS.segment_bytes);
+    assert_eq!(
+        std::fs::metadata(&first).unwrap().len(),
+        OPTS.segment_bytes,
+        "not preallocated"
+    );
+    for round in 0..3 {
+        let files = LogFiles::open(dir.path(), OPTS).unwrap();
+        let rec = files.recovery();
+        assert_eq!(rec.torn_bytes, 0, "round {round}: {rec:?}");
+        assert!(rec.damage.is_empty(), "round {round}: {rec:?}");
+        assert!(rec.unwritten_bytes > 0, "round {round}: {rec:?}");
+        assert_eq!(files.shard(1).last, (3, 1));
+        assert_eq!(files.read(1, 1, 4, None).unwrap().len(), 3);
+        if round == 0 {
+            // The replayed segment ends with its last record now (later
+            // rounds may have copied its entries forward and deleted it).
+            assert_eq!(std::fs::metadata(&first).unwrap().len(), end);
+        }
+    }
 }
 
 #[test]
@@ -152,7 +195,7 @@ fn a_torn_last_record_is_cut_and_everything_before_it_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     drop(one_shard_log(dir.path(), 3));
     let path = newest(dir.path());
-    let len = std::fs::metadata(&path).unwrap().len();
+    let len = data_end(&path);
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len - 3).unwrap();
     drop(f);
@@ -180,7 +223,7 @@ fn a_last_record_whose_first_page_was_lost_but_a_later_one_landed_is_cut() {
     let dir = tempfile::tempdir().unwrap();
     let files = one_shard_log(dir.path(), 2);
     let path = newest(dir.path());
-    let start = std::fs::metadata(&path).unwrap().len();
+    let start = data_end(&path);
     let mut rec = RecordBuilder::default();
     rec.entries(1, false, &[entry(3, 1, &[7u8; 12_000])]).unwrap();
     files.append(rec, Durability::Fsync).unwrap();
@@ -220,7 +263,7 @@ fn log_with_hard_state_tail(dir: &Path, tail: &[(u64, u64, u64)]) -> Vec<usize> 
     let path = newest(dir);
     let mut at = Vec::new();
     for (term, vote, commit) in tail {
-        at.push(usize::try_from(std::fs::metadata(&path).unwrap().len()).unwrap());
+        at.push(usize::try_from(data_end(&path)).unwrap());
         let mut rec = RecordBuilder::default();
         let hard = HardState {
             term: *term,
@@ -427,7 +470,7 @@ fn a_lost_overwrite_never_leaves_the_old_entries_in_place() {
         &(5..=7).map(|i| entry(i, 2, b"old-tail")).collect::<Vec<_>>(),
         Durability::Fsync,
     );
-    let overwrite_at = std::fs::metadata(newest(dir.path())).unwrap().len();
+    let overwrite_at = data_end(&newest(dir.path()));
     write(
         &(6..=7).map(|i| entry(i, 3, b"OVERWRITE")).collect::<Vec<_>>(),
         Durability::Fsync,
