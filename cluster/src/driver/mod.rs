@@ -103,6 +103,74 @@ fn ms_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A driver turn (everything but the wait for work) that takes this long
+/// is logged as slow, with where the time went: every shard of the node
+/// waits for it.
+const TURN_SLOW: Duration = Duration::from_millis(200);
+
+/// The parts of a driver turn, as `Turn` times them.
+#[derive(Clone, Copy)]
+enum Phase {
+    /// Heartbeats, ticks and stale replica GC.
+    Tick,
+    /// Handling the inbox's messages.
+    Inbox,
+    /// Apply reports and the shard map's writes.
+    Reports,
+    /// Proposing queued requests.
+    Propose,
+    /// Ready handling: the Raft log write, sends, handing entries to apply.
+    Ready,
+}
+
+/// Times one driver turn by phase, for the slow-turn warning.
+struct Turn {
+    started: Instant,
+    last: Instant,
+    ms: [u64; 5],
+}
+
+impl Turn {
+    fn new(now: Instant) -> Self {
+        Turn {
+            started: now,
+            last: now,
+            ms: [0; 5],
+        }
+    }
+
+    /// The wait for work is not the turn's: it starts again after it.
+    fn restart(&mut self) {
+        let now = Instant::now();
+        let waited = now.saturating_duration_since(self.last);
+        self.started += waited;
+        self.last = now;
+    }
+
+    fn lap(&mut self, phase: Phase) {
+        let now = Instant::now();
+        if let Some(ms) = self.ms.get_mut(phase as usize) {
+            *ms = ms.saturating_add(ms_since(self.last));
+        }
+        self.last = now;
+    }
+
+    fn warn_if_slow(&self, node_id: u64) {
+        if self.last.saturating_duration_since(self.started) >= TURN_SLOW {
+            let [tick, inbox, reports, propose, ready] = self.ms;
+            tracing::warn!(
+                node_id,
+                tick_ms = tick,
+                inbox_ms = inbox,
+                reports_ms = reports,
+                propose_ms = propose,
+                ready_ms = ready,
+                "slow Raft driver turn: every shard of this node waited for it"
+            );
+        }
+    }
+}
+
 fn raft_err(e: raft::Error) -> ClusterError {
     ClusterError::Raft(e.to_string())
 }
@@ -381,6 +449,7 @@ impl Driver {
         let mut next_hb = Instant::now();
         loop {
             let now = Instant::now();
+            let mut turn = Turn::new(now);
             if now >= next_hb {
                 self.node_heartbeat();
                 next_hb = now + hb;
@@ -393,6 +462,7 @@ impl Driver {
                     next_tick = now + tick;
                 }
             }
+            turn.lap(Phase::Tick);
             // Wait for work unless some shard already has some.
             let busy = self
                 .dirty
@@ -413,6 +483,7 @@ impl Driver {
                     recv(self.applier.reports) -> r => r.map_or(Woke::ApplierGone, Woke::Report),
                     default(wait) => Woke::Timeout,
                 };
+                turn.restart();
                 match woke {
                     Woke::Inbound(m) => Some(m),
                     Woke::Report(r) => {
@@ -435,14 +506,19 @@ impl Driver {
                     }
                 }
             }
+            turn.lap(Phase::Inbox);
             // Applies done since the last turn: they move applied indexes,
             // release reads and may let logs compact.
             self.take_reports()?;
             if !self.map_dirty.is_empty() {
                 self.write_shard_records();
             }
+            turn.lap(Phase::Reports);
             self.propose_queued();
+            turn.lap(Phase::Propose);
             self.process_ready()?;
+            turn.lap(Phase::Ready);
+            turn.warn_if_slow(self.node_id);
         }
     }
 
