@@ -40,6 +40,7 @@ fn options() -> EngineOptions {
         raft_log: LogFilesOptions {
             segment_bytes: 4096,
             segments_soft_max: 3,
+            gc_bytes_max: 4096,
         },
         ..EngineOptions::default()
     }

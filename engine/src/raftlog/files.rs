@@ -67,6 +67,11 @@ pub struct LogFilesOptions {
     /// Past this many segments, the entries pinning the oldest one are
     /// copied forward so it can be deleted (segment GC).
     pub segments_soft_max: usize,
+    /// Segment GC copies at most this many bytes of entries, or nothing:
+    /// more means logs that are long because they are busy, which their
+    /// own compaction frees, and the copy would stall every shard's
+    /// writes meanwhile (it runs inside an append).
+    pub gc_bytes_max: u64,
 }
 
 impl Default for LogFilesOptions {
@@ -74,8 +79,22 @@ impl Default for LogFilesOptions {
         LogFilesOptions {
             segment_bytes: 32 << 20,
             segments_soft_max: 16,
+            // An eighth of a segment: what idle shards pin is a few
+            // entries each; busy logs were copied whole before (up to a
+            // segment, 0.6-1 s of stall per new segment in the steady
+            // state, docs/benchmarks.md).
+            gc_bytes_max: 4 << 20,
         }
     }
+}
+
+/// What one append's housekeeping did, for the slow-write warning.
+#[derive(Debug, Default)]
+struct Housekept {
+    purged: usize,
+    purge: std::time::Duration,
+    rewritten_bytes: u64,
+    gc: std::time::Duration,
 }
 
 /// A Raft log append (write and fdatasync) or its housekeeping (purge,
@@ -157,8 +176,12 @@ pub(crate) struct LogFiles {
     writer: Mutex<Writer>,
     index: Mutex<Index>,
     recovery: LogRecovery,
-    /// Purges and GCs that failed, and the last error.
-    housekeeping: Mutex<(u64, Option<String>)>,
+    /// Purges and GCs that failed, and the last error (shared with the
+    /// purge thread).
+    housekeeping: super::purge::Failures,
+    /// Deletes purged segments' files, off the append path. Declared last:
+    /// dropped last, once nothing else can hand it work.
+    purger: super::purge::Purger,
 }
 
 /// The log's files now.
@@ -184,7 +207,7 @@ fn segment_path(dir: &Path, seg: u64) -> PathBuf {
     dir.join(format!("{seg:016x}.phlog"))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), EngineError> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), EngineError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_err("fsync directory", dir, e))
@@ -400,6 +423,7 @@ impl LogFiles {
                 live: 0,
             },
         );
+        let failures: super::purge::Failures = Arc::default();
         let files = LogFiles {
             dir: dir.to_path_buf(),
             options,
@@ -414,11 +438,12 @@ impl LogFiles {
             }),
             index: Mutex::new(index),
             recovery,
-            housekeeping: Mutex::new((0, None)),
+            housekeeping: Arc::clone(&failures),
+            purger: super::purge::Purger::start(dir, failures)?,
         };
         {
             let mut w = lock(&files.writer);
-            files.housekeep(&mut w)?;
+            files.housekeep(&mut w, &mut Housekept::default())?;
         }
         Ok(files)
     }
@@ -547,19 +572,22 @@ impl LogFiles {
         // counted (`LogStats`) and retried after the next write. (A failed
         // GC *write* breaks the log like any failed write, so the next
         // append reports it.)
-        if let Err(e) = self.housekeep(&mut w) {
+        let mut done = Housekept::default();
+        if let Err(e) = self.housekeep(&mut w, &mut done) {
             let mut st = lock(&self.housekeeping);
             st.0 += 1;
             st.1 = Some(e.to_string());
         }
         // Every Raft write of the node waits behind this one (etcd warns
         // of a slow fdatasync the same way): say which part was slow.
-        let housekept = started.elapsed().saturating_sub(written);
-        if written.max(housekept) >= LOG_WRITE_SLOW {
+        if written.max(done.purge).max(done.gc) >= LOG_WRITE_SLOW {
             tracing::warn!(
                 write_ms = written.as_millis(),
                 fsync = durability == Durability::Fsync,
-                housekeeping_ms = housekept.as_millis(),
+                purge_ms = done.purge.as_millis(),
+                segments_purged = done.purged,
+                gc_ms = done.gc.as_millis(),
+                gc_bytes = done.rewritten_bytes,
                 segment = w.seg,
                 "slow Raft log write: every shard of this node waited for it"
             );
@@ -567,12 +595,18 @@ impl LogFiles {
         Ok(())
     }
 
-    fn housekeep(&self, w: &mut Writer) -> Result<(), EngineError> {
-        self.purge(w)?;
+    fn housekeep(&self, w: &mut Writer, done: &mut Housekept) -> Result<(), EngineError> {
+        let t = std::time::Instant::now();
+        done.purged += self.purge(w)?;
+        done.purge += t.elapsed();
         if lock(&self.index).segments.len() > self.options.segments_soft_max && w.gc_ran_at_seg != w.seg {
             w.gc_ran_at_seg = w.seg;
-            self.rewrite(w)?;
-            self.purge(w)?;
+            let t = std::time::Instant::now();
+            done.rewritten_bytes += self.rewrite(w)?;
+            done.gc += t.elapsed();
+            let t = std::time::Instant::now();
+            done.purged += self.purge(w)?;
+            done.purge += t.elapsed();
         }
         Ok(())
     }
@@ -652,8 +686,10 @@ impl LogFiles {
         Ok(())
     }
 
-    /// Deletes the oldest segments while none of their entries is live.
-    fn purge(&self, w: &Writer) -> Result<(), EngineError> {
+    /// Drops the oldest segments from the index while none of their
+    /// entries is live, and hands their files to the purge thread
+    /// (`super::purge`), oldest first. Returns how many it dropped.
+    fn purge(&self, w: &Writer) -> Result<usize, EngineError> {
         let mut doomed = Vec::new();
         {
             let mut ix = lock(&self.index);
@@ -666,31 +702,31 @@ impl LogFiles {
             }
         }
         if doomed.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        for seg in doomed {
-            let path = segment_path(&self.dir, seg);
-            std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
-        }
-        sync_dir(&self.dir)
+        let n = doomed.len();
+        let paths = doomed.into_iter().map(|seg| segment_path(&self.dir, seg)).collect();
+        self.purger.delete(&self.dir, paths)?;
+        Ok(n)
     }
 
     /// Segment GC: copies forward the live entries of the shards that pin
     /// the oldest segment (all their entries outside the active segment),
     /// in one fsync'd Rewrite record. Skipped when that would copy more than
-    /// a segment's worth: such a log is long because it is busy, and its
-    /// own compaction will free the segment sooner than a copy would.
-    fn rewrite(&self, w: &mut Writer) -> Result<(), EngineError> {
+    /// `gc_bytes_max`: such a log is long because it is busy, and its own
+    /// compaction will free the segment sooner than a copy would.
+    /// Returns the bytes of entries it copied.
+    fn rewrite(&self, w: &mut Writer) -> Result<u64, EngineError> {
         let mut plan: Vec<(u64, u64, u64)> = Vec::new(); // shard, first, last
+        let mut bytes = 0u64;
         {
             let ix = lock(&self.index);
             let Some(&oldest) = ix.segments.keys().next() else {
-                return Ok(());
+                return Ok(0);
             };
             if oldest >= w.seg {
-                return Ok(());
+                return Ok(0);
             }
-            let mut bytes = 0u64;
             for (&shard, s) in &ix.shards {
                 let Some((first, loc)) = s.entries.first() else {
                     continue;
@@ -708,19 +744,20 @@ impl LogFiles {
                 }
                 plan.push((shard, first, last));
             }
-            if bytes > self.options.segment_bytes {
-                return Ok(());
+            if bytes > self.options.gc_bytes_max {
+                return Ok(0);
             }
         }
         if plan.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut rec = RecordBuilder::default();
         for (shard, first, last) in plan {
             let entries = self.read(shard, first, last + 1, None)?;
             rec.entries(shard, true, &entries).map_err(EngineError::InvalidCall)?;
         }
-        self.append_locked(w, rec, Durability::Fsync)
+        self.append_locked(w, rec, Durability::Fsync)?;
+        Ok(bytes)
     }
 }
 

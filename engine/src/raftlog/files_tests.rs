@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 const OPTS: LogFilesOptions = LogFilesOptions {
     segment_bytes: 4096,
     segments_soft_max: 3,
+    gc_bytes_max: 4096,
 };
 
 /// One shard's log as the test expects it.
@@ -128,6 +129,47 @@ fn the_log_matches_a_model_through_rotation_purge_gc_and_reopen() {
             segments_max <= OPTS.segments_soft_max + 3,
             "seed {seed}: {segments_max} segments: segment GC did not keep up"
         );
+    }
+}
+
+/// Segment GC copies a pinning log forward only when it is small
+/// (`gc_bytes_max`): shard 1 writes 1.8 KB into segment 1 and goes
+/// quiet; shard 2 then fills a segment per write and compacts behind
+/// itself. With a 1 KiB limit shard 1's entries stay where they are and
+/// segment 1 with them (a busy log compacts by itself; a copy would stall
+/// every shard's writes); with a 4 KiB limit they are copied forward and
+/// segment 1 is deleted.
+#[test]
+fn segment_gc_copies_a_pinning_log_only_when_it_is_small() {
+    for (gc_bytes_max, copied) in [(1024, false), (4096, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LogFilesOptions {
+            segment_bytes: 4096,
+            segments_soft_max: 2,
+            gc_bytes_max,
+        };
+        let files = LogFiles::open(dir.path(), opts).unwrap();
+        let first = newest(dir.path());
+        let mut rec = RecordBuilder::default();
+        let quiet: Vec<Entry> = (1..=6).map(|i| entry(i, 1, &[1u8; 300])).collect();
+        rec.entries(1, false, &quiet).unwrap();
+        files.append(rec, Durability::Fsync).unwrap();
+        for i in 1..=6u64 {
+            let mut rec = RecordBuilder::default();
+            rec.entries(2, false, &[entry(i, 1, &[2u8; 4200])]).unwrap();
+            if i > 1 {
+                rec.compact(2, i - 1, 1);
+            }
+            files.append(rec, Durability::Fsync).unwrap();
+        }
+        let stats = files.stats();
+        assert_eq!(files.read(1, 1, 7, None).unwrap().len(), 6);
+        // Dropping the log waits for the purge thread's deletions.
+        drop(files);
+        assert_eq!(first.exists(), !copied, "gc_bytes_max {gc_bytes_max}: {stats:?}");
+        let files = LogFiles::open(dir.path(), opts).unwrap();
+        assert_eq!(files.read(1, 1, 7, None).unwrap().len(), 6);
+        assert_eq!(files.read(2, 6, 7, None).unwrap().len(), 1);
     }
 }
 

@@ -26,6 +26,7 @@ mod cache;
 pub(crate) mod files;
 mod index;
 mod locs;
+mod purge;
 pub(crate) mod record;
 
 pub(crate) use cache::EntryCache;
