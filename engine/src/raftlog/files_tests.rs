@@ -619,8 +619,9 @@ fn a_lost_segment_with_live_entries_is_damage_and_a_purge_leftover_is_dropped() 
     let mut rec = RecordBuilder::default();
     rec.compact(1, 300, 1);
     files.append(rec, Durability::Fsync).unwrap();
-    assert!(!segs[0].exists() && !segs[1].exists());
+    // Dropping the log waits for the purge thread's deletions.
     drop(files);
+    assert!(!segs[0].exists() && !segs[1].exists());
     std::fs::write(&segs[0], old).unwrap();
     let files = LogFiles::open(dir.path(), OPTS).unwrap();
     assert_eq!(files.recovery().stale_segments, 1);

@@ -86,10 +86,7 @@ impl Drop for Purger {
 /// after it stay, newer than the one that failed), then fsyncs `dir`.
 fn delete(dir: &Path, paths: &[PathBuf]) -> Result<(), EngineError> {
     for path in paths {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) => return Err(EngineError::LogIo(format!("remove {}: {e}", path.display()))),
-        }
+        std::fs::remove_file(path).map_err(|e| EngineError::LogIo(format!("remove {}: {e}", path.display())))?;
     }
     super::files::sync_dir(dir)
 }

@@ -7,7 +7,8 @@
 //!
 //! What is damaged, and why not more:
 //! - a Raft log segment (two times in three): any byte range of any
-//!   segment, except the last quarter of the newest segment, and the
+//!   segment, except the last quarter of the newest segment's data (not of
+//!   its preallocated length), and the
 //!   newest segment is never cut short. A bad spot with nothing durable
 //!   after it is exactly what a power cut's torn write leaves, so recovery
 //!   cuts it as one; no checksum can tell the two apart, and the replica
@@ -103,10 +104,19 @@ fn damage_log(data: &Path, rng: &mut StdRng) -> Result<String, String> {
         return Ok(format!("no segment in {}", dir.display()));
     };
     let path = segs.choose(rng).cloned().unwrap_or(newest.clone());
-    let len = std::fs::metadata(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .len();
     let is_newest = path == newest;
+    // The newest segment is preallocated (storage-format.md §8.4): its
+    // length on disk is mostly zeros never written, where damage is
+    // harmless. Its data ends at its last nonzero byte (near enough: a
+    // record may end in zeros).
+    let len = if is_newest {
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i as u64 + 1)
+    } else {
+        std::fs::metadata(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len()
+    };
     // The 20-byte header and the checkpoint record may be hit too.
     let span = if is_newest { len * 3 / 4 } else { len };
     if span < 64 {
