@@ -164,6 +164,22 @@ impl std::fmt::Debug for Engine {
 /// More buckets than active mailboxes keeps each bucket's skiplist short.
 const MEMTABLE_BUCKETS: usize = 1 << 20;
 
+/// L0 files of the data CF that start a compaction into L1 (RocksDB's
+/// default is 4). Appends land all over the data CF's key space (every
+/// mailbox is written), so every L0->L1 compaction rewrites the whole of
+/// L1: eight files per compaction rewrite L1 half as often for the same
+/// bytes flushed. Measured in the steady state (D57): with
+/// [`DATA_SST_TARGET_BYTES`], 30 % less compaction CPU and 27 % fewer
+/// bytes written per append. A lookup that misses the memtable probes up
+/// to eight L0 files' filters instead of four; that cost did not show.
+pub(crate) const DATA_L0_COMPACTION_TRIGGER_FILES: i32 = 8;
+
+/// The data CF's SST file size at L1 (RocksDB's default is 64 MiB). An
+/// L1->L2 compaction rewrites the L2 files that overlap the L1 file it
+/// picked, whole: smaller files waste less at the two ends of that
+/// overlap, and give the picker (least overlap first) more choice.
+pub(crate) const DATA_SST_TARGET_BYTES: u64 = 16 << 20;
+
 /// Read options for a scan that crosses memtable buckets (more than one
 /// mailbox or tag; `keys::memtable_bucket`). Without total_order_seek such
 /// a scan would see only the seek key's bucket in the memtable.
@@ -237,6 +253,8 @@ impl Engine {
                 // uncompressed anyway) and costs CPU in every flush and
                 // compaction (profiled: snappy ~3 % of an apply run).
                 o.set_compression_type(rocksdb::DBCompressionType::None);
+                o.set_level_zero_file_num_compaction_trigger(DATA_L0_COMPACTION_TRIGGER_FILES);
+                o.set_target_file_size_base(DATA_SST_TARGET_BYTES);
             }
             ColumnFamilyDescriptor::new(name, o)
         };
