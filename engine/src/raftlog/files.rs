@@ -574,9 +574,7 @@ impl LogFiles {
         // append reports it.)
         let mut done = Housekept::default();
         if let Err(e) = self.housekeep(&mut w, &mut done) {
-            let mut st = lock(&self.housekeeping);
-            st.0 += 1;
-            st.1 = Some(e.to_string());
+            super::purge::note_failure(&self.housekeeping, &e);
         }
         // Every Raft write of the node waits behind this one (etcd warns
         // of a slow fdatasync the same way): say which part was slow.
@@ -706,7 +704,7 @@ impl LogFiles {
         }
         let n = doomed.len();
         let paths = doomed.into_iter().map(|seg| segment_path(&self.dir, seg)).collect();
-        self.purger.delete(&self.dir, paths)?;
+        self.purger.delete(paths)?;
         Ok(n)
     }
 

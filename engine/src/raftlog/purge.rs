@@ -28,11 +28,19 @@ use std::thread::JoinHandle;
 /// Housekeeping failures (count, last error), shared with the log.
 pub(crate) type Failures = Arc<Mutex<(u64, Option<String>)>>;
 
+/// Counts a housekeeping failure and keeps it as the last error.
+pub(crate) fn note_failure(failures: &Failures, e: &EngineError) {
+    let mut f = lock(failures);
+    f.0 += 1;
+    f.1 = Some(e.to_string());
+}
+
 /// The thread that deletes purged segments, oldest first. Dropping it
 /// waits for every deletion handed to it: a log reopened in the same
 /// process must not race a deletion of its own files.
 #[derive(Debug)]
 pub(crate) struct Purger {
+    dir: PathBuf,
     tx: Option<Sender<Vec<PathBuf>>>,
     handle: Option<JoinHandle<()>>,
 }
@@ -41,21 +49,20 @@ impl Purger {
     /// Starts the thread for the segments in `dir`.
     pub(crate) fn start(dir: &Path, failures: Failures) -> Result<Purger, EngineError> {
         let (tx, rx) = channel::<Vec<PathBuf>>();
-        let dir = dir.to_path_buf();
+        let thread_dir = dir.to_path_buf();
         let handle = std::thread::Builder::new()
             .name("raft-log-purge".into())
             .spawn(move || {
                 while let Ok(paths) = rx.recv() {
-                    if let Err(e) = delete(&dir, &paths) {
-                        let mut f = lock(&failures);
-                        f.0 += 1;
-                        f.1 = Some(e.to_string());
+                    if let Err(e) = delete(&thread_dir, &paths) {
+                        note_failure(&failures, &e);
                         tracing::warn!(error = %e, "deleting purged Raft log segments failed; the next open deletes them");
                     }
                 }
             })
             .map_err(|e| EngineError::LogIo(format!("starting the Raft log purge thread: {e}")))?;
         Ok(Purger {
+            dir: dir.to_path_buf(),
             tx: Some(tx),
             handle: Some(handle),
         })
@@ -64,10 +71,10 @@ impl Purger {
     /// Hands `paths` (oldest first, all older than any segment handed
     /// over later) to the thread. If the thread is gone, deletes them
     /// here instead.
-    pub(crate) fn delete(&self, dir: &Path, paths: Vec<PathBuf>) -> Result<(), EngineError> {
+    pub(crate) fn delete(&self, paths: Vec<PathBuf>) -> Result<(), EngineError> {
         match self.tx.as_ref().map(|tx| tx.send(paths)) {
             Some(Ok(())) => Ok(()),
-            Some(Err(std::sync::mpsc::SendError(paths))) => delete(dir, &paths),
+            Some(Err(std::sync::mpsc::SendError(paths))) => delete(&self.dir, &paths),
             None => Ok(()),
         }
     }
@@ -105,7 +112,7 @@ mod tests {
         let failures: Failures = Arc::default();
         let purger = Purger::start(dir.path(), Arc::clone(&failures)).unwrap();
         for chunk in paths.chunks(7) {
-            purger.delete(dir.path(), chunk.to_vec()).unwrap();
+            purger.delete(chunk.to_vec()).unwrap();
         }
         drop(purger);
         assert!(paths.iter().all(|p| !p.exists()), "a segment outlived the purger");
@@ -120,9 +127,7 @@ mod tests {
         let failures: Failures = Arc::default();
         let purger = Purger::start(dir.path(), Arc::clone(&failures)).unwrap();
         // "2.seg" does not exist: the batch stops there, before 3.
-        purger
-            .delete(dir.path(), vec![dir.path().join("2.seg"), kept.clone()])
-            .unwrap();
+        purger.delete(vec![dir.path().join("2.seg"), kept.clone()]).unwrap();
         drop(purger);
         assert!(kept.exists());
         let f = lock(&failures);
