@@ -257,7 +257,8 @@ pub struct NodeConfig {
     /// Identifies the cluster on the wire; derived from the initial cluster
     /// unless set.
     pub cluster_id: Option<u64>,
-    /// Data shards created at bootstrap (fixed afterwards). Default 64.
+    /// Data shards created at bootstrap (fixed afterwards). Default:
+    /// [`default_shard_count`] of the initial cluster's size.
     pub shard_count: u64,
     /// Replicas per shard: 1, 3 or 5 (capped at the node count).
     pub replication_factor: usize,
@@ -276,16 +277,49 @@ pub struct NodeConfig {
 /// Shards per cluster, at most (each costs a Raft group on 3 nodes).
 pub const SHARD_COUNT_MAX: u64 = 65_536;
 
+/// Shards a cluster is bootstrapped with when no count is given, per node of
+/// the initial cluster (D59). Why few: every Raft entry, message, fsync'd
+/// log write and applied-index row is paid per shard that has work in a
+/// driver turn, so the appends of one turn spread over fewer shards share
+/// those costs (8 shards against 64 on 3 nodes: -15 % server CPU per append,
+/// +16 % appends/s, docs/benchmarks.md). Why a multiple of the node count:
+/// leaders start evenly spread (4/4/4 on 3 nodes), and a lost or drained
+/// node's leaderships split evenly over the other two (6/6). Going lower
+/// bought nothing measured (6 shards on 3 nodes were no cheaper than 12).
+/// Shards still split by size (D39), so a cluster gains shards as it grows
+/// in data.
+pub const DEFAULT_SHARDS_PER_INITIAL_NODE: u64 = 4;
+/// The default shard count's floor: a one- or two-node cluster still gets
+/// shards to split off and to move when nodes are added.
+pub const DEFAULT_SHARD_COUNT_MIN: u64 = 8;
+/// The default shard count's ceiling (an initial cluster of 64 nodes); more
+/// is a choice for `--shards`.
+pub const DEFAULT_SHARD_COUNT_MAX: u64 = 256;
+
+/// The shard count a cluster of `initial_nodes` is bootstrapped with when
+/// none is given: [`DEFAULT_SHARDS_PER_INITIAL_NODE`] per node, within
+/// [`DEFAULT_SHARD_COUNT_MIN`]..=[`DEFAULT_SHARD_COUNT_MAX`]. Every node of
+/// an initial cluster is given the same member list, so all of them derive
+/// the same count (and a node that derived another would have another
+/// cluster id and be refused on the wire).
+pub fn default_shard_count(initial_nodes: usize) -> u64 {
+    u64::try_from(initial_nodes)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(DEFAULT_SHARDS_PER_INITIAL_NODE)
+        .clamp(DEFAULT_SHARD_COUNT_MIN, DEFAULT_SHARD_COUNT_MAX)
+}
+
 impl NodeConfig {
     /// A config with defaults for `node_id` in `initial_cluster`.
     pub fn new(node_id: u64, data_dir: impl Into<PathBuf>, initial_cluster: InitialCluster) -> Self {
+        let shard_count = default_shard_count(initial_cluster.nodes.len());
         NodeConfig {
             node_id,
             joined: false,
             data_dir: data_dir.into(),
             initial_cluster,
             cluster_id: None,
-            shard_count: 64,
+            shard_count,
             replication_factor: 3,
             raft: RaftTuning::default(),
             engine: pigeonhole_engine::EngineOptions::default(),
@@ -372,6 +406,21 @@ mod tests {
         for bad in ["", "1", "0=a:1", "1=a:1,1=b:2", "x=a:1", "1=a", "1=:80", "1=a:99999"] {
             let e = InitialCluster::parse(bad).unwrap_err().to_string();
             assert!(e.contains("--initial-cluster"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn default_shard_count_is_four_per_initial_node_within_bounds() {
+        let got: Vec<u64> = [0, 1, 2, 3, 5, 16, 64, 65, usize::MAX]
+            .iter()
+            .map(|n| default_shard_count(*n))
+            .collect();
+        assert_eq!(got, vec![8, 8, 8, 12, 20, 64, 256, 256, 256]);
+        let three = InitialCluster::parse("1=a:1,2=b:1,3=c:1").unwrap();
+        for id in three.ids() {
+            let c = NodeConfig::new(id, "/tmp/x", three.clone());
+            assert_eq!(c.shard_count, 12);
+            c.validate().unwrap();
         }
     }
 

@@ -655,6 +655,27 @@ pub(crate) fn check_identity(cfg: &NodeConfig, cluster_id: u64) -> Result<(), Cl
     }
 }
 
+/// The shard count the identity file in `data_dir` pins, if the dir has
+/// one: what a node restarted without `--shards` serves with, so a data dir
+/// bootstrapped under another default (64 before D59) keeps its layout
+/// instead of being refused as another cluster's.
+pub(crate) fn identity_shard_count(data_dir: &Path) -> Result<Option<u64>, ClusterError> {
+    let path = data_dir.join(IDENTITY_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let value = text.lines().find_map(|l| l.strip_prefix("shard_count="));
+    match value.map(str::parse::<u64>) {
+        Some(Ok(n)) => Ok(Some(n)),
+        _ => Err(ClusterError::Config(format!(
+            "{} has no valid shard_count line:\n{text}",
+            path.display()
+        ))),
+    }
+}
+
 pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");

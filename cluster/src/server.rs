@@ -94,7 +94,7 @@ impl ServerConfig {
             data_dir: PathBuf::from("./pigeonhole-data"),
             listen,
             initial_cluster: InitialCluster::single(&listen.to_string()),
-            shard_count: 64,
+            shard_count: crate::config::default_shard_count(1),
             replication_factor: 1,
             api: ApiLimits::default(),
             request_bytes_max: REQUEST_BYTES_MAX,

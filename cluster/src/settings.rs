@@ -306,10 +306,15 @@ impl Settings {
                 cfg.initial_cluster.ids()
             ));
         }
-        if let Some(n) = self.shards {
-            cfg.shard_count = n;
-        }
         let nodes = cfg.initial_cluster.nodes.len();
+        // Unset: the count the data dir was bootstrapped with, or (a new
+        // one) the default for the initial cluster's size (D59).
+        cfg.shard_count = match self.shards {
+            Some(n) => n,
+            None => crate::node::identity_shard_count(&cfg.data_dir)
+                .map_err(|e| format!("shards: {e}"))?
+                .unwrap_or_else(|| crate::config::default_shard_count(nodes)),
+        };
         cfg.replication_factor = self.replication_factor.unwrap_or(if nodes >= 3 { 3 } else { 1 });
         cfg.unsafe_no_fsync = self.unsafe_no_fsync.unwrap_or(false);
         cfg.insecure = self.insecure.unwrap_or(false);
@@ -428,6 +433,44 @@ mod tests {
         assert_eq!(cfg.shard_count, 16, "the flag wins");
         assert_eq!(cfg.listen.port(), 9000, "the file beats the default");
         assert_eq!(cfg.data_dir, PathBuf::from("./pigeonhole-data"), "the default");
+    }
+
+    #[test]
+    fn unset_shards_keep_the_data_dirs_count_or_follow_the_initial_cluster() {
+        let three = "1=127.0.0.1:7071,2=127.0.0.1:7072,3=127.0.0.1:7073";
+        let dir = tempfile::tempdir().unwrap();
+        let settings = |shards: Option<u64>| Settings {
+            data_dir: Some(dir.path().to_path_buf()),
+            initial_cluster: Some(three.into()),
+            listen: Some("127.0.0.1:7071".parse().unwrap()),
+            shards,
+            ..Settings::default()
+        };
+        // A new data dir: 4 per initial node.
+        assert_eq!(settings(None).into_server_config().unwrap().shard_count, 12);
+        assert_eq!(
+            Settings::default().into_server_config().unwrap().shard_count,
+            crate::config::DEFAULT_SHARD_COUNT_MIN,
+            "one node"
+        );
+        // A data dir bootstrapped with 64 (the default before D59), its
+        // identity written by the node's own writer: restarts keep 64.
+        let old = settings(Some(64)).into_server_config().unwrap().initial_node_config();
+        crate::node::check_identity(&old, old.effective_cluster_id()).unwrap();
+        assert_eq!(settings(None).into_server_config().unwrap().shard_count, 64);
+        // ...and then the node's identity check passes with no flag.
+        let again = settings(None).into_server_config().unwrap().initial_node_config();
+        crate::node::check_identity(&again, again.effective_cluster_id()).unwrap();
+        // A flag that disagrees is the operator's, and the identity check
+        // refuses it as before.
+        let other = settings(Some(12)).into_server_config().unwrap().initial_node_config();
+        assert_eq!(other.shard_count, 12);
+        let e = crate::node::check_identity(&other, other.effective_cluster_id()).unwrap_err();
+        assert!(e.to_string().contains("belongs to another node or cluster"), "{e}");
+        // A damaged identity file is named, not guessed around.
+        std::fs::write(dir.path().join("cluster-identity"), "node_id=1\nshard_count=x\n").unwrap();
+        let e = settings(None).into_server_config().unwrap_err();
+        assert!(e.starts_with("shards: ") && e.contains("shard_count"), "{e}");
     }
 
     #[test]

@@ -79,7 +79,9 @@ struct Flags {
     /// Letters, digits, '.', '_', '-'; at most 64 bytes [default: none].
     #[arg(long, env = "PIGEONHOLE_ZONE")]
     zone: Option<String>,
-    /// Data shards, fixed when the cluster is first started, 1 to 65,536 [default: 64].
+    /// Data shards, fixed when the cluster is first started, 1 to 65,536
+    /// [default: the data dir's; a new one, 4 per node of --initial-cluster,
+    /// 8 to 256].
     #[arg(long, env = "PIGEONHOLE_SHARDS")]
     shards: Option<u64>,
     /// Replicas per shard: 1, 3 or 5 [default: 3, or 1 for fewer than 3 nodes].
