@@ -279,6 +279,8 @@ impl LogFiles {
             ..Default::default()
         };
         let newest = kept.last().copied();
+        // The newest segment, if it is removed below as never completed.
+        let mut removed_newest = None;
         for &seg in &kept {
             let path = segment_path(dir, seg);
             let bytes = std::fs::read(&path).map_err(|e| io_err("read", &path, e))?;
@@ -288,6 +290,7 @@ impl LogFiles {
                     // Created but never completed: nothing in it was acknowledged.
                     std::fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
                     recovery.torn_bytes += bytes.len() as u64;
+                    removed_newest = Some(seg);
                     continue;
                 }
                 // Damage: the whole segment is skipped (left on disk, never
@@ -409,10 +412,14 @@ impl LogFiles {
                 .map_err(|e| io_err("fsync", &segment_path(dir, last), e))?;
         }
         // Past every file kept, replayed or not: a skipped segment (a bad
-        // header) stays on disk under its number.
+        // header) stays on disk under its number. A removed unfinished one
+        // is not on disk, and its number is taken again: one past it would
+        // leave a gap, and the next open would take every segment before
+        // the gap for a purge leftover and delete their live entries.
         let seg = kept
-            .last()
+            .iter()
             .copied()
+            .rfind(|s| Some(*s) != removed_newest)
             .max(index.segments.keys().next_back().copied())
             .map_or(1, |s| s + 1);
         let (file, size) = create_segment(dir, seg, &index, options.segment_bytes)?;
