@@ -141,6 +141,11 @@ pub struct RaftTuning {
     /// missed its own removal: it is deleted once that has held this long
     /// (stale-replica GC, `driver::gc`). 0 disables.
     pub stale_replica_after_ms: u64,
+    /// A replica move whose target node has not been heard from for this
+    /// long is cancelled (`moves::MOVE_TARGET_SILENT_MS_MAX`, the default;
+    /// a shorter silence only holds the move). At least
+    /// `peer_down_after_ms`.
+    pub move_target_silent_ms_max: u64,
     /// NOT DURABLE: never fsync the Raft log. An acknowledged write then
     /// survives a process crash (it is in the OS page cache) but not a
     /// machine crash or power loss on a majority. For benchmarks against
@@ -172,6 +177,7 @@ impl Default for RaftTuning {
             placement_every_ticks: 10,
             expire_dedup_every_ticks: 600,
             stale_replica_after_ms: 10_000,
+            move_target_silent_ms_max: crate::moves::MOVE_TARGET_SILENT_MS_MAX,
             unsafe_no_fsync: false,
         }
     }
@@ -195,6 +201,12 @@ impl RaftTuning {
         }
         if self.node_heartbeat_ms == 0 || self.peer_down_after_ms < self.node_heartbeat_ms * 2 {
             return bad("peer_down_after_ms must be at least 2 node heartbeats".into());
+        }
+        if self.move_target_silent_ms_max < self.peer_down_after_ms {
+            return bad(format!(
+                "move_target_silent_ms_max ({}) must be at least peer_down_after_ms ({})",
+                self.move_target_silent_ms_max, self.peer_down_after_ms
+            ));
         }
         if !(1..=4_096).contains(&self.ops_per_entry_max) {
             return bad(format!(

@@ -16,9 +16,13 @@
 //!
 //! A move ends when the shard's record in the metadata group shows it done
 //! (the metadata leader then marks the target DONE), or is cancelled when
-//! its target node stops being up and alive or it outlives
+//! its target node stops being up, goes unheard for
+//! [`MOVE_TARGET_SILENT_MS_MAX`], or the move outlives
 //! [`MOVE_DURATION_MS_MAX`]; a cancelled move's learner is removed by the
-//! shard's leader before the target is marked DONE.
+//! shard's leader before the target is marked DONE. A shorter silence of
+//! the target only holds the move's steps: a node ingesting a large
+//! snapshot is silent for seconds, and calling its move off then would
+//! throw the snapshot away and send the next move's.
 
 use crate::balance::{per_node, plan, plan_leaders, Move, Zones};
 use crate::nodes::NodeState;
@@ -38,6 +42,16 @@ pub const MOVES_MAX_LIMIT: u32 = 64;
 /// A move not over after this long is cancelled (a learner that never
 /// catches up must not hold a shard's moves forever).
 pub const MOVE_DURATION_MS_MAX: u64 = 30 * 60 * 1_000;
+/// A move whose target node has not been heard from for this long is
+/// cancelled (the default of `RaftTuning::move_target_silent_ms_max`). Not the failure detector's second (`peer_down_after_ms`):
+/// a node's heartbeats come from its Raft driver, which is busy for
+/// seconds while it ingests a snapshot of a few hundred MiB (up to 4.4 s
+/// measured with 90 MiB snapshots on a 2-vCPU host), and a move called off
+/// then is started again later with a new snapshot, each one of them
+/// wasted (docs/benchmarks.md, "Snapshots sent again while growing"). A
+/// target that is really gone holds one learner for this long; the
+/// shard's voters are untouched meanwhile.
+pub const MOVE_TARGET_SILENT_MS_MAX: u64 = 30 * 1_000;
 /// A learner that has acknowledged something (a snapshot or appends)
 /// and is within this many entries of the leader's commit index counts
 /// as caught up: under load the commit index moves on while the learner
@@ -187,6 +201,10 @@ pub struct Inputs<'a> {
     pub states: &'a BTreeMap<u64, NodeState>,
     /// Nodes the deciding node hears from (itself included).
     pub alive: &'a BTreeSet<u64>,
+    /// Nodes the deciding node has not heard from for
+    /// `RaftTuning::move_target_silent_ms_max` ([`MOVE_TARGET_SILENT_MS_MAX`]
+    /// by default) or more (never itself): moves to them are called off.
+    pub gone: &'a BTreeSet<u64>,
     pub zones: &'a Zones,
     /// Draining nodes whose replicas stay (a drain of leaderships only);
     /// the replicas of every other draining node are moved away.
@@ -272,7 +290,9 @@ fn settle(t: &Target, s: Option<&ShardView>, inp: &Inputs) -> Option<MoveState> 
             // either state (its promotion swaps the two in one change), and
             // removing `from` now would leave the shard a replica short.
             let overtaken = s.voters.contains(&t.from) == s.voters.contains(&t.to);
-            let target_gone = state_of(inp.states, t.to) != NodeState::Up || !inp.alive.contains(&t.to);
+            // Silent for a moment (not in `alive`) only holds the steps
+            // (`next_step` waits for a target not heard from).
+            let target_gone = state_of(inp.states, t.to) != NodeState::Up || inp.gone.contains(&t.to);
             // A removed source is `node remove --force`'s to rebuild, and
             // a draining one, while the loop is paused, `node drain`'s to
             // move: two movers of one replica could leave the shard a

@@ -51,6 +51,7 @@ fn inputs<'a>(
         shards,
         states,
         alive,
+        gone: &NO_NODES,
         zones: &NO_ZONES,
         sizes: &NO_SIZES,
         keep_replicas: &NO_NODES,
@@ -147,10 +148,12 @@ fn targets_settle_from_the_shard_map() {
         (4, t(4, 4, MoveState::Active)),
     ]);
     let alive_wo4: BTreeSet<u64> = (1..=3).collect();
+    let gone4 = BTreeSet::from([4]);
     let inp = Inputs {
         shards: &s,
         states: &states,
         alive: &alive_wo4,
+        gone: &gone4,
         zones: &Zones::new(),
         sizes: &crate::balance::Sizes::new(),
         keep_replicas: &BTreeSet::new(),
@@ -185,6 +188,15 @@ fn targets_settle_from_the_shard_map() {
         2,
         "cancelled moves stay until their learner is gone and 30 s passed"
     );
+    // Node 4 not heard from for a moment only (busy ingesting a snapshot):
+    // its moves are held, not called off; the finished one still closes.
+    let d = decide(&Inputs { gone: &NO_NODES, ..inp });
+    assert_eq!(
+        targets_of(&d).iter().map(|t| (t.shard, t.state)).collect::<Vec<_>>(),
+        vec![(1, MoveState::Done), (3, MoveState::Done), (4, MoveState::Cancelled)],
+        "a silent target does not cancel its move (4 is overtaken, not silent)"
+    );
+    let inp = Inputs { gone: &NO_NODES, ..inp };
     // Cancelled a moment ago, with no learner in the map yet (its
     // AddLearner may still land): not closed yet.
     let just = BTreeMap::from([(
@@ -258,6 +270,7 @@ fn the_loop_reaches_balance_with_zones() {
             shards: &s,
             states: &states,
             alive: &alive,
+            gone: &NO_NODES,
             zones: &zones,
             sizes: &crate::balance::Sizes::new(),
             keep_replicas: &BTreeSet::new(),
@@ -342,6 +355,7 @@ fn even_preferred_leaders_are_left_alone_and_stale_ones_replaced() {
             shards: s,
             states: &states,
             alive: &alive,
+            gone: &NO_NODES,
             zones: &Zones::new(),
             sizes: &crate::balance::Sizes::new(),
             keep_replicas: &BTreeSet::new(),
@@ -556,6 +570,7 @@ fn unowned_learners_are_removed_and_versions_chain_within_a_round() {
         shards: &s,
         states: &states,
         alive: &alive,
+        gone: &NO_NODES,
         zones: &Zones::new(),
         sizes: &crate::balance::Sizes::new(),
         keep_replicas: &BTreeSet::new(),

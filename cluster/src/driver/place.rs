@@ -135,6 +135,12 @@ impl Driver {
             }
         }
         let alive: BTreeSet<u64> = states.keys().copied().filter(|n| self.hears_from(*n)).collect();
+        let silent_max = Duration::from_millis(self.tuning.move_target_silent_ms_max);
+        let gone: BTreeSet<u64> = states
+            .keys()
+            .copied()
+            .filter(|n| *n != self.node_id && self.peers.get(n).is_none_or(|p| p.last_seen.elapsed() >= silent_max))
+            .collect();
         let config_value = self
             .engine
             .system_scan(META_SHARD, moves::PLACEMENT_CONFIG_KEY, 1)?
@@ -167,6 +173,7 @@ impl Driver {
             shards: &shards,
             states: &states,
             alive: &alive,
+            gone: &gone,
             zones: &zones,
             keep_replicas: &keep_replicas,
             sizes: &sizes,

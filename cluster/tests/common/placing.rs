@@ -17,6 +17,10 @@ pub fn placing() -> RaftTuning {
         // goes within a second or so (D37), well inside the harness's
         // 10 s waits for one leader per shard.
         stale_replica_after_ms: 1_000,
+        // A move to a node stopped by a test is called off within seconds
+        // (30 s by default, so a node busy ingesting a large snapshot
+        // keeps its move).
+        move_target_silent_ms_max: 2_000,
         ..fast_tuning()
     }
 }

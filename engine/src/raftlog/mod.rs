@@ -308,9 +308,18 @@ impl raft::Storage for RaftLogStore {
     /// The snapshot is the shard's applied state. Its metadata is returned
     /// here; its contents are streamed by the node with
     /// [`Engine::export_snapshot`].
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    ///
+    /// Temporarily unavailable (raft-rs asks again later) until the applied
+    /// state's configuration holds `to`: a leader adds a learner to its
+    /// progress set when the conf change is committed, before the state
+    /// machine has applied it, and a snapshot without the learner in its
+    /// configuration is ignored by the learner's raft-rs after the whole
+    /// state was streamed and ingested.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let meta = match self.applied_meta().map_err(store_err)? {
-            Some(m) if m.state == ShardState::Ready && m.applied_index >= request_index => m,
+            Some(m) if m.state == ShardState::Ready && m.applied_index >= request_index && holds(&m.conf_state, to) => {
+                m
+            }
             _ => return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
         };
         let mut snap = Snapshot::default();
@@ -323,6 +332,14 @@ impl raft::Storage for RaftLogStore {
         snap.data = data.into();
         Ok(snap)
     }
+}
+
+/// Whether `node` is in `cs`, as a voter or learner on either side of a
+/// joint configuration (raft-rs's own test before it restores a snapshot).
+fn holds(cs: &raft::eraftpb::ConfState, node: u64) -> bool {
+    [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next]
+        .iter()
+        .any(|ids| ids.contains(&node))
 }
 
 /// One shard's part of a [`RaftBatch`].
