@@ -171,6 +171,7 @@ impl Driver {
                 }
                 self.wake(shard, true);
             }
+            Inbound::SnapshotIngested { shard } => self.finish_ingest(shard)?,
             Inbound::Flushed { applied, ok } => self.on_flushed(applied, ok),
             Inbound::Stop => return Ok(false),
         }

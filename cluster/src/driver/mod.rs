@@ -45,7 +45,8 @@
 //! - `applier`: the apply worker, a thread of its own that writes committed
 //!   entries into the state machine and answers the callers;
 //! - `flush`: making applied state durable so the log can be compacted;
-//! - `snapshot`: crash repair at start, replica creation, ingest, sending;
+//! - `snapshot`: crash repair at start, replica creation, ingest (on a
+//!   thread of its own, so the node's other shards do not wait), sending;
 //! - `gc`: deleting replicas of shards that removed this node while it was
 //!   away (stale-replica GC);
 //! - `split`: creating a split's new shard here, and the node's shard map
@@ -244,6 +245,9 @@ pub(crate) struct Driver {
     /// Replicas catching up after storage damage, which do not vote
     /// (`catchup`, D49).
     catching_up: BTreeMap<u64, catchup::CatchUp>,
+    /// Replicas whose received snapshot is being ingested on a thread of
+    /// its own, taken out of `replicas` meanwhile (`snapshot`).
+    ingests: BTreeMap<u64, snapshot::Ingest>,
 }
 
 /// What ended the driver's wait.
@@ -344,6 +348,7 @@ impl Driver {
             watchers,
             counters,
             catching_up: BTreeMap::new(),
+            ingests: BTreeMap::new(),
         };
         d.catching_up = d.load_catch_up()?;
         let ids = d.engine.shard_ids()?;
@@ -455,6 +460,9 @@ impl Driver {
                 next_hb = now + hb;
             }
             if now >= next_tick {
+                // An ingest whose wake-up could not be delivered is still
+                // collected.
+                self.finish_ingests()?;
                 self.tick();
                 self.collect_stale_replicas()?;
                 next_tick += tick;
@@ -546,6 +554,9 @@ impl Driver {
 
     /// Fails every waiter on stop.
     pub(crate) fn shutdown(&mut self) {
+        // Ingests running finish first (their replicas are failed below
+        // with the others; one cut short is re-run at the next start).
+        self.join_ingests();
         // What the worker was handed is applied and answered first.
         self.applier.stop();
         if let Some(job) = self.flush_job.take() {
@@ -577,6 +588,7 @@ impl Drop for Driver {
         if let Some(job) = self.flush_job.take() {
             job.join();
         }
+        self.join_ingests();
     }
 }
 

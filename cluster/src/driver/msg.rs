@@ -68,6 +68,11 @@ pub(crate) enum Inbound {
         to: u64,
         ok: bool,
     },
+    /// A snapshot ingest running on a thread of its own finished
+    /// (`snapshot::Ingest`); the driver collects it.
+    SnapshotIngested {
+        shard: u64,
+    },
     /// The state machine was flushed (`ok`): these (shard, applied index)
     /// pairs, taken before the flush began, are durable.
     Flushed {

@@ -3,6 +3,16 @@
 //! replica a leader is sending to, ingesting a spooled snapshot before
 //! raft-rs may step past it, and handing outgoing snapshots to the
 //! transport.
+//!
+//! An ingest runs on a thread of its own ([`Ingest`]), as TiKV applies
+//! snapshots on a region worker: it writes a whole shard (hundreds of MiB
+//! when a shard moves) and took the driver, and so every shard of the node
+//! and its heartbeats, for over a second per snapshot (up to 4.4 s in a
+//! growing cluster, D60). Meanwhile the replica is out of the driver's
+//! `replicas`: nothing steps, ticks, proposes to, applies to, compacts or
+//! deletes it, and a message for it is dropped (raft-rs re-sends). Its
+//! MsgSnapshot is stepped when the ingest is collected, as before, only
+//! if the engine then holds the snapshot's state.
 
 use super::replica::is_member;
 use super::{raft_err, Driver, Inbound};
@@ -12,8 +22,22 @@ use crate::transport::{spool, SnapshotJob};
 use pigeonhole_engine::raft::eraftpb::{Message, MessageType, SnapshotMetadata};
 use pigeonhole_engine::raft::Storage as _;
 use pigeonhole_engine::{Durability, RaftBatch, ShardState, SNAPSHOT_DATA_MAGIC};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// A snapshot ingest running on its own thread, and the replica it is for
+/// (out of the driver's `replicas` until the ingest is collected).
+pub(super) struct Ingest {
+    pub(super) replica: super::replica::Replica,
+    msg: Message,
+    path: PathBuf,
+    handle: std::thread::JoinHandle<Result<(), ClusterError>>,
+    /// Set when the driver stops: the thread gives up handing its wake-up
+    /// to an inbox nobody reads any more.
+    stop: Arc<AtomicBool>,
+}
 
 impl Driver {
     /// Repairs what a crash can leave: a snapshot ingest cut short (re-run
@@ -103,6 +127,10 @@ impl Driver {
         if !from_leader || (shard != META_SHARD && self.map.shard(shard).is_none()) {
             return Ok(false);
         }
+        // Its replica is out of `replicas` while a snapshot is ingested.
+        if self.ingests.contains_key(&shard) {
+            return Ok(false);
+        }
         // A replica removed here whose data is not deleted yet (the apply
         // worker still holds its last entries): the leader asks again.
         if self.gc_after.contains_key(&shard) {
@@ -126,9 +154,11 @@ impl Driver {
         Ok(true)
     }
 
-    /// Ingests a spooled snapshot, then steps raft-rs's MsgSnapshot. The
-    /// message is stepped only if the engine now holds state at least as new
-    /// as the snapshot, so raft-rs never moves past state the engine lacks.
+    /// Starts ingesting a spooled snapshot on a thread of its own
+    /// ([`Ingest`]); [`Driver::finish_ingest`] then steps raft-rs's
+    /// MsgSnapshot. The message is stepped only if the engine holds state
+    /// at least as new as the snapshot, so raft-rs never moves past state
+    /// the engine lacks.
     pub(super) fn on_snapshot(
         &mut self,
         _from: u64,
@@ -143,6 +173,12 @@ impl Driver {
             let _ = std::fs::remove_file(path);
             return Ok(());
         }
+        // One ingest per shard at a time; the leader sends another if this
+        // one is still needed after it.
+        if self.ingests.contains_key(&shard) {
+            let _ = std::fs::remove_file(path);
+            return Ok(());
+        }
         if !self.replicas.contains_key(&shard) && !self.maybe_create(shard, &msg)? {
             let _ = std::fs::remove_file(path);
             return Ok(());
@@ -151,35 +187,143 @@ impl Driver {
         // before the ingest replaces its state.
         self.wait_applied(shard)?;
         let applied = self.engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
-        if applied < md_index {
-            if let Err(e) = self.ingest_file(shard, path) {
-                let torn = self
-                    .engine
-                    .shard_meta(shard)?
-                    .is_some_and(|m| m.state == ShardState::Ingesting);
-                if torn {
-                    // The old state is gone and the new one is not all in:
-                    // this replica cannot serve. Stop loudly, and KEEP the
-                    // spooled file: the next start re-runs the ingest from it
-                    // (`recover_shard`), which repairs a transient failure
-                    // (an I/O error); if the file fails again (damaged), the
-                    // start empties the replica to catch up from its leader.
-                    return Err(e);
-                }
-                // Refused before anything changed (e.g. older than our
-                // state): drop it; the leader sends another if still needed.
-                let _ = std::fs::remove_file(path);
-                return Ok(());
-            }
-            // Any mailbox of the shard may have changed.
-            self.watchers.shard_reset(shard);
-            // The ingest flushed what it wrote.
-            if let Some(r) = self.replicas.get_mut(&shard) {
-                r.durable_applied = r.durable_applied.max(md_index);
-            }
-        } else {
+        if applied >= md_index {
             let _ = std::fs::remove_file(path);
+            return self.step_snapshot(shard, md_index, msg);
         }
+        let Some(replica) = self.replicas.remove(&shard) else {
+            let _ = std::fs::remove_file(path);
+            return Ok(());
+        };
+        let (engine, spool, tx) = (self.engine.clone(), Arc::clone(&self.spool), self.tx.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let file = path.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name(format!("ingest-{shard}"))
+            .spawn(move || {
+                #[cfg(test)]
+                hold_for_test();
+                let done = ingest_file(&engine, &spool, shard, &file);
+                // Only a wake-up: the driver also looks for finished ingests
+                // every tick, so one that cannot be delivered is not lost.
+                let mut wake = Inbound::SnapshotIngested { shard };
+                while !stopping.load(Ordering::Relaxed) {
+                    match tx.try_send(wake) {
+                        Ok(()) | Err(crossbeam_channel::TrySendError::Disconnected(_)) => break,
+                        Err(crossbeam_channel::TrySendError::Full(m)) => {
+                            wake = m;
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                done
+            });
+        match spawned {
+            Ok(handle) => {
+                self.ingests.insert(
+                    shard,
+                    Ingest {
+                        replica,
+                        msg,
+                        path: path.to_path_buf(),
+                        handle,
+                        stop,
+                    },
+                );
+            }
+            Err(e) => {
+                // No thread: the replica stays as it was, the snapshot is
+                // dropped, and the leader sends another.
+                self.replicas.insert(shard, replica);
+                let _ = std::fs::remove_file(path);
+                tracing::warn!(shard, error = %e, "could not start a snapshot ingest thread");
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects every ingest whose thread has finished.
+    pub(super) fn finish_ingests(&mut self) -> Result<(), ClusterError> {
+        let done: Vec<u64> = self
+            .ingests
+            .iter()
+            .filter(|(_, i)| i.handle.is_finished())
+            .map(|(s, _)| *s)
+            .collect();
+        for shard in done {
+            self.finish_ingest(shard)?;
+        }
+        Ok(())
+    }
+
+    /// Collects `shard`'s ingest (waiting for its thread if it is still
+    /// running): the replica goes back to `replicas`, and on success the
+    /// snapshot's MsgSnapshot is stepped. A failure that left the shard
+    /// half replaced is fatal, as it always was: the spooled file is kept,
+    /// and the next start re-runs the ingest from it (`recover_shard`).
+    pub(super) fn finish_ingest(&mut self, shard: u64) -> Result<(), ClusterError> {
+        let Some(job) = self.ingests.remove(&shard) else {
+            return Ok(()); // collected already (a tick, or a second wake-up)
+        };
+        let Ingest {
+            replica,
+            msg,
+            path,
+            handle,
+            stop: _,
+        } = job;
+        self.replicas.insert(shard, replica);
+        let done = handle.join().unwrap_or_else(|_| {
+            Err(ClusterError::Raft(format!(
+                "shard {shard}: the snapshot ingest thread panicked"
+            )))
+        });
+        let md_index = msg.get_snapshot().get_metadata().index;
+        if let Err(e) = done {
+            let torn = self
+                .engine
+                .shard_meta(shard)?
+                .is_some_and(|m| m.state == ShardState::Ingesting);
+            if torn {
+                // The old state is gone and the new one is not all in:
+                // this replica cannot serve. Stop loudly, and KEEP the
+                // spooled file: the next start re-runs the ingest from it
+                // (`recover_shard`), which repairs a transient failure
+                // (an I/O error); if the file fails again (damaged), the
+                // start empties the replica to catch up from its leader.
+                return Err(e);
+            }
+            // Refused before anything changed (e.g. older than our
+            // state): drop it; the leader sends another if still needed.
+            let _ = std::fs::remove_file(&path);
+            self.wake(shard, true);
+            return Ok(());
+        }
+        // Any mailbox of the shard may have changed.
+        self.watchers.shard_reset(shard);
+        // The ingest flushed what it wrote.
+        if let Some(r) = self.replicas.get_mut(&shard) {
+            r.durable_applied = r.durable_applied.max(md_index);
+        }
+        self.step_snapshot(shard, md_index, msg)
+    }
+
+    /// Waits for every ingest still running (the driver stops) and puts
+    /// their replicas back, without stepping their snapshots: one that
+    /// finished is stepped again from the leader's next send, one cut
+    /// short is re-run at the next start.
+    pub(super) fn join_ingests(&mut self) {
+        for (shard, job) in std::mem::take(&mut self.ingests) {
+            job.stop.store(true, Ordering::Relaxed);
+            let _ = job.handle.join();
+            self.replicas.insert(shard, job.replica);
+        }
+    }
+
+    /// Steps a snapshot's MsgSnapshot into raft-rs once the engine holds
+    /// state at least as new as it.
+    fn step_snapshot(&mut self, shard: u64, md_index: u64, msg: Message) -> Result<(), ClusterError> {
         let applied = self.engine.shard_meta(shard)?.map_or(0, |m| m.applied_index);
         if applied >= md_index {
             self.wake(shard, true);
@@ -191,38 +335,7 @@ impl Driver {
     }
 
     pub(super) fn ingest_file(&self, shard: u64, path: &std::path::Path) -> Result<(), ClusterError> {
-        let started = std::time::Instant::now();
-        let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
-        let done = self.ingest_spooled(shard, path);
-        crate::metrics::snapshot_ingested(done.is_ok(), bytes, started.elapsed());
-        done
-    }
-
-    fn ingest_spooled(&self, shard: u64, path: &std::path::Path) -> Result<(), ClusterError> {
-        let mut ingest = self.engine.ingest_snapshot(shard)?;
-        let mut done = false;
-        let mut failure: Option<ClusterError> = None;
-        spool::read_chunks(path, |chunk| match ingest.push(&chunk) {
-            Ok(s) => {
-                done = s.is_some();
-                Ok(())
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                failure = Some(e.into());
-                Err(std::io::Error::other(msg))
-            }
-        })
-        .map_err(|e| failure.take().unwrap_or(ClusterError::Io(e)))?;
-        if !done {
-            return Err(ClusterError::Io(std::io::Error::other(
-                "spooled snapshot has no last chunk",
-            )));
-        }
-        // The shard is whole again and durable (the last push fsyncs): no
-        // spooled file of it is needed for recovery any more.
-        self.spool.remove_all(shard)?;
-        Ok(())
+        ingest_file(&self.engine, &self.spool, shard, path)
     }
 
     pub(super) fn send_snapshot(&mut self, shard: u64, msg: Message) {
@@ -252,4 +365,67 @@ impl Driver {
             }),
         });
     }
+}
+
+/// Test builds only: an ingest thread waits here (at most 10 s) while a
+/// test holds the gate, so a test can look at the driver mid-ingest.
+#[cfg(test)]
+pub(super) static INGEST_GATE: std::sync::Mutex<Option<crossbeam_channel::Receiver<()>>> = std::sync::Mutex::new(None);
+
+#[cfg(test)]
+fn hold_for_test() {
+    let gate = INGEST_GATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(rx) = gate {
+        let _ = rx.recv_timeout(Duration::from_secs(10));
+    }
+}
+
+/// Ingests the spooled snapshot at `path` into `shard`, counted in the
+/// snapshot metrics.
+fn ingest_file(
+    engine: &pigeonhole_engine::Engine,
+    spool: &crate::transport::SnapshotSpool,
+    shard: u64,
+    path: &std::path::Path,
+) -> Result<(), ClusterError> {
+    let started = std::time::Instant::now();
+    let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+    let done = ingest_spooled(engine, spool, shard, path);
+    crate::metrics::snapshot_ingested(done.is_ok(), bytes, started.elapsed());
+    done
+}
+
+fn ingest_spooled(
+    engine: &pigeonhole_engine::Engine,
+    spool: &crate::transport::SnapshotSpool,
+    shard: u64,
+    path: &std::path::Path,
+) -> Result<(), ClusterError> {
+    let mut ingest = engine.ingest_snapshot(shard)?;
+    let mut done = false;
+    let mut failure: Option<ClusterError> = None;
+    spool::read_chunks(path, |chunk| match ingest.push(&chunk) {
+        Ok(s) => {
+            done = s.is_some();
+            Ok(())
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            failure = Some(e.into());
+            Err(std::io::Error::other(msg))
+        }
+    })
+    .map_err(|e| failure.take().unwrap_or(ClusterError::Io(e)))?;
+    if !done {
+        return Err(ClusterError::Io(std::io::Error::other(
+            "spooled snapshot has no last chunk",
+        )));
+    }
+    // The shard is whole again and durable (the last push fsyncs): no
+    // spooled file of it is needed for recovery any more.
+    spool.remove_all(shard)?;
+    Ok(())
 }

@@ -15,8 +15,15 @@ pub struct DriverCounters {
 
 impl Driver {
     pub(super) fn status(&self) -> Vec<ShardStatus> {
-        self.replicas
+        // Replicas ingesting a snapshot are out of `replicas` meanwhile,
+        // but still this node's.
+        let mut all: Vec<(&u64, &super::replica::Replica)> = self
+            .replicas
             .iter()
+            .chain(self.ingests.iter().map(|(s, i)| (s, &i.replica)))
+            .collect();
+        all.sort_unstable_by_key(|(s, _)| **s);
+        all.into_iter()
             .map(|(shard, r)| {
                 let raft = &r.raw.raft;
                 let conf = raft.prs().conf().to_conf_state();

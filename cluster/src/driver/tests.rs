@@ -275,3 +275,70 @@ fn a_replica_removed_before_a_restart_is_deleted_at_start() {
     // The node's own replicas are untouched.
     assert!(d.engine.shard_meta(1).unwrap().is_some());
 }
+
+/// A received snapshot is ingested on a thread of its own: while it runs
+/// (held at the test gate), the replica is out of the driver's hands and
+/// the driver goes on serving the node's other shards; once it finishes,
+/// the replica is back and holds the snapshot's state.
+#[test]
+fn a_snapshot_is_ingested_off_the_driver_while_other_shards_go_on() {
+    const SNAP_INDEX: u64 = 40;
+    let (_dir, mut d) = driver(RaftTuning::default());
+    settle(&mut d);
+    // The snapshot: shard 1's state at index 40 from another engine,
+    // spooled as the transport spools what a leader streams.
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = Engine::open(src_dir.path().join("db"), EngineOptions::default()).unwrap();
+    src.bootstrap_shard(1, conf_state_with_voters(&[1]), SNAP_INDEX, 7)
+        .unwrap();
+    let mut w = d.spool.begin(2, 1).unwrap();
+    src.export_snapshot(1, 1 << 10, |chunk| {
+        w.write_chunk(&chunk.encode())
+            .map_err(|e| pigeonhole_engine::EngineError::InvalidCall(e.to_string()))
+    })
+    .unwrap();
+    let (_, _, path) = w.finish().unwrap();
+    let mut msg = pigeonhole_engine::raft::eraftpb::Message::default();
+    msg.set_msg_type(pigeonhole_engine::raft::eraftpb::MessageType::MsgSnapshot);
+    (msg.from, msg.to, msg.term) = (2, 1, 7);
+    let mut data = pigeonhole_engine::SNAPSHOT_DATA_MAGIC.to_vec();
+    data.extend_from_slice(&1u64.to_be_bytes());
+    let snap = msg.mut_snapshot();
+    snap.data = data.into();
+    let md = snap.mut_metadata();
+    (md.index, md.term) = (SNAP_INDEX, 7);
+    md.set_conf_state(conf_state_with_voters(&[1]));
+
+    let (release, gate) = crossbeam_channel::bounded::<()>(1);
+    *super::snapshot::INGEST_GATE.lock().unwrap() = Some(gate);
+    let started = Instant::now();
+    d.on_snapshot(2, 1, &path, msg).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the driver waited for the ingest: {:?}",
+        started.elapsed()
+    );
+    assert!(d.ingests.contains_key(&1) && !d.replicas.contains_key(&1));
+    assert!(
+        d.status().iter().any(|s| s.shard == 1),
+        "an ingesting replica is still reported"
+    );
+    // Shard 2 is served meanwhile.
+    let mut a = propose(&mut d, 2, vec![append_op("a")]);
+    settle(&mut d);
+    assert!(a.try_recv().unwrap().is_ok(), "shard 2 answered during the ingest");
+    assert!(d.ingests.contains_key(&1), "still held at the gate");
+    assert!(d.engine.shard_meta(1).unwrap().unwrap().applied_index < SNAP_INDEX);
+
+    release.send(()).unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while d.ingests.contains_key(&1) {
+        assert!(Instant::now() < until, "the ingest was not collected");
+        if let Ok(m) = d.rx.recv_timeout(Duration::from_millis(100)) {
+            assert!(d.handle(m).unwrap());
+        }
+    }
+    assert!(d.replicas.contains_key(&1), "the replica is back");
+    assert_eq!(d.engine.shard_meta(1).unwrap().unwrap().applied_index, SNAP_INDEX);
+    assert!(d.replicas[&1].durable_applied >= SNAP_INDEX);
+}
