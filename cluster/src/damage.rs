@@ -15,7 +15,9 @@
 //!    written durably, and the process restarts itself (exec of its own
 //!    binary with the same arguments: the same pid, so a supervisor sees
 //!    no exit, and every file, lock and socket is closed on exec). At the
-//!    open, damage RocksDB reports is marked the same way.
+//!    open, damage RocksDB reports is marked the same way, and so is damage
+//!    the start's own reads find after the open (`Node::start` then starts
+//!    once more).
 //! 2. At the start, with the marker present ([`rebuild_if_marked`]): every
 //!    entry of `db/` but `raft-log/` moves to `damaged-<unix ms>/` in the
 //!    data dir (kept for a post-mortem; the operator deletes it), and a

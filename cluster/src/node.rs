@@ -109,7 +109,30 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// Opens (or bootstraps) the node and starts its driver.
+    ///
+    /// Damage RocksDB's open does not see (a data block, read only when
+    /// the start itself reads a shard's rows) is marked like damage found
+    /// at the open, and the start is made once more, which rebuilds the
+    /// state machine from the peers (D50), or, with no peers to rebuild
+    /// from, says so. Once only: damage found again right after a rebuild
+    /// is returned.
     pub fn start(cfg: NodeConfig, transport: Arc<dyn Transport>) -> Result<Node, ClusterError> {
+        match Self::start_once(cfg.clone(), Arc::clone(&transport)) {
+            Err(ClusterError::Engine(e)) if e.is_state_damage() => {
+                // Everything the first start opened is closed by now.
+                tracing::error!(
+                    damage = %e,
+                    "the state machine's files are damaged (found while starting): they are moved aside and \
+                     every replica here is rebuilt from its peers"
+                );
+                crate::damage::mark(&cfg.data_dir, &e.to_string())?;
+                Self::start_once(cfg, transport)
+            }
+            other => other,
+        }
+    }
+
+    fn start_once(cfg: NodeConfig, transport: Arc<dyn Transport>) -> Result<Node, ClusterError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir)?;
         if cfg.data_dir.join(crate::restore::RESTORE_MARKER).exists() {
