@@ -23,7 +23,6 @@ use pigeonhole_engine::raft::eraftpb::{Message, MessageType, SnapshotMetadata};
 use pigeonhole_engine::raft::Storage as _;
 use pigeonhole_engine::{Durability, RaftBatch, ShardState, SNAPSHOT_DATA_MAGIC};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,9 +33,6 @@ pub(super) struct Ingest {
     msg: Message,
     path: PathBuf,
     handle: std::thread::JoinHandle<Result<(), ClusterError>>,
-    /// Set when the driver stops: the thread gives up handing its wake-up
-    /// to an inbox nobody reads any more.
-    stop: Arc<AtomicBool>,
 }
 
 impl Driver {
@@ -196,8 +192,6 @@ impl Driver {
             return Ok(());
         };
         let (engine, spool, tx) = (self.engine.clone(), Arc::clone(&self.spool), self.tx.clone());
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
         let file = path.to_path_buf();
         let spawned = std::thread::Builder::new()
             .name(format!("ingest-{shard}"))
@@ -205,18 +199,10 @@ impl Driver {
                 #[cfg(test)]
                 hold_for_test();
                 let done = ingest_file(&engine, &spool, shard, &file);
-                // Only a wake-up: the driver also looks for finished ingests
-                // every tick, so one that cannot be delivered is not lost.
-                let mut wake = Inbound::SnapshotIngested { shard };
-                while !stopping.load(Ordering::Relaxed) {
-                    match tx.try_send(wake) {
-                        Ok(()) | Err(crossbeam_channel::TrySendError::Disconnected(_)) => break,
-                        Err(crossbeam_channel::TrySendError::Full(m)) => {
-                            wake = m;
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                    }
-                }
+                // Only a wake-up, never waited for: with the inbox full (or
+                // the driver gone) the driver's next tick finds the thread
+                // finished (`finish_ingests`).
+                let _ = tx.try_send(Inbound::SnapshotIngested { shard });
                 done
             });
         match spawned {
@@ -228,7 +214,6 @@ impl Driver {
                         msg,
                         path: path.to_path_buf(),
                         handle,
-                        stop,
                     },
                 );
             }
@@ -271,7 +256,6 @@ impl Driver {
             msg,
             path,
             handle,
-            stop: _,
         } = job;
         self.replicas.insert(shard, replica);
         let done = handle.join().unwrap_or_else(|_| {
@@ -315,7 +299,6 @@ impl Driver {
     /// short is re-run at the next start.
     pub(super) fn join_ingests(&mut self) {
         for (shard, job) in std::mem::take(&mut self.ingests) {
-            job.stop.store(true, Ordering::Relaxed);
             let _ = job.handle.join();
             self.replicas.insert(shard, job.replica);
         }
