@@ -59,7 +59,8 @@ pub use heads::{HEAD_ROW_EVERY_APPENDS, HEAD_ROW_EVERY_APPENDS_MAX};
 pub use library::{rocksdb_library, RocksDbLibrary};
 pub use limits::{mailbox_fingerprint, Limits, DEDUP_WINDOW_MS_MAX, RETAIN_MAILBOXES_MAX, RETAIN_MESSAGES_MAX};
 pub use raftlog::{
-    conf_state_with_voters, LogFilesOptions, LogRecovery, LogStats, RaftBatch, RaftLogStore, SNAPSHOT_DATA_MAGIC,
+    conf_state_holds, conf_state_with_voters, LogFilesOptions, LogRecovery, LogStats, RaftBatch, RaftLogStore,
+    SNAPSHOT_DATA_MAGIC,
 };
 pub use read::{Cursors, MailboxInfo, ReadMessage, SyncPage, SyncQuery, SystemValue};
 pub use records::{HashRange, ShardMeta, ShardState};

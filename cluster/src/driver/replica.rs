@@ -182,10 +182,7 @@ pub(super) fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
 /// voters (and the learners to be) still count: removing the replica then
 /// would take a vote the old majority still needs.
 pub(super) fn is_member(cs: &ConfState, node: u64) -> bool {
-    cs.voters.contains(&node)
-        || cs.learners.contains(&node)
-        || cs.voters_outgoing.contains(&node)
-        || cs.learners_next.contains(&node)
+    pigeonhole_engine::conf_state_holds(cs, node)
 }
 
 /// A leader that applied its own removal steps down at once, as etcd's

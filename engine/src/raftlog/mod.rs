@@ -317,7 +317,11 @@ impl raft::Storage for RaftLogStore {
     /// state was streamed and ingested.
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let meta = match self.applied_meta().map_err(store_err)? {
-            Some(m) if m.state == ShardState::Ready && m.applied_index >= request_index && holds(&m.conf_state, to) => {
+            Some(m)
+                if m.state == ShardState::Ready
+                    && m.applied_index >= request_index
+                    && conf_state_holds(&m.conf_state, to) =>
+            {
                 m
             }
             _ => return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
@@ -336,7 +340,7 @@ impl raft::Storage for RaftLogStore {
 
 /// Whether `node` is in `cs`, as a voter or learner on either side of a
 /// joint configuration (raft-rs's own test before it restores a snapshot).
-fn holds(cs: &raft::eraftpb::ConfState, node: u64) -> bool {
+pub fn conf_state_holds(cs: &ConfState, node: u64) -> bool {
     [&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next]
         .iter()
         .any(|ids| ids.contains(&node))
