@@ -33,6 +33,7 @@ mod codec;
 pub mod decoders;
 mod engine;
 mod error;
+mod format;
 mod heads;
 pub mod keys;
 mod library;
@@ -51,10 +52,10 @@ mod txn;
 pub use apply::{ApplyEntry, EntryKind, EntryOutcome, OpOutput};
 pub use catchup::CATCH_UP_REASON_BYTES_MAX;
 pub use engine::{
-    Durability, Engine, EngineOptions, DEDUP_PREFETCH_MIN_APPENDS_DEFAULT, FORMAT_VERSION,
-    HEADS_CACHED_PER_SHARD_DEFAULT,
+    Durability, Engine, EngineOptions, DEDUP_PREFETCH_MIN_APPENDS_DEFAULT, HEADS_CACHED_PER_SHARD_DEFAULT,
 };
 pub use error::{EngineError, HexKey, OpError, ReadError};
+pub use format::FORMAT_VERSION;
 pub use heads::{HEAD_ROW_EVERY_APPENDS, HEAD_ROW_EVERY_APPENDS_MAX};
 pub use library::{rocksdb_library, RocksDbLibrary};
 pub use limits::{mailbox_fingerprint, Limits, DEDUP_WINDOW_MS_MAX, RETAIN_MAILBOXES_MAX, RETAIN_MESSAGES_MAX};
