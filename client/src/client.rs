@@ -24,10 +24,12 @@ mod nodes;
 
 pub use auth::{Conn, Credentials};
 pub use namespaces::retry_delay;
+mod learn;
+mod shards;
 
 use crate::coalesce::{CoalesceConfig, Coalescer};
-use crate::error::{is_retryable, status_detail, Error};
-use crate::routing::{Routing, ShardRoute};
+use crate::error::{is_retryable, Error};
+use crate::routing::Routing;
 use crate::subscription::{self, Subscription};
 use pigeonhole_proto::v1 as pb;
 use pigeonhole_proto::v1::admin_client::AdminClient;
@@ -38,7 +40,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 /// How long a node that failed at the connection level is tried last.
 pub const NODE_SUSPECT_MS: u64 = 1_000;
@@ -339,127 +341,6 @@ impl Client {
         Ok(AdminClient::with_interceptor(self.channel(&addr)?, self.credentials()))
     }
 
-    /// Re-reads the shard map from any node that answers (known nodes
-    /// first, then the seed endpoints).
-    pub async fn refresh(&self) -> Result<(), Error> {
-        *lock(&self.inner.last_refresh) = Some(Instant::now());
-        let mut candidates: Vec<String> = lock(&self.inner.routing).nodes.values().cloned().collect();
-        for e in &self.inner.config.endpoints {
-            let e = normalize(e);
-            if !candidates.contains(&e) {
-                candidates.push(e);
-            }
-        }
-        // Start at a random candidate, so many clients do not all ask one node.
-        let n = candidates.len();
-        let start = rand::thread_rng().gen_range(0..n.max(1));
-        candidates.rotate_left(start.min(n));
-        let mut last = String::from("no candidates");
-        for addr in candidates {
-            let mut admin = AdminClient::with_interceptor(self.channel(&addr)?, self.credentials());
-            let mut req = Request::new(pb::GetShardMapRequest {});
-            req.set_timeout(self.inner.config.attempt_timeout);
-            let answer = tokio::time::timeout(self.inner.config.attempt_timeout, admin.get_shard_map(req)).await;
-            match answer {
-                Ok(Ok(m)) => match Routing::from_map(m.get_ref()) {
-                    Ok(r) => {
-                        *lock(&self.inner.routing) = r;
-                        return Ok(());
-                    }
-                    Err(e) => last = format!("{addr}: {e}"),
-                },
-                Ok(Err(s)) => last = format!("{addr}: {} ({:?})", s.message(), s.code()),
-                Err(_) => last = format!("{addr}: timed out"),
-            }
-        }
-        Err(Error::NoEndpoint(last))
-    }
-
-    /// Refreshes the map unless that was done very recently.
-    pub(crate) async fn maybe_refresh(&self) {
-        let due =
-            lock(&self.inner.last_refresh).is_none_or(|t| t.elapsed() >= self.inner.config.map_refresh_interval_min);
-        if due {
-            let _ = self.refresh().await;
-        }
-    }
-
-    fn suspects(&self) -> Vec<u64> {
-        let now = Instant::now();
-        let mut s = lock(&self.inner.suspects);
-        s.retain(|_, until| *until > now);
-        s.keys().copied().collect()
-    }
-
-    /// The shard a route names.
-    pub(crate) fn shard_of(&self, route: Route<'_>) -> Result<ShardRoute, Error> {
-        let r = lock(&self.inner.routing);
-        let s = match route {
-            Route::User(u) => r.shard_for(u),
-            Route::Shard(id) => r.shard(id),
-        };
-        s.cloned()
-            .ok_or_else(|| Error::NoEndpoint(format!("no shard in the map for {route:?}")))
-    }
-
-    /// The node for attempt `attempt` on `shard`.
-    pub(crate) fn pick(&self, shard: &ShardRoute, attempt: u32) -> Result<u64, Error> {
-        let suspects = self.suspects();
-        lock(&self.inner.routing)
-            .pick(shard, attempt, &suspects)
-            .ok_or_else(|| Error::NoEndpoint(format!("shard {} has no reachable replica", shard.id)))
-    }
-
-    /// Learns from a failed attempt on `node` for `shard`: a leader hint
-    /// moves the shard's leader; a failure with no server details (the
-    /// connection itself failed) marks the node suspect; a leader that could
-    /// not commit in time loses its hint so the next attempt rotates.
-    /// Returns true when a fresh leader hint makes an immediate retry worth
-    /// it.
-    pub(crate) fn learn(&self, shard: u64, node: u64, s: &Status) -> bool {
-        if let Some(h) = status_detail(s, "leader_hint").filter(|h| *h != 0 && *h != node) {
-            lock(&self.inner.routing).set_leader(shard, h);
-            return true;
-        }
-        let from_server = tonic_types::StatusExt::get_error_details(s).error_info().is_some();
-        if !from_server {
-            lock(&self.inner.suspects).insert(node, Instant::now() + Duration::from_millis(NODE_SUSPECT_MS));
-        }
-        let mut r = lock(&self.inner.routing);
-        if r.shard(shard).is_some_and(|x| x.leader == node) {
-            r.set_leader(shard, 0);
-        }
-        false
-    }
-
-    /// Learns from a write's OK answer the leaders of shards the answering
-    /// node does not lead (it forwarded the write; header
-    /// [`pigeonhole_proto::hints::LEADERS_HEADER`]), so the next write goes
-    /// to the leader. A hint naming a node the map does not have as a
-    /// replica of that shard means the map is old: it is refreshed in the
-    /// background (at most every `map_refresh_interval_min`). No request
-    /// is retried on a hint: the write it came with is done.
-    fn learn_leaders(&self, md: &tonic::metadata::MetadataMap) {
-        let Some(v) = md
-            .get(pigeonhole_proto::hints::LEADERS_HEADER)
-            .and_then(|v| v.to_str().ok())
-        else {
-            return;
-        };
-        let hints = pigeonhole_proto::hints::parse(v);
-        let stale = lock(&self.inner.routing).apply_leader_hints(&hints);
-        if let (true, Ok(rt)) = (stale, tokio::runtime::Handle::try_current()) {
-            let c = self.clone();
-            rt.spawn(async move { c.maybe_refresh().await });
-        }
-    }
-
-    /// A write's answer, its leader hints learned ([`Client::learn_leaders`]).
-    pub(crate) fn write_answer<T>(&self, answer: tonic::Response<T>) -> T {
-        self.learn_leaders(answer.metadata());
-        answer.into_inner()
-    }
-
     /// Runs `f` against the shard's best node until it succeeds, fails for
     /// good, or the deadline passes. `f` gets a stub and the attempt's
     /// time budget (which it must set as the request's timeout).
@@ -662,131 +543,6 @@ impl Client {
     /// every disconnect from the last seq delivered. See [`Subscription`].
     pub fn subscribe(&self, mailboxes: Vec<(pb::MailboxId, u64)>, max_in_flight: u32) -> Result<Subscription, Error> {
         subscription::start(self, mailboxes, max_in_flight)
-    }
-
-    // ---- Admin --------------------------------------------------------------
-
-    /// `Admin.NodeStatus` of one node (one attempt, the attempt timeout);
-    /// `include_sizes` adds each replica's state-machine size.
-    pub async fn node_status(&self, node: u64, include_sizes: bool) -> Result<pb::NodeStatusResponse, Error> {
-        self.node_status_request(
-            node,
-            pb::NodeStatusRequest {
-                include_sizes,
-                size_shards: Vec::new(),
-            },
-        )
-        .await
-    }
-
-    /// `Admin.NodeStatus` of one node with the state-machine sizes of
-    /// `shards`' replicas only (one bounded scan each).
-    pub async fn replica_sizes(&self, node: u64, shards: &[u64]) -> Result<pb::NodeStatusResponse, Error> {
-        self.node_status_request(
-            node,
-            pb::NodeStatusRequest {
-                include_sizes: true,
-                size_shards: shards.to_vec(),
-            },
-        )
-        .await
-    }
-
-    async fn node_status_request(
-        &self,
-        node: u64,
-        req: pb::NodeStatusRequest,
-    ) -> Result<pb::NodeStatusResponse, Error> {
-        if self.node_addr(node).is_none() {
-            // A node that joined after this client read the map (or a map
-            // read from a metadata replica that had not applied the join).
-            self.refresh().await?;
-        }
-        let mut admin = self.admin_at(node)?;
-        let t = self.inner.config.attempt_timeout;
-        let req = with_timeout(req, t);
-        match tokio::time::timeout(t, admin.node_status(req)).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) if is_retryable(s.code()) => Err(Error::Exhausted {
-                attempts: 1,
-                elapsed_ms: 0,
-                last: s,
-            }),
-            Ok(Err(s)) => Err(Error::Rejected(s)),
-            Err(_) => Err(Error::Exhausted {
-                attempts: 1,
-                elapsed_ms: u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
-                last: Status::deadline_exceeded(format!("node {node} did not answer")),
-            }),
-        }
-    }
-
-    /// Asks `shard`'s leader to hand leadership to `to`. Finds the leader
-    /// (following NOT_LEADER hints) within the call's deadline; returns once
-    /// the transfer has started.
-    pub async fn transfer_leader(&self, shard: u64, to: u64) -> Result<(), Error> {
-        self.call_leader(shard, |mut admin, budget| async move {
-            let req = with_timeout(pb::TransferLeaderRequest { shard, to_node: to }, budget);
-            admin.transfer_leader(req).await.map(|_| ())
-        })
-        .await
-    }
-
-    /// Changes `shard`'s replicas (the conf-change primitive; several
-    /// changes go through a joint configuration). Finds the leader
-    /// (following NOT_LEADER hints) and retries while an earlier change is
-    /// still being applied, within the call's deadline; returns the
-    /// configuration once the change is applied on the leader.
-    pub async fn change_membership(
-        &self,
-        shard: u64,
-        changes: &[pb::MembershipChange],
-    ) -> Result<pb::ChangeMembershipResponse, Error> {
-        self.call_leader(shard, |mut admin, budget| {
-            let req = with_timeout(
-                pb::ChangeMembershipRequest {
-                    shard,
-                    changes: changes.to_vec(),
-                },
-                budget,
-            );
-            async move { admin.change_membership(req).await.map(tonic::Response::into_inner) }
-        })
-        .await
-    }
-
-    /// Runs an admin call that only `shard`'s leader can answer: on a node
-    /// picked from the route, following NOT_LEADER hints (FAILED_PRECONDITION
-    /// with a `leader_hint`) and retrying retryable statuses within the
-    /// client's deadline.
-    async fn call_leader<T, F, Fut>(&self, shard: u64, mut call: F) -> Result<T, Error>
-    where
-        F: FnMut(AdminClient<Conn>, Duration) -> Fut,
-        Fut: Future<Output = Result<T, Status>>,
-    {
-        let cfg = &self.inner.config;
-        let mut retry = Retry::new(cfg, self.timeout);
-        loop {
-            let route = self.shard_of(Route::Shard(shard))?;
-            let node = self.pick(&route, retry.attempts)?;
-            let budget = retry.attempt_budget(cfg, Duration::ZERO);
-            let admin = self.admin_at(node)?;
-            retry.attempts += 1;
-            let s = match tokio::time::timeout(budget, call(admin, budget)).await {
-                Ok(Ok(r)) => return Ok(r),
-                Ok(Err(s)) => s,
-                Err(_) => Status::deadline_exceeded(format!("node {node} did not answer")),
-            };
-            let not_leader = s.code() == Code::FailedPrecondition && status_detail(&s, "leader_hint").is_some();
-            if !is_retryable(s.code()) && !not_leader {
-                return Err(Error::Rejected(s));
-            }
-            let hinted = self.learn(shard, node, &s);
-            if !hinted {
-                self.maybe_refresh().await;
-            }
-            retry.pause(s, !hinted).await?;
-        }
     }
 }
 

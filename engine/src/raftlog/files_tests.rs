@@ -10,6 +10,7 @@
 
 use super::*;
 use crate::raftlog::record::tests::entry;
+use crate::raftlog::record::{Found, SEGMENT_HEADER_BYTES};
 use raft::eraftpb::HardState;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
