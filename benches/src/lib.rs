@@ -1,7 +1,9 @@
 //! Helpers shared by Pigeonhole's criterion suites: a fresh engine with one
-//! bootstrapped shard, and generators of append commands; and [`report`],
-//! the table and plots of `phbench report`.
+//! bootstrapped shard, and generators of append commands; [`report`],
+//! the table and plots of `phbench report`; and [`procstat`], the /proc
+//! readings `phbench` reports with a run.
 
+pub mod procstat;
 pub mod report;
 
 use pigeonhole_engine::command::{op, AppendOp, Command, Op};

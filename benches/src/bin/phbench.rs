@@ -39,6 +39,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pigeonhole_benches::procstat::{clock_ticks, idle_pct, machine_ticks, proc_cpu_s, proc_totals};
+
 #[derive(Debug, Parser)]
 #[command(name = "phbench")]
 struct Cli {
@@ -159,116 +161,16 @@ struct RunArgs {
     tls_key: Option<std::path::PathBuf>,
 }
 
+#[path = "phbench/target.rs"]
+mod target;
+use target::Target;
+
 /// Largest latency recorded, µs (60 s); larger values are clamped.
 const LATENCY_US_MAX: u64 = 60_000_000;
 /// Open loop: most appends outstanding before the generator stops issuing
 /// (and counts the rest as errors), so a stalled system cannot exhaust
 /// memory.
 const OPEN_LOOP_OUTSTANDING_MAX: u64 = 100_000;
-
-/// One connected client of any system.
-#[derive(Clone)]
-enum Target {
-    Pigeonhole(pigeonhole_client::Client),
-    Etcd(etcd_client::KvClient),
-    Nats(async_nats::jetstream::Context),
-}
-
-impl Target {
-    async fn connect(a: &RunArgs) -> Result<Target, String> {
-        Ok(match a.system {
-            System::Pigeonhole => {
-                let mut cfg = pigeonhole_client::ClientConfig::new(a.endpoints.clone());
-                cfg.coalesce.enabled = a.coalesce;
-                cfg.tls =
-                    pigeonhole_client::TlsFiles::from_flags(a.tls_ca.clone(), a.tls_cert.clone(), a.tls_key.clone())?;
-                let c = pigeonhole_client::Client::connect(cfg)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Target::Pigeonhole(c)
-            }
-            System::Etcd => {
-                let c = etcd_client::Client::connect(a.endpoints.clone(), None)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Target::Etcd(c.kv_client())
-            }
-            System::Nats => {
-                let addrs = a
-                    .endpoints
-                    .iter()
-                    .map(|e| e.parse::<async_nats::ServerAddr>().map_err(|err| format!("{e}: {err}")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let c = async_nats::connect(addrs).await.map_err(|e| e.to_string())?;
-                let js = async_nats::jetstream::new(c);
-                // A fresh JetStream cluster needs a few seconds to elect its
-                // meta leader before it can create a stream.
-                let deadline = Instant::now() + Duration::from_secs(30);
-                loop {
-                    let created = js
-                        .get_or_create_stream(async_nats::jetstream::stream::Config {
-                            name: "MBOX".into(),
-                            subjects: vec!["mbox.>".into()],
-                            num_replicas: 3,
-                            storage: async_nats::jetstream::stream::StorageType::File,
-                            duplicate_window: Duration::from_secs(120),
-                            ..Default::default()
-                        })
-                        .await;
-                    match created {
-                        Ok(_) => break,
-                        Err(e) if Instant::now() > deadline => return Err(format!("stream: {e}")),
-                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-                    }
-                }
-                Target::Nats(js)
-            }
-        })
-    }
-
-    async fn append(&mut self, user: u64, worker: u64, n: u64, payload: &[u8]) -> Result<(), String> {
-        // The first 8 bytes carry the send time, for delivery latency; the
-        // rest is random, fresh for every message: real payloads are
-        // end-to-end encrypted, so no store may gain from compressing them
-        // (a repeated payload let RocksDB's block compression shrink
-        // Pigeonhole's bytes written per append).
-        let mut stamped = payload.to_vec();
-        if let Some(tail) = stamped.get_mut(8..) {
-            rand::RngCore::fill_bytes(&mut rand::thread_rng(), tail);
-        }
-        if let Some(head) = stamped.get_mut(..8) {
-            head.copy_from_slice(&now_us().to_le_bytes());
-        }
-        let payload = stamped.as_slice();
-        match self {
-            Target::Pigeonhole(c) => {
-                let mb = pigeonhole_client::mailbox(&namespace(), format!("user-{user}").as_bytes());
-                c.append(&mb, payload.to_vec(), format!("w{worker}-{n}").into_bytes())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-            Target::Etcd(kv) => kv
-                .put(
-                    format!("m/{}/user-{user}/w{worker}-{n}", namespace()),
-                    payload.to_vec(),
-                    None,
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Target::Nats(js) => {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", format!("{}-w{worker}-{n}", namespace()).as_str());
-                let ack = js
-                    .publish_with_headers(format!("mbox.user-{user}"), headers, payload.to_vec().into())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                ack.await.map(|_| ()).map_err(|e| e.to_string())
-            }
-        }
-    }
-}
 
 /// Microseconds since this process's first call: the clock of payload
 /// stamps (writers and readers share the process).
@@ -320,79 +222,6 @@ impl Users {
             None => rng.gen_range(0..self.n),
         }
     }
-}
-
-/// Percent of the machine's CPU time spent idle (or waiting for I/O)
-/// between two `machine_ticks` readings; null if /proc/stat was unreadable.
-fn idle_pct(before: (u64, u64), after: (u64, u64)) -> serde_json::Value {
-    let total = after.1.saturating_sub(before.1);
-    if total == 0 {
-        return serde_json::Value::Null;
-    }
-    (after.0.saturating_sub(before.0) as f64 * 100.0 / total as f64).into()
-}
-
-/// Clock ticks per second of /proc's CPU times.
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of one process (`self` or a pid), in seconds.
-fn proc_cpu_s(pid: &str, ticks: f64) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the ")" that ends the command name: utime is the 12th,
-    // stime the 13th.
-    let rest = stat.rsplit(')').next()?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    Some((num(11) + num(12)) / ticks)
-}
-
-/// The machine's CPU time so far, from /proc/stat's `cpu` line: (idle +
-/// iowait, total), in ticks.
-fn machine_ticks() -> (u64, u64) {
-    cpu_ticks(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
-}
-
-/// (idle + iowait, total) from the text of /proc/stat.
-fn cpu_ticks(stat: &str) -> (u64, u64) {
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0, 0);
-    };
-    // user nice system idle iowait irq softirq steal (guest time is
-    // already inside user and nice).
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (idle, v.iter().sum())
-}
-
-/// CPU-seconds and bytes written of the servers, from /proc.
-fn proc_totals(pids: &[u32]) -> (f64, u64) {
-    let ticks = clock_ticks();
-    let mut cpu = 0.0;
-    let mut written = 0u64;
-    for pid in pids {
-        cpu += proc_cpu_s(&pid.to_string(), ticks).unwrap_or(0.0);
-        if let Ok(io) = std::fs::read_to_string(format!("/proc/{pid}/io")) {
-            for line in io.lines() {
-                if let Some(v) = line.strip_prefix("write_bytes: ") {
-                    written += v.trim().parse::<u64>().unwrap_or(0);
-                }
-            }
-        }
-    }
-    (cpu, written)
 }
 
 /// Most seconds a timeline records (one histogram each).
@@ -730,20 +559,5 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_machines_idle_share_counts_idle_and_iowait_over_every_state() {
-        // user nice system idle iowait irq softirq steal guest guest_nice
-        let stat = "cpu  100 5 50 300 40 2 3 0 7 0\ncpu0 50 2 25 150 20 1 1 0 3 0\nintr 1\n";
-        assert_eq!(cpu_ticks(stat), (340, 500));
-        assert_eq!(cpu_ticks("intr 1\n"), (0, 0));
-        assert_eq!(idle_pct((340, 500), (390, 700)), serde_json::json!(25.0));
-        assert_eq!(idle_pct((1, 1), (1, 1)), serde_json::Value::Null);
     }
 }
