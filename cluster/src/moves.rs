@@ -624,3 +624,7 @@ pub fn next_step(t: &Target, v: &LeaderView) -> Step {
 #[cfg(test)]
 #[path = "moves_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "moves_step_tests.rs"]
+mod step_tests;
