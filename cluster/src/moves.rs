@@ -20,9 +20,10 @@
 //! [`MOVE_TARGET_SILENT_MS_MAX`], or the move outlives
 //! [`MOVE_DURATION_MS_MAX`]; a cancelled move's learner is removed by the
 //! shard's leader before the target is marked DONE. A shorter silence of
-//! the target only holds the move's steps: a node ingesting a large
-//! snapshot is silent for seconds, and calling its move off then would
-//! throw the snapshot away and send the next move's.
+//! the target only holds the move's steps: calling a move off on a pause
+//! or a brief partition would throw its snapshot away and send the next
+//! move's (before D61 a node ingesting a large snapshot was silent for
+//! seconds; its ingest is now off the driver, which keeps heartbeating).
 
 use crate::balance::{per_node, plan, plan_leaders, Move, Zones};
 use crate::nodes::NodeState;
@@ -44,11 +45,11 @@ pub const MOVES_MAX_LIMIT: u32 = 64;
 pub const MOVE_DURATION_MS_MAX: u64 = 30 * 60 * 1_000;
 /// A move whose target node has not been heard from for this long is
 /// cancelled (the default of `RaftTuning::move_target_silent_ms_max`). Not the failure detector's second (`peer_down_after_ms`):
-/// a node's heartbeats come from its Raft driver, which is busy for
-/// seconds while it ingests a snapshot of a few hundred MiB (up to 4.4 s
-/// measured with 90 MiB snapshots on a 2-vCPU host), and a move called off
-/// then is started again later with a new snapshot, each one of them
-/// wasted (docs/benchmarks.md, "Snapshots sent again while growing"). A
+/// a node's heartbeats come from its Raft driver, which a long turn
+/// holds up (before D61 an ingest of a 90 MiB snapshot held it up to
+/// 4.4 s on a 2-vCPU host), and a move called off then is started again
+/// later with a new snapshot, each one of them wasted (docs/benchmarks.md,
+/// "Snapshots sent again while growing"). A
 /// target that is really gone holds one learner for this long; the
 /// shard's voters are untouched meanwhile.
 pub const MOVE_TARGET_SILENT_MS_MAX: u64 = 30 * 1_000;

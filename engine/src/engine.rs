@@ -34,7 +34,8 @@ pub enum Durability {
     /// Durable before returning: the log record fdatasync'd, or the
     /// state machine's memtable flushed.
     Fsync,
-    /// In memory (and, for the Raft log, in the WAL's OS buffer) only.
+    /// In memory (and, for the Raft log, in its segment file's page cache)
+    /// only.
     NoFsync,
 }
 
@@ -519,8 +520,10 @@ impl Engine {
         data_shard_ids(&self.inner.db)
     }
 
-    /// Flushes memtables to SST files (for tests and clean shutdown; the WAL
-    /// already makes every fsync'd write durable).
+    /// Flushes memtables to SST files (for tests and clean shutdown). The
+    /// data CF is written without the WAL (D26): until a flush its rows are
+    /// durable only through the Raft log, which is why the log is never
+    /// compacted past the last flush's applied index.
     pub fn flush(&self) -> Result<(), EngineError> {
         for name in [CF_META, CF_RAFT, CF_DATA] {
             self.inner.db.flush_cf(self.cf(name)?)?;

@@ -11,7 +11,7 @@
 //!    out right away, before the fsync, so replication overlaps the local
 //!    write (raft-rs allows a leader to send before it persists);
 //! 5. persists the entries, hard states and snapshots of ALL those shards in
-//!    ONE engine WriteBatch with ONE fsync (group commit);
+//!    ONE `RaftBatch`: one Raft log record and ONE fsync (group commit);
 //! 6. sends the messages that had to wait for that fsync (votes, append
 //!    responses), batched per destination node;
 //! 7. hands committed entries to the apply worker, which applies them on its

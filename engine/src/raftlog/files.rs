@@ -33,8 +33,11 @@
 //!   older one was complete before the next was created), and only its last
 //!   record: each record is fsync'd before the next is written. Recovery cuts
 //!   a bad record there if nothing but zeros follows the space it claims. A
-//!   bad record anywhere else, or one followed by data, is damage to
-//!   acknowledged writes, and the open fails instead of dropping them.
+//!   bad record anywhere else, or one followed by data that a fsync made
+//!   durable, is damage: since D49 the open skips it instead of failing,
+//!   cuts each shard that lost live entries to the run before its hole,
+//!   and reports the shards that may have lost acknowledged writes, which
+//!   catch up from their peers before they vote again.
 //!
 //! - **Segments are preallocated** to `segment_bytes` once their header is
 //!   durable (`preallocate`), so the fdatasync of an append does not also

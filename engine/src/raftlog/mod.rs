@@ -13,9 +13,12 @@
 //! Contract (as raft-rs's `storage.rs` states its own):
 //! - one writer per shard log at a time (the node loop);
 //! - the in-memory bounds (first/last index, hard state) change only after
-//!   the batch that changes them is written (durable with
-//!   `Durability::Fsync`, the only mode a node may use for Raft writes), so a
-//!   `RawNode` never sees state that a crash could take back;
+//!   the batch that changes them is written, and a batch holding entries,
+//!   a snapshot or a new term or vote is written with `Durability::Fsync`,
+//!   so a `RawNode` never sees such state that a crash could take back (a
+//!   batch that only moves commit indexes is written without fsync, D13: a
+//!   lost commit index is learned again; `--unsafe-no-fsync` drops every
+//!   fsync, D21);
 //! - the conf state is the *applied* one, kept with the state machine (see
 //!   `ShardMeta`), so a snapshot always carries the configuration of its
 //!   index;
