@@ -3,7 +3,7 @@
 //! older format it can. Kept apart from the engine handle because each runs
 //! once, before the handle exists, against the bare database, and because
 //! this is the code that changes with every format version
-//! (docs/storage-format.md §3).
+//! (docs/storage-format.md §4).
 
 use crate::codec;
 use crate::engine::total_order;

@@ -67,9 +67,21 @@ impl SnapshotSpool {
         Ok(out)
     }
 
-    /// Removes every complete snapshot file of `shard`.
+    /// Removes every snapshot file of `shard` (`.snap`), also one whose
+    /// first chunk does not decode: [`SnapshotSpool::complete`] skips such
+    /// a file, and nothing else would ever delete it. A file still being
+    /// received is a `.tmp` and stays.
     pub fn remove_all(&self, shard: u64) -> std::io::Result<()> {
-        for (_, p) in self.complete(shard)? {
+        let prefix = format!("{shard}.");
+        for e in fs::read_dir(&self.dir)? {
+            let p = e?.path();
+            let ours = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".snap"));
+            if !ours {
+                continue;
+            }
             match fs::remove_file(&p) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -200,5 +212,30 @@ fn read_chunks_until(path: &Path, mut each: impl FnMut(SnapshotChunk) -> std::io
         if !each(SnapshotChunk::decode(&buf).map_err(|e| invalid(e.to_string()))?)? {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removing_a_shards_snapshots_takes_undecodable_ones_too_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = SnapshotSpool::open(dir.path()).unwrap();
+        for name in ["7.1.snap", "7.2.tmp", "8.1.snap", "17.1.snap"] {
+            fs::write(dir.path().join(name), b"not a snapshot chunk").unwrap();
+        }
+        // A `.snap` whose first chunk does not decode is not "complete"...
+        assert!(spool.complete(7).unwrap().is_empty());
+        // ...and is still the shard's to remove: nothing else would.
+        spool.remove_all(7).unwrap();
+        spool.remove_all(1).unwrap();
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["17.1.snap", "7.2.tmp", "8.1.snap"]);
     }
 }

@@ -1,5 +1,5 @@
 //! The byte format of the Raft log's segment files, and the in-memory index
-//! operations each record turns into (docs/storage-format.md §4 has the same
+//! operations each record turns into (docs/storage-format.md §8 has the same
 //! layout as a table).
 //!
 //! A segment file is a header followed by records, nothing else:
