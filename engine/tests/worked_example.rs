@@ -80,9 +80,10 @@ fn the_worked_example_is_what_an_append_writes() {
 
 #[test]
 fn with_a_head_row_every_append_the_examples_head_row_is_written() {
-    let mut opts = EngineOptions::default();
-    opts.head_row_every_appends = 1;
-    let (_s, db) = the_example(opts);
+    let (_s, db) = the_example(EngineOptions {
+        head_row_every_appends: 1,
+        ..EngineOptions::default()
+    });
     assert_eq!(
         raw(&db, &hex("00 00 00 00 00 00 00 07 01 02 6e 73 00 01 75")),
         Some(hex(
