@@ -251,3 +251,38 @@ async fn a_namespace_at_its_storage_quota_is_refused_until_trimmed() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// An Append refused as invalid takes nothing from its namespace's rate:
+/// its caller hears what is wrong with it (INVALID_ARGUMENT, not
+/// QUOTA_EXCEEDED), and the valid append after it still fits. Red when the
+/// rate was charged before the append was checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_append_is_refused_as_invalid_and_takes_no_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, addr, client) = one_node(dir.path(), 2).await;
+    // 1 append/s: a bucket of one second, one token.
+    client.set_namespace("tight", Some(1), None).await.unwrap();
+    let mut raw = MailboxClient::connect(format!("http://{addr}")).await.unwrap();
+    // Until the node enforces it, and then the bucket is empty.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for n in 0.. {
+        match raw.append(append("tight", format!("fill-{n}"), b"x".to_vec())).await {
+            Ok(_) => assert!(Instant::now() < deadline, "the limit was never enforced"),
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                break;
+            }
+        }
+    }
+    // One token again.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let s = raw
+        .append(append("tight", String::new(), b"x".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("idempotency_key"), "{}", s.message());
+    raw.append(append("tight", "after-the-invalid-one".into(), b"x".to_vec()))
+        .await
+        .unwrap_or_else(|s| panic!("the invalid append used up the namespace's token: {s:?}"));
+}

@@ -148,6 +148,11 @@ impl MailboxService {
     /// Checks and proposes one op and returns its result; gives up at `until`.
     async fn one(&self, shard: u64, op: cmd::op::Op, until: Option<Instant>) -> Result<OpOutput, Status> {
         self.check("", &op)?;
+        self.propose_checked(shard, op, until).await
+    }
+
+    /// [`MailboxService::one`] for an op its caller has checked.
+    async fn propose_checked(&self, shard: u64, op: cmd::op::Op, until: Option<Instant>) -> Result<OpOutput, Status> {
         let hash = op_user(&op).map(pigeonhole_proto::placement::user_hash);
         let mut res = self
             .node
@@ -288,8 +293,14 @@ impl Mailbox for MailboxService {
         let mut r = req.into_inner();
         let (ns, uid, shard) = self.route(r.mailbox.take().as_ref())?;
         self.auth.allow(&caller, &ns, pb::Role::Append)?;
-        self.quotas.take_append(&ns, r.payload.len())?;
-        let out = self.one(shard, append_op(r, ns, uid), until).await?;
+        // Checked before the namespace's rate is charged (as a batch's
+        // items are): an append refused as invalid takes no quota, and its
+        // caller hears what is wrong with it, not QUOTA_EXCEEDED.
+        let payload_bytes = r.payload.len();
+        let op = append_op(r, ns.clone(), uid);
+        self.check("", &op)?;
+        self.quotas.take_append(&ns, payload_bytes)?;
+        let out = self.propose_checked(shard, op, until).await?;
         Ok(self.hinted(appended(out)?, [shard]))
     }
 
