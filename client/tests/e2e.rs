@@ -332,6 +332,24 @@ async fn phctl_reports_and_steers_the_cluster_and_deadlines_hold_without_quorum(
     );
     assert!(t.elapsed() < Duration::from_millis(1_500), "{:?}", t.elapsed());
 
+    // Admin RPCs honour the deadline too: a namespace change the metadata
+    // group cannot commit ends at the caller's deadline with
+    // DEADLINE_EXCEEDED (its outcome unknown), not tonic's CANCELLED.
+    let mut admin = pb::admin_client::AdminClient::connect(format!("http://{}", cluster.addr(survivor)))
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(pb::SetNamespaceRequest {
+        name: "deadline".into(),
+        appends_per_s: Some(5),
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_millis(500));
+    let t = Instant::now();
+    let st = admin.set_namespace(req).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::DeadlineExceeded, "{st:?}");
+    assert!(st.message().contains("grpc-timeout"), "{st:?}");
+    assert!(t.elapsed() < Duration::from_millis(1_500), "{:?}", t.elapsed());
+
     let t = Instant::now();
     let e = client
         .with_timeout(Duration::from_millis(800))

@@ -307,7 +307,11 @@ pub async fn run(
     // the server arms that, never a library user or a test.
     crate::damage::watch(&cfg.data_dir);
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-    let admin = AdminServer::new(AdminService::new(node.clone()).with_auth(auth.clone()));
+    // Admin calls end at their caller's grpc-timeout (Mailbox handlers read
+    // it themselves).
+    let admin = crate::api::deadline::Deadlined::new(AdminServer::new(
+        AdminService::new(node.clone()).with_auth(auth.clone()),
+    ));
     // With auth on, callers are authenticated from headers and connection
     // before a request body is decoded (crate::auth::check).
     let router = if auth.is_on() {

@@ -6,9 +6,18 @@
 //! answering CANCELLED. The handlers stop [`DEADLINE_MARGIN_MS`] earlier, so
 //! the client sees the code the API promises (DEADLINE_EXCEEDED for a write
 //! whose outcome is unknown; an empty page for a long-poll) instead.
+//!
+//! The Mailbox handlers read the deadline themselves ([`of`]), because what
+//! a late answer is differs by RPC. Every Admin RPC answers the same way
+//! when its caller's deadline passes, so the Admin service is wrapped once
+//! in [`Deadlined`] rather than each of its handlers being changed.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tonic::Request;
+use tonic::codegen::http;
+use tonic::{Request, Status};
 
 /// How long before the client's deadline a handler stops waiting, so that
 /// its own answer wins the race with tonic's timer and the network.
@@ -16,10 +25,77 @@ pub const DEADLINE_MARGIN_MS: u64 = 20;
 
 /// The instant a handler should give up by, if the client set a deadline.
 pub fn of<T>(req: &Request<T>, received: Instant) -> Option<Instant> {
-    let header = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    until(req.metadata().get("grpc-timeout")?.to_str().ok()?, received)
+}
+
+/// The instant to give up by for a `grpc-timeout` header value, the margin
+/// taken off.
+fn until(header: &str, received: Instant) -> Option<Instant> {
     let timeout = parse_grpc_timeout(header)?;
     let budget = timeout.saturating_sub(Duration::from_millis(DEADLINE_MARGIN_MS));
     Some(received + budget)
+}
+
+/// What a call wrapped in [`Deadlined`] answers when its caller's deadline
+/// passes first. The node may still carry out what the call asked for (a
+/// proposal already made is not withdrawn), so the outcome is unknown, as a
+/// Mailbox write's is at DEADLINE_EXCEEDED.
+pub const EXPIRED: &str = "the call's deadline (grpc-timeout) passed before the node answered; \
+                           what it asked for may or may not be done: read the state back before retrying";
+
+/// A gRPC service whose calls stop at the caller's `grpc-timeout`, less
+/// [`DEADLINE_MARGIN_MS`], with DEADLINE_EXCEEDED ([`EXPIRED`]). Without
+/// the header a call runs as the inner service runs it (each node call is
+/// bounded by the node's own `request_timeout_ms`). Dropping the inner
+/// future at the deadline is what tonic's own timeout already did, 20 ms
+/// later and answering CANCELLED; the driver discards an answer whose caller
+/// is gone.
+#[derive(Debug, Clone)]
+pub struct Deadlined<S> {
+    inner: S,
+}
+
+impl<S> Deadlined<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Deadlined<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for Deadlined<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let deadline = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| until(v, Instant::now()));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let Some(deadline) = deadline else {
+                return fut.await;
+            };
+            match tokio::time::timeout_at(deadline.into(), fut).await {
+                Ok(res) => res,
+                Err(_) => Ok(Status::deadline_exceeded(EXPIRED).into_http()),
+            }
+        })
+    }
 }
 
 /// Parses a `grpc-timeout` value: at most 8 ASCII digits and a unit
@@ -58,6 +134,67 @@ mod tests {
         for junk in ["", "m", "123456789m", "12x", "-1S", "1.5S", "é"] {
             assert_eq!(parse_grpc_timeout(junk), None, "{junk:?}");
         }
+    }
+
+    /// A service whose calls answer OK after `delay`.
+    #[derive(Clone)]
+    struct Slow {
+        delay: Duration,
+    }
+
+    impl tonic::codegen::Service<http::Request<()>> for Slow {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            let delay = self.delay;
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                Ok(http::Response::new(tonic::body::Body::empty()))
+            })
+        }
+    }
+
+    fn grpc_code(r: &http::Response<tonic::body::Body>) -> Option<String> {
+        r.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[tokio::test]
+    async fn a_wrapped_call_ends_at_its_callers_deadline_with_deadline_exceeded() {
+        use tonic::codegen::Service as _;
+        let mut svc = Deadlined::new(Slow {
+            delay: Duration::from_secs(30),
+        });
+        let mut req = http::Request::new(());
+        req.headers_mut().insert("grpc-timeout", "100m".parse().unwrap());
+        let t = Instant::now();
+        let r = svc.call(req).await.unwrap();
+        let took = t.elapsed();
+        // DEADLINE_EXCEEDED is code 4.
+        assert_eq!(grpc_code(&r).as_deref(), Some("4"));
+        assert!(took >= Duration::from_millis(100 - DEADLINE_MARGIN_MS), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_wrapped_call_without_a_deadline_or_within_it_is_the_inner_answer() {
+        use tonic::codegen::Service as _;
+        let mut svc = Deadlined::new(Slow {
+            delay: Duration::from_millis(50),
+        });
+        // No header: the inner call runs to its end.
+        let r = svc.call(http::Request::new(())).await.unwrap();
+        assert_eq!(grpc_code(&r), None);
+        // A deadline it meets: the inner answer, untouched.
+        let mut req = http::Request::new(());
+        req.headers_mut().insert("grpc-timeout", "5S".parse().unwrap());
+        let r = svc.call(req).await.unwrap();
+        assert_eq!(grpc_code(&r), None);
     }
 
     #[test]
