@@ -312,3 +312,44 @@ async fn reads_pending_on_a_follower_survive_a_leader_kill_when_another_node_win
 async fn reads_pending_on_a_follower_survive_a_leader_kill_when_it_wins_itself() {
     reads_pending_on_a_follower_end_soon_after_a_new_leader(true).await;
 }
+
+/// A STALE Sync on a node without a replica of the mailbox's shard goes to
+/// the engine without the driver; it must still name a node that holds one
+/// (`leader_hint`), as a proposal's NOT_REPLICA does, so a client can
+/// route there instead of trying nodes at random.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_read_on_a_node_without_the_shard_names_a_replica() {
+    // 4 nodes, 3 replicas per shard: every shard is missing from one node.
+    let c = TestCluster::new(4, 4, 3, quiet_tuning());
+    for shard in 1..=4 {
+        c.leader(shard).await;
+    }
+    let map = c.node(1).shard_map().unwrap();
+    // A user, its shard, and a node without a replica of that shard.
+    let (user, shard, outsider) = (0..10_000)
+        .map(|i| format!("stale-{i}"))
+        .find_map(|u| {
+            let d = map.shard_for_user(u.as_bytes()).unwrap();
+            let outsider = (1..=4).find(|n| !d.replicas.contains(n))?;
+            Some((u, d.id, outsider))
+        })
+        .unwrap();
+    let holders = map.shard(shard).unwrap().replicas.clone();
+    let (svc, _closing) = service(&c, outsider);
+    let st = svc
+        .sync(Request::new(pb::SyncRequest {
+            mailbox: mailbox(&user),
+            after_seq: 0,
+            max_messages: 0,
+            max_bytes: 0,
+            wait_ms: 0,
+            consistency: pb::ReadConsistency::Stale.into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+    let info = st.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "NOT_REPLICA", "{st:?}");
+    let hint: u64 = info.metadata.get("leader_hint").expect("leader_hint").parse().unwrap();
+    assert!(holders.contains(&hint), "hint {hint} is not one of {holders:?}: {st:?}");
+}

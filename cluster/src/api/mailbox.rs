@@ -206,8 +206,30 @@ impl MailboxService {
             ReadError::WrongShard { shard, range } => {
                 self.moved(*shard, *range, Some(pigeonhole_proto::placement::user_hash(user_id)))
             }
+            // A STALE read goes to the engine without the driver, which
+            // names the shard's replicas in a proposal's NOT_REPLICA; the
+            // shard map gives the same hint here.
+            ReadError::Engine(pigeonhole_engine::EngineError::NoSuchShard(shard)) => {
+                super::status::not_replica_read(*shard, self.replica_hint(*shard))
+            }
             other => read_error(other),
         }
+    }
+
+    /// A node other than this one that holds a replica of `shard`, the last
+    /// known leader first, from this node's shard map (0 = none known).
+    fn replica_hint(&self, shard: u64) -> u64 {
+        let me = self.node.id();
+        let Ok(map) = self.node.shard_map() else {
+            return 0;
+        };
+        let Some(desc) = map.shards.iter().find(|s| s.id == shard) else {
+            return 0;
+        };
+        if desc.leader_hint != me && desc.replicas.contains(&desc.leader_hint) {
+            return desc.leader_hint;
+        }
+        desc.replicas.iter().copied().find(|n| *n != me).unwrap_or(0)
     }
 
     async fn barrier(&self, shard: u64, consistency: i32, until: Option<Instant>) -> Result<(), Status> {

@@ -158,6 +158,18 @@ pub fn read_error(e: &ReadError) -> Status {
     }
 }
 
+/// A local (STALE) read reached a node without a replica of `shard`:
+/// NOT_REPLICA, as a proposal's answer, with `leader_hint` = a node that
+/// holds one (the last known leader first; 0 = unknown).
+pub fn not_replica_read(shard: u64, hint: u64) -> Status {
+    info(
+        Code::Unavailable,
+        format!("shard {shard} has no replica on this node; read from node {hint} (0 = unknown) or route again"),
+        "NOT_REPLICA",
+        &[("leader_hint", hint)],
+    )
+}
+
 /// [`read_error`] for the request field `field`: the message names it.
 pub fn read_error_at(field: &str, e: &ReadError) -> Status {
     let s = read_error(e);
