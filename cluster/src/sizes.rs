@@ -19,7 +19,10 @@
 //! the data CF's hash memtable starts by copying the whole memtable into
 //! one sorted skiplist; an iterator per shard, when each node first counted
 //! its 20-odd shards, was 8.6 % of the servers' CPU in a 20 s profile at
-//! 256 appends in flight (D54).
+//! 256 appends in flight (D54). Even one iterator a round copied a full
+//! memtable every round at high write rates (2.5 % of the servers' CPU):
+//! a due round now waits, up to [`SizeCheck::defer_max`], until the
+//! memtables hold few entries, as they do just after a flush (D63).
 //!
 //! [`Engine::size_scan`]: pigeonhole_engine::Engine::size_scan
 //! [`Engine::size_scans`]: pigeonhole_engine::Engine::size_scans
@@ -129,6 +132,13 @@ pub struct SizeCheck {
     /// Counted again after this long if an eighth of the growth step was
     /// written since (trims shrink a shard while writing little).
     pub age_max: Duration,
+    /// A round that is due waits while the data CF's memtables hold more
+    /// than this many entries (D63): the round's iterator copies them all
+    /// first, and right after a flush there are few to copy…
+    pub memtable_entries_max: u64,
+    /// …but it waits at most this long past `interval`, so a node whose
+    /// memtables stay full still counts (paying the copy).
+    pub defer_max: Duration,
 }
 
 impl Default for SizeCheck {
@@ -139,8 +149,30 @@ impl Default for SizeCheck {
             grow_div: 8,
             grow_bytes_min: 4 << 20,
             age_max: Duration::from_secs(10 * 60),
+            // About a tenth of a full 64 MiB memtable of 256-byte appends
+            // (two entries each, about 300,000 entries in all).
+            memtable_entries_max: 32_768,
+            defer_max: Duration::from_secs(30),
         }
     }
+}
+
+/// How often the checker looks whether a round may run: the memtables
+/// hold few entries for a second or two after a flush at high write rates.
+const POLL_MAX: Duration = Duration::from_secs(1);
+
+/// Whether a round runs now, `since_last` after the last one began:
+/// never before `interval`; then at once when the data CF's memtables hold
+/// at most `memtable_entries_max` entries (None: unknown, so do not wait),
+/// when the last round watched a namespace near its storage quota (D44's
+/// counts are not put off), or once `defer_max` has passed too.
+pub fn round_due(since_last: Duration, memtable_entries: Option<u64>, quota_watch: bool, cfg: &SizeCheck) -> bool {
+    if since_last < cfg.interval {
+        return false;
+    }
+    quota_watch
+        || since_last >= cfg.interval.saturating_add(cfg.defer_max)
+        || memtable_entries.is_none_or(|n| n <= cfg.memtable_entries_max)
 }
 
 /// The last count of a shard this node leads.
@@ -193,11 +225,22 @@ pub fn spawn(node: &Node, cfg: SizeCheck) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut counted: BTreeMap<u64, Counted> = BTreeMap::new();
         let mut due_splits: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
+        let poll = cfg.interval.min(POLL_MAX);
+        let mut last = Instant::now();
+        let mut quota_watch = false;
         loop {
-            tokio::time::sleep(cfg.interval).await;
+            tokio::time::sleep(poll).await;
             let Some(node) = weak.upgrade() else { return };
-            if round(&node, &cfg, &mut counted, &mut due_splits).await.is_err() {
-                return; // the node stopped
+            let entries = node.engine().data_memtable_entries().ok();
+            if !round_due(last.elapsed(), entries, quota_watch, &cfg) {
+                continue;
+            }
+            let waited_ms = last.elapsed().saturating_sub(cfg.interval).as_millis();
+            tracing::debug!(waited_ms, memtable_entries = ?entries, "size round");
+            last = Instant::now();
+            match round(&node, &cfg, &mut counted, &mut due_splits).await {
+                Ok(watching) => quota_watch = watching,
+                Err(()) => return, // the node stopped
             }
         }
     })
@@ -205,13 +248,15 @@ pub fn spawn(node: &Node, cfg: SizeCheck) -> tokio::task::JoinHandle<()> {
 
 /// One round: count the due shards this node leads, record each count,
 /// and split the shards past the threshold (`due_splits`: shard → (hash,
-/// epoch, bytes counted), kept until made). Err only when the node stopped.
+/// epoch, bytes counted), kept until made). Ok(true) when a namespace is
+/// near its storage quota (the next round is not put off); Err only when
+/// the node stopped.
 async fn round(
     node: &Node,
     cfg: &SizeCheck,
     counted: &mut BTreeMap<u64, Counted>,
     due_splits: &mut BTreeMap<u64, (u64, u64, u64)>,
-) -> Result<(), ()> {
+) -> Result<bool, ()> {
     let statuses = node.status().await.map_err(|_| ())?;
     let map = node.routing();
     // Without a metadata replica there is nowhere to record, and no
@@ -220,7 +265,7 @@ async fn round(
         SIZE_PREFIX,
         usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX),
     ) else {
-        return Ok(());
+        return Ok(false);
     };
     let records = decode_records(&records);
     let config_value = node
@@ -356,7 +401,8 @@ async fn round(
             due_splits.insert(shard, (at, desc.epoch, scan.size.bytes));
         }
     }
-    due_splits_round(node, &statuses, &map, &config, &moving, due_splits).await
+    due_splits_round(node, &statuses, &map, &config, &moving, due_splits).await?;
+    Ok(!watched.is_empty())
 }
 
 /// The splits found due (this round or before) made, where they can be.
@@ -407,6 +453,27 @@ async fn due_splits_round(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_waits_for_a_memtable_with_few_entries_but_not_for_long() {
+        let cfg = SizeCheck::default();
+        let full = Some(cfg.memtable_entries_max + 1);
+        let few = Some(cfg.memtable_entries_max);
+        let s = Duration::from_secs;
+        // Never before the interval, whatever the memtable holds.
+        assert!(!round_due(s(9), Some(0), false, &cfg));
+        assert!(!round_due(s(9), Some(0), true, &cfg));
+        // Due: at once with few entries (or an unknown count)...
+        assert!(round_due(s(10), few, false, &cfg));
+        assert!(round_due(s(10), None, false, &cfg));
+        // ...put off while they are many...
+        assert!(!round_due(s(10), full, false, &cfg));
+        assert!(!round_due(s(39), full, false, &cfg));
+        // ...but at most defer_max past the interval.
+        assert!(round_due(s(40), full, false, &cfg));
+        // A namespace near its quota: counts are not put off (D44).
+        assert!(round_due(s(10), full, true, &cfg));
+    }
 
     #[test]
     fn a_shard_is_counted_again_after_growing_by_a_fraction_of_its_size() {

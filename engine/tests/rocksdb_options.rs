@@ -6,6 +6,8 @@
 //! them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
+mod common;
+
 use pigeonhole_engine::{Engine, EngineOptions};
 
 /// The `key=value` lines of the newest OPTIONS file's section for column
@@ -48,4 +50,21 @@ fn the_data_cf_compacts_eight_l0_files_into_16_mib_l1_files() {
     let meta = cf_options(dir.path(), pigeonhole_engine::keys::CF_META);
     assert_eq!(value(&meta, "level0_file_num_compaction_trigger"), "4");
     drop(engine);
+}
+
+/// The size checker waits for a memtable with few entries before it scans
+/// (D63), so the count it reads must follow writes and flushes.
+#[test]
+fn the_data_memtables_entries_follow_writes_and_a_flush() {
+    let mut s = common::Shard::with_options(EngineOptions::default());
+    let before = s.engine().data_memtable_entries().unwrap();
+    for i in 0..100 {
+        s.one(common::append("ns", b"u", format!("k{i}").as_bytes(), b"hi"))
+            .unwrap();
+    }
+    let held = s.engine().data_memtable_entries().unwrap();
+    // Each append writes at least its message and its dedup entry.
+    assert!(held >= before + 200, "{before} -> {held}");
+    s.engine().flush_data().unwrap();
+    assert_eq!(s.engine().data_memtable_entries().unwrap(), 0);
 }
