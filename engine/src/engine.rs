@@ -374,24 +374,6 @@ impl Engine {
         Ok(())
     }
 
-    /// The entries the data CF's memtables hold now: the active one and
-    /// those waiting for their flush (`rocksdb.num-entries-active-mem-table`
-    /// plus `rocksdb.num-entries-imm-mem-tables`). A total-order iterator
-    /// starts by copying every one of them into one sorted skiplist (D33),
-    /// so a caller with a scan it may put off (the size checker, D63)
-    /// waits until they are few.
-    pub fn data_memtable_entries(&self) -> Result<u64, EngineError> {
-        let cf = self.cf(CF_DATA)?;
-        let db = &self.inner.db;
-        let active = db
-            .property_int_value_cf(cf, "rocksdb.num-entries-active-mem-table")?
-            .unwrap_or(0);
-        let immutable = db
-            .property_int_value_cf(cf, "rocksdb.num-entries-imm-mem-tables")?
-            .unwrap_or(0);
-        Ok(active.saturating_add(immutable))
-    }
-
     /// Writes through RocksDB's WAL: only a shard's first apply state, at
     /// bootstrap, and the format version.
     pub(crate) fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), EngineError> {

@@ -140,6 +140,24 @@ impl Engine {
             .ok_or_else(|| EngineError::InvalidCall("size scan: no result".into()))?
     }
 
+    /// The entries the data CF's memtables hold now: the active one and
+    /// those waiting for their flush (`rocksdb.num-entries-active-mem-table`
+    /// plus `rocksdb.num-entries-imm-mem-tables`). A total-order iterator
+    /// starts by copying every one of them into one sorted skiplist (D33),
+    /// so a caller with a scan it may put off (the size checker, D63)
+    /// waits until they are few.
+    pub fn data_memtable_entries(&self) -> Result<u64, EngineError> {
+        let cf = self.cf(CF_DATA)?;
+        let db = self.db();
+        let active = db
+            .property_int_value_cf(cf, "rocksdb.num-entries-active-mem-table")?
+            .unwrap_or(0);
+        let immutable = db
+            .property_int_value_cf(cf, "rocksdb.num-entries-imm-mem-tables")?
+            .unwrap_or(0);
+        Ok(active.saturating_add(immutable))
+    }
+
     /// [`Engine::size_scan`] of several shards, each `(shard, within)`, from
     /// one snapshot through one iterator: the results in the same order,
     /// each its own `Result` (a shard that is gone fails alone).
