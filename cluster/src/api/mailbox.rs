@@ -8,12 +8,14 @@
 //! (`Sync.wait_ms`) and `Subscribe` wait on the node's apply notification
 //! rather than polling.
 
+mod routing;
+
 use super::deadline;
-use super::status::{cluster_error, invalid, op_error, op_error_at, read_error, wrong_shard_owned};
+use super::status::{cluster_error, invalid, op_error, op_error_at};
 use crate::watch::WatchKind;
 use crate::Node;
 use pigeonhole_engine::command as cmd;
-use pigeonhole_engine::{OpError, OpOutput, ReadError, ReadMessage, SyncQuery};
+use pigeonhole_engine::{OpError, OpOutput, ReadMessage, SyncQuery};
 use pigeonhole_proto::v1 as pb;
 use pigeonhole_proto::v1::mailbox_server::Mailbox;
 use std::collections::BTreeMap;
@@ -90,37 +92,6 @@ impl MailboxService {
         self
     }
 
-    /// Validates a mailbox id and finds its shard.
-    fn route(&self, mb: Option<&pb::MailboxId>) -> Result<(String, Vec<u8>, u64), Status> {
-        self.route_at("", mb)
-    }
-
-    /// [`Self::route`] for a mailbox at `prefix` in the request (e.g.
-    /// `items[3].`): errors name the field by its full path.
-    pub(super) fn route_at(&self, prefix: &str, mb: Option<&pb::MailboxId>) -> Result<(String, Vec<u8>, u64), Status> {
-        let mb = mb.ok_or_else(|| invalid(&format!("{prefix}mailbox"), "is required"))?;
-        self.node
-            .engine()
-            .options()
-            .limits
-            .check_mailbox(&mb.namespace, &mb.user_id)
-            .map_err(|e| op_error_at(prefix, &e))?;
-        let shard = self
-            .node
-            .routing()
-            .shard_for_user(&mb.user_id)
-            .map(|s| s.id)
-            .ok_or_else(|| Status::internal("no shard covers this user id"))?;
-        // The request's span (crate::metrics) names what it touches; a
-        // batch's items (prefixed) would each overwrite it: not recorded.
-        if prefix.is_empty() {
-            tracing::Span::current()
-                .record("namespace", mb.namespace.as_str())
-                .record("shard", shard);
-        }
-        Ok((mb.namespace.clone(), mb.user_id.clone(), shard))
-    }
-
     /// What the namespace's policy says of a Trim or Delete: refused under a
     /// namespace-wide legal hold (as this node last read the namespace
     /// records, so within a second of the hold; a mailbox's own hold is
@@ -165,71 +136,6 @@ impl MailboxService {
             Some(Err(e)) => Err(op_error(&e)),
             None => Err(Status::internal("the state machine returned no result")),
         }
-    }
-
-    /// `msg` as a write's answer, with the leader hints of the `shards` it
-    /// wrote that this node does not lead ([`pigeonhole_proto::hints`]):
-    /// the write was forwarded, and the caller can send the next one to
-    /// the leader.
-    fn hinted<T>(&self, msg: T, shards: impl IntoIterator<Item = u64>) -> Response<T> {
-        let me = self.node.id();
-        let pairs = shards.into_iter().filter_map(|shard| {
-            let leader = self.node.leader_hint(shard);
-            let forwarded = leader != 0 && leader != me;
-            if forwarded {
-                crate::metrics::forwarded_write(shard);
-            }
-            forwarded.then_some((shard, leader))
-        });
-        let mut resp = Response::new(msg);
-        if let Some(v) = pigeonhole_proto::hints::format(pairs).and_then(|v| v.parse().ok()) {
-            resp.metadata_mut().insert(pigeonhole_proto::hints::LEADERS_HEADER, v);
-        }
-        resp
-    }
-
-    /// WRONG_SHARD for a mailbox (of user hash `hash`) that a split moved
-    /// out of `shard`, with the entry of the shard holding it now.
-    fn moved(&self, shard: u64, range: pigeonhole_engine::HashRange, hash: Option<u64>) -> Status {
-        let map = self.node.routing();
-        let owner = hash.and_then(|h| map.shard_for_hash(h));
-        let msg = format!(
-            "mailbox is not in shard {shard}'s hash range {range}: the shard was split; route again{}",
-            owner.map_or(String::new(), |o| format!(" (shard {} holds it now)", o.id))
-        );
-        wrong_shard_owned(msg, shard, range, owner)
-    }
-
-    /// A read's error, WRONG_SHARD with the new owner's entry.
-    fn read_failed(&self, e: &ReadError, user_id: &[u8]) -> Status {
-        match e {
-            ReadError::WrongShard { shard, range } => {
-                self.moved(*shard, *range, Some(pigeonhole_proto::placement::user_hash(user_id)))
-            }
-            // A STALE read goes to the engine without the driver, which
-            // names the shard's replicas in a proposal's NOT_REPLICA; the
-            // shard map gives the same hint here.
-            ReadError::Engine(pigeonhole_engine::EngineError::NoSuchShard(shard)) => {
-                super::status::not_replica_read(*shard, self.replica_hint(*shard))
-            }
-            other => read_error(other),
-        }
-    }
-
-    /// A node other than this one that holds a replica of `shard`, the last
-    /// known leader first, from this node's shard map (0 = none known).
-    fn replica_hint(&self, shard: u64) -> u64 {
-        let me = self.node.id();
-        let Ok(map) = self.node.shard_map() else {
-            return 0;
-        };
-        let Some(desc) = map.shards.iter().find(|s| s.id == shard) else {
-            return 0;
-        };
-        if desc.leader_hint != me && desc.replicas.contains(&desc.leader_hint) {
-            return desc.leader_hint;
-        }
-        desc.replicas.iter().copied().find(|n| *n != me).unwrap_or(0)
     }
 
     async fn barrier(&self, shard: u64, consistency: i32, until: Option<Instant>) -> Result<(), Status> {
