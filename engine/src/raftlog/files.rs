@@ -548,3 +548,7 @@ pub use open::LogRecovery;
 #[cfg(test)]
 #[path = "files_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "files_recovery_tests.rs"]
+mod recovery_tests;
