@@ -97,13 +97,13 @@ impl MailboxService {
     }
 
     /// A node other than this one that holds a replica of `shard`, the last
-    /// known leader first, from this node's shard map (0 = none known).
+    /// known leader first, from the routing map every node keeps (0 = none
+    /// known). Not from the metadata group's records: a node may have no
+    /// replica of that group (just joined), and this is only a hint.
     fn replica_hint(&self, shard: u64) -> u64 {
         let me = self.node.id();
-        let Ok(map) = self.node.shard_map() else {
-            return 0;
-        };
-        let Some(desc) = map.shards.iter().find(|s| s.id == shard) else {
+        let map = self.node.routing();
+        let Some(desc) = map.shard(shard) else {
             return 0;
         };
         if desc.leader_hint != me && desc.replicas.contains(&desc.leader_hint) {
