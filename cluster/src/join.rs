@@ -336,10 +336,19 @@ pub async fn join(
     )))
 }
 
+/// Whether a seed's answer is worth asking again (or another seed). A
+/// seed that does not answer within [`JOIN_ATTEMPT_MS`] ends the call on
+/// this side as CANCELLED (tonic's client timeout, `Endpoint::timeout`),
+/// not DEADLINE_EXCEEDED, and asking again is safe: the token makes a
+/// join that did go through answer the same id (D34).
 fn retryable(code: tonic::Code) -> bool {
     matches!(
         code,
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Aborted
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::Aborted
     )
 }
 
@@ -391,6 +400,28 @@ async fn ask(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seed_that_times_out_or_is_away_is_asked_again_and_a_refusal_ends_the_join() {
+        use tonic::Code;
+        for c in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Cancelled,
+            Code::Unknown,
+            Code::Aborted,
+        ] {
+            assert!(retryable(c), "{c:?}");
+        }
+        for c in [
+            Code::InvalidArgument,
+            Code::AlreadyExists,
+            Code::FailedPrecondition,
+            Code::PermissionDenied,
+        ] {
+            assert!(!retryable(c), "{c:?}");
+        }
+    }
 
     fn initial() -> BTreeMap<u64, String> {
         (1..=3).map(|n| (n, format!("10.0.0.{n}:7070"))).collect()
