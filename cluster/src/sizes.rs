@@ -161,18 +161,108 @@ impl Default for SizeCheck {
 /// hold few entries for a second or two after a flush at high write rates.
 const POLL_MAX: Duration = Duration::from_secs(1);
 
-/// Whether a round runs now, `since_last` after the last one began:
-/// never before `interval`; then at once when the data CF's memtables hold
-/// at most `memtable_entries_max` entries (None: unknown, so do not wait),
-/// when the last round watched a namespace near its storage quota (D44's
-/// counts are not put off), or once `defer_max` has passed too.
-pub fn round_due(since_last: Duration, memtable_entries: Option<u64>, quota_watch: bool, cfg: &SizeCheck) -> bool {
+/// What the checker saw of the data CF's memtables: how they stand now,
+/// whether a flush ended since the look before (their entries went down),
+/// and how fast the active memtable has been filling (bytes per second,
+/// over its life so far as the checker saw it; 0 when just switched).
+#[derive(Debug, Clone, Copy)]
+pub struct MemtableLook {
+    pub now: pigeonhole_engine::Memtables,
+    pub flushed: bool,
+    pub fill_bytes_per_s: u64,
+}
+
+/// The checker's memory of its looks at the memtables, turning each new
+/// one into a [`MemtableLook`]. The fill rate is taken from the first look
+/// at the active memtable, not the last second: the active memtable's
+/// size grows by whole arena blocks (about 1 MiB), so a one-second
+/// difference is 0 or a block at low rates.
+#[derive(Debug, Default)]
+pub struct MemtableWatch {
+    /// Entries at the last look.
+    entries: u64,
+    /// When the active memtable was first seen, and its bytes then.
+    first: Option<(Instant, u64)>,
+}
+
+impl MemtableWatch {
+    pub fn look(&mut self, m: pigeonhole_engine::Memtables, now: Instant) -> MemtableLook {
+        let flushed = self.first.is_some() && m.entries < self.entries;
+        self.entries = m.entries;
+        let (since, bytes) = match self.first {
+            // The same memtable, still growing. A new one shows as fewer
+            // bytes, or (if it outgrew the old one's first look within a
+            // second) as the flush of the old one ending a second or two
+            // later: either starts the rate again.
+            Some((at, bytes)) if m.active_bytes >= bytes && !flushed => (at, bytes),
+            _ => {
+                self.first = Some((now, m.active_bytes));
+                (now, m.active_bytes)
+            }
+        };
+        let ms = now.saturating_duration_since(since).as_millis();
+        let grown = u128::from(m.active_bytes.saturating_sub(bytes));
+        let fill_bytes_per_s = grown
+            .saturating_mul(1_000)
+            .checked_div(ms)
+            .map_or(0, |r| u64::try_from(r).unwrap_or(u64::MAX));
+        MemtableLook {
+            now: m,
+            flushed,
+            fill_bytes_per_s,
+        }
+    }
+}
+
+/// Whether a round runs now, `since_last` after the last one ended.
+/// Never before `interval`. Then at once, unless the round's copy of the
+/// memtables (D63) can be made smaller by waiting for a flush that is
+/// coming: they hold more than `memtable_entries_max` entries, no flush
+/// ended since the look before (right after one they are as small as a
+/// look every second finds them), and either an immutable memtable is
+/// waiting for its flush or, at the rate the active one fills, it is
+/// switched out before `defer_max` past the interval. A memtable filling
+/// slowly is not waited for: at that write rate the copy's CPU is idle
+/// anyway, and a count 30 s late would not be. Nor is an unknown state,
+/// nor past `defer_max`; and `near_quota` (asked only for a round that
+/// would wait, as it reads the metadata replica) says a namespace is near
+/// its storage quota, whose counts are not put off (D44).
+pub fn round_due(
+    since_last: Duration,
+    look: Option<MemtableLook>,
+    near_quota: impl FnOnce() -> bool,
+    cfg: &SizeCheck,
+) -> bool {
     if since_last < cfg.interval {
         return false;
     }
-    quota_watch
-        || since_last >= cfg.interval.saturating_add(cfg.defer_max)
-        || memtable_entries.is_none_or(|n| n <= cfg.memtable_entries_max)
+    let give_up = cfg.interval.saturating_add(cfg.defer_max);
+    let Some(look) = look else { return true };
+    if since_last >= give_up || look.flushed || look.now.entries <= cfg.memtable_entries_max {
+        return true;
+    }
+    let room_bytes = look.now.active_bytes_max.saturating_sub(look.now.active_bytes);
+    let left_ms = give_up.saturating_sub(since_last).as_millis();
+    let coming_bytes = u128::from(look.fill_bytes_per_s).saturating_mul(left_ms) / 1_000;
+    let flush_coming = look.now.immutable_entries > 0 || coming_bytes >= u128::from(room_bytes);
+    !flush_coming || near_quota()
+}
+
+/// Whether a namespace with a storage quota holds half of it or more by
+/// the counts recorded now (what a round watches, D44), read from this
+/// node's metadata replica; false without one.
+fn near_quota_now(node: &Node) -> bool {
+    let state = namespace_state(node);
+    if state.namespaces.iter().all(|r| r.storage_bytes_max == 0) {
+        return false;
+    }
+    let Ok(records) = node.meta_scan(
+        SIZE_PREFIX,
+        usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX),
+    ) else {
+        return false;
+    };
+    !watched_namespaces(node, &state, &decode_records(&records)).is_empty()
 }
 
 /// The last count of a shard this node leads.
@@ -227,36 +317,40 @@ pub fn spawn(node: &Node, cfg: SizeCheck) -> tokio::task::JoinHandle<()> {
         let mut due_splits: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
         let poll = cfg.interval.min(POLL_MAX);
         let mut last = Instant::now();
-        let mut quota_watch = false;
+        let mut watch = MemtableWatch::default();
         loop {
             tokio::time::sleep(poll).await;
             let Some(node) = weak.upgrade() else { return };
-            let entries = node.engine().data_memtable_entries().ok();
-            if !round_due(last.elapsed(), entries, quota_watch, &cfg) {
+            let look = node
+                .engine()
+                .data_memtables()
+                .ok()
+                .map(|m| watch.look(m, Instant::now()));
+            if !round_due(last.elapsed(), look, || near_quota_now(&node), &cfg) {
                 continue;
             }
             let waited_ms = last.elapsed().saturating_sub(cfg.interval).as_millis();
-            tracing::debug!(waited_ms, memtable_entries = ?entries, "size round");
-            last = Instant::now();
-            match round(&node, &cfg, &mut counted, &mut due_splits).await {
-                Ok(watching) => quota_watch = watching,
-                Err(()) => return, // the node stopped
+            tracing::debug!(waited_ms, memtables = ?look, "size round");
+            if round(&node, &cfg, &mut counted, &mut due_splits).await.is_err() {
+                return; // the node stopped
             }
+            // The interval is counted from a round's end: a long round is
+            // not followed at once by the next.
+            last = Instant::now();
         }
     })
 }
 
 /// One round: count the due shards this node leads, record each count,
 /// and split the shards past the threshold (`due_splits`: shard → (hash,
-/// epoch, bytes counted), kept until made). Ok(true) when a namespace is
-/// near its storage quota (the next round is not put off); Err only when
-/// the node stopped.
+/// epoch, bytes counted), kept until made). Err only when the node
+/// stopped.
 async fn round(
     node: &Node,
     cfg: &SizeCheck,
     counted: &mut BTreeMap<u64, Counted>,
     due_splits: &mut BTreeMap<u64, (u64, u64, u64)>,
-) -> Result<bool, ()> {
+) -> Result<(), ()> {
     let statuses = node.status().await.map_err(|_| ())?;
     let map = node.routing();
     // Without a metadata replica there is nowhere to record, and no
@@ -265,7 +359,7 @@ async fn round(
         SIZE_PREFIX,
         usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX),
     ) else {
-        return Ok(false);
+        return Ok(());
     };
     let records = decode_records(&records);
     let config_value = node
@@ -402,7 +496,7 @@ async fn round(
         }
     }
     due_splits_round(node, &statuses, &map, &config, &moving, due_splits).await?;
-    Ok(!watched.is_empty())
+    Ok(())
 }
 
 /// The splits found due (this round or before) made, where they can be.
@@ -455,24 +549,93 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_round_waits_for_a_memtable_with_few_entries_but_not_for_long() {
+    fn a_round_waits_only_for_a_flush_that_is_coming_and_not_for_long() {
         let cfg = SizeCheck::default();
-        let full = Some(cfg.memtable_entries_max + 1);
-        let few = Some(cfg.memtable_entries_max);
         let s = Duration::from_secs;
-        // Never before the interval, whatever the memtable holds.
-        assert!(!round_due(s(9), Some(0), false, &cfg));
-        assert!(!round_due(s(9), Some(0), true, &cfg));
-        // Due: at once with few entries (or an unknown count)...
-        assert!(round_due(s(10), few, false, &cfg));
-        assert!(round_due(s(10), None, false, &cfg));
-        // ...put off while they are many...
-        assert!(!round_due(s(10), full, false, &cfg));
-        assert!(!round_due(s(39), full, false, &cfg));
-        // ...but at most defer_max past the interval.
-        assert!(round_due(s(40), full, false, &cfg));
+        let max = 64 << 20;
+        // Many entries, the active memtable half full, filling at `rate`.
+        let look = |entries: u64, imm: u64, rate: u64| {
+            Some(MemtableLook {
+                now: pigeonhole_engine::Memtables {
+                    entries,
+                    immutable_entries: imm,
+                    active_bytes: max / 2,
+                    active_bytes_max: max,
+                },
+                flushed: false,
+                fill_bytes_per_s: rate,
+            })
+        };
+        let many = cfg.memtable_entries_max + 1;
+        let few = cfg.memtable_entries_max;
+        // 32 MiB of room in 30 s: about 1.07 MiB/s fills it in time.
+        let fast = 2 << 20;
+        let slow = 1 << 20;
+        let no = || false;
+        // near_quota reads the metadata replica: asked only for a round
+        // that would wait.
+        let asked = std::cell::Cell::new(0);
+        let never_asked = || {
+            asked.set(asked.get() + 1);
+            true
+        };
+        // Never before the interval, whatever the memtables hold.
+        assert!(!round_due(s(9), look(0, 0, 0), never_asked, &cfg));
+        assert!(!round_due(s(9), look(many, 1, fast), never_asked, &cfg));
+        // Due: at once with few entries, or an unknown state...
+        assert!(round_due(s(10), look(few, 0, fast), never_asked, &cfg));
+        assert!(round_due(s(10), None, never_asked, &cfg));
+        // ...or a memtable filling too slowly to be flushed in time...
+        assert!(round_due(s(10), look(many, 0, slow), no, &cfg));
+        assert!(round_due(s(10), look(many, 0, 0), no, &cfg));
+        // ...but put off for a flush that is coming: one filling fast, or
+        // an immutable memtable waiting for its flush...
+        assert!(!round_due(s(10), look(many, 0, fast), no, &cfg));
+        assert!(!round_due(s(10), look(many, 1, 0), no, &cfg));
+        // ...unless a flush just ended: the memtables are as small as a
+        // look every second finds them...
+        let just_flushed = look(many, 0, fast).map(|l| MemtableLook { flushed: true, ..l });
+        assert!(round_due(s(10), just_flushed, never_asked, &cfg));
+        // ...as the time left shrinks, the same rate is no longer enough...
+        assert!(round_due(s(30), look(many, 0, fast), no, &cfg));
+        assert!(!round_due(s(39), look(many, 1, 0), no, &cfg));
+        // ...and never past defer_max.
+        assert!(round_due(s(40), look(many, 1, u64::MAX), never_asked, &cfg));
+        assert_eq!(asked.get(), 0);
         // A namespace near its quota: counts are not put off (D44).
-        assert!(round_due(s(10), full, true, &cfg));
+        assert!(round_due(s(10), look(many, 1, fast), || true, &cfg));
+    }
+
+    #[test]
+    fn the_watch_sees_flushes_and_fill_rates_over_a_memtables_life() {
+        let mem = |entries: u64, active_bytes: u64| pigeonhole_engine::Memtables {
+            entries,
+            immutable_entries: 0,
+            active_bytes,
+            active_bytes_max: 64 << 20,
+        };
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut w = MemtableWatch::default();
+        let first = w.look(mem(1_000, 10 << 20), at(0));
+        assert!(!first.flushed);
+        assert_eq!(first.fill_bytes_per_s, 0, "no rate from one look");
+        // The size grows by whole blocks: a second without one is not a
+        // rate of 0, the rate is over the memtable's life.
+        let second = w.look(mem(2_000, 10 << 20), at(1_000));
+        assert_eq!(second.fill_bytes_per_s, 0);
+        let third = w.look(mem(5_000, 14 << 20), at(4_000));
+        assert_eq!(third.fill_bytes_per_s, 1 << 20);
+        let fourth = w.look(mem(6_000, 14 << 20), at(5_000));
+        assert!(!fourth.flushed);
+        assert_eq!(fourth.fill_bytes_per_s, (4 << 20) / 5);
+        // A flush: fewer entries, a new memtable; its rate starts again.
+        let flushed = w.look(mem(300, 9 << 20), at(6_000));
+        assert!(flushed.flushed);
+        assert_eq!(flushed.fill_bytes_per_s, 0);
+        let after = w.look(mem(900, 11 << 20), at(8_000));
+        assert!(!after.flushed);
+        assert_eq!(after.fill_bytes_per_s, 1 << 20);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub use raftlog::{
 pub use read::{Cursors, MailboxInfo, ReadMessage, SyncPage, SyncQuery, SystemValue};
 pub use records::{HashRange, ShardMeta, ShardState};
 pub use restore::RESTORE_SYSTEM_VALUES_MAX;
-pub use size::{ShardSize, SizeScan};
+pub use size::{Memtables, ShardSize, SizeScan};
 pub use snapshot::{SnapshotChunk, SnapshotIngest, SnapshotSummary, CHUNK_BYTES_MAX};
 pub use split::SPACE_PRIVATE_MIN;
 

@@ -21,6 +21,22 @@ use crate::error::EngineError;
 use crate::keys::{self, CF_DATA};
 use crate::records::{HashRange, ShardMeta};
 
+/// The data CF's memtables, from [`Engine::data_memtables`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Memtables {
+    /// Entries in the active memtable and the immutable ones together.
+    pub entries: u64,
+    /// Entries in immutable memtables, switched out and waiting for (or
+    /// in) their flush.
+    pub immutable_entries: u64,
+    /// Bytes the active memtable holds (its arena, the hash buckets
+    /// included)…
+    pub active_bytes: u64,
+    /// …and the size at which RocksDB switches it out for its flush (the
+    /// write buffer size).
+    pub active_bytes_max: u64,
+}
+
 /// A replica's state-machine size, from [`Engine::shard_size`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardSize {
@@ -140,22 +156,26 @@ impl Engine {
             .ok_or_else(|| EngineError::InvalidCall("size scan: no result".into()))?
     }
 
-    /// The entries the data CF's memtables hold now: the active one and
-    /// those waiting for their flush (`rocksdb.num-entries-active-mem-table`
-    /// plus `rocksdb.num-entries-imm-mem-tables`). A total-order iterator
-    /// starts by copying every one of them into one sorted skiplist (D33),
-    /// so a caller with a scan it may put off (the size checker, D63)
-    /// waits until they are few.
-    pub fn data_memtable_entries(&self) -> Result<u64, EngineError> {
+    /// The data CF's memtables now: the entries of the active one and of
+    /// those waiting for their flush (`rocksdb.num-entries-active-mem-table`,
+    /// `rocksdb.num-entries-imm-mem-tables`), and how full the active one
+    /// is (`rocksdb.cur-size-active-mem-table` against the write buffer
+    /// size, where RocksDB switches it for a new one). A total-order
+    /// iterator starts by copying every entry into one sorted skiplist
+    /// (D33), so a caller with a scan it may put off (the size checker,
+    /// D63) can wait for a flush it sees coming.
+    pub fn data_memtables(&self) -> Result<Memtables, EngineError> {
         let cf = self.cf(CF_DATA)?;
         let db = self.db();
-        let active = db
-            .property_int_value_cf(cf, "rocksdb.num-entries-active-mem-table")?
-            .unwrap_or(0);
-        let immutable = db
-            .property_int_value_cf(cf, "rocksdb.num-entries-imm-mem-tables")?
-            .unwrap_or(0);
-        Ok(active.saturating_add(immutable))
+        let prop = |name: &str| -> Result<u64, EngineError> { Ok(db.property_int_value_cf(cf, name)?.unwrap_or(0)) };
+        let active = prop("rocksdb.num-entries-active-mem-table")?;
+        let immutable_entries = prop("rocksdb.num-entries-imm-mem-tables")?;
+        Ok(Memtables {
+            entries: active.saturating_add(immutable_entries),
+            immutable_entries,
+            active_bytes: prop("rocksdb.cur-size-active-mem-table")?,
+            active_bytes_max: u64::try_from(self.options().write_buffer_bytes).unwrap_or(u64::MAX),
+        })
     }
 
     /// [`Engine::size_scan`] of several shards, each `(shard, within)`, from

@@ -52,19 +52,32 @@ fn the_data_cf_compacts_eight_l0_files_into_16_mib_l1_files() {
     drop(engine);
 }
 
-/// The size checker waits for a memtable with few entries before it scans
-/// (D63), so the count it reads must follow writes and flushes.
+/// The size checker waits for a flush it sees coming before it scans
+/// (D63), so what it reads of the memtables must follow writes and
+/// flushes.
 #[test]
-fn the_data_memtables_entries_follow_writes_and_a_flush() {
+fn the_data_memtables_follow_writes_and_a_flush() {
     let mut s = common::Shard::with_options(EngineOptions::default());
-    let before = s.engine().data_memtable_entries().unwrap();
+    let before = s.engine().data_memtables().unwrap();
+    assert_eq!(
+        before.active_bytes_max,
+        u64::try_from(EngineOptions::default().write_buffer_bytes).unwrap()
+    );
     for i in 0..100 {
-        s.one(common::append("ns", b"u", format!("k{i}").as_bytes(), b"hi"))
+        s.one(common::append("ns", b"u", format!("k{i}").as_bytes(), &[7; 256]))
             .unwrap();
     }
-    let held = s.engine().data_memtable_entries().unwrap();
-    // Each append writes at least its message and its dedup entry.
-    assert!(held >= before + 200, "{before} -> {held}");
+    let held = s.engine().data_memtables().unwrap();
+    // Each append writes at least its message and its dedup entry, and
+    // the message's 256 bytes.
+    assert!(held.entries >= before.entries + 200, "{before:?} -> {held:?}");
+    assert!(
+        held.active_bytes >= before.active_bytes + 100 * 256,
+        "{before:?} -> {held:?}"
+    );
+    assert_eq!(held.immutable_entries, 0, "{held:?}");
     s.engine().flush_data().unwrap();
-    assert_eq!(s.engine().data_memtable_entries().unwrap(), 0);
+    let after = s.engine().data_memtables().unwrap();
+    assert_eq!((after.entries, after.immutable_entries), (0, 0), "{after:?}");
+    assert!(after.active_bytes < held.active_bytes, "{held:?} -> {after:?}");
 }
