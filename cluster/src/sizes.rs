@@ -21,8 +21,9 @@
 //! its 20-odd shards, was 8.6 % of the servers' CPU in a 20 s profile at
 //! 256 appends in flight (D54). Even one iterator a round copied a full
 //! memtable every round at high write rates (2.5 % of the servers' CPU):
-//! a due round now waits, up to [`SizeCheck::defer_max`], until the
-//! memtables hold few entries, as they do just after a flush (D63).
+//! a due round whose memtables hold many entries now waits, up to
+//! [`SizeCheck::defer_max`], for a flush it sees coming, and runs at the
+//! first look after it, when they hold few (D63; [`round_due`]).
 //!
 //! [`Engine::size_scan`]: pigeonhole_engine::Engine::size_scan
 //! [`Engine::size_scans`]: pigeonhole_engine::Engine::size_scans
@@ -132,9 +133,10 @@ pub struct SizeCheck {
     /// Counted again after this long if an eighth of the growth step was
     /// written since (trims shrink a shard while writing little).
     pub age_max: Duration,
-    /// A round that is due waits while the data CF's memtables hold more
-    /// than this many entries (D63): the round's iterator copies them all
-    /// first, and right after a flush there are few to copy…
+    /// A round that is due runs at once while the data CF's memtables
+    /// hold at most this many entries; with more it may wait for a flush
+    /// it sees coming (D63, [`round_due`]): the round's iterator copies
+    /// them all first, and right after a flush there are few to copy…
     pub memtable_entries_max: u64,
     /// …but it waits at most this long past `interval`, so a node whose
     /// memtables stay full still counts (paying the copy).
@@ -183,7 +185,15 @@ pub struct MemtableWatch {
     entries: u64,
     /// When the active memtable was first seen, and its bytes then.
     first: Option<(Instant, u64)>,
+    /// When its size last grew, and its bytes then.
+    grew: Option<(Instant, u64)>,
 }
+
+/// What the active memtable's size grows by at a time: RocksDB's arena
+/// block, min(1 MiB, write buffer / 8) with `arena_block_size` unset, as
+/// here (the looks at 256 in flight saw steps of 1 MiB and 8 bytes). Used
+/// only to tell a memtable that stopped filling from one between blocks.
+const ARENA_BLOCK_BYTES: u64 = 1 << 20;
 
 impl MemtableWatch {
     pub fn look(&mut self, m: pigeonhole_engine::Memtables, now: Instant) -> MemtableLook {
@@ -200,12 +210,34 @@ impl MemtableWatch {
                 (now, m.active_bytes)
             }
         };
-        let ms = now.saturating_duration_since(since).as_millis();
-        let grown = u128::from(m.active_bytes.saturating_sub(bytes));
-        let fill_bytes_per_s = grown
-            .saturating_mul(1_000)
-            .checked_div(ms)
-            .map_or(0, |r| u64::try_from(r).unwrap_or(u64::MAX));
+        let (grew_at, grew_bytes) = match self.grew {
+            Some((at, b)) if m.active_bytes <= b && at >= since => (at, b),
+            _ => {
+                self.grew = Some((now, m.active_bytes));
+                (now, m.active_bytes)
+            }
+        };
+        // Bytes per second between two points of this memtable's life.
+        let rate = |from: Instant, to: Instant, grown: u64| {
+            let ms = to.saturating_duration_since(from).as_millis();
+            u128::from(grown).saturating_mul(1_000).checked_div(ms).unwrap_or(0)
+        };
+        // Writes that stopped: no new block for twice the time one took at
+        // the rate up to the last growth (and a second more, for the
+        // looks' spacing). Else the rate over the memtable's life would
+        // decay slowly and hold rounds for a flush that is not coming.
+        let block_ms = u128::from(ARENA_BLOCK_BYTES).saturating_mul(1_000).checked_div(rate(
+            since,
+            grew_at,
+            grew_bytes.saturating_sub(bytes),
+        ));
+        let quiet_ms = now.saturating_duration_since(grew_at).as_millis();
+        let stalled = block_ms.is_some_and(|b| quiet_ms > b.saturating_mul(2).saturating_add(1_000));
+        let fill_bytes_per_s = if stalled {
+            0
+        } else {
+            u64::try_from(rate(since, now, m.active_bytes.saturating_sub(bytes))).unwrap_or(u64::MAX)
+        };
         MemtableLook {
             now: m,
             flushed,
@@ -244,7 +276,9 @@ pub fn round_due(
     let room_bytes = look.now.active_bytes_max.saturating_sub(look.now.active_bytes);
     let left_ms = give_up.saturating_sub(since_last).as_millis();
     let coming_bytes = u128::from(look.fill_bytes_per_s).saturating_mul(left_ms) / 1_000;
-    let flush_coming = look.now.immutable_entries > 0 || coming_bytes >= u128::from(room_bytes);
+    // `>`: a memtable at its size with nothing written (room 0, rate 0)
+    // is switched out only by the next write, which may not come.
+    let flush_coming = look.now.immutable_entries > 0 || coming_bytes > u128::from(room_bytes);
     !flush_coming || near_quota()
 }
 
@@ -588,6 +622,16 @@ mod tests {
         // ...or a memtable filling too slowly to be flushed in time...
         assert!(round_due(s(10), look(many, 0, slow), no, &cfg));
         assert!(round_due(s(10), look(many, 0, 0), no, &cfg));
+        // A memtable at its size that nothing writes to is switched out
+        // only by the next write: not waited for.
+        let full_and_quiet = look(many, 0, 0).map(|l| MemtableLook {
+            now: pigeonhole_engine::Memtables {
+                active_bytes: max,
+                ..l.now
+            },
+            ..l
+        });
+        assert!(round_due(s(10), full_and_quiet, no, &cfg));
         // ...but put off for a flush that is coming: one filling fast, or
         // an immutable memtable waiting for its flush...
         assert!(!round_due(s(10), look(many, 0, fast), no, &cfg));
@@ -636,6 +680,16 @@ mod tests {
         let after = w.look(mem(900, 11 << 20), at(8_000));
         assert!(!after.flushed);
         assert_eq!(after.fill_bytes_per_s, 1 << 20);
+        // Writes stop: a second without a block is the spacing of blocks at
+        // 1 MiB/s, the rate holds (over the memtable's life)...
+        let between = w.look(mem(950, 11 << 20), at(10_000));
+        assert_eq!(between.fill_bytes_per_s, (2 << 20) / 4);
+        // ...but past twice a block's time and a second, nothing is coming.
+        let quiet = w.look(mem(950, 11 << 20), at(11_001));
+        assert_eq!(quiet.fill_bytes_per_s, 0);
+        // Writes again: the rate over the memtable's life is back.
+        let again = w.look(mem(2_000, 12 << 20), at(12_000));
+        assert_eq!(again.fill_bytes_per_s, (3 << 20) / 6);
     }
 
     #[test]
