@@ -290,13 +290,17 @@ fn near_quota_now(node: &Node) -> bool {
     if state.namespaces.iter().all(|r| r.storage_bytes_max == 0) {
         return false;
     }
-    let Ok(records) = node.meta_scan(
-        SIZE_PREFIX,
-        usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX),
-    ) else {
+    let Some(records) = recorded_sizes(node) else {
         return false;
     };
-    !watched_namespaces(node, &state, &decode_records(&records)).is_empty()
+    !watched_namespaces(node, &state, &records).is_empty()
+}
+
+/// The shards' size records in this node's metadata replica (None
+/// without one).
+fn recorded_sizes(node: &Node) -> Option<BTreeMap<u64, ShardSizeRecord>> {
+    let limit = usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX);
+    node.meta_scan(SIZE_PREFIX, limit).ok().map(|r| decode_records(&r))
 }
 
 /// The last count of a shard this node leads.
@@ -389,13 +393,9 @@ async fn round(
     let map = node.routing();
     // Without a metadata replica there is nowhere to record, and no
     // settings to read: wait for one.
-    let Ok(records) = node.meta_scan(
-        SIZE_PREFIX,
-        usize::try_from(crate::config::SHARD_COUNT_MAX).unwrap_or(usize::MAX),
-    ) else {
+    let Some(records) = recorded_sizes(node) else {
         return Ok(());
     };
-    let records = decode_records(&records);
     let config_value = node
         .meta_scan(PLACEMENT_CONFIG_KEY, 1)
         .unwrap_or_default()
