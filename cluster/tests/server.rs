@@ -154,6 +154,19 @@ async fn the_server_serves_the_mailbox_api() {
     assert!(page.messages.is_empty());
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 
+    // A short deadline leaves the node most of its time: a long-poll with
+    // a 20 ms grpc-timeout waits 15 ms (three quarters) for a message
+    // before its empty page. With a flat 20 ms margin the node had 0 ms
+    // left and gave up at its timer's first tick, as an append with such a
+    // deadline did (DEADLINE_EXCEEDED while its write went on).
+    let t = Instant::now();
+    let mut req = tonic::Request::new(sync_req("ann", 3, 10_000));
+    req.set_timeout(Duration::from_millis(20));
+    let page = c.sync(req).await.unwrap().into_inner();
+    assert!(page.messages.is_empty());
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(15), "{waited:?}");
+
     // A reused idempotency key with another payload: ALREADY_EXISTS, with
     // the original seq.
     let st = c.append(append("ann", "k1", b"not hello")).await.unwrap_err();

@@ -3,9 +3,10 @@
 //! proposal slot or a ReadIndex for the node's full `request_timeout_ms`.
 //!
 //! tonic's server also enforces the header, but by dropping the handler and
-//! answering CANCELLED. The handlers stop [`DEADLINE_MARGIN_MS`] earlier, so
-//! the client sees the code the API promises (DEADLINE_EXCEEDED for a write
-//! whose outcome is unknown; an empty page for a long-poll) instead.
+//! answering CANCELLED. The handlers stop a little earlier ([`margin`]: 20 ms,
+//! or a quarter of a shorter timeout), so the client sees the code the API
+//! promises (DEADLINE_EXCEEDED for a write whose outcome is unknown; an
+//! empty page for a long-poll) instead.
 //!
 //! The Mailbox handlers read the deadline themselves ([`of`]), because what
 //! a late answer is differs by RPC. Every Admin RPC answers the same way
@@ -19,9 +20,24 @@ use std::time::{Duration, Instant};
 use tonic::codegen::http;
 use tonic::{Request, Status};
 
-/// How long before the client's deadline a handler stops waiting, so that
-/// its own answer wins the race with tonic's timer and the network.
+/// How long before the client's deadline a handler stops waiting, at most,
+/// so that its own answer wins the race with tonic's timer and the network.
 pub const DEADLINE_MARGIN_MS: u64 = 20;
+
+/// ... and at most this fraction (1 / divisor) of the client's timeout.
+/// Why: a flat 20 ms left nothing of a timeout of 20 ms or less, so such a
+/// call gave up at its timer's first tick (about 1 ms): an append not done
+/// by then answered DEADLINE_EXCEEDED while its proposal went on and
+/// committed, and a long-poll returned at once. A quarter keeps three
+/// quarters of a short budget for the work and still ends the handler
+/// before tonic's timer.
+pub const DEADLINE_MARGIN_TIMEOUT_DIVISOR: u32 = 4;
+
+/// The margin taken off a client's `timeout`: [`DEADLINE_MARGIN_MS`], or a
+/// [`DEADLINE_MARGIN_TIMEOUT_DIVISOR`]th of a timeout too short for it.
+pub fn margin(timeout: Duration) -> Duration {
+    Duration::from_millis(DEADLINE_MARGIN_MS).min(timeout / DEADLINE_MARGIN_TIMEOUT_DIVISOR)
+}
 
 /// The instant a handler should give up by, if the client set a deadline.
 pub fn of<T>(req: &Request<T>, received: Instant) -> Option<Instant> {
@@ -32,7 +48,7 @@ pub fn of<T>(req: &Request<T>, received: Instant) -> Option<Instant> {
 /// taken off.
 fn until(header: &str, received: Instant) -> Option<Instant> {
     let timeout = parse_grpc_timeout(header)?;
-    let budget = timeout.saturating_sub(Duration::from_millis(DEADLINE_MARGIN_MS));
+    let budget = timeout.saturating_sub(margin(timeout));
     Some(received + budget)
 }
 
@@ -44,7 +60,7 @@ pub const EXPIRED: &str = "the call's deadline (grpc-timeout) passed before the 
                            what it asked for may or may not be done: read the state back before retrying";
 
 /// A gRPC service whose calls stop at the caller's `grpc-timeout`, less
-/// [`DEADLINE_MARGIN_MS`], with DEADLINE_EXCEEDED ([`EXPIRED`]). Without
+/// [`margin`], with DEADLINE_EXCEEDED ([`EXPIRED`]). Without
 /// the header a call runs as the inner service runs it (each node call is
 /// bounded by the node's own `request_timeout_ms`). Dropping the inner
 /// future at the deadline is what tonic's own timeout already did, 20 ms
@@ -207,5 +223,20 @@ mod tests {
             of(&req, now),
             Some(now + Duration::from_millis(100 - DEADLINE_MARGIN_MS))
         );
+    }
+
+    #[test]
+    fn a_short_deadline_keeps_three_quarters_of_its_time() {
+        let now = Instant::now();
+        let at = |header: &str| until(header, now).map(|t| t.duration_since(now));
+        // The flat margin from 80 ms up ...
+        assert_eq!(at("1S"), Some(Duration::from_millis(980)));
+        assert_eq!(at("80m"), Some(Duration::from_millis(60)));
+        // ... a quarter below: a 20 ms call still has 15 ms to work (with
+        // the flat margin it had none and always failed).
+        assert_eq!(at("20m"), Some(Duration::from_millis(15)));
+        assert_eq!(at("8m"), Some(Duration::from_millis(6)));
+        assert_eq!(at("400u"), Some(Duration::from_micros(300)));
+        assert_eq!(at("0m"), Some(Duration::ZERO));
     }
 }
