@@ -63,7 +63,7 @@ pub const EXPIRED: &str = "the call's deadline (grpc-timeout) passed before the 
 /// [`margin`], with DEADLINE_EXCEEDED ([`EXPIRED`]). Without
 /// the header a call runs as the inner service runs it (each node call is
 /// bounded by the node's own `request_timeout_ms`). Dropping the inner
-/// future at the deadline is what tonic's own timeout already did, 20 ms
+/// future at the deadline is what tonic's own timeout already did, a margin
 /// later and answering CANCELLED; the driver discards an answer whose caller
 /// is gone.
 #[derive(Debug, Clone)]
