@@ -158,12 +158,17 @@ async fn the_server_serves_the_mailbox_api() {
     // a 20 ms grpc-timeout waits 15 ms (three quarters) for a message
     // before its empty page. With a flat 20 ms margin the node had 0 ms
     // left and gave up at its timer's first tick, as an append with such a
-    // deadline did (DEADLINE_EXCEEDED while its write went on).
+    // deadline did (DEADLINE_EXCEEDED while its write went on). The page
+    // leaves the node 5 ms before the client gives up; on a busy test
+    // machine the client's own timer may still win, which is an error
+    // after the wait, never before it.
     let t = Instant::now();
     let mut req = tonic::Request::new(sync_req("ann", 3, 10_000));
     req.set_timeout(Duration::from_millis(20));
-    let page = c.sync(req).await.unwrap().into_inner();
-    assert!(page.messages.is_empty());
+    match c.sync(req).await {
+        Ok(page) => assert!(page.into_inner().messages.is_empty()),
+        Err(st) => assert!(matches!(st.code(), Code::DeadlineExceeded | Code::Cancelled), "{st:?}"),
+    }
     let waited = t.elapsed();
     assert!(waited >= Duration::from_millis(15), "{waited:?}");
 
