@@ -151,6 +151,29 @@ pub struct RaftTuning {
     /// machine crash or power loss on a majority. For benchmarks against
     /// systems that do not fsync either; off unless asked for by name.
     pub unsafe_no_fsync: bool,
+    /// Apply worker threads (`driver::applier`): each shard is applied by
+    /// one of them, different shards in parallel. Default:
+    /// [`default_apply_threads`] for this machine.
+    pub apply_threads: usize,
+}
+
+/// Most apply workers a node runs. RocksDB takes one memtable writer at a
+/// time (the data CF's hash memtable needs it), so past a few workers more
+/// threads only wait for that writer.
+pub const APPLY_THREADS_MAX: usize = 16;
+
+/// The apply pool's size for a machine with `cores` cores: a quarter of
+/// them, 1 to 4. Apply was about a third of a node's CPU in the write-path
+/// profiles (the gRPC calls and the Raft transport on the tokio runtime,
+/// which has a worker per core, took the most), and past 4 workers the
+/// single memtable writer bounds them (D64). A 2-vCPU machine gets 1.
+pub fn apply_threads_for(cores: usize) -> usize {
+    (cores / 4).clamp(1, 4)
+}
+
+/// [`apply_threads_for`] this machine's available parallelism.
+pub fn default_apply_threads() -> usize {
+    apply_threads_for(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
 }
 
 impl Default for RaftTuning {
@@ -179,6 +202,7 @@ impl Default for RaftTuning {
             stale_replica_after_ms: 10_000,
             move_target_silent_ms_max: crate::moves::MOVE_TARGET_SILENT_MS_MAX,
             unsafe_no_fsync: false,
+            apply_threads: default_apply_threads(),
         }
     }
 }
@@ -235,6 +259,12 @@ impl RaftTuning {
         }
         if self.inbox_capacity == 0 || self.inbox_batch_max == 0 {
             return bad("inbox sizes must be > 0".into());
+        }
+        if !(1..=APPLY_THREADS_MAX).contains(&self.apply_threads) {
+            return bad(format!(
+                "apply_threads {} is outside 1..={APPLY_THREADS_MAX}",
+                self.apply_threads
+            ));
         }
         Ok(())
     }
@@ -466,5 +496,23 @@ mod tests {
             ..RaftTuning::default()
         };
         assert!(t.validate().is_err());
+        for apply_threads in [0, APPLY_THREADS_MAX + 1] {
+            let t = RaftTuning {
+                apply_threads,
+                ..RaftTuning::default()
+            };
+            let e = t.validate().unwrap_err().to_string();
+            assert!(e.contains("apply_threads") && e.contains("1..=16"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_apply_pool_is_a_quarter_of_the_cores_from_one_to_four() {
+        let got: Vec<usize> = [0, 1, 2, 4, 7, 8, 16, 64]
+            .iter()
+            .map(|c| apply_threads_for(*c))
+            .collect();
+        assert_eq!(got, vec![1, 1, 1, 1, 1, 2, 4, 4]);
+        assert!((1..=APPLY_THREADS_MAX).contains(&default_apply_threads()));
     }
 }

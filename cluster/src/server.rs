@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub log_retain_entries: u64,
     /// Snapshot bytes sent per second, at most (`RaftTuning`).
     pub snapshot_send_bytes_per_s: u64,
+    /// Apply worker threads (`RaftTuning::apply_threads`).
+    pub apply_threads: usize,
     /// Members to ask to join through (`--join`); empty: start from
     /// `initial_cluster`. A data dir that joined before asks no one.
     pub join: Vec<String>,
@@ -103,6 +105,7 @@ impl ServerConfig {
             log_entries_max: crate::config::RaftTuning::default().log_entries_max,
             log_retain_entries: crate::config::RaftTuning::default().log_retain_entries,
             snapshot_send_bytes_per_s: crate::config::RaftTuning::default().snapshot_send_bytes_per_s,
+            apply_threads: crate::config::default_apply_threads(),
             join: Vec::new(),
             advertise: listen.to_string(),
             zone: String::new(),
@@ -210,6 +213,7 @@ pub async fn run(
     node_cfg.raft.log_entries_max = cfg.log_entries_max;
     node_cfg.raft.log_retain_entries = cfg.log_retain_entries;
     node_cfg.raft.snapshot_send_bytes_per_s = cfg.snapshot_send_bytes_per_s;
+    node_cfg.raft.apply_threads = cfg.apply_threads;
     if cfg.unsafe_no_fsync {
         tracing::warn!(
             "--unsafe-no-fsync: writes are acknowledged without fsync; \

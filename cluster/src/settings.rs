@@ -47,6 +47,8 @@
 //! log_entries_max = 20000      # entries per shard log before compaction
 //! log_retain_entries = 2000    # kept behind the applied index for followers
 //! snapshot_send_bytes_per_s = 104857600   # all snapshots this node sends
+//! apply_threads = 1           # apply workers; absent: a quarter of the
+//!                             # cores, 1 to 4 (D64)
 //! ```
 
 use crate::api::ApiLimits;
@@ -130,6 +132,8 @@ pub struct RaftSettings {
     pub log_retain_entries: Option<u64>,
     /// Snapshot bytes this node sends per second, over all its snapshots.
     pub snapshot_send_bytes_per_s: Option<u64>,
+    /// Apply worker threads.
+    pub apply_threads: Option<usize>,
 }
 
 /// The `[limits]` table.
@@ -161,6 +165,7 @@ const SYNC_WAIT_MS: RangeInclusive<u32> = 0..=600_000;
 const SUBSCRIBE_MAILBOXES: RangeInclusive<usize> = 1..=100_000;
 const SUBSCRIBE_IN_FLIGHT: RangeInclusive<u32> = 1..=(1 << 20);
 const LOG_ENTRIES: RangeInclusive<u64> = 16..=10_000_000;
+const APPLY_THREADS: RangeInclusive<usize> = 1..=crate::config::APPLY_THREADS_MAX;
 const LOG_RETAIN: RangeInclusive<u64> = 0..=1_000_000;
 const SNAPSHOT_SEND_BYTES_PER_S: RangeInclusive<u64> =
     crate::config::SNAPSHOT_SEND_BYTES_PER_S_MIN..=crate::config::SNAPSHOT_SEND_BYTES_PER_S_MAX;
@@ -257,6 +262,7 @@ impl Settings {
                 log_entries_max: ro.log_entries_max.or(r.log_entries_max),
                 log_retain_entries: ro.log_retain_entries.or(r.log_retain_entries),
                 snapshot_send_bytes_per_s: ro.snapshot_send_bytes_per_s.or(r.snapshot_send_bytes_per_s),
+                apply_threads: ro.apply_threads.or(r.apply_threads),
             },
         }
     }
@@ -391,6 +397,11 @@ impl Settings {
                 .snapshot_send_bytes_per_s
                 .unwrap_or(cfg.snapshot_send_bytes_per_s),
             &SNAPSHOT_SEND_BYTES_PER_S,
+        )?;
+        cfg.apply_threads = check(
+            "raft.apply_threads",
+            self.raft.apply_threads.unwrap_or(cfg.apply_threads),
+            &APPLY_THREADS,
         )?;
         if cfg.log_retain_entries >= cfg.log_entries_max {
             return Err(format!(

@@ -15,7 +15,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::Parser;
 use pigeonhole_cluster::server::{run, shutdown_signal, ServerConfig};
-use pigeonhole_cluster::settings::{LimitSettings, Settings, TlsSettings};
+use pigeonhole_cluster::settings::{LimitSettings, RaftSettings, Settings, TlsSettings};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -140,6 +140,9 @@ struct Flags {
     /// Largest Subscribe max_in_flight [default: 65536].
     #[arg(long, env = "PIGEONHOLE_SUBSCRIBE_IN_FLIGHT_MAX")]
     subscribe_in_flight_max: Option<u32>,
+    /// Apply worker threads, 1 to 16 [default: a quarter of the cores, 1 to 4].
+    #[arg(long, env = "PIGEONHOLE_APPLY_THREADS")]
+    apply_threads: Option<usize>,
 }
 
 fn settings(f: Flags) -> Result<Settings, String> {
@@ -177,8 +180,12 @@ fn settings(f: Flags) -> Result<Settings, String> {
             subscribe_mailboxes_max: f.subscribe_mailboxes_max,
             subscribe_in_flight_max: f.subscribe_in_flight_max,
         },
-        // Log compaction is set in the config file's [raft] table only.
-        raft: Default::default(),
+        // Log compaction and the snapshot budget are set in the config
+        // file's [raft] table only.
+        raft: RaftSettings {
+            apply_threads: f.apply_threads,
+            ..Default::default()
+        },
     }))
 }
 

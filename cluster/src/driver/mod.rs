@@ -14,10 +14,10 @@
 //!    ONE `RaftBatch`: one Raft log record and ONE fsync (group commit);
 //! 6. sends the messages that had to wait for that fsync (votes, append
 //!    responses), batched per destination node;
-//! 7. hands committed entries to the apply worker, which applies them on its
-//!    own thread and answers the waiting proposals with their per-op
-//!    results; its reports move each shard's applied index, which releases
-//!    the reads waiting for it.
+//! 7. hands committed entries to the apply workers, which apply them on
+//!    threads of their own (each shard on one of them) and answer the
+//!    waiting proposals with their per-op results; their reports move each
+//!    shard's applied index, which releases the reads waiting for it.
 //!
 //! Proposals carry a context of (origin node, proposal id). raft-rs forwards
 //! a follower's proposal to the leader by itself; when the entry is applied,
@@ -42,8 +42,8 @@
 //!   (steps 3 to 6);
 //! - `apply`: handing committed entries to the apply worker and taking its
 //!   reports (step 7);
-//! - `applier`: the apply worker, a thread of its own that writes committed
-//!   entries into the state machine and answers the callers;
+//! - `applier`: the apply workers, a pool of threads that write committed
+//!   entries into the state machine and answer the callers;
 //! - `flush`: making applied state durable so the log can be compacted;
 //! - `snapshot`: crash repair at start, replica creation, ingest (on a
 //!   thread of its own, so the node's other shards do not wait), sending;
@@ -309,7 +309,7 @@ impl Driver {
             })
             .collect();
         let snapshot_rate = Arc::new(SendRate::new(tuning.snapshot_send_bytes_per_s));
-        let applier = applier::Applier::spawn(node_id, engine.clone(), Arc::clone(&watchers))?;
+        let applier = applier::Applier::spawn(node_id, tuning.apply_threads, &engine, &watchers)?;
         let mut d = Driver {
             node_id,
             engine,

@@ -32,6 +32,9 @@ pub fn fast_tuning() -> RaftTuning {
         rebalance_every_ticks: 0,
         // Tests place replicas by hand unless they ask for the loop.
         placement_every_ticks: 0,
+        // A pool, whatever the machine: the binary's default on a small
+        // machine is one worker, which the e2e and Jepsen runs cover.
+        apply_threads: 2,
         ..RaftTuning::default()
     }
 }
