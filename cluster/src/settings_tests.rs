@@ -197,6 +197,33 @@ fn the_snapshot_send_budget_is_read_and_checked() {
     }
 }
 
+#[test]
+fn the_apply_pool_size_is_read_and_checked() {
+    let cfg = Settings::default().into_server_config().unwrap();
+    assert_eq!(cfg.apply_threads, crate::config::default_apply_threads(), "default");
+    let file = Settings::from_toml("[raft]\napply_threads = 3\n").unwrap();
+    assert_eq!(file.clone().into_server_config().unwrap().apply_threads, 3);
+    let flag = Settings {
+        raft: super::RaftSettings {
+            apply_threads: Some(2),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    assert_eq!(
+        file.overlay(flag).into_server_config().unwrap().apply_threads,
+        2,
+        "the flag wins"
+    );
+    for bad in ["0", "17"] {
+        let e = Settings::from_toml(&format!("[raft]\napply_threads = {bad}\n"))
+            .unwrap()
+            .into_server_config()
+            .unwrap_err();
+        assert!(e.contains("raft.apply_threads") && e.contains("1 to 16"), "{e}");
+    }
+}
+
 /// The example config shipped with the systemd unit is a valid one.
 #[test]
 fn the_shipped_example_config_is_valid() {

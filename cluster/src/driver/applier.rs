@@ -28,8 +28,8 @@
 //!   log compaction, the flush that bounds compaction, hibernation) sees only
 //!   what the state machine really holds.
 //!
-//! The worker never waits for the driver: tasks come in on an unbounded
-//! channel and reports go out on another, so neither thread can block the
+//! A worker never waits for the driver: tasks come in on an unbounded
+//! channel and reports go out on another, so neither side can block the
 //! other into a deadlock. The driver bounds what is in flight instead
 //! ([`APPLY_LAG_BYTES_MAX`]).
 
