@@ -20,13 +20,9 @@ use pigeonhole_cluster::server::{run, ServerConfig};
 use pigeonhole_cluster::InitialCluster;
 use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../../cluster/tests/server_common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 fn e2e(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()

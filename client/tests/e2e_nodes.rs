@@ -99,6 +99,18 @@ async fn a_drained_node_hands_off_everything_under_load_and_only_then_can_be_rem
         .transfer_leader(preferred_here.0, preferred_here.1)
         .await
         .unwrap();
+    // The transfer itself must land first, or the check below could not
+    // tell a leadership handed back from one that never left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while leader_of(&client, preferred_here.0).await == DRAINED {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shard {} did not move to node {} within 10 s",
+            preferred_here.0,
+            preferred_here.1
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_secs(7)).await;
     let leads: Vec<u64> = client
         .node_status(DRAINED, false)

@@ -111,13 +111,9 @@ fn spawn_node(dir: &std::path::Path, node: &Node, initial: &str, seeds: &str) ->
         .unwrap()
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../../../cluster/tests/server_common/ports.rs"]
+mod ports;
+pub use ports::free_port;
 
 impl Cluster {
     pub fn start() -> Cluster {

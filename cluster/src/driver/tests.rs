@@ -68,8 +68,18 @@ fn turn(d: &mut Driver) {
     }
     d.propose_queued();
     d.process_ready().unwrap();
+    // Waits for the workers' reports, for a bounded time: a report that
+    // never comes fails the test instead of hanging it.
+    let deadline = Instant::now() + Duration::from_secs(10);
     while d.applier.lag_bytes > 0 || d.replicas.values().any(|r| r.handed > r.raw.raft.raft_log.applied) {
-        d.wait_report().unwrap();
+        if let Ok(report) = d.applier.reports.recv_timeout(Duration::from_millis(100)) {
+            d.on_report(report).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "entries handed to the apply workers were never reported applied ({} bytes)",
+            d.applier.lag_bytes
+        );
     }
 }
 
@@ -341,4 +351,67 @@ fn a_snapshot_is_ingested_off_the_driver_while_other_shards_go_on() {
     assert!(d.replicas.contains_key(&1), "the replica is back");
     assert_eq!(d.engine.shard_meta(1).unwrap().unwrap().applied_index, SNAP_INDEX);
     assert!(d.replicas[&1].durable_applied >= SNAP_INDEX);
+}
+
+/// The driver's side of apply (`apply.rs`) with a pool of workers: each
+/// turn's committed entries are split by owner, the reports of all the
+/// workers move every shard's applied index, and every caller is answered.
+/// (The order of a shard's entries across tasks is checked where it can be
+/// forced, in `applier`'s own tests: here each task is applied in well
+/// under the time to hand over the next.)
+#[test]
+fn with_a_pool_of_apply_workers_every_shard_applies_and_every_caller_is_answered() {
+    let tuning = RaftTuning {
+        apply_threads: 3,
+        ..RaftTuning::default()
+    };
+    let (_dir, mut d) = driver(tuning);
+    settle(&mut d);
+    let mut callers = Vec::new();
+    for round in 0..20 {
+        for shard in 1..=SHARDS {
+            let key = format!("k{round}");
+            callers.push((shard, round, propose(&mut d, shard, vec![append_op(&key)])));
+        }
+        // Hand the round's entries over without waiting for reports, so
+        // several tasks of each shard are with the workers at once.
+        d.propose_queued();
+        d.process_ready().unwrap();
+        d.process_ready().unwrap();
+    }
+    settle(&mut d);
+    for (shard, round, mut rx) in callers {
+        match rx.try_recv().unwrap().unwrap().remove(0) {
+            Ok(OpOutput::Appended { seq, duplicate, .. }) => {
+                assert_eq!((seq, duplicate), (round + 1, false), "shard {shard} round {round}");
+            }
+            other => panic!("shard {shard} round {round}: {other:?}"),
+        }
+    }
+    for s in d.status() {
+        assert_eq!(s.applied, s.last_index, "shard {}", s.shard);
+    }
+}
+
+/// `on_report` never moves raft-rs's applied index backwards or past what
+/// is committed and persisted: a replica created again after a removal may
+/// see reports of its earlier life, and raft-rs panics on such a move.
+#[test]
+fn a_report_outside_the_applied_to_committed_range_is_ignored() {
+    let (_dir, mut d) = driver(RaftTuning::default());
+    settle(&mut d);
+    drop(propose(&mut d, 1, vec![append_op("a")]));
+    settle(&mut d);
+    let applied = d.replicas[&1].raw.raft.raft_log.applied;
+    let committed = d.replicas[&1].raw.raft.raft_log.committed;
+    assert_eq!(applied, committed);
+    for index in [committed + 5, applied - 1] {
+        d.on_report(applier::ApplyReport::Applied {
+            shards: vec![(1, index)],
+            bytes: 0,
+            splits: Vec::new(),
+        })
+        .unwrap();
+        assert_eq!(d.replicas[&1].raw.raft.raft_log.applied, applied, "report of {index}");
+    }
 }

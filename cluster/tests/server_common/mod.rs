@@ -20,13 +20,8 @@ impl Drop for Server {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod ports;
+pub use ports::free_port;
 
 pub fn start(dir: &std::path::Path, port: u16) -> Server {
     start_with(dir, port, &[])
