@@ -1,6 +1,8 @@
 //! A one-node driver stepped by hand (no loop thread), for the parts
-//! that need a whole driver: the inbox, the tick, proposals through
-//! apply, status. Multi-node behaviour is in `tests/cluster.rs`.
+//! that need a whole driver. This file holds the harness and the tests of
+//! the loop as a whole (proposals through apply, reads, the apply pool);
+//! each driver module's own tests are in the submodule of its name.
+//! Multi-node behaviour is in `tests/cluster.rs`.
 use super::*;
 use crate::config::InitialCluster;
 use crate::transport::{Envelope, SnapshotJob};
@@ -8,13 +10,33 @@ use pigeonhole_engine::conf_state_with_voters;
 use pigeonhole_engine::raft::eraftpb::ConfState;
 use pigeonhole_engine::raft::Storage as _;
 use pigeonhole_engine::{EngineOptions, OpOutput};
+use std::sync::Mutex;
 
-/// Drops everything: a one-node cluster sends nothing that matters.
-struct NoPeers;
-impl Transport for NoPeers {
-    fn send(&self, _env: Envelope) {}
+mod flush;
+mod inbox;
+mod place;
+mod split;
+mod status;
+mod tick;
+
+/// Delivers nothing (a one-node cluster sends nothing that matters), but
+/// remembers what it was asked to do, for the tests of the heartbeat and
+/// of learning peers.
+#[derive(Default)]
+struct Recorder {
+    /// (to, number of shard messages) of each envelope sent.
+    sent: Mutex<Vec<(u64, usize)>>,
+    added: Mutex<Vec<(u64, String)>>,
+}
+impl Transport for Arc<Recorder> {
+    fn send(&self, env: Envelope) {
+        self.sent.lock().unwrap().push((env.to, env.msgs.len()));
+    }
     fn send_snapshot(&self, job: SnapshotJob) {
         (job.report)(false);
+    }
+    fn add_peer(&self, node: u64, address: &str) {
+        self.added.lock().unwrap().push((node, address.to_string()));
     }
 }
 
@@ -24,8 +46,23 @@ fn driver(tuning: RaftTuning) -> (tempfile::TempDir, Driver) {
     driver_with(tuning, |_| {})
 }
 
+/// A driver and what its transport was asked to do.
+fn recorded_driver(tuning: RaftTuning) -> (tempfile::TempDir, Driver, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder::default());
+    let (dir, d) = build(tuning, |_| {}, Arc::new(recorder.clone()));
+    (dir, d, recorder)
+}
+
 /// A driver over an engine `prepare` added to before the driver starts.
 fn driver_with(tuning: RaftTuning, prepare: impl FnOnce(&Engine)) -> (tempfile::TempDir, Driver) {
+    build(tuning, prepare, Arc::new(Arc::new(Recorder::default())))
+}
+
+fn build(
+    tuning: RaftTuning,
+    prepare: impl FnOnce(&Engine),
+    transport: Arc<dyn Transport>,
+) -> (tempfile::TempDir, Driver) {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(dir.path().join("db"), EngineOptions::default()).unwrap();
     let cluster = InitialCluster::parse("1=127.0.0.1:1").unwrap();
@@ -49,7 +86,7 @@ fn driver_with(tuning: RaftTuning, prepare: impl FnOnce(&Engine)) -> (tempfile::
         node_id: 1,
         engine,
         tuning,
-        transport: Arc::new(NoPeers),
+        transport,
         inbox: crossbeam_channel::bounded(64),
         routing: Arc::new(crate::placement::Routing::new(map.clone())),
         map,
@@ -99,6 +136,28 @@ fn append_op(key: &str) -> cmd::Op {
             expected_last_seq: None,
         })),
     }
+}
+
+/// Writes a system value into this node's metadata replica, through the
+/// log, and waits for it.
+fn put_system(d: &mut Driver, key: Vec<u8>, value: Vec<u8>) {
+    let op = cmd::Op {
+        op: Some(cmd::op::Op::PutSystem(cmd::PutSystemOp {
+            key,
+            value,
+            version: 1,
+            if_version: None,
+        })),
+    };
+    let mut rx = propose(d, META_SHARD, vec![op]);
+    settle(d);
+    let out = rx.try_recv().unwrap().unwrap();
+    assert!(matches!(out.as_slice(), [Ok(_)]), "{out:?}");
+}
+
+/// The status of one shard.
+fn status_of(d: &Driver, shard: u64) -> ShardStatus {
+    d.status().into_iter().find(|s| s.shard == shard).unwrap()
 }
 
 fn propose(d: &mut Driver, shard: u64, ops: Vec<cmd::Op>) -> oneshot::Receiver<ProposeResult> {
@@ -169,93 +228,6 @@ fn a_read_is_released_when_its_index_is_applied_with_or_without_new_applies() {
     settle(&mut d);
     assert!(w.try_recv().unwrap().is_ok());
     assert!(matches!(after_write.try_recv(), Ok(Ok(()))), "released after the apply");
-}
-
-#[test]
-fn the_inbox_refuses_what_this_node_cannot_do() {
-    let (_dir, mut d) = driver(RaftTuning::default());
-    settle(&mut d);
-    let mut r = propose(&mut d, 99, vec![append_op("a")]);
-    assert!(matches!(
-        r.try_recv().unwrap(),
-        Err(ClusterError::NoSuchShard { shard: 99, .. })
-    ));
-    let (reply, mut rx) = oneshot::channel();
-    d.handle(Inbound::TransferLeader { shard: 1, to: 7, reply }).unwrap();
-    assert!(matches!(
-        rx.try_recv().unwrap(),
-        Err(ClusterError::InvalidArgument { field: "to_node", .. })
-    ));
-    let mut empty = propose(&mut d, 1, Vec::new());
-    assert!(empty.try_recv().unwrap().unwrap().is_empty(), "no ops, no entry");
-}
-
-/// The state machine is written without a WAL (D26): the log must
-/// never be compacted past what a flush made durable, and compaction
-/// must resume once a flush did.
-#[test]
-fn the_log_is_never_compacted_past_the_durable_applied_index() {
-    let tuning = RaftTuning {
-        log_entries_max: 16,
-        log_retain_entries: 0,
-        ..RaftTuning::default()
-    };
-    let (_dir, mut d) = driver(tuning);
-    settle(&mut d);
-    let check = |d: &Driver| {
-        for (shard, r) in &d.replicas {
-            let first = r.raw.store().first_index().unwrap();
-            assert!(
-                first - 1 <= r.durable_applied,
-                "shard {shard}: log compacted to {} past the durable applied index {}",
-                first - 1,
-                r.durable_applied
-            );
-        }
-    };
-    let mut flushes = 0;
-    for i in 0..200 {
-        drop(propose(&mut d, 1, vec![append_op(&format!("k{i}"))]));
-        turn(&mut d);
-        flushes += usize::from(d.flush_job.is_some());
-        check(&d);
-    }
-    assert!(flushes > 0, "a long log asked for a flush");
-    // Once flushes land, compaction catches up.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        turn(&mut d);
-        check(&d);
-        let first = d.replicas[&1].raw.store().first_index().unwrap();
-        if first > 150 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the log never compacted (first index {first})"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-        drop(propose(&mut d, 1, vec![append_op("more")]));
-    }
-}
-
-#[test]
-fn a_quiet_shard_hibernates_after_its_ticks_and_a_request_wakes_it() {
-    let tuning = RaftTuning {
-        hibernate_after_ticks: 3,
-        ..RaftTuning::default()
-    };
-    let (_dir, mut d) = driver(tuning);
-    settle(&mut d);
-    for _ in 0..5 {
-        d.tick();
-        settle(&mut d);
-    }
-    assert!(d.status().iter().all(|s| s.asleep), "{:?}", d.status());
-    let mut r = propose(&mut d, 1, vec![append_op("a")]);
-    assert!(!d.status().into_iter().find(|s| s.shard == 1).unwrap().asleep);
-    settle(&mut d);
-    assert!(r.try_recv().unwrap().is_ok());
 }
 
 /// Replica GC at start: a replica whose applied configuration no longer
