@@ -56,6 +56,13 @@
 //!   steps on shard leaders; the logic is `crate::moves`).
 //!
 //! This file holds the driver's state, its construction and the loop.
+//!
+//! Tests: the modules with pure parts (`replica`, `ready`, `applier`,
+//! `catchup`, `gc`, `snapshot`) test them in place; `tests/` steps a
+//! one-node driver by hand and holds the tests of the loop as a whole, and
+//! one file per module for what needs a whole driver (`tests/inbox.rs`,
+//! `tests/tick.rs`, `tests/flush.rs`, `tests/split.rs`, `tests/status.rs`,
+//! `tests/place.rs`).
 
 mod applier;
 mod apply;
