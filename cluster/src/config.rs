@@ -155,6 +155,11 @@ pub struct RaftTuning {
     /// one of them, different shards in parallel. Default:
     /// [`default_apply_threads`] for this machine.
     pub apply_threads: usize,
+    /// Raft driver threads (`driver::pool`): each runs its share of the
+    /// node's replicas, with its own Raft log write and fsync per turn.
+    /// The apply workers are shared out among them. Default:
+    /// [`default_driver_threads`] for this machine.
+    pub driver_threads: usize,
 }
 
 /// Most apply workers a node runs. RocksDB takes one memtable writer at a
@@ -174,6 +179,26 @@ pub fn apply_threads_for(cores: usize) -> usize {
 /// [`apply_threads_for`] this machine's available parallelism.
 pub fn default_apply_threads() -> usize {
     apply_threads_for(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
+
+/// Most Raft drivers a node runs. Each writes and fsyncs the one Raft log
+/// on its own (the log takes one writer at a time), so many drivers on a
+/// slow disk queue on its fsyncs.
+pub const DRIVER_THREADS_MAX: usize = 16;
+
+/// The driver pool's size for a machine with `cores` cores: an eighth of
+/// them, 1 to 4. A driver used about a sixth of a node's CPU in the
+/// write-path profiles (D64's 2-vCPU host: drivers 18 % of all samples
+/// over three nodes), so one driver keeps up until a node has several
+/// times the cores of that host. Unmeasured above 2 cores (D65). A 2- to
+/// 15-core machine gets 1.
+pub fn driver_threads_for(cores: usize) -> usize {
+    (cores / 8).clamp(1, 4)
+}
+
+/// [`driver_threads_for`] this machine's available parallelism.
+pub fn default_driver_threads() -> usize {
+    driver_threads_for(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
 }
 
 impl Default for RaftTuning {
@@ -203,6 +228,7 @@ impl Default for RaftTuning {
             move_target_silent_ms_max: crate::moves::MOVE_TARGET_SILENT_MS_MAX,
             unsafe_no_fsync: false,
             apply_threads: default_apply_threads(),
+            driver_threads: default_driver_threads(),
         }
     }
 }
@@ -264,6 +290,12 @@ impl RaftTuning {
             return bad(format!(
                 "apply_threads {} is outside 1..={APPLY_THREADS_MAX}",
                 self.apply_threads
+            ));
+        }
+        if !(1..=DRIVER_THREADS_MAX).contains(&self.driver_threads) {
+            return bad(format!(
+                "driver_threads {} is outside 1..={DRIVER_THREADS_MAX}",
+                self.driver_threads
             ));
         }
         Ok(())
@@ -504,6 +536,24 @@ mod tests {
             let e = t.validate().unwrap_err().to_string();
             assert!(e.contains("apply_threads") && e.contains("1..=16"), "{e}");
         }
+        for driver_threads in [0, DRIVER_THREADS_MAX + 1] {
+            let t = RaftTuning {
+                driver_threads,
+                ..RaftTuning::default()
+            };
+            let e = t.validate().unwrap_err().to_string();
+            assert!(e.contains("driver_threads") && e.contains("1..=16"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_driver_pool_is_an_eighth_of_the_cores_from_one_to_four() {
+        let got: Vec<usize> = [0, 1, 2, 8, 15, 16, 24, 32, 128]
+            .iter()
+            .map(|c| driver_threads_for(*c))
+            .collect();
+        assert_eq!(got, vec![1, 1, 1, 1, 1, 2, 3, 4, 4]);
+        assert!((1..=DRIVER_THREADS_MAX).contains(&default_driver_threads()));
     }
 
     #[test]

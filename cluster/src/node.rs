@@ -2,9 +2,9 @@
 //!
 //! [`Node::start`] (in `start`) opens the engine, bootstraps this node's
 //! replicas on first start (from the static initial cluster, as etcd does),
-//! and starts the driver thread. Every call goes through the driver's
-//! bounded inbox; a full inbox is a retryable `Overloaded`, never a blocked
-//! caller.
+//! and starts the driver threads (`driver::pool`). Every call goes through
+//! the bounded inbox of its shard's driver; a full inbox is a retryable
+//! `Overloaded`, never a blocked caller.
 
 use crate::driver::{Inbound, ProposeResult, ShardStatus};
 use crate::error::ClusterError;
@@ -12,7 +12,7 @@ use crate::nodes::{NodeState, NodeStateEntry, NODE_RECORD_PREFIX};
 use crate::placement::{ShardMap, META_SHARD, SHARD_RECORD_PREFIX};
 use crate::transport::NodeInbox;
 use crate::watch::Watchers;
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 use pigeonhole_engine::command as cmd;
 use pigeonhole_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState};
 use pigeonhole_engine::Engine;
@@ -65,9 +65,10 @@ struct NodeInner {
     engine: Engine,
     map: Arc<ShardMap>,
     routing: Arc<crate::placement::Routing>,
-    tx: Sender<Inbound>,
+    drivers: Arc<crate::driver::pool::Drivers>,
     inbox: NodeInbox,
-    thread: Mutex<Option<JoinHandle<Result<(), ClusterError>>>>,
+    /// The driver threads; empty once stopped.
+    threads: Mutex<Vec<JoinHandle<Result<(), ClusterError>>>>,
     request_timeout: Duration,
     inbox_capacity: usize,
     ops_per_entry_max: usize,
@@ -81,10 +82,12 @@ impl Drop for NodeInner {
     /// The last handle going away stops the driver and waits for it, so no
     /// thread is left inside RocksDB when the engine (or the process) ends.
     fn drop(&mut self) {
-        let handle = self.thread.get_mut().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(h) = handle {
-            let _ = self.tx.send(Inbound::Stop);
-            let _ = h.join();
+        let handles = std::mem::take(self.threads.get_mut().unwrap_or_else(PoisonError::into_inner));
+        if !handles.is_empty() {
+            self.drivers.stop_all();
+            for h in handles {
+                let _ = h.join();
+            }
         }
     }
 }
@@ -383,7 +386,7 @@ impl Node {
     }
 
     fn send(&self, m: Inbound) -> Result<(), ClusterError> {
-        self.inner.tx.try_send(m).map_err(|e| match e {
+        self.inner.drivers.try_send(m).map_err(|e| match e {
             TrySendError::Full(_) => ClusterError::Overloaded {
                 node: self.inner.id,
                 capacity: self.inner.inbox_capacity,
@@ -488,32 +491,54 @@ impl Node {
 
     /// The state of every replica on this node.
     pub async fn status(&self) -> Result<Vec<ShardStatus>, ClusterError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Inbound::Status { reply })?;
-        rx.await.map_err(|_| ClusterError::Stopped)
-    }
-
-    /// Stops the driver and waits for it. Waiting callers get `Stopped`.
-    pub fn stop(&self) -> Result<(), ClusterError> {
-        let handle = self.inner.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(h) = handle {
-            // A full inbox cannot refuse Stop for long: the driver drains it.
-            let _ = self.inner.tx.send(Inbound::Stop);
-            return h
-                .join()
-                .map_err(|_| ClusterError::Raft("driver thread panicked".into()))?;
+        // Each driver reports its own replicas.
+        let mut answers = Vec::with_capacity(self.inner.drivers.count());
+        for tx in self.inner.drivers.inboxes() {
+            let (reply, rx) = oneshot::channel();
+            tx.try_send(Inbound::Status { reply }).map_err(|e| match e {
+                TrySendError::Full(_) => ClusterError::Overloaded {
+                    node: self.inner.id,
+                    capacity: self.inner.inbox_capacity,
+                },
+                TrySendError::Disconnected(_) => ClusterError::Stopped,
+            })?;
+            answers.push(rx);
         }
-        Ok(())
+        let mut all = Vec::new();
+        for rx in answers {
+            all.extend(rx.await.map_err(|_| ClusterError::Stopped)?);
+        }
+        all.sort_unstable_by_key(|s| s.shard);
+        Ok(all)
     }
 
-    /// Whether the driver thread is still running.
+    /// Stops the drivers and waits for them. Waiting callers get
+    /// `Stopped`. Answers the first driver's error, if any stopped on one.
+    pub fn stop(&self) -> Result<(), ClusterError> {
+        let handles = std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        if handles.is_empty() {
+            return Ok(());
+        }
+        // A full inbox cannot refuse Stop for long: the driver drains it.
+        self.inner.drivers.stop_all();
+        let mut result = Ok(());
+        for h in handles {
+            let res = h
+                .join()
+                .map_err(|_| ClusterError::Raft("driver thread panicked".into()))
+                .and_then(|r| r);
+            if result.is_ok() {
+                result = res;
+            }
+        }
+        result
+    }
+
+    /// Whether every driver thread is still running (one that stopped on
+    /// an error stops the others).
     pub fn is_running(&self) -> bool {
-        self.inner
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_some_and(|h| !h.is_finished())
+        let threads = self.inner.threads.lock().unwrap_or_else(PoisonError::into_inner);
+        !threads.is_empty() && threads.iter().all(|h| !h.is_finished())
     }
 }
 

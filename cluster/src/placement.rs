@@ -50,8 +50,16 @@ impl Routing {
         self.map.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    pub(crate) fn set(&self, map: Arc<ShardMap>) {
-        *self.map.write().unwrap_or_else(PoisonError::into_inner) = map;
+    /// Replaces the map with `f` of the map now, in one step: a node's
+    /// drivers each change it (their splits, the records they read), and
+    /// none may undo another's change. Returns the map after.
+    pub(crate) fn update(&self, f: impl FnOnce(&ShardMap) -> ShardMap) -> Arc<ShardMap> {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        let next = f(&map);
+        if next != **map {
+            *map = Arc::new(next);
+        }
+        map.clone()
     }
 
     /// The leader of `shard` its replica here last learned of; 0 when

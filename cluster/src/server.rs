@@ -61,6 +61,8 @@ pub struct ServerConfig {
     pub snapshot_send_bytes_per_s: u64,
     /// Apply worker threads (`RaftTuning::apply_threads`).
     pub apply_threads: usize,
+    /// Raft driver threads (`RaftTuning::driver_threads`).
+    pub driver_threads: usize,
     /// Members to ask to join through (`--join`); empty: start from
     /// `initial_cluster`. A data dir that joined before asks no one.
     pub join: Vec<String>,
@@ -106,6 +108,7 @@ impl ServerConfig {
             log_retain_entries: crate::config::RaftTuning::default().log_retain_entries,
             snapshot_send_bytes_per_s: crate::config::RaftTuning::default().snapshot_send_bytes_per_s,
             apply_threads: crate::config::default_apply_threads(),
+            driver_threads: crate::config::default_driver_threads(),
             join: Vec::new(),
             advertise: listen.to_string(),
             zone: String::new(),
@@ -214,6 +217,7 @@ pub async fn run(
     node_cfg.raft.log_retain_entries = cfg.log_retain_entries;
     node_cfg.raft.snapshot_send_bytes_per_s = cfg.snapshot_send_bytes_per_s;
     node_cfg.raft.apply_threads = cfg.apply_threads;
+    node_cfg.raft.driver_threads = cfg.driver_threads;
     if cfg.unsafe_no_fsync {
         tracing::warn!(
             "--unsafe-no-fsync: writes are acknowledged without fsync; \

@@ -49,6 +49,8 @@
 //! snapshot_send_bytes_per_s = 104857600   # all snapshots this node sends
 //! apply_threads = 1           # apply workers; absent: a quarter of the
 //!                             # cores, 1 to 4 (D64)
+//! driver_threads = 1          # Raft drivers; absent: an eighth of the
+//!                             # cores, 1 to 4 (D65)
 //! ```
 
 use crate::api::ApiLimits;
@@ -134,6 +136,8 @@ pub struct RaftSettings {
     pub snapshot_send_bytes_per_s: Option<u64>,
     /// Apply worker threads.
     pub apply_threads: Option<usize>,
+    /// Raft driver threads.
+    pub driver_threads: Option<usize>,
 }
 
 /// The `[limits]` table.
@@ -166,6 +170,7 @@ const SUBSCRIBE_MAILBOXES: RangeInclusive<usize> = 1..=100_000;
 const SUBSCRIBE_IN_FLIGHT: RangeInclusive<u32> = 1..=(1 << 20);
 const LOG_ENTRIES: RangeInclusive<u64> = 16..=10_000_000;
 const APPLY_THREADS: RangeInclusive<usize> = 1..=crate::config::APPLY_THREADS_MAX;
+const DRIVER_THREADS: RangeInclusive<usize> = 1..=crate::config::DRIVER_THREADS_MAX;
 const LOG_RETAIN: RangeInclusive<u64> = 0..=1_000_000;
 const SNAPSHOT_SEND_BYTES_PER_S: RangeInclusive<u64> =
     crate::config::SNAPSHOT_SEND_BYTES_PER_S_MIN..=crate::config::SNAPSHOT_SEND_BYTES_PER_S_MAX;
@@ -263,6 +268,7 @@ impl Settings {
                 log_retain_entries: ro.log_retain_entries.or(r.log_retain_entries),
                 snapshot_send_bytes_per_s: ro.snapshot_send_bytes_per_s.or(r.snapshot_send_bytes_per_s),
                 apply_threads: ro.apply_threads.or(r.apply_threads),
+                driver_threads: ro.driver_threads.or(r.driver_threads),
             },
         }
     }
@@ -402,6 +408,11 @@ impl Settings {
             "raft.apply_threads",
             self.raft.apply_threads.unwrap_or(cfg.apply_threads),
             &APPLY_THREADS,
+        )?;
+        cfg.driver_threads = check(
+            "raft.driver_threads",
+            self.raft.driver_threads.unwrap_or(cfg.driver_threads),
+            &DRIVER_THREADS,
         )?;
         if cfg.log_retain_entries >= cfg.log_entries_max {
             return Err(format!(

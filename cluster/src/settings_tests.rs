@@ -197,30 +197,45 @@ fn the_snapshot_send_budget_is_read_and_checked() {
     }
 }
 
+/// The apply and driver pool sizes: defaults, the file, the flag over the
+/// file, and the range.
 #[test]
-fn the_apply_pool_size_is_read_and_checked() {
-    let cfg = Settings::default().into_server_config().unwrap();
-    assert_eq!(cfg.apply_threads, crate::config::default_apply_threads(), "default");
-    let file = Settings::from_toml("[raft]\napply_threads = 3\n").unwrap();
-    assert_eq!(file.clone().into_server_config().unwrap().apply_threads, 3);
-    let flag = Settings {
-        raft: super::RaftSettings {
-            apply_threads: Some(2),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    assert_eq!(
-        file.overlay(flag).into_server_config().unwrap().apply_threads,
-        2,
-        "the flag wins"
-    );
-    for bad in ["0", "17"] {
-        let e = Settings::from_toml(&format!("[raft]\napply_threads = {bad}\n"))
-            .unwrap()
-            .into_server_config()
-            .unwrap_err();
-        assert!(e.contains("raft.apply_threads") && e.contains("1 to 16"), "{e}");
+fn the_pool_sizes_are_read_and_checked() {
+    type Get = fn(&crate::server::ServerConfig) -> usize;
+    type Set = fn(&mut super::RaftSettings, usize);
+    let pools: [(&str, usize, Get, Set); 2] = [
+        (
+            "apply_threads",
+            crate::config::default_apply_threads(),
+            |c| c.apply_threads,
+            |r, n| r.apply_threads = Some(n),
+        ),
+        (
+            "driver_threads",
+            crate::config::default_driver_threads(),
+            |c| c.driver_threads,
+            |r, n| r.driver_threads = Some(n),
+        ),
+    ];
+    for (name, default, get, set) in pools {
+        let cfg = Settings::default().into_server_config().unwrap();
+        assert_eq!(get(&cfg), default, "{name}: default");
+        let file = Settings::from_toml(&format!("[raft]\n{name} = 3\n")).unwrap();
+        assert_eq!(get(&file.clone().into_server_config().unwrap()), 3, "{name}: file");
+        let mut flag = Settings::default();
+        set(&mut flag.raft, 2);
+        assert_eq!(
+            get(&file.overlay(flag).into_server_config().unwrap()),
+            2,
+            "{name}: the flag wins"
+        );
+        for bad in ["0", "17"] {
+            let e = Settings::from_toml(&format!("[raft]\n{name} = {bad}\n"))
+                .unwrap()
+                .into_server_config()
+                .unwrap_err();
+            assert!(e.contains(&format!("raft.{name}")) && e.contains("1 to 16"), "{e}");
+        }
     }
 }
 

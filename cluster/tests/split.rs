@@ -107,6 +107,20 @@ async fn a_shard_split_under_load_loses_nothing_and_every_node_follows() {
         }
     }
     check_all(&c, &acked).await;
+    // Each node runs two drivers (`fast_tuning`): shards start on driver
+    // `id % 2`, and a split's new shard is run by its parent's driver.
+    let on_driver = |node: u64, statuses: &[pigeonhole_cluster::ShardStatus]| {
+        let of = |s: u64| statuses.iter().find(|x| x.shard == s).map(|x| x.driver);
+        (node, [of(0), of(1), of(2), of(s3), of(s4)])
+    };
+    for (id, node) in &c.nodes {
+        let status = node.status().await.unwrap();
+        assert_eq!(
+            on_driver(*id, &status),
+            (*id, [Some(0), Some(1), Some(0), Some(1), Some(1)]),
+            "{status:?}"
+        );
+    }
 
     // A request routed by the old map is refused, then succeeds re-routed.
     let u = (0..USERS)
@@ -126,6 +140,12 @@ async fn a_shard_split_under_load_loses_nothing_and_every_node_follows() {
     for s in [1, 2, s3, s4] {
         c.leader(s).await;
     }
+    // After a restart every shard starts on driver `id % 2`, the new ones
+    // too, apart from their parents (whose log may apply the split again:
+    // that must not make a second replica).
+    let status = c.nodes[&2].status().await.unwrap();
+    let want = [0, 1, 0, s3 % 2, s4 % 2].map(|d| Some(usize::try_from(d).unwrap()));
+    assert_eq!(on_driver(2, &status), (2, want), "{status:?}");
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = writers(&c, "b", 0, &acked, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;

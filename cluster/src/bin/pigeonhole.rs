@@ -143,6 +143,9 @@ struct Flags {
     /// Apply worker threads, 1 to 16 [default: a quarter of the cores, 1 to 4].
     #[arg(long, env = "PIGEONHOLE_APPLY_THREADS")]
     apply_threads: Option<usize>,
+    /// Raft driver threads, 1 to 16 [default: an eighth of the cores, 1 to 4].
+    #[arg(long, env = "PIGEONHOLE_DRIVER_THREADS")]
+    driver_threads: Option<usize>,
 }
 
 fn settings(f: Flags) -> Result<Settings, String> {
@@ -184,6 +187,7 @@ fn settings(f: Flags) -> Result<Settings, String> {
         // file's [raft] table only.
         raft: RaftSettings {
             apply_threads: f.apply_threads,
+            driver_threads: f.driver_threads,
             ..Default::default()
         },
     }))

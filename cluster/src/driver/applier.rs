@@ -131,8 +131,10 @@ pub(super) struct Applier {
 
 impl Applier {
     /// Starts `threads` workers (at least one).
+    /// `name` names the threads: `apply-<name>`, or `apply-<name>-<i>`
+    /// with more than one.
     pub(super) fn spawn(
-        node_id: u64,
+        name: &str,
         threads: usize,
         engine: &Engine,
         watchers: &Arc<Watchers>,
@@ -145,9 +147,9 @@ impl Applier {
             let (engine, watchers, report_tx) = (engine.clone(), Arc::clone(watchers), report_tx.clone());
             // One worker keeps the name profiles and docs have always shown.
             let name = if threads == 1 {
-                format!("apply-{node_id}")
+                format!("apply-{name}")
             } else {
-                format!("apply-{node_id}-{i}")
+                format!("apply-{name}-{i}")
             };
             let thread = std::thread::Builder::new()
                 .name(name)
@@ -425,7 +427,7 @@ mod tests {
     #[test]
     fn the_worker_applies_in_order_answers_callers_and_reports_how_far_it_got() {
         let (_dir, engine) = engine();
-        let mut a = Applier::spawn(1, 1, &engine, &Arc::new(Watchers::default())).unwrap();
+        let mut a = Applier::spawn("1", 1, &engine, &Arc::new(Watchers::default())).unwrap();
         let (p2, mut rx2) = pending(&[1]);
         let (p3, mut rx3) = pending(&[1]);
         a.submit(task(vec![append_entry(1, "a"), append_entry(2, "b")], vec![(2, p2)]))
@@ -471,7 +473,7 @@ mod tests {
                 .bootstrap_shard(shard, conf_state_with_voters(&[1]), 0, 0)
                 .unwrap();
         }
-        let mut a = Applier::spawn(1, WORKERS, &engine, &Arc::new(Watchers::default())).unwrap();
+        let mut a = Applier::spawn("1", WORKERS, &engine, &Arc::new(Watchers::default())).unwrap();
         // Every task carries two entries of every shard, one append each; the
         // second entry's caller waits for its seq.
         let mut callers = Vec::new();
@@ -527,7 +529,7 @@ mod tests {
     #[test]
     fn an_engine_failure_is_reported_once_and_stops_the_worker() {
         let (_dir, engine) = engine();
-        let mut a = Applier::spawn(1, 1, &engine, &Arc::new(Watchers::default())).unwrap();
+        let mut a = Applier::spawn("1", 1, &engine, &Arc::new(Watchers::default())).unwrap();
         // Index 5 on a shard applied to 0: out of order.
         a.submit(task(vec![append_entry(5, "a")], Vec::new())).unwrap();
         assert!(matches!(
@@ -545,7 +547,7 @@ mod tests {
     #[test]
     fn a_conf_change_without_its_configuration_is_refused_not_guessed() {
         let (_dir, engine) = engine();
-        let mut a = Applier::spawn(1, 1, &engine, &Arc::new(Watchers::default())).unwrap();
+        let mut a = Applier::spawn("1", 1, &engine, &Arc::new(Watchers::default())).unwrap();
         let mut e = Entry {
             index: 1,
             term: 1,
@@ -558,7 +560,7 @@ mod tests {
             ApplyReport::Failed(EngineError::InvalidCall(_))
         ));
         // With its configuration it applies.
-        let mut a = Applier::spawn(1, 1, &engine, &Arc::new(Watchers::default())).unwrap();
+        let mut a = Applier::spawn("1", 1, &engine, &Arc::new(Watchers::default())).unwrap();
         let mut t = task(vec![e], Vec::new());
         t.shards[0].confs.push((1, conf_state_with_voters(&[1, 2])));
         a.submit(t).unwrap();

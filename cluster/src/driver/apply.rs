@@ -205,6 +205,8 @@ impl Driver {
     pub(super) fn destroy_replica(&mut self, shard: u64) -> Result<(), ClusterError> {
         self.engine.destroy_shard(shard)?;
         self.spool.remove_all(shard)?;
+        // Another driver may make the shard's next replica here.
+        self.drivers.release(shard, self.index);
         // A replica that is gone catches nothing up; one added back later
         // starts as a learner, which does not vote (D49).
         if self.catching_up.remove(&shard).is_some() {

@@ -1,5 +1,8 @@
-//! The node's Raft driver: ONE thread that runs every shard replica on the
-//! node (there is no thread per shard and no fsync per request).
+//! The node's Raft drivers: a fixed pool of threads (`driver_threads`, one
+//! on a small machine), each running its share of the node's shard
+//! replicas (there is no thread per shard and no fsync per request). Which
+//! driver runs which shard, and the routing of what arrives, is `pool`
+//! (D65); everything below is one driver.
 //!
 //! Each turn of the loop:
 //! 1. takes what arrived (client proposals and reads, raft messages,
@@ -53,16 +56,17 @@
 //!   (published for routing);
 //! - `status`: what NodeStatus reports;
 //! - `place`: the placement loop (decisions on the metadata leader, move
-//!   steps on shard leaders; the logic is `crate::moves`).
+//!   steps on shard leaders; the logic is `crate::moves`);
+//! - `pool`: the node's drivers, which one holds which shard, routing.
 //!
 //! This file holds the driver's state, its construction and the loop.
 //!
 //! Tests: the modules with pure parts (`replica`, `ready`, `applier`,
-//! `catchup`, `gc`, `snapshot`) test them in place; `tests/` steps a
+//! `catchup`, `gc`, `snapshot`, `pool`) test them in place; `tests/` steps a
 //! one-node driver by hand and holds the tests of the loop as a whole, and
 //! one file per module for what needs a whole driver (`tests/inbox.rs`,
 //! `tests/tick.rs`, `tests/flush.rs`, `tests/split.rs`, `tests/status.rs`,
-//! `tests/place.rs`).
+//! `tests/place.rs`, and `tests/pool.rs` for several drivers of one node).
 
 mod applier;
 mod apply;
@@ -72,6 +76,7 @@ mod gc;
 mod inbox;
 mod msg;
 mod place;
+pub(crate) mod pool;
 mod ready;
 mod replica;
 mod snapshot;
@@ -190,6 +195,10 @@ fn op_bytes(op: &cmd::Op) -> usize {
 /// The driver's state; lives on its own thread.
 pub(crate) struct Driver {
     node_id: u64,
+    /// Which of the node's drivers this is (`pool`).
+    index: usize,
+    /// The node's drivers: who holds which shard, their inboxes.
+    drivers: Arc<pool::Drivers>,
     engine: Engine,
     tuning: RaftTuning,
     transport: Arc<dyn Transport>,
@@ -274,6 +283,9 @@ struct PeerLiveness {
 /// What a driver is built from (the node assembles it).
 pub(crate) struct DriverParts {
     pub node_id: u64,
+    /// This driver's place in `drivers`, whose inbox `inbox` is.
+    pub index: usize,
+    pub drivers: Arc<pool::Drivers>,
     pub engine: Engine,
     pub tuning: RaftTuning,
     pub transport: Arc<dyn Transport>,
@@ -290,6 +302,8 @@ impl Driver {
     pub(crate) fn new(parts: DriverParts) -> Result<Self, ClusterError> {
         let DriverParts {
             node_id,
+            index,
+            drivers,
             engine,
             tuning,
             transport,
@@ -316,9 +330,18 @@ impl Driver {
             })
             .collect();
         let snapshot_rate = Arc::new(SendRate::new(tuning.snapshot_send_bytes_per_s));
-        let applier = applier::Applier::spawn(node_id, tuning.apply_threads, &engine, &watchers)?;
+        // The node's apply workers are shared out among its drivers.
+        let apply_threads = tuning.apply_threads.div_ceil(drivers.count().max(1));
+        let name = if drivers.count() == 1 {
+            node_id.to_string()
+        } else {
+            format!("{node_id}-{index}")
+        };
+        let applier = applier::Applier::spawn(&name, apply_threads, &engine, &watchers)?;
         let mut d = Driver {
             node_id,
+            index,
+            drivers,
             engine,
             tuning,
             transport,
@@ -357,8 +380,13 @@ impl Driver {
             catching_up: BTreeMap::new(),
             ingests: BTreeMap::new(),
         };
+        // This driver's share of the node's replicas (`pool`).
+        let count = d.drivers.count();
+        let mine = |shard: &u64| pool::Drivers::start_owner(*shard, count) == index;
         d.catching_up = d.load_catch_up()?;
-        let ids = d.engine.shard_ids()?;
+        d.catching_up.retain(|shard, _| mine(shard));
+        let mut ids = d.engine.shard_ids()?;
+        ids.retain(mine);
         for &shard in &ids {
             d.recover_shard(shard)?;
         }
@@ -439,6 +467,14 @@ impl Driver {
     }
 
     fn add_replica(&mut self, shard: u64, applied: u64) -> Result<(), ClusterError> {
+        // Callers that may race another driver claim first (`maybe_create`,
+        // `on_split`); this claim then holds already.
+        if !self.drivers.claim(shard, self.index) {
+            return Err(ClusterError::Raft(format!(
+                "shard {shard}: driver {} was to make its replica, but another driver of this node holds it",
+                self.index
+            )));
+        }
         let store = self.engine.raft_log(shard)?;
         let cfg = self.raft_config(applied);
         cfg.validate().map_err(raft_err)?;
@@ -462,6 +498,7 @@ impl Driver {
         loop {
             let now = Instant::now();
             let mut turn = Turn::new(now);
+            self.follow_map();
             if now >= next_hb {
                 self.node_heartbeat();
                 next_hb = now + hb;
@@ -534,6 +571,14 @@ impl Driver {
             self.process_ready()?;
             turn.lap(Phase::Ready);
             turn.warn_if_slow(self.node_id);
+        }
+    }
+
+    /// Takes the node's map if another driver changed it (`split`).
+    fn follow_map(&mut self) {
+        let now = self.routing.get();
+        if !Arc::ptr_eq(&now, &self.map) {
+            self.map = now;
         }
     }
 

@@ -117,6 +117,8 @@ pub struct ShardStatus {
     /// Catching up after damage to this node's storage, and why: it does
     /// not vote until it holds what its shard had committed (D49).
     pub catching_up: Option<String>,
+    /// Which of the node's Raft drivers runs it (`driver::pool`, D65).
+    pub driver: usize,
 }
 
 /// A replica's Raft role.

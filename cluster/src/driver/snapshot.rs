@@ -137,14 +137,24 @@ impl Driver {
         if self.range_held_locally(shard)? {
             return Ok(false);
         }
+        // Another driver of this node holds the shard (the message was
+        // routed here before that driver made its replica): it is dropped,
+        // and the leader sends again, to that driver.
+        if !self.drivers.claim(shard, self.index) {
+            return Ok(false);
+        }
         if let Some(meta) = self.engine.shard_meta(shard)? {
             if meta.state != ShardState::Ready || is_member(&meta.conf_state, self.node_id) {
+                self.drivers.release(shard, self.index);
                 return Ok(false);
             }
             // The state of a replica removed earlier: deleted first, so a
             // replica added back always starts empty and is caught up by a
             // snapshot (replica GC normally deleted it already).
             self.destroy_replica(shard)?;
+            if !self.drivers.claim(shard, self.index) {
+                return Ok(false);
+            }
         }
         self.add_replica(shard, 0)?;
         Ok(true)

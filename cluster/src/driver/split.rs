@@ -26,7 +26,6 @@ use crate::placement::{shard_record_key, ShardDesc, ShardMap, META_SHARD};
 use pigeonhole_engine::raft::StateRole;
 use pigeonhole_engine::{HashRange, ShardState};
 use pigeonhole_proto::internal::v1::ShardRecord;
-use std::sync::Arc;
 
 /// A split the apply worker applied, that made its new shard here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,25 +36,29 @@ pub(super) struct SplitMade {
 }
 
 impl Driver {
-    /// Replaces this node's shard map and publishes it for routing.
+    /// Changes the node's shard map (shared by its drivers, read by
+    /// routing) to `f` of the map now.
+    pub(super) fn update_map(&mut self, f: impl FnOnce(&ShardMap) -> ShardMap) {
+        self.map = self.routing.update(f);
+    }
+
+    /// Replaces the node's shard map.
+    #[cfg(test)]
     pub(super) fn set_map(&mut self, map: ShardMap) {
-        if *self.map == map {
-            return;
-        }
-        let map = Arc::new(map);
-        self.routing.set(map.clone());
-        self.map = map;
+        self.update_map(|_| map);
     }
 
     /// Lays shard records (from this node's metadata replica) over the map.
     pub(super) fn refresh_map(&mut self, records: &[pigeonhole_engine::SystemValue]) {
-        let map = self.map.overlay(records);
-        self.set_map(map);
+        self.update_map(|m| m.overlay(records));
     }
 
     /// A split applied here: the new shard's replica, and the map.
     pub(super) fn on_split(&mut self, s: &SplitMade) -> Result<(), ClusterError> {
-        if !self.replicas.contains_key(&s.child) {
+        // Made here only if no driver of this node holds it: another may
+        // have made it empty from a leader's message, or hold it since a
+        // restart that replays the split (`pool`).
+        if !self.replicas.contains_key(&s.child) && self.drivers.claim_new(s.child, self.index) {
             // Its apply state is in the engine (the split's write, without
             // the WAL); its log starts at the split entry (`recover_shard`
             // resets an empty log to an apply state ahead of it, and keeps
@@ -67,19 +70,20 @@ impl Driver {
             // rare; the flush stalls this driver turn for one memtable.
             self.engine.flush_data()?;
             self.recover_shard(s.child)?;
-            let Some(meta) = self.engine.shard_meta(s.child)? else {
+            let meta = self
+                .engine
+                .shard_meta(s.child)?
+                .filter(|m| m.state == ShardState::Ready);
+            let Some(meta) = meta else {
+                self.drivers.release(s.child, self.index);
                 return Ok(());
             };
-            if meta.state != ShardState::Ready {
-                return Ok(());
-            }
             self.add_replica(s.child, meta.applied_index)?;
         }
         let leads_parent = self
             .replicas
             .get(&s.parent)
             .is_some_and(|r| r.raw.raft.state == StateRole::Leader);
-        let mut map = (*self.map).clone();
         let (voters, learners) = self
             .replicas
             .get(&s.child)
@@ -88,33 +92,36 @@ impl Driver {
                 (cs.voters, cs.learners)
             })
             .unwrap_or_default();
-        let mut epoch = 1;
-        let mut preferred = 0;
-        // The engine's range of a bootstrap shard is every hash (its space
-        // holds only its own mailboxes); the map's end is the real one.
-        let mut end = s.range.end;
-        if let Some(p) = map.shards.iter_mut().find(|d| d.id == s.parent) {
-            epoch = p.epoch + 1;
-            preferred = p.preferred_leader;
-            end = clip_end(s.range.end, p.range_end);
-            p.range_end = Some(s.range.start);
-            p.epoch = epoch;
-        }
-        if map.shard(s.child).is_none() {
-            map.shards.push(ShardDesc {
-                id: s.child,
-                range_start: s.range.start,
-                range_end: end,
-                replicas: voters,
-                learners,
-                leader_hint: 0,
-                preferred_leader: preferred,
-                epoch,
-                parent: s.parent,
-            });
-            map.shards.sort_by_key(|d| (d.range_start, d.id));
-        }
-        self.set_map(map);
+        self.update_map(|now| {
+            let mut map = now.clone();
+            let mut epoch = 1;
+            let mut preferred = 0;
+            // The engine's range of a bootstrap shard is every hash (its space
+            // holds only its own mailboxes); the map's end is the real one.
+            let mut end = s.range.end;
+            if let Some(p) = map.shards.iter_mut().find(|d| d.id == s.parent) {
+                epoch = p.epoch + 1;
+                preferred = p.preferred_leader;
+                end = clip_end(s.range.end, p.range_end);
+                p.range_end = Some(s.range.start);
+                p.epoch = epoch;
+            }
+            if map.shard(s.child).is_none() {
+                map.shards.push(ShardDesc {
+                    id: s.child,
+                    range_start: s.range.start,
+                    range_end: end,
+                    replicas: voters,
+                    learners,
+                    leader_hint: 0,
+                    preferred_leader: preferred,
+                    epoch,
+                    parent: s.parent,
+                });
+                map.shards.sort_by_key(|d| (d.range_start, d.id));
+            }
+            map
+        });
         if leads_parent {
             if let Some(r) = self.replicas.get_mut(&s.child) {
                 if r.raw.raft.prs().conf().voters().contains(self.node_id) {

@@ -51,6 +51,7 @@ impl Driver {
                         .map(|((_, to), n)| (*to, n.load(std::sync::atomic::Ordering::Relaxed)))
                         .collect(),
                     catching_up: self.catching_up.get(shard).map(|c| c.reason.clone()),
+                    driver: self.index,
                 }
             })
             .collect()

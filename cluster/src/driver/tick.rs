@@ -66,8 +66,16 @@ impl Driver {
         }
     }
 
+    /// Sends the node heartbeat (driver 0 only: a peer hands an envelope
+    /// without messages to every one of its drivers) and marks peers not
+    /// heard from for `peer_down_after_ms` down (every driver, from what
+    /// reached it).
     pub(super) fn node_heartbeat(&mut self) {
-        let ids: Vec<u64> = self.peers.keys().copied().collect();
+        let ids: Vec<u64> = if self.index == 0 {
+            self.peers.keys().copied().collect()
+        } else {
+            Vec::new()
+        };
         for to in ids {
             self.transport.send(Envelope {
                 from: self.node_id,
@@ -118,7 +126,8 @@ impl Driver {
                         .saturating_sub(r.raw.raft.raft_log.applied)
                 })
                 .sum();
-            crate::metrics::replicas(self.replicas.len() - asleep, asleep, lag);
+            self.drivers
+                .report_replicas(self.index, self.replicas.len() - asleep, asleep, lag);
         }
         let collect =
             self.tuning.expire_dedup_every_ticks != 0 && self.ticks % self.tuning.expire_dedup_every_ticks == 0;
@@ -357,9 +366,16 @@ impl Driver {
     /// The record's version is the writer's term: a deposed leader's late
     /// write loses to its successor's.
     pub(super) fn write_shard_records(&mut self) {
-        if !self.replicas.contains_key(&META_SHARD) {
-            return;
-        }
+        // The metadata replica may be another driver's: the writes go to
+        // its inbox then, as a client's proposal would.
+        let meta_elsewhere = if self.replicas.contains_key(&META_SHARD) {
+            None
+        } else {
+            match self.drivers.holder(META_SHARD) {
+                Some(i) if i != self.index => Some(i),
+                _ => return,
+            }
+        };
         let timeout = Duration::from_millis(self.tuning.request_timeout_ms);
         for shard in std::mem::take(&mut self.map_dirty) {
             let Some(r) = self.replicas.get(&shard) else { continue };
@@ -397,7 +413,20 @@ impl Driver {
             }
             let op_bytes: usize = ops.iter().map(prost::Message::encoded_len).sum();
             let (reply, rx) = oneshot::channel();
-            if let Some(meta) = self.replicas.get_mut(&META_SHARD) {
+            if let Some(i) = meta_elsewhere {
+                // A full inbox drops the request with its reply: the write
+                // is retried (`check_shard_record_writes`).
+                if let Some(tx) = self.drivers.inbox(i) {
+                    let _ = tx.try_send(super::Inbound::Propose {
+                        shard: META_SHARD,
+                        ops,
+                        reply,
+                        deadline: Instant::now() + timeout,
+                        stages: None,
+                    });
+                }
+                self.map_writes.push((shard, rx));
+            } else if let Some(meta) = self.replicas.get_mut(&META_SHARD) {
                 meta.queued.push_back(QueuedProposal {
                     bytes: op_bytes,
                     ops,
@@ -410,7 +439,7 @@ impl Driver {
                 self.map_writes.push((shard, rx));
             }
         }
-        if !self.map_writes.is_empty() {
+        if !self.map_writes.is_empty() && meta_elsewhere.is_none() {
             self.wake(META_SHARD, true);
         }
     }

@@ -8,6 +8,7 @@
 
 use super::{Node, NodeInner};
 use crate::config::NodeConfig;
+use crate::driver::pool::Drivers;
 use crate::driver::{Driver, DriverParts};
 use crate::error::ClusterError;
 use crate::placement::{meta_members, ShardMap, META_SHARD};
@@ -105,41 +106,54 @@ impl Node {
             engine.bootstrap_shards(confs, BOOTSTRAP_INDEX, BOOTSTRAP_TERM)?;
         }
         let spool = Arc::new(SnapshotSpool::open(cfg.data_dir.join("snap"))?);
-        let (tx, rx) = bounded(cfg.raft.inbox_capacity);
         let watchers = Arc::new(Watchers::default());
         let counters = Arc::new(crate::driver::DriverCounters::default());
+        let routing = Arc::new(crate::placement::Routing::new(map.clone()));
+        // The pool of drivers (D65): each its own inbox and share of the
+        // replicas.
+        let count = cfg.raft.driver_threads.max(1);
+        let inboxes: Vec<_> = (0..count).map(|_| bounded(cfg.raft.inbox_capacity)).collect();
+        let drivers = Drivers::new(inboxes.iter().map(|(tx, _)| tx.clone()).collect(), routing.clone());
         let inbox = NodeInbox {
             node_id: cfg.node_id,
-            tx: tx.clone(),
+            drivers: drivers.clone(),
             spool: spool.clone(),
         };
-        let routing = Arc::new(crate::placement::Routing::new(map.clone()));
-        let mut driver = Driver::new(DriverParts {
-            node_id: cfg.node_id,
-            engine: engine.clone(),
-            tuning: cfg.raft.clone(),
-            transport,
-            inbox: (tx.clone(), rx),
-            map: map.clone(),
-            routing: routing.clone(),
-            spool,
-            watchers: watchers.clone(),
-            counters: counters.clone(),
-        })?;
-        let thread = std::thread::Builder::new()
-            .name(format!("raft-driver-{}", cfg.node_id))
-            .spawn(move || {
-                let res = driver.run_loop();
-                driver.shutdown();
-                if let Err(e) = &res {
-                    tracing::error!(error = %e, "the Raft driver stopped: this node serves nothing until it restarts");
+        let mut built = Vec::with_capacity(count);
+        for (index, (tx, rx)) in inboxes.into_iter().enumerate() {
+            built.push(Driver::new(DriverParts {
+                node_id: cfg.node_id,
+                index,
+                drivers: drivers.clone(),
+                engine: engine.clone(),
+                tuning: cfg.raft.clone(),
+                transport: Arc::clone(&transport),
+                inbox: (tx, rx),
+                map: map.clone(),
+                routing: routing.clone(),
+                spool: spool.clone(),
+                watchers: watchers.clone(),
+                counters: counters.clone(),
+            })?);
+        }
+        let mut threads = Vec::with_capacity(count);
+        for (index, driver) in built.into_iter().enumerate() {
+            let name = if count == 1 {
+                format!("raft-driver-{}", cfg.node_id)
+            } else {
+                format!("raft-driver-{}-{index}", cfg.node_id)
+            };
+            match spawn_driver(name, driver, drivers.clone()) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    drivers.stop_all();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e.into());
                 }
-                if let Err(ClusterError::Engine(e)) = &res {
-                    // Damage to this node's files: rebuilt, not served (D50).
-                    crate::damage::check(e);
-                }
-                res
-            })?;
+            }
+        }
         Ok(Node {
             inner: Arc::new(NodeInner {
                 id: cfg.node_id,
@@ -147,9 +161,9 @@ impl Node {
                 engine,
                 map,
                 routing,
-                tx,
+                drivers,
                 inbox,
-                thread: Mutex::new(Some(thread)),
+                threads: Mutex::new(threads),
                 request_timeout: Duration::from_millis(cfg.raft.request_timeout_ms),
                 inbox_capacity: cfg.raft.inbox_capacity,
                 ops_per_entry_max: cfg.raft.ops_per_entry_max,
@@ -164,6 +178,31 @@ impl Node {
             }),
         })
     }
+}
+
+/// Runs one driver on a thread of its own. A driver that stops on an
+/// error stops the node's other drivers too (the node serves nothing until
+/// it restarts, as with one driver); it lets go of its inbox first, so two
+/// drivers stopping at once never wait on each other's full inboxes.
+fn spawn_driver(
+    name: String,
+    mut driver: Driver,
+    drivers: Arc<Drivers>,
+) -> std::io::Result<std::thread::JoinHandle<Result<(), ClusterError>>> {
+    std::thread::Builder::new().name(name).spawn(move || {
+        let res = driver.run_loop();
+        driver.shutdown();
+        drop(driver);
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "a Raft driver stopped: this node serves nothing until it restarts");
+            drivers.stop_all();
+        }
+        if let Err(ClusterError::Engine(e)) = &res {
+            // Damage to this node's files: rebuilt, not served (D50).
+            crate::damage::check(e);
+        }
+        res
+    })
 }
 
 /// The identity file pins the node id, cluster id and shard layout to the

@@ -20,7 +20,6 @@ pub use rate::SendRate;
 pub use spool::{SnapshotSpool, SpoolWriter};
 
 use crate::driver::Inbound;
-use crossbeam_channel::{Sender, TrySendError};
 use pigeonhole_engine::raft::eraftpb::Message;
 use pigeonhole_engine::Engine;
 use std::sync::Arc;
@@ -97,7 +96,8 @@ pub trait Transport: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct NodeInbox {
     pub(crate) node_id: u64,
-    pub(crate) tx: Sender<Inbound>,
+    /// The node's drivers (each message goes to its shard's driver).
+    pub(crate) drivers: Arc<crate::driver::pool::Drivers>,
     pub(crate) spool: Arc<SnapshotSpool>,
 }
 
@@ -112,11 +112,7 @@ impl NodeInbox {
     /// Returns `Err(Stopped)` once the node's driver is gone, so a server can
     /// end the stream and the peer reconnects to whatever replaced it.
     pub fn deliver(&self, env: Envelope) -> Result<bool, crate::ClusterError> {
-        match self.tx.try_send(Inbound::Raft(env)) {
-            Ok(()) => Ok(true),
-            Err(TrySendError::Full(_)) => Ok(false),
-            Err(TrySendError::Disconnected(_)) => Err(crate::ClusterError::Stopped),
-        }
+        self.drivers.deliver(env)
     }
 
     /// Starts receiving a snapshot of `shard` from `from`.
@@ -128,7 +124,7 @@ impl NodeInbox {
     pub fn snapshot_ready(&self, writer: SpoolWriter, msg: Message) -> std::io::Result<bool> {
         let (from, shard, path) = writer.finish()?;
         Ok(self
-            .tx
+            .drivers
             .try_send(Inbound::SnapshotReady { from, shard, path, msg })
             .is_ok())
     }

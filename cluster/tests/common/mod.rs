@@ -32,9 +32,12 @@ pub fn fast_tuning() -> RaftTuning {
         rebalance_every_ticks: 0,
         // Tests place replicas by hand unless they ask for the loop.
         placement_every_ticks: 0,
-        // A pool, whatever the machine: the binary's default on a small
-        // machine is one worker, which the e2e and Jepsen runs cover.
+        // Pools, whatever the machine: the binary's default on a small
+        // machine is one apply worker and one driver, which the e2e and
+        // Jepsen runs cover. Two drivers split each node's shards (the
+        // metadata shard and the even ones on the first).
         apply_threads: 2,
+        driver_threads: 2,
         ..RaftTuning::default()
     }
 }

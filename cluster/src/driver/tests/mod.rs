@@ -15,6 +15,7 @@ use std::sync::Mutex;
 mod flush;
 mod inbox;
 mod place;
+mod pool;
 mod split;
 mod status;
 mod tick;
@@ -63,6 +64,22 @@ fn build(
     prepare: impl FnOnce(&Engine),
     transport: Arc<dyn Transport>,
 ) -> (tempfile::TempDir, Driver) {
+    let (dir, mut all) = build_pool(tuning, prepare, transport, 1);
+    (dir, all.remove(0))
+}
+
+/// `count` drivers of one node, over one engine (`pool`).
+fn pool_of(count: usize) -> (tempfile::TempDir, Vec<Driver>) {
+    let transport: Arc<dyn Transport> = Arc::new(Arc::new(Recorder::default()));
+    build_pool(RaftTuning::default(), |_| {}, transport, count)
+}
+
+fn build_pool(
+    tuning: RaftTuning,
+    prepare: impl FnOnce(&Engine),
+    transport: Arc<dyn Transport>,
+    count: usize,
+) -> (tempfile::TempDir, Vec<Driver>) {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::open(dir.path().join("db"), EngineOptions::default()).unwrap();
     let cluster = InitialCluster::parse("1=127.0.0.1:1").unwrap();
@@ -82,24 +99,38 @@ fn build(
         engine.bootstrap_shard(s, conf_state_with_voters(&[1]), 5, 5).unwrap();
     }
     prepare(&engine);
-    let d = Driver::new(DriverParts {
-        node_id: 1,
-        engine,
-        tuning,
-        transport,
-        inbox: crossbeam_channel::bounded(64),
-        routing: Arc::new(crate::placement::Routing::new(map.clone())),
-        map,
-        spool: Arc::new(SnapshotSpool::open(dir.path().join("snap")).unwrap()),
-        watchers: Arc::new(Watchers::default()),
-        counters: Arc::default(),
-    })
-    .unwrap();
-    (dir, d)
+    let inboxes: Vec<_> = (0..count).map(|_| crossbeam_channel::bounded(64)).collect();
+    let routing = Arc::new(crate::placement::Routing::new(map.clone()));
+    let drivers = crate::driver::pool::Drivers::new(inboxes.iter().map(|i| i.0.clone()).collect(), routing.clone());
+    let spool = Arc::new(SnapshotSpool::open(dir.path().join("snap")).unwrap());
+    let watchers = Arc::new(Watchers::default());
+    let all = inboxes
+        .into_iter()
+        .enumerate()
+        .map(|(index, inbox)| {
+            Driver::new(DriverParts {
+                node_id: 1,
+                index,
+                drivers: drivers.clone(),
+                engine: engine.clone(),
+                tuning: tuning.clone(),
+                transport: transport.clone(),
+                inbox,
+                routing: routing.clone(),
+                map: map.clone(),
+                spool: spool.clone(),
+                watchers: watchers.clone(),
+                counters: Arc::default(),
+            })
+            .unwrap()
+        })
+        .collect();
+    (dir, all)
 }
 
 /// One turn of the loop without waiting.
 fn turn(d: &mut Driver) {
+    d.follow_map();
     while let Ok(m) = d.rx.try_recv() {
         assert!(d.handle(m).unwrap());
     }
