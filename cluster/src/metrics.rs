@@ -48,6 +48,9 @@ pub const FSYNC_BATCH: &str = "pigeonhole_raft_log_fsync_batch_entries";
 pub const LOG_BYTES: &str = "pigeonhole_raft_log_written_bytes_total";
 /// fdatasyncs of the Raft log.
 pub const LOG_FSYNCS: &str = "pigeonhole_raft_log_fsyncs_total";
+/// Raft log writes of this node's drivers that were joined into another
+/// driver's record (the log's group commit across drivers).
+pub const LOG_APPENDS_JOINED: &str = "pigeonhole_raft_log_appends_joined_total";
 /// Times a replica learned of a new leader, by `shard`.
 pub const LEADER_CHANGES: &str = "pigeonhole_raft_leader_changes_total";
 /// Writes this node answered for a shard it does not lead (Raft forwarded
@@ -142,6 +145,11 @@ const COUNTERS: &[(&str, Unit, &str)] = &[
     (APPLIED, Unit::Count, "entries applied to the state machine"),
     (LOG_BYTES, Unit::Bytes, "record bytes written to the Raft log"),
     (LOG_FSYNCS, Unit::Count, "fdatasyncs of the Raft log"),
+    (
+        LOG_APPENDS_JOINED,
+        Unit::Count,
+        "Raft log appends written in a record shared with another caller's",
+    ),
     (
         LEADER_CHANGES,
         Unit::Count,
@@ -254,6 +262,7 @@ pub fn spawn_sampler(node: &Node) -> tokio::task::JoinHandle<()> {
             let log = engine.raft_log_stats();
             counter!(LOG_BYTES).absolute(log.bytes_written);
             counter!(LOG_FSYNCS).absolute(log.fsyncs);
+            counter!(LOG_APPENDS_JOINED).absolute(log.appends_joined);
             for (name, property) in [
                 (COMPACTION_PENDING, "rocksdb.estimate-pending-compaction-bytes"),
                 (WRITE_STOPPED, "rocksdb.is-write-stopped"),
@@ -349,7 +358,7 @@ pub fn namespace_append(label: &str, payload_bytes: usize) {
 }
 
 /// Every metric name this module exports.
-pub const NAMES: [&str; 31] = [
+pub const NAMES: [&str; 32] = [
     GRPC_REQUESTS,
     GRPC_DURATION,
     PROPOSALS,
@@ -360,6 +369,7 @@ pub const NAMES: [&str; 31] = [
     FSYNC_BATCH,
     LOG_BYTES,
     LOG_FSYNCS,
+    LOG_APPENDS_JOINED,
     LEADER_CHANGES,
     ELECTIONS,
     FORWARDED_WRITES,

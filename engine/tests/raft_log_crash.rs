@@ -5,10 +5,13 @@
 //! The parent SIGKILLs it at random moments (so kills land inside rotation,
 //! purge and GC), reopens, and checks every shard's log against a model of
 //! the writes the child reported durable: equal to the model, or to the
-//! model plus the one write in flight.
+//! model plus the one write in flight. A second test runs three writers at
+//! once on shards of their own, as a node's Raft drivers do, so that the
+//! log joins their appends into shared records (D66) while it is killed.
 //!
 //! The child is this same test binary, re-run with `PH_LOG_CRASH_CHILD_DIR`
-//! set and filtered to the `log_crash_child` test.
+//! (or `PH_LOG_CRASH_JOINED_CHILD_DIR`) set and filtered to the
+//! `log_crash_child` (or `log_crash_joined_child`) test.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -30,10 +33,13 @@ use std::io::Write;
 use std::time::Duration;
 
 const CHILD_ENV: &str = "PH_LOG_CRASH_CHILD_DIR";
+const JOINED_CHILD_ENV: &str = "PH_LOG_CRASH_JOINED_CHILD_DIR";
 const SHARDS: [u64; 4] = [1, 2, 3, 4];
 /// Written to a few times at the start, then never again: its entries pin
 /// the oldest segment until segment GC copies them forward.
 const IDLE: u64 = 4;
+/// The joined-writes child's threads and the shards each one writes.
+const WRITERS: [&[u64]; 3] = [&[1, IDLE], &[2], &[3]];
 
 fn options() -> EngineOptions {
     EngineOptions {
@@ -56,8 +62,31 @@ fn data(shard: u64, index: u64, term: u64) -> Vec<u8> {
 #[ignore = "the child process of sigkill_during_rotation_purge_and_gc_loses_no_log_write"]
 fn log_crash_child() {
     let Ok(dir) = std::env::var(CHILD_ENV) else { return };
-    let engine = Engine::open(&dir, options()).unwrap();
-    let mut rng = rand::rngs::StdRng::from_entropy();
+    let engine = open_child(&dir);
+    write_until_killed(&engine, 0, &SHARDS);
+}
+
+/// The child of the joined-writes test: three threads write at once, each
+/// to shards of its own (as a node's Raft drivers do), so the log joins
+/// their appends into shared records. Thread 0 also says how many appends
+/// were joined so far (`joined N`).
+#[test]
+#[ignore = "the child process of sigkill_while_writers_share_records_loses_no_log_write"]
+fn log_crash_joined_child() {
+    let Ok(dir) = std::env::var(JOINED_CHILD_ENV) else {
+        return;
+    };
+    let engine = open_child(&dir);
+    std::thread::scope(|s| {
+        for (w, shards) in WRITERS.iter().enumerate() {
+            let engine = &engine;
+            s.spawn(move || write_until_killed(engine, w, shards));
+        }
+    });
+}
+
+fn open_child(dir: &str) -> Engine {
+    let engine = Engine::open(dir, options()).unwrap();
     for shard in SHARDS {
         if engine.shard_meta(shard).unwrap().is_none() {
             engine
@@ -65,13 +94,26 @@ fn log_crash_child() {
                 .unwrap();
         }
     }
-    let out = std::io::stdout();
-    let mut out = out.lock();
+    engine
+}
+
+/// Writer `w`'s loop over `shards` (IDLE among them only for one writer):
+/// appends, overwrites and compactions with fsync, each line prefixed
+/// `w<w> `.
+fn write_until_killed(engine: &Engine, w: usize, shards: &[u64]) {
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    let busy: Vec<u64> = shards.iter().copied().filter(|s| *s != IDLE).collect();
+    let say = |line: &str| {
+        let out = std::io::stdout();
+        let mut out = out.lock();
+        writeln!(out, "w{w} {line}").unwrap();
+        out.flush().unwrap();
+    };
     loop {
-        let shard = if engine.raft_log(IDLE).unwrap().last_index().unwrap() < 3 {
+        let shard = if shards.contains(&IDLE) && engine.raft_log(IDLE).unwrap().last_index().unwrap() < 3 {
             IDLE
         } else {
-            SHARDS[rng.gen_range(0..3)]
+            busy[rng.gen_range(0..busy.len())]
         };
         let store = engine.raft_log(shard).unwrap();
         let first = store.first_index().unwrap();
@@ -118,11 +160,12 @@ fn log_crash_child() {
             b.set_hard_state(&store, &hs).unwrap();
             format!("op A {shard} {from} {n} {term}")
         };
-        writeln!(out, "{line}").unwrap();
-        out.flush().unwrap();
+        say(&line);
         engine.write_raft(b, Durability::Fsync).unwrap();
-        writeln!(out, "ok").unwrap();
-        out.flush().unwrap();
+        say("ok");
+        if w == 0 {
+            say(&format!("joined {}", engine.raft_log_stats().appends_joined));
+        }
     }
 }
 
@@ -192,39 +235,73 @@ fn sigkill_during_rotation_purge_and_gc_loses_no_log_write() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
+    let joined = kill_and_check("log_crash_child", CHILD_ENV);
+    assert_eq!(joined, 0, "one writer's appends were joined with another's");
+}
+
+/// As above with three writers at once (a node's drivers): the log joins
+/// their appends into shared records, one fdatasync each, and a kill
+/// anywhere loses none that was acknowledged. Each writer's shards must be
+/// the acknowledged writes, or those plus that writer's one write in
+/// flight.
+#[test]
+fn sigkill_while_writers_share_records_loses_no_log_write() {
+    if std::env::var(JOINED_CHILD_ENV).is_ok() {
+        return;
+    }
+    let joined = kill_and_check("log_crash_joined_child", JOINED_CHILD_ENV);
+    assert!(joined > 0, "no append was ever joined into another's record");
+}
+
+/// Runs `child` 8 times, SIGKILLs it after 200-700 ms, reopens and checks
+/// the log against the model each time; returns the most appends the
+/// child said were joined (`joined N` lines).
+fn kill_and_check(child: &str, env: &str) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand::rngs::StdRng::from_entropy();
     let mut model: Model = SHARDS.iter().map(|s| (*s, Log::default())).collect();
     let mut acked = 0usize;
     let mut gc_seen = false;
+    let mut joined = 0u64;
     for round in 0..8 {
         let run = Duration::from_millis(rng.gen_range(200..700));
-        let lines: Vec<String> = common::run_child_then_sigkill("log_crash_child", CHILD_ENV, dir.path(), run)
-            .into_iter()
-            .filter(|l| l.starts_with("op ") || l == "ok")
-            .collect();
-        let mut pending: Option<String> = None;
-        for l in lines {
-            if l == "ok" {
-                let op = pending.take().expect("ok without an op");
+        // Writer -> its op written but not yet acknowledged.
+        let mut pending: BTreeMap<String, String> = BTreeMap::new();
+        for l in common::run_child_then_sigkill(child, env, dir.path(), run) {
+            let Some((w, what)) = l.split_once(' ') else { continue };
+            if !w.starts_with('w') {
+                continue;
+            }
+            if what == "ok" {
+                let op = pending.remove(w).expect("ok without an op");
                 apply_line(&mut model, &op);
                 acked += 1;
-            } else {
-                assert!(pending.is_none(), "two ops without an ok");
-                pending = Some(l);
+            } else if what.starts_with("op ") {
+                assert!(
+                    pending.insert(w.to_string(), what.to_string()).is_none(),
+                    "two ops without an ok"
+                );
+            } else if let Some(n) = what.strip_prefix("joined ") {
+                joined = joined.max(n.parse().unwrap());
             }
         }
         let engine = Engine::open(dir.path(), options()).unwrap();
         let got = recovered(&engine);
+        // Writers own disjoint shards, so each shard is checked against
+        // the model with and without its writer's write in flight.
         let mut with_pending = model.clone();
-        if let Some(op) = &pending {
+        for op in pending.values() {
             apply_line(&mut with_pending, op);
         }
-        assert!(
-            got == model || got == with_pending,
-            "round {round}: the recovered log is neither the acknowledged writes nor those plus the one in flight \
-             ({pending:?})\nrecovered {got:?}\nmodel {model:?}"
-        );
+        for shard in SHARDS {
+            assert!(
+                got[&shard] == model[&shard] || got[&shard] == with_pending[&shard],
+                "round {round}, shard {shard}: the recovered log is neither the acknowledged writes nor those plus \
+                 the one in flight ({pending:?})\nrecovered {:?}\nmodel {:?}",
+                got[&shard],
+                model[&shard]
+            );
+        }
         model = got;
         // The idle shard's entries (written to segment 1) outlive that
         // segment only through segment GC.
@@ -234,4 +311,5 @@ fn sigkill_during_rotation_purge_and_gc_loses_no_log_write() {
     }
     assert!(acked > 100, "the child made only {acked} durable writes");
     assert!(gc_seen, "the run never got past the idle shard's first segment");
+    joined
 }

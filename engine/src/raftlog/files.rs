@@ -13,7 +13,9 @@
 //! - **One record per group commit.** [`LogFiles::append`] writes one record
 //!   with one `write` and, for `Durability::Fsync`, one fdatasync. The index
 //!   changes only after that returned, so readers never see what a crash
-//!   could take back.
+//!   could take back. Appends of several callers at once (a node's Raft
+//!   drivers) are joined into one such record (`group.rs`, D66), so they
+//!   share the fdatasync instead of queueing for one each.
 //! - **A failed write or fsync breaks the log for good.** The page cache may
 //!   have dropped the data (fsyncgate), so every later append fails too and
 //!   the node must restart and recover from what is on disk.
@@ -55,6 +57,7 @@
 //! Order: writer, then index. Entry reads take only `index`, then read the
 //! file through an `Arc<File>`, which stays valid even if a purge unlinks it.
 
+use super::group::{Group, Leading, Turn};
 use super::index::{Index, Loc, Segment, ShardIndex};
 use super::record::{self, RecordBuilder};
 use crate::engine::{lock, Durability};
@@ -138,6 +141,8 @@ pub(crate) struct LogFiles {
     options: LogFilesOptions,
     writer: Mutex<Writer>,
     index: Mutex<Index>,
+    /// Appends waiting to be joined into the next record.
+    group: Group,
     recovery: LogRecovery,
     /// Purges and GCs that failed, and the last error (shared with the
     /// purge thread).
@@ -164,6 +169,12 @@ pub struct LogStats {
     pub bytes_written: u64,
     /// fdatasyncs of appended records since the log was opened.
     pub fsyncs: u64,
+    /// Records written that joined the appends of more than one caller
+    /// (the group commit across a node's drivers), and the appends in
+    /// them.
+    pub groups_joined: u64,
+    /// See `groups_joined`.
+    pub appends_joined: u64,
 }
 
 fn segment_path(dir: &Path, seg: u64) -> PathBuf {
@@ -295,10 +306,43 @@ impl LogFiles {
     /// Writes one record and, with `Fsync`, makes it durable; only then does
     /// the index change. Then deletes segments nothing needs any more, and
     /// runs segment GC if there are too many.
+    ///
+    /// Concurrent callers are joined into one record ([`super::group`]):
+    /// each returns once the record holding its ops is durable and indexed.
     pub(crate) fn append(&self, rec: RecordBuilder, durability: Durability) -> Result<(), EngineError> {
-        let mut w = lock(&self.writer);
+        // The record limit is checked per caller, so that one caller's
+        // oversized record fails that caller alone.
+        if rec.len() as u64 > record::RECORD_BODY_BYTES_MAX {
+            return Err(EngineError::InvalidCall(format!(
+                "a Raft log record of {} bytes is over the limit of {}",
+                rec.len(),
+                record::RECORD_BODY_BYTES_MAX
+            )));
+        }
+        let ticket = self.group.enqueue(rec, durability);
+        loop {
+            match self.group.wait(ticket) {
+                Turn::Done(result) => return result,
+                Turn::Lead => {
+                    let mut leading = Leading::new(&self.group);
+                    // The writer first, then the queue: records that
+                    // arrive while the writer is busy join this group.
+                    let mut w = lock(&self.writer);
+                    let result = match leading.take() {
+                        Some(taken) => self.write_group(&mut w, taken.rec, taken.durability),
+                        None => Ok(()),
+                    };
+                    drop(w);
+                    leading.finish(result.as_ref().map(|_| ()));
+                }
+            }
+        }
+    }
+
+    /// Writes one (possibly merged) record, then does the housekeeping.
+    fn write_group(&self, w: &mut Writer, rec: RecordBuilder, durability: Durability) -> Result<(), EngineError> {
         let started = std::time::Instant::now();
-        self.append_locked(&mut w, rec, durability)?;
+        self.append_locked(w, rec, durability)?;
         let written = started.elapsed();
         // The record is durable and indexed. What follows is housekeeping,
         // and its failure must not turn a durable write into an error: it is
@@ -306,7 +350,7 @@ impl LogFiles {
         // GC *write* breaks the log like any failed write, so the next
         // append reports it.)
         let mut done = Housekept::default();
-        if let Err(e) = self.housekeep(&mut w, &mut done) {
+        if let Err(e) = self.housekeep(w, &mut done) {
             super::purge::note_failure(&self.housekeeping, &e);
         }
         // Every Raft write of the node waits behind this one (etcd warns
@@ -350,7 +394,10 @@ impl LogFiles {
         };
         let segments = lock(&self.index).segments.len();
         let (housekeeping_failures, last_housekeeping_error) = lock(&self.housekeeping).clone();
+        let (groups_joined, appends_joined) = self.group.joined();
         LogStats {
+            groups_joined,
+            appends_joined,
             segments,
             newest_segment,
             housekeeping_failures,

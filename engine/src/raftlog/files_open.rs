@@ -6,6 +6,7 @@
 //! process start and holds the recovery rules, which `files.rs`'s module
 //! docs state and `files_tests.rs` checks.
 
+use super::super::group::Group;
 use super::super::index::{Index, Segment};
 use super::super::record::{self, Found, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
 use super::{
@@ -288,6 +289,7 @@ impl LogFiles {
                 fsyncs: 0,
             }),
             index: Mutex::new(index),
+            group: Group::default(),
             recovery,
             housekeeping: Arc::clone(&failures),
             purger: super::super::purge::Purger::start(dir, failures)?,

@@ -202,3 +202,131 @@ pub(super) fn newest(dir: &Path) -> PathBuf {
     segs.sort();
     segs.pop().unwrap()
 }
+
+/// Records in a segment file (its whole records, up to the zeros).
+fn records_in(path: &Path) -> usize {
+    let bytes = std::fs::read(path).unwrap();
+    let mut at = record::SEGMENT_HEADER_BYTES;
+    let mut n = 0;
+    while let Found::Record { next, .. } = record::read_record(&bytes, at) {
+        at = next;
+        n += 1;
+    }
+    n
+}
+
+/// Waits (at most 10 s) until `n` appends are queued behind the writer.
+fn wait_queued(files: &LogFiles, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while files.group.queued() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} appends queued",
+            files.group.queued()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Four callers append while the writer is busy (the test holds it, as a
+/// slow fdatasync would): the first to come leads, and once the writer is
+/// free it writes all four appends as ONE record with one fdatasync. Each
+/// caller's entries read back at the right place (the merge moves every
+/// entry's offset), and again after a reopen, which replays the one
+/// record.
+#[test]
+fn concurrent_appends_are_joined_into_one_record_and_one_fdatasync() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LogFilesOptions {
+        segment_bytes: 1 << 20,
+        ..OPTS
+    };
+    let files = LogFiles::open(dir.path(), opts).unwrap();
+    let payload = |shard: u64, i: u64| vec![u8::try_from(shard * 16 + i).unwrap(); 50 + 30 * shard as usize];
+    let segment = newest(dir.path());
+    let records_before = records_in(&segment);
+    std::thread::scope(|s| {
+        let busy = lock(&files.writer);
+        let fsyncs_before = busy.fsyncs;
+        let callers: Vec<_> = (1..=4u64)
+            .map(|shard| {
+                let files = &files;
+                s.spawn(move || {
+                    let mut rec = RecordBuilder::default();
+                    let entries: Vec<Entry> = (1..=3).map(|i| entry(i, 1, &payload(shard, i))).collect();
+                    rec.entries(shard, false, &entries).unwrap();
+                    rec.hard_state(
+                        shard,
+                        &HardState {
+                            term: 1,
+                            vote: shard,
+                            commit: 1,
+                            ..Default::default()
+                        },
+                    );
+                    files.append(rec, Durability::Fsync)
+                })
+            })
+            .collect();
+        wait_queued(&files, 4);
+        drop(busy);
+        for c in callers {
+            c.join().unwrap().unwrap();
+        }
+        assert_eq!(files.stats().fsyncs - fsyncs_before, 1, "{:?}", files.stats());
+    });
+    let stats = files.stats();
+    assert_eq!((stats.groups_joined, stats.appends_joined), (1, 4), "{stats:?}");
+    assert_eq!(records_in(&segment) - records_before, 1);
+    let check = |files: &LogFiles| {
+        for shard in 1..=4u64 {
+            let got: Vec<(u64, Vec<u8>)> = files
+                .read(shard, 1, 4, None)
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.index, e.data.to_vec()))
+                .collect();
+            let want: Vec<(u64, Vec<u8>)> = (1..=3).map(|i| (i, payload(shard, i))).collect();
+            assert_eq!(got, want, "shard {shard}");
+            let s = files.shard(shard);
+            assert_eq!((s.last, s.hard.vote), ((3, 1), shard), "shard {shard}");
+        }
+    };
+    check(&files);
+    drop(files);
+    check(&LogFiles::open(dir.path(), opts).unwrap());
+}
+
+/// A group's write that fails fails every caller in the group, not only
+/// the one that led it, and every append after it (the log is broken).
+#[test]
+fn a_failed_group_write_fails_every_caller_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = LogFiles::open(dir.path(), OPTS).unwrap();
+    let append = |files: &LogFiles, shard: u64| {
+        let mut rec = RecordBuilder::default();
+        rec.entries(shard, false, &[entry(1, 1, b"x")]).unwrap();
+        files.append(rec, Durability::Fsync)
+    };
+    std::thread::scope(|s| {
+        let mut busy = lock(&files.writer);
+        let callers: Vec<_> = (1..=3u64)
+            .map(|shard| {
+                let files = &files;
+                s.spawn(move || append(files, shard))
+            })
+            .collect();
+        wait_queued(&files, 3);
+        busy.broken = Some("the disk went away (test)".to_string());
+        drop(busy);
+        for c in callers {
+            let err = c.join().unwrap().unwrap_err();
+            assert!(
+                matches!(&err, EngineError::LogIo(m) if m.contains("the disk went away")),
+                "{err}"
+            );
+        }
+    });
+    assert!(matches!(append(&files, 9), Err(EngineError::LogIo(_))));
+    assert_eq!(files.shard(1).last.0, 0);
+}

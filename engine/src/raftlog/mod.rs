@@ -27,6 +27,7 @@
 
 mod cache;
 pub(crate) mod files;
+mod group;
 mod index;
 mod locs;
 mod purge;

@@ -19,7 +19,8 @@
 //! ```
 //!
 //! Every integer is big-endian. One record is one group commit: the Raft
-//! writes of every shard in one `Engine::write_raft`, written with one
+//! writes of every shard in one `Engine::write_raft` (or in several such
+//! calls at once, joined in call order: `group.rs`), written with one
 //! `write` and made durable with one fdatasync. The crc covers the length
 //! too, so a torn length cannot send recovery off into the middle of a
 //! payload. Each entry's term sits outside its protobuf so that recovery can
@@ -126,6 +127,10 @@ pub(crate) struct RecordBuilder {
     ops: u32,
     index_ops: Vec<IndexOp>,
 }
+
+/// Where a record's first op starts: after its length and crc (8), body
+/// version (1) and op count (4).
+const BODY_OPS_AT: usize = 13;
 
 impl Default for RecordBuilder {
     fn default() -> Self {
@@ -284,6 +289,22 @@ impl RecordBuilder {
             last,
             hard: hard.clone(),
         });
+    }
+
+    /// Appends `other`'s ops after this record's, as if they had been
+    /// added here: one record, one length and crc for both (the log's
+    /// group commit across callers, `group.rs`).
+    pub fn absorb(&mut self, other: RecordBuilder) {
+        // `other`'s ops start at BODY_OPS_AT of its buffer and land at the
+        // end of this one: every offset inside it moves by the difference.
+        let shift = (self.buf.len() as u64).saturating_sub(BODY_OPS_AT as u64);
+        self.buf
+            .extend_from_slice(other.buf.get(BODY_OPS_AT..).unwrap_or_default());
+        self.ops = self.ops.saturating_add(other.ops);
+        self.index_ops.extend(other.index_ops.into_iter().map(|mut op| {
+            op.rebase(shift);
+            op
+        }));
     }
 
     /// The record's bytes and its index ops (offsets relative to the
