@@ -54,7 +54,9 @@
 //!
 //! Locks: `writer` (the active segment) is taken by appends, purge and
 //! rewrite, which are all one writer's work; `index` briefly by everyone.
-//! Order: writer, then index. Entry reads take only `index`, then read the
+//! Order: writer, then index; a group's leader takes the queue of waiting
+//! appends (`group.rs`) under the writer, and never holds it while it takes
+//! the index. Entry reads take only `index`, then read the
 //! file through an `Arc<File>`, which stays valid even if a purge unlinks it.
 
 use super::group::{Group, Leading, Turn};
@@ -312,10 +314,10 @@ impl LogFiles {
     pub(crate) fn append(&self, rec: RecordBuilder, durability: Durability) -> Result<(), EngineError> {
         // The record limit is checked per caller, so that one caller's
         // oversized record fails that caller alone.
-        if rec.len() as u64 > record::RECORD_BODY_BYTES_MAX {
+        let body_len = (rec.len() as u64).saturating_sub(record::RECORD_HEADER_BYTES);
+        if body_len > record::RECORD_BODY_BYTES_MAX {
             return Err(EngineError::InvalidCall(format!(
-                "a Raft log record of {} bytes is over the limit of {}",
-                rec.len(),
+                "a Raft log record of {body_len} bytes is over the limit of {}",
                 record::RECORD_BODY_BYTES_MAX
             )));
         }
