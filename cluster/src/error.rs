@@ -38,6 +38,23 @@ pub enum ClusterError {
         /// The shard.
         shard: u64,
     },
+    /// The shard's leader changed while the proposal was in flight, and the
+    /// entries of the new term committed without it: it was most likely
+    /// lost (a forward dropped by a leader in transfer, an old leader's
+    /// uncommitted tail), but a forward passed on again may still commit.
+    /// Outcome unknown: retry with the same idempotency key.
+    #[error(
+        "shard {shard}: the leader changed (term {term}, leader {leader}) before the proposal committed; \
+         outcome unknown, retry is safe"
+    )]
+    LeaderChanged {
+        /// The shard.
+        shard: u64,
+        /// The term whose entries committed without the proposal.
+        term: u64,
+        /// The leader this replica knows of, 0 if none.
+        leader: u64,
+    },
     /// The call needs the shard's leader and this replica is not it.
     #[error("shard {shard}: this replica is not the leader (leader hint: {leader}, 0 = unknown)")]
     NotLeader {
@@ -126,6 +143,7 @@ impl ClusterError {
             ClusterError::NoLeader { .. }
                 | ClusterError::Timeout { .. }
                 | ClusterError::Dropped { .. }
+                | ClusterError::LeaderChanged { .. }
                 | ClusterError::NotLeader { .. }
                 | ClusterError::Busy { .. }
                 | ClusterError::Overloaded { .. }

@@ -524,3 +524,46 @@ async fn leaders_collect_expired_dedup_entries_through_the_log() {
     })
     .await;
 }
+
+/// A write a follower forwarded, which the leader never appended (here the
+/// forward is dropped on the way, as a leader in transfer drops it), is
+/// answered as soon as the follower applies the next leader's first entry:
+/// a retryable outcome-unknown `LeaderChanged` naming the new leader, not
+/// a `Timeout` at the request's deadline (which a client with a short
+/// deadline reports as a failed write). The retry with the same key
+/// appends it once.
+#[tokio::test]
+async fn a_forward_lost_in_a_leader_change_is_answered_at_the_change_not_the_deadline() {
+    let c = TestCluster::new(3, 1, 3, fast_tuning());
+    let shard = 1;
+    let leader = c.leader(shard).await;
+    let mut others = (1..=3).filter(|n| *n != leader);
+    let (follower, next) = (others.next().unwrap(), others.next().unwrap());
+    append(c.node(leader), shard, "lu", "warm", b"v").await.unwrap();
+    let block = c.router.add_filter(DropMessageTypes {
+        to: leader,
+        types: vec![MessageType::MsgPropose],
+    });
+    let write = {
+        let n = c.node(follower).clone();
+        tokio::spawn(async move { append(&n, shard, "lu", "k", b"v").await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!write.is_finished(), "the forward was not dropped");
+    c.node(leader).transfer_leader(shard, next).await.unwrap();
+    let err = write.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, ClusterError::LeaderChanged { leader: l, .. } if l == next),
+        "{err}"
+    );
+    assert!(err.is_retryable());
+    c.router.remove_filter(block);
+    assert_eq!(
+        append_retrying(c.node(follower), shard, "lu", "k", b"v", 10).await,
+        (2, false)
+    );
+    c.eventually("the follower applied the retry", 10, || async {
+        read_all(c.node(follower), shard, "lu").len() == 2
+    })
+    .await;
+}

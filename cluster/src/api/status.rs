@@ -222,6 +222,9 @@ pub fn cluster_error(e: &ClusterError) -> Status {
         ClusterError::NoSuchShard { shard, .. } => info(Code::NotFound, msg, "NO_SUCH_SHARD", &[("shard", *shard)]),
         ClusterError::NoLeader { .. } => info(Code::Unavailable, msg, "NO_LEADER", &[]),
         ClusterError::Dropped { .. } => info(Code::Unavailable, msg, "DROPPED", &[]),
+        ClusterError::LeaderChanged { leader, .. } => {
+            info(Code::Unavailable, msg, "LEADER_CHANGED", &[("leader_hint", *leader)])
+        }
         ClusterError::Overloaded { .. } => info(Code::Unavailable, msg, "OVERLOADED", &[]),
         ClusterError::Busy { .. } => info(Code::Unavailable, msg, "BUSY", &[]),
         ClusterError::Timeout { .. } => Status::deadline_exceeded(msg),

@@ -618,6 +618,7 @@ mod tests {
             parts,
             deadline: Instant::now(),
             proposed_at: Instant::now(),
+            term: 1,
         };
         (p, rxs)
     }

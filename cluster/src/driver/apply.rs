@@ -80,8 +80,15 @@ impl Driver {
             }
             r.handed = r.handed.max(last);
             super::replica::bcast_commit_done(r, last);
+            let last_term = entries.last().map_or(0, |e| e.term);
+            let term_moved = last_term > r.handed_term;
+            r.handed_term = r.handed_term.max(last_term);
+            let leader = r.raw.raft.leader_id;
             w.entries = entries;
             task.shards.push(w);
+            if term_moved {
+                self.fail_lost_proposals(shard, last_term, leader);
+            }
         }
         if task.shards.is_empty() {
             return Ok(());
@@ -91,6 +98,33 @@ impl Driver {
             self.wait_report()?;
         }
         Ok(())
+    }
+
+    /// Answers this node's proposals of `shard` that were made in a term
+    /// before `term` and are still pending now that an entry of `term` is
+    /// committed: each entry before it in the log is committed too, and
+    /// was handed off above in log order, so a proposal still waiting was
+    /// lost in a leader change (a follower's forward that a leader in
+    /// transfer dropped, or an old leader's uncommitted tail). Its caller
+    /// hears it now, with a retryable outcome-unknown error, instead of at
+    /// its deadline. Outcome unknown: a forward that was passed on again
+    /// may still be appended by the new leader after its first entry, so
+    /// the caller retries with the same idempotency key, as after a
+    /// timeout.
+    fn fail_lost_proposals(&mut self, shard: u64, term: u64, leader: u64) {
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.shard == shard && p.term < term)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            if let Some(p) = self.pending.remove(&id) {
+                for super::replica::Part { reply, .. } in p.parts {
+                    let _ = reply.send(Err(ClusterError::LeaderChanged { shard, term, leader }));
+                }
+            }
+        }
     }
 
     /// Blocks for one report and takes it.

@@ -67,6 +67,7 @@ impl Driver {
                 }
                 let command = cmd::Command { time_ms: now_ms(), ops };
                 let data = command.encode_to_vec();
+                let term = r.raw.raft.term;
                 match r.raw.propose(context(node_id, id), data) {
                     Ok(()) => {
                         crate::metrics::proposed(1);
@@ -78,6 +79,7 @@ impl Driver {
                                 parts,
                                 deadline,
                                 proposed_at: Instant::now(),
+                                term,
                             },
                         );
                         self.dirty.insert(shard);

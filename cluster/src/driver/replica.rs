@@ -60,6 +60,10 @@ pub(super) struct Pending {
     pub(super) parts: Vec<Part>,
     pub(super) deadline: Instant,
     pub(super) proposed_at: Instant,
+    /// The replica's Raft term when it proposed: once an entry of a later
+    /// term is committed here, one that is still pending was lost in a
+    /// leader change (`Driver::fail_lost_proposals`).
+    pub(super) term: u64,
 }
 
 /// One caller's share of an entry: its first `ops` results are its answer.
@@ -113,6 +117,8 @@ pub(super) struct Replica {
     /// Bytes of the log entries handed to the apply worker since this
     /// replica started here (what the size checker watches for growth).
     pub(super) handed_bytes: u64,
+    /// The highest term among the entries handed to the apply worker.
+    pub(super) handed_term: u64,
     /// The index of an applied-to-be conf change that removes this node:
     /// the replica goes once the worker has applied it.
     pub(super) remove_at: Option<u64>,
@@ -154,6 +160,7 @@ impl Replica {
             durable_applied,
             handed: durable_applied,
             handed_bytes: 0,
+            handed_term: 0,
             remove_at: None,
             bcast_commit_until: 0,
             conf_answers: Vec::new(),

@@ -161,6 +161,7 @@ fn requests_past_their_deadline_time_out_at_the_tick_and_others_wait() {
                 }],
                 deadline,
                 proposed_at: now,
+                term: 1,
             },
         );
         rx
